@@ -1,0 +1,123 @@
+//! The bridge's hosts-file mode: a marked block mapping each endpoint's host name to a
+//! loopback address of its own, so an app can use the endpoint's real name and port.
+//!
+//! The block is added, replaced and removed as a unit; no other line of the file changes.
+//! Writes are atomic (temporary file and rename).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+
+pub const BEGIN: &str = "# BEGIN hyrelay bridge (managed by hyrelay; do not edit)";
+pub const END: &str = "# END hyrelay bridge";
+
+/// First loopback address handed out; the next host gets .2, and so on.
+pub const FIRST: Ipv4Addr = Ipv4Addr::new(127, 77, 0, 1);
+
+/// Assigns one loopback address per distinct host name (sorted, case-insensitive).
+pub fn allocate<'a>(hosts: impl IntoIterator<Item = &'a str>) -> BTreeMap<String, IpAddr> {
+    let mut names: Vec<String> = hosts.into_iter().map(|h| h.to_ascii_lowercase()).collect();
+    names.sort();
+    names.dedup();
+    let base = u32::from(FIRST);
+    names
+        .into_iter()
+        .enumerate()
+        .map(|(i, n)| (n, IpAddr::V4(Ipv4Addr::from(base + i as u32))))
+        .collect()
+}
+
+/// `text` without the hyrelay block.
+pub fn strip(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut inside = false;
+    for line in text.split_inclusive('\n') {
+        let l = line.trim_end_matches(['\n', '\r']);
+        if l == BEGIN {
+            inside = true;
+            continue;
+        }
+        if inside {
+            if l == END {
+                inside = false;
+            }
+            continue;
+        }
+        out.push_str(line);
+    }
+    out
+}
+
+/// `text` with the hyrelay block replaced by one for `entries` (removed if empty).
+pub fn render(text: &str, entries: &BTreeMap<String, IpAddr>) -> String {
+    let mut out = strip(text);
+    if entries.is_empty() {
+        return out;
+    }
+    if !out.is_empty() && !out.ends_with('\n') {
+        out.push('\n');
+    }
+    out.push_str(BEGIN);
+    out.push('\n');
+    for (host, ip) in entries {
+        out.push_str(&format!("{ip}\t{host}\n"));
+    }
+    out.push_str(END);
+    out.push('\n');
+    out
+}
+
+/// Writes the block for `entries` into the hosts file at `path`.
+pub fn apply(path: &Path, entries: &BTreeMap<String, IpAddr>) -> std::io::Result<()> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e),
+    };
+    let next = render(&text, entries);
+    if next != text {
+        crate::config::write_atomic(path, next.as_bytes(), false)?;
+    }
+    Ok(())
+}
+
+/// Removes the block from the hosts file at `path`.
+pub fn remove(path: &Path) -> std::io::Result<()> {
+    apply(path, &BTreeMap::new())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ORIGINAL: &str = "127.0.0.1\tlocalhost\n# comment\n::1 localhost ip6-localhost\n10.0.0.5 db.corp";
+
+    #[test]
+    fn add_replace_remove_touch_nothing_else() {
+        let e = allocate(["db.corp.local", "API.corp.local", "db.corp.local"]);
+        assert_eq!(e.len(), 2);
+        assert_eq!(e["api.corp.local"], IpAddr::V4(FIRST));
+        let once = render(ORIGINAL, &e);
+        assert!(once.starts_with("127.0.0.1\tlocalhost\n# comment\n::1 localhost ip6-localhost\n10.0.0.5 db.corp\n"));
+        assert!(once.contains("127.77.0.2\tdb.corp.local\n"));
+        assert_eq!(render(&once, &e), once, "idempotent");
+        let fewer = allocate(["x.local"]);
+        let replaced = render(&once, &fewer);
+        assert_eq!(replaced.matches(BEGIN).count(), 1);
+        assert!(!replaced.contains("db.corp.local"));
+        let removed = strip(&replaced);
+        assert_eq!(removed, format!("{ORIGINAL}\n"));
+        assert_eq!(strip("a\nb\n"), "a\nb\n");
+    }
+
+    #[test]
+    fn file_round_trip() {
+        let p = std::env::temp_dir().join(format!("hyrelay-hosts-{}", std::process::id()));
+        std::fs::write(&p, "127.0.0.1 localhost\n").unwrap();
+        apply(&p, &allocate(["db.local"])).unwrap();
+        assert!(std::fs::read_to_string(&p).unwrap().contains("127.77.0.1\tdb.local"));
+        remove(&p).unwrap();
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "127.0.0.1 localhost\n");
+        std::fs::remove_file(p).unwrap();
+    }
+}

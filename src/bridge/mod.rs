@@ -1,0 +1,207 @@
+//! The bridge: the app side. Each forward is a local TCP listener; every accepted
+//! connection becomes a sender WebSocket to the hybrid connection, spliced byte-exact.
+//!
+//! When the relay refuses (no listener, bad credentials, endpoint unreachable on the far
+//! side) the app's connection is reset at once and the reason is logged.
+//!
+//! Hosts-file mode ([`Listen::Resolve`]): the endpoint is read from the entity's metadata,
+//! its host name gets a loopback address of its own ([`hosts`]), and the forward listens
+//! there on the endpoint's own port, so the app connects to `db.corp.local:5432` unchanged.
+
+pub mod config;
+pub mod hosts;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use self::config::{BridgeConfig, Forward, Listen};
+use crate::client;
+use crate::dataplane::Workers;
+use crate::dataplane::splice::{self, SpliceConfig};
+use crate::proto::metadata::{self, HostPort};
+use crate::transport::ws;
+
+/// A forward as it runs.
+struct ForwardRt {
+    fwd: Forward,
+    bound: SocketAddr,
+}
+
+struct BridgeCtx {
+    cfg: Arc<BridgeConfig>,
+    tls: Arc<rustls::ClientConfig>,
+    shutdown: CancellationToken,
+}
+
+/// A running bridge. Dropping it stops the bridge and removes its hosts-file block.
+#[must_use = "dropping the handle stops the bridge"]
+pub struct BridgeHandle {
+    bound: Vec<(String, SocketAddr)>,
+    hosts_file: Option<PathBuf>,
+    shutdown: CancellationToken,
+    workers: Arc<Workers>,
+}
+
+impl std::fmt::Debug for BridgeHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BridgeHandle").field("bound", &self.bound).finish()
+    }
+}
+
+impl BridgeHandle {
+    /// `(hybrid connection, local address)` of every forward.
+    pub fn bound(&self) -> &[(String, SocketAddr)] {
+        &self.bound
+    }
+
+    /// Address of the first forward of `hc`.
+    pub fn addr_of(&self, hc: &str) -> Option<SocketAddr> {
+        self.bound.iter().find(|(h, _)| h.eq_ignore_ascii_case(hc)).map(|(_, a)| *a)
+    }
+
+    pub fn stop(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
+        self.shutdown.cancel();
+        self.workers.stop();
+        if let Some(p) = self.hosts_file.take() {
+            if let Err(e) = hosts::remove(&p) {
+                tracing::warn!(path = %p.display(), error = %e, "cannot remove the hosts-file block");
+            }
+        }
+    }
+}
+
+impl Drop for BridgeHandle {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+/// Resolves hosts-file forwards, binds every forward and starts serving.
+pub fn start(cfg: BridgeConfig) -> anyhow::Result<BridgeHandle> {
+    let cfg = Arc::new(cfg);
+    let tls = crate::transport::tls::client_config(&cfg.ca_files)?;
+    let endpoints = resolve_endpoints(&cfg, &tls)?;
+    let loopbacks = hosts::allocate(endpoints.values().map(|e| e.host.as_str()));
+    let workers = Workers::start("hyrelay-bridge", cfg.workers)?;
+    let shutdown = CancellationToken::new();
+    let ctx = Arc::new(BridgeCtx {
+        cfg: cfg.clone(),
+        tls,
+        shutdown: shutdown.clone(),
+    });
+    let mut bound = Vec::new();
+    for (i, fwd) in cfg.forwards.iter().enumerate() {
+        let addr = match &fwd.listen {
+            Listen::Addr(a) => *a,
+            Listen::Resolve => {
+                let ep = &endpoints[&i];
+                SocketAddr::new(loopbacks[&ep.host.to_ascii_lowercase()], ep.port)
+            }
+        };
+        let listeners = crate::transport::sock::bind_listeners(addr, cfg.workers)
+            .with_context(|| format!("forward for {:?}: cannot listen on {addr}", fwd.hybrid_connection))?;
+        let actual = listeners[0].local_addr()?;
+        let rt = Arc::new(ForwardRt { fwd: fwd.clone(), bound: actual });
+        let ctx = ctx.clone();
+        crate::dataplane::serve(&workers, listeners, shutdown.clone(), move |tcp, peer| {
+            serve(tcp, peer, rt.clone(), ctx.clone())
+        });
+        tracing::info!(hc = %fwd.hybrid_connection, listen = %actual, relay = %fwd.connection_string.endpoint.authority(), "forward listening");
+        bound.push((fwd.hybrid_connection.clone(), actual));
+    }
+    let hosts_file = if loopbacks.is_empty() {
+        None
+    } else {
+        hosts::apply(&cfg.hosts_file, &loopbacks)
+            .with_context(|| format!("writing the hyrelay block into {}", cfg.hosts_file.display()))?;
+        for (host, ip) in &loopbacks {
+            tracing::info!(host = %host, address = %ip, file = %cfg.hosts_file.display(), "hosts-file entry added");
+        }
+        Some(cfg.hosts_file.clone())
+    };
+    Ok(BridgeHandle {
+        bound,
+        hosts_file,
+        shutdown,
+        workers,
+    })
+}
+
+/// Reads the endpoint of every hosts-file forward from the relay (on a scratch thread, so
+/// `start` works inside or outside a runtime).
+fn resolve_endpoints(cfg: &Arc<BridgeConfig>, tls: &Arc<rustls::ClientConfig>) -> anyhow::Result<BTreeMap<usize, HostPort>> {
+    let wanted: Vec<(usize, Forward)> = cfg
+        .forwards
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| f.listen == Listen::Resolve)
+        .map(|(i, f)| (i, f.clone()))
+        .collect();
+    if wanted.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let (tls, timeout) = (tls.clone(), cfg.relay_timeout.min(Duration::from_secs(20)));
+    std::thread::spawn(move || -> anyhow::Result<BTreeMap<usize, HostPort>> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        rt.block_on(async {
+            let mut out = BTreeMap::new();
+            for (i, f) in wanted {
+                let hc = &f.hybrid_connection;
+                let info = client::runtime_info(&f.connection_string, hc, &tls, timeout)
+                    .await
+                    .with_context(|| format!("reading the endpoint of {hc:?} for hosts-file mode"))?;
+                let ep = metadata::endpoint_from_user_metadata(&info.user_metadata)
+                    .map_err(|e| anyhow::anyhow!("{hc:?}: {e}"))?
+                    .ok_or_else(|| anyhow::anyhow!("{hc:?} has no endpoint metadata; use -L PORT={hc} instead"))?;
+                if ep.bare_host().parse::<IpAddr>().is_ok() {
+                    anyhow::bail!("{hc:?}: endpoint {ep} is an IP address, which a hosts file cannot redirect; use -L PORT={hc} instead");
+                }
+                out.insert(i, ep);
+            }
+            Ok(out)
+        })
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("endpoint resolution thread panicked"))?
+}
+
+/// One app connection: open the sender WebSocket and splice.
+async fn serve(tcp: TcpStream, peer: SocketAddr, fw: Arc<ForwardRt>, ctx: Arc<BridgeCtx>) {
+    crate::transport::sock::tune(&tcp);
+    let f = &fw.fwd;
+    let hc = f.hybrid_connection.as_str();
+    let token = client::token(&f.connection_string, hc, ctx.cfg.token_ttl);
+    let url = client::hc_url(&f.connection_string, hc, "connect", &crate::relay::control::new_id());
+    let headers = [("ServiceBusAuthorization", token.as_str())];
+    let conn = tokio::select! {
+        c = ws::connect(&url, Some(&ctx.tls), &headers, ctx.cfg.relay_timeout) => c,
+        _ = ctx.shutdown.cancelled() => return,
+    };
+    let conn = match conn {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(event = "relay_connect_failed", hc, %peer, local = %fw.bound, status = e.status().unwrap_or(0), reason = %e, "relay refused the connection; resetting the app's connection");
+            // Reset rather than FIN, so the app sees a failure, not an empty answer.
+            socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO)).ok();
+            return;
+        }
+    };
+    tracing::debug!(event = "tunnel_open", hc, %peer, "tunnel open");
+    let cfg = SpliceConfig {
+        ping_interval: ctx.cfg.ping_interval,
+        max_frame: ctx.cfg.max_frame,
+    };
+    let stats = splice::ws_tcp(conn.stream, conn.leftover, tcp, &cfg, &ctx.shutdown).await;
+    tracing::debug!(event = "tunnel_closed", hc, %peer, to_app = stats.to_tcp, from_app = stats.to_ws, end = %stats.end, "tunnel closed");
+}

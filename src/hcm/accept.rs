@@ -1,0 +1,99 @@
+//! Answering an `accept`: dial the endpoint, then open the rendezvous and splice; or, if
+//! the endpoint cannot be reached, reject the rendezvous so the sender learns why.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use percent_encoding::utf8_percent_encode;
+
+use super::state::DialStatus;
+use super::{HcRt, HcmCtx};
+use crate::dataplane::splice::{self, SpliceConfig};
+use crate::proto::control::Accept;
+use crate::proto::metadata::HostPort;
+use crate::proto::sas::URI_COMPONENT;
+use crate::transport::ws::{self, ConnectError, WsUrl};
+
+/// Serves one `accept` to the end of its tunnel.
+pub(crate) async fn handle(a: Accept, hc: Arc<HcRt>, endpoint: HostPort, ctx: Arc<HcmCtx>) {
+    let name = hc.entry.name().to_owned();
+    hc.update(|s| s.accepts += 1);
+    let started = Instant::now();
+    let dialed = tokio::time::timeout(ctx.cfg.dial_timeout, ws::dial(&endpoint.host, endpoint.port)).await;
+    let millis = started.elapsed().as_millis() as u64;
+    let tcp = match dialed {
+        Ok(Ok(tcp)) => {
+            record_dial(&hc, true, millis, String::from("connected"));
+            tcp
+        }
+        failure => {
+            let (status, detail) = match failure {
+                Ok(Err(ConnectError::Resolve { source, .. })) => (502, format!("cannot resolve {}: {source}", endpoint.host)),
+                Ok(Err(ConnectError::Connect { source, .. })) => (502, format!("cannot connect to {endpoint}: {source}")),
+                Ok(Err(e)) => (502, format!("cannot connect to {endpoint}: {e}")),
+                Ok(Ok(_)) => unreachable!("handled above"),
+                Err(_) => (504, format!("{endpoint} did not answer within {:?}", ctx.cfg.dial_timeout)),
+            };
+            record_dial(&hc, false, millis, detail.clone());
+            tracing::warn!(event = "endpoint_dial_failed", hc = %name, %endpoint, status, reason = %detail, "endpoint dial failed; rejecting the sender");
+            reject(&a, status, &format!("hyrelay hcm: endpoint {detail}"), &ctx).await;
+            return;
+        }
+    };
+    let protocol = a
+        .connect_headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case("Sec-WebSocket-Protocol"))
+        .and_then(|(_, v)| v.split(',').map(str::trim).find(|p| !p.is_empty()))
+        .map(str::to_owned);
+    let headers: Vec<(&str, &str)> = protocol.as_deref().map(|p| ("Sec-WebSocket-Protocol", p)).into_iter().collect();
+    let url = match WsUrl::parse(&a.address) {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::warn!(hc = %name, error = %e, "relay sent an unusable accept address");
+            return;
+        }
+    };
+    let conn = match ws::connect(&url, Some(&ctx.tls), &headers, ctx.cfg.relay_timeout).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(event = "rendezvous_failed", hc = %name, error = %e, "cannot open the rendezvous");
+            return;
+        }
+    };
+    tracing::debug!(event = "accept", hc = %name, id = %a.id, %endpoint, "tunnel open");
+    hc.update(|s| s.active_tunnels += 1);
+    let cfg = SpliceConfig {
+        ping_interval: ctx.cfg.ping_interval,
+        max_frame: ctx.cfg.max_frame,
+    };
+    let stats = splice::ws_tcp(conn.stream, conn.leftover, tcp, &cfg, &ctx.shutdown).await;
+    hc.update(|s| s.active_tunnels -= 1);
+    tracing::debug!(event = "tunnel_closed", hc = %name, id = %a.id, to_endpoint = stats.to_tcp, from_endpoint = stats.to_ws, end = %stats.end, "tunnel closed");
+}
+
+fn record_dial(hc: &HcRt, ok: bool, millis: u64, detail: String) {
+    hc.update(|s| {
+        s.last_dial = Some(DialStatus {
+            ok,
+            at: crate::relay::store::now_rfc3339(),
+            millis,
+            detail,
+        })
+    });
+}
+
+/// Rejects the rendezvous; the relay answers 410 and gives the sender `status description`.
+async fn reject(a: &Accept, status: u16, description: &str, ctx: &HcmCtx) {
+    let address = format!(
+        "{}&sb-hc-statusCode={status}&sb-hc-statusDescription={}",
+        a.address,
+        utf8_percent_encode(description, URI_COMPONENT)
+    );
+    let Ok(url) = WsUrl::parse(&address) else { return };
+    match ws::connect(&url, Some(&ctx.tls), &[], ctx.cfg.relay_timeout).await {
+        Err(ConnectError::Rejected { status: 410, .. }) => {}
+        Err(e) => tracing::warn!(error = %e, "relay did not take the rejection"),
+        Ok(_) => tracing::warn!("relay accepted a rejection as a connection"),
+    }
+}

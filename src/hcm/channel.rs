@@ -1,0 +1,211 @@
+//! One hybrid connection's control channel, as a listener (hc-protocol.md §13).
+//!
+//! Loop: resolve the endpoint (config override, else the entity's metadata from the
+//! runtime-information GET), connect with a fresh token, then serve `accept`s until the
+//! channel ends; reconnect with exponential backoff and jitter. The token is renewed over
+//! the channel at 80 % of its lifetime; the relay is pinged every ping period and a channel
+//! silent for two periods is dropped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::state::ChannelState;
+use super::{HcRt, HcmCtx};
+use crate::client;
+use crate::proto::control::{self, Command, MAX_CONTROL_MESSAGE};
+use crate::proto::frame::{OpCode, Role, close_code};
+use crate::proto::metadata::{self, HostPort};
+use crate::transport::ws::{self, Message, WsReader, WsWriter};
+
+/// Reconnect delays: the first retry within 1 s, then doubling with jitter up to a cap;
+/// reset after a stable connection.
+#[derive(Debug)]
+pub struct Backoff {
+    attempt: u32,
+    cap: Duration,
+}
+
+impl Backoff {
+    pub fn new(cap: Duration) -> Self {
+        Self { attempt: 0, cap }
+    }
+
+    /// The next delay: attempt 0 is uniform in [0, 1 s); attempt n ≥ 1 is uniform in
+    /// [b/2, b) with b = min(cap, 2ⁿ s).
+    pub fn next_delay(&mut self) -> Duration {
+        let n = self.attempt;
+        self.attempt = self.attempt.saturating_add(1);
+        let base = Duration::from_secs(1u64 << n.min(20)).min(self.cap);
+        let lo = if n == 0 { Duration::ZERO } else { base / 2 };
+        let span = (base - lo).as_millis().max(1) as u64;
+        lo + Duration::from_millis(rand::random_range(0..span))
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// Serves the hybrid connection until its `stop` token fires.
+pub(crate) async fn run(hc: Arc<HcRt>, ctx: Arc<HcmCtx>) {
+    let mut backoff = Backoff::new(ctx.cfg.max_backoff);
+    let name = hc.entry.name().to_owned();
+    loop {
+        hc.set_state(ChannelState::Connecting);
+        let started = Instant::now();
+        let end = tokio::select! {
+            e = session(&hc, &ctx) => e,
+            _ = hc.stop.cancelled() => String::from("stopped"),
+        };
+        if hc.stop.is_cancelled() {
+            hc.set_state(ChannelState::Stopped);
+            tracing::info!(hc = %name, "control channel stopped");
+            return;
+        }
+        if started.elapsed() >= ctx.cfg.stable_after {
+            backoff.reset();
+        }
+        let delay = backoff.next_delay();
+        hc.update(|s| {
+            s.reconnects += 1;
+            s.last_error = Some(end.clone());
+        });
+        hc.set_state(ChannelState::Disconnected);
+        tracing::warn!(event = "control_channel_down", hc = %name, reason = %end, retry_in_ms = delay.as_millis() as u64, "control channel down; reconnecting");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = hc.stop.cancelled() => {
+                hc.set_state(ChannelState::Stopped);
+                return;
+            }
+        }
+    }
+}
+
+async fn endpoint(hc: &HcRt, ctx: &HcmCtx) -> Result<HostPort, String> {
+    if let Some(e) = &hc.entry.endpoint {
+        return Ok(e.clone());
+    }
+    let info = client::runtime_info(&hc.entry.connection_string, hc.entry.name(), &ctx.tls, ctx.cfg.relay_timeout)
+        .await
+        .map_err(|e| e.to_string())?;
+    match metadata::endpoint_from_user_metadata(&info.user_metadata) {
+        Ok(Some(ep)) => Ok(ep),
+        Ok(None) => Err(format!(
+            "hybrid connection {:?} has no endpoint metadata; set `endpoint` for it in the hcm config",
+            hc.entry.name()
+        )),
+        Err(e) => Err(format!("hybrid connection {:?}: {e}", hc.entry.name())),
+    }
+}
+
+/// One connection of the control channel; returns why it ended.
+async fn session(hc: &Arc<HcRt>, ctx: &Arc<HcmCtx>) -> String {
+    let entry = &hc.entry;
+    let cs = &entry.connection_string;
+    let endpoint = match endpoint(hc, ctx).await {
+        Ok(e) => e,
+        Err(e) => return e,
+    };
+    hc.update(|s| s.endpoint = Some(endpoint.to_string()));
+    let ttl = ctx.cfg.token_ttl;
+    let token = client::token(cs, entry.name(), ttl);
+    let url = client::hc_url(cs, entry.name(), "listen", &crate::relay::control::new_id());
+    let conn = match ws::connect(&url, Some(&ctx.tls), &[("ServiceBusAuthorization", &token)], ctx.cfg.relay_timeout).await {
+        Ok(c) => c,
+        Err(e) => return format!("cannot open the control channel: {e}"),
+    };
+    hc.set_state(ChannelState::Connected);
+    hc.update(|s| s.last_error = None);
+    tracing::info!(event = "control_channel_up", hc = %entry.name(), relay = %cs.endpoint.authority(), endpoint = %endpoint, "control channel connected");
+    let (r, w) = tokio::io::split(conn.stream);
+    let mut reader = WsReader::new(r, conn.leftover, Role::Client, MAX_CONTROL_MESSAGE as u64);
+    let mut writer = WsWriter::new(w, Role::Client);
+    let renew_after = ttl.mul_f64(0.8);
+    let renew_on = ctx.cfg.renew_tokens && entry.has_key();
+    let mut renew_at = Instant::now() + renew_after;
+    let period = ctx.cfg.ping_interval;
+    let mut ping = tokio::time::interval_at(Instant::now() + period, period);
+    let mut last_heard = Instant::now();
+    loop {
+        tokio::select! {
+            // Cancel-safe: the reader keeps its state.
+            m = reader.next_message(MAX_CONTROL_MESSAGE) => {
+                last_heard = Instant::now();
+                match m {
+                    Ok(Some(Message::Text(t))) => match control::decode(&t) {
+                        Ok(Command::Accept(a)) => {
+                            let (hc, ctx, ep) = (hc.clone(), ctx.clone(), endpoint.clone());
+                            ctx.workers.clone().spawn(async move { super::accept::handle(a, hc, ep, ctx).await });
+                        }
+                        Ok(Command::Unknown(name)) => {
+                            tracing::debug!(hc = %entry.name(), command = %name, "ignoring control command (HTTP request mode is not served by the hcm)");
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(hc = %entry.name(), error = %e, "ignoring malformed control message"),
+                    },
+                    Ok(Some(Message::Ping(p))) => {
+                        if writer.send(true, OpCode::Pong, &p).await.is_err() {
+                            return "write to the relay failed".into();
+                        }
+                    }
+                    Ok(Some(Message::Pong(_) | Message::Binary(_))) => {}
+                    Ok(Some(Message::Close(c))) => {
+                        writer.send_close(c.code.unwrap_or(close_code::NORMAL), "").await.ok();
+                        return format!("relay closed the control channel ({} {})", c.code.unwrap_or(1005), c.reason);
+                    }
+                    Ok(None) => return "relay closed the connection".into(),
+                    Err(e) => {
+                        writer.send_close(e.close_code(), "").await.ok();
+                        return format!("control channel error: {e}");
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(renew_at), if renew_on => {
+                let fresh = client::token(cs, entry.name(), ttl);
+                if let Err(e) = writer.send_text(&control::encode_renew_token(&fresh)).await {
+                    return format!("cannot renew the token: {e}");
+                }
+                tracing::info!(event = "token_renewed", hc = %entry.name(), "listener token renewed");
+                renew_at = Instant::now() + renew_after;
+            }
+            _ = ping.tick() => {
+                if last_heard.elapsed() >= period * 2 {
+                    return "relay silent for two ping periods".into();
+                }
+                if writer.send(true, OpCode::Ping, b"").await.is_err() {
+                    return "write to the relay failed".into();
+                }
+            }
+            _ = hc.stop.cancelled() => {
+                writer.send_close(close_code::NORMAL, "hcm stopping").await.ok();
+                let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                    while let Ok(Some(m)) = reader.next_message(MAX_CONTROL_MESSAGE).await {
+                        if matches!(m, Message::Close(_)) { break; }
+                    }
+                }).await;
+                return "stopped".into();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_shape() {
+        let mut b = Backoff::new(Duration::from_secs(30));
+        assert!(b.next_delay() < Duration::from_secs(1), "first retry within 1 s");
+        let d = b.next_delay();
+        assert!(d >= Duration::from_secs(1) && d < Duration::from_secs(2));
+        for _ in 0..10 {
+            assert!(b.next_delay() <= Duration::from_secs(30));
+        }
+        b.reset();
+        assert!(b.next_delay() < Duration::from_secs(1));
+    }
+}

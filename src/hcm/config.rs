@@ -1,0 +1,166 @@
+//! Connection-manager configuration: the TOML file ([`HcmFile`]) and the validated form
+//! ([`HcmConfig`]).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+use crate::config::opt_duration;
+use crate::proto::connstr::{ConnectionString, Credential};
+use crate::proto::metadata::HostPort;
+
+/// One hybrid connection served by the hcm.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HcEntry {
+    /// A Listen connection string with `EntityPath`.
+    pub connection_string: ConnectionString,
+    /// Overrides the entity's `endpoint` metadata.
+    pub endpoint: Option<HostPort>,
+}
+
+impl HcEntry {
+    /// Validates that the string names an entity.
+    pub fn new(connection_string: ConnectionString, endpoint: Option<HostPort>) -> anyhow::Result<Self> {
+        if connection_string.entity_path.is_none() {
+            bail!("the connection string has no EntityPath; an hcm needs the hybrid connection's own (Listen) connection string");
+        }
+        Ok(Self { connection_string, endpoint })
+    }
+
+    /// The hybrid connection's name.
+    pub fn name(&self) -> &str {
+        self.connection_string.entity_path.as_deref().unwrap_or_default()
+    }
+
+    /// Identity of the entry: relay and hybrid connection (case-insensitive).
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.connection_string.endpoint.authority().to_ascii_lowercase(), self.name().to_lowercase())
+    }
+
+    /// True if tokens can be minted (and so renewed) locally.
+    pub fn has_key(&self) -> bool {
+        matches!(self.connection_string.credential, Credential::Key { .. })
+    }
+}
+
+/// The hcm's validated configuration.
+#[derive(Debug, Clone)]
+pub struct HcmConfig {
+    /// Where `connections.json` (from `hcm add`) and `status.json` live.
+    pub data_dir: PathBuf,
+    /// Data-plane workers. Default: one per core.
+    pub workers: usize,
+    /// Extra CA certificates to trust for the relay (PEM files).
+    pub ca_files: Vec<PathBuf>,
+    /// Timeout for dialing an endpoint. Default: 10 s.
+    pub dial_timeout: Duration,
+    /// Timeout for reaching the relay (TCP, TLS, upgrade). Default: 20 s.
+    pub relay_timeout: Duration,
+    /// Lifetime of the tokens the hcm mints. Default: 1 h.
+    pub token_ttl: Duration,
+    /// Renew the control channel's token at 80 % of its lifetime. Default: on.
+    pub renew_tokens: bool,
+    /// Ping period on control channels and tunnels. Default: 30 s.
+    pub ping_interval: Duration,
+    /// A control channel that stayed up this long resets the reconnect backoff. Default: 60 s.
+    pub stable_after: Duration,
+    /// Longest wait between reconnect attempts. Default: 30 s.
+    pub max_backoff: Duration,
+    /// Largest data frame accepted on a tunnel. Default: 1 MiB.
+    pub max_frame: u64,
+    /// Hybrid connections from the config file (those added with `hcm add` come from the data dir).
+    pub hybrid_connections: Vec<HcEntry>,
+}
+
+impl HcmConfig {
+    /// Defaults with the given data directory and no hybrid connections.
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self {
+            data_dir,
+            workers: crate::relay::config::default_workers(),
+            ca_files: Vec::new(),
+            dial_timeout: Duration::from_secs(10),
+            relay_timeout: Duration::from_secs(20),
+            token_ttl: Duration::from_secs(3600),
+            renew_tokens: true,
+            ping_interval: Duration::from_secs(30),
+            stable_after: Duration::from_secs(60),
+            max_backoff: Duration::from_secs(30),
+            max_frame: crate::proto::frame::DEFAULT_MAX_FRAME,
+            hybrid_connections: Vec::new(),
+        }
+    }
+
+    /// Validates a parsed file.
+    pub fn from_file(f: HcmFile) -> anyhow::Result<Self> {
+        let mut c = Self::new(f.data_dir.unwrap_or_else(|| crate::config::default_data_dir("hcm")));
+        if let Some(w) = f.workers {
+            if w == 0 {
+                bail!("field `workers`: must be at least 1 (omit it for one per core)");
+            }
+            c.workers = w;
+        }
+        c.ca_files = f.ca_files;
+        for (field, slot, v) in [
+            ("dial_timeout", &mut c.dial_timeout, f.dial_timeout),
+            ("relay_timeout", &mut c.relay_timeout, f.relay_timeout),
+            ("token_ttl", &mut c.token_ttl, f.token_ttl),
+            ("ping_interval", &mut c.ping_interval, f.ping_interval),
+        ] {
+            if let Some(d) = v {
+                if d.is_zero() {
+                    bail!("field `{field}`: must be longer than 0s");
+                }
+                *slot = d;
+            }
+        }
+        if c.token_ttl < Duration::from_secs(60) {
+            bail!("field `token_ttl`: must be at least 60s");
+        }
+        for (i, hc) in f.hybrid_connection.into_iter().enumerate() {
+            let cs = ConnectionString::parse(&hc.connection_string)
+                .with_context(|| format!("field `hybrid_connection[{i}].connection_string`"))?;
+            let endpoint = hc
+                .endpoint
+                .map(|e| e.parse::<HostPort>())
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("field `hybrid_connection[{i}].endpoint`: {e}"))?;
+            let entry = HcEntry::new(cs, endpoint).with_context(|| format!("field `hybrid_connection[{i}]`"))?;
+            if c.hybrid_connections.iter().any(|e| e.key() == entry.key()) {
+                bail!("field `hybrid_connection[{i}]`: {} is listed twice", entry.name());
+            }
+            c.hybrid_connections.push(entry);
+        }
+        Ok(c)
+    }
+}
+
+/// The hcm config file. Every field is optional; see [`HcmConfig`] for defaults.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HcmFile {
+    pub data_dir: Option<PathBuf>,
+    pub workers: Option<usize>,
+    #[serde(default)]
+    pub ca_files: Vec<PathBuf>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub dial_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub relay_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub token_ttl: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub ping_interval: Option<Duration>,
+    #[serde(default)]
+    pub hybrid_connection: Vec<HcFile>,
+}
+
+/// One `[[hybrid_connection]]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HcFile {
+    pub connection_string: String,
+    pub endpoint: Option<String>,
+}

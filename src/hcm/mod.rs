@@ -1,0 +1,252 @@
+//! The connection manager (hcm): on the private network, it holds one listener control
+//! channel per configured hybrid connection and answers each `accept` by dialing the
+//! endpoint and splicing it to a rendezvous WebSocket.
+//!
+//! Threads: a control thread runs the [`Manager`] (the set of hybrid connections, file
+//! watching, the status file) and every control channel ([`channel`]); accepted tunnels
+//! run on the data-plane workers ([`accept`]). Several hcm processes may serve the same
+//! hybrid connection; the relay spreads senders over them.
+
+pub mod accept;
+pub mod channel;
+pub mod config;
+pub mod state;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use self::config::{HcEntry, HcmConfig};
+use self::state::{ChannelState, HcStatus};
+use crate::dataplane::Workers;
+
+/// Runtime state of one hybrid connection.
+pub(crate) struct HcRt {
+    pub entry: HcEntry,
+    pub status: Mutex<HcStatus>,
+    /// Stops the control channel (tunnels keep running).
+    pub stop: CancellationToken,
+}
+
+impl HcRt {
+    fn new(entry: HcEntry) -> Self {
+        Self {
+            status: Mutex::new(HcStatus::new(&entry)),
+            entry,
+            stop: CancellationToken::new(),
+        }
+    }
+
+    pub fn update(&self, f: impl FnOnce(&mut HcStatus)) {
+        f(&mut self.status.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    pub fn set_state(&self, state: ChannelState) {
+        self.update(|s| {
+            if s.state != state {
+                s.state = state;
+                s.since = crate::relay::store::now_rfc3339();
+            }
+        });
+    }
+
+    pub fn snapshot(&self) -> HcStatus {
+        self.status.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// What the control channels and tunnels share.
+pub(crate) struct HcmCtx {
+    pub cfg: Arc<HcmConfig>,
+    pub tls: Arc<rustls::ClientConfig>,
+    pub workers: Arc<Workers>,
+    /// Cancelled when the hcm stops; ends tunnels.
+    pub shutdown: CancellationToken,
+}
+
+#[derive(Default)]
+struct Shared {
+    hcs: Mutex<Vec<Arc<HcRt>>>,
+}
+
+/// A running hcm. Dropping it stops the hcm.
+#[must_use = "dropping the handle stops the hcm"]
+pub struct HcmHandle {
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    workers: Arc<Workers>,
+    control: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for HcmHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HcmHandle").finish_non_exhaustive()
+    }
+}
+
+impl HcmHandle {
+    /// Status of every hybrid connection served.
+    pub fn status(&self) -> Vec<HcStatus> {
+        self.shared
+            .hcs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|h| h.snapshot())
+            .collect()
+    }
+
+    /// Stops control channels and tunnels and waits for the threads.
+    pub fn stop(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.control.take() {
+            t.join().ok();
+        }
+        self.workers.stop();
+    }
+}
+
+impl Drop for HcmHandle {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+/// Starts an hcm serving the config's hybrid connections plus those added with `hcm add`.
+pub fn start(cfg: HcmConfig) -> anyhow::Result<HcmHandle> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|e| anyhow::anyhow!("creating data directory {}: {e}", cfg.data_dir.display()))?;
+    let cfg = Arc::new(cfg);
+    let tls = crate::transport::tls::client_config(&cfg.ca_files)?;
+    let workers = Workers::start("hyrelay-hcm", cfg.workers)?;
+    let shutdown = CancellationToken::new();
+    let shared = Arc::new(Shared::default());
+    let ctx = Arc::new(HcmCtx {
+        cfg: cfg.clone(),
+        tls,
+        workers: workers.clone(),
+        shutdown: shutdown.clone(),
+    });
+    // Fail early on a corrupt connections file rather than serving a partial set.
+    state::load_added(&cfg.data_dir)?;
+    let manager = Manager {
+        ctx,
+        shared: shared.clone(),
+        running: HashMap::new(),
+    };
+    let stop = shutdown.clone();
+    let control = std::thread::Builder::new().name("hyrelay-hcm-ctl".into()).spawn(move || {
+        match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt.block_on(manager.run(stop)),
+            Err(e) => tracing::error!(error = %e, "cannot start the hcm control runtime"),
+        }
+    })?;
+    Ok(HcmHandle {
+        shared,
+        shutdown,
+        workers,
+        control: Some(control),
+    })
+}
+
+/// Owns the set of served hybrid connections.
+struct Manager {
+    ctx: Arc<HcmCtx>,
+    shared: Arc<Shared>,
+    running: HashMap<String, Arc<HcRt>>,
+}
+
+impl Manager {
+    async fn run(mut self, stop: CancellationToken) {
+        let dir: PathBuf = self.ctx.cfg.data_dir.clone();
+        let mut seen = state::connections_mtime(&dir);
+        self.reconcile(self.desired());
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut last_written = String::new();
+        let mut last_write = std::time::Instant::now() - Duration::from_secs(60);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => {
+                    let now = state::connections_mtime(&dir);
+                    if now != seen {
+                        seen = now;
+                        self.reconcile(self.desired());
+                    }
+                    let list: Vec<HcStatus> = self.running.values().map(|h| h.snapshot()).collect();
+                    let text = serde_json::to_string(&list).unwrap_or_default();
+                    if text != last_written || last_write.elapsed() >= Duration::from_secs(5) {
+                        if let Err(e) = state::write_status(&dir, &list) {
+                            tracing::warn!(error = %e, "cannot write the status file");
+                        }
+                        last_written = text;
+                        last_write = std::time::Instant::now();
+                    }
+                }
+            }
+        }
+        for hc in self.running.values() {
+            hc.stop.cancel();
+        }
+        // Give control channels a moment to send their Close.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let list: Vec<HcStatus> = self
+            .running
+            .values()
+            .map(|h| {
+                let mut s = h.snapshot();
+                s.state = ChannelState::Stopped;
+                s
+            })
+            .collect();
+        state::write_status(&dir, &list).ok();
+    }
+
+    /// Config entries plus `hcm add` entries (an added entry replaces a configured one
+    /// for the same relay and hybrid connection).
+    fn desired(&self) -> Vec<HcEntry> {
+        let mut out = self.ctx.cfg.hybrid_connections.clone();
+        match state::load_added(&self.ctx.cfg.data_dir) {
+            Ok(added) => {
+                for a in added {
+                    out.retain(|e| e.key() != a.key());
+                    out.push(a);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read added hybrid connections; keeping the current set");
+                return self.running.values().map(|h| h.entry.clone()).collect();
+            }
+        }
+        out
+    }
+
+    fn reconcile(&mut self, desired: Vec<HcEntry>) {
+        let keep: HashMap<String, HcEntry> = desired.into_iter().map(|e| (e.key(), e)).collect();
+        self.running.retain(|k, hc| {
+            let same = keep.get(k) == Some(&hc.entry);
+            if !same {
+                tracing::info!(hc = %hc.entry.name(), "hybrid connection removed or changed; stopping its control channel");
+                hc.stop.cancel();
+            }
+            same
+        });
+        for (k, e) in keep {
+            if self.running.contains_key(&k) {
+                continue;
+            }
+            tracing::info!(hc = %e.name(), relay = %e.connection_string.endpoint.authority(), "serving hybrid connection");
+            let hc = Arc::new(HcRt::new(e));
+            tokio::spawn(channel::run(hc.clone(), self.ctx.clone()));
+            self.running.insert(k, hc);
+        }
+        *self.shared.hcs.lock().unwrap_or_else(|e| e.into_inner()) = self.running.values().cloned().collect();
+    }
+}

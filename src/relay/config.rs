@@ -1,0 +1,229 @@
+//! Relay configuration: the TOML file form ([`RelayFile`]) and the validated form
+//! ([`RelayConfig`]) the relay runs on.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+use crate::config::opt_duration;
+use crate::proto::connstr::RelayEndpoint;
+
+/// How new senders are spread over a hybrid connection's listeners.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Balance {
+    /// Uniformly at random (what Azure does). Default.
+    #[default]
+    Random,
+    /// The listener with the fewest active tunnels, ties broken at random.
+    LeastLoaded,
+}
+
+/// TLS on the relay's listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsSetting {
+    /// Certificate chain and key from PEM files.
+    Files { cert: PathBuf, key: PathBuf },
+    /// Development: a generated CA and certificate in `<data_dir>/tls`, covering
+    /// localhost, 127.0.0.1, ::1 and `names`.
+    SelfSigned { names: Vec<String> },
+    /// Plain `ws://`: only behind a TLS terminator, or in tests.
+    Plain,
+}
+
+/// The relay's validated configuration.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Address to listen on. Default: `0.0.0.0:443`.
+    pub listen: SocketAddr,
+    /// Where `state.json` (entities, keys) and the development certificate live.
+    pub data_dir: PathBuf,
+    /// Base URL clients reach this relay at; used in rendezvous addresses and connection
+    /// strings. Default: taken from each request's `Host` header.
+    pub public_url: Option<RelayEndpoint>,
+    /// Extra host names tokens may be scoped to (besides the `Host` header and `public_url`).
+    pub hostnames: Vec<String>,
+    /// Data-plane workers. Default: one per core.
+    pub workers: usize,
+    pub tls: TlsSetting,
+    /// Listeners allowed per hybrid connection. Default: 25.
+    pub max_listeners: usize,
+    pub balance: Balance,
+    /// Ping period on control channels; two missed pongs end the channel. Default: 30 s.
+    pub ping_interval: Duration,
+    /// How long past its expiry a listener token keeps the control channel open unless
+    /// renewed. Default: 5 min (clients renew at the expiry instant).
+    pub token_grace: Duration,
+    /// How long a sender waits for a listener to accept. Default: 30 s.
+    pub accept_timeout: Duration,
+    /// TCP accept to completed upgrade, TLS included. Default: 10 s.
+    pub handshake_timeout: Duration,
+    /// Largest request head. Default: 16 KiB.
+    pub max_head: usize,
+    /// Largest data frame. Default: 1 MiB.
+    pub max_frame: u64,
+}
+
+impl RelayConfig {
+    /// Defaults with the given listen address, data directory and TLS.
+    pub fn new(listen: SocketAddr, data_dir: PathBuf, tls: TlsSetting) -> Self {
+        Self {
+            listen,
+            data_dir,
+            public_url: None,
+            hostnames: Vec::new(),
+            workers: default_workers(),
+            tls,
+            max_listeners: 25,
+            balance: Balance::Random,
+            ping_interval: Duration::from_secs(30),
+            token_grace: Duration::from_secs(300),
+            accept_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+            max_head: crate::proto::handshake::DEFAULT_MAX_HEAD,
+            max_frame: crate::proto::frame::DEFAULT_MAX_FRAME,
+        }
+    }
+
+    /// Validates a parsed file.
+    pub fn from_file(f: RelayFile) -> anyhow::Result<Self> {
+        let listen = f
+            .listen
+            .as_deref()
+            .unwrap_or("0.0.0.0:443")
+            .parse()
+            .context("field `listen`: expected IP:PORT")?;
+        let tls = match (f.tls.mode, f.tls.cert, f.tls.key) {
+            (Some(TlsMode::Files) | None, Some(cert), Some(key)) => TlsSetting::Files { cert, key },
+            (Some(TlsMode::Files) | None, _, _) => bail!(
+                "field `tls`: set `tls.cert` and `tls.key`, or `tls.mode = \"self-signed\"` for development, or `tls.mode = \"none\"` behind a TLS terminator"
+            ),
+            (Some(TlsMode::SelfSigned), _, _) => TlsSetting::SelfSigned { names: f.tls.names },
+            (Some(TlsMode::None), _, _) => TlsSetting::Plain,
+        };
+        let public_url = f
+            .public_url
+            .as_deref()
+            .map(RelayEndpoint::parse)
+            .transpose()
+            .context("field `public_url`: expected wss://HOST[:PORT] or ws://HOST:PORT")?;
+        let mut c = Self::new(listen, f.data_dir.unwrap_or_else(|| crate::config::default_data_dir("relay")), tls);
+        c.public_url = public_url;
+        c.hostnames = f.hostnames.iter().map(|h| h.to_ascii_lowercase()).collect();
+        if let Some(w) = f.workers {
+            if w == 0 {
+                bail!("field `workers`: must be at least 1 (omit it for one per core)");
+            }
+            c.workers = w;
+        }
+        let l = f.listeners;
+        if let Some(n) = l.max_per_hybrid_connection {
+            if n == 0 {
+                bail!("field `listeners.max_per_hybrid_connection`: must be at least 1");
+            }
+            c.max_listeners = n;
+        }
+        c.balance = l.balance.unwrap_or_default();
+        set(&mut c.ping_interval, l.ping_interval, "listeners.ping_interval")?;
+        c.token_grace = l.token_grace.unwrap_or(c.token_grace);
+        set(&mut c.accept_timeout, f.senders.accept_timeout, "senders.accept_timeout")?;
+        set(&mut c.handshake_timeout, f.limits.handshake_timeout, "limits.handshake_timeout")?;
+        if let Some(n) = f.limits.max_head_bytes {
+            if !(1024..=1 << 20).contains(&n) {
+                bail!("field `limits.max_head_bytes`: must be between 1024 and 1048576");
+            }
+            c.max_head = n;
+        }
+        if let Some(n) = f.limits.max_frame_bytes {
+            if n < 1024 {
+                bail!("field `limits.max_frame_bytes`: must be at least 1024");
+            }
+            c.max_frame = n;
+        }
+        Ok(c)
+    }
+}
+
+fn set(slot: &mut Duration, v: Option<Duration>, field: &str) -> anyhow::Result<()> {
+    if let Some(d) = v {
+        if d.is_zero() {
+            bail!("field `{field}`: must be longer than 0s");
+        }
+        *slot = d;
+    }
+    Ok(())
+}
+
+/// Default number of data-plane workers: one per core.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// `tls.mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TlsMode {
+    Files,
+    SelfSigned,
+    None,
+}
+
+/// The relay config file. Every field is optional; see [`RelayConfig`] for defaults.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayFile {
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub public_url: Option<String>,
+    #[serde(default)]
+    pub hostnames: Vec<String>,
+    pub workers: Option<usize>,
+    #[serde(default)]
+    pub tls: TlsFile,
+    #[serde(default)]
+    pub listeners: ListenersFile,
+    #[serde(default)]
+    pub senders: SendersFile,
+    #[serde(default)]
+    pub limits: LimitsFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    pub mode: Option<TlsMode>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    #[serde(default)]
+    pub names: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenersFile {
+    pub max_per_hybrid_connection: Option<usize>,
+    pub balance: Option<Balance>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub ping_interval: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub token_grace: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendersFile {
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub accept_timeout: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub handshake_timeout: Option<Duration>,
+    pub max_head_bytes: Option<usize>,
+    pub max_frame_bytes: Option<u64>,
+}

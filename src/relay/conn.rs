@@ -1,0 +1,112 @@
+//! One accepted TCP connection on a relay worker: TLS, the HTTP head (both within the
+//! handshake timeout), then dispatch on the request target.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::Ctx;
+use crate::proto::address::{self, Action, Target};
+use crate::proto::handshake::{self, HandshakeError, RequestHead};
+use crate::transport::sock::{Sock, tune};
+use crate::transport::ws::{HeadError, read_request_head};
+use crate::transport::Stream;
+
+/// Serves one connection to completion.
+pub(crate) async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
+    tune(&tcp);
+    let deadline = tokio::time::Instant::now() + ctx.cfg.handshake_timeout;
+    let mut stream = match &ctx.tls {
+        None => Stream::Plain(Sock::Live(tcp)),
+        Some(acc) => match tokio::time::timeout_at(deadline, acc.accept(Sock::Live(tcp))).await {
+            Ok(Ok(s)) => Stream::TlsServer(Box::new(s)),
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "TLS handshake timed out");
+                return;
+            }
+        },
+    };
+    let mut buf = BytesMut::with_capacity(4096);
+    let head = match tokio::time::timeout_at(deadline, read_request_head(&mut stream, &mut buf, ctx.cfg.max_head)).await {
+        Ok(Ok(Some(h))) => h,
+        Ok(Ok(None)) => return,
+        Ok(Err(HeadError::Http(HandshakeError::TooLarge(_)))) => {
+            return respond(&mut stream, 431, "Request Header Fields Too Large", "").await;
+        }
+        Ok(Err(HeadError::Http(e))) => {
+            return respond(&mut stream, 400, "Bad Request", &e.to_string()).await;
+        }
+        Ok(Err(HeadError::Io(e))) => {
+            tracing::debug!(%peer, error = %e, "connection failed before the request head");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "request head not received within the handshake timeout");
+            return respond(&mut stream, 408, "Request Timeout", "").await;
+        }
+    };
+    route(stream, buf, head, peer, ctx).await;
+}
+
+async fn route(mut stream: Stream, buf: BytesMut, head: RequestHead, peer: SocketAddr, ctx: Arc<Ctx>) {
+    let target = match address::parse_target(&head.target) {
+        Ok(t) => t,
+        Err(e) => return respond(&mut stream, 400, &e.to_string(), "").await,
+    };
+    match target {
+        Target::Hc(req) => {
+            if !handshake::wants_websocket(&head) {
+                return respond(&mut stream, 400, "A WebSocket upgrade is required on /$hc/", "").await;
+            }
+            match req.action {
+                Some(Action::Listen) => super::listener::serve(stream, buf, head, req, peer, ctx).await,
+                Some(Action::Connect) => super::sender::serve_connect(stream, buf, head, req, peer, ctx).await,
+                Some(Action::Accept) => super::sender::serve_accept(stream, buf, head, req, peer, ctx).await,
+                Some(Action::Request) => {
+                    respond(&mut stream, 400, "HTTP request rendezvous is not supported by this relay", "").await
+                }
+                None => respond(&mut stream, 400, "Missing sb-hc-action", "").await,
+            }
+        }
+        Target::Plain(p) => super::mgmt::serve(stream, buf, head, p, peer, ctx).await,
+    }
+}
+
+/// Writes a complete response (description in the reason phrase and the body) and closes.
+pub(crate) async fn respond(stream: &mut Stream, status: u16, reason: &str, body: &str) {
+    let body = if body.is_empty() { reason } else { body };
+    let bytes = handshake::response(status, reason, "text/plain; charset=utf-8", body.as_bytes());
+    send_and_close(stream, &bytes).await;
+}
+
+/// Writes `bytes`, flushes and shuts the stream down, all within 5 s.
+pub(crate) async fn send_and_close(stream: &mut Stream, bytes: &[u8]) {
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        stream.write_all(bytes).await?;
+        stream.flush().await?;
+        stream.shutdown().await
+    })
+    .await;
+}
+
+/// `msg` with Azure's tracking suffix when the client sent an id.
+pub(crate) fn describe(msg: &str, tracking: Option<&str>) -> String {
+    match tracking {
+        Some(id) => format!("{msg} TrackingId:{}", handshake::sanitize_header_value(id)),
+        None => msg.to_owned(),
+    }
+}
+
+/// Writes and flushes.
+pub(crate) async fn write_flush(stream: &mut Stream, bytes: &[u8]) -> std::io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.flush().await
+}

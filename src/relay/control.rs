@@ -1,0 +1,553 @@
+//! The relay's control plane: one task, on its own thread, that owns the entity store, the
+//! listener registry and the rendezvous table.
+//!
+//! Workers never share mutable state with it: they send a [`Request`] over a bounded
+//! channel through [`Ctl`] and get an answer on a oneshot. Listener I/O stays on the worker
+//! that accepted the control channel; the plane only holds a command sender per listener.
+//!
+//! Rendezvous: `connect` creates a single-use 128-bit secret, records a oneshot to the
+//! sender's task and queues an `accept` on a chosen listener. The listener's rendezvous
+//! request, on whatever worker it lands, takes that oneshot out of the table and sends its
+//! parked connection through it, so the later leg joins the earlier leg's worker.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::BytesMut;
+use percent_encoding::utf8_percent_encode;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::config::{Balance, RelayConfig};
+use super::store::{Entity, State, Store, StoreError};
+use crate::proto::address::RENDEZVOUS_PARAM;
+use crate::proto::control::Accept;
+use crate::proto::sas::URI_COMPONENT;
+use crate::transport::Stream;
+
+/// Capacity of the worker → control plane channel.
+const REQUEST_QUEUE: usize = 4096;
+/// Commands queued per listener before it counts as busy.
+const LISTENER_QUEUE: usize = 64;
+
+/// A command for a listener's control-channel task.
+#[derive(Debug)]
+pub enum ListenerCmd {
+    /// Send this JSON text.
+    Send(String),
+    /// Close the channel with this code and reason.
+    Close(u16, String),
+}
+
+/// What the relay knows about a connected listener.
+#[derive(Debug, Clone)]
+pub struct ListenerInfo {
+    /// `sb-hc-id`, or a generated id.
+    pub id: String,
+    pub remote: Option<SocketAddr>,
+    /// `ws(s)://host[:port]` the listener reached us at; base of its accept addresses.
+    pub base_url: String,
+    pub connected_at: SystemTime,
+}
+
+/// A registered listener's end of the plane.
+#[derive(Debug)]
+pub struct Registration {
+    pub key: u64,
+    pub commands: mpsc::Receiver<ListenerCmd>,
+}
+
+/// A sender's connect request.
+#[derive(Debug, Clone)]
+pub struct ConnectReq {
+    /// Entity name (any case).
+    pub entity: String,
+    /// Entity and suffix as sent (percent-encoded).
+    pub raw_path: String,
+    /// The sender's non-`sb-hc` query pairs, raw.
+    pub app_query: Vec<String>,
+    /// The sender's `sb-hc-id`.
+    pub id: Option<String>,
+    /// Handshake headers to forward (credentials already removed), merged by name.
+    pub headers: Vec<(String, String)>,
+    pub remote: Option<SocketAddr>,
+}
+
+/// A dispatched connect, waiting for a listener.
+#[derive(Debug)]
+pub struct Connecting {
+    pub secret: String,
+    pub tracking_id: String,
+    pub outcome: oneshot::Receiver<Outcome>,
+    /// Counts this tunnel against the chosen listener while it lives.
+    pub listener_load: Arc<AtomicUsize>,
+    /// Counts the entity's active tunnels.
+    pub entity_tunnels: Arc<AtomicUsize>,
+    /// Cancelled when the entity is deleted.
+    pub entity_gone: CancellationToken,
+}
+
+/// How a rendezvous ended.
+#[derive(Debug)]
+pub enum Outcome {
+    Accepted(Leg),
+    Rejected { status: u16, description: String },
+}
+
+/// The listener's leg of a tunnel, parked for the move to the sender's worker.
+#[derive(Debug)]
+pub struct Leg {
+    pub stream: Stream,
+    pub leftover: BytesMut,
+    /// The subprotocol the listener picked.
+    pub protocol: Option<String>,
+    /// The listener's `Sec-WebSocket-Key`, for its 101.
+    pub key: String,
+}
+
+/// Why the plane said no.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("Endpoint does not exist.")]
+    NotFound,
+    #[error("There are no listeners connected for the endpoint.")]
+    NoListener,
+    #[error("QuotaExceeded: the hybrid connection already has the maximum of {0} listeners (MaximumListenersPerEndpoint).")]
+    Quota(usize),
+    #[error("The relay is shutting down.")]
+    ShuttingDown,
+}
+
+/// A listener as shown by management and status.
+#[derive(Debug, Clone)]
+pub struct ListenerView {
+    pub id: String,
+    pub remote: Option<SocketAddr>,
+    pub connected_at: SystemTime,
+    pub active_tunnels: usize,
+}
+
+/// An entity with its live status.
+#[derive(Debug, Clone)]
+pub struct EntityView {
+    pub entity: Entity,
+    pub listeners: Vec<ListenerView>,
+    pub active_tunnels: usize,
+}
+
+/// Which key of a rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeySlot {
+    Primary,
+    Secondary,
+}
+
+/// Management operations.
+#[derive(Debug, Clone)]
+pub enum MgmtOp {
+    List,
+    Show(String),
+    Create {
+        name: String,
+        endpoint: Option<crate::proto::metadata::HostPort>,
+        requires_client_authorization: bool,
+    },
+    Delete(String),
+    /// Regenerates `slot` of `rule` (or of every rule of the entity).
+    RegenerateKey {
+        name: String,
+        slot: KeySlot,
+        rule: Option<String>,
+    },
+}
+
+/// Answer to a management operation.
+#[derive(Debug)]
+pub enum MgmtReply {
+    List(Vec<EntityView>),
+    Entity(EntityView),
+    Deleted,
+}
+
+/// Messages from workers.
+#[derive(Debug)]
+pub enum Request {
+    Register {
+        entity: String,
+        info: ListenerInfo,
+        reply: oneshot::Sender<Result<Registration, Refusal>>,
+    },
+    Unregister {
+        entity: String,
+        key: u64,
+    },
+    Connect {
+        req: ConnectReq,
+        reply: oneshot::Sender<Result<Connecting, Refusal>>,
+    },
+    Rendezvous {
+        secret: String,
+        reply: oneshot::Sender<Option<oneshot::Sender<Outcome>>>,
+    },
+    Cancel {
+        secret: String,
+    },
+    Manage {
+        op: MgmtOp,
+        reply: oneshot::Sender<Result<MgmtReply, StoreError>>,
+    },
+}
+
+/// Cloneable handle to the control plane.
+#[derive(Debug, Clone)]
+pub struct Ctl(mpsc::Sender<Request>);
+
+impl Ctl {
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Request) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        self.0.send(make(tx)).await.ok()?;
+        rx.await.ok()
+    }
+
+    pub async fn register(&self, entity: &str, info: ListenerInfo) -> Result<Registration, Refusal> {
+        self.ask(|reply| Request::Register { entity: entity.to_owned(), info, reply })
+            .await
+            .unwrap_or(Err(Refusal::ShuttingDown))
+    }
+
+    /// Never blocks: if the plane is gone there is nothing to unregister from.
+    pub fn unregister(&self, entity: &str, key: u64) {
+        let req = Request::Unregister { entity: entity.to_owned(), key };
+        if let Err(mpsc::error::TrySendError::Full(req)) = self.0.try_send(req) {
+            let tx = self.0.clone();
+            tokio::spawn(async move { tx.send(req).await.ok() });
+        }
+    }
+
+    pub async fn connect(&self, req: ConnectReq) -> Result<Connecting, Refusal> {
+        self.ask(|reply| Request::Connect { req, reply })
+            .await
+            .unwrap_or(Err(Refusal::ShuttingDown))
+    }
+
+    /// Takes the rendezvous for `secret` out of the table (single use).
+    pub async fn rendezvous(&self, secret: &str) -> Option<oneshot::Sender<Outcome>> {
+        self.ask(|reply| Request::Rendezvous { secret: secret.to_owned(), reply })
+            .await
+            .flatten()
+    }
+
+    pub fn cancel(&self, secret: &str) {
+        self.0.try_send(Request::Cancel { secret: secret.to_owned() }).ok();
+    }
+
+    pub async fn manage(&self, op: MgmtOp) -> Result<MgmtReply, StoreError> {
+        self.ask(|reply| Request::Manage { op, reply })
+            .await
+            .unwrap_or_else(|| Err(StoreError::Io("the relay is shutting down".into())))
+    }
+}
+
+struct ListenerRt {
+    key: u64,
+    info: ListenerInfo,
+    tx: mpsc::Sender<ListenerCmd>,
+    load: Arc<AtomicUsize>,
+}
+
+#[derive(Default)]
+struct EntityRt {
+    listeners: Vec<ListenerRt>,
+    tunnels: Arc<AtomicUsize>,
+    gone: CancellationToken,
+}
+
+struct PendingRt {
+    tx: oneshot::Sender<Outcome>,
+    deadline: Instant,
+}
+
+/// The control-plane state machine.
+pub struct Plane {
+    cfg: Arc<RelayConfig>,
+    store: Store,
+    live: HashMap<String, EntityRt>,
+    pending: HashMap<String, PendingRt>,
+    next_key: u64,
+}
+
+impl Plane {
+    /// A plane over `store`, and the handle workers use to reach it.
+    pub fn new(cfg: Arc<RelayConfig>, store: Store) -> (Self, Ctl, mpsc::Receiver<Request>) {
+        let (tx, rx) = mpsc::channel(REQUEST_QUEUE);
+        let plane = Self {
+            cfg,
+            store,
+            live: HashMap::new(),
+            pending: HashMap::new(),
+            next_key: 1,
+        };
+        (plane, Ctl(tx), rx)
+    }
+
+    /// Serves requests until `shutdown`, then closes every control channel with 1001.
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Request>, shutdown: CancellationToken) {
+        let mut sweep = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = sweep.tick() => self.sweep(),
+                req = rx.recv() => match req {
+                    Some(r) => self.handle(r),
+                    None => break,
+                },
+            }
+        }
+        for e in self.live.values() {
+            for l in &e.listeners {
+                l.tx.try_send(ListenerCmd::Close(1001, "The relay is shutting down.".into())).ok();
+            }
+        }
+    }
+
+    fn handle(&mut self, req: Request) {
+        match req {
+            Request::Register { entity, info, reply } => {
+                reply.send(self.register(&entity, info)).ok();
+            }
+            Request::Unregister { entity, key } => self.unregister(&entity, key),
+            Request::Connect { req, reply } => {
+                reply.send(self.connect(req)).ok();
+            }
+            Request::Rendezvous { secret, reply } => {
+                let found = self
+                    .pending
+                    .remove(&secret)
+                    .filter(|p| p.deadline > Instant::now())
+                    .map(|p| p.tx);
+                reply.send(found).ok();
+            }
+            Request::Cancel { secret } => {
+                self.pending.remove(&secret);
+            }
+            Request::Manage { op, reply } => {
+                reply.send(self.manage(op)).ok();
+            }
+        }
+    }
+
+    fn sweep(&mut self) {
+        let now = Instant::now();
+        self.pending.retain(|_, p| p.deadline > now && !p.tx.is_closed());
+    }
+
+    fn register(&mut self, entity: &str, info: ListenerInfo) -> Result<Registration, Refusal> {
+        let name = entity.to_lowercase();
+        if self.store.current().entity(&name).is_none() {
+            return Err(Refusal::NotFound);
+        }
+        let rt = self.live.entry(name).or_default();
+        if rt.listeners.len() >= self.cfg.max_listeners {
+            return Err(Refusal::Quota(self.cfg.max_listeners));
+        }
+        let (tx, commands) = mpsc::channel(LISTENER_QUEUE);
+        let key = self.next_key;
+        self.next_key += 1;
+        rt.listeners.push(ListenerRt {
+            key,
+            info,
+            tx,
+            load: Arc::new(AtomicUsize::new(0)),
+        });
+        Ok(Registration { key, commands })
+    }
+
+    fn unregister(&mut self, entity: &str, key: u64) {
+        if let Some(rt) = self.live.get_mut(&entity.to_lowercase()) {
+            rt.listeners.retain(|l| l.key != key);
+        }
+    }
+
+    fn connect(&mut self, req: ConnectReq) -> Result<Connecting, Refusal> {
+        let name = req.entity.to_lowercase();
+        let rt = self.live.get_mut(&name).ok_or(Refusal::NoListener)?;
+        let mut candidates: Vec<usize> = (0..rt.listeners.len()).collect();
+        let tracking_id = req.id.clone().unwrap_or_else(new_id);
+        while !candidates.is_empty() {
+            let pick = pick(&rt.listeners, &candidates, self.cfg.balance);
+            let idx = candidates.swap_remove(pick);
+            let l = &rt.listeners[idx];
+            let secret = new_secret();
+            let accept = Accept {
+                address: accept_address(&self.cfg, &l.info.base_url, &req, &tracking_id, &secret),
+                id: tracking_id.clone(),
+                connect_headers: req.headers.clone(),
+                remote_endpoint: req.remote.map(|a| (a.ip().to_string(), a.port())),
+            };
+            if l.tx.try_send(ListenerCmd::Send(accept.encode())).is_err() {
+                continue; // busy or gone: try another listener
+            }
+            let (tx, outcome) = oneshot::channel();
+            let deadline = Instant::now() + self.cfg.accept_timeout;
+            self.pending.insert(secret.clone(), PendingRt { tx, deadline });
+            return Ok(Connecting {
+                secret,
+                tracking_id,
+                outcome,
+                listener_load: l.load.clone(),
+                entity_tunnels: rt.tunnels.clone(),
+                entity_gone: rt.gone.clone(),
+            });
+        }
+        Err(Refusal::NoListener)
+    }
+
+    fn view(&self, e: &Entity) -> EntityView {
+        let rt = self.live.get(&e.name.to_lowercase());
+        EntityView {
+            entity: e.clone(),
+            listeners: rt
+                .map(|rt| {
+                    rt.listeners
+                        .iter()
+                        .map(|l| ListenerView {
+                            id: l.info.id.clone(),
+                            remote: l.info.remote,
+                            connected_at: l.info.connected_at,
+                            active_tunnels: l.load.load(Ordering::Relaxed),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            active_tunnels: rt.map(|rt| rt.tunnels.load(Ordering::Relaxed)).unwrap_or(0),
+        }
+    }
+
+    fn manage(&mut self, op: MgmtOp) -> Result<MgmtReply, StoreError> {
+        let state = self.store.current();
+        let find = |state: &State, name: &str| state.entity(name).cloned().ok_or_else(|| StoreError::NotFound(name.to_owned()));
+        match op {
+            MgmtOp::List => Ok(MgmtReply::List(
+                state.hybrid_connections.values().map(|e| self.view(e)).collect(),
+            )),
+            MgmtOp::Show(name) => Ok(MgmtReply::Entity(self.view(&find(&state, &name)?))),
+            MgmtOp::Create { name, endpoint, requires_client_authorization } => {
+                crate::proto::address::validate_entity_name(&name).map_err(StoreError::Invalid)?;
+                let e = self.store.update(|st| {
+                    let key = name.to_lowercase();
+                    if st.hybrid_connections.contains_key(&key) {
+                        return Err(StoreError::Exists(name.clone()));
+                    }
+                    let e = super::store::new_entity(&name, endpoint.as_ref(), requires_client_authorization);
+                    st.hybrid_connections.insert(key, e.clone());
+                    Ok(e)
+                })?;
+                Ok(MgmtReply::Entity(self.view(&e)))
+            }
+            MgmtOp::Delete(name) => {
+                let key = name.to_lowercase();
+                self.store.update(|st| {
+                    st.hybrid_connections.remove(&key).map(|_| ()).ok_or_else(|| StoreError::NotFound(name.clone()))
+                })?;
+                if let Some(rt) = self.live.remove(&key) {
+                    rt.gone.cancel();
+                    for l in rt.listeners {
+                        l.tx.try_send(ListenerCmd::Close(1001, "The hybrid connection was deleted.".into())).ok();
+                    }
+                }
+                Ok(MgmtReply::Deleted)
+            }
+            MgmtOp::RegenerateKey { name, slot, rule } => {
+                let e = self.store.update(|st| {
+                    let e = st
+                        .hybrid_connections
+                        .get_mut(&name.to_lowercase())
+                        .ok_or_else(|| StoreError::NotFound(name.clone()))?;
+                    let mut hit = false;
+                    for r in e.rules.iter_mut().filter(|r| rule.as_ref().is_none_or(|n| *n == r.key_name)) {
+                        let k = crate::proto::Secret::random_key();
+                        match slot {
+                            KeySlot::Primary => r.primary_key = k,
+                            KeySlot::Secondary => r.secondary_key = k,
+                        }
+                        hit = true;
+                    }
+                    if !hit {
+                        return Err(StoreError::Invalid(format!("{name:?} has no rule {:?}", rule.clone().unwrap_or_default())));
+                    }
+                    e.updated_at = super::store::now_rfc3339();
+                    Ok(e.clone())
+                })?;
+                Ok(MgmtReply::Entity(self.view(&e)))
+            }
+        }
+    }
+}
+
+fn pick(listeners: &[ListenerRt], candidates: &[usize], balance: Balance) -> usize {
+    match balance {
+        Balance::Random => rand::random_range(0..candidates.len()),
+        Balance::LeastLoaded => {
+            let load = |i: usize| listeners[candidates[i]].load.load(Ordering::Relaxed);
+            let min = (0..candidates.len()).map(load).min().unwrap_or(0);
+            let best: Vec<usize> = (0..candidates.len()).filter(|&i| load(i) == min).collect();
+            best[rand::random_range(0..best.len())]
+        }
+    }
+}
+
+/// `{base}/$hc/{path}?{app query&}sb-hc-action=accept&sb-hc-id={id}&sb-hc-rid={secret}`.
+fn accept_address(cfg: &RelayConfig, listener_base: &str, req: &ConnectReq, id: &str, secret: &str) -> String {
+    let base = cfg.public_url.as_ref().map(|u| u.ws_base()).unwrap_or_else(|| listener_base.to_owned());
+    let mut q: Vec<String> = req.app_query.clone();
+    q.push("sb-hc-action=accept".into());
+    q.push(format!("sb-hc-id={}", utf8_percent_encode(id, URI_COMPONENT)));
+    q.push(format!("{RENDEZVOUS_PARAM}={secret}"));
+    format!("{base}/$hc/{}?{}", req.raw_path, q.join("&"))
+}
+
+/// 128 random bits as hex: the rendezvous capability.
+fn new_secret() -> String {
+    rand::random::<[u8; 16]>().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A random GUID-formatted id (version 4 layout).
+pub fn new_id() -> String {
+    let mut b = rand::random::<[u8; 16]>();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_and_secrets() {
+        let id = new_id();
+        assert_eq!(id.len(), 36);
+        assert_eq!(&id[14..15], "4");
+        assert_ne!(new_secret(), new_secret());
+        assert_eq!(new_secret().len(), 32);
+    }
+
+    #[test]
+    fn accept_address_keeps_app_query_and_hides_nothing_else() {
+        let cfg = RelayConfig::new("127.0.0.1:0".parse().unwrap(), "/tmp".into(), super::super::config::TlsSetting::Plain);
+        let req = ConnectReq {
+            entity: "hc1".into(),
+            raw_path: "hc1/sub%20x".into(),
+            app_query: vec!["a=1".into()],
+            id: None,
+            headers: vec![],
+            remote: None,
+        };
+        let a = accept_address(&cfg, "ws://127.0.0.1:5", &req, "id 1", "s3");
+        assert_eq!(a, "ws://127.0.0.1:5/$hc/hc1/sub%20x?a=1&sb-hc-action=accept&sb-hc-id=id%201&sb-hc-rid=s3");
+    }
+}

@@ -1,0 +1,215 @@
+//! The relay role: the rendezvous service.
+//!
+//! Threads: one control plane ([`control::Plane`]) and N data-plane workers. Each worker
+//! accepts TCP on its own socket, runs TLS and the HTTP head, then serves one of: a
+//! listener control channel ([`listener`]), a sender connect or a listener's rendezvous
+//! ([`sender`], joined into a [`tunnel`]), or a plain HTTP request ([`mgmt`]: the
+//! runtime-information GET and the management API).
+
+pub mod auth;
+pub mod config;
+mod conn;
+pub mod control;
+mod listener;
+pub mod mgmt;
+mod sender;
+pub mod store;
+mod tunnel;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use self::config::{RelayConfig, TlsSetting};
+use self::control::{Ctl, Plane};
+use self::store::{ROOT_RULE, SharedState, Store};
+use crate::dataplane::Workers;
+use crate::proto::connstr::{ConnectionString, Credential, RelayEndpoint};
+
+/// What every relay connection task shares.
+pub(crate) struct Ctx {
+    pub cfg: Arc<RelayConfig>,
+    pub state: SharedState,
+    pub ctl: Ctl,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub shutdown: CancellationToken,
+}
+
+impl Ctx {
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "wss" } else { "ws" }
+    }
+
+    /// Host names a token may be scoped to for a request that came with `host_header`.
+    fn hosts(&self, host_header: Option<&str>) -> Vec<String> {
+        let mut hosts = self.cfg.hostnames.clone();
+        if let Some(h) = host_header {
+            hosts.push(crate::proto::sas::strip_port(h).to_ascii_lowercase());
+        }
+        if let Some(p) = &self.cfg.public_url {
+            hosts.push(p.host.to_ascii_lowercase());
+        }
+        hosts
+    }
+
+    /// The endpoint clients use, for connection strings: `public_url`, else the `Host`
+    /// the request came in on.
+    fn public_endpoint(&self, host_header: Option<&str>) -> RelayEndpoint {
+        if let Some(p) = &self.cfg.public_url {
+            return p.clone();
+        }
+        let tls = self.tls.is_some();
+        let authority = host_header.unwrap_or("localhost");
+        let (host, port) = crate::proto::connstr::split_host_port(authority)
+            .unwrap_or_else(|| ("localhost".into(), None));
+        RelayEndpoint {
+            tls,
+            host,
+            port: port.unwrap_or(if tls { 443 } else { 80 }),
+        }
+    }
+}
+
+/// A running relay. Dropping it stops the relay.
+#[must_use = "dropping the handle stops the relay"]
+pub struct RelayHandle {
+    addr: SocketAddr,
+    tls: bool,
+    ca_file: Option<PathBuf>,
+    data_dir: PathBuf,
+    state: SharedState,
+    shutdown: CancellationToken,
+    workers: Arc<Workers>,
+    control: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for RelayHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayHandle").field("addr", &self.addr).finish()
+    }
+}
+
+/// File in the data directory holding what the local `hyrelay hc` CLI needs: the root
+/// Manage connection string and the CA to trust (owner-only permissions).
+pub const CLI_FILE: &str = "cli.json";
+
+impl RelayHandle {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The development CA certificate, in self-signed mode.
+    pub fn ca_file(&self) -> Option<&Path> {
+        self.ca_file.as_deref()
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// How a client on this machine reaches the relay (`localhost` for TLS, so the
+    /// development certificate matches).
+    pub fn local_endpoint(&self) -> RelayEndpoint {
+        RelayEndpoint {
+            tls: self.tls,
+            host: if self.tls { "localhost".into() } else { self.addr.ip().to_string() },
+            port: self.addr.port(),
+        }
+    }
+
+    /// The namespace-wide Manage connection string (RootManageSharedAccessKey).
+    pub fn manage_connection_string(&self) -> ConnectionString {
+        let st = self.state.load();
+        let rule = st.namespace_rule(ROOT_RULE).expect("root rule exists");
+        ConnectionString {
+            endpoint: self.local_endpoint(),
+            credential: Credential::Key {
+                name: rule.key_name.clone(),
+                key: rule.primary_key.clone(),
+            },
+            entity_path: None,
+        }
+    }
+
+    /// Stops accepting, closes every connection and waits for the threads.
+    pub fn stop(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.control.take() {
+            t.join().ok();
+        }
+        self.workers.stop();
+    }
+}
+
+impl Drop for RelayHandle {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+/// Starts a relay: opens the state, binds, spawns the control plane and the workers.
+pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
+    let cfg = Arc::new(cfg);
+    let store = Store::open(&cfg.data_dir)?;
+    let state = store.shared();
+    let (tls, ca_file) = match &cfg.tls {
+        TlsSetting::Files { cert, key } => (Some(crate::transport::tls::server_config_from_files(cert, key)?), None),
+        TlsSetting::SelfSigned { names } => {
+            let (c, files) = crate::transport::tls::self_signed(&cfg.data_dir.join("tls"), names)?;
+            (Some(c), Some(files.ca))
+        }
+        TlsSetting::Plain => (None, None),
+    };
+    let listeners = crate::transport::sock::bind_listeners(cfg.listen, cfg.workers)
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let addr = listeners[0].local_addr()?;
+    let shutdown = CancellationToken::new();
+    let (plane, ctl, rx) = Plane::new(cfg.clone(), store);
+    let plane_stop = shutdown.clone();
+    let control = std::thread::Builder::new().name("hyrelay-relay-ctl".into()).spawn(move || {
+        match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt.block_on(plane.run(rx, plane_stop)),
+            Err(e) => tracing::error!(error = %e, "cannot start the control plane runtime"),
+        }
+    })?;
+    let workers = Workers::start("hyrelay-relay", cfg.workers)?;
+    let ctx = Arc::new(Ctx {
+        cfg: cfg.clone(),
+        state: state.clone(),
+        ctl,
+        tls: tls.map(tokio_rustls::TlsAcceptor::from),
+        shutdown: shutdown.clone(),
+    });
+    crate::dataplane::serve(&workers, listeners, shutdown.clone(), move |tcp, peer| {
+        conn::serve(tcp, peer, ctx.clone())
+    });
+    let handle = RelayHandle {
+        addr,
+        tls: !matches!(cfg.tls, TlsSetting::Plain),
+        ca_file,
+        data_dir: cfg.data_dir.clone(),
+        state,
+        shutdown,
+        workers,
+        control: Some(control),
+    };
+    write_cli_file(&handle)?;
+    tracing::info!(addr = %addr, workers = cfg.workers, tls = handle.tls, data_dir = %cfg.data_dir.display(), "relay started");
+    Ok(handle)
+}
+
+fn write_cli_file(h: &RelayHandle) -> anyhow::Result<()> {
+    let body = serde_json::json!({
+        "connectionString": h.manage_connection_string().expose(),
+        "caFile": h.ca_file().map(|p| p.display().to_string()),
+    });
+    crate::config::write_private(&h.data_dir.join(CLI_FILE), serde_json::to_string_pretty(&body)?.as_bytes())
+        .context("writing the CLI credentials file")
+}

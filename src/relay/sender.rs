@@ -1,0 +1,239 @@
+//! The sender's connect and the listener's rendezvous (hc-protocol.md §5, §12 CONNECT).
+//!
+//! The sender's upgrade is held open until a listener accepts (101 to both, then the
+//! tunnel runs on the sender's worker), rejects (the listener's status to the sender, 410
+//! to the listener), or the accept timeout passes (404 to the sender).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::BytesMut;
+use tokio::io::AsyncReadExt;
+
+use super::Ctx;
+use super::auth::{Demand, authorize};
+use super::conn::{describe, respond, write_flush};
+use super::control::{ConnectReq, Leg, Outcome, Refusal};
+use crate::proto::address::HcRequest;
+use crate::proto::handshake::{self, RequestHead};
+use crate::proto::sas::{Rights, unix_now};
+use crate::transport::Stream;
+
+/// Headers never forwarded to a listener in `connectHeaders`.
+const STRIPPED: &[&str] = &["ServiceBusAuthorization"];
+
+/// Most bytes a sender may send before its upgrade is answered.
+const EARLY_BYTES_LIMIT: usize = 64 * 1024;
+
+/// Handles `sb-hc-action=connect`.
+pub(super) async fn serve_connect(
+    mut stream: Stream,
+    mut buf: BytesMut,
+    head: RequestHead,
+    req: HcRequest,
+    peer: SocketAddr,
+    ctx: Arc<Ctx>,
+) {
+    let tracking = req.id.as_deref();
+    let upgrade = match handshake::validate_upgrade(&head) {
+        Ok(u) => u,
+        Err(e) => return respond(&mut stream, 400, &e.to_string(), "").await,
+    };
+    let state = ctx.state.load();
+    let Some((entity, _suffix)) = state.resolve(&req.path) else {
+        return respond(&mut stream, 404, &describe("Endpoint does not exist.", tracking), "").await;
+    };
+    let entity_name = entity.name.clone();
+    if entity.requires_client_authorization {
+        let hosts = ctx.hosts(head.headers.get("Host"));
+        let tokens: Vec<&str> = req
+            .token
+            .as_deref()
+            .into_iter()
+            .chain(head.headers.get("ServiceBusAuthorization"))
+            .collect();
+        let demand = Demand {
+            entity: Some(entity),
+            path: &req.path,
+            hosts: &hosts,
+            right: Rights::SEND,
+            now: unix_now(),
+        };
+        if let Err(e) = authorize(&state, &tokens, &demand) {
+            tracing::info!(event = "sender_refused", hc = %entity_name, %peer, status = e.status(), reason = %e, "sender refused");
+            return respond(&mut stream, e.status(), &describe(&e.to_string(), tracking), "").await;
+        }
+    }
+    drop(state);
+    let headers = handshake::Headers(
+        head.headers
+            .0
+            .iter()
+            .filter(|(n, _)| !STRIPPED.iter().any(|s| n.eq_ignore_ascii_case(s)))
+            .cloned()
+            .collect(),
+    )
+    .merged();
+    let connect = ConnectReq {
+        entity: entity_name.clone(),
+        raw_path: req.raw_path.clone(),
+        app_query: req.app_query.clone(),
+        id: req.id.clone(),
+        headers,
+        remote: Some(peer),
+    };
+    let mut pending = match ctx.ctl.connect(connect).await {
+        Ok(p) => p,
+        Err(e) => {
+            let status = if e == Refusal::ShuttingDown { 503 } else { 404 };
+            tracing::info!(event = "sender_no_listener", hc = %entity_name, %peer, "no listener for sender");
+            return respond(&mut stream, status, &describe(&e.to_string(), tracking), "").await;
+        }
+    };
+    let tracking = Some(pending.tracking_id.as_str());
+    let outcome = tokio::select! {
+        o = tokio::time::timeout(ctx.cfg.accept_timeout, &mut pending.outcome) => o,
+        _ = sender_gone(&mut stream, &mut buf) => {
+            ctx.ctl.cancel(&pending.secret);
+            tracing::debug!(hc = %entity_name, %peer, "sender left before the listener accepted");
+            return;
+        }
+    };
+    match outcome {
+        Ok(Ok(Outcome::Accepted(leg))) => {
+            let _load = Counted::new(&pending.listener_load);
+            let _tunnels = Counted::new(&pending.entity_tunnels);
+            join(stream, buf, upgrade.key, leg, &entity_name, peer, &pending.entity_gone, &ctx).await;
+        }
+        Ok(Ok(Outcome::Rejected { status, description })) => {
+            tracing::info!(event = "sender_rejected", hc = %entity_name, %peer, status, reason = %description, "listener rejected the sender");
+            respond(&mut stream, status, &description, "").await;
+        }
+        Ok(Err(_)) => {
+            respond(&mut stream, 404, &describe("Endpoint does not exist.", tracking), "").await;
+        }
+        Err(_) => {
+            ctx.ctl.cancel(&pending.secret);
+            tracing::info!(event = "sender_timeout", hc = %entity_name, %peer, "no listener accepted in time");
+            let msg = "None of the connected listeners accepted the connection within the allowed timeout.";
+            respond(&mut stream, 404, &describe(msg, tracking), "").await;
+        }
+    }
+}
+
+/// Resolves when the sender closes its connection (or floods it) before the upgrade is
+/// answered. Cancel-safe: bytes read stay in `buf`.
+async fn sender_gone(stream: &mut Stream, buf: &mut BytesMut) {
+    loop {
+        buf.reserve(1024);
+        match stream.read_buf(buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) if buf.len() > EARLY_BYTES_LIMIT => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Increments a counter for as long as it lives.
+struct Counted<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Counted<'a> {
+    fn new(c: &'a std::sync::atomic::AtomicUsize) -> Self {
+        c.fetch_add(1, Ordering::Relaxed);
+        Self(c)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn join(
+    mut sender: Stream,
+    sender_buf: BytesMut,
+    sender_key: String,
+    mut leg: Leg,
+    entity: &str,
+    peer: SocketAddr,
+    gone: &tokio_util::sync::CancellationToken,
+    ctx: &Ctx,
+) {
+    if let Err(e) = leg.stream.unpark() {
+        tracing::warn!(error = %e, "cannot move the listener's leg to this worker");
+        return respond(&mut sender, 502, "The listener's connection was lost.", "").await;
+    }
+    let protocol = leg.protocol.as_deref();
+    if let Err(e) = write_flush(&mut leg.stream, &handshake::switching_protocols(&leg.key, protocol)).await {
+        tracing::info!(hc = %entity, error = %e, "listener's rendezvous connection failed");
+        return respond(&mut sender, 502, "The listener's connection was lost.", "").await;
+    }
+    if let Err(e) = write_flush(&mut sender, &handshake::switching_protocols(&sender_key, protocol)).await {
+        tracing::debug!(hc = %entity, %peer, error = %e, "sender went away during the upgrade");
+        return;
+    }
+    tracing::debug!(event = "tunnel_open", hc = %entity, %peer, "tunnel open");
+    let stats = super::tunnel::run(
+        (sender, sender_buf),
+        (leg.stream, leg.leftover),
+        ctx.cfg.max_frame,
+        gone,
+        &ctx.shutdown,
+    )
+    .await;
+    tracing::debug!(event = "tunnel_closed", hc = %entity, %peer, up = stats.up, down = stats.down, end = %stats.end, "tunnel closed");
+}
+
+/// Handles `sb-hc-action=accept` (and its reject form).
+pub(super) async fn serve_accept(
+    mut stream: Stream,
+    buf: BytesMut,
+    head: RequestHead,
+    req: HcRequest,
+    peer: SocketAddr,
+    ctx: Arc<Ctx>,
+) {
+    let upgrade = handshake::validate_upgrade(&head);
+    let Some(secret) = req.rendezvous.as_deref() else {
+        return respond(&mut stream, 403, "The rendezvous address is invalid.", "").await;
+    };
+    let Some(tx) = ctx.ctl.rendezvous(secret).await else {
+        return respond(&mut stream, 403, "The rendezvous address is invalid, expired or already used.", "").await;
+    };
+    if let Some(code) = &req.status_code {
+        let status = code.trim().parse::<u16>().unwrap_or(400).clamp(400, 599);
+        let description = req
+            .status_description
+            .as_deref()
+            .map(handshake::sanitize_header_value)
+            .filter(|d| !d.is_empty())
+            .unwrap_or_else(|| "Rejected by the listener".into());
+        tx.send(Outcome::Rejected { status, description }).ok();
+        return respond(&mut stream, 410, "Gone", "Rejection delivered").await;
+    }
+    let upgrade = match upgrade {
+        Ok(u) => u,
+        Err(e) => {
+            tx.send(Outcome::Rejected { status: 502, description: "The listener's rendezvous was malformed.".into() }).ok();
+            return respond(&mut stream, 400, &e.to_string(), "").await;
+        }
+    };
+    if let Err(e) = stream.park() {
+        tracing::warn!(%peer, error = %e, "cannot park the listener's leg");
+        return;
+    }
+    let leg = Leg {
+        stream,
+        leftover: buf,
+        protocol: upgrade.protocols.into_iter().next(),
+        key: upgrade.key,
+    };
+    if let Err(Outcome::Accepted(mut leg)) = tx.send(Outcome::Accepted(leg)) {
+        if leg.stream.unpark().is_ok() {
+            respond(&mut leg.stream, 404, "The sender is no longer connected.", "").await;
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! Sockets, TLS and WebSocket connections over them; everything that does I/O for the
+//! protocol layer.
+
+pub mod http;
+pub mod sock;
+pub mod stream;
+pub mod tls;
+pub mod ws;
+
+pub use stream::Stream;

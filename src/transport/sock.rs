@@ -1,0 +1,158 @@
+//! TCP sockets: listener set-up (one `SO_REUSEPORT` socket per worker on Linux) and
+//! [`Sock`], a stream that can be parked and moved to another worker's runtime.
+//!
+//! A tokio `TcpStream` is registered with the reactor of the runtime it was created on.
+//! To join the two legs of a tunnel on one worker, the relay parks the later leg
+//! (deregisters it, keeping the file descriptor and any TLS state around it), sends it to
+//! the earlier leg's worker and unparks it there.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Listen backlog for every listener. Default: 1024.
+pub const BACKLOG: i32 = 1024;
+
+/// Binds a listening socket. With `reuse_port` (Linux), several sockets may share the
+/// address and the kernel spreads connections over them.
+pub fn bind_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    #[cfg(all(unix, not(target_os = "solaris"), not(target_os = "illumos")))]
+    if reuse_port {
+        sock.set_reuse_port(true)?;
+    }
+    #[cfg(not(unix))]
+    let _ = reuse_port;
+    if addr.is_ipv6() {
+        sock.set_only_v6(false).ok();
+    }
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(BACKLOG)?;
+    Ok(sock.into())
+}
+
+/// Binds `count` listeners on `addr` (port 0 picks one port for all of them). On Linux these
+/// are `SO_REUSEPORT` siblings; elsewhere there is one listener and the caller hands
+/// accepted sockets to workers.
+pub fn bind_listeners(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    let reuse = cfg!(target_os = "linux") && count > 1;
+    let first = bind_listener(addr, reuse)?;
+    let actual = first.local_addr()?;
+    let mut out = vec![first];
+    if reuse {
+        for _ in 1..count {
+            out.push(bind_listener(actual, true)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Options every relayed TCP connection gets: no Nagle delay, keepalive probes.
+pub fn tune(stream: &TcpStream) {
+    stream.set_nodelay(true).ok();
+    let sock = socket2::SockRef::from(stream);
+    let ka = socket2::TcpKeepalive::new().with_time(std::time::Duration::from_secs(60));
+    sock.set_tcp_keepalive(&ka).ok();
+}
+
+/// A TCP stream that is either registered with the current runtime or parked.
+#[derive(Debug)]
+pub enum Sock {
+    Live(TcpStream),
+    Parked(std::net::TcpStream),
+    /// Transient state while switching; never observable outside this module.
+    Gone,
+}
+
+impl Sock {
+    /// Deregisters from the current runtime; the socket stays open.
+    pub fn park(&mut self) -> io::Result<()> {
+        if let Sock::Live(_) = self {
+            let Sock::Live(t) = std::mem::replace(self, Sock::Gone) else {
+                unreachable!()
+            };
+            *self = Sock::Parked(t.into_std()?);
+        }
+        Ok(())
+    }
+
+    /// Registers with the runtime this is called on. Must run inside a runtime context.
+    pub fn unpark(&mut self) -> io::Result<()> {
+        if let Sock::Parked(_) = self {
+            let Sock::Parked(s) = std::mem::replace(self, Sock::Gone) else {
+                unreachable!()
+            };
+            *self = Sock::Live(TcpStream::from_std(s)?);
+        }
+        Ok(())
+    }
+
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Sock::Live(t) => t.peer_addr().ok(),
+            Sock::Parked(s) => s.peer_addr().ok(),
+            Sock::Gone => None,
+        }
+    }
+
+    fn live(self: Pin<&mut Self>) -> io::Result<Pin<&mut TcpStream>> {
+        match self.get_mut() {
+            Sock::Live(t) => Ok(Pin::new(t)),
+            _ => Err(io::Error::new(io::ErrorKind::NotConnected, "socket is parked")),
+        }
+    }
+}
+
+impl AsyncRead for Sock {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.live() {
+            Ok(t) => t.poll_read(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl AsyncWrite for Sock {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.live() {
+            Ok(t) => t.poll_write(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.live() {
+            Ok(t) => t.poll_write_vectored(cx, bufs),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.live() {
+            Ok(t) => t.poll_flush(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.live() {
+            Ok(t) => t.poll_shutdown(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}

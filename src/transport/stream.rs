@@ -1,0 +1,111 @@
+//! [`Stream`]: a connection that is plain TCP or TLS (server or client side), movable
+//! between workers with [`Stream::park`] / [`Stream::unpark`].
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::sock::Sock;
+
+/// A byte stream to a peer.
+#[derive(Debug)]
+pub enum Stream {
+    Plain(Sock),
+    TlsServer(Box<tokio_rustls::server::TlsStream<Sock>>),
+    TlsClient(Box<tokio_rustls::client::TlsStream<Sock>>),
+}
+
+impl Stream {
+    fn sock_mut(&mut self) -> &mut Sock {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::TlsServer(t) => t.get_mut().0,
+            Stream::TlsClient(t) => t.get_mut().0,
+        }
+    }
+
+    fn sock(&self) -> &Sock {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::TlsServer(t) => t.get_ref().0,
+            Stream::TlsClient(t) => t.get_ref().0,
+        }
+    }
+
+    /// Deregisters the socket from this runtime so the stream can move to another worker.
+    pub fn park(&mut self) -> io::Result<()> {
+        self.sock_mut().park()
+    }
+
+    /// Registers the socket with the runtime this runs on.
+    pub fn unpark(&mut self) -> io::Result<()> {
+        self.sock_mut().unpark()
+    }
+
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.sock().peer_addr()
+    }
+
+    /// TLS protocol version, if TLS.
+    pub fn tls_version(&self) -> Option<rustls::ProtocolVersion> {
+        match self {
+            Stream::Plain(_) => None,
+            Stream::TlsServer(t) => t.get_ref().1.protocol_version(),
+            Stream::TlsClient(t) => t.get_ref().1.protocol_version(),
+        }
+    }
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            Stream::Plain($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            Stream::TlsServer($s) => {
+                let $s = Pin::new(&mut **$s);
+                $e
+            }
+            Stream::TlsClient($s) => {
+                let $s = Pin::new(&mut **$s);
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_shutdown(cx))
+    }
+}

@@ -1,0 +1,495 @@
+//! WebSocket connections over any stream: a cancel-safe frame/message reader, a frame
+//! writer, the client handshake and reading a server-side request head.
+//!
+//! The reader keeps all its state (read buffer, decoder, partial message) in the struct, so
+//! dropping a pending `next_*` future inside `select!` loses nothing.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::stream::Stream;
+use crate::proto::frame::{self, CloseFrame, Decoder, FrameError, Item, OpCode, Role};
+use crate::proto::handshake::{self, HandshakeError, RequestHead, ResponseHead};
+
+/// Bytes requested from the socket per read. Default: 64 KiB.
+pub const READ_SIZE: usize = 64 * 1024;
+
+/// A whole message or a control frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Text(String),
+    Binary(Bytes),
+    Ping(Bytes),
+    Pong(Bytes),
+    Close(CloseFrame),
+}
+
+/// One way reading a WebSocket can fail.
+#[derive(Debug, thiserror::Error)]
+pub enum WsError {
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+    /// The peer broke the framing rules.
+    #[error("protocol error: {0}")]
+    Frame(#[from] FrameError),
+    /// The connection ended in the middle of a frame.
+    #[error("connection closed in the middle of a frame")]
+    UnexpectedEof,
+    /// A message above the caller's limit.
+    #[error("message larger than {0} bytes")]
+    MessageTooLarge(usize),
+    /// A text message that is not UTF-8.
+    #[error("text message is not valid UTF-8")]
+    InvalidUtf8,
+}
+
+impl WsError {
+    /// Close code to send the peer for this error.
+    pub fn close_code(&self) -> u16 {
+        match self {
+            WsError::Frame(e) => e.close_code(),
+            WsError::MessageTooLarge(_) => frame::close_code::TOO_BIG,
+            WsError::InvalidUtf8 => frame::close_code::INVALID_DATA,
+            WsError::Io(_) | WsError::UnexpectedEof => frame::close_code::GOING_AWAY,
+        }
+    }
+}
+
+/// Reads frames from `R`.
+#[derive(Debug)]
+pub struct WsReader<R> {
+    io: R,
+    buf: BytesMut,
+    dec: Decoder,
+    partial: Option<(OpCode, BytesMut)>,
+}
+
+impl<R: AsyncRead + Unpin> WsReader<R> {
+    /// `leftover` holds bytes already read past the handshake.
+    pub fn new(io: R, leftover: BytesMut, role: Role, max_frame: u64) -> Self {
+        Self {
+            io,
+            buf: leftover,
+            dec: Decoder::new(role, max_frame),
+            partial: None,
+        }
+    }
+
+    /// The next frame-level item; `Ok(None)` on EOF between frames. Cancel-safe.
+    pub async fn next_item(&mut self) -> Result<Option<Item>, WsError> {
+        loop {
+            if let Some(item) = self.dec.decode(&mut self.buf)? {
+                return Ok(Some(item));
+            }
+            if self.buf.capacity() - self.buf.len() < 4096 {
+                self.buf.reserve(READ_SIZE);
+            }
+            if self.io.read_buf(&mut self.buf).await? == 0 {
+                return if self.buf.is_empty() && self.dec.at_frame_boundary() {
+                    Ok(None)
+                } else {
+                    Err(WsError::UnexpectedEof)
+                };
+            }
+        }
+    }
+
+    /// The next message (data messages reassembled up to `max` bytes), control frames as
+    /// they come. `Ok(None)` on EOF between frames. Cancel-safe.
+    pub async fn next_message(&mut self, max: usize) -> Result<Option<Message>, WsError> {
+        loop {
+            let Some(item) = self.next_item().await? else {
+                return Ok(None);
+            };
+            match item {
+                Item::Control { opcode, payload } => {
+                    let p = payload.freeze();
+                    return Ok(Some(match opcode {
+                        OpCode::Ping => Message::Ping(p),
+                        OpCode::Pong => Message::Pong(p),
+                        _ => Message::Close(frame::parse_close(&p)?),
+                    }));
+                }
+                Item::Data(chunk) => {
+                    let (op, mut acc) = match self.partial.take() {
+                        Some(p) => p,
+                        None => (chunk.opcode, BytesMut::new()),
+                    };
+                    if acc.len() + chunk.payload.len() > max {
+                        return Err(WsError::MessageTooLarge(max));
+                    }
+                    if acc.is_empty() {
+                        acc = chunk.payload;
+                    } else {
+                        acc.extend_from_slice(&chunk.payload);
+                    }
+                    if !(chunk.last && chunk.fin) {
+                        self.partial = Some((op, acc));
+                        continue;
+                    }
+                    return Ok(Some(match op {
+                        OpCode::Text => Message::Text(
+                            String::from_utf8(acc.to_vec()).map_err(|_| WsError::InvalidUtf8)?,
+                        ),
+                        _ => Message::Binary(acc.freeze()),
+                    }));
+                }
+            }
+        }
+    }
+
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.io
+    }
+
+    /// True if bytes are waiting in the read buffer (more items may be ready at once).
+    pub fn has_buffered(&self) -> bool {
+        !self.buf.is_empty()
+    }
+}
+
+/// Writes frames to `W`; masks them when acting as a client.
+#[derive(Debug)]
+pub struct WsWriter<W> {
+    io: W,
+    mask: bool,
+}
+
+impl<W: AsyncWrite + Unpin> WsWriter<W> {
+    /// `role` is our side: a client masks every frame.
+    pub fn new(io: W, role: Role) -> Self {
+        Self {
+            io,
+            mask: role == Role::Client,
+        }
+    }
+
+    /// True if frames are masked (client side).
+    pub fn masks(&self) -> bool {
+        self.mask
+    }
+
+    /// Sends one complete frame and flushes. Copies the payload; for control frames and
+    /// small messages.
+    pub async fn send(&mut self, fin: bool, opcode: OpCode, payload: &[u8]) -> io::Result<()> {
+        let key = self.mask.then(rand::random::<[u8; 4]>);
+        let f = frame::encode_frame(fin, opcode, key, payload);
+        self.io.write_all(&f).await?;
+        self.io.flush().await
+    }
+
+    pub async fn send_text(&mut self, text: &str) -> io::Result<()> {
+        self.send(true, OpCode::Text, text.as_bytes()).await
+    }
+
+    pub async fn send_close(&mut self, code: u16, reason: &str) -> io::Result<()> {
+        self.send(true, OpCode::Close, &frame::close_payload(code, reason)).await
+    }
+
+    /// Writes an unmasked frame header and its payload in one vectored write (no copy),
+    /// without flushing. Server side only.
+    pub async fn write_unmasked(&mut self, fin: bool, opcode: OpCode, len: u64, payload: &[u8]) -> io::Result<()> {
+        debug_assert!(!self.mask);
+        let mut hdr = [0u8; frame::MAX_HEADER_LEN];
+        let n = frame::encode_header(fin, opcode, None, len, &mut hdr);
+        write_all_vectored(&mut self.io, &hdr[..n], payload).await
+    }
+
+    pub async fn flush(&mut self) -> io::Result<()> {
+        self.io.flush().await
+    }
+
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.io
+    }
+}
+
+/// Writes `a` then `b` with as few vectored writes as the stream allows.
+pub async fn write_all_vectored<W: AsyncWrite + Unpin>(w: &mut W, mut a: &[u8], mut b: &[u8]) -> io::Result<()> {
+    while !a.is_empty() || !b.is_empty() {
+        let n = if a.is_empty() {
+            w.write(b).await?
+        } else {
+            w.write_vectored(&[io::IoSlice::new(a), io::IoSlice::new(b)]).await?
+        };
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        let from_a = n.min(a.len());
+        a = &a[from_a..];
+        b = &b[n - from_a..];
+    }
+    Ok(())
+}
+
+/// Reads a request head into `buf`, leaving any bytes after it there.
+pub async fn read_request_head(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    max_head: usize,
+) -> Result<Option<RequestHead>, HeadError> {
+    loop {
+        if let Some((head, used)) = handshake::parse_request(buf, max_head)? {
+            let _ = buf.split_to(used);
+            return Ok(Some(head));
+        }
+        buf.reserve(4096);
+        if stream.read_buf(buf).await? == 0 {
+            return if buf.is_empty() {
+                Ok(None)
+            } else {
+                Err(HeadError::Io(io::ErrorKind::UnexpectedEof.into()))
+            };
+        }
+    }
+}
+
+/// Reading an HTTP head failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HeadError {
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    #[error(transparent)]
+    Http(#[from] HandshakeError),
+}
+
+/// A `ws://` or `wss://` URL split for dialing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WsUrl {
+    pub tls: bool,
+    /// Host as written (IPv6 in brackets).
+    pub host: String,
+    pub port: u16,
+    /// Origin-form target: path and query.
+    pub target: String,
+}
+
+impl WsUrl {
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| format!("{url:?} is not a URL"))?;
+        let tls = match scheme.to_ascii_lowercase().as_str() {
+            "wss" | "https" => true,
+            "ws" | "http" => false,
+            _ => return Err(format!("unsupported URL scheme {scheme:?}")),
+        };
+        let (authority, target) = match rest.find(['/', '?']) {
+            Some(i) if rest.as_bytes()[i] == b'/' => (&rest[..i], rest[i..].to_owned()),
+            Some(i) => (&rest[..i], format!("/{}", &rest[i..])),
+            None => (rest, "/".to_owned()),
+        };
+        let (host, port) = crate::proto::connstr::split_host_port(authority)
+            .ok_or_else(|| format!("bad host in URL {url:?}"))?;
+        Ok(Self {
+            tls,
+            host,
+            port: port.unwrap_or(if tls { 443 } else { 80 }),
+            target,
+        })
+    }
+
+    /// Value for the `Host` header.
+    pub fn host_header(&self) -> String {
+        let default = if self.tls { 443 } else { 80 };
+        if self.port == default {
+            self.host.clone()
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// Host without IPv6 brackets.
+    pub fn bare_host(&self) -> &str {
+        self.host.trim_start_matches('[').trim_end_matches(']')
+    }
+}
+
+/// Why a client connection or handshake failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cannot resolve {host}: {source}")]
+    Resolve { host: String, source: io::Error },
+    #[error("cannot connect to {addr}: {source}")]
+    Connect { addr: String, source: io::Error },
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("TLS handshake with {host} failed: {source}")]
+    Tls { host: String, source: io::Error },
+    #[error("I/O error during handshake: {0}")]
+    Io(#[from] io::Error),
+    #[error("bad handshake response: {0}")]
+    Handshake(#[from] HandshakeError),
+    /// The server answered with a status other than 101.
+    #[error("relay answered {status} {reason}")]
+    Rejected { status: u16, reason: String },
+    #[error("server sent a wrong Sec-WebSocket-Accept")]
+    BadAccept,
+}
+
+impl ConnectError {
+    /// HTTP status if the server answered with one.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ConnectError::Rejected { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// Opens TCP to `host:port`, trying each resolved address in turn.
+pub async fn dial(host: &str, port: u16) -> Result<tokio::net::TcpStream, ConnectError> {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let addrs: Vec<_> = tokio::net::lookup_host((bare, port))
+        .await
+        .map_err(|source| ConnectError::Resolve { host: bare.to_owned(), source })?
+        .collect();
+    let mut last = None;
+    for addr in addrs {
+        match tokio::net::TcpStream::connect(addr).await {
+            Ok(s) => {
+                super::sock::tune(&s);
+                return Ok(s);
+            }
+            Err(e) => last = Some((addr, e)),
+        }
+    }
+    let (addr, source) = match last {
+        Some((a, e)) => (a.to_string(), e),
+        None => (format!("{bare}:{port}"), io::Error::new(io::ErrorKind::NotFound, "no address")),
+    };
+    Err(ConnectError::Connect { addr, source })
+}
+
+/// Dials and, for `tls`, runs the TLS handshake with SNI = `host`.
+pub async fn open_stream(
+    host: &str,
+    port: u16,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> Result<Stream, ConnectError> {
+    let tcp = dial(host, port).await?;
+    let sock = super::sock::Sock::Live(tcp);
+    let Some(cfg) = tls else {
+        return Ok(Stream::Plain(sock));
+    };
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let name = rustls::pki_types::ServerName::try_from(bare.to_owned()).map_err(|e| ConnectError::Tls {
+        host: bare.to_owned(),
+        source: io::Error::new(io::ErrorKind::InvalidInput, e.to_string()),
+    })?;
+    let s = tokio_rustls::TlsConnector::from(cfg.clone())
+        .connect(name, sock)
+        .await
+        .map_err(|source| ConnectError::Tls { host: bare.to_owned(), source })?;
+    Ok(Stream::TlsClient(Box::new(s)))
+}
+
+/// An open client WebSocket.
+#[derive(Debug)]
+pub struct ClientWs {
+    pub stream: Stream,
+    /// Bytes read past the 101 response.
+    pub leftover: BytesMut,
+    pub response: ResponseHead,
+}
+
+/// Connects and upgrades; everything (DNS, TCP, TLS, handshake) within `timeout`.
+pub async fn connect(
+    url: &WsUrl,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    headers: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<ClientWs, ConnectError> {
+    tokio::time::timeout(timeout, connect_inner(url, tls, headers))
+        .await
+        .map_err(|_| ConnectError::Timeout(timeout))?
+}
+
+async fn connect_inner(
+    url: &WsUrl,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    headers: &[(&str, &str)],
+) -> Result<ClientWs, ConnectError> {
+    let tls = if url.tls { tls } else { None };
+    if url.tls && tls.is_none() {
+        return Err(ConnectError::Tls {
+            host: url.host.clone(),
+            source: io::Error::new(io::ErrorKind::InvalidInput, "no TLS configuration"),
+        });
+    }
+    let mut stream = open_stream(&url.host, url.port, tls).await?;
+    let key = handshake::new_key();
+    let req = handshake::client_request(&url.host_header(), &url.target, &key, headers);
+    stream.write_all(&req).await?;
+    stream.flush().await?;
+    let mut buf = BytesMut::with_capacity(4096);
+    let (response, used) = loop {
+        if let Some(r) = handshake::parse_response(&buf, handshake::DEFAULT_MAX_HEAD)? {
+            break r;
+        }
+        buf.reserve(4096);
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Err(ConnectError::Io(io::ErrorKind::UnexpectedEof.into()));
+        }
+    };
+    let _ = buf.split_to(used);
+    if response.status != 101 {
+        return Err(ConnectError::Rejected {
+            status: response.status,
+            reason: response.reason.clone(),
+        });
+    }
+    if response.headers.get("Sec-WebSocket-Accept").map(str::trim) != Some(handshake::accept_key(&key).as_str()) {
+        return Err(ConnectError::BadAccept);
+    }
+    Ok(ClientWs {
+        stream,
+        leftover: buf,
+        response,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let u = WsUrl::parse("wss://ns:443/$hc/a?x=1").unwrap();
+        assert_eq!((u.tls, u.host_header(), u.target.as_str()), (true, "ns".into(), "/$hc/a?x=1"));
+        let u = WsUrl::parse("ws://127.0.0.1:9000?q").unwrap();
+        assert_eq!((u.port, u.target.as_str(), u.host_header()), (9000, "/?q", "127.0.0.1:9000".into()));
+        let u = WsUrl::parse("ws://[::1]:1/").unwrap();
+        assert_eq!(u.bare_host(), "::1");
+        assert!(WsUrl::parse("ftp://x").is_err());
+    }
+
+    #[tokio::test]
+    async fn reader_reassembles_and_writer_masks() {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let (ar, aw) = tokio::io::split(a);
+        let (br, bw) = tokio::io::split(b);
+        let mut client = WsWriter::new(aw, Role::Client);
+        let mut server = WsReader::new(br, BytesMut::new(), Role::Server, 1 << 20);
+        client.send(false, OpCode::Text, b"hel").await.unwrap();
+        client.send(true, OpCode::Ping, b"!").await.unwrap();
+        client.send(true, OpCode::Continuation, b"lo").await.unwrap();
+        assert_eq!(server.next_message(100).await.unwrap(), Some(Message::Ping(Bytes::from_static(b"!"))));
+        assert_eq!(server.next_message(100).await.unwrap(), Some(Message::Text("hello".into())));
+        client.send(true, OpCode::Binary, &[0u8; 200]).await.unwrap();
+        assert!(matches!(server.next_message(100).await, Err(WsError::MessageTooLarge(100))));
+        let mut sw = WsWriter::new(bw, Role::Server);
+        let mut cr = WsReader::new(ar, BytesMut::new(), Role::Client, 1 << 20);
+        sw.write_unmasked(true, OpCode::Binary, 3, b"abc").await.unwrap();
+        sw.send_close(1000, "bye").await.unwrap();
+        assert_eq!(cr.next_message(10).await.unwrap(), Some(Message::Binary(Bytes::from_static(b"abc"))));
+        assert_eq!(
+            cr.next_message(10).await.unwrap(),
+            Some(Message::Close(CloseFrame { code: Some(1000), reason: "bye".into() }))
+        );
+        drop((sw, server));
+        assert_eq!(cr.next_message(10).await.unwrap(), None);
+    }
+}

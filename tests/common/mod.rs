@@ -1,0 +1,179 @@
+//! Shared fixtures: an in-process relay on 127.0.0.1:0 with a management client, hcms,
+//! bridges, echo endpoints, and bounded waiting.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyrelay::bridge::config::{BridgeConfig, Forward, Listen};
+use hyrelay::client::Management;
+use hyrelay::hcm::config::{HcEntry, HcmConfig};
+use hyrelay::proto::connstr::ConnectionString;
+use hyrelay::relay::config::{RelayConfig, TlsSetting};
+use tempfile::TempDir;
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("HYRELAY_TEST_LOG").unwrap_or_else(|_| "off".into()))
+        .with_test_writer()
+        .try_init();
+}
+
+/// A relay with its data directory and a management client.
+pub struct Rig {
+    pub relay: hyrelay::relay::RelayHandle,
+    pub dir: TempDir,
+    pub tls: Arc<rustls::ClientConfig>,
+    pub mgmt: Management,
+    pub cfg: RelayConfig,
+}
+
+impl Rig {
+    /// A relay with a development certificate (`tls`) or plain ws, 2 workers.
+    pub fn new(tls: bool) -> Self {
+        Self::with(tls, |_| {})
+    }
+
+    pub fn with(tls: bool, tweak: impl FnOnce(&mut RelayConfig)) -> Self {
+        init_tracing();
+        let dir = tempfile::tempdir().unwrap();
+        let setting = if tls { TlsSetting::SelfSigned { names: vec![] } } else { TlsSetting::Plain };
+        let mut cfg = RelayConfig::new("127.0.0.1:0".parse().unwrap(), dir.path().join("relay"), setting);
+        cfg.workers = 2;
+        tweak(&mut cfg);
+        let relay = hyrelay::relay::start(cfg.clone()).unwrap();
+        let ca: Vec<_> = relay.ca_file().map(|p| p.to_path_buf()).into_iter().collect();
+        let client_tls = hyrelay::transport::tls::client_config(&ca).unwrap();
+        let mgmt = Management::new(relay.manage_connection_string(), client_tls.clone());
+        Self { relay, dir, tls: client_tls, mgmt, cfg }
+    }
+
+    /// Stops the relay and starts a new one on the same port and data directory.
+    pub fn restart(&mut self) {
+        let addr = self.relay.local_addr();
+        let mut cfg = self.cfg.clone();
+        cfg.listen = addr;
+        let placeholder = hyrelay::relay::start({
+            let mut c = cfg.clone();
+            c.listen = "127.0.0.1:0".parse().unwrap();
+            c.data_dir = self.dir.path().join("scratch-relay");
+            c
+        })
+        .unwrap();
+        let old = std::mem::replace(&mut self.relay, placeholder);
+        old.stop();
+        let fresh = hyrelay::relay::start(cfg).unwrap();
+        std::mem::replace(&mut self.relay, fresh).stop();
+    }
+
+    pub fn ca_files(&self) -> Vec<std::path::PathBuf> {
+        self.relay.ca_file().map(|p| p.to_path_buf()).into_iter().collect()
+    }
+
+    pub async fn create(&self, name: &str, endpoint: SocketAddr) {
+        self.mgmt.create(name, Some(&endpoint.to_string()), true).await.unwrap();
+    }
+
+    pub async fn listen_cs(&self, name: &str) -> ConnectionString {
+        self.mgmt.connection_string(name, false, false).await.unwrap()
+    }
+
+    pub async fn send_cs(&self, name: &str) -> ConnectionString {
+        self.mgmt.connection_string(name, true, false).await.unwrap()
+    }
+
+    /// An hcm config for `cs` with short timers, 2 workers, trusting the relay's CA.
+    pub fn hcm_config(&self, entries: Vec<HcEntry>) -> HcmConfig {
+        let mut c = HcmConfig::new(tempfile::tempdir().unwrap().keep());
+        c.workers = 2;
+        c.ca_files = self.ca_files();
+        c.hybrid_connections = entries;
+        c.max_backoff = Duration::from_secs(2);
+        c
+    }
+
+    pub fn hcm(&self, cs: &ConnectionString) -> hyrelay::hcm::HcmHandle {
+        hyrelay::hcm::start(self.hcm_config(vec![HcEntry::new(cs.clone(), None).unwrap()])).unwrap()
+    }
+
+    pub fn bridge_config(&self, hc: &str, cs: &ConnectionString) -> BridgeConfig {
+        let mut c = BridgeConfig::new(vec![Forward {
+            hybrid_connection: hc.into(),
+            listen: Listen::Addr("127.0.0.1:0".parse().unwrap()),
+            connection_string: cs.clone(),
+        }]);
+        c.workers = 2;
+        c.ca_files = self.ca_files();
+        c.relay_timeout = Duration::from_secs(10);
+        c
+    }
+
+    pub fn bridge(&self, hc: &str, cs: &ConnectionString) -> hyrelay::bridge::BridgeHandle {
+        hyrelay::bridge::start(self.bridge_config(hc, cs)).unwrap()
+    }
+
+    /// Listener count the relay reports for `name`.
+    pub async fn listeners(&self, name: &str) -> u64 {
+        self.mgmt.show(name).await.unwrap()["listenerCount"].as_u64().unwrap()
+    }
+
+    pub async fn wait_listeners(&self, name: &str, n: u64) {
+        let ok = wait_for(Duration::from_secs(15), || async { self.listeners(name).await == n }).await;
+        assert!(ok, "{name} never reached {n} listeners (has {})", self.listeners(name).await);
+    }
+}
+
+/// Polls `f` every 50 ms until it is true or `limit` passes.
+pub async fn wait_for<F, Fut>(limit: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < end {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// Starts an echo endpoint on 127.0.0.1:0.
+pub fn echo() -> SocketAddr {
+    hyrelay::echo::spawn("127.0.0.1:0".parse().unwrap()).unwrap()
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn payload(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Sends `data` through `addr`, half-closes, and returns everything read back.
+pub async fn round_trip(addr: SocketAddr, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = tokio::net::TcpStream::connect(addr).await?;
+    let (mut r, mut w) = s.into_split();
+    let data = data.to_vec();
+    let writer = tokio::spawn(async move {
+        w.write_all(&data).await?;
+        w.shutdown().await?;
+        Ok::<_, std::io::Error>(w)
+    });
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), r.read_to_end(&mut out))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "round trip timed out"))??;
+    writer.await.unwrap()?;
+    Ok(out)
+}
