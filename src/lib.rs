@@ -11,3 +11,5 @@ pub mod client;
 pub mod hcm;
 pub mod bridge;
 pub mod echo;
+#[doc(hidden)]
+pub mod fuzzing;
