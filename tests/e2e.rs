@@ -23,3 +23,86 @@ async fn byte_exact_round_trips_over_tls() {
     }
     drop((bridge, hcm));
 }
+
+/// An endpoint that greets, closes its sending side at once, and reports what it later
+/// receives: checks that a half-close from the endpoint's side travels through.
+fn greeter() -> (std::net::SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::from_std(l).unwrap();
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    s.write_all(b"hello from the endpoint").await.unwrap();
+                    s.shutdown().await.unwrap();
+                    let mut got = Vec::new();
+                    s.read_to_end(&mut got).await.unwrap();
+                    tx.send(got).ok();
+                });
+            }
+        });
+    });
+    (addr, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_from_either_side() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rig = Rig::new(false);
+    let (ep, mut received) = greeter();
+    rig.create("greet", ep).await;
+    let _hcm = rig.hcm(&rig.listen_cs("greet").await);
+    rig.wait_listeners("greet", 1).await;
+    let bridge = rig.bridge("greet", &rig.send_cs("greet").await);
+    let mut s = tokio::net::TcpStream::connect(bridge.addr_of("greet").unwrap()).await.unwrap();
+    // The endpoint closed its side first: we see its bytes and then EOF...
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await.unwrap().unwrap();
+    assert_eq!(got, b"hello from the endpoint");
+    // ...and our direction is still open: what we send afterwards arrives.
+    let late = payload(200_000, 7);
+    s.write_all(&late).await.unwrap();
+    s.shutdown().await.unwrap();
+    let arrived = tokio::time::timeout(Duration::from_secs(10), received.recv()).await.unwrap().unwrap();
+    assert!(arrived == late, "late bytes after the endpoint's half-close");
+
+    // The app closing first is the round trip: echo answers after our EOF.
+    let ep = echo();
+    rig.create("echo2", ep).await;
+    let _hcm2 = rig.hcm(&rig.listen_cs("echo2").await);
+    rig.wait_listeners("echo2", 1).await;
+    let b2 = rig.bridge("echo2", &rig.send_cs("echo2").await);
+    let data = payload(300_000, 9);
+    assert!(round_trip(b2.addr_of("echo2").unwrap(), &data).await.unwrap() == data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_connections() {
+    let rig = Rig::new(true);
+    rig.create("many", echo()).await;
+    let _hcm = rig.hcm(&rig.listen_cs("many").await);
+    rig.wait_listeners("many", 1).await;
+    let bridge = rig.bridge("many", &rig.send_cs("many").await);
+    let addr = bridge.addr_of("many").unwrap();
+    let tasks: Vec<_> = (0..200u64)
+        .map(|i| {
+            tokio::spawn(async move {
+                let data = payload(16 * 1024 + i as usize, i);
+                let back = round_trip(addr, &data).await.expect("round trip");
+                back == data
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        ok += t.await.unwrap() as usize;
+    }
+    assert_eq!(ok, 200);
+}

@@ -30,8 +30,9 @@ use crate::transport::Stream;
 
 /// Capacity of the worker → control plane channel.
 const REQUEST_QUEUE: usize = 4096;
-/// Commands queued per listener before it counts as busy.
-const LISTENER_QUEUE: usize = 64;
+/// Commands queued per listener before it counts as busy. An `accept` is ~1 KiB of JSON,
+/// so this bounds a stalled listener's backlog at about 1 MiB. Default: 1024.
+const LISTENER_QUEUE: usize = 1024;
 
 /// A command for a listener's control-channel task.
 #[derive(Debug)]
@@ -119,6 +120,8 @@ pub enum Refusal {
     Quota(usize),
     #[error("The relay is shutting down.")]
     ShuttingDown,
+    #[error("Every listener of the endpoint has a full backlog of pending accepts; retry later.")]
+    Busy,
 }
 
 /// A listener as shown by management and status.
@@ -375,6 +378,7 @@ impl Plane {
         let name = req.entity.to_lowercase();
         let rt = self.live.get_mut(&name).ok_or(Refusal::NoListener)?;
         let mut candidates: Vec<usize> = (0..rt.listeners.len()).collect();
+        let mut busy = false;
         let tracking_id = req.id.clone().unwrap_or_else(new_id);
         while !candidates.is_empty() {
             let pick = pick(&rt.listeners, &candidates, self.cfg.balance);
@@ -387,8 +391,13 @@ impl Plane {
                 connect_headers: req.headers.clone(),
                 remote_endpoint: req.remote.map(|a| (a.ip().to_string(), a.port())),
             };
-            if l.tx.try_send(ListenerCmd::Send(accept.encode())).is_err() {
-                continue; // busy or gone: try another listener
+            match l.tx.try_send(ListenerCmd::Send(accept.encode())) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    busy = true;
+                    continue;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => continue,
             }
             let (tx, outcome) = oneshot::channel();
             let deadline = Instant::now() + self.cfg.accept_timeout;
@@ -402,7 +411,7 @@ impl Plane {
                 entity_gone: rt.gone.clone(),
             });
         }
-        Err(Refusal::NoListener)
+        Err(if busy { Refusal::Busy } else { Refusal::NoListener })
     }
 
     fn view(&self, e: &Entity) -> EntityView {

@@ -139,7 +139,8 @@ impl RelayHandle {
         self.halt();
     }
 
-    fn halt(&mut self) {
+    /// Like [`RelayHandle::stop`] without consuming the handle; idempotent.
+    pub fn halt(&mut self) {
         self.shutdown.cancel();
         if let Some(t) = self.control.take() {
             t.join().ok();

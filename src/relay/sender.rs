@@ -86,7 +86,10 @@ pub(super) async fn serve_connect(
     let mut pending = match ctx.ctl.connect(connect).await {
         Ok(p) => p,
         Err(e) => {
-            let status = if e == Refusal::ShuttingDown { 503 } else { 404 };
+            let status = match e {
+                Refusal::ShuttingDown | Refusal::Busy => 503,
+                _ => 404,
+            };
             tracing::info!(event = "sender_no_listener", hc = %entity_name, %peer, "no listener for sender");
             return respond(&mut stream, status, &describe(&e.to_string(), tracking), "").await;
         }

@@ -52,20 +52,10 @@ impl Rig {
 
     /// Stops the relay and starts a new one on the same port and data directory.
     pub fn restart(&mut self) {
-        let addr = self.relay.local_addr();
         let mut cfg = self.cfg.clone();
-        cfg.listen = addr;
-        let placeholder = hyrelay::relay::start({
-            let mut c = cfg.clone();
-            c.listen = "127.0.0.1:0".parse().unwrap();
-            c.data_dir = self.dir.path().join("scratch-relay");
-            c
-        })
-        .unwrap();
-        let old = std::mem::replace(&mut self.relay, placeholder);
-        old.stop();
-        let fresh = hyrelay::relay::start(cfg).unwrap();
-        std::mem::replace(&mut self.relay, fresh).stop();
+        cfg.listen = self.relay.local_addr();
+        self.relay.halt();
+        self.relay = hyrelay::relay::start(cfg).unwrap();
     }
 
     pub fn ca_files(&self) -> Vec<std::path::PathBuf> {
