@@ -13,3 +13,5 @@ pub mod bridge;
 pub mod echo;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod cli;
+pub mod telemetry;

@@ -1,0 +1,81 @@
+//! `hyrelay bridge`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+
+use crate::bridge::config::{self, BridgeConfig, BridgeFile, Forward, Listen};
+use crate::proto::connstr::ConnectionString;
+
+#[derive(Debug, Args)]
+pub struct BridgeArgs {
+    /// Config file (TOML); its forwards are used in addition to -L/--resolve.
+    #[arg(long, short = 'c', env = "HYRELAY_BRIDGE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Forward [BIND_ADDR:]PORT=HC_NAME (repeatable). The bind address defaults to 127.0.0.1.
+    #[arg(short = 'L', value_name = "[BIND_ADDR:]PORT=HC_NAME")]
+    forwards: Vec<String>,
+    /// Hosts-file mode for HC_NAME: listen on a loopback address of its own at the endpoint's
+    /// port and map the endpoint's host name there (repeatable).
+    #[arg(long = "resolve", value_name = "HC_NAME")]
+    resolve: Vec<String>,
+    /// Send connection string (repeatable: one per hybrid connection, or one namespace-wide).
+    #[arg(long = "connection-string", env = "HYRELAY_CONNECTION_STRING", hide_env_values = true)]
+    connection_strings: Vec<String>,
+    /// Hosts file for --resolve (default /etc/hosts).
+    #[arg(long)]
+    hosts_file: Option<PathBuf>,
+    /// Extra CA certificate to trust for the relay (repeatable).
+    #[arg(long, env = "HYRELAY_CA_FILE")]
+    ca_file: Vec<PathBuf>,
+    /// Data-plane workers (default: one per core).
+    #[arg(long)]
+    workers: Option<usize>,
+}
+
+fn build(args: BridgeArgs) -> anyhow::Result<BridgeConfig> {
+    let list: Vec<ConnectionString> = args
+        .connection_strings
+        .iter()
+        .map(|s| ConnectionString::parse(s).context("--connection-string"))
+        .collect::<anyhow::Result<_>>()?;
+    let mut forwards = Vec::new();
+    for spec in &args.forwards {
+        let (listen, hc) = config::parse_forward_spec(spec)?;
+        forwards.push(Forward { connection_string: config::match_connection_string(&list, &hc)?, hybrid_connection: hc, listen });
+    }
+    for hc in &args.resolve {
+        forwards.push(Forward { connection_string: config::match_connection_string(&list, hc)?, hybrid_connection: hc.clone(), listen: Listen::Resolve });
+    }
+    let mut cfg = match &args.config {
+        Some(p) => {
+            let mut c = BridgeConfig::from_file(crate::config::load_toml::<BridgeFile>(p)?)?;
+            c.forwards.extend(forwards);
+            c
+        }
+        None => {
+            anyhow::ensure!(!forwards.is_empty(), "nothing to forward: give -L [BIND_ADDR:]PORT=HC_NAME, --resolve HC_NAME or --config FILE");
+            BridgeConfig::new(forwards)
+        }
+    };
+    cfg.ca_files.extend(args.ca_file);
+    if let Some(h) = args.hosts_file {
+        cfg.hosts_file = h;
+    }
+    if let Some(w) = args.workers {
+        anyhow::ensure!(w > 0, "--workers must be at least 1");
+        cfg.workers = w;
+    }
+    Ok(cfg)
+}
+
+pub fn run(args: BridgeArgs) -> anyhow::Result<()> {
+    let bridge = crate::bridge::start(build(args)?)?;
+    for (hc, addr) in bridge.bound() {
+        eprintln!("forwarding {addr} -> hybrid connection {hc}");
+    }
+    super::wait_for_signal()?;
+    bridge.stop();
+    Ok(())
+}

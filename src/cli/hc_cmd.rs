@@ -1,0 +1,169 @@
+//! `hyrelay hc ...`: management of hybrid connections through the relay's API.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use serde_json::Value;
+
+use crate::client::Management;
+use crate::proto::connstr::ConnectionString;
+
+#[derive(Debug, Args)]
+pub struct HcArgs {
+    /// A namespace-wide Manage connection string (RootManageSharedAccessKey). Default: read
+    /// from the local relay's data directory (cli.json).
+    #[arg(long, env = "HYRELAY_CONNECTION_STRING", hide_env_values = true)]
+    connection_string: Option<String>,
+    /// The local relay's data directory, to find cli.json.
+    #[arg(long)]
+    relay_data_dir: Option<PathBuf>,
+    /// Extra CA certificate to trust (PEM), e.g. the relay's development CA.
+    #[arg(long, env = "HYRELAY_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: HcCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum HcCommand {
+    /// Create a hybrid connection for one endpoint.
+    Create {
+        name: String,
+        /// The endpoint HOST:PORT on the private network.
+        #[arg(long)]
+        endpoint: String,
+        /// Let senders connect without a token.
+        #[arg(long)]
+        no_client_authorization: bool,
+    },
+    /// List hybrid connections with their status.
+    List,
+    /// Show one hybrid connection with its listeners, rules and keys.
+    Show { name: String },
+    /// Delete a hybrid connection (its listeners are disconnected).
+    Delete { name: String },
+    /// Print a connection string: --listen for an hcm, --send for a bridge.
+    ConnectionString {
+        name: String,
+        #[arg(long, conflicts_with = "send", required_unless_present = "send")]
+        listen: bool,
+        #[arg(long)]
+        send: bool,
+        /// Use the secondary key.
+        #[arg(long)]
+        secondary: bool,
+    },
+    /// Replace a key of the hybrid connection's rules; tokens made with the old key stop working.
+    RegenerateKey {
+        name: String,
+        #[arg(long, conflicts_with = "secondary", required_unless_present = "secondary")]
+        primary: bool,
+        #[arg(long)]
+        secondary: bool,
+        /// Only this rule (defaultListener or defaultSender); default: both.
+        #[arg(long)]
+        rule: Option<String>,
+    },
+}
+
+/// Connection string and CA from flags, or from the local relay's cli.json.
+fn credentials(args: &HcArgs) -> anyhow::Result<(ConnectionString, Vec<PathBuf>)> {
+    let mut ca: Vec<PathBuf> = args.ca_file.iter().cloned().collect();
+    if let Some(cs) = &args.connection_string {
+        return Ok((ConnectionString::parse(cs).context("--connection-string")?, ca));
+    }
+    let dir = args.relay_data_dir.clone().unwrap_or_else(|| crate::config::default_data_dir("relay"));
+    let path = dir.join(crate::relay::CLI_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "no --connection-string given and no local relay credentials at {} (pass --connection-string or --relay-data-dir)",
+            path.display()
+        )
+    })?;
+    let v: Value = serde_json::from_str(&text).with_context(|| format!("{} is corrupt", path.display()))?;
+    let cs = v["connectionString"].as_str().with_context(|| format!("{}: no connectionString", path.display()))?;
+    if ca.is_empty() {
+        if let Some(f) = v["caFile"].as_str() {
+            ca.push(PathBuf::from(f));
+        }
+    }
+    Ok((ConnectionString::parse(cs)?, ca))
+}
+
+pub fn run(args: HcArgs) -> anyhow::Result<()> {
+    let (cs, ca) = credentials(&args)?;
+    let tls = crate::transport::tls::client_config(&ca)?;
+    let m = Management::new(cs, tls);
+    super::block_on(async move { command(&m, args.command, args.json).await })?
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+async fn command(m: &Management, cmd: HcCommand, json: bool) -> anyhow::Result<()> {
+    match cmd {
+        HcCommand::Create { name, endpoint, no_client_authorization } => {
+            endpoint.parse::<crate::proto::metadata::HostPort>().map_err(|e| anyhow::anyhow!("--endpoint: {e}"))?;
+            let v = m.create(&name, Some(&endpoint), !no_client_authorization).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("created {} -> {}", s(&v["name"]), s(&v["endpoint"]));
+                println!("next: hyrelay hc connection-string {name} --listen   (give it to an hcm)");
+                println!("      hyrelay hc connection-string {name} --send     (give it to a bridge)");
+            }
+        }
+        HcCommand::List => {
+            let v = m.list().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = v
+                .as_array()
+                .map(|a| a.iter().map(|e| vec![s(&e["name"]), s(&e["endpoint"]), s(&e["status"]), s(&e["listenerCount"]), s(&e["activeTunnels"])]).collect())
+                .unwrap_or_default();
+            super::print_table(&["NAME", "ENDPOINT", "STATUS", "LISTENERS", "TUNNELS"], &rows);
+        }
+        HcCommand::Show { name } => {
+            let v = m.show(&name).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            for k in ["name", "endpoint", "status", "listenerCount", "activeTunnels", "requiresClientAuthorization", "createdAt", "updatedAt"] {
+                println!("{k:<28} {}", s(&v[k]));
+            }
+            for l in v["listeners"].as_array().into_iter().flatten() {
+                println!("listener {:<19} {} since {} ({} tunnels)", s(&l["id"]), s(&l["remoteAddress"]), s(&l["connectedAt"]), s(&l["activeTunnels"]));
+            }
+            for r in v["rules"].as_array().into_iter().flatten() {
+                println!("rule {:<23} rights {}", s(&r["keyName"]), s(&r["rights"]));
+                println!("  primaryKey   {}", s(&r["primaryKey"]));
+                println!("  secondaryKey {}", s(&r["secondaryKey"]));
+            }
+        }
+        HcCommand::Delete { name } => {
+            m.delete(&name).await?;
+            println!("deleted {name}");
+        }
+        HcCommand::ConnectionString { name, send, secondary, .. } => {
+            println!("{}", m.connection_string(&name, send, secondary).await?.expose());
+        }
+        HcCommand::RegenerateKey { name, secondary, rule, .. } => {
+            m.regenerate_key(&name, secondary, rule.as_deref()).await?;
+            let which = if secondary { "secondary" } else { "primary" };
+            println!("regenerated the {which} key of {name} ({}); update the hcms and bridges that use it", rule.as_deref().unwrap_or("defaultListener and defaultSender"));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,143 @@
+//! `hyrelay hcm ...`: the connection manager daemon and its local set of hybrid connections.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+
+use crate::hcm::config::{HcEntry, HcmConfig, HcmFile};
+use crate::hcm::state;
+use crate::proto::connstr::ConnectionString;
+
+#[derive(Debug, Args)]
+pub struct HcmArgs {
+    /// Config file (TOML).
+    #[arg(long, short = 'c', global = true, env = "HYRELAY_HCM_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory: connections.json (from `hcm add`) and status.json.
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: HcmCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum HcmCommand {
+    /// Run the connection manager.
+    Run {
+        /// Extra CA certificate to trust for the relay (repeatable).
+        #[arg(long, env = "HYRELAY_CA_FILE")]
+        ca_file: Vec<PathBuf>,
+        /// Data-plane workers (default: one per core).
+        #[arg(long)]
+        workers: Option<usize>,
+    },
+    /// Add a hybrid connection by its Listen connection string (a running hcm picks it up).
+    Add {
+        /// `Endpoint=sb://...;SharedAccessKeyName=...;SharedAccessKey=...;EntityPath=...`
+        connection_string: String,
+        /// Override the endpoint from the hybrid connection's metadata.
+        #[arg(long)]
+        endpoint: Option<String>,
+    },
+    /// List hybrid connections: endpoint, status, since when.
+    #[command(alias = "status")]
+    List,
+    /// Remove a hybrid connection added with `hcm add`.
+    Remove { name: String },
+}
+
+fn load_config(args: &HcmArgs) -> anyhow::Result<HcmConfig> {
+    let mut cfg = match &args.config {
+        Some(p) => HcmConfig::from_file(crate::config::load_toml::<HcmFile>(p)?)?,
+        None => HcmConfig::new(crate::config::default_data_dir("hcm")),
+    };
+    if let Some(d) = &args.data_dir {
+        cfg.data_dir = d.clone();
+    }
+    Ok(cfg)
+}
+
+pub fn run(args: HcmArgs) -> anyhow::Result<()> {
+    let mut cfg = load_config(&args)?;
+    match args.command {
+        HcmCommand::Run { ca_file, workers } => {
+            cfg.ca_files.extend(ca_file);
+            if let Some(w) = workers {
+                anyhow::ensure!(w > 0, "--workers must be at least 1");
+                cfg.workers = w;
+            }
+            let added = state::load_added(&cfg.data_dir)?.len();
+            if cfg.hybrid_connections.is_empty() && added == 0 {
+                tracing::warn!(data_dir = %cfg.data_dir.display(), "no hybrid connections yet: add one with `hyrelay hcm add \"<connection string>\"`");
+            }
+            let hcm = crate::hcm::start(cfg)?;
+            super::wait_for_signal()?;
+            hcm.stop();
+            Ok(())
+        }
+        HcmCommand::Add { connection_string, endpoint } => {
+            let cs = ConnectionString::parse(&connection_string).context("connection string")?;
+            let ep = endpoint.map(|e| e.parse()).transpose().map_err(|e: String| anyhow::anyhow!("--endpoint: {e}"))?;
+            let entry = HcEntry::new(cs, ep)?;
+            let replaced = state::add(&cfg.data_dir, &entry)?;
+            println!(
+                "{} {} (relay {})",
+                if replaced { "updated" } else { "added" },
+                entry.name(),
+                entry.connection_string.endpoint.authority()
+            );
+            if state::read_status(&cfg.data_dir).is_some() {
+                println!("the running hcm picks it up within a few seconds");
+            } else {
+                println!("start the hcm with: hyrelay hcm run --data-dir {}", cfg.data_dir.display());
+            }
+            Ok(())
+        }
+        HcmCommand::List => {
+            list(&cfg);
+            Ok(())
+        }
+        HcmCommand::Remove { name } => {
+            let n = state::remove(&cfg.data_dir, &name)?;
+            anyhow::ensure!(n > 0, "{name} was not added with `hcm add` (hybrid connections from the config file are removed there)");
+            println!("removed {name}");
+            Ok(())
+        }
+    }
+}
+
+fn list(cfg: &HcmConfig) {
+    let mut entries = cfg.hybrid_connections.clone();
+    match state::load_added(&cfg.data_dir) {
+        Ok(added) => {
+            for a in added {
+                entries.retain(|e| e.key() != a.key());
+                entries.push(a);
+            }
+        }
+        Err(e) => eprintln!("warning: {e:#}"),
+    }
+    let status = state::read_status(&cfg.data_dir);
+    if status.is_none() {
+        println!("(the hcm is not running; status is unknown)");
+    }
+    let rows: Vec<Vec<String>> = entries
+        .iter()
+        .map(|e| {
+            let st = status.as_ref().and_then(|s| {
+                s.hybrid_connections.iter().find(|h| h.name.eq_ignore_ascii_case(e.name()) && h.relay == e.connection_string.endpoint.authority())
+            });
+            let endpoint = st
+                .and_then(|s| s.endpoint.clone())
+                .or_else(|| e.endpoint.as_ref().map(|x| x.to_string()))
+                .unwrap_or_else(|| "(from metadata)".into());
+            let (state, since, detail) = match st {
+                Some(s) => (format!("{:?}", s.state), s.since.clone(), s.last_error.clone().unwrap_or_default()),
+                None => ("Not running".into(), "-".into(), String::new()),
+            };
+            vec![e.name().to_owned(), e.connection_string.endpoint.authority(), endpoint, state, since, detail]
+        })
+        .collect();
+    super::print_table(&["NAME", "RELAY", "ENDPOINT", "STATUS", "SINCE", "LAST ERROR"], &rows);
+}

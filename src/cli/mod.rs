@@ -1,0 +1,135 @@
+//! The `hyrelay` command line: one subcommand per role plus management and the one-shot
+//! demo. Parsing is clap; every command returns `anyhow::Result` to `main`.
+
+mod bridge_cmd;
+mod hc_cmd;
+mod hcm_cmd;
+mod relay_cmd;
+mod up;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::telemetry::LogFormat;
+
+/// Self-hosted Hybrid Connections: relay, connection manager (hcm) and bridge.
+#[derive(Debug, Parser)]
+#[command(name = "hyrelay", version, about, long_about = None)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Log filter (`info`, `debug`, `hyrelay=trace`, …); the HYRELAY_LOG variable overrides it.
+    #[arg(long, global = true, default_value = "info")]
+    pub log_level: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the relay (the rendezvous service).
+    Relay(relay_cmd::RelayArgs),
+    /// Manage hybrid connections on a relay (create, list, show, delete, keys).
+    Hc(hc_cmd::HcArgs),
+    /// The connection manager on the private network.
+    Hcm(hcm_cmd::HcmArgs),
+    /// Run the bridge: local TCP ports that lead to hybrid connections.
+    Bridge(bridge_cmd::BridgeArgs),
+    /// Relay + demo hybrid connection + hcm + bridge in one process, with no config.
+    Up(up::UpArgs),
+    /// Validate a config file and exit non-zero naming the field at fault.
+    CheckConfig {
+        /// The config file.
+        file: PathBuf,
+        /// Which role the file is for (default: guessed from the file name).
+        #[arg(long, value_parser = ["relay", "hcm", "bridge"])]
+        role: Option<String>,
+    },
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    crate::telemetry::init(cli.log_format, &cli.log_level);
+    match cli.command {
+        Command::Relay(a) => relay_cmd::run(a),
+        Command::Hc(a) => hc_cmd::run(a),
+        Command::Hcm(a) => hcm_cmd::run(a),
+        Command::Bridge(a) => bridge_cmd::run(a),
+        Command::Up(a) => up::run(a),
+        Command::CheckConfig { file, role } => check_config(&file, role.as_deref()),
+    }
+}
+
+/// Parses `file` as the config of `role` (or the role its name suggests).
+pub fn check_config(file: &std::path::Path, role: Option<&str>) -> anyhow::Result<()> {
+    let name = file.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_ascii_lowercase();
+    let role = match role {
+        Some(r) => r.to_owned(),
+        None => ["relay", "hcm", "bridge"]
+            .into_iter()
+            .find(|r| name.contains(r))
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow::anyhow!("cannot tell the role from {name:?}; pass --role relay|hcm|bridge"))?,
+    };
+    match role.as_str() {
+        "relay" => {
+            crate::relay::config::RelayConfig::from_file(crate::config::load_toml(file)?)?;
+        }
+        "hcm" => {
+            crate::hcm::config::HcmConfig::from_file(crate::config::load_toml(file)?)?;
+        }
+        _ => {
+            crate::bridge::config::BridgeConfig::from_file(crate::config::load_toml(file)?)?;
+        }
+    }
+    println!("{}: valid {role} configuration", file.display());
+    Ok(())
+}
+
+/// Blocks until SIGINT or SIGTERM (Ctrl-C on Windows).
+pub(crate) fn wait_for_signal() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        #[cfg(unix)]
+        {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => r?,
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        tokio::signal::ctrl_c().await?;
+        tracing::info!("shutting down");
+        Ok(())
+    })
+}
+
+/// A small runtime for one-shot async CLI work.
+pub(crate) fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(f))
+}
+
+/// Prints rows as an aligned table with a header.
+pub(crate) fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| if i + 1 == cells.len() { c.to_string() } else { format!("{c:<w$}", w = widths[i]) })
+            .collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}

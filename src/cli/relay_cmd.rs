@@ -1,0 +1,103 @@
+//! `hyrelay relay`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::relay::config::{RelayConfig, RelayFile, TlsSetting};
+
+#[derive(Debug, Args)]
+pub struct RelayArgs {
+    /// Config file (TOML); flags override it.
+    #[arg(long, short = 'c', env = "HYRELAY_RELAY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on (default 0.0.0.0:443).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Data directory: state.json (hybrid connections, keys), dev certificate, cli.json.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// TLS certificate chain (PEM).
+    #[arg(long, requires = "tls_key", conflicts_with_all = ["self_signed", "plain"])]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Development: generate a CA and certificate in <data-dir>/tls.
+    #[arg(long, conflicts_with = "plain")]
+    self_signed: bool,
+    /// Plain ws:// (only behind a TLS terminator, or for tests).
+    #[arg(long)]
+    plain: bool,
+    /// Base URL clients reach this relay at (wss://host[:port]); used in rendezvous
+    /// addresses and connection strings.
+    #[arg(long)]
+    public_url: Option<String>,
+    /// Extra host name tokens may be scoped to (repeatable).
+    #[arg(long = "hostname")]
+    hostnames: Vec<String>,
+    /// Data-plane workers (default: one per core).
+    #[arg(long)]
+    workers: Option<usize>,
+}
+
+impl RelayArgs {
+    fn into_config(self) -> anyhow::Result<RelayConfig> {
+        let mut file = match &self.config {
+            Some(p) => crate::config::load_toml::<RelayFile>(p)?,
+            None => RelayFile::default(),
+        };
+        // Flags replace file values before validation, so errors name the same fields.
+        if let Some(l) = self.listen {
+            file.listen = Some(l.to_string());
+        }
+        if let Some(d) = self.data_dir {
+            file.data_dir = Some(d);
+        }
+        if let Some(u) = self.public_url {
+            file.public_url = Some(u);
+        }
+        file.hostnames.extend(self.hostnames);
+        if self.workers.is_some() {
+            file.workers = self.workers;
+        }
+        let tls_flag = if let (Some(cert), Some(key)) = (self.tls_cert, self.tls_key) {
+            Some(TlsSetting::Files { cert, key })
+        } else if self.self_signed {
+            Some(TlsSetting::SelfSigned { names: file.tls.names.clone() })
+        } else if self.plain {
+            Some(TlsSetting::Plain)
+        } else {
+            None
+        };
+        if tls_flag.is_some() {
+            // Validation would reject a file without TLS settings; the flag decides.
+            file.tls.mode = Some(crate::relay::config::TlsMode::None);
+        }
+        let mut cfg = RelayConfig::from_file(file)?;
+        if let Some(t) = tls_flag {
+            cfg.tls = t;
+        }
+        Ok(cfg)
+    }
+}
+
+pub fn run(args: RelayArgs) -> anyhow::Result<()> {
+    let cfg = args.into_config()?;
+    if cfg.tls == TlsSetting::Plain {
+        tracing::warn!("TLS is off: run this relay only behind a TLS terminator or for tests");
+    }
+    let relay = crate::relay::start(cfg)?;
+    eprintln!("hyrelay relay listening on {}", relay.local_addr());
+    if let Some(ca) = relay.ca_file() {
+        eprintln!("development CA (trust it with --ca-file): {}", ca.display());
+    }
+    eprintln!(
+        "management credentials for `hyrelay hc`: {}",
+        relay.data_dir().join(crate::relay::CLI_FILE).display()
+    );
+    super::wait_for_signal()?;
+    relay.stop();
+    Ok(())
+}

@@ -1,0 +1,108 @@
+//! `hyrelay up`: everything in one process with no configuration — a relay on loopback
+//! with a development certificate, a demo hybrid connection, an hcm serving it and a bridge
+//! in front of it. The endpoint is a built-in echo service unless `--endpoint` names one.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+
+use crate::bridge::config::{BridgeConfig, Forward, Listen};
+use crate::client::Management;
+use crate::hcm::config::{HcEntry, HcmConfig};
+use crate::proto::metadata::HostPort;
+use crate::relay::config::{RelayConfig, TlsSetting};
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Tunnel to this HOST:PORT instead of the built-in echo endpoint.
+    #[arg(long)]
+    endpoint: Option<String>,
+    /// Relay address.
+    #[arg(long, default_value = "127.0.0.1:9443")]
+    relay_listen: SocketAddr,
+    /// Where the app connects.
+    #[arg(long, default_value = "127.0.0.1:9000")]
+    bridge_listen: SocketAddr,
+    /// Name of the demo hybrid connection.
+    #[arg(long, default_value = "demo")]
+    name: String,
+    /// Keep state here instead of a temporary directory.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+pub fn run(args: UpArgs) -> anyhow::Result<()> {
+    let temp = args.data_dir.is_none();
+    let dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("hyrelay-up-{}", std::process::id())));
+    let result = run_in(&args, &dir);
+    if temp {
+        std::fs::remove_dir_all(&dir).ok();
+    }
+    result
+}
+
+fn run_in(args: &UpArgs, dir: &std::path::Path) -> anyhow::Result<()> {
+    let endpoint: HostPort = match &args.endpoint {
+        Some(e) => e.parse().map_err(|e| anyhow::anyhow!("--endpoint: {e}"))?,
+        None => {
+            let a = crate::echo::spawn("127.0.0.1:0".parse()?)?;
+            HostPort { host: a.ip().to_string(), port: a.port() }
+        }
+    };
+    let mut rc = RelayConfig::new(args.relay_listen, dir.join("relay"), TlsSetting::SelfSigned { names: vec![] });
+    rc.workers = rc.workers.min(2);
+    let relay = crate::relay::start(rc).with_context(|| format!("starting the relay on {} (pick another with --relay-listen)", args.relay_listen))?;
+    let ca: Vec<PathBuf> = relay.ca_file().map(|p| p.to_path_buf()).into_iter().collect();
+    let tls = crate::transport::tls::client_config(&ca)?;
+    let mgmt = Management::new(relay.manage_connection_string(), tls);
+    let name = args.name.clone();
+    let ep_text = endpoint.to_string();
+    let (listen_cs, send_cs) = super::block_on(async {
+        if mgmt.show(&name).await.is_ok() {
+            mgmt.delete(&name).await?;
+        }
+        mgmt.create(&name, Some(&ep_text), true).await?;
+        Ok::<_, anyhow::Error>((mgmt.connection_string(&name, false, false).await?, mgmt.connection_string(&name, true, false).await?))
+    })??;
+    let mut hc = HcmConfig::new(dir.join("hcm"));
+    hc.workers = 1;
+    hc.ca_files = ca.clone();
+    hc.hybrid_connections = vec![HcEntry::new(listen_cs.clone(), None)?];
+    let hcm = crate::hcm::start(hc)?;
+    let mut bc = BridgeConfig::new(vec![Forward {
+        hybrid_connection: name.clone(),
+        listen: Listen::Addr(args.bridge_listen),
+        connection_string: send_cs.clone(),
+    }]);
+    bc.workers = 1;
+    bc.ca_files = ca.clone();
+    let bridge = crate::bridge::start(bc).with_context(|| format!("starting the bridge on {} (pick another with --bridge-listen)", args.bridge_listen))?;
+    let app = bridge.bound()[0].1;
+    println!("hyrelay is up: app -> bridge {app} -> relay {} -> hcm -> endpoint {endpoint}", relay.local_addr());
+    println!();
+    println!("  connect your app to:     {app}");
+    println!("  try it:                  echo hello | nc -N {} {}", app.ip(), app.port());
+    println!("  relay (wss):             wss://localhost:{}", relay.local_addr().port());
+    if let Some(c) = relay.ca_file() {
+        println!("  relay CA certificate:    {}", c.display());
+    }
+    println!("  hybrid connection:       {name} -> {endpoint}");
+    println!("  listen connection string (for `hyrelay hcm add`):");
+    println!("    {}", listen_cs.expose());
+    println!("  send connection string (for `hyrelay bridge --connection-string`):");
+    println!("    {}", send_cs.expose());
+    println!("  manage connection string (for `hyrelay hc --connection-string`):");
+    println!("    {}", relay.manage_connection_string().expose());
+    println!();
+    println!("Ctrl-C stops everything.");
+    super::wait_for_signal()?;
+    bridge.stop();
+    hcm.stop();
+    relay.stop();
+    Ok(())
+}
