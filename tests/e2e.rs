@@ -106,3 +106,34 @@ async fn two_hundred_concurrent_connections() {
     }
     assert_eq!(ok, 200);
 }
+
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_file_mode_maps_the_endpoint_name_to_its_own_loopback_address() {
+    use hyrelay::bridge::config::Listen;
+    let rig = Rig::new(true);
+    let ep = echo();
+    // The metadata names a host only the bridge's hosts file knows; the hcm is told where
+    // the service really is.
+    rig.mgmt.create("named", Some(&format!("db.hyrelay.test:{}", ep.port())), true).await.unwrap();
+    let entry = hyrelay::hcm::config::HcEntry::new(rig.listen_cs("named").await, Some(ep.to_string().parse().unwrap())).unwrap();
+    let _hcm = hyrelay::hcm::start(rig.hcm_config(vec![entry])).unwrap();
+    rig.wait_listeners("named", 1).await;
+
+    let hosts = rig.dir.path().join("hosts");
+    let original = "127.0.0.1\tlocalhost\n# keep me\n10.1.2.3 other.host\n";
+    std::fs::write(&hosts, original).unwrap();
+    let mut cfg = rig.bridge_config("named", &rig.send_cs("named").await);
+    cfg.forwards[0].listen = Listen::Resolve;
+    cfg.hosts_file = hosts.clone();
+    let bridge = hyrelay::bridge::start(cfg).unwrap();
+    let addr = bridge.addr_of("named").unwrap();
+    assert_eq!(addr, format!("127.77.0.1:{}", ep.port()).parse().unwrap(), "own loopback address, endpoint's port");
+    let text = std::fs::read_to_string(&hosts).unwrap();
+    assert!(text.starts_with(original), "other lines untouched:\n{text}");
+    assert!(text.contains("127.77.0.1\tdb.hyrelay.test\n"), "{text}");
+    let data = payload(70_000, 5);
+    assert!(round_trip(addr, &data).await.unwrap() == data);
+    bridge.stop();
+    assert_eq!(std::fs::read_to_string(&hosts).unwrap(), original, "block removed on stop");
+}
