@@ -73,10 +73,10 @@ impl BridgeHandle {
     fn halt(&mut self) {
         self.shutdown.cancel();
         self.workers.stop();
-        if let Some(p) = self.hosts_file.take() {
-            if let Err(e) = hosts::remove(&p) {
-                tracing::warn!(path = %p.display(), error = %e, "cannot remove the hosts-file block");
-            }
+        if let Some(p) = self.hosts_file.take()
+            && let Err(e) = hosts::remove(&p)
+        {
+            tracing::warn!(path = %p.display(), error = %e, "cannot remove the hosts-file block");
         }
     }
 }

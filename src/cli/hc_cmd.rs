@@ -86,10 +86,10 @@ fn credentials(args: &HcArgs) -> anyhow::Result<(ConnectionString, Vec<PathBuf>)
     })?;
     let v: Value = serde_json::from_str(&text).with_context(|| format!("{} is corrupt", path.display()))?;
     let cs = v["connectionString"].as_str().with_context(|| format!("{}: no connectionString", path.display()))?;
-    if ca.is_empty() {
-        if let Some(f) = v["caFile"].as_str() {
-            ca.push(PathBuf::from(f));
-        }
+    if ca.is_empty()
+        && let Some(f) = v["caFile"].as_str()
+    {
+        ca.push(PathBuf::from(f));
     }
     Ok((ConnectionString::parse(cs)?, ca))
 }

@@ -82,7 +82,7 @@ fn check(state: &State, token: &str, d: &Demand<'_>) -> Result<Granted, AuthErro
     }
     let scope = Scope::from_resource(&t.resource)
         .ok_or_else(|| AuthError::Forbidden("The token's audience is not a URI.".into()))?;
-    if !d.hosts.iter().any(|h| *h == scope.host) {
+    if !d.hosts.contains(&scope.host) {
         return Err(AuthError::Forbidden(format!(
             "The token's audience host {:?} is not this namespace.",
             scope.host

@@ -234,9 +234,9 @@ pub(super) async fn serve_accept(
         protocol: upgrade.protocols.into_iter().next(),
         key: upgrade.key,
     };
-    if let Err(Outcome::Accepted(mut leg)) = tx.send(Outcome::Accepted(leg)) {
-        if leg.stream.unpark().is_ok() {
-            respond(&mut leg.stream, 404, "The sender is no longer connected.", "").await;
-        }
+    if let Err(Outcome::Accepted(mut leg)) = tx.send(Outcome::Accepted(leg))
+        && leg.stream.unpark().is_ok()
+    {
+        respond(&mut leg.stream, 404, "The sender is no longer connected.", "").await;
     }
 }

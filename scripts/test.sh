@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh clone: installs what the tests need (idempotently),
+# then runs every test. CI runs exactly this (.ci/run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Microsoft's hyco-ws client for the compatibility tests (npm registry).
+scripts/setup-node.sh
+
+cargo test --locked --all-targets
