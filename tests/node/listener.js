@@ -1,5 +1,7 @@
 'use strict';
 // hyco-ws listener (RelayedServer) that echoes every message back with its type.
+// Two text messages are commands instead: `__close__ <code>` closes that connection with
+// <code>, `__drop__` drops its TCP connection without a Close frame.
 //
 // env: HC_LISTEN_URI  ws(s)://host:port/$hc/<entity>?sb-hc-action=listen
 //      HC_TOKEN | HC_KEY_NAME + HC_KEY [+ HC_TOKEN_URI, HC_TOKEN_TTL]   (see lib.js)
@@ -9,7 +11,8 @@
 // out:  LISTENING
 //       LISTEN_ERROR <message>
 //       CONNECTION <n>
-//       OPEN <n> protocol=<p>
+//       OPEN <n> protocol=<p> extensions=<names> target=<accept address path and its
+//                non-sb-hc query, i.e. what an application would see as the request URL>
 //       MESSAGE <n> text|binary <len> <sha256>
 //       CLOSE <n> <code>
 //       CONN_ERROR <n> <message>
@@ -32,12 +35,23 @@ const server = hyco.createRelayedServer({ server: uri, token: token }, function 
   const n = ++conns;
   lib.out('CONNECTION ' + n);
   ws.on('open', function () {
-    lib.out('OPEN ' + n + ' protocol=' + (ws.protocol || ''));
+    lib.out('OPEN ' + n + ' protocol=' + (ws.protocol || '') +
+      ' extensions=' + Object.keys(ws.extensions || {}).join(',') + ' target=' + appTarget(ws.url));
   });
   ws.on('message', function (data, flags) {
     const binary = !!(flags && flags.binary);
     const buf = Buffer.isBuffer(data) ? data : Buffer.from(data, 'utf8');
     lib.out('MESSAGE ' + n + ' ' + (binary ? 'binary' : 'text') + ' ' + buf.length + ' ' + lib.sha256(buf));
+    if (!binary && data.startsWith('__close__ ')) {
+      // Close this connection with the given code instead of echoing.
+      ws.close(parseInt(data.slice('__close__ '.length), 10), 'requested by sender');
+      return;
+    }
+    if (!binary && data === '__drop__') {
+      // Drop the TCP connection without a Close frame.
+      ws.terminate();
+      return;
+    }
     ws.send(data, { binary: binary }, function (err) {
       if (err) lib.out('CONN_ERROR ' + n + ' send: ' + lib.errText(err));
     });
@@ -51,8 +65,19 @@ const server = hyco.createRelayedServer({ server: uri, token: token }, function 
 });
 
 server.on('listening', function () {
-  lib.out('LISTENING');
+  const ext = server.controlChannel ? Object.keys(server.controlChannel.extensions || {}) : [];
+  lib.out('LISTENING extensions=' + ext.join(','));
 });
+
+// The accept address minus scheme/host and minus every sb-hc-* query parameter.
+function appTarget(address) {
+  const u = new URL(address);
+  const kept = [];
+  u.searchParams.forEach(function (v, k) {
+    if (!k.toLowerCase().startsWith('sb-hc-')) kept.push(encodeURIComponent(k) + '=' + encodeURIComponent(v));
+  });
+  return u.pathname + (kept.length ? '?' + kept.join('&') : '');
+}
 
 server.on('error', function (e) {
   errors++;

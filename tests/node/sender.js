@@ -6,19 +6,28 @@
 //      HC_TOKEN_IN_QUERY=1 put the token in the URL with appendRelayToken instead of
 //                          the ServiceBusAuthorization header (needs HC_KEY_NAME/HC_KEY)
 //      HC_MESSAGES_FILE    JSON array of {"type":"text"|"binary","b64":"…"} (or HC_MESSAGES inline)
-//      HC_COLLECT          "messages" (default): expect one echo per message;
+//      HC_COLLECT          "messages" (default): expect one echo per message, in order;
 //                          "bytes": expect the concatenated bytes back in any framing
 //      HC_PROTOCOL         optional subprotocol (then `new WebSocket` as relayedConnect does)
+//      HC_CONNECTIONS      number of concurrent connections (default 1), all opened in the
+//                          same tick (ws 1.1.x then sends the same Sec-WebSocket-Key on all)
+//      HC_EXPECT_PEER_CLOSE=1  a close by the peer before all replies arrived is an
+//                          expected outcome (prints PEER_CLOSE) rather than an error
 //      HC_TIMEOUT_MS       deadline (default 20000)
-// out:  OPEN protocol=<p>
-//       SENT <i> text|binary <len> <sha256>
-//       RECV text|binary <len> <sha256>          (HC_COLLECT=messages)
-//       RECV_BYTES <len> <sha256>                 (HC_COLLECT=bytes)
-//       DONE
-//       CLOSED <code>           after our close handshake completed
-//       HTTP_STATUS <code> <reason>  (exit 3) handshake refused
-//       ERROR <message>         (exit 1)
-//       EARLY_CLOSE <code>      (exit 1) closed before all replies arrived
+// out (connection numbers c start at 1):
+//       OPEN <c> protocol=<p> extensions=<names>
+//       SENT <c> <i> text|binary <len> <sha256>
+//       RECV <c> text|binary <len> <sha256>     (HC_COLLECT=messages)
+//       RECV_BYTES <c> <len> <sha256>            (HC_COLLECT=bytes)
+//       COMPLETE <c>            all expected replies arrived (checked against what was sent)
+//       MISMATCH <c> <detail>   (exit 1) a reply differs from what was sent
+//       CLOSED <c> <code>       after our close handshake completed
+//       CLOSE_TIMEOUT <c>       the relay did not complete the close handshake in 5 s
+//       DONE                    (exit 0) every connection completed and closed
+//       HTTP_STATUS <c> <code> <reason>  (exit 3) handshake refused
+//       ERROR <c> <message>     (exit 1)
+//       EARLY_CLOSE <c> <code>  (exit 1) closed before all replies arrived
+//       PEER_CLOSE <c> <code> <reason>   the same, with HC_EXPECT_PEER_CLOSE=1
 
 const fs = require('fs');
 const lib = require('./lib');
@@ -34,10 +43,17 @@ if (process.env.HC_MESSAGES_FILE) {
 }
 messages = messages.map(function (m) {
   const buf = Buffer.from(m.b64, 'base64');
-  return { binary: m.type === 'binary', buf: buf, data: m.type === 'binary' ? buf : buf.toString('utf8') };
+  return {
+    binary: m.type === 'binary',
+    buf: buf,
+    data: m.type === 'binary' ? buf : buf.toString('utf8'),
+    sig: (m.type === 'binary' ? 'binary' : 'text') + ' ' + buf.length + ' ' + lib.sha256(buf),
+  };
 });
 const collect = lib.env('HC_COLLECT', 'messages');
-const expectBytes = messages.reduce(function (a, m) { return a + m.buf.length; }, 0);
+const all = Buffer.concat(messages.map(function (m) { return m.buf; }));
+const connections = parseInt(lib.env('HC_CONNECTIONS', '1'), 10);
+const expectPeerClose = lib.env('HC_EXPECT_PEER_CLOSE', '') === '1';
 
 let token = null;
 if (lib.env('HC_TOKEN_IN_QUERY', '') === '1') {
@@ -48,74 +64,111 @@ if (lib.env('HC_TOKEN_IN_QUERY', '') === '1') {
   token = f ? f() : null;
 }
 
-let ws;
-if (process.env.HC_PROTOCOL) {
-  ws = new hyco(uri, process.env.HC_PROTOCOL, token ? { headers: { ServiceBusAuthorization: token } } : null);
-} else {
-  ws = hyco.relayedConnect(uri, token);
-}
+let closed = 0;
 
-let done = false;
-let received = 0;
-const chunks = [];
-let receivedBytes = 0;
-
-function finish() {
-  if (done) return;
-  done = true;
-  lib.out('DONE');
-  ws.close(1000, 'done');
-  // ws 1.1.x waits 30 s for the peer's Close; report if it never comes.
-  setTimeout(function () {
-    lib.out('CLOSE_TIMEOUT');
-    process.exit(0);
-  }, 5000);
-}
-
-ws.on('unexpected-response', function (req, res) {
-  lib.out('HTTP_STATUS ' + res.statusCode + ' ' + (res.statusMessage || ''));
-  process.exit(3);
-});
-
-ws.on('open', function () {
-  lib.out('OPEN protocol=' + (ws.protocol || ''));
-  messages.forEach(function (m, i) {
-    ws.send(m.data, { binary: m.binary }, function (err) {
-      if (err) lib.fail('send ' + i + ': ' + lib.errText(err));
-    });
-    lib.out('SENT ' + i + ' ' + (m.binary ? 'binary' : 'text') + ' ' + m.buf.length + ' ' + lib.sha256(m.buf));
-  });
-  if ((collect === 'bytes' && expectBytes === 0) || (collect !== 'bytes' && messages.length === 0)) finish();
-});
-
-ws.on('message', function (data, flags) {
-  const binary = !!(flags && flags.binary);
-  const buf = Buffer.isBuffer(data) ? data : Buffer.from(data, 'utf8');
-  if (collect === 'bytes') {
-    chunks.push(buf);
-    receivedBytes += buf.length;
-    if (receivedBytes >= expectBytes && !done) {
-      const all = Buffer.concat(chunks);
-      lib.out('RECV_BYTES ' + all.length + ' ' + lib.sha256(all));
-      finish();
-    }
+function connect(c) {
+  let ws;
+  if (process.env.HC_PROTOCOL) {
+    ws = new hyco(uri, process.env.HC_PROTOCOL, token ? { headers: { ServiceBusAuthorization: token } } : null);
   } else {
-    lib.out('RECV ' + (binary ? 'binary' : 'text') + ' ' + buf.length + ' ' + lib.sha256(buf));
-    received++;
-    if (received >= messages.length) finish();
+    ws = hyco.relayedConnect(uri, token);
   }
-});
 
-ws.on('close', function (code) {
-  if (done) {
-    lib.out('CLOSED ' + code);
-    process.exit(0);
+  let complete = false;
+  let received = 0;
+  const chunks = [];
+  let receivedBytes = 0;
+
+  function finish() {
+    if (complete) return;
+    complete = true;
+    lib.out('COMPLETE ' + c);
+    ws.close(1000, 'done');
+    // ws 1.1.x waits 30 s for the peer's Close; report if it does not come soon.
+    setTimeout(function () {
+      lib.out('CLOSE_TIMEOUT ' + c);
+      closedOne();
+    }, 5000);
   }
-  lib.out('EARLY_CLOSE ' + code);
-  process.exit(1);
-});
 
-ws.on('error', function (e) {
-  lib.out('ERROR ' + lib.errText(e));
-  process.exit(1);
-});
+  let counted = false;
+  function closedOne() {
+    if (counted) return;
+    counted = true;
+    if (++closed === connections) {
+      lib.out('DONE');
+      process.exit(0);
+    }
+  }
+
+  ws.on('unexpected-response', function (req, res) {
+    lib.out('HTTP_STATUS ' + c + ' ' + res.statusCode + ' ' + (res.statusMessage || ''));
+    process.exit(3);
+  });
+
+  ws.on('open', function () {
+    lib.out('OPEN ' + c + ' protocol=' + (ws.protocol || '') + ' extensions=' + Object.keys(ws.extensions || {}).join(','));
+    messages.forEach(function (m, i) {
+      ws.send(m.data, { binary: m.binary }, function (err) {
+        if (err) {
+          lib.out('ERROR ' + c + ' send ' + i + ': ' + lib.errText(err));
+          process.exit(1);
+        }
+      });
+      lib.out('SENT ' + c + ' ' + i + ' ' + m.sig);
+    });
+    if ((collect === 'bytes' && all.length === 0) || (collect !== 'bytes' && messages.length === 0)) finish();
+  });
+
+  ws.on('message', function (data, flags) {
+    const binary = !!(flags && flags.binary);
+    const buf = Buffer.isBuffer(data) ? data : Buffer.from(data, 'utf8');
+    if (complete) {
+      lib.out('MISMATCH ' + c + ' unexpected extra message of ' + buf.length + ' bytes');
+      process.exit(1);
+    }
+    if (collect === 'bytes') {
+      chunks.push(buf);
+      receivedBytes += buf.length;
+      if (receivedBytes >= all.length) {
+        const got = Buffer.concat(chunks);
+        lib.out('RECV_BYTES ' + c + ' ' + got.length + ' ' + lib.sha256(got));
+        if (!got.equals(all)) {
+          lib.out('MISMATCH ' + c + ' got ' + got.length + ' bytes, sent ' + all.length);
+          process.exit(1);
+        }
+        finish();
+      }
+    } else {
+      const sig = (binary ? 'binary' : 'text') + ' ' + buf.length + ' ' + lib.sha256(buf);
+      lib.out('RECV ' + c + ' ' + sig);
+      if (sig !== messages[received].sig) {
+        lib.out('MISMATCH ' + c + ' reply ' + received + ' is ' + sig + ', sent ' + messages[received].sig);
+        process.exit(1);
+      }
+      if (++received === messages.length) finish();
+    }
+  });
+
+  ws.on('close', function (code, reason) {
+    if (complete) {
+      lib.out('CLOSED ' + c + ' ' + code);
+      closedOne();
+      return;
+    }
+    if (expectPeerClose) {
+      lib.out('PEER_CLOSE ' + c + ' ' + code + ' ' + (reason || ''));
+      closedOne();
+      return;
+    }
+    lib.out('EARLY_CLOSE ' + c + ' ' + code);
+    process.exit(1);
+  });
+
+  ws.on('error', function (e) {
+    lib.out('ERROR ' + c + ' ' + lib.errText(e));
+    process.exit(1);
+  });
+}
+
+for (let c = 1; c <= connections; c++) connect(c);
