@@ -29,16 +29,12 @@ const NODE_DEADLINE_MS: &str = "60000";
 fn rig_dir() -> PathBuf {
     match std::env::var_os("HYRELAY_NODE_RIG") {
         Some(d) if !d.is_empty() => PathBuf::from(d),
-        _ => Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("target")
-            .join("node-rig"),
+        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("target").join("node-rig"),
     }
 }
 
 fn scripts_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests")
-        .join("node")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("node")
 }
 
 /// The rig directory; panics with instructions if node or hyco-ws is missing.
@@ -48,9 +44,7 @@ fn require_rig() -> PathBuf {
     let needed = [
         hyco.join("package.json"),
         hyco.join("node_modules").join("ws").join("package.json"),
-        hyco.join("node_modules")
-            .join("moment")
-            .join("package.json"),
+        hyco.join("node_modules").join("moment").join("package.json"),
     ];
     let missing: Vec<String> = needed
         .iter()
@@ -164,11 +158,7 @@ impl Node {
                         self.transcript()
                     );
                 }
-                Err(_) => panic!(
-                    "{}: no {what} within {STEP:?}\n{}",
-                    self.name,
-                    self.transcript()
-                ),
+                Err(_) => panic!("{}: no {what} within {STEP:?}\n{}", self.name, self.transcript()),
             }
         }
     }
@@ -187,21 +177,13 @@ impl Node {
         match tokio::time::timeout_at(end, self.child.wait()).await {
             Ok(Ok(st)) => st,
             Ok(Err(e)) => panic!("{}: wait failed: {e}\n{}", self.name, self.transcript()),
-            Err(_) => panic!(
-                "{}: did not exit within {STEP:?}\n{}",
-                self.name,
-                self.transcript()
-            ),
+            Err(_) => panic!("{}: did not exit within {STEP:?}\n{}", self.name, self.transcript()),
         }
     }
 
     /// Every line seen so far that starts with `prefix`.
     fn seen_with(&self, prefix: &str) -> Vec<String> {
-        self.seen
-            .iter()
-            .filter(|l| l.starts_with(prefix))
-            .cloned()
-            .collect()
+        self.seen.iter().filter(|l| l.starts_with(prefix)).cloned().collect()
     }
 
     /// Kills the process (bounded) and reads what it printed.
@@ -293,12 +275,7 @@ impl Msg {
 
     /// `"<kind> <len> <sha256>"`, as the scripts print it.
     fn signature(&self) -> String {
-        format!(
-            "{} {} {}",
-            self.kind(),
-            self.bytes().len(),
-            sha256_hex(self.bytes())
-        )
+        format!("{} {} {}", self.kind(), self.bytes().len(), sha256_hex(self.bytes()))
     }
 }
 
@@ -424,17 +401,11 @@ async fn hyco_to_hyco(tls: bool) {
     let send = key_env(&rig.send_cs("hyco-echo").await);
 
     send_and_check_echo(&rig, "hyco-echo", "1", &msgs, send.clone()).await;
-    l.expect("CONNECTION 1", |s| s.starts_with("CONNECTION 1"))
-        .await;
+    l.expect("CONNECTION 1", |s| s.starts_with("CONNECTION 1")).await;
     check_listener_saw(&mut l, 1, &msgs).await;
     // The sender's Close(1000) reaches the listener's rendezvous socket.
     let close = l.expect_prefix("CLOSE 1 ").await;
-    assert_eq!(
-        close,
-        "CLOSE 1 1000",
-        "listener close code\n{}",
-        l.transcript()
-    );
+    assert_eq!(close, "CLOSE 1 1000", "listener close code\n{}", l.transcript());
 
     // A second connection over the same control channel works just as well.
     let again = vec![Msg::Text("second".into()), Msg::Binary(payload(3000, 2))];
@@ -452,11 +423,7 @@ async fn hyco_to_hyco(tls: bool) {
         "rendezvous errors\n{}",
         l.transcript()
     );
-    assert_eq!(
-        rig.listeners("hyco-echo").await,
-        1,
-        "listener stayed registered"
-    );
+    assert_eq!(rig.listeners("hyco-echo").await, 1, "listener stayed registered");
 
     // The listener process dies: the relay drops it (§4.6).
     l.kill().await;
@@ -480,14 +447,7 @@ async fn hyco_subprotocol_reaches_both_sides() {
     require_rig();
     let rig = Rig::new(false);
     rig.create("proto", echo()).await;
-    let mut l = start_listener(
-        &rig,
-        "proto",
-        "listener",
-        key_env(&rig.listen_cs("proto").await),
-        1,
-    )
-    .await;
+    let mut l = start_listener(&rig, "proto", "listener", key_env(&rig.listen_cs("proto").await), 1).await;
     let msgs = vec![Msg::Text("with protocol".into())];
     let mut extra = key_env(&rig.send_cs("proto").await);
     extra.push(("HC_PROTOCOL", "chat".into()));
@@ -573,14 +533,7 @@ async fn bridge_to_hyco(tls: bool) {
     require_rig();
     let rig = Rig::new(tls);
     rig.create("to-node", echo()).await;
-    let mut l = start_listener(
-        &rig,
-        "to-node",
-        "listener",
-        key_env(&rig.listen_cs("to-node").await),
-        1,
-    )
-    .await;
+    let mut l = start_listener(&rig, "to-node", "listener", key_env(&rig.listen_cs("to-node").await), 1).await;
     let bridge = rig.bridge("to-node", &rig.send_cs("to-node").await);
     let addr = bridge.addr_of("to-node").unwrap();
 
@@ -594,12 +547,7 @@ async fn bridge_to_hyco(tls: bool) {
             tokio::join!(w.write_all(&data), r.read_exact(&mut back))
         })
         .await
-        .unwrap_or_else(|_| {
-            panic!(
-                "echo of {len} bytes through hyco-ws timed out\n{}",
-                l.transcript()
-            )
-        });
+        .unwrap_or_else(|_| panic!("echo of {len} bytes through hyco-ws timed out\n{}", l.transcript()));
         wr.unwrap();
         rd.unwrap_or_else(|e| panic!("reading the echo of {len} bytes: {e}\n{}", l.transcript()));
         assert!(back == data, "bytes differ for {len}\n{}", l.transcript());
@@ -692,15 +640,7 @@ async fn hyco_tokens_are_accepted_and_wrong_keys_refused() {
 
     // Namespace-wide (README style `createRelayToken('http://' + ns, …)`) with the root key,
     // for a second listener and for a sender.
-    let (sr, ns_token) = hyco_token(&[
-        "--uri",
-        "http://127.0.0.1",
-        "--key-name",
-        &rname,
-        "--key",
-        &rkey,
-    ])
-    .await;
+    let (sr, ns_token) = hyco_token(&["--uri", "http://127.0.0.1", "--key-name", &rname, "--key", &rkey]).await;
     assert_eq!(sr, "http://127.0.0.1/");
     let mut l2 = start_listener(
         &rig,
@@ -722,14 +662,7 @@ async fn hyco_tokens_are_accepted_and_wrong_keys_refused() {
     ])
     .await;
     assert_eq!(sr, format!("http://127.0.0.1:{port}/"));
-    send_and_check_echo(
-        &rig,
-        "tok",
-        "namespace-port",
-        &ok,
-        vec![("HC_TOKEN", token)],
-    )
-    .await;
+    send_and_check_echo(&rig, "tok", "namespace-port", &ok, vec![("HC_TOKEN", token)]).await;
 
     // Each connection went to one of the two listeners.
     l1.drain();
@@ -742,10 +675,7 @@ async fn hyco_tokens_are_accepted_and_wrong_keys_refused() {
     assert_ne!(wrong, skey);
     let (_, bad) = hyco_token(&["--uri", &uri, "--key-name", &sname, "--key", &wrong]).await;
     let refused = refused_sender(&rig, "tok", "wrong-key", vec![("HC_TOKEN", bad)]).await;
-    assert!(
-        refused.starts_with("HTTP_STATUS 1 401 "),
-        "wrong key: {refused}"
-    );
+    assert!(refused.starts_with("HTTP_STATUS 1 401 "), "wrong key: {refused}");
 
     // …and for a listener (hyco-ws surfaces it as an error on the server).
     let mut envs = vec![
@@ -765,29 +695,12 @@ async fn hyco_tokens_are_accepted_and_wrong_keys_refused() {
     );
     let st = bad_l.finish().await;
     assert_eq!(st.code(), Some(3), "{}", bad_l.transcript());
-    assert!(
-        bad_l.seen_with("LISTENING").is_empty(),
-        "{}",
-        bad_l.transcript()
-    );
+    assert!(bad_l.seen_with("LISTENING").is_empty(), "{}", bad_l.transcript());
 
     // Expired (createRelayToken with a negative lifetime): 401.
-    let (_, expired) = hyco_token(&[
-        "--uri",
-        &uri,
-        "--key-name",
-        &sname,
-        "--key",
-        &skey,
-        "--ttl",
-        "-120",
-    ])
-    .await;
+    let (_, expired) = hyco_token(&["--uri", &uri, "--key-name", &sname, "--key", &skey, "--ttl", "-120"]).await;
     let refused = refused_sender(&rig, "tok", "expired", vec![("HC_TOKEN", expired)]).await;
-    assert!(
-        refused.starts_with("HTTP_STATUS 1 401 "),
-        "expired token: {refused}"
-    );
+    assert!(refused.starts_with("HTTP_STATUS 1 401 "), "expired token: {refused}");
 
     // A Send-only rule cannot listen: 403.
     let mut envs = vec![
@@ -809,23 +722,11 @@ async fn hyco_tokens_are_accepted_and_wrong_keys_refused() {
 
     // Still two listeners, and the good ones still work.
     assert_eq!(rig.listeners("tok").await, 2);
-    send_and_check_echo(
-        &rig,
-        "tok",
-        "after",
-        &ok,
-        key_env(&rig.send_cs("tok").await),
-    )
-    .await;
+    send_and_check_echo(&rig, "tok", "after", &ok, key_env(&rig.send_cs("tok").await)).await;
 }
 
 /// Runs a sender that must be refused; returns its `HTTP_STATUS …` line.
-async fn refused_sender(
-    rig: &Rig,
-    entity: &str,
-    tag: &str,
-    extra: Vec<(&'static str, String)>,
-) -> String {
+async fn refused_sender(rig: &Rig, entity: &str, tag: &str, extra: Vec<(&'static str, String)>) -> String {
     let mut envs = tls_env(rig);
     envs.push(("HC_SEND_URI", send_uri(rig, entity)));
     envs.push(("HC_MESSAGES", "[]".into()));
@@ -857,14 +758,7 @@ async fn concurrent_hyco_senders_with_identical_keys() {
     require_rig();
     let rig = Rig::new(false);
     rig.create("many", echo()).await;
-    let mut l = start_listener(
-        &rig,
-        "many",
-        "listener",
-        key_env(&rig.listen_cs("many").await),
-        1,
-    )
-    .await;
+    let mut l = start_listener(&rig, "many", "listener", key_env(&rig.listen_cs("many").await), 1).await;
     let msgs = vec![
         Msg::Text("parallel".into()),
         Msg::Binary(payload(50_000, 5)),
@@ -890,10 +784,7 @@ async fn concurrent_hyco_senders_with_identical_keys() {
     // Every echo matched its own connection (sender.js checks order and content).
     for c in 1..=N {
         let recv = s.seen_with(&format!("RECV {c} "));
-        let expect: Vec<String> = msgs
-            .iter()
-            .map(|m| format!("RECV {c} {}", m.signature()))
-            .collect();
+        let expect: Vec<String> = msgs.iter().map(|m| format!("RECV {c} {}", m.signature())).collect();
         assert_eq!(recv, expect, "connection {c}\n{}", s.transcript());
     }
     // The listener served N separate rendezvous connections, each with all messages.
@@ -904,10 +795,7 @@ async fn concurrent_hyco_senders_with_identical_keys() {
     }
     for n in 1..=N {
         let got: Vec<String> = l.seen_with(&format!("MESSAGE {n} "));
-        let expect: Vec<String> = msgs
-            .iter()
-            .map(|m| format!("MESSAGE {n} {}", m.signature()))
-            .collect();
+        let expect: Vec<String> = msgs.iter().map(|m| format!("MESSAGE {n} {}", m.signature())).collect();
         assert_eq!(got, expect, "listener connection {n}\n{}", l.transcript());
     }
 }
@@ -919,14 +807,7 @@ async fn sender_suffix_and_query_reach_hyco_listener() {
     require_rig();
     let rig = Rig::new(false);
     rig.create("sfx", echo()).await;
-    let mut l = start_listener(
-        &rig,
-        "sfx",
-        "listener",
-        key_env(&rig.listen_cs("sfx").await),
-        1,
-    )
-    .await;
+    let mut l = start_listener(&rig, "sfx", "listener", key_env(&rig.listen_cs("sfx").await), 1).await;
     let msgs = vec![Msg::Text("suffix".into())];
     let uri = format!(
         "{}/$hc/sfx/api/v1?app=1&other=x%20y&sb-hc-action=connect",
@@ -939,10 +820,7 @@ async fn sender_suffix_and_query_reach_hyco_listener() {
     let mut s = Node::spawn("sender-sfx", "sender.js", &[], &envs);
     s.expect("DONE", |l| l == "DONE").await;
     assert!(s.finish().await.success(), "{}", s.transcript());
-    assert_eq!(
-        s.seen_with("RECV 1 "),
-        vec![format!("RECV 1 {}", msgs[0].signature())]
-    );
+    assert_eq!(s.seen_with("RECV 1 "), vec![format!("RECV 1 {}", msgs[0].signature())]);
     let open = l.expect_prefix("OPEN 1 ").await;
     assert_eq!(
         open,
@@ -963,16 +841,10 @@ async fn hyco_sender_refusals() {
 
     // No listener connected.
     let line = refused_sender(&rig, "lonely", "no-listener", send.clone()).await;
-    assert!(
-        line.starts_with("HTTP_STATUS 1 404 "),
-        "no listener: {line}"
-    );
+    assert!(line.starts_with("HTTP_STATUS 1 404 "), "no listener: {line}");
     // Unknown entity (namespace key, so only the entity lookup can fail).
     let line = refused_sender(&rig, "nosuch", "unknown", root).await;
-    assert!(
-        line.starts_with("HTTP_STATUS 1 404 "),
-        "unknown entity: {line}"
-    );
+    assert!(line.starts_with("HTTP_STATUS 1 404 "), "unknown entity: {line}");
     // No token at all.
     let line = refused_sender(&rig, "lonely", "no-token", vec![]).await;
     assert!(line.starts_with("HTTP_STATUS 1 401 "), "no token: {line}");
@@ -987,22 +859,12 @@ async fn close_codes_cross_the_relay() {
     require_rig();
     let rig = Rig::new(false);
     rig.create("closing", echo()).await;
-    let mut l = start_listener(
-        &rig,
-        "closing",
-        "listener",
-        key_env(&rig.listen_cs("closing").await),
-        1,
-    )
-    .await;
+    let mut l = start_listener(&rig, "closing", "listener", key_env(&rig.listen_cs("closing").await), 1).await;
     let send = key_env(&rig.send_cs("closing").await);
 
-    for (n, (tag, command, want_code)) in [
-        ("close", "__close__ 4001", 4001u16),
-        ("drop", "__drop__", 1001),
-    ]
-    .into_iter()
-    .enumerate()
+    for (n, (tag, command, want_code)) in [("close", "__close__ 4001", 4001u16), ("drop", "__drop__", 1001)]
+        .into_iter()
+        .enumerate()
     {
         let n = n + 1;
         let first = Msg::Text(format!("before {tag}"));
@@ -1014,12 +876,7 @@ async fn close_codes_cross_the_relay() {
         envs.extend(send.clone());
         let mut s = Node::spawn(&format!("sender-{tag}"), "sender.js", &[], &envs);
         let recv = s.expect_prefix("RECV 1 ").await;
-        assert_eq!(
-            recv,
-            format!("RECV 1 {}", first.signature()),
-            "{}",
-            s.transcript()
-        );
+        assert_eq!(recv, format!("RECV 1 {}", first.signature()), "{}", s.transcript());
         let t0 = tokio::time::Instant::now();
         let closed = s.expect_prefix("PEER_CLOSE 1 ").await;
         let took = t0.elapsed();
