@@ -45,6 +45,9 @@ pub struct BridgeConfig {
     pub ping_interval: Duration,
     /// Largest data frame accepted. Default: 1 MiB.
     pub max_frame: u64,
+    /// Memory the data plane may hold in pooled buffers, all workers together. Default:
+    /// 64 MiB per worker.
+    pub buffer_budget: usize,
     /// Hosts file for [`Listen::Resolve`] forwards. Default: `/etc/hosts`
     /// (`%SystemRoot%\System32\drivers\etc\hosts` on Windows).
     pub hosts_file: PathBuf,
@@ -60,6 +63,7 @@ impl BridgeConfig {
             token_ttl: Duration::from_secs(3600),
             ping_interval: Duration::from_secs(30),
             max_frame: crate::proto::frame::DEFAULT_MAX_FRAME,
+            buffer_budget: crate::relay::config::default_workers() * crate::dataplane::pool::DEFAULT_BUDGET,
             hosts_file: default_hosts_file(),
             forwards,
         }
@@ -98,6 +102,10 @@ impl BridgeConfig {
                 bail!("field `workers`: must be at least 1 (omit it for one per core)");
             }
             c.workers = w;
+            c.buffer_budget = w * crate::dataplane::pool::DEFAULT_BUDGET;
+        }
+        if let Some(m) = f.buffer_budget_mib {
+            c.buffer_budget = crate::config::budget_from_mib(m, c.workers).context("field `buffer_budget_mib`")?;
         }
         c.ca_files = f.ca_files;
         if let Some(p) = f.hosts_file {
@@ -176,6 +184,7 @@ fn check_entity(cs: &ConnectionString, hc: &str) -> anyhow::Result<()> {
 #[serde(deny_unknown_fields)]
 pub struct BridgeFile {
     pub workers: Option<usize>,
+    pub buffer_budget_mib: Option<usize>,
     #[serde(default)]
     pub ca_files: Vec<PathBuf>,
     pub hosts_file: Option<PathBuf>,

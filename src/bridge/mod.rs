@@ -93,7 +93,7 @@ pub fn start(cfg: BridgeConfig) -> anyhow::Result<BridgeHandle> {
     let tls = crate::transport::tls::client_config(&cfg.ca_files)?;
     let endpoints = resolve_endpoints(&cfg, &tls)?;
     let loopbacks = hosts::allocate(endpoints.values().map(|e| e.host.as_str()));
-    let workers = Workers::start("hyrelay-bridge", cfg.workers)?;
+    let workers = Workers::start("hyrelay-bridge", cfg.workers, cfg.buffer_budget)?;
     let shutdown = CancellationToken::new();
     let ctx = Arc::new(BridgeCtx {
         cfg: cfg.clone(),
@@ -201,7 +201,9 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, fw: Arc<ForwardRt>, ctx: Arc<Br
     let cfg = SpliceConfig {
         ping_interval: ctx.cfg.ping_interval,
         max_frame: ctx.cfg.max_frame,
+        tcp_side: splice::TcpSide::App,
     };
-    let stats = splice::ws_tcp(conn.stream, conn.leftover, tcp, &cfg, &ctx.shutdown).await;
+    let active = crate::dataplane::stats::ActiveGuard::new(crate::dataplane::stats::for_hc(hc));
+    let stats = splice::ws_tcp(conn.stream, conn.leftover, tcp, &cfg, &ctx.shutdown, Some(active)).await;
     tracing::debug!(event = "tunnel_closed", hc, %peer, to_app = stats.to_tcp, from_app = stats.to_ws, end = %stats.end, "tunnel closed");
 }

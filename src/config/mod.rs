@@ -34,6 +34,15 @@ pub fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>,
     duration(d).map(Some)
 }
 
+/// A buffer budget given in MiB, checked to allow at least one 64 KiB buffer per worker.
+pub fn budget_from_mib(mib: usize, workers: usize) -> anyhow::Result<usize> {
+    let bytes = mib.checked_mul(1 << 20).ok_or_else(|| anyhow::anyhow!("{mib} MiB is too large"))?;
+    if bytes < workers * crate::dataplane::pool::BUF_SIZE {
+        anyhow::bail!("{mib} MiB leaves less than one 64 KiB buffer per worker ({workers} workers)");
+    }
+    Ok(bytes)
+}
+
 /// Default data directory of a role: `$HYRELAY_DATA_DIR/<role>`, else
 /// `/var/lib/hyrelay/<role>` for root, else `$XDG_DATA_HOME/hyrelay/<role>` or
 /// `~/.local/share/hyrelay/<role>`.

@@ -1,39 +1,46 @@
 //! Splicing a client-side WebSocket (hcm's rendezvous, bridge's sender connection) to a
 //! TCP connection, byte-exact, with half-close.
 //!
-//! Mapping between TCP and WebSocket ends:
+//! Mapping between the TCP and WebSocket ends:
 //! - TCP EOF from the local side → WebSocket Close(1000); we keep reading the WebSocket.
 //! - WebSocket Close from the peer → TCP shutdown(write); we keep reading TCP, and send our
-//!   Close when TCP reaches EOF.
-//! - The WebSocket vanishing or breaking the protocol, a TCP error, or two ping periods of
-//!   silence → both ends are closed (1001 / the protocol's code).
+//!   Close (the echo) when TCP reaches EOF.
+//! - The WebSocket vanishing, a protocol error, a TCP error, two ping periods of silence,
+//!   or `stop` → Close with the matching code where possible, and both ends are dropped.
 //!
-//! The two directions run as two futures in one task. The reading side hands what it owes
-//! the peer (pong, close) to the writing side as [`Obligation`]s, so only one future ever
-//! writes to the WebSocket. TCP → WebSocket frames are built in place: data is read into a
-//! buffer after [`HEADROOM`] bytes, the header is written just before it and the payload is
-//! masked in place, so every frame is one write and no payload byte is copied.
+//! Engine: one future polls both directions; no locks, no channels, no task per
+//! direction. TCP → WebSocket: once TCP is readable a pooled buffer is taken, data is
+//! read after [`HEADROOM`] bytes, the frame header is written just before it and the
+//! payload masked in place, so each frame is one write with no copy. WebSocket → TCP:
+//! frames are decoded in place and their payload runs written with one vectored write.
+//! Buffers go back to the pool as soon as their bytes are written, so an idle tunnel
+//! holds none. Control frames the reading side owes (pong, close) are handed to the
+//! writing side through [`Ctrl`] and written between data frames.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::io;
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::ops::Range;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use crate::proto::frame::{self, Item, OpCode, Role, close_code};
+use super::pool::{self, PoolBuf};
+use super::reframe::{ReadySource, preloaded};
+use super::stats::ActiveGuard;
+use crate::proto::frame::{self, Decoder, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN, OpCode, Role, SliceItem, close_code};
 use crate::proto::mask::apply_mask;
 use crate::transport::Stream;
-use crate::transport::ws::{WsError, WsReader, WsWriter};
 
 /// Bytes kept free in front of the payload for the frame header.
-pub const HEADROOM: usize = frame::MAX_HEADER_LEN;
-/// Largest TCP read, hence largest frame we send. Default: 64 KiB.
-pub const CHUNK: usize = 64 * 1024 - HEADROOM;
+pub const HEADROOM: usize = MAX_HEADER_LEN;
+/// Most payload runs written by one vectored write.
+const MAX_BATCH: usize = 64;
 
 /// Tunables of a splice.
 #[derive(Debug, Clone)]
@@ -43,6 +50,18 @@ pub struct SpliceConfig {
     pub ping_interval: Duration,
     /// Largest data frame accepted from the peer. Default: 1 MiB.
     pub max_frame: u64,
+    /// Which end the TCP side is, to count bytes as up (towards the endpoint) or down.
+    pub tcp_side: TcpSide,
+}
+
+/// What the TCP connection of a splice leads to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TcpSide {
+    /// The app (bridge): TCP → WebSocket is "up".
+    #[default]
+    App,
+    /// The endpoint (hcm): TCP → WebSocket is "down".
+    Endpoint,
 }
 
 impl Default for SpliceConfig {
@@ -50,6 +69,7 @@ impl Default for SpliceConfig {
         Self {
             ping_interval: Duration::from_secs(30),
             max_frame: frame::DEFAULT_MAX_FRAME,
+            tcp_side: TcpSide::App,
         }
     }
 }
@@ -67,235 +87,528 @@ pub struct SpliceStats {
     pub end: String,
 }
 
-/// When the peer was last heard from; shared by the two directions (a `Send` cell).
-struct LastHeard {
-    base: Instant,
-    millis: AtomicU64,
-}
-
-impl LastHeard {
-    fn new() -> Self {
-        Self { base: Instant::now(), millis: AtomicU64::new(0) }
-    }
-
-    fn touch(&self) {
-        self.millis.store(self.base.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-
-    fn silent_for(&self) -> Duration {
-        self.base.elapsed().saturating_sub(Duration::from_millis(self.millis.load(Ordering::Relaxed)))
-    }
-}
-
-/// What the reading side owes the peer.
-#[derive(Debug)]
-enum Obligation {
-    Pong(Bytes),
-    /// The peer sent Close; answer it once local TCP is done.
-    PeerClosed,
-    /// End now, sending Close with this code.
-    Abort(u16, String),
-}
-
-/// Runs the splice to completion. `stop` ends it with Close(1001).
+/// Runs the splice to completion, then closes the WebSocket (TLS close_notify, FIN).
+/// `leftover` holds bytes read past the WebSocket handshake. `stop` ends it with
+/// Close(1001).
 pub async fn ws_tcp(
     ws: Stream,
     leftover: BytesMut,
     tcp: TcpStream,
     cfg: &SpliceConfig,
     stop: &CancellationToken,
+    active: Option<ActiveGuard>,
 ) -> SpliceStats {
-    let (ws_r, ws_w) = tokio::io::split(ws);
-    let (tcp_r, tcp_w) = tcp.into_split();
-    let mut reader = WsReader::new(ws_r, leftover, Role::Client, cfg.max_frame);
-    let mut writer = WsWriter::new(ws_w, Role::Client);
-    let (tx, rx) = mpsc::channel(16);
-    let last_heard = LastHeard::new();
-    let done = CancellationToken::new();
-    let mut stats = SpliceStats::default();
-    let (inbound, outbound) = tokio::join!(
-        ws_to_tcp(&mut reader, tcp_w, tx, &last_heard, &done),
-        tcp_to_ws(tcp_r, &mut writer, rx, &last_heard, cfg.ping_interval, stop, &done),
-    );
-    stats.to_tcp = inbound.bytes;
-    stats.peer_close = inbound.peer_close;
-    stats.to_ws = outbound.bytes;
-    stats.end = format!("{}; {}", inbound.end, outbound.end);
-    let _ = tokio::time::timeout(Duration::from_secs(2), writer.get_mut().shutdown()).await;
+    let mut s = Splice::new(ws, &leftover, tcp, cfg, stop, active);
+    let stats = (&mut s).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), tokio::io::AsyncWriteExt::shutdown(&mut s.ws)).await;
     stats
 }
 
-struct Half {
+/// Control work handed from the reading side to the writing side.
+#[derive(Debug, Default)]
+struct Ctrl {
+    pong: Option<([u8; MAX_CONTROL_PAYLOAD], usize)>,
+    ping_due: bool,
+    close: CloseState,
+    /// End as soon as our Close is out (errors, stop), without waiting for the peer's.
+    abort: bool,
+    /// The peer's Close arrived (its code, if any).
+    peer_closed: Option<Option<u16>>,
+    /// No more reading from TCP (EOF, error or stopping).
+    tcp_done: bool,
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+enum CloseState {
+    #[default]
+    None,
+    Queued(u16, &'static str),
+    Sent,
+}
+
+impl Ctrl {
+    fn queue_close(&mut self, code: u16, reason: &'static str) {
+        if self.close == CloseState::None {
+            self.close = CloseState::Queued(code, reason);
+        }
+    }
+}
+
+/// A small masked control frame being written.
+#[derive(Debug)]
+struct CtlFrame {
+    bytes: [u8; MAX_HEADER_LEN + MAX_CONTROL_PAYLOAD],
+    len: usize,
+    pos: usize,
+    is_close: bool,
+}
+
+impl CtlFrame {
+    fn new(opcode: OpCode, payload: &[u8]) -> Self {
+        let key = rand::random::<[u8; 4]>();
+        let mut hdr = [0u8; MAX_HEADER_LEN];
+        let h = frame::encode_header(true, opcode, Some(key), payload.len() as u64, &mut hdr);
+        let mut bytes = [0u8; MAX_HEADER_LEN + MAX_CONTROL_PAYLOAD];
+        bytes[..h].copy_from_slice(&hdr[..h]);
+        bytes[h..h + payload.len()].copy_from_slice(payload);
+        apply_mask(&mut bytes[h..h + payload.len()], key, 0);
+        Self {
+            bytes,
+            len: h + payload.len(),
+            pos: 0,
+            is_close: opcode == OpCode::Close,
+        }
+    }
+}
+
+/// TCP → WebSocket.
+#[derive(Debug, Default)]
+struct Up {
+    buf: Option<PoolBuf>,
+    /// Framed bytes waiting to be written: `buf[out]`.
+    out: Range<usize>,
+    ctl: Option<CtlFrame>,
+    need_flush: bool,
     bytes: u64,
-    peer_close: Option<u16>,
-    end: String,
 }
 
-async fn ws_to_tcp<R: AsyncRead + Unpin>(
-    reader: &mut WsReader<R>,
-    mut tcp: tokio::net::tcp::OwnedWriteHalf,
-    tx: mpsc::Sender<Obligation>,
-    last_heard: &LastHeard,
-    done: &CancellationToken,
-) -> Half {
-    let mut half = Half { bytes: 0, peer_close: None, end: String::new() };
-    loop {
-        let item = tokio::select! {
-            _ = done.cancelled() => {
-                half.end = "stopped".into();
-                return half;
-            }
-            // Cancel-safe: partial frames stay in the reader.
-            i = reader.next_item() => i,
-        };
-        last_heard.touch();
-        match item {
-            Ok(Some(Item::Data(chunk))) => {
-                half.bytes += chunk.payload.len() as u64;
-                if let Err(e) = tcp.write_all(&chunk.payload).await {
-                    tx.send(Obligation::Abort(close_code::GOING_AWAY, "The endpoint connection failed.".into())).await.ok();
-                    half.end = format!("TCP write failed: {e}");
-                    return half;
-                }
-            }
-            Ok(Some(Item::Control { opcode: OpCode::Ping, payload })) => {
-                tx.send(Obligation::Pong(payload.freeze())).await.ok();
-            }
-            Ok(Some(Item::Control { opcode: OpCode::Pong, .. })) => {}
-            Ok(Some(Item::Control { payload, .. })) => {
-                let close = frame::parse_close(&payload);
-                half.peer_close = close.as_ref().ok().and_then(|c| c.code);
-                let _ = tcp.shutdown().await;
-                match close {
-                    Ok(c) => {
-                        tx.send(Obligation::PeerClosed).await.ok();
-                        half.end = format!("peer closed ({})", c.code.unwrap_or(1005));
-                    }
-                    Err(e) => {
-                        tx.send(Obligation::Abort(e.close_code(), e.to_string())).await.ok();
-                        half.end = format!("peer sent a bad close: {e}");
-                    }
-                }
-                return half;
-            }
-            Ok(None) | Err(WsError::UnexpectedEof) | Err(WsError::Io(_)) => {
-                let _ = tcp.shutdown().await;
-                tx.send(Obligation::Abort(close_code::GOING_AWAY, String::new())).await.ok();
-                half.end = "WebSocket connection lost".into();
-                return half;
-            }
-            Err(e) => {
-                tx.send(Obligation::Abort(e.close_code(), e.to_string())).await.ok();
-                half.end = format!("WebSocket protocol error: {e}");
-                return half;
-            }
-        }
-    }
+/// Why the writing side stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum UpEnd {
+    /// Our Close is out (and, unless aborting, the peer's has arrived).
+    Done,
+    WsWriteFailed,
 }
 
-async fn tcp_to_ws<W: AsyncWrite + Unpin>(
-    mut tcp: tokio::net::tcp::OwnedReadHalf,
-    ws: &mut WsWriter<W>,
-    mut rx: mpsc::Receiver<Obligation>,
-    last_heard: &LastHeard,
-    ping_interval: Duration,
-    stop: &CancellationToken,
-    done: &CancellationToken,
-) -> Half {
-    let mut half = Half { bytes: 0, peer_close: None, end: String::new() };
-    let mut buf = vec![0u8; HEADROOM + CHUNK];
-    let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
-    let mut peer_closed = false;
-    let mut close_sent = false;
-    let mut rx_open = true;
-    let finish = |half: &mut Half, why: String| {
-        half.end = why;
-        done.cancel();
-    };
-    loop {
-        tokio::select! {
-            biased;
-            obl = rx.recv(), if rx_open => match obl {
-                Some(Obligation::Pong(p)) => {
-                    if !close_sent && ws.send(true, OpCode::Pong, &p).await.is_err() {
-                        finish(&mut half, "WebSocket write failed".into());
-                        return half;
+impl Up {
+    fn poll(&mut self, cx: &mut Context<'_>, tcp: &mut TcpStream, ws: &mut Stream, ctrl: &mut Ctrl) -> Poll<UpEnd> {
+        loop {
+            if !self.out.is_empty() {
+                let buf = self.buf.as_ref().expect("output lives in the buffer");
+                match ready!(Pin::new(&mut *ws).poll_write(cx, &buf[self.out.clone()])) {
+                    Ok(0) | Err(_) => return Poll::Ready(UpEnd::WsWriteFailed),
+                    Ok(n) => self.out.start += n,
+                }
+                if self.out.is_empty() {
+                    self.need_flush = true;
+                    self.buf = None; // back to the pool while TCP is quiet
+                }
+                continue;
+            }
+            if let Some(f) = &mut self.ctl {
+                while f.pos < f.len {
+                    match ready!(Pin::new(&mut *ws).poll_write(cx, &f.bytes[f.pos..f.len])) {
+                        Ok(0) | Err(_) => return Poll::Ready(UpEnd::WsWriteFailed),
+                        Ok(n) => f.pos += n,
                     }
                 }
-                Some(Obligation::PeerClosed) => {
-                    peer_closed = true;
-                    if close_sent {
-                        half.end = "closed both ways".into();
-                        return half;
-                    }
+                if f.is_close {
+                    ctrl.close = CloseState::Sent;
                 }
-                Some(Obligation::Abort(code, reason)) => {
-                    if !close_sent && (code != close_code::GOING_AWAY || !reason.is_empty()) {
-                        ws.send_close(code, &reason).await.ok();
-                    }
-                    finish(&mut half, "aborted".into());
-                    return half;
+                self.ctl = None;
+                self.need_flush = true;
+            }
+            if self.need_flush {
+                if ready!(Pin::new(&mut *ws).poll_flush(cx)).is_err() {
+                    return Poll::Ready(UpEnd::WsWriteFailed);
                 }
-                None => rx_open = false,
-            },
-            n = tcp.read(&mut buf[HEADROOM..]), if !close_sent => match n {
+                self.need_flush = false;
+            }
+            if ctrl.close == CloseState::Sent && (ctrl.abort || ctrl.peer_closed.is_some()) {
+                return Poll::Ready(UpEnd::Done);
+            }
+            // Control frames go out between data frames, which is always here.
+            if let Some((p, n)) = ctrl.pong.take() {
+                self.ctl = Some(CtlFrame::new(OpCode::Pong, &p[..n]));
+                continue;
+            }
+            if std::mem::take(&mut ctrl.ping_due) {
+                self.ctl = Some(CtlFrame::new(OpCode::Ping, b""));
+                continue;
+            }
+            if let CloseState::Queued(code, reason) = ctrl.close {
+                self.ctl = Some(CtlFrame::new(OpCode::Close, &frame::close_payload(code, reason)));
+                continue;
+            }
+            if ctrl.tcp_done || ctrl.close == CloseState::Sent {
+                // Nothing to read; woken again when the reading side or a timer has work.
+                return Poll::Pending;
+            }
+            match ready!(self.poll_read_tcp(cx, tcp)) {
                 Ok(0) => {
-                    // Local side finished sending: Close(1000). After a peer Close this is the
-                    // echo and we are done; otherwise the peer may keep sending.
-                    ws.send_close(close_code::NORMAL, "").await.ok();
-                    close_sent = true;
-                    if peer_closed || !rx_open {
-                        half.end = "closed both ways".into();
-                        return half;
-                    }
+                    ctrl.tcp_done = true;
+                    ctrl.queue_close(close_code::NORMAL, "");
                 }
-                Ok(n) => {
-                    half.bytes += n as u64;
-                    if let Err(e) = send_in_place(ws, &mut buf, n).await {
-                        finish(&mut half, format!("WebSocket write failed: {e}"));
-                        return half;
-                    }
-                }
-                Err(e) => {
-                    ws.send_close(close_code::GOING_AWAY, "The local connection failed.").await.ok();
-                    finish(&mut half, format!("TCP read failed: {e}"));
-                    return half;
-                }
-            },
-            _ = ping.tick(), if !peer_closed => {
-                if last_heard.silent_for() >= ping_interval * 2 {
-                    finish(&mut half, "peer silent for two ping periods".into());
-                    return half;
-                }
-                // Pings are control frames, allowed after our Close: they keep detecting a
-                // dead peer while a half-closed tunnel still carries data our way.
-                if ws.send(true, OpCode::Ping, b"").await.is_err() {
-                    finish(&mut half, "WebSocket write failed".into());
-                    return half;
+                Ok(n) => self.frame_in_place(n),
+                Err(_) => {
+                    ctrl.tcp_done = true;
+                    ctrl.abort = true;
+                    ctrl.queue_close(close_code::GOING_AWAY, "The local connection failed.");
                 }
             }
-            _ = stop.cancelled() => {
-                if !close_sent {
-                    ws.send_close(close_code::GOING_AWAY, "Shutting down.").await.ok();
+        }
+    }
+
+    /// Reads TCP data after the headroom; takes a buffer only once TCP is readable.
+    fn poll_read_tcp(&mut self, cx: &mut Context<'_>, tcp: &mut TcpStream) -> Poll<io::Result<usize>> {
+        if self.buf.is_none() {
+            ready!(ReadySource::poll_ready(tcp, cx))?;
+            self.buf = Some(ready!(pool::poll_acquire(cx)));
+        }
+        let buf = self.buf.as_mut().expect("acquired above");
+        let mut rb = ReadBuf::new(&mut buf[HEADROOM..]);
+        match Pin::new(tcp).poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(rb.filled().len())),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                self.buf = None;
+                Poll::Pending
+            }
+        }
+    }
+
+    /// Turns `buf[HEADROOM..HEADROOM + n]` into one masked binary frame, in place.
+    fn frame_in_place(&mut self, n: usize) {
+        let buf = self.buf.as_mut().expect("data implies a buffer");
+        let key = rand::random::<[u8; 4]>();
+        let mut hdr = [0u8; MAX_HEADER_LEN];
+        let h = frame::encode_header(true, OpCode::Binary, Some(key), n as u64, &mut hdr);
+        buf[HEADROOM - h..HEADROOM].copy_from_slice(&hdr[..h]);
+        apply_mask(&mut buf[HEADROOM..HEADROOM + n], key, 0);
+        self.out = HEADROOM - h..HEADROOM + n;
+        self.bytes += n as u64;
+    }
+}
+
+/// WebSocket → TCP.
+#[derive(Debug)]
+struct Down {
+    dec: Decoder,
+    buf: Option<PoolBuf>,
+    start: usize,
+    end: usize,
+    out: Vec<Range<usize>>,
+    out_idx: usize,
+    out_off: usize,
+    /// The peer's Close was read: shut TCP's write side once the output is out.
+    closing: bool,
+    bytes: u64,
+}
+
+/// Why the reading side stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum DownEnd {
+    PeerClosed,
+    /// The WebSocket ended without a Close.
+    Vanished,
+    /// The peer broke the protocol (close code to answer with).
+    ProtocolError(u16, String),
+    TcpWriteFailed,
+}
+
+impl Down {
+    fn new(max_frame: u64) -> Self {
+        Self {
+            dec: Decoder::new(Role::Client, max_frame),
+            buf: None,
+            start: 0,
+            end: 0,
+            out: Vec::new(),
+            out_idx: 0,
+            out_off: 0,
+            closing: false,
+            bytes: 0,
+        }
+    }
+
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        ws: &mut Stream,
+        tcp: &mut TcpStream,
+        ctrl: &mut Ctrl,
+        heard: &mut Instant,
+    ) -> Poll<DownEnd> {
+        loop {
+            if self.out_idx < self.out.len() {
+                if ready!(self.poll_write_out(cx, tcp)).is_err() {
+                    return Poll::Ready(DownEnd::TcpWriteFailed);
                 }
-                finish(&mut half, "stopped".into());
-                return half;
+                continue;
+            }
+            if self.closing {
+                let _ = ready!(Pin::new(&mut *tcp).poll_shutdown(cx));
+                self.buf = None;
+                return Poll::Ready(DownEnd::PeerClosed);
+            }
+            if self.start < self.end {
+                if let Err(e) = self.decode_batch(ctrl) {
+                    return Poll::Ready(DownEnd::ProtocolError(e.close_code(), e.to_string()));
+                }
+                if self.out_idx < self.out.len() || self.closing {
+                    continue;
+                }
+            }
+            match ready!(self.poll_fill(cx, ws)) {
+                Ok(true) => *heard = Instant::now(),
+                Ok(false) | Err(_) => return Poll::Ready(DownEnd::Vanished),
+            }
+        }
+    }
+
+    fn poll_fill(&mut self, cx: &mut Context<'_>, ws: &mut Stream) -> Poll<io::Result<bool>> {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+            self.buf = None;
+        } else if self.start > 0 {
+            let buf = self.buf.as_mut().expect("bytes imply a buffer");
+            buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.buf.is_none() {
+            ready!(ws.poll_read_ready(cx))?;
+            self.buf = Some(ready!(pool::poll_acquire(cx)));
+        }
+        let buf = self.buf.as_mut().expect("acquired above");
+        let mut rb = ReadBuf::new(&mut buf[self.end..]);
+        match Pin::new(&mut *ws).poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) => {
+                let n = rb.filled().len();
+                self.end += n;
+                Poll::Ready(Ok(n > 0))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                if self.end == 0 {
+                    self.buf = None;
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn decode_batch(&mut self, ctrl: &mut Ctrl) -> Result<(), frame::FrameError> {
+        let buf = self.buf.as_mut().expect("bytes imply a buffer");
+        self.out.clear();
+        self.out_idx = 0;
+        self.out_off = 0;
+        while self.start < self.end && self.out.len() < MAX_BATCH {
+            let base = self.start;
+            let Some((item, used)) = self.dec.decode_slice(&mut buf[base..self.end])? else {
+                break;
+            };
+            self.start += used;
+            match item {
+                SliceItem::Data(c) => {
+                    if !c.payload.is_empty() {
+                        self.bytes += c.payload.len() as u64;
+                        self.out.push(base + c.payload.start..base + c.payload.end);
+                    }
+                }
+                SliceItem::Control { opcode: OpCode::Ping, payload } => {
+                    let mut p = [0u8; MAX_CONTROL_PAYLOAD];
+                    p[..payload.len()].copy_from_slice(&buf[base + payload.start..base + payload.end]);
+                    ctrl.pong = Some((p, payload.len()));
+                }
+                SliceItem::Control { opcode: OpCode::Pong, .. } => {}
+                SliceItem::Control { payload, .. } => {
+                    let close = frame::parse_close(&buf[base + payload.start..base + payload.end])?;
+                    ctrl.peer_closed = Some(close.code);
+                    self.closing = true;
+                    self.start = self.end; // nothing may follow a Close
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn poll_write_out(&mut self, cx: &mut Context<'_>, tcp: &mut TcpStream) -> Poll<io::Result<()>> {
+        let buf = self.buf.as_ref().expect("output lives in the buffer");
+        let mut slices = [IoSlice::new(&[]); MAX_BATCH];
+        let mut k = 0;
+        for (i, r) in self.out[self.out_idx..].iter().enumerate() {
+            let skip = if i == 0 { self.out_off } else { 0 };
+            slices[k] = IoSlice::new(&buf[r.start + skip..r.end]);
+            k += 1;
+        }
+        let mut n = ready!(Pin::new(&mut *tcp).poll_write_vectored(cx, &slices[..k]))?;
+        if n == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        while n > 0 {
+            let left = self.out[self.out_idx].len() - self.out_off;
+            if n >= left {
+                n -= left;
+                self.out_idx += 1;
+                self.out_off = 0;
+            } else {
+                self.out_off += n;
+                n = 0;
+            }
+        }
+        if self.out_idx == self.out.len() {
+            self.out.clear();
+            self.out_idx = 0;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The splice future: both directions, the keep-alive timer and the stop signal.
+pub struct Splice {
+    ws: Stream,
+    tcp: TcpStream,
+    up: Up,
+    down: Down,
+    ctrl: Ctrl,
+    up_end: Option<UpEnd>,
+    down_end: Option<DownEnd>,
+    period: Duration,
+    ping: Pin<Box<Sleep>>,
+    heard: Instant,
+    stop: Pin<Box<WaitForCancellationFutureOwned>>,
+    stopping: bool,
+    active: Option<ActiveGuard>,
+    tcp_side: TcpSide,
+    counted: (u64, u64),
+    end: Option<String>,
+}
+
+impl Splice {
+    pub fn new(
+        ws: Stream,
+        leftover: &[u8],
+        tcp: TcpStream,
+        cfg: &SpliceConfig,
+        stop: &CancellationToken,
+        active: Option<ActiveGuard>,
+    ) -> Self {
+        let mut down = Down::new(cfg.max_frame);
+        if !leftover.is_empty() {
+            down.buf = Some(preloaded(leftover));
+            down.end = leftover.len();
+        }
+        Self {
+            ws,
+            tcp,
+            up: Up::default(),
+            down,
+            ctrl: Ctrl::default(),
+            up_end: None,
+            down_end: None,
+            period: cfg.ping_interval,
+            ping: Box::pin(tokio::time::sleep(cfg.ping_interval)),
+            heard: Instant::now(),
+            stop: Box::pin(stop.clone().cancelled_owned()),
+            stopping: false,
+            active,
+            tcp_side: cfg.tcp_side,
+            counted: (0, 0),
+            end: None,
+        }
+    }
+
+    fn count(&mut self) {
+        if let Some(a) = &self.active {
+            let (to_ws, to_tcp) = (self.up.bytes - self.counted.0, self.down.bytes - self.counted.1);
+            let c = a.counters();
+            match self.tcp_side {
+                TcpSide::App => {
+                    c.add_up(to_ws);
+                    c.add_down(to_tcp);
+                }
+                TcpSide::Endpoint => {
+                    c.add_up(to_tcp);
+                    c.add_down(to_ws);
+                }
+            }
+        }
+        self.counted = (self.up.bytes, self.down.bytes);
+    }
+
+    fn stats(&mut self, why: String) -> SpliceStats {
+        self.count();
+        SpliceStats {
+            to_tcp: self.down.bytes,
+            to_ws: self.up.bytes,
+            peer_close: self.ctrl.peer_closed.flatten(),
+            end: why,
+        }
+    }
+
+    fn on_down_end(&mut self, e: &DownEnd) -> Option<String> {
+        match e {
+            DownEnd::PeerClosed => None,
+            DownEnd::Vanished => Some("WebSocket connection lost".into()),
+            DownEnd::ProtocolError(code, msg) => {
+                self.ctrl.abort = true;
+                self.ctrl.tcp_done = true;
+                self.ctrl.queue_close(*code, "protocol error");
+                self.end = Some(format!("WebSocket protocol error: {msg}"));
+                None
+            }
+            DownEnd::TcpWriteFailed => {
+                self.ctrl.abort = true;
+                self.ctrl.tcp_done = true;
+                self.ctrl.queue_close(close_code::GOING_AWAY, "The endpoint connection failed.");
+                self.end = Some("TCP write failed".into());
+                None
             }
         }
     }
 }
 
-/// Frames `buf[HEADROOM..HEADROOM + n]` in place and writes it as one binary frame.
-async fn send_in_place<W: AsyncWrite + Unpin>(ws: &mut WsWriter<W>, buf: &mut [u8], n: usize) -> io::Result<()> {
-    let key = ws.masks().then(rand::random::<[u8; 4]>);
-    let mut hdr = [0u8; frame::MAX_HEADER_LEN];
-    let h = frame::encode_header(true, OpCode::Binary, key, n as u64, &mut hdr);
-    let start = HEADROOM - h;
-    buf[start..HEADROOM].copy_from_slice(&hdr[..h]);
-    if let Some(k) = key {
-        apply_mask(&mut buf[HEADROOM..HEADROOM + n], k, 0);
+impl Future for Splice {
+    type Output = SpliceStats;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<SpliceStats> {
+        let this = self.get_mut();
+        if !this.stopping && this.stop.as_mut().poll(cx).is_ready() {
+            this.stopping = true;
+            this.ctrl.abort = true;
+            this.ctrl.tcp_done = true;
+            this.ctrl.queue_close(close_code::GOING_AWAY, "Shutting down.");
+            this.end.get_or_insert_with(|| "stopped".into());
+        }
+        while this.ping.as_mut().poll(cx).is_ready() {
+            if this.ctrl.peer_closed.is_none() {
+                if this.heard.elapsed() >= this.period * 2 {
+                    return Poll::Ready(this.stats("peer silent for two ping periods".into()));
+                }
+                this.ctrl.ping_due = true;
+            }
+            this.ping.as_mut().reset(Instant::now() + this.period);
+        }
+        if this.down_end.is_none()
+            && let Poll::Ready(e) = this.down.poll(cx, &mut this.ws, &mut this.tcp, &mut this.ctrl, &mut this.heard)
+        {
+            if let Some(fatal) = this.on_down_end(&e) {
+                this.down_end = Some(e);
+                return Poll::Ready(this.stats(fatal));
+            }
+            this.down_end = Some(e);
+        }
+        if this.up_end.is_none()
+            && let Poll::Ready(e) = this.up.poll(cx, &mut this.tcp, &mut this.ws, &mut this.ctrl)
+        {
+            if e == UpEnd::WsWriteFailed {
+                return Poll::Ready(this.stats("WebSocket write failed".into()));
+            }
+            this.up_end = Some(e);
+        }
+        this.count();
+        let done = match (&this.up_end, &this.down_end) {
+            (Some(_), Some(_)) => true,
+            (Some(UpEnd::Done), None) => this.ctrl.abort,
+            _ => false,
+        };
+        if done {
+            let why = this.end.take().unwrap_or_else(|| "closed both ways".into());
+            return Poll::Ready(this.stats(why));
+        }
+        Poll::Pending
     }
-    let w = ws.get_mut();
-    w.write_all(&buf[start..HEADROOM + n]).await?;
-    w.flush().await
 }

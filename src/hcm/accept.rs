@@ -66,8 +66,10 @@ pub(crate) async fn handle(a: Accept, hc: Arc<HcRt>, endpoint: HostPort, ctx: Ar
     let cfg = SpliceConfig {
         ping_interval: ctx.cfg.ping_interval,
         max_frame: ctx.cfg.max_frame,
+        tcp_side: splice::TcpSide::Endpoint,
     };
-    let stats = splice::ws_tcp(conn.stream, conn.leftover, tcp, &cfg, &ctx.shutdown).await;
+    let active = crate::dataplane::stats::ActiveGuard::new(crate::dataplane::stats::for_hc(&name));
+    let stats = splice::ws_tcp(conn.stream, conn.leftover, tcp, &cfg, &ctx.shutdown, Some(active)).await;
     hc.update(|s| s.active_tunnels -= 1);
     tracing::debug!(event = "tunnel_closed", hc = %name, id = %a.id, to_endpoint = stats.to_tcp, from_endpoint = stats.to_ws, end = %stats.end, "tunnel closed");
 }

@@ -138,7 +138,7 @@ async fn session(hc: &Arc<HcRt>, ctx: &Arc<HcmCtx>) -> String {
                     Ok(Some(Message::Text(t))) => match control::decode(&t) {
                         Ok(Command::Accept(a)) => {
                             let (hc, ctx, ep) = (hc.clone(), ctx.clone(), endpoint.clone());
-                            ctx.workers.clone().spawn(async move { super::accept::handle(a, hc, ep, ctx).await });
+                            ctx.workers.clone().spawn(move || super::accept::handle(a, hc, ep, ctx));
                         }
                         Ok(Command::Unknown(name)) => {
                             tracing::debug!(hc = %entry.name(), command = %name, "ignoring control command (HTTP request mode is not served by the hcm)");

@@ -70,6 +70,9 @@ pub struct HcmConfig {
     pub max_backoff: Duration,
     /// Largest data frame accepted on a tunnel. Default: 1 MiB.
     pub max_frame: u64,
+    /// Memory the data plane may hold in pooled buffers, all workers together. Default:
+    /// 64 MiB per worker.
+    pub buffer_budget: usize,
     /// Hybrid connections from the config file (those added with `hcm add` come from the data dir).
     pub hybrid_connections: Vec<HcEntry>,
 }
@@ -89,6 +92,7 @@ impl HcmConfig {
             stable_after: Duration::from_secs(60),
             max_backoff: Duration::from_secs(30),
             max_frame: crate::proto::frame::DEFAULT_MAX_FRAME,
+            buffer_budget: crate::relay::config::default_workers() * crate::dataplane::pool::DEFAULT_BUDGET,
             hybrid_connections: Vec::new(),
         }
     }
@@ -101,6 +105,10 @@ impl HcmConfig {
                 bail!("field `workers`: must be at least 1 (omit it for one per core)");
             }
             c.workers = w;
+            c.buffer_budget = w * crate::dataplane::pool::DEFAULT_BUDGET;
+        }
+        if let Some(m) = f.buffer_budget_mib {
+            c.buffer_budget = crate::config::budget_from_mib(m, c.workers).context("field `buffer_budget_mib`")?;
         }
         c.ca_files = f.ca_files;
         for (field, slot, v) in [
@@ -143,6 +151,7 @@ impl HcmConfig {
 pub struct HcmFile {
     pub data_dir: Option<PathBuf>,
     pub workers: Option<usize>,
+    pub buffer_budget_mib: Option<usize>,
     #[serde(default)]
     pub ca_files: Vec<PathBuf>,
     #[serde(default, deserialize_with = "opt_duration")]

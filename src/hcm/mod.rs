@@ -125,7 +125,7 @@ pub fn start(cfg: HcmConfig) -> anyhow::Result<HcmHandle> {
         .map_err(|e| anyhow::anyhow!("creating data directory {}: {e}", cfg.data_dir.display()))?;
     let cfg = Arc::new(cfg);
     let tls = crate::transport::tls::client_config(&cfg.ca_files)?;
-    let workers = Workers::start("hyrelay-hcm", cfg.workers)?;
+    let workers = Workers::start("hyrelay-hcm", cfg.workers, cfg.buffer_budget)?;
     let shutdown = CancellationToken::new();
     let shared = Arc::new(Shared::default());
     let ctx = Arc::new(HcmCtx {

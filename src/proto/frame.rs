@@ -267,6 +267,25 @@ pub struct DataChunk {
     pub payload: BytesMut,
 }
 
+/// A decoded item as positions in the caller's buffer ([`Decoder::decode_slice`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SliceItem {
+    /// A whole control frame; its payload (unmasked) is `buf[payload]`.
+    Control { opcode: OpCode, payload: std::ops::Range<usize> },
+    Data(SliceChunk),
+}
+
+/// A piece of a data frame's payload, unmasked, at `buf[payload]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SliceChunk {
+    pub opcode: OpCode,
+    pub fin: bool,
+    pub frame_len: u64,
+    pub first: bool,
+    pub last: bool,
+    pub payload: std::ops::Range<usize>,
+}
+
 #[derive(Debug)]
 enum State {
     Header,
@@ -306,10 +325,15 @@ impl Decoder {
         matches!(self.state, State::Header)
     }
 
-    /// Takes the next item out of `buf`, or `Ok(None)` if more bytes are needed.
+    /// Decodes the next item at the start of `buf`, unmasking its payload in place.
     ///
-    /// `buf` keeps whatever was not consumed. After an error the stream is unusable.
-    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Item>, FrameError> {
+    /// Returns the item, with payload positions as ranges into `buf`, and how many bytes
+    /// of `buf` it consumed; `Ok(None)` if more bytes are needed. For the first chunk of a
+    /// data frame, `buf[..payload.start]` is the frame's header, which the relay overwrites
+    /// with the outgoing header. A data frame whose header has arrived yields a first chunk
+    /// at once, possibly with an empty payload. After an error the stream is unusable.
+    pub fn decode_slice(&mut self, buf: &mut [u8]) -> Result<Option<(SliceItem, usize)>, FrameError> {
+        let mut pos = 0;
         if let State::Header = self.state {
             let Some((header, header_len)) = parse_header(buf)? else {
                 return Ok(None);
@@ -318,34 +342,32 @@ impl Decoder {
             if header.opcode.is_control() {
                 let total = header_len + header.len as usize;
                 if buf.len() < total {
-                    buf.reserve(total - buf.len());
                     return Ok(None);
                 }
-                buf.advance(header_len);
-                let mut payload = buf.split_to(header.len as usize);
                 if let Some(key) = header.mask {
-                    apply_mask(&mut payload, key, 0);
+                    apply_mask(&mut buf[header_len..total], key, 0);
                 }
-                return Ok(Some(Item::Control {
+                let item = SliceItem::Control {
                     opcode: header.opcode,
-                    payload,
-                }));
+                    payload: header_len..total,
+                };
+                return Ok(Some((item, total)));
             }
-            buf.advance(header_len);
             self.open_message = match (header.opcode, header.fin) {
                 (_, true) => None,
                 (OpCode::Continuation, false) => self.open_message,
                 (op, false) => Some(op),
             };
             if header.len == 0 {
-                return Ok(Some(Item::Data(DataChunk {
+                let chunk = SliceChunk {
                     opcode: header.opcode,
                     fin: header.fin,
                     frame_len: 0,
                     first: true,
                     last: true,
-                    payload: BytesMut::new(),
-                })));
+                    payload: header_len..header_len,
+                };
+                return Ok(Some((SliceItem::Data(chunk), header_len)));
             }
             self.state = State::Payload {
                 opcode: header.opcode,
@@ -355,11 +377,8 @@ impl Decoder {
                 offset: 0,
                 first: true,
             };
+            pos = header_len;
         }
-        self.next_chunk(buf)
-    }
-
-    fn next_chunk(&mut self, buf: &mut BytesMut) -> Result<Option<Item>, FrameError> {
         let State::Payload {
             opcode,
             fin,
@@ -371,16 +390,17 @@ impl Decoder {
         else {
             return Ok(None);
         };
-        if buf.is_empty() {
+        let avail = buf.len() - pos;
+        if avail == 0 && !*first {
             return Ok(None);
         }
         let remaining = *frame_len - *offset;
-        let take = remaining.min(buf.len() as u64) as usize;
-        let mut payload = buf.split_to(take);
+        let take = remaining.min(avail as u64) as usize;
+        let payload = pos..pos + take;
         if let Some(key) = mask {
-            apply_mask(&mut payload, *key, *offset as usize);
+            apply_mask(&mut buf[payload.clone()], *key, *offset as usize);
         }
-        let chunk = DataChunk {
+        let chunk = SliceChunk {
             opcode: *opcode,
             fin: *fin,
             frame_len: *frame_len,
@@ -393,7 +413,35 @@ impl Decoder {
         if chunk.last {
             self.state = State::Header;
         }
-        Ok(Some(Item::Data(chunk)))
+        Ok(Some((SliceItem::Data(chunk), pos + take)))
+    }
+
+    /// Takes the next item out of `buf`, or `Ok(None)` if more bytes are needed.
+    ///
+    /// The `BytesMut` form of [`Decoder::decode_slice`]: payloads are split off `buf`
+    /// without copying; `buf` keeps whatever was not consumed.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Item>, FrameError> {
+        let Some((item, used)) = self.decode_slice(&mut buf[..])? else {
+            return Ok(None);
+        };
+        let mut taken = buf.split_to(used);
+        Ok(Some(match item {
+            SliceItem::Control { opcode, payload } => {
+                taken.advance(payload.start);
+                Item::Control { opcode, payload: taken }
+            }
+            SliceItem::Data(c) => {
+                taken.advance(c.payload.start);
+                Item::Data(DataChunk {
+                    opcode: c.opcode,
+                    fin: c.fin,
+                    frame_len: c.frame_len,
+                    first: c.first,
+                    last: c.last,
+                    payload: taken,
+                })
+            }
+        }))
     }
 
     fn check(&self, h: &FrameHeader) -> Result<(), FrameError> {
@@ -534,6 +582,43 @@ mod tests {
             assert_eq!(got, payload, "split {split}");
             assert!(dec.at_frame_boundary());
         }
+    }
+
+    #[test]
+    fn slice_decoding_lets_the_relay_reframe_in_place() {
+        let mut wire = BytesMut::new();
+        wire.extend_from_slice(&encode_frame(true, OpCode::Binary, Some([9, 9, 9, 9]), &[7u8; 300]));
+        wire.extend_from_slice(&encode_frame(true, OpCode::Ping, Some([1, 1, 1, 1]), b"hi"));
+        let mut buf = wire.to_vec();
+        let mut dec = Decoder::new(Role::Server, DEFAULT_MAX_FRAME);
+        let (item, used) = dec.decode_slice(&mut buf).unwrap().unwrap();
+        let SliceItem::Data(c) = item else { panic!() };
+        assert_eq!((c.first, c.last, c.payload.clone(), used), (true, true, 8..308, 308));
+        // Outgoing unmasked header fits in the incoming header's place.
+        let mut hdr = [0u8; MAX_HEADER_LEN];
+        let n = encode_header(true, OpCode::Binary, None, 300, &mut hdr);
+        let start = c.payload.start - n;
+        buf[start..c.payload.start].copy_from_slice(&hdr[..n]);
+        let mut client = Decoder::new(Role::Client, DEFAULT_MAX_FRAME);
+        let mut out = BytesMut::from(&buf[start..c.payload.end]);
+        let Some(Item::Data(d)) = client.decode(&mut out).unwrap() else { panic!() };
+        assert_eq!(&d.payload[..], &[7u8; 300][..]);
+        let (item, used2) = dec.decode_slice(&mut buf[used..]).unwrap().unwrap();
+        assert_eq!(item, SliceItem::Control { opcode: OpCode::Ping, payload: 6..8 });
+        assert_eq!(&buf[used + 6..used + 8], b"hi");
+        assert_eq!(used + used2, buf.len());
+        // A header alone yields an empty first chunk; the payload follows later.
+        let frame = encode_frame(true, OpCode::Text, Some([1, 2, 3, 4]), b"abc");
+        let mut d2 = Decoder::new(Role::Server, DEFAULT_MAX_FRAME);
+        let mut head = frame[..6].to_vec();
+        let (item, used) = d2.decode_slice(&mut head).unwrap().unwrap();
+        assert!(matches!(item, SliceItem::Data(SliceChunk { first: true, last: false, .. })) && used == 6);
+        assert_eq!(d2.decode_slice(&mut []).unwrap(), None);
+        let mut rest = frame[6..].to_vec();
+        let (item, _) = d2.decode_slice(&mut rest).unwrap().unwrap();
+        let SliceItem::Data(c) = item else { panic!() };
+        assert!(c.last && !c.first);
+        assert_eq!(&rest[c.payload], b"abc");
     }
 
     #[test]

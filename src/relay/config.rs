@@ -65,6 +65,9 @@ pub struct RelayConfig {
     pub max_head: usize,
     /// Largest data frame. Default: 1 MiB.
     pub max_frame: u64,
+    /// Memory the data plane may hold in pooled buffers, all workers together. Default:
+    /// 64 MiB per worker.
+    pub buffer_budget: usize,
 }
 
 impl RelayConfig {
@@ -85,6 +88,7 @@ impl RelayConfig {
             handshake_timeout: Duration::from_secs(10),
             max_head: crate::proto::handshake::DEFAULT_MAX_HEAD,
             max_frame: crate::proto::frame::DEFAULT_MAX_FRAME,
+            buffer_budget: default_workers() * crate::dataplane::pool::DEFAULT_BUDGET,
         }
     }
 
@@ -118,6 +122,10 @@ impl RelayConfig {
                 bail!("field `workers`: must be at least 1 (omit it for one per core)");
             }
             c.workers = w;
+            c.buffer_budget = w * crate::dataplane::pool::DEFAULT_BUDGET;
+        }
+        if let Some(m) = f.buffer_budget_mib {
+            c.buffer_budget = crate::config::budget_from_mib(m, c.workers).context("field `buffer_budget_mib`")?;
         }
         let l = f.listeners;
         if let Some(n) = l.max_per_hybrid_connection {
@@ -181,6 +189,7 @@ pub struct RelayFile {
     #[serde(default)]
     pub hostnames: Vec<String>,
     pub workers: Option<usize>,
+    pub buffer_budget_mib: Option<usize>,
     #[serde(default)]
     pub tls: TlsFile,
     #[serde(default)]

@@ -180,7 +180,7 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
             Err(e) => tracing::error!(error = %e, "cannot start the control plane runtime"),
         }
     })?;
-    let workers = Workers::start("hyrelay-relay", cfg.workers)?;
+    let workers = Workers::start("hyrelay-relay", cfg.workers, cfg.buffer_budget)?;
     let ctx = Arc::new(Ctx {
         cfg: cfg.clone(),
         state: state.clone(),

@@ -180,6 +180,7 @@ async fn join(
     }
     tracing::debug!(event = "tunnel_open", hc = %entity, %peer, "tunnel open");
     let stats = super::tunnel::run(
+        entity,
         (sender, sender_buf),
         (leg.stream, leg.leftover),
         ctx.cfg.max_frame,

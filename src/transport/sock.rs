@@ -102,6 +102,14 @@ impl Sock {
         }
     }
 
+    /// Ready when the socket has bytes (or EOF/error) to read.
+    pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Sock::Live(t) => t.poll_read_ready(cx),
+            _ => Poll::Ready(Err(io::Error::new(io::ErrorKind::NotConnected, "socket is parked"))),
+        }
+    }
+
     fn live(self: Pin<&mut Self>) -> io::Result<Pin<&mut TcpStream>> {
         match self.get_mut() {
             Sock::Live(t) => Ok(Pin::new(t)),

@@ -49,6 +49,23 @@ impl Stream {
         self.sock().peer_addr()
     }
 
+    /// Ready when a read would make progress without blocking: bytes in the socket, or
+    /// plaintext, a close or an error already buffered inside TLS. Lets the data plane wait
+    /// for input without holding a buffer.
+    pub fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Stream::Plain(s) => s.poll_read_ready(cx),
+            Stream::TlsServer(t) => {
+                let (io, conn) = t.get_mut();
+                if tls_has_input(conn) { Poll::Ready(Ok(())) } else { io.poll_read_ready(cx) }
+            }
+            Stream::TlsClient(t) => {
+                let (io, conn) = t.get_mut();
+                if tls_has_input(conn) { Poll::Ready(Ok(())) } else { io.poll_read_ready(cx) }
+            }
+        }
+    }
+
     /// TLS protocol version, if TLS.
     pub fn tls_version(&self) -> Option<rustls::ProtocolVersion> {
         match self {
@@ -56,6 +73,14 @@ impl Stream {
             Stream::TlsServer(t) => t.get_ref().1.protocol_version(),
             Stream::TlsClient(t) => t.get_ref().1.protocol_version(),
         }
+    }
+}
+
+/// Whether a TLS session can produce something for a read without new socket bytes.
+fn tls_has_input<D>(conn: &mut rustls::ConnectionCommon<D>) -> bool {
+    match conn.process_new_packets() {
+        Ok(st) => st.plaintext_bytes_to_read() > 0 || st.peer_has_closed(),
+        Err(_) => true, // let the read report it
     }
 }
 
