@@ -157,3 +157,35 @@ async fn runtime_information_get() {
     wrong.credential = hyrelay::proto::connstr::Credential::Key { name: "defaultListener".into(), key: hyrelay::proto::Secret::new("bm9wZQ==") };
     assert!(matches!(client::runtime_info(&wrong, "info", &rig.tls, Duration::from_secs(10)).await, Err(client::InfoError::Auth { status: 401, .. })));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accept_moves_to_another_listener_when_the_first_goes_away() {
+    let rig = Rig::new(false);
+    rig.create("move", echo()).await;
+    let (mut r1, w1) = raw_listener(&rig, "move").await;
+    let (mut r2, w2) = raw_listener(&rig, "move").await;
+    rig.wait_listeners("move", 2).await;
+    let started = std::time::Instant::now();
+    let sender = tokio::spawn({
+        let cs = rig.send_cs("move").await;
+        let tls = rig.tls.clone();
+        async move {
+            let token = client::token(&cs, "move", Duration::from_secs(600));
+            let url = client::hc_url(&cs, "move", "connect", "s");
+            ws::connect(&url, Some(&tls), &[("ServiceBusAuthorization", &token)], Duration::from_secs(20)).await
+        }
+    });
+    // Whichever listener got the accept vanishes without answering it.
+    let (on_first, first) = tokio::select! {
+        a = next_accept(&mut r1) => (true, a),
+        a = next_accept(&mut r2) => (false, a),
+    };
+    let (mut survivor, gone) = if on_first { (r2, (r1, w1)) } else { (r1, (r2, w2)) };
+    drop(gone);
+    let again = next_accept(&mut survivor).await;
+    assert_eq!(again.address, first.address, "same rendezvous address handed over");
+    let leg = ws::connect(&WsUrl::parse(&again.address).unwrap(), Some(&rig.tls), &[], Duration::from_secs(10)).await;
+    assert!(leg.is_ok());
+    assert!(sender.await.unwrap().is_ok(), "sender joined through the other listener");
+    assert!(started.elapsed() < Duration::from_secs(10), "no accept timeout");
+}

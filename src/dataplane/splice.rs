@@ -468,6 +468,8 @@ pub struct Splice {
     down_end: Option<DownEnd>,
     period: Duration,
     ping: Pin<Box<Sleep>>,
+    /// Fires two ping periods after the peer was last heard (re-armed lazily).
+    dead: Pin<Box<Sleep>>,
     heard: Instant,
     stop: Pin<Box<WaitForCancellationFutureOwned>>,
     stopping: bool,
@@ -501,6 +503,7 @@ impl Splice {
             down_end: None,
             period: cfg.ping_interval,
             ping: Box::pin(tokio::time::sleep(cfg.ping_interval)),
+            dead: Box::pin(tokio::time::sleep(cfg.ping_interval * 2)),
             heard: Instant::now(),
             stop: Box::pin(stop.clone().cancelled_owned()),
             stopping: false,
@@ -574,10 +577,8 @@ impl Future for Splice {
             this.end.get_or_insert_with(|| "stopped".into());
         }
         while this.ping.as_mut().poll(cx).is_ready() {
+            // After the peer's Close nothing more is read, so silence means nothing then.
             if this.ctrl.peer_closed.is_none() {
-                if this.heard.elapsed() >= this.period * 2 {
-                    return Poll::Ready(this.stats("peer silent for two ping periods".into()));
-                }
                 this.ctrl.ping_due = true;
             }
             this.ping.as_mut().reset(Instant::now() + this.period);
@@ -590,6 +591,14 @@ impl Future for Splice {
                 return Poll::Ready(this.stats(fatal));
             }
             this.down_end = Some(e);
+        }
+        // After reading, so that a frame that just arrived counts.
+        while this.ctrl.peer_closed.is_none() && this.dead.as_mut().poll(cx).is_ready() {
+            if this.heard.elapsed() >= this.period * 2 {
+                return Poll::Ready(this.stats("peer silent for two ping periods".into()));
+            }
+            let at = this.heard + this.period * 2;
+            this.dead.as_mut().reset(at);
         }
         if this.up_end.is_none()
             && let Poll::Ready(e) = this.up.poll(cx, &mut this.tcp, &mut this.ws, &mut this.ctrl)

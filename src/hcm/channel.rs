@@ -48,6 +48,22 @@ impl Backoff {
     }
 }
 
+/// Why a session ended; `unreachable` when the relay could not be reached at all.
+struct End {
+    reason: String,
+    unreachable: bool,
+}
+
+impl From<String> for End {
+    fn from(reason: String) -> Self {
+        Self { reason, unreachable: false }
+    }
+}
+
+/// Longest wait between attempts while the relay cannot be reached at all: probing a
+/// closed port is cheap, and a restarted relay gets its listeners back within 2 s.
+const UNREACHABLE_RETRY: Duration = Duration::from_millis(1500);
+
 /// Serves the hybrid connection until its `stop` token fires.
 pub(crate) async fn run(hc: Arc<HcRt>, ctx: Arc<HcmCtx>) {
     let mut backoff = Backoff::new(ctx.cfg.max_backoff);
@@ -57,7 +73,7 @@ pub(crate) async fn run(hc: Arc<HcRt>, ctx: Arc<HcmCtx>) {
         let started = Instant::now();
         let end = tokio::select! {
             e = session(&hc, &ctx) => e,
-            _ = hc.stop.cancelled() => String::from("stopped"),
+            _ = hc.stop.cancelled() => End::from(String::from("stopped")),
         };
         if hc.stop.is_cancelled() {
             hc.set_state(ChannelState::Stopped);
@@ -67,7 +83,11 @@ pub(crate) async fn run(hc: Arc<HcRt>, ctx: Arc<HcmCtx>) {
         if started.elapsed() >= ctx.cfg.stable_after {
             backoff.reset();
         }
-        let delay = backoff.next_delay();
+        let mut delay = backoff.next_delay();
+        if end.unreachable {
+            delay = delay.min(UNREACHABLE_RETRY);
+        }
+        let end = end.reason;
         hc.update(|s| {
             s.reconnects += 1;
             s.last_error = Some(end.clone());
@@ -84,38 +104,50 @@ pub(crate) async fn run(hc: Arc<HcRt>, ctx: Arc<HcmCtx>) {
     }
 }
 
-async fn endpoint(hc: &HcRt, ctx: &HcmCtx) -> Result<HostPort, String> {
+async fn endpoint(hc: &HcRt, ctx: &HcmCtx) -> Result<HostPort, End> {
     if let Some(e) = &hc.entry.endpoint {
         return Ok(e.clone());
     }
     let info = client::runtime_info(&hc.entry.connection_string, hc.entry.name(), &ctx.tls, ctx.cfg.relay_timeout)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| End {
+            unreachable: matches!(&e, client::InfoError::Unreachable(c) if c.is_unreachable()),
+            reason: e.to_string(),
+        })?;
     match metadata::endpoint_from_user_metadata(&info.user_metadata) {
         Ok(Some(ep)) => Ok(ep),
-        Ok(None) => Err(format!(
+        Ok(None) => Err(End::from(format!(
             "hybrid connection {:?} has no endpoint metadata; set `endpoint` for it in the hcm config",
             hc.entry.name()
-        )),
-        Err(e) => Err(format!("hybrid connection {:?}: {e}", hc.entry.name())),
+        ))),
+        Err(e) => Err(End::from(format!("hybrid connection {:?}: {e}", hc.entry.name()))),
     }
 }
 
 /// One connection of the control channel; returns why it ended.
-async fn session(hc: &Arc<HcRt>, ctx: &Arc<HcmCtx>) -> String {
+async fn session(hc: &Arc<HcRt>, ctx: &Arc<HcmCtx>) -> End {
+    match serve_session(hc, ctx).await {
+        Ok(reason) | Err(End { reason, unreachable: false }) => End::from(reason),
+        Err(e) => e,
+    }
+}
+
+async fn serve_session(hc: &Arc<HcRt>, ctx: &Arc<HcmCtx>) -> Result<String, End> {
     let entry = &hc.entry;
     let cs = &entry.connection_string;
-    let endpoint = match endpoint(hc, ctx).await {
-        Ok(e) => e,
-        Err(e) => return e,
-    };
+    let endpoint = endpoint(hc, ctx).await?;
     hc.update(|s| s.endpoint = Some(endpoint.to_string()));
     let ttl = ctx.cfg.token_ttl;
     let token = client::token(cs, entry.name(), ttl);
     let url = client::hc_url(cs, entry.name(), "listen", &crate::relay::control::new_id());
     let conn = match ws::connect(&url, Some(&ctx.tls), &[("ServiceBusAuthorization", &token)], ctx.cfg.relay_timeout).await {
         Ok(c) => c,
-        Err(e) => return format!("cannot open the control channel: {e}"),
+        Err(e) => {
+            return Err(End {
+                unreachable: e.is_unreachable(),
+                reason: format!("cannot open the control channel: {e}"),
+            });
+        }
     };
     hc.set_state(ChannelState::Connected);
     hc.update(|s| s.last_error = None);
@@ -128,9 +160,14 @@ async fn session(hc: &Arc<HcRt>, ctx: &Arc<HcmCtx>) -> String {
     let mut renew_at = Instant::now() + renew_after;
     let period = ctx.cfg.ping_interval;
     let mut ping = tokio::time::interval_at(Instant::now() + period, period);
+    // Dead after two ping periods without any frame: checked at exactly that moment.
     let mut last_heard = Instant::now();
+    let dead = tokio::time::sleep_until(last_heard + period * 2);
+    tokio::pin!(dead);
     loop {
         tokio::select! {
+            // Frames first, so that one that arrived counts before the dead-peer check.
+            biased;
             // Cancel-safe: the reader keeps its state.
             m = reader.next_message(MAX_CONTROL_MESSAGE) => {
                 last_heard = Instant::now();
@@ -148,36 +185,39 @@ async fn session(hc: &Arc<HcRt>, ctx: &Arc<HcmCtx>) -> String {
                     },
                     Ok(Some(Message::Ping(p))) => {
                         if writer.send(true, OpCode::Pong, &p).await.is_err() {
-                            return "write to the relay failed".into();
+                            return Ok("write to the relay failed".into());
                         }
                     }
                     Ok(Some(Message::Pong(_) | Message::Binary(_))) => {}
                     Ok(Some(Message::Close(c))) => {
                         writer.send_close(c.code.unwrap_or(close_code::NORMAL), "").await.ok();
-                        return format!("relay closed the control channel ({} {})", c.code.unwrap_or(1005), c.reason);
+                        return Ok(format!("relay closed the control channel ({} {})", c.code.unwrap_or(1005), c.reason));
                     }
-                    Ok(None) => return "relay closed the connection".into(),
+                    Ok(None) => return Ok("relay closed the connection".into()),
                     Err(e) => {
                         writer.send_close(e.close_code(), "").await.ok();
-                        return format!("control channel error: {e}");
+                        return Ok(format!("control channel error: {e}"));
                     }
                 }
             }
             _ = tokio::time::sleep_until(renew_at), if renew_on => {
                 let fresh = client::token(cs, entry.name(), ttl);
                 if let Err(e) = writer.send_text(&control::encode_renew_token(&fresh)).await {
-                    return format!("cannot renew the token: {e}");
+                    return Ok(format!("cannot renew the token: {e}"));
                 }
                 tracing::info!(event = "token_renewed", hc = %entry.name(), "listener token renewed");
                 renew_at = Instant::now() + renew_after;
             }
             _ = ping.tick() => {
-                if last_heard.elapsed() >= period * 2 {
-                    return "relay silent for two ping periods".into();
-                }
                 if writer.send(true, OpCode::Ping, b"").await.is_err() {
-                    return "write to the relay failed".into();
+                    return Ok("write to the relay failed".into());
                 }
+            }
+            _ = &mut dead => {
+                if last_heard.elapsed() >= period * 2 {
+                    return Ok("relay silent for two ping periods".into());
+                }
+                dead.as_mut().reset(last_heard + period * 2);
             }
             _ = hc.stop.cancelled() => {
                 writer.send_close(close_code::NORMAL, "hcm stopping").await.ok();
@@ -186,7 +226,7 @@ async fn session(hc: &Arc<HcRt>, ctx: &Arc<HcmCtx>) -> String {
                         if matches!(m, Message::Close(_)) { break; }
                     }
                 }).await;
-                return "stopped".into();
+                return Ok("stopped".into());
             }
         }
     }

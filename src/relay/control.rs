@@ -271,6 +271,11 @@ struct EntityRt {
 struct PendingRt {
     tx: oneshot::Sender<Outcome>,
     deadline: Instant,
+    /// Lower-cased entity name and the listener the `accept` went to.
+    entity: String,
+    listener: u64,
+    /// The `accept` JSON, to hand to another listener if this one goes away.
+    accept: String,
 }
 
 /// The control-plane state machine.
@@ -369,8 +374,31 @@ impl Plane {
     }
 
     fn unregister(&mut self, entity: &str, key: u64) {
-        if let Some(rt) = self.live.get_mut(&entity.to_lowercase()) {
-            rt.listeners.retain(|l| l.key != key);
+        let name = entity.to_lowercase();
+        let Some(rt) = self.live.get_mut(&name) else { return };
+        rt.listeners.retain(|l| l.key != key);
+        // Senders waiting on the lost listener get another one (same address, same secret),
+        // or, with none left, an immediate "no listener" instead of the accept timeout.
+        let orphans: Vec<String> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.listener == key && p.entity == name)
+            .map(|(s, _)| s.clone())
+            .collect();
+        for secret in orphans {
+            let p = self.pending.get_mut(&secret).expect("collected above");
+            let next = rt
+                .listeners
+                .iter()
+                .filter(|l| l.tx.try_send(ListenerCmd::Send(p.accept.clone())).is_ok())
+                .map(|l| l.key)
+                .next();
+            match next {
+                Some(k) => p.listener = k,
+                None => {
+                    self.pending.remove(&secret);
+                }
+            }
         }
     }
 
@@ -391,7 +419,8 @@ impl Plane {
                 connect_headers: req.headers.clone(),
                 remote_endpoint: req.remote.map(|a| (a.ip().to_string(), a.port())),
             };
-            match l.tx.try_send(ListenerCmd::Send(accept.encode())) {
+            let text = accept.encode();
+            match l.tx.try_send(ListenerCmd::Send(text.clone())) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     busy = true;
@@ -401,7 +430,14 @@ impl Plane {
             }
             let (tx, outcome) = oneshot::channel();
             let deadline = Instant::now() + self.cfg.accept_timeout;
-            self.pending.insert(secret.clone(), PendingRt { tx, deadline });
+            let pending = PendingRt {
+                tx,
+                deadline,
+                entity: name.clone(),
+                listener: l.key,
+                accept: text,
+            };
+            self.pending.insert(secret.clone(), pending);
             return Ok(Connecting {
                 secret,
                 tracking_id,

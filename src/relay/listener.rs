@@ -5,35 +5,27 @@
 //! listener (`renewToken`, pings, close), commands from the control plane (`accept`
 //! notifications, close), its own ping timer and the token's expiry (plus grace).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use bytes::BytesMut;
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::time::Instant;
 
 use super::Ctx;
 use super::auth::{Demand, authorize};
-use super::conn::{describe, respond};
+use super::conn::{Incoming, describe, respond};
 use super::control::{ListenerCmd, ListenerInfo, Refusal, new_id};
 use crate::proto::address::HcRequest;
-use crate::proto::control::{self, Command, MAX_CONTROL_MESSAGE};
+use crate::proto::control::{self, Command};
 use crate::proto::frame::{OpCode, Role, close_code};
-use crate::proto::handshake::{self, RequestHead};
+use crate::proto::handshake;
 use crate::proto::sas::{Rights, unix_now};
 use crate::transport::Stream;
 use crate::transport::ws::{Message, WsReader, WsWriter};
 
 /// Handles `sb-hc-action=listen`.
-pub(super) async fn serve(
-    mut stream: Stream,
-    buf: BytesMut,
-    head: RequestHead,
-    req: HcRequest,
-    peer: SocketAddr,
-    ctx: Arc<Ctx>,
-) {
+pub(super) async fn serve(mut stream: Stream, mut inc: Incoming, req: HcRequest, ctx: Arc<Ctx>) {
+    let (head, peer) = (&inc.head, inc.peer);
     let tracking = req.id.as_deref();
     let upgrade = match handshake::validate_upgrade(&head) {
         Ok(u) => u,
@@ -62,11 +54,13 @@ pub(super) async fn serve(
     let granted = match authorize(&state, &tokens, &demand) {
         Ok(g) => g,
         Err(e) => {
+            inc.auth_failed(&ctx);
             tracing::info!(event = "listener_refused", hc = %entity.name, %peer, status = e.status(), reason = %e, "listener refused");
             return respond(&mut stream, e.status(), &describe(&e.to_string(), tracking), "").await;
         }
     };
     drop(state);
+    inc.pending.done();
     let info = ListenerInfo {
         id: req.id.clone().unwrap_or_else(new_id),
         remote: Some(peer),
@@ -92,11 +86,13 @@ pub(super) async fn serve(
     }
     tracing::info!(event = "listener_registered", hc = %entity.name, listener = %listener_id, %peer, "listener registered");
     let (r, w) = tokio::io::split(stream);
+    let max_message = ctx.cfg.max_control_message;
     let mut chan = Channel {
-        reader: WsReader::new(r, buf, Role::Server, MAX_CONTROL_MESSAGE as u64),
+        reader: WsReader::new(r, inc.buf, Role::Server, max_message as u64),
         writer: WsWriter::new(w, Role::Server),
         hosts,
         entity_name: entity.name.clone(),
+        max_message,
     };
     let end = chan.run(&mut reg.commands, granted.expiry, &ctx).await;
     ctx.ctl.unregister(&entity.name, reg.key);
@@ -108,6 +104,8 @@ struct Channel {
     writer: WsWriter<WriteHalf<Stream>>,
     hosts: Vec<String>,
     entity_name: String,
+    /// Largest message the listener may send (`limits.max_control_message_bytes`).
+    max_message: usize,
 }
 
 /// When a token that expires at `expiry` (Unix seconds) stops holding the channel open.
@@ -120,13 +118,18 @@ impl Channel {
     async fn run(&mut self, commands: &mut tokio::sync::mpsc::Receiver<ListenerCmd>, expiry: u64, ctx: &Ctx) -> String {
         let period = ctx.cfg.ping_interval;
         let mut ping = tokio::time::interval_at(Instant::now() + period, period);
-        let mut silent_periods = 0u32;
+        // Dead after two ping periods without any frame: checked at exactly that moment.
+        let mut heard = Instant::now();
+        let dead = tokio::time::sleep_until(heard + period * 2);
+        tokio::pin!(dead);
         let mut expires = expiry_deadline(expiry, ctx.cfg.token_grace);
         loop {
             tokio::select! {
+                // Frames first, so that one that arrived counts before the dead-peer check.
+                biased;
                 // Cancel-safe: the reader keeps its state in the struct.
-                msg = self.reader.next_message(MAX_CONTROL_MESSAGE) => {
-                    silent_periods = 0;
+                msg = self.reader.next_message(self.max_message) => {
+                    heard = Instant::now();
                     match msg {
                         Ok(Some(Message::Text(t))) => match control::decode(&t) {
                             Ok(Command::RenewToken { token }) => match self.renew(&token, ctx) {
@@ -170,13 +173,15 @@ impl Channel {
                     None => return self.close(close_code::GOING_AWAY, "The relay is shutting down.").await,
                 },
                 _ = ping.tick() => {
-                    if silent_periods >= 2 {
-                        return "no answer to two pings".into();
-                    }
-                    silent_periods += 1;
                     if self.writer.send(true, OpCode::Ping, b"").await.is_err() {
                         return "write failed".into();
                     }
+                }
+                _ = &mut dead => {
+                    if heard.elapsed() >= period * 2 {
+                        return "silent for two ping periods".into();
+                    }
+                    dead.as_mut().reset(heard + period * 2);
                 }
                 _ = tokio::time::sleep_until(expires) => {
                     tracing::info!(event = "token_expired", hc = %self.entity_name, "listener token expired; closing control channel");
@@ -206,7 +211,7 @@ impl Channel {
     async fn close(&mut self, code: u16, reason: &str) -> String {
         if self.writer.send_close(code, reason).await.is_ok() {
             let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                while let Ok(Some(m)) = self.reader.next_message(MAX_CONTROL_MESSAGE).await {
+                while let Ok(Some(m)) = self.reader.next_message(self.max_message).await {
                     if matches!(m, Message::Close(_)) {
                         break;
                     }

@@ -13,10 +13,10 @@ use tokio::io::AsyncReadExt;
 
 use super::Ctx;
 use super::auth::{Demand, authorize};
-use super::conn::{describe, respond, write_flush};
+use super::conn::{Incoming, describe, respond, write_flush};
 use super::control::{ConnectReq, Leg, Outcome, Refusal};
 use crate::proto::address::HcRequest;
-use crate::proto::handshake::{self, RequestHead};
+use crate::proto::handshake;
 use crate::proto::sas::{Rights, unix_now};
 use crate::transport::Stream;
 
@@ -27,14 +27,8 @@ const STRIPPED: &[&str] = &["ServiceBusAuthorization"];
 const EARLY_BYTES_LIMIT: usize = 64 * 1024;
 
 /// Handles `sb-hc-action=connect`.
-pub(super) async fn serve_connect(
-    mut stream: Stream,
-    mut buf: BytesMut,
-    head: RequestHead,
-    req: HcRequest,
-    peer: SocketAddr,
-    ctx: Arc<Ctx>,
-) {
+pub(super) async fn serve_connect(mut stream: Stream, mut inc: Incoming, req: HcRequest, ctx: Arc<Ctx>) {
+    let (head, peer) = (&inc.head, inc.peer);
     let tracking = req.id.as_deref();
     let upgrade = match handshake::validate_upgrade(&head) {
         Ok(u) => u,
@@ -61,11 +55,13 @@ pub(super) async fn serve_connect(
             now: unix_now(),
         };
         if let Err(e) = authorize(&state, &tokens, &demand) {
+            inc.auth_failed(&ctx);
             tracing::info!(event = "sender_refused", hc = %entity_name, %peer, status = e.status(), reason = %e, "sender refused");
             return respond(&mut stream, e.status(), &describe(&e.to_string(), tracking), "").await;
         }
     }
     drop(state);
+    inc.pending.done();
     let headers = handshake::Headers(
         head.headers
             .0
@@ -95,6 +91,7 @@ pub(super) async fn serve_connect(
         }
     };
     let tracking = Some(pending.tracking_id.as_str());
+    let mut buf = inc.buf;
     let outcome = tokio::select! {
         o = tokio::time::timeout(ctx.cfg.accept_timeout, &mut pending.outcome) => o,
         _ = sender_gone(&mut stream, &mut buf) => {
@@ -114,7 +111,10 @@ pub(super) async fn serve_connect(
             respond(&mut stream, status, &description, "").await;
         }
         Ok(Err(_)) => {
-            respond(&mut stream, 404, &describe("Endpoint does not exist.", tracking), "").await;
+            // The rendezvous was dropped: the listener went away with no other to take over,
+            // or the hybrid connection was deleted.
+            let msg = "There are no listeners connected for the endpoint.";
+            respond(&mut stream, 404, &describe(msg, tracking), "").await;
         }
         Err(_) => {
             ctx.ctl.cancel(&pending.secret);
@@ -192,21 +192,17 @@ async fn join(
 }
 
 /// Handles `sb-hc-action=accept` (and its reject form).
-pub(super) async fn serve_accept(
-    mut stream: Stream,
-    buf: BytesMut,
-    head: RequestHead,
-    req: HcRequest,
-    peer: SocketAddr,
-    ctx: Arc<Ctx>,
-) {
-    let upgrade = handshake::validate_upgrade(&head);
+pub(super) async fn serve_accept(mut stream: Stream, mut inc: Incoming, req: HcRequest, ctx: Arc<Ctx>) {
+    let peer = inc.peer;
+    let upgrade = handshake::validate_upgrade(&inc.head);
     let Some(secret) = req.rendezvous.as_deref() else {
         return respond(&mut stream, 403, "The rendezvous address is invalid.", "").await;
     };
     let Some(tx) = ctx.ctl.rendezvous(secret).await else {
         return respond(&mut stream, 403, "The rendezvous address is invalid, expired or already used.", "").await;
     };
+    // The unguessable address is the capability (hc-protocol.md §3.1).
+    inc.pending.done();
     if let Some(code) = &req.status_code {
         let status = code.trim().parse::<u16>().unwrap_or(400).clamp(400, 599);
         let description = req
@@ -231,7 +227,7 @@ pub(super) async fn serve_accept(
     }
     let leg = Leg {
         stream,
-        leftover: buf,
+        leftover: inc.buf,
         protocol: upgrade.protocols.into_iter().next(),
         key: upgrade.key,
     };

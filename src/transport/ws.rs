@@ -330,6 +330,12 @@ pub enum ConnectError {
 }
 
 impl ConnectError {
+    /// True if the server could not be reached at all (DNS, TCP, timeout), as opposed to
+    /// reached and refusing.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, ConnectError::Resolve { .. } | ConnectError::Connect { .. } | ConnectError::Timeout(_))
+    }
+
     /// HTTP status if the server answered with one.
     pub fn status(&self) -> Option<u16> {
         match self {
