@@ -2,6 +2,7 @@
 //! demo. Parsing is clap; every command returns `anyhow::Result` to `main`.
 
 mod bridge_cmd;
+pub mod doctor;
 mod hc_cmd;
 mod hcm_cmd;
 mod relay_cmd;
@@ -47,6 +48,8 @@ pub enum Command {
         #[arg(long, value_parser = ["relay", "hcm", "bridge"])]
         role: Option<String>,
     },
+    /// Check a connection string step by step: DNS, TCP, TLS, WebSocket, token, listeners, endpoint.
+    Doctor(doctor::DoctorArgs),
 }
 
 /// Runs the parsed command line.
@@ -59,6 +62,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bridge(a) => bridge_cmd::run(a),
         Command::Up(a) => up::run(a),
         Command::CheckConfig { file, role } => check_config(&file, role.as_deref()),
+        Command::Doctor(a) => doctor::run(a),
     }
 }
 
