@@ -12,7 +12,11 @@
 //! not read again until its previous output is written.
 //!
 //! Close is forwarded, not answered (half-close, see `relay::tunnel`). A source that
-//! vanishes or breaks the protocol gets Close(1001) sent to the other side instead.
+//! vanishes or breaks the protocol gets Close(1001) sent to the other side instead; one
+//! that breaks the protocol (a frame over `max_frame`, a control frame over 125 bytes,
+//! bad masking, …) is also cut: the opposite direction ends at its next frame boundary
+//! with Close(1009 or 1002) to the offender, and the tunnel closes without waiting for
+//! the abandon grace.
 
 use std::future::Future;
 use std::io::{self, IoSlice};
@@ -42,8 +46,12 @@ pub enum DirEnd {
     Closed,
     /// The source ended without Close; 1001 was sent on.
     Vanished,
-    /// The source broke the protocol; 1001 was sent on.
-    ProtocolError(String),
+    /// The source broke the protocol; 1001 was sent on. Carries the close code the
+    /// offender is owed (1009 for a frame over the limit, else 1002).
+    ProtocolError(u16, String),
+    /// The destination broke the protocol (on the other direction); this direction sent it
+    /// Close with the given code and ended.
+    Cut(u16),
     /// Writing to the destination failed.
     WriteFailed,
     /// Stopped by entity deletion or shutdown; 1001 was sent on where possible.
@@ -98,7 +106,8 @@ pub struct Direction {
     /// Set once the direction has decided to end (after its output and final frame).
     ending: Option<DirEnd>,
     final_frame: Option<Final>,
-    stop_requested: bool,
+    /// Set by [`Direction::stop`] or [`Direction::cut`]: end at the next frame boundary.
+    stop_requested: Option<DirEnd>,
     /// Payload bytes forwarded.
     pub bytes: u64,
 }
@@ -117,7 +126,7 @@ impl Direction {
             mid_frame: false,
             ending: None,
             final_frame: None,
-            stop_requested: false,
+            stop_requested: None,
             bytes: 0,
         }
     }
@@ -133,7 +142,13 @@ impl Direction {
 
     /// Asks the direction to end at the next frame boundary with Close(1001).
     pub fn stop(&mut self) {
-        self.stop_requested = true;
+        self.stop_requested.get_or_insert(DirEnd::Stopped);
+    }
+
+    /// Asks the direction to end at the next frame boundary with Close(`code`): its
+    /// destination broke the protocol on the other direction.
+    pub fn cut(&mut self, code: u16) {
+        self.stop_requested = Some(DirEnd::Cut(code));
     }
 
     /// Ends the direction after its pending output: Close(1001) to the destination if a
@@ -143,12 +158,14 @@ impl Direction {
             return;
         }
         if !self.mid_frame {
-            let reason = match &end {
-                DirEnd::Stopped => "The hybrid connection was deleted or the relay is shutting down.",
-                DirEnd::ProtocolError(_) => "The peer broke the WebSocket protocol.",
-                _ => "The peer went away.",
+            let (code, reason) = match &end {
+                DirEnd::Stopped => (close_code::GOING_AWAY, "The hybrid connection was deleted or the relay is shutting down."),
+                DirEnd::ProtocolError(..) => (close_code::GOING_AWAY, "The peer broke the WebSocket protocol."),
+                DirEnd::Cut(close_code::TOO_BIG) => (close_code::TOO_BIG, "Frame larger than the relay's limit."),
+                DirEnd::Cut(code) => (*code, "WebSocket protocol error."),
+                _ => (close_code::GOING_AWAY, "The peer went away."),
             };
-            self.final_frame = Some(Final::close(close_code::GOING_AWAY, reason));
+            self.final_frame = Some(Final::close(code, reason));
         }
         self.ending = Some(end);
     }
@@ -186,8 +203,8 @@ impl Direction {
             if let Some(end) = self.ending.take() {
                 return Poll::Ready(self.finish(end));
             }
-            if self.stop_requested {
-                self.abort(DirEnd::Stopped);
+            if let Some(end) = self.stop_requested.take() {
+                self.abort(end);
                 continue;
             }
             if self.start < self.end {
@@ -198,7 +215,7 @@ impl Direction {
                         }
                     }
                     Err(e) => {
-                        self.abort(DirEnd::ProtocolError(e.to_string()));
+                        self.abort(DirEnd::ProtocolError(e.close_code(), e.to_string()));
                         continue;
                     }
                 }
@@ -432,6 +449,18 @@ impl RelayTunnel {
         }
     }
 
+    /// A direction ended: arm the grace if abnormally; cut the offender if it broke the
+    /// protocol (`up`: the sender's direction).
+    fn on_end(&mut self, e: &DirEnd, up: bool) {
+        if e.abnormal() {
+            self.arm_deadline();
+        }
+        if let DirEnd::ProtocolError(code, _) = e {
+            let other = if up { &mut self.down } else { &mut self.up };
+            other.cut(*code);
+        }
+    }
+
     /// Adds new byte counts to the worker's counters.
     fn count(&mut self) {
         if let Some(a) = &self.active {
@@ -476,18 +505,18 @@ impl Future for RelayTunnel {
         if this.up_end.is_none()
             && let Poll::Ready(e) = this.up.poll(cx, &mut this.sender, &mut this.listener)
         {
-            if e.abnormal() {
-                this.arm_deadline();
-            }
+            this.on_end(&e, true);
             this.up_end = Some(e);
         }
         if this.down_end.is_none()
             && let Poll::Ready(e) = this.down.poll(cx, &mut this.listener, &mut this.sender)
         {
-            if e.abnormal() {
-                this.arm_deadline();
-            }
+            this.on_end(&e, false);
             this.down_end = Some(e);
+            // A cut of the sender's direction happens on the next poll of `up`.
+            if this.up_end.is_none() && matches!(this.down_end, Some(DirEnd::ProtocolError(..))) {
+                cx.waker().wake_by_ref();
+            }
         }
         this.count();
         if this.up_end.is_some() && this.down_end.is_some() {

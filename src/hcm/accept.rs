@@ -18,6 +18,13 @@ use crate::transport::ws::{self, ConnectError, WsUrl};
 pub(crate) async fn handle(a: Accept, hc: Arc<HcRt>, endpoint: HostPort, ctx: Arc<HcmCtx>) {
     let name = hc.entry.name().to_owned();
     hc.update(|s| s.accepts += 1);
+    // Checked again here: the list is the last word whatever endpoint reached this task.
+    if let Err(why) = super::channel::check_allowed(&endpoint, &ctx) {
+        record_dial(&hc, false, 0, why.clone());
+        tracing::warn!(event = "endpoint_not_allowed", hc = %name, %endpoint, "endpoint is not in allowed_endpoints; rejecting the sender");
+        reject(&a, 403, &format!("hyrelay hcm: {why}"), &ctx).await;
+        return;
+    }
     let started = Instant::now();
     let dialed = tokio::time::timeout(ctx.cfg.dial_timeout, ws::dial(&endpoint.host, endpoint.port)).await;
     let millis = started.elapsed().as_millis() as u64;

@@ -5,6 +5,10 @@
 //! channel ends; reconnect with exponential backoff and jitter. The token is renewed over
 //! the channel at 80 % of its lifetime; the relay is pinged every ping period and a channel
 //! silent for two periods is dropped.
+//!
+//! An endpoint outside the config's `allowed_endpoints` ends the attempt before the control
+//! channel is opened (logged as `endpoint_not_allowed`, shown as the status's last error);
+//! it is retried with the same backoff, since the metadata may change.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -124,6 +128,15 @@ async fn endpoint(hc: &HcRt, ctx: &HcmCtx) -> Result<HostPort, End> {
     }
 }
 
+/// Refuses an endpoint outside the config's `allowed_endpoints`, with the status text.
+pub(crate) fn check_allowed(endpoint: &HostPort, ctx: &HcmCtx) -> Result<(), String> {
+    if ctx.cfg.allowed_endpoints.allows(endpoint) {
+        Ok(())
+    } else {
+        Err(format!("endpoint {endpoint} is not allowed by this hcm's allowed_endpoints"))
+    }
+}
+
 /// One connection of the control channel; returns why it ended.
 async fn session(hc: &Arc<HcRt>, ctx: &Arc<HcmCtx>) -> End {
     match serve_session(hc, ctx).await {
@@ -137,6 +150,10 @@ async fn serve_session(hc: &Arc<HcRt>, ctx: &Arc<HcmCtx>) -> Result<String, End>
     let cs = &entry.connection_string;
     let endpoint = endpoint(hc, ctx).await?;
     hc.update(|s| s.endpoint = Some(endpoint.to_string()));
+    if let Err(why) = check_allowed(&endpoint, ctx) {
+        tracing::warn!(event = "endpoint_not_allowed", hc = %entry.name(), %endpoint, "endpoint is not in allowed_endpoints; not opening the control channel");
+        return Err(End::from(why));
+    }
     let ttl = ctx.cfg.token_ttl;
     let token = client::token(cs, entry.name(), ttl);
     let url = client::hc_url(cs, entry.name(), "listen", &crate::relay::control::new_id());

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
+use super::allow::AllowList;
 use crate::config::opt_duration;
 use crate::proto::connstr::{ConnectionString, Credential};
 use crate::proto::metadata::HostPort;
@@ -73,6 +74,10 @@ pub struct HcmConfig {
     /// Memory the data plane may hold in pooled buffers, all workers together. Default:
     /// 64 MiB per worker.
     pub buffer_budget: usize,
+    /// Endpoints this hcm may dial (see [`super::allow`] for the syntax). A hybrid
+    /// connection whose endpoint is not allowed gets no control channel. Default: empty,
+    /// which allows every endpoint (as Microsoft's HCM does).
+    pub allowed_endpoints: AllowList,
     /// Hybrid connections from the config file (those added with `hcm add` come from the data dir).
     pub hybrid_connections: Vec<HcEntry>,
 }
@@ -93,6 +98,7 @@ impl HcmConfig {
             max_backoff: Duration::from_secs(30),
             max_frame: crate::proto::frame::DEFAULT_MAX_FRAME,
             buffer_budget: crate::relay::config::default_workers() * crate::dataplane::pool::DEFAULT_BUDGET,
+            allowed_endpoints: AllowList::default(),
             hybrid_connections: Vec::new(),
         }
     }
@@ -127,6 +133,8 @@ impl HcmConfig {
         if c.token_ttl < Duration::from_secs(60) {
             bail!("field `token_ttl`: must be at least 60s");
         }
+        c.allowed_endpoints =
+            AllowList::parse(&f.allowed_endpoints).map_err(|e| anyhow::anyhow!("field `allowed_endpoints`{e}"))?;
         for (i, hc) in f.hybrid_connection.into_iter().enumerate() {
             let cs = ConnectionString::parse(&hc.connection_string)
                 .with_context(|| format!("field `hybrid_connection[{i}].connection_string`"))?;
@@ -162,6 +170,8 @@ pub struct HcmFile {
     pub token_ttl: Option<Duration>,
     #[serde(default, deserialize_with = "opt_duration")]
     pub ping_interval: Option<Duration>,
+    #[serde(default)]
+    pub allowed_endpoints: Vec<String>,
     #[serde(default)]
     pub hybrid_connection: Vec<HcFile>,
 }

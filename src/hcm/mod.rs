@@ -8,6 +8,7 @@
 //! hybrid connection; the relay spreads senders over them.
 
 pub mod accept;
+pub mod allow;
 pub mod channel;
 pub mod config;
 pub mod state;

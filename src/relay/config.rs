@@ -65,6 +65,21 @@ pub struct RelayConfig {
     pub max_head: usize,
     /// Largest data frame. Default: 1 MiB.
     pub max_frame: u64,
+    /// Largest message on a listener control channel (a bigger one gets Close 1009).
+    /// Default: 64 KiB (what the .NET listener reads into).
+    pub max_control_message: usize,
+    /// Open connections, all kinds together; more are closed at accept. Default: 100 000.
+    pub max_connections: usize,
+    /// Open connections from one source IP. Default: 1 000.
+    pub max_connections_per_ip: usize,
+    /// Connections still in TLS, the HTTP head or authentication. Default: 2 000.
+    pub max_unauthenticated: usize,
+    /// Authentication failures from one IP before its requests are delayed. Default: 5.
+    pub auth_failures_before_delay: u32,
+    /// Failures further apart than this start a new count. Default: 60 s.
+    pub auth_failure_window: Duration,
+    /// Longest delay for an address that keeps failing (250 ms, doubling). Default: 5 s.
+    pub auth_max_delay: Duration,
     /// Memory the data plane may hold in pooled buffers, all workers together. Default:
     /// 64 MiB per worker.
     pub buffer_budget: usize,
@@ -88,6 +103,13 @@ impl RelayConfig {
             handshake_timeout: Duration::from_secs(10),
             max_head: crate::proto::handshake::DEFAULT_MAX_HEAD,
             max_frame: crate::proto::frame::DEFAULT_MAX_FRAME,
+            max_control_message: crate::proto::control::MAX_CONTROL_MESSAGE,
+            max_connections: 100_000,
+            max_connections_per_ip: 1_000,
+            max_unauthenticated: 2_000,
+            auth_failures_before_delay: 5,
+            auth_failure_window: Duration::from_secs(60),
+            auth_max_delay: Duration::from_secs(5),
             buffer_budget: default_workers() * crate::dataplane::pool::DEFAULT_BUDGET,
         }
     }
@@ -138,21 +160,39 @@ impl RelayConfig {
         set(&mut c.ping_interval, l.ping_interval, "listeners.ping_interval")?;
         c.token_grace = l.token_grace.unwrap_or(c.token_grace);
         set(&mut c.accept_timeout, f.senders.accept_timeout, "senders.accept_timeout")?;
-        set(&mut c.handshake_timeout, f.limits.handshake_timeout, "limits.handshake_timeout")?;
-        if let Some(n) = f.limits.max_head_bytes {
-            if !(1024..=1 << 20).contains(&n) {
-                bail!("field `limits.max_head_bytes`: must be between 1024 and 1048576");
-            }
-            c.max_head = n;
-        }
-        if let Some(n) = f.limits.max_frame_bytes {
-            if n < 1024 {
-                bail!("field `limits.max_frame_bytes`: must be at least 1024");
-            }
-            c.max_frame = n;
-        }
+        c.apply_limits(f.limits)?;
         Ok(c)
     }
+
+    /// The `[limits]` table.
+    fn apply_limits(&mut self, l: LimitsFile) -> anyhow::Result<()> {
+        set(&mut self.handshake_timeout, l.handshake_timeout, "limits.handshake_timeout")?;
+        set(&mut self.auth_failure_window, l.auth_failure_window, "limits.auth_failure_window")?;
+        set(&mut self.auth_max_delay, l.auth_max_delay, "limits.auth_max_delay")?;
+        set_in(&mut self.max_head, l.max_head_bytes, 1024..=1 << 20, "limits.max_head_bytes")?;
+        set_in(&mut self.max_frame, l.max_frame_bytes, 1024..=1 << 40, "limits.max_frame_bytes")?;
+        let control = 1024..=16 << 20;
+        set_in(&mut self.max_control_message, l.max_control_message_bytes, control, "limits.max_control_message_bytes")?;
+        set_in(&mut self.max_connections, l.max_connections, 1..=usize::MAX, "limits.max_connections")?;
+        set_in(&mut self.max_connections_per_ip, l.max_connections_per_ip, 1..=usize::MAX, "limits.max_connections_per_ip")?;
+        set_in(&mut self.max_unauthenticated, l.max_unauthenticated, 1..=usize::MAX, "limits.max_unauthenticated")?;
+        set_in(&mut self.auth_failures_before_delay, l.auth_failures_before_delay, 1..=u32::MAX, "limits.auth_failures_before_delay")?;
+        Ok(())
+    }
+}
+
+/// Sets `slot` to `v` if given and within `range`.
+fn set_in<T>(slot: &mut T, v: Option<T>, range: std::ops::RangeInclusive<T>, field: &str) -> anyhow::Result<()>
+where
+    T: PartialOrd + std::fmt::Display + Copy,
+{
+    if let Some(v) = v {
+        if !range.contains(&v) {
+            bail!("field `{field}`: must be between {} and {}", range.start(), range.end());
+        }
+        *slot = v;
+    }
+    Ok(())
 }
 
 fn set(slot: &mut Duration, v: Option<Duration>, field: &str) -> anyhow::Result<()> {
@@ -235,4 +275,13 @@ pub struct LimitsFile {
     pub handshake_timeout: Option<Duration>,
     pub max_head_bytes: Option<usize>,
     pub max_frame_bytes: Option<u64>,
+    pub max_control_message_bytes: Option<usize>,
+    pub max_connections: Option<usize>,
+    pub max_connections_per_ip: Option<usize>,
+    pub max_unauthenticated: Option<usize>,
+    pub auth_failures_before_delay: Option<u32>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub auth_failure_window: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub auth_max_delay: Option<Duration>,
 }

@@ -1,5 +1,9 @@
-//! One accepted TCP connection on a relay worker: TLS, the HTTP head (both within the
-//! handshake timeout), then dispatch on the request target.
+//! One accepted TCP connection on a relay worker: admission against the connection caps
+//! (before any byte is read), TLS, the HTTP head (both within the handshake timeout), the
+//! auth-failure delay for the source address, then dispatch on the request target.
+//!
+//! The connection holds a [`super::limits::ConnSlot`] for its whole life and an [`AuthPending`] until the
+//! handler it is routed to has authenticated it (or decided it needs no token).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,6 +14,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::Ctx;
+use super::limits::AuthPending;
 use crate::proto::address::{self, Action, Target};
 use crate::proto::handshake::{self, HandshakeError, RequestHead};
 use crate::transport::sock::{Sock, tune};
@@ -18,6 +23,14 @@ use crate::transport::Stream;
 
 /// Serves one connection to completion.
 pub(crate) async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
+    // Over a cap: close at once (no TLS, no response); the refusal is logged rate-limited.
+    let Ok((_slot, pending)) = ctx.admission.admit(peer.ip()) else {
+        return;
+    };
+    handshake_and_route(tcp, peer, pending, ctx).await;
+}
+
+async fn handshake_and_route(tcp: TcpStream, peer: SocketAddr, pending: AuthPending, ctx: Arc<Ctx>) {
     tune(&tcp);
     let deadline = tokio::time::Instant::now() + ctx.cfg.handshake_timeout;
     let mut stream = match &ctx.tls {
@@ -53,30 +66,66 @@ pub(crate) async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
             return respond(&mut stream, 408, "Request Timeout", "").await;
         }
     };
-    route(stream, buf, head, peer, ctx).await;
+    let inc = Incoming { buf, head, peer, pending };
+    route(stream, inc, ctx).await;
 }
 
-async fn route(mut stream: Stream, buf: BytesMut, head: RequestHead, peer: SocketAddr, ctx: Arc<Ctx>) {
-    let target = match address::parse_target(&head.target) {
+/// A request whose head has been read, on its way to a handler.
+pub(crate) struct Incoming {
+    /// Bytes read past the head.
+    pub buf: BytesMut,
+    pub head: RequestHead,
+    pub peer: SocketAddr,
+    /// Counts the connection as unauthenticated until the handler calls `done()`.
+    pub pending: AuthPending,
+}
+
+impl Incoming {
+    /// Counts a failed token check against the source address (see [`super::throttle`]).
+    pub fn auth_failed(&self, ctx: &Ctx) {
+        ctx.throttle.failed(self.peer.ip());
+    }
+}
+
+async fn route(mut stream: Stream, inc: Incoming, ctx: Arc<Ctx>) {
+    let target = match address::parse_target(&inc.head.target) {
         Ok(t) => t,
         Err(e) => return respond(&mut stream, 400, &e.to_string(), "").await,
     };
+    let rendezvous = matches!(&target, Target::Hc(r) if r.action == Some(Action::Accept));
+    if !rendezvous {
+        // Rendezvous addresses carry their own capability and are never throttled, so a
+        // listener behind the same NAT as a guesser still completes its accepts.
+        delay_if_failing(&inc, &ctx).await;
+    }
     match target {
         Target::Hc(req) => {
-            if !handshake::wants_websocket(&head) {
+            if !handshake::wants_websocket(&inc.head) {
                 return respond(&mut stream, 400, "A WebSocket upgrade is required on /$hc/", "").await;
             }
             match req.action {
-                Some(Action::Listen) => super::listener::serve(stream, buf, head, req, peer, ctx).await,
-                Some(Action::Connect) => super::sender::serve_connect(stream, buf, head, req, peer, ctx).await,
-                Some(Action::Accept) => super::sender::serve_accept(stream, buf, head, req, peer, ctx).await,
+                Some(Action::Listen) => super::listener::serve(stream, inc, req, ctx).await,
+                Some(Action::Connect) => super::sender::serve_connect(stream, inc, req, ctx).await,
+                Some(Action::Accept) => super::sender::serve_accept(stream, inc, req, ctx).await,
                 Some(Action::Request) => {
                     respond(&mut stream, 400, "HTTP request rendezvous is not supported by this relay", "").await
                 }
                 None => respond(&mut stream, 400, "Missing sb-hc-action", "").await,
             }
         }
-        Target::Plain(p) => super::mgmt::serve(stream, buf, head, p, peer, ctx).await,
+        Target::Plain(p) => super::mgmt::serve(stream, inc, p, ctx).await,
+    }
+}
+
+/// Waits out the auth-failure delay of the request's source address, if any.
+async fn delay_if_failing(inc: &Incoming, ctx: &Ctx) {
+    let delay = ctx.throttle.delay(inc.peer.ip());
+    if !delay.is_zero() {
+        tracing::debug!(peer = %inc.peer, delay_ms = delay.as_millis() as u64, "delaying a request after repeated auth failures");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = ctx.shutdown.cancelled() => {}
+        }
     }
 }
 

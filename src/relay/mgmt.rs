@@ -13,7 +13,6 @@
 //! | POST | `/$hyrelay/v1/hybrid-connections/{name}/regenerate-key` | `{"key": "primary"\|"secondary", "rule"?}` |
 //! | GET | `/$hyrelay/v1/hybrid-connections/{name}/connection-string?right=listen\|send&key=primary\|secondary` | |
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -23,7 +22,7 @@ use tokio::io::AsyncReadExt;
 
 use super::Ctx;
 use super::auth::{Demand, authorize};
-use super::conn::{respond, send_and_close};
+use super::conn::{Incoming, respond, send_and_close};
 use super::control::{EntityView, KeySlot, MgmtOp, MgmtReply};
 use super::store::{LISTEN_RULE, SEND_RULE, StoreError};
 use crate::proto::address::PlainRequest;
@@ -38,26 +37,22 @@ pub const API_PREFIX: &str = "/$hyrelay/v1/hybrid-connections";
 /// Largest request body the API reads. Default: 64 KiB.
 const MAX_BODY: usize = 64 * 1024;
 
-pub(super) async fn serve(
-    mut stream: Stream,
-    mut buf: BytesMut,
-    head: RequestHead,
-    req: PlainRequest,
-    peer: SocketAddr,
-    ctx: Arc<Ctx>,
-) {
+pub(super) async fn serve(mut stream: Stream, mut inc: Incoming, req: PlainRequest, ctx: Arc<Ctx>) {
+    let peer = inc.peer;
     let raw = req.raw_path.as_str();
     let lower = raw.to_ascii_lowercase();
     let is_api = lower.starts_with("/$hyrelay/") || lower.starts_with("/%24hyrelay/");
     if is_api {
-        let body = match read_body(&mut stream, &mut buf, &head).await {
+        let body = match read_body(&mut stream, &mut inc.buf, &inc.head).await {
             Ok(b) => b,
             Err((status, msg)) => return respond(&mut stream, status, msg, "").await,
         };
-        let (status, value) = api(&head, &req, &body, &ctx).await;
+        let (status, value) = api(&mut inc, &req, &body, &ctx).await;
+        let head = &inc.head;
         tracing::debug!(%peer, method = %head.method, path = %req.path, status, "management request");
         return json_response(&mut stream, status, &value).await;
     }
+    let head = &inc.head;
     let wants_info = req.query.iter().any(|(k, _)| k.eq_ignore_ascii_case("api-version"));
     let state = ctx.state.load();
     let resolved = state.resolve(&req.path).map(|(e, s)| (e.clone(), s.is_empty()));
@@ -73,9 +68,11 @@ pub(super) async fn serve(
                 now: unix_now(),
             };
             if let Err(e) = authorize(&state, &tokens, &demand) {
+                inc.auth_failed(&ctx);
                 return xml_error(&mut stream, e.status(), &e.to_string()).await;
             }
             drop(state);
+            inc.pending.done();
             let listeners = match ctx.ctl.manage(MgmtOp::Show(entity.name.clone())).await {
                 Ok(MgmtReply::Entity(v)) => v.listeners.len() as u32,
                 _ => 0,
@@ -171,7 +168,8 @@ fn store_error(e: StoreError) -> (u16, Value) {
 }
 
 /// Routes an API request; returns status and JSON body.
-async fn api(head: &RequestHead, req: &PlainRequest, body: &[u8], ctx: &Ctx) -> (u16, Value) {
+async fn api(inc: &mut Incoming, req: &PlainRequest, body: &[u8], ctx: &Ctx) -> (u16, Value) {
+    let head = &inc.head;
     let mut parts = req.raw_path.splitn(4, '/').skip(2);
     let (version, rest) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let Some(rest) = rest.strip_prefix("hybrid-connections").filter(|_| version == "v1") else {
@@ -196,9 +194,11 @@ async fn api(head: &RequestHead, req: &PlainRequest, body: &[u8], ctx: &Ctx) -> 
             now: unix_now(),
         };
         if let Err(e) = authorize(&state, &auth_headers(head), &demand) {
+            inc.auth_failed(ctx);
             return error(e.status(), e.to_string());
         }
     }
+    inc.pending.done();
     let method = head.method.as_str();
     let result = match (method, name, segs.get(1).copied(), segs.len()) {
         ("GET", None, _, 0) => ctx.ctl.manage(MgmtOp::List).await,

@@ -5,15 +5,20 @@
 //! listener control channel ([`listener`]), a sender connect or a listener's rendezvous
 //! ([`sender`], joined into a [`tunnel`]), or a plain HTTP request ([`mgmt`]: the
 //! runtime-information GET and the management API).
+//!
+//! Limits: every connection is admitted against the caps in [`limits`] before TLS, and
+//! authentication failures are slowed down per source address by [`throttle`].
 
 pub mod auth;
 pub mod config;
 mod conn;
 pub mod control;
+pub mod limits;
 mod listener;
 pub mod mgmt;
 mod sender;
 pub mod store;
+pub mod throttle;
 mod tunnel;
 
 use std::net::SocketAddr;
@@ -36,6 +41,8 @@ pub(crate) struct Ctx {
     pub ctl: Ctl,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub shutdown: CancellationToken,
+    pub admission: Arc<limits::Admission>,
+    pub throttle: throttle::AuthThrottle,
 }
 
 impl Ctx {
@@ -187,6 +194,16 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
         ctl,
         tls: tls.map(tokio_rustls::TlsAcceptor::from),
         shutdown: shutdown.clone(),
+        admission: limits::Admission::new(limits::Caps {
+            total: cfg.max_connections,
+            per_ip: cfg.max_connections_per_ip,
+            unauthenticated: cfg.max_unauthenticated,
+        }),
+        throttle: throttle::AuthThrottle::new(throttle::ThrottleConfig {
+            threshold: cfg.auth_failures_before_delay,
+            window: cfg.auth_failure_window,
+            max_delay: cfg.auth_max_delay,
+        }),
     });
     crate::dataplane::serve(&workers, listeners, shutdown.clone(), move |tcp, peer| {
         conn::serve(tcp, peer, ctx.clone())

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Debian packages the security tests use: sslscan (TLS versions and ciphers) and
+# slowhttptest (slowloris). Idempotent: apt-get runs only when a package is missing.
+# Without root (or apt-get) it only reports; the tests that need a tool then fail with
+# a message naming it.
+set -euo pipefail
+
+packages=(sslscan slowhttptest)
+missing=()
+for p in "${packages[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+        missing+=("$p")
+    fi
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+if ! command -v apt-get >/dev/null; then
+    echo "setup-debian: apt-get not found; install ${missing[*]} by hand" >&2
+    exit 0
+fi
+sudo=""
+if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null; then sudo="sudo"; else
+        echo "setup-debian: not root; install ${missing[*]} by hand" >&2
+        exit 0
+    fi
+fi
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
