@@ -161,7 +161,11 @@ impl SasToken {
         })
     }
 
-    /// Whether the signature was made with `key` (constant-time comparison).
+    /// Whether the signature was made with `key`.
+    ///
+    /// Constant time: `ring::hmac::verify` recomputes the tag and compares it with
+    /// `ring::constant_time::verify_slices_are_equal`. Never compare tags with `==`, which
+    /// stops at the first differing byte and lets a client learn the tag byte by byte.
     pub fn signed_with(&self, key: &str) -> bool {
         let Ok(sig) = B64.decode(self.sig.as_bytes()) else {
             return false;
@@ -260,6 +264,28 @@ mod tests {
     use super::*;
 
     const KEY: &str = "J0J3GRnd0oq+HoKnOqLXm1jmjJM2Wov30j8nvRr2Jcg=";
+
+    #[test]
+    fn a_tag_wrong_in_any_byte_or_length_fails() {
+        // The comparison itself is ring's constant-time one (see `signed_with`); this pins
+        // the behaviour: first, last and middle byte, truncated and extended tags.
+        let good = create_token("http://ns/hc1", "r", KEY, 2_000_000_000);
+        let t = SasToken::parse(&good).unwrap();
+        assert!(t.signed_with(KEY));
+        let tag = B64.decode(t.sig.as_bytes()).unwrap();
+        let mut variants = Vec::new();
+        for i in [0, tag.len() / 2, tag.len() - 1] {
+            let mut v = tag.clone();
+            v[i] ^= 1;
+            variants.push(v);
+        }
+        variants.push(tag[..tag.len() - 1].to_vec());
+        variants.push([tag.as_slice(), &[0]].concat());
+        for v in variants {
+            let forged = SasToken { sig: B64.encode(&v), ..t.clone() };
+            assert!(!forged.signed_with(KEY));
+        }
+    }
 
     #[test]
     fn create_parse_verify_round_trip() {
