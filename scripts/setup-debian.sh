@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Debian packages the security tests use: sslscan (TLS versions and ciphers) and
-# slowhttptest (slowloris). Idempotent: apt-get runs only when a package is missing.
+# Debian packages the tests use: sslscan (TLS versions and ciphers), slowhttptest
+# (slowloris) and chromium (the status page in a real browser). Idempotent: apt-get runs only when a package is missing.
 # Without root (or apt-get) it only reports; the tests that need a tool then fail with
 # a message naming it.
 set -euo pipefail
 
-packages=(sslscan slowhttptest)
+packages=(sslscan slowhttptest chromium)
 missing=()
 for p in "${packages[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

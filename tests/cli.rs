@@ -136,3 +136,24 @@ async fn check_config_and_version() {
     let (ok, out, _) = output(&["--version"]).await;
     assert!(ok && out.starts_with("hyrelay "), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hcm_status_shows_each_segment_and_hc_list_the_last_connect() {
+    let rig = Rig::new(false);
+    rig.create("seg", echo()).await;
+    let cfg = rig.hcm_config(vec![hyrelay::hcm::config::HcEntry::new(rig.listen_cs("seg").await, None).unwrap()]);
+    let data_dir = cfg.data_dir.display().to_string();
+    let _hcm = hyrelay::hcm::start(cfg).unwrap();
+    rig.wait_listeners("seg", 1).await;
+    let bridge = rig.bridge("seg", &rig.send_cs("seg").await);
+    assert_eq!(round_trip(bridge.addr_of("seg").unwrap(), b"hi").await.unwrap(), b"hi");
+    let ok = wait_for(Duration::from_secs(10), || async {
+        let (ok, out, _) = output(&["hcm", "--data-dir", &data_dir, "status"]).await;
+        ok && out.contains("Connected since") && out.contains("ok in")
+    })
+    .await;
+    assert!(ok, "{:?}", output(&["hcm", "--data-dir", &data_dir, "status"]).await);
+    let dir = rig.relay.data_dir().display().to_string();
+    let (ok, out, _) = output(&["hc", "--relay-data-dir", &dir, "list"]).await;
+    assert!(ok && out.contains("LAST SENDER CONNECT") && out.contains("accepted"), "{out}");
+}

@@ -34,6 +34,8 @@ pub struct Forward {
 pub struct BridgeConfig {
     /// Data-plane workers. Default: one per core.
     pub workers: usize,
+    /// Admin listener (metrics, health, status page). Default: none.
+    pub admin: Option<SocketAddr>,
     /// Extra CA certificates to trust for the relay.
     pub ca_files: Vec<PathBuf>,
     /// Timeout for reaching the relay and being accepted. Default: 40 s (the relay waits
@@ -58,6 +60,7 @@ impl BridgeConfig {
     pub fn new(forwards: Vec<Forward>) -> Self {
         Self {
             workers: crate::relay::config::default_workers(),
+            admin: None,
             ca_files: Vec::new(),
             relay_timeout: Duration::from_secs(40),
             token_ttl: Duration::from_secs(3600),
@@ -108,6 +111,7 @@ impl BridgeConfig {
             c.buffer_budget = crate::config::budget_from_mib(m, c.workers).context("field `buffer_budget_mib`")?;
         }
         c.ca_files = f.ca_files;
+        c.admin = f.admin.as_deref().map(str::parse).transpose().context("field `admin`: expected IP:PORT")?;
         if let Some(p) = f.hosts_file {
             c.hosts_file = p;
         }
@@ -184,6 +188,7 @@ fn check_entity(cs: &ConnectionString, hc: &str) -> anyhow::Result<()> {
 #[serde(deny_unknown_fields)]
 pub struct BridgeFile {
     pub workers: Option<usize>,
+    pub admin: Option<String>,
     pub buffer_budget_mib: Option<usize>,
     #[serde(default)]
     pub ca_files: Vec<PathBuf>,

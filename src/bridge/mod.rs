@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod hosts;
+mod status;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -32,6 +33,15 @@ use crate::transport::ws;
 struct ForwardRt {
     fwd: Forward,
     bound: SocketAddr,
+    status: Arc<std::sync::Mutex<status::ForwardStatus>>,
+}
+
+impl ForwardRt {
+    fn record(&self, result: &'static str, detail: String) {
+        let hc = self.fwd.hybrid_connection.clone();
+        metrics::counter!(crate::telemetry::metrics::BRIDGE_RELAY_CONNECTS, "hc" => hc, "result" => result).increment(1);
+        self.status.lock().unwrap_or_else(|e| e.into_inner()).record(result, detail);
+    }
 }
 
 struct BridgeCtx {
@@ -47,6 +57,7 @@ pub struct BridgeHandle {
     hosts_file: Option<PathBuf>,
     shutdown: CancellationToken,
     workers: Arc<Workers>,
+    admin: Option<crate::telemetry::admin::AdminHandle>,
 }
 
 impl std::fmt::Debug for BridgeHandle {
@@ -59,6 +70,11 @@ impl BridgeHandle {
     /// `(hybrid connection, local address)` of every forward.
     pub fn bound(&self) -> &[(String, SocketAddr)] {
         &self.bound
+    }
+
+    /// The admin listener's address, if one was configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|a| a.local_addr())
     }
 
     /// Address of the first forward of `hc`.
@@ -97,10 +113,14 @@ pub fn start(cfg: BridgeConfig) -> anyhow::Result<BridgeHandle> {
     let shutdown = CancellationToken::new();
     let ctx = Arc::new(BridgeCtx {
         cfg: cfg.clone(),
-        tls,
+        tls: tls.clone(),
         shutdown: shutdown.clone(),
     });
     let mut bound = Vec::new();
+    let mut views = Vec::new();
+    crate::telemetry::metrics::announce("bridge", cfg.workers);
+    let totals = Arc::new(crate::telemetry::metrics::Totals::default());
+    crate::telemetry::metrics::spawn_worker_flush(&workers, "bridge", totals.clone());
     for (i, fwd) in cfg.forwards.iter().enumerate() {
         let addr = match &fwd.listen {
             Listen::Addr(a) => *a,
@@ -112,7 +132,9 @@ pub fn start(cfg: BridgeConfig) -> anyhow::Result<BridgeHandle> {
         let listeners = crate::transport::sock::bind_listeners(addr, cfg.workers)
             .with_context(|| format!("forward for {:?}: cannot listen on {addr}", fwd.hybrid_connection))?;
         let actual = listeners[0].local_addr()?;
-        let rt = Arc::new(ForwardRt { fwd: fwd.clone(), bound: actual });
+        let status = Arc::new(std::sync::Mutex::new(status::ForwardStatus::default()));
+        views.push(status::ForwardView { fwd: fwd.clone(), bound: actual, status: status.clone() });
+        let rt = Arc::new(ForwardRt { fwd: fwd.clone(), bound: actual, status });
         let ctx = ctx.clone();
         crate::dataplane::serve(&workers, listeners, shutdown.clone(), move |tcp, peer| {
             serve(tcp, peer, rt.clone(), ctx.clone())
@@ -130,11 +152,19 @@ pub fn start(cfg: BridgeConfig) -> anyhow::Result<BridgeHandle> {
         }
         Some(cfg.hosts_file.clone())
     };
+    let admin = match cfg.admin {
+        Some(a) => {
+            let source = status::BridgeStatus::new(views, totals, tls);
+            Some(crate::telemetry::admin::spawn(a, Arc::new(source)).with_context(|| format!("cannot listen on admin address {a}"))?)
+        }
+        None => None,
+    };
     Ok(BridgeHandle {
         bound,
         hosts_file,
         shutdown,
         workers,
+        admin,
     })
 }
 
@@ -180,6 +210,8 @@ fn resolve_endpoints(cfg: &Arc<BridgeConfig>, tls: &Arc<rustls::ClientConfig>) -
 async fn serve(tcp: TcpStream, peer: SocketAddr, fw: Arc<ForwardRt>, ctx: Arc<BridgeCtx>) {
     crate::transport::sock::tune(&tcp);
     let f = &fw.fwd;
+    metrics::counter!(crate::telemetry::metrics::BRIDGE_LOCAL_CONNECTIONS, "hc" => f.hybrid_connection.clone()).increment(1);
+    fw.status.lock().unwrap_or_else(|e| e.into_inner()).local_connections += 1;
     let hc = f.hybrid_connection.as_str();
     let token = client::token(&f.connection_string, hc, ctx.cfg.token_ttl);
     let url = client::hc_url(&f.connection_string, hc, "connect", &crate::relay::control::new_id());
@@ -191,12 +223,21 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, fw: Arc<ForwardRt>, ctx: Arc<Br
     let conn = match conn {
         Ok(c) => c,
         Err(e) => {
+            let result = match e.status() {
+                Some(404) => "no_listener",
+                Some(401 | 403) => "auth_failed",
+                Some(_) => "rejected",
+                None if e.is_unreachable() => "unreachable",
+                None => "error",
+            };
+            fw.record(result, e.to_string());
             tracing::warn!(event = "relay_connect_failed", hc, %peer, local = %fw.bound, status = e.status().unwrap_or(0), reason = %e, "relay refused the connection; resetting the app's connection");
             // Reset rather than FIN, so the app sees a failure, not an empty answer.
             socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO)).ok();
             return;
         }
     };
+    fw.record("ok", String::new());
     tracing::debug!(event = "tunnel_open", hc, %peer, "tunnel open");
     let cfg = SpliceConfig {
         ping_interval: ctx.cfg.ping_interval,

@@ -32,6 +32,9 @@ pub struct BridgeArgs {
     /// Data-plane workers (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
+    /// Admin listener: /metrics, /healthz, /readyz, /status and a status page at /.
+    #[arg(long, value_name = "IP:PORT")]
+    admin: Option<std::net::SocketAddr>,
 }
 
 fn build(args: BridgeArgs) -> anyhow::Result<BridgeConfig> {
@@ -63,6 +66,9 @@ fn build(args: BridgeArgs) -> anyhow::Result<BridgeConfig> {
     if let Some(h) = args.hosts_file {
         cfg.hosts_file = h;
     }
+    if args.admin.is_some() {
+        cfg.admin = args.admin;
+    }
     if let Some(w) = args.workers {
         anyhow::ensure!(w > 0, "--workers must be at least 1");
         cfg.workers = w;
@@ -74,6 +80,9 @@ pub fn run(args: BridgeArgs) -> anyhow::Result<()> {
     let bridge = crate::bridge::start(build(args)?)?;
     for (hc, addr) in bridge.bound() {
         eprintln!("forwarding {addr} -> hybrid connection {hc}");
+    }
+    if let Some(a) = bridge.admin_addr() {
+        eprintln!("admin (metrics, health, status page) on http://{a}/");
     }
     super::wait_for_signal()?;
     bridge.stop();

@@ -130,9 +130,17 @@ async fn command(m: &Management, cmd: HcCommand, json: bool) -> anyhow::Result<(
             }
             let rows: Vec<Vec<String>> = v
                 .as_array()
-                .map(|a| a.iter().map(|e| vec![s(&e["name"]), s(&e["endpoint"]), s(&e["status"]), s(&e["listenerCount"]), s(&e["activeTunnels"])]).collect())
+                .map(|a| {
+                    a.iter()
+                        .map(|e| {
+                            let last = &e["lastSenderConnect"];
+                            let last = if last.is_null() { "-".into() } else { format!("{} {}", s(&last["result"]), s(&last["at"])) };
+                            vec![s(&e["name"]), s(&e["endpoint"]), s(&e["status"]), s(&e["listenerCount"]), s(&e["activeTunnels"]), last]
+                        })
+                        .collect()
+                })
                 .unwrap_or_default();
-            super::print_table(&["NAME", "ENDPOINT", "STATUS", "LISTENERS", "TUNNELS"], &rows);
+            super::print_table(&["NAME", "ENDPOINT", "STATUS", "LISTENERS", "TUNNELS", "LAST SENDER CONNECT"], &rows);
         }
         HcCommand::Show { name } => {
             let v = m.show(&name).await?;

@@ -31,6 +31,9 @@ enum HcmCommand {
         /// Data-plane workers (default: one per core).
         #[arg(long)]
         workers: Option<usize>,
+        /// Admin listener: /metrics, /healthz, /readyz, /status and a status page at /.
+        #[arg(long, value_name = "IP:PORT")]
+        admin: Option<std::net::SocketAddr>,
     },
     /// Add a hybrid connection by its Listen connection string (a running hcm picks it up).
     Add {
@@ -41,8 +44,13 @@ enum HcmCommand {
         endpoint: Option<String>,
     },
     /// List hybrid connections: endpoint, status, since when.
-    #[command(alias = "status")]
     List,
+    /// Status by segment: relay ⇄ hcm (control channel) and hcm ⇄ endpoint (last dial).
+    Status {
+        /// Print the daemon's status JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove a hybrid connection added with `hcm add`.
     Remove { name: String },
 }
@@ -61,7 +69,10 @@ fn load_config(args: &HcmArgs) -> anyhow::Result<HcmConfig> {
 pub fn run(args: HcmArgs) -> anyhow::Result<()> {
     let mut cfg = load_config(&args)?;
     match args.command {
-        HcmCommand::Run { ca_file, workers } => {
+        HcmCommand::Run { ca_file, workers, admin } => {
+            if admin.is_some() {
+                cfg.admin = admin;
+            }
             cfg.ca_files.extend(ca_file);
             if let Some(w) = workers {
                 anyhow::ensure!(w > 0, "--workers must be at least 1");
@@ -72,6 +83,9 @@ pub fn run(args: HcmArgs) -> anyhow::Result<()> {
                 tracing::warn!(data_dir = %cfg.data_dir.display(), "no hybrid connections yet: add one with `hyrelay hcm add \"<connection string>\"`");
             }
             let hcm = crate::hcm::start(cfg)?;
+            if let Some(a) = hcm.admin_addr() {
+                eprintln!("admin (metrics, health, status page) on http://{a}/");
+            }
             super::wait_for_signal()?;
             hcm.stop();
             Ok(())
@@ -98,6 +112,7 @@ pub fn run(args: HcmArgs) -> anyhow::Result<()> {
             list(&cfg);
             Ok(())
         }
+        HcmCommand::Status { json } => status(&cfg, json),
         HcmCommand::Remove { name } => {
             let n = state::remove(&cfg.data_dir, &name)?;
             anyhow::ensure!(n > 0, "{name} was not added with `hcm add` (hybrid connections from the config file are removed there)");
@@ -105,6 +120,32 @@ pub fn run(args: HcmArgs) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn status(cfg: &HcmConfig, json: bool) -> anyhow::Result<()> {
+    let Some(st) = state::read_status(&cfg.data_dir) else {
+        anyhow::bail!("the hcm is not running (no fresh status in {})", cfg.data_dir.display());
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = st
+        .hybrid_connections
+        .iter()
+        .map(|s| {
+            let (channel, dial) = crate::hcm::status::segments(s);
+            vec![
+                s.name.clone(),
+                channel,
+                format!("{} ({dial})", s.endpoint.clone().unwrap_or_else(|| "?".into())),
+                s.active_tunnels.to_string(),
+                s.last_error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    super::print_table(&["NAME", "RELAY <-> HCM", "HCM <-> ENDPOINT", "TUNNELS", "LAST ERROR"], &rows);
+    Ok(())
 }
 
 fn list(cfg: &HcmConfig) {

@@ -40,6 +40,9 @@ pub struct RelayArgs {
     /// Data-plane workers (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
+    /// Admin listener: /metrics, /healthz, /readyz, /status and a status page at /.
+    #[arg(long, value_name = "IP:PORT")]
+    admin: Option<SocketAddr>,
 }
 
 impl RelayArgs {
@@ -61,6 +64,9 @@ impl RelayArgs {
         file.hostnames.extend(self.hostnames);
         if self.workers.is_some() {
             file.workers = self.workers;
+        }
+        if let Some(a) = self.admin {
+            file.admin = Some(a.to_string());
         }
         let tls_flag = if let (Some(cert), Some(key)) = (self.tls_cert, self.tls_key) {
             Some(TlsSetting::Files { cert, key })
@@ -90,6 +96,9 @@ pub fn run(args: RelayArgs) -> anyhow::Result<()> {
     }
     let relay = crate::relay::start(cfg)?;
     eprintln!("hyrelay relay listening on {}", relay.local_addr());
+    if let Some(a) = relay.admin_addr() {
+        eprintln!("admin (metrics, health, status page) on http://{a}/");
+    }
     if let Some(ca) = relay.ca_file() {
         eprintln!("development CA (trust it with --ca-file): {}", ca.display());
     }

@@ -159,7 +159,10 @@ impl Direction {
         }
         if !self.mid_frame {
             let (code, reason) = match &end {
-                DirEnd::Stopped => (close_code::GOING_AWAY, "The hybrid connection was deleted or the relay is shutting down."),
+                DirEnd::Stopped => (
+                    close_code::GOING_AWAY,
+                    "The hybrid connection was deleted or the relay is shutting down.",
+                ),
                 DirEnd::ProtocolError(..) => (close_code::GOING_AWAY, "The peer broke the WebSocket protocol."),
                 DirEnd::Cut(close_code::TOO_BIG) => (close_code::TOO_BIG, "Frame larger than the relay's limit."),
                 DirEnd::Cut(code) => (*code, "WebSocket protocol error."),

@@ -18,6 +18,7 @@ use crate::transport::ws::{self, ConnectError, WsUrl};
 pub(crate) async fn handle(a: Accept, hc: Arc<HcRt>, endpoint: HostPort, ctx: Arc<HcmCtx>) {
     let name = hc.entry.name().to_owned();
     hc.update(|s| s.accepts += 1);
+    metrics::counter!(crate::telemetry::metrics::HCM_ACCEPTS, "hc" => name.clone()).increment(1);
     // Checked again here: the list is the last word whatever endpoint reached this task.
     if let Err(why) = super::channel::check_allowed(&endpoint, &ctx) {
         record_dial(&hc, false, 0, why.clone());
@@ -28,6 +29,15 @@ pub(crate) async fn handle(a: Accept, hc: Arc<HcRt>, endpoint: HostPort, ctx: Ar
     let started = Instant::now();
     let dialed = tokio::time::timeout(ctx.cfg.dial_timeout, ws::dial(&endpoint.host, endpoint.port)).await;
     let millis = started.elapsed().as_millis() as u64;
+    metrics::histogram!(crate::telemetry::metrics::HCM_DIAL_SECONDS, "hc" => name.clone()).record(started.elapsed().as_secs_f64());
+    let dial_result = match &dialed {
+        Ok(Ok(_)) => "ok",
+        Ok(Err(ConnectError::Resolve { .. })) => "dns",
+        Ok(Err(ConnectError::Connect { source, .. })) if source.kind() == std::io::ErrorKind::ConnectionRefused => "refused",
+        Ok(Err(_)) => "error",
+        Err(_) => "timeout",
+    };
+    metrics::counter!(crate::telemetry::metrics::HCM_DIALS, "hc" => name.clone(), "result" => dial_result).increment(1);
     let tcp = match dialed {
         Ok(Ok(tcp)) => {
             record_dial(&hc, true, millis, String::from("connected"));

@@ -58,6 +58,28 @@ struct End {
     unreachable: bool,
 }
 
+impl End {
+    /// A bounded reason word for metrics.
+    fn kind(&self) -> &'static str {
+        let r = self.reason.as_str();
+        if self.unreachable {
+            "unreachable"
+        } else if r.contains("relay answered 401") || r.contains("relay answered 403") || r.contains("refused the credentials") {
+            "auth_failed"
+        } else if r.contains("1008") {
+            "token_expired"
+        } else if r.contains("relay closed") {
+            "closed_by_relay"
+        } else if r.contains("silent") {
+            "dead"
+        } else if r.contains("does not exist") || r.contains("no endpoint metadata") || r.contains("not allowed") {
+            "configuration"
+        } else {
+            "error"
+        }
+    }
+}
+
 impl From<String> for End {
     fn from(reason: String) -> Self {
         Self { reason, unreachable: false }
@@ -91,6 +113,9 @@ pub(crate) async fn run(hc: Arc<HcRt>, ctx: Arc<HcmCtx>) {
         if end.unreachable {
             delay = delay.min(UNREACHABLE_RETRY);
         }
+        metrics::gauge!(crate::telemetry::metrics::HCM_CHANNEL_UP, "hc" => name.clone()).set(0.0);
+        metrics::counter!(crate::telemetry::metrics::HCM_RECONNECTS, "hc" => name.clone(), "reason" => end.kind())
+            .increment(1);
         let end = end.reason;
         hc.update(|s| {
             s.reconnects += 1;
@@ -168,6 +193,7 @@ async fn serve_session(hc: &Arc<HcRt>, ctx: &Arc<HcmCtx>) -> Result<String, End>
     };
     hc.set_state(ChannelState::Connected);
     hc.update(|s| s.last_error = None);
+    metrics::gauge!(crate::telemetry::metrics::HCM_CHANNEL_UP, "hc" => entry.name().to_owned()).set(1.0);
     tracing::info!(event = "control_channel_up", hc = %entry.name(), relay = %cs.endpoint.authority(), endpoint = %endpoint, "control channel connected");
     let (r, w) = tokio::io::split(conn.stream);
     let mut reader = WsReader::new(r, conn.leftover, Role::Client, MAX_CONTROL_MESSAGE as u64);

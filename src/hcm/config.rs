@@ -53,6 +53,8 @@ pub struct HcmConfig {
     pub data_dir: PathBuf,
     /// Data-plane workers. Default: one per core.
     pub workers: usize,
+    /// Admin listener (metrics, health, status page). Default: none.
+    pub admin: Option<std::net::SocketAddr>,
     /// Extra CA certificates to trust for the relay (PEM files).
     pub ca_files: Vec<PathBuf>,
     /// Timeout for dialing an endpoint. Default: 10 s.
@@ -88,6 +90,7 @@ impl HcmConfig {
         Self {
             data_dir,
             workers: crate::relay::config::default_workers(),
+            admin: None,
             ca_files: Vec::new(),
             dial_timeout: Duration::from_secs(10),
             relay_timeout: Duration::from_secs(20),
@@ -117,6 +120,7 @@ impl HcmConfig {
             c.buffer_budget = crate::config::budget_from_mib(m, c.workers).context("field `buffer_budget_mib`")?;
         }
         c.ca_files = f.ca_files;
+        c.admin = f.admin.as_deref().map(str::parse).transpose().context("field `admin`: expected IP:PORT")?;
         for (field, slot, v) in [
             ("dial_timeout", &mut c.dial_timeout, f.dial_timeout),
             ("relay_timeout", &mut c.relay_timeout, f.relay_timeout),
@@ -158,6 +162,7 @@ impl HcmConfig {
 #[serde(deny_unknown_fields)]
 pub struct HcmFile {
     pub data_dir: Option<PathBuf>,
+    pub admin: Option<String>,
     pub workers: Option<usize>,
     pub buffer_budget_mib: Option<usize>,
     #[serde(default)]

@@ -12,6 +12,7 @@ pub mod allow;
 pub mod channel;
 pub mod config;
 pub mod state;
+pub mod status;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -66,11 +67,20 @@ pub(crate) struct HcmCtx {
     pub workers: Arc<Workers>,
     /// Cancelled when the hcm stops; ends tunnels.
     pub shutdown: CancellationToken,
+    /// Bytes and tunnels per hybrid connection, summed over workers.
+    pub totals: Arc<crate::telemetry::metrics::Totals>,
 }
 
 #[derive(Default)]
-struct Shared {
+pub(crate) struct Shared {
     hcs: Mutex<Vec<Arc<HcRt>>>,
+}
+
+impl Shared {
+    /// Status of every hybrid connection served.
+    pub fn snapshot(&self) -> Vec<HcStatus> {
+        self.hcs.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|h| h.snapshot()).collect()
+    }
 }
 
 /// A running hcm. Dropping it stops the hcm.
@@ -80,6 +90,7 @@ pub struct HcmHandle {
     shutdown: CancellationToken,
     workers: Arc<Workers>,
     control: Option<std::thread::JoinHandle<()>>,
+    admin: Option<crate::telemetry::admin::AdminHandle>,
 }
 
 impl std::fmt::Debug for HcmHandle {
@@ -91,13 +102,12 @@ impl std::fmt::Debug for HcmHandle {
 impl HcmHandle {
     /// Status of every hybrid connection served.
     pub fn status(&self) -> Vec<HcStatus> {
-        self.shared
-            .hcs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|h| h.snapshot())
-            .collect()
+        self.shared.snapshot()
+    }
+
+    /// The admin listener's address, if one was configured.
+    pub fn admin_addr(&self) -> Option<std::net::SocketAddr> {
+        self.admin.as_ref().map(|a| a.local_addr())
     }
 
     /// Stops control channels and tunnels and waits for the threads.
@@ -129,11 +139,22 @@ pub fn start(cfg: HcmConfig) -> anyhow::Result<HcmHandle> {
     let workers = Workers::start("hyrelay-hcm", cfg.workers, cfg.buffer_budget)?;
     let shutdown = CancellationToken::new();
     let shared = Arc::new(Shared::default());
+    crate::telemetry::metrics::announce("hcm", cfg.workers);
+    let totals = Arc::new(crate::telemetry::metrics::Totals::default());
+    crate::telemetry::metrics::spawn_worker_flush(&workers, "hcm", totals.clone());
+    let admin = match cfg.admin {
+        Some(a) => {
+            let source = status::HcmStatus { shared: shared.clone(), totals: totals.clone() };
+            Some(crate::telemetry::admin::spawn(a, Arc::new(source)).map_err(|e| anyhow::anyhow!("cannot listen on admin address {a}: {e}"))?)
+        }
+        None => None,
+    };
     let ctx = Arc::new(HcmCtx {
         cfg: cfg.clone(),
         tls,
         workers: workers.clone(),
         shutdown: shutdown.clone(),
+        totals,
     });
     // Fail early on a corrupt connections file rather than serving a partial set.
     state::load_added(&cfg.data_dir)?;
@@ -154,6 +175,7 @@ pub fn start(cfg: HcmConfig) -> anyhow::Result<HcmHandle> {
         shutdown,
         workers,
         control: Some(control),
+        admin,
     })
 }
 
@@ -181,7 +203,7 @@ impl Manager {
                         seen = now;
                         self.reconcile(self.desired());
                     }
-                    let list: Vec<HcStatus> = self.running.values().map(|h| h.snapshot()).collect();
+                    let list: Vec<HcStatus> = self.running.values().map(|h| self.with_bytes(h.snapshot())).collect();
                     let text = serde_json::to_string(&list).unwrap_or_default();
                     if text != last_written || last_write.elapsed() >= Duration::from_secs(5) {
                         if let Err(e) = state::write_status(&dir, &list) {
@@ -208,6 +230,13 @@ impl Manager {
             })
             .collect();
         state::write_status(&dir, &list).ok();
+    }
+
+    fn with_bytes(&self, mut s: HcStatus) -> HcStatus {
+        let t = self.ctx.totals.get(&s.name);
+        s.bytes_to_endpoint = t.bytes_up;
+        s.bytes_from_endpoint = t.bytes_down;
+        s
     }
 
     /// Config entries plus `hcm add` entries (an added entry replaces a configured one

@@ -135,6 +135,10 @@ pub struct HcStatus {
     pub accepts: u64,
     pub active_tunnels: u64,
     pub last_dial: Option<DialStatus>,
+    #[serde(default)]
+    pub bytes_to_endpoint: u64,
+    #[serde(default)]
+    pub bytes_from_endpoint: u64,
 }
 
 impl HcStatus {
@@ -150,6 +154,8 @@ impl HcStatus {
             accepts: 0,
             active_tunnels: 0,
             last_dial: None,
+            bytes_to_endpoint: 0,
+            bytes_from_endpoint: 0,
         }
     }
 }

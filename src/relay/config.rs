@@ -49,6 +49,8 @@ pub struct RelayConfig {
     /// Data-plane workers. Default: one per core.
     pub workers: usize,
     pub tls: TlsSetting,
+    /// Admin listener (metrics, health, status page). Default: none.
+    pub admin: Option<SocketAddr>,
     /// Listeners allowed per hybrid connection. Default: 25.
     pub max_listeners: usize,
     pub balance: Balance,
@@ -95,6 +97,7 @@ impl RelayConfig {
             hostnames: Vec::new(),
             workers: default_workers(),
             tls,
+            admin: None,
             max_listeners: 25,
             balance: Balance::Random,
             ping_interval: Duration::from_secs(30),
@@ -138,6 +141,12 @@ impl RelayConfig {
             .context("field `public_url`: expected wss://HOST[:PORT] or ws://HOST:PORT")?;
         let mut c = Self::new(listen, f.data_dir.unwrap_or_else(|| crate::config::default_data_dir("relay")), tls);
         c.public_url = public_url;
+        c.admin = f
+            .admin
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .context("field `admin`: expected IP:PORT")?;
         c.hostnames = f.hostnames.iter().map(|h| h.to_ascii_lowercase()).collect();
         if let Some(w) = f.workers {
             if w == 0 {
@@ -226,6 +235,7 @@ pub struct RelayFile {
     pub listen: Option<String>,
     pub data_dir: Option<PathBuf>,
     pub public_url: Option<String>,
+    pub admin: Option<String>,
     #[serde(default)]
     pub hostnames: Vec<String>,
     pub workers: Option<usize>,

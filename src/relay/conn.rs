@@ -17,9 +17,9 @@ use super::Ctx;
 use super::limits::AuthPending;
 use crate::proto::address::{self, Action, Target};
 use crate::proto::handshake::{self, HandshakeError, RequestHead};
+use crate::transport::Stream;
 use crate::transport::sock::{Sock, tune};
 use crate::transport::ws::{HeadError, read_request_head};
-use crate::transport::Stream;
 
 /// Serves one connection to completion.
 pub(crate) async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
@@ -48,7 +48,8 @@ async fn handshake_and_route(tcp: TcpStream, peer: SocketAddr, pending: AuthPend
         },
     };
     let mut buf = BytesMut::with_capacity(4096);
-    let head = match tokio::time::timeout_at(deadline, read_request_head(&mut stream, &mut buf, ctx.cfg.max_head)).await {
+    let head = match tokio::time::timeout_at(deadline, read_request_head(&mut stream, &mut buf, ctx.cfg.max_head)).await
+    {
         Ok(Ok(Some(h))) => h,
         Ok(Ok(None)) => return,
         Ok(Err(HeadError::Http(HandshakeError::TooLarge(_)))) => {
@@ -66,7 +67,12 @@ async fn handshake_and_route(tcp: TcpStream, peer: SocketAddr, pending: AuthPend
             return respond(&mut stream, 408, "Request Timeout", "").await;
         }
     };
-    let inc = Incoming { buf, head, peer, pending };
+    let inc = Incoming {
+        buf,
+        head,
+        peer,
+        pending,
+    };
     route(stream, inc, ctx).await;
 }
 
@@ -108,7 +114,13 @@ async fn route(mut stream: Stream, inc: Incoming, ctx: Arc<Ctx>) {
                 Some(Action::Connect) => super::sender::serve_connect(stream, inc, req, ctx).await,
                 Some(Action::Accept) => super::sender::serve_accept(stream, inc, req, ctx).await,
                 Some(Action::Request) => {
-                    respond(&mut stream, 400, "HTTP request rendezvous is not supported by this relay", "").await
+                    respond(
+                        &mut stream,
+                        400,
+                        "HTTP request rendezvous is not supported by this relay",
+                        "",
+                    )
+                    .await
                 }
                 None => respond(&mut stream, 400, "Missing sb-hc-action", "").await,
             }

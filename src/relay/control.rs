@@ -139,6 +139,19 @@ pub struct EntityView {
     pub entity: Entity,
     pub listeners: Vec<ListenerView>,
     pub active_tunnels: usize,
+    /// The latest sender connect and its result.
+    pub last_connect: Option<ConnectRecord>,
+    /// Sender connects per result since the relay started.
+    pub connects: Vec<(&'static str, u64)>,
+}
+
+/// One sender connect as status shows it.
+#[derive(Debug, Clone)]
+pub struct ConnectRecord {
+    pub at: SystemTime,
+    /// `accepted`, `rejected`, `no_listener`, `auth_failed`, `timeout`, …
+    pub result: &'static str,
+    pub detail: String,
 }
 
 /// Which key of a rule.
@@ -202,6 +215,11 @@ pub enum Request {
         op: MgmtOp,
         reply: oneshot::Sender<Result<MgmtReply, StoreError>>,
     },
+    /// A sender connect finished (for status).
+    RecordConnect {
+        entity: String,
+        record: ConnectRecord,
+    },
 }
 
 /// Cloneable handle to the control plane.
@@ -243,6 +261,12 @@ impl Ctl {
             .flatten()
     }
 
+    /// Records a sender connect's result for status; dropped if the plane is busy.
+    pub fn record_connect(&self, entity: &str, result: &'static str, detail: String) {
+        let record = ConnectRecord { at: SystemTime::now(), result, detail };
+        self.0.try_send(Request::RecordConnect { entity: entity.to_owned(), record }).ok();
+    }
+
     pub fn cancel(&self, secret: &str) {
         self.0.try_send(Request::Cancel { secret: secret.to_owned() }).ok();
     }
@@ -266,6 +290,8 @@ struct EntityRt {
     listeners: Vec<ListenerRt>,
     tunnels: Arc<AtomicUsize>,
     gone: CancellationToken,
+    last_connect: Option<ConnectRecord>,
+    connects: Vec<(&'static str, u64)>,
 }
 
 struct PendingRt {
@@ -344,6 +370,18 @@ impl Plane {
             Request::Manage { op, reply } => {
                 reply.send(self.manage(op)).ok();
             }
+            Request::RecordConnect { entity, record } => {
+                let name = entity.to_lowercase();
+                if self.store.current().entity(&name).is_none() {
+                    return;
+                }
+                let rt = self.live.entry(name).or_default();
+                match rt.connects.iter_mut().find(|(r, _)| *r == record.result) {
+                    Some((_, n)) => *n += 1,
+                    None => rt.connects.push((record.result, 1)),
+                }
+                rt.last_connect = Some(record);
+            }
         }
     }
 
@@ -370,13 +408,17 @@ impl Plane {
             tx,
             load: Arc::new(AtomicUsize::new(0)),
         });
+        let n = rt.listeners.len();
+        metrics::gauge!(crate::telemetry::metrics::RELAY_LISTENERS, "hc" => entity_label(&self.store, entity)).set(n as f64);
         Ok(Registration { key, commands })
     }
 
     fn unregister(&mut self, entity: &str, key: u64) {
         let name = entity.to_lowercase();
+        let label = entity_label(&self.store, entity);
         let Some(rt) = self.live.get_mut(&name) else { return };
         rt.listeners.retain(|l| l.key != key);
+        metrics::gauge!(crate::telemetry::metrics::RELAY_LISTENERS, "hc" => label).set(rt.listeners.len() as f64);
         // Senders waiting on the lost listener get another one (same address, same secret),
         // or, with none left, an immediate "no listener" instead of the accept timeout.
         let orphans: Vec<String> = self
@@ -468,6 +510,8 @@ impl Plane {
                 })
                 .unwrap_or_default(),
             active_tunnels: rt.map(|rt| rt.tunnels.load(Ordering::Relaxed)).unwrap_or(0),
+            last_connect: rt.and_then(|rt| rt.last_connect.clone()),
+            connects: rt.map(|rt| rt.connects.clone()).unwrap_or_default(),
         }
     }
 
@@ -497,6 +541,7 @@ impl Plane {
                 self.store.update(|st| {
                     st.hybrid_connections.remove(&key).map(|_| ()).ok_or_else(|| StoreError::NotFound(name.clone()))
                 })?;
+                metrics::gauge!(crate::telemetry::metrics::RELAY_LISTENERS, "hc" => name.clone()).set(0.0);
                 if let Some(rt) = self.live.remove(&key) {
                     rt.gone.cancel();
                     for l in rt.listeners {
@@ -530,6 +575,11 @@ impl Plane {
             }
         }
     }
+}
+
+/// The entity's name as created (the metric label), or the lower-cased form if gone.
+fn entity_label(store: &Store, name: &str) -> String {
+    store.current().entity(name).map(|e| e.name.clone()).unwrap_or_else(|| name.to_lowercase())
 }
 
 fn pick(listeners: &[ListenerRt], candidates: &[usize], balance: Balance) -> usize {

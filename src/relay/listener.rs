@@ -94,7 +94,8 @@ pub(super) async fn serve(mut stream: Stream, mut inc: Incoming, req: HcRequest,
         entity_name: entity.name.clone(),
         max_message,
     };
-    let end = chan.run(&mut reg.commands, granted.expiry, &ctx).await;
+    let (why, end) = chan.run(&mut reg.commands, granted.expiry, &ctx).await;
+    metrics::counter!(crate::telemetry::metrics::RELAY_CONTROL_CLOSED, "reason" => why).increment(1);
     ctx.ctl.unregister(&entity.name, reg.key);
     tracing::info!(event = "listener_unregistered", hc = %entity.name, listener = %listener_id, %peer, reason = %end, "listener unregistered");
 }
@@ -115,7 +116,7 @@ fn expiry_deadline(expiry: u64, grace: Duration) -> Instant {
 }
 
 impl Channel {
-    async fn run(&mut self, commands: &mut tokio::sync::mpsc::Receiver<ListenerCmd>, expiry: u64, ctx: &Ctx) -> String {
+    async fn run(&mut self, commands: &mut tokio::sync::mpsc::Receiver<ListenerCmd>, expiry: u64, ctx: &Ctx) -> (&'static str, String) {
         let period = ctx.cfg.ping_interval;
         let mut ping = tokio::time::interval_at(Instant::now() + period, period);
         // Dead after two ping periods without any frame: checked at exactly that moment.
@@ -134,12 +135,14 @@ impl Channel {
                         Ok(Some(Message::Text(t))) => match control::decode(&t) {
                             Ok(Command::RenewToken { token }) => match self.renew(&token, ctx) {
                                 Ok(exp) => {
+                                    metrics::counter!(crate::telemetry::metrics::RELAY_TOKEN_RENEWALS, "result" => "ok").increment(1);
                                     expires = expiry_deadline(exp, ctx.cfg.token_grace);
                                     tracing::info!(event = "token_renewed", hc = %self.entity_name, expiry = exp, "listener token renewed");
                                 }
                                 Err(reason) => {
+                                    metrics::counter!(crate::telemetry::metrics::RELAY_TOKEN_RENEWALS, "result" => "rejected").increment(1);
                                     tracing::info!(event = "token_rejected", hc = %self.entity_name, %reason, "renewToken rejected");
-                                    return self.close(close_code::POLICY, &reason).await;
+                                    return ("token_rejected", self.close(close_code::POLICY, &reason).await);
                                 }
                             },
                             Ok(_) => {} // other commands (HTTP-mode responses, injectFault) are ignored
@@ -148,47 +151,47 @@ impl Channel {
                         Ok(Some(Message::Binary(_))) | Ok(Some(Message::Pong(_))) => {}
                         Ok(Some(Message::Ping(p))) => {
                             if self.writer.send(true, OpCode::Pong, &p).await.is_err() {
-                                return "write failed".into();
+                                return ("io_error", "write failed".into());
                             }
                         }
                         Ok(Some(Message::Close(c))) => {
                             let code = c.code.unwrap_or(close_code::NORMAL);
                             self.writer.send_close(code, "").await.ok();
-                            return format!("closed by listener ({code})");
+                            return ("listener_closed", format!("closed by listener ({code})"));
                         }
-                        Ok(None) => return "connection closed without a close frame".into(),
+                        Ok(None) => return ("connection_lost", "connection closed without a close frame".into()),
                         Err(e) => {
                             self.writer.send_close(e.close_code(), &e.to_string()).await.ok();
-                            return format!("protocol error: {e}");
+                            return ("protocol_error", format!("protocol error: {e}"));
                         }
                     }
                 }
                 cmd = commands.recv() => match cmd {
                     Some(ListenerCmd::Send(text)) => {
                         if let Err(e) = self.writer.send_text(&text).await {
-                            return format!("write failed: {e}");
+                            return ("io_error", format!("write failed: {e}"));
                         }
                     }
-                    Some(ListenerCmd::Close(code, reason)) => return self.close(code, &reason).await,
-                    None => return self.close(close_code::GOING_AWAY, "The relay is shutting down.").await,
+                    Some(ListenerCmd::Close(code, reason)) => return ("closed_by_relay", self.close(code, &reason).await),
+                    None => return ("shutdown", self.close(close_code::GOING_AWAY, "The relay is shutting down.").await),
                 },
                 _ = ping.tick() => {
                     if self.writer.send(true, OpCode::Ping, b"").await.is_err() {
-                        return "write failed".into();
+                        return ("io_error", "write failed".into());
                     }
                 }
                 _ = &mut dead => {
                     if heard.elapsed() >= period * 2 {
-                        return "silent for two ping periods".into();
+                        return ("dead", "silent for two ping periods".into());
                     }
                     dead.as_mut().reset(heard + period * 2);
                 }
                 _ = tokio::time::sleep_until(expires) => {
                     tracing::info!(event = "token_expired", hc = %self.entity_name, "listener token expired; closing control channel");
-                    return self.close(close_code::POLICY, "The listener token expired.").await;
+                    return ("token_expired", self.close(close_code::POLICY, "The listener token expired.").await);
                 }
                 _ = ctx.shutdown.cancelled() => {
-                    return self.close(close_code::GOING_AWAY, "The relay is shutting down.").await;
+                    return ("shutdown", self.close(close_code::GOING_AWAY, "The relay is shutting down.").await);
                 }
             }
         }

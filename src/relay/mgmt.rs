@@ -299,6 +299,9 @@ pub fn view_json(v: &EntityView, with_keys: bool) -> Value {
         "status": if v.listeners.is_empty() { "Not connected" } else { "Connected" },
         "listenerCount": v.listeners.len(),
         "activeTunnels": v.active_tunnels,
+        "lastSenderConnect": v.last_connect.as_ref().map(|c| json!({
+            "at": rfc3339(c.at), "result": c.result, "detail": c.detail,
+        })),
         "listeners": v.listeners.iter().map(|l| json!({
             "id": l.id,
             "remoteAddress": l.remote.map(|a| a.to_string()),

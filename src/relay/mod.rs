@@ -17,6 +17,7 @@ pub mod limits;
 mod listener;
 pub mod mgmt;
 mod sender;
+mod status;
 pub mod store;
 pub mod throttle;
 mod tunnel;
@@ -91,6 +92,7 @@ pub struct RelayHandle {
     shutdown: CancellationToken,
     workers: Arc<Workers>,
     control: Option<std::thread::JoinHandle<()>>,
+    admin: Option<crate::telemetry::admin::AdminHandle>,
 }
 
 impl std::fmt::Debug for RelayHandle {
@@ -106,6 +108,11 @@ pub const CLI_FILE: &str = "cli.json";
 impl RelayHandle {
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The admin listener's address, if one was configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|a| a.local_addr())
     }
 
     /// The development CA certificate, in self-signed mode.
@@ -188,6 +195,16 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
         }
     })?;
     let workers = Workers::start("hyrelay-relay", cfg.workers, cfg.buffer_budget)?;
+    crate::telemetry::metrics::announce("relay", cfg.workers);
+    let totals = Arc::new(crate::telemetry::metrics::Totals::default());
+    crate::telemetry::metrics::spawn_worker_flush(&workers, "relay", totals.clone());
+    let admin = match cfg.admin {
+        Some(a) => {
+            let source = status::RelayStatus { ctl: ctl.clone(), totals, shutdown: shutdown.clone(), listen: addr };
+            Some(crate::telemetry::admin::spawn(a, Arc::new(source)).with_context(|| format!("cannot listen on admin address {a}"))?)
+        }
+        None => None,
+    };
     let ctx = Arc::new(Ctx {
         cfg: cfg.clone(),
         state: state.clone(),
@@ -217,6 +234,7 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
         shutdown,
         workers,
         control: Some(control),
+        admin,
     };
     write_cli_file(&handle)?;
     tracing::info!(addr = %addr, workers = cfg.workers, tls = handle.tls, data_dir = %cfg.data_dir.display(), "relay started");

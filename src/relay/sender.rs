@@ -36,6 +36,7 @@ pub(super) async fn serve_connect(mut stream: Stream, mut inc: Incoming, req: Hc
     };
     let state = ctx.state.load();
     let Some((entity, _suffix)) = state.resolve(&req.path) else {
+        count_connect(&ctx, None, "not_found", "");
         return respond(&mut stream, 404, &describe("Endpoint does not exist.", tracking), "").await;
     };
     let entity_name = entity.name.clone();
@@ -56,6 +57,7 @@ pub(super) async fn serve_connect(mut stream: Stream, mut inc: Incoming, req: Hc
         };
         if let Err(e) = authorize(&state, &tokens, &demand) {
             inc.auth_failed(&ctx);
+            count_connect(&ctx, Some(&entity_name), "auth_failed", &e.to_string());
             tracing::info!(event = "sender_refused", hc = %entity_name, %peer, status = e.status(), reason = %e, "sender refused");
             return respond(&mut stream, e.status(), &describe(&e.to_string(), tracking), "").await;
         }
@@ -86,27 +88,34 @@ pub(super) async fn serve_connect(mut stream: Stream, mut inc: Incoming, req: Hc
                 Refusal::ShuttingDown | Refusal::Busy => 503,
                 _ => 404,
             };
+            count_connect(&ctx, Some(&entity_name), "no_listener", &e.to_string());
             tracing::info!(event = "sender_no_listener", hc = %entity_name, %peer, "no listener for sender");
             return respond(&mut stream, status, &describe(&e.to_string(), tracking), "").await;
         }
     };
     let tracking = Some(pending.tracking_id.as_str());
+    let dispatched = std::time::Instant::now();
     let mut buf = inc.buf;
     let outcome = tokio::select! {
         o = tokio::time::timeout(ctx.cfg.accept_timeout, &mut pending.outcome) => o,
         _ = sender_gone(&mut stream, &mut buf) => {
             ctx.ctl.cancel(&pending.secret);
+            count_connect(&ctx, Some(&entity_name), "abandoned", "the sender left before a listener accepted");
             tracing::debug!(hc = %entity_name, %peer, "sender left before the listener accepted");
             return;
         }
     };
     match outcome {
         Ok(Ok(Outcome::Accepted(leg))) => {
+            count_connect(&ctx, Some(&entity_name), "accepted", "");
+            metrics::histogram!(crate::telemetry::metrics::RELAY_RENDEZVOUS_SECONDS, "hc" => entity_name.clone())
+                .record(dispatched.elapsed().as_secs_f64());
             let _load = Counted::new(&pending.listener_load);
             let _tunnels = Counted::new(&pending.entity_tunnels);
             join(stream, buf, upgrade.key, leg, &entity_name, peer, &pending.entity_gone, &ctx).await;
         }
         Ok(Ok(Outcome::Rejected { status, description })) => {
+            count_connect(&ctx, Some(&entity_name), "rejected", &format!("{status} {description}"));
             tracing::info!(event = "sender_rejected", hc = %entity_name, %peer, status, reason = %description, "listener rejected the sender");
             respond(&mut stream, status, &description, "").await;
         }
@@ -114,14 +123,26 @@ pub(super) async fn serve_connect(mut stream: Stream, mut inc: Incoming, req: Hc
             // The rendezvous was dropped: the listener went away with no other to take over,
             // or the hybrid connection was deleted.
             let msg = "There are no listeners connected for the endpoint.";
+            count_connect(&ctx, Some(&entity_name), "no_listener", msg);
             respond(&mut stream, 404, &describe(msg, tracking), "").await;
         }
         Err(_) => {
             ctx.ctl.cancel(&pending.secret);
             tracing::info!(event = "sender_timeout", hc = %entity_name, %peer, "no listener accepted in time");
             let msg = "None of the connected listeners accepted the connection within the allowed timeout.";
+            count_connect(&ctx, Some(&entity_name), "timeout", msg);
             respond(&mut stream, 404, &describe(msg, tracking), "").await;
         }
+    }
+}
+
+/// Counts a sender connect's result (metric, and the hybrid connection's status).
+/// `hc` is `None` when the path named no hybrid connection: the peer's text is never a label.
+fn count_connect(ctx: &Ctx, hc: Option<&str>, result: &'static str, detail: &str) {
+    let label = hc.unwrap_or(crate::telemetry::metrics::UNKNOWN_HC).to_owned();
+    metrics::counter!(crate::telemetry::metrics::RELAY_SENDER_CONNECTS, "hc" => label, "result" => result).increment(1);
+    if let Some(hc) = hc {
+        ctx.ctl.record_connect(hc, result, detail.to_owned());
     }
 }
 

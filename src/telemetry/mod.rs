@@ -6,6 +6,9 @@
 //! Keys, tokens and signatures are never logged: they are [`crate::proto::Secret`]s or
 //! stay inside the auth code.
 
+pub mod admin;
+pub mod metrics;
+
 use tracing_subscriber::EnvFilter;
 
 /// Log output format.

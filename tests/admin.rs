@@ -1,0 +1,113 @@
+//! The admin listener of each role: metrics, health, readiness, status JSON and page.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use hyrelay::hcm::config::HcEntry;
+
+/// GET `path` from `addr`; returns status and body.
+async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out)).await.unwrap().unwrap();
+    let status = out[9..12].parse().unwrap();
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+fn admin_any() -> Option<SocketAddr> {
+    Some("127.0.0.1:0".parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_hcm_and_bridge_report_truthfully() {
+    let rig = Rig::with(false, |c| c.admin = admin_any());
+    let relay_admin = rig.relay.admin_addr().unwrap();
+    rig.create("good", echo()).await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    rig.create("broken", dead).await;
+
+    let mut hc = rig.hcm_config(vec![
+        HcEntry::new(rig.listen_cs("good").await, None).unwrap(),
+        HcEntry::new(rig.listen_cs("broken").await, None).unwrap(),
+    ]);
+    hc.admin = admin_any();
+    let hcm = hyrelay::hcm::start(hc).unwrap();
+    let hcm_admin = hcm.admin_addr().unwrap();
+    rig.wait_listeners("good", 1).await;
+    rig.wait_listeners("broken", 1).await;
+
+    let mut bc = rig.bridge_config("good", &rig.send_cs("good").await);
+    bc.admin = admin_any();
+    let bridge = hyrelay::bridge::start(bc).unwrap();
+    let bridge_admin = bridge.admin_addr().unwrap();
+    let data = payload(100_000, 1);
+    assert!(round_trip(bridge.addr_of("good").unwrap(), &data).await.unwrap() == data);
+    // A sender for the broken one is rejected by the hcm (endpoint refuses).
+    let b2 = rig.bridge("broken", &rig.send_cs("broken").await);
+    assert!(round_trip(b2.addr_of("broken").unwrap(), b"x").await.map(|v| v.is_empty()).unwrap_or(true));
+
+    for a in [relay_admin, hcm_admin, bridge_admin] {
+        let (s, body) = get(a, "/healthz").await;
+        assert_eq!(s, 200);
+        assert!(body.contains("\"status\": \"ok\""), "{body}");
+    }
+    assert_eq!(get(relay_admin, "/readyz").await.0, 200);
+    assert_eq!(get(bridge_admin, "/readyz").await.0, 200);
+    // Every control channel of the hcm is up, so it is ready, although one endpoint is down...
+    assert_eq!(get(hcm_admin, "/readyz").await.0, 200);
+    // ...and its status says which segment is broken.
+    let (_, st) = get(hcm_admin, "/status").await;
+    let v: serde_json::Value = serde_json::from_str(&st).unwrap();
+    let broken = v["hybridConnections"].as_array().unwrap().iter().find(|h| h["name"] == "broken").unwrap().clone();
+    assert_eq!(broken["state"], "Connected");
+    assert_eq!(broken["lastDial"]["ok"], false);
+    let good = v["hybridConnections"].as_array().unwrap().iter().find(|h| h["name"] == "good").unwrap().clone();
+    assert_eq!(good["lastDial"]["ok"], true);
+
+    // Relay status: sender connects per result, bytes once the workers flushed (1 s).
+    assert!(
+        wait_for(Duration::from_secs(5), || async {
+            let (_, st) = get(relay_admin, "/status").await;
+            let v: serde_json::Value = serde_json::from_str(&st).unwrap();
+            let g = v["hybridConnections"].as_array().unwrap().iter().find(|h| h["name"] == "good").unwrap().clone();
+            g["bytesUp"].as_u64() == Some(100_000) && g["bytesDown"].as_u64() == Some(100_000)
+        })
+        .await,
+        "relay counted the tunnel's bytes"
+    );
+    let (_, st) = get(relay_admin, "/status").await;
+    let v: serde_json::Value = serde_json::from_str(&st).unwrap();
+    let b = v["hybridConnections"].as_array().unwrap().iter().find(|h| h["name"] == "broken").unwrap().clone();
+    assert_eq!(b["lastSenderConnect"]["result"], "rejected", "{b}");
+
+    // Metrics: HELP lines, bounded labels, the relay's and hcm's families.
+    let (s, m) = get(relay_admin, "/metrics").await;
+    assert_eq!(s, 200);
+    for needle in [
+        "# HELP hyrelay_relay_listeners",
+        "hyrelay_relay_sender_connects_total{hc=\"good\",result=\"accepted\"}",
+        "hyrelay_relay_sender_connects_total{hc=\"broken\",result=\"rejected\"}",
+        "hyrelay_relay_bytes_total{hc=\"good\",direction=\"up\"}",
+        "hyrelay_relay_rendezvous_seconds_bucket",
+        "hyrelay_hcm_endpoint_dials_total{hc=\"broken\",result=\"refused\"}",
+        "hyrelay_hcm_control_channel_up{hc=\"good\"} 1",
+        "hyrelay_bridge_relay_connects_total{hc=\"good\",result=\"ok\"}",
+        "hyrelay_buffer_pool_budget_bytes",
+        "hyrelay_build_info",
+    ] {
+        assert!(m.contains(needle), "metrics lack {needle:?}");
+    }
+
+    // Stop the relay: the bridge is no longer ready, the hcm neither.
+    drop(rig);
+    assert!(wait_for(Duration::from_secs(15), || async { get(bridge_admin, "/readyz").await.0 == 503 }).await);
+    assert!(wait_for(Duration::from_secs(15), || async { get(hcm_admin, "/readyz").await.0 == 503 }).await);
+    let (_, page) = get(hcm_admin, "/").await;
+    assert!(page.contains("data-name=\"good\" data-status=\"broken\""), "{page}");
+}
