@@ -61,7 +61,10 @@ async fn idle_connections(src: &str, addr: SocketAddr, n: usize) -> Vec<TcpStrea
     // Give the workers a moment to admit them (admission happens on the worker).
     tokio::time::sleep(Duration::from_millis(300)).await;
     for s in &mut v {
-        assert!(closed_within(s, Duration::from_millis(5)).await.is_none(), "an idle connection within the caps is kept");
+        assert!(
+            closed_within(s, Duration::from_millis(5)).await.is_none(),
+            "an idle connection within the caps is kept"
+        );
     }
     v
 }
@@ -73,14 +76,25 @@ async fn raw_listener(rig: &Rig, hc: &str) -> (Reader, Writer) {
     let cs = rig.listen_cs(hc).await;
     let token = client::token(&cs, hc, Duration::from_secs(600));
     let url = client::hc_url(&cs, hc, "listen", "raw");
-    let c = ws::connect(&url, Some(&rig.tls), &[("ServiceBusAuthorization", &token)], Duration::from_secs(10)).await.unwrap();
+    let c = ws::connect(
+        &url,
+        Some(&rig.tls),
+        &[("ServiceBusAuthorization", &token)],
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
     let (r, w) = tokio::io::split(c.stream);
     (WsReader::new(r, c.leftover, Role::Client, 1 << 20), w)
 }
 
 async fn next_accept(r: &mut Reader) -> control::Accept {
     loop {
-        let m = tokio::time::timeout(Duration::from_secs(10), r.next_message(1 << 16)).await.unwrap().unwrap().unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(10), r.next_message(1 << 16))
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         if let Message::Text(t) = m
             && let Command::Accept(a) = control::decode(&t).unwrap()
         {
@@ -93,7 +107,13 @@ async fn sender(rig: &Rig, hc: &str) -> Result<ws::ClientWs, ConnectError> {
     let cs = rig.send_cs(hc).await;
     let token = client::token(&cs, hc, Duration::from_secs(600));
     let url = client::hc_url(&cs, hc, "connect", "s1");
-    ws::connect(&url, Some(&rig.tls), &[("ServiceBusAuthorization", &token)], Duration::from_secs(20)).await
+    ws::connect(
+        &url,
+        Some(&rig.tls),
+        &[("ServiceBusAuthorization", &token)],
+        Duration::from_secs(20),
+    )
+    .await
 }
 
 /// A joined tunnel driven by hand: (sender's connection, listener's rendezvous leg).
@@ -103,7 +123,9 @@ async fn tunnel(rig: &Rig, hc: &str) -> (ws::ClientWs, ws::ClientWs, Reader, Wri
     let (s, leg) = tokio::join!(sender(rig, hc), async {
         let a = next_accept(&mut lr).await;
         let url = WsUrl::parse(&a.address).unwrap();
-        ws::connect(&url, Some(&rig.tls), &[], Duration::from_secs(10)).await.unwrap()
+        ws::connect(&url, Some(&rig.tls), &[], Duration::from_secs(10))
+            .await
+            .unwrap()
     });
     (s.unwrap(), leg, lr, lw)
 }
@@ -119,7 +141,9 @@ async fn close_code_of<R: tokio::io::AsyncRead + Unpin>(r: &mut WsReader<R>) -> 
             }
         }
     };
-    tokio::time::timeout(Duration::from_secs(5), read).await.expect("a Close within 5 s")
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .expect("a Close within 5 s")
 }
 
 fn masked(opcode: OpCode, fin: bool, payload: &[u8]) -> BytesMut {
@@ -139,34 +163,61 @@ async fn handshake_timeout_closes_silent_half_head_and_stalled_tls() {
     // Half a head: TLS completes, the request head never does.
     let tcp = TcpStream::connect(addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let mut half = tokio_rustls::TlsConnector::from(rig.tls.clone()).connect(name, tcp).await.unwrap();
-    half.write_all(b"GET /$hc/x?sb-hc-action=listen HTTP/1.1\r\nHost: localhost\r\n").await.unwrap();
+    let mut half = tokio_rustls::TlsConnector::from(rig.tls.clone())
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    half.write_all(b"GET /$hc/x?sb-hc-action=listen HTTP/1.1\r\nHost: localhost\r\n")
+        .await
+        .unwrap();
     half.flush().await.unwrap();
     let limit = Duration::from_secs(5);
-    assert!(closed_within(&mut silent, limit).await.is_some(), "silent client closed");
+    assert!(
+        closed_within(&mut silent, limit).await.is_some(),
+        "silent client closed"
+    );
     assert!(closed_within(&mut stalled, limit).await.is_some(), "stalled TLS closed");
     let mut answer = Vec::new();
-    let got = tokio::time::timeout(limit, half.read_to_end(&mut answer)).await.expect("half head closed");
+    let got = tokio::time::timeout(limit, half.read_to_end(&mut answer))
+        .await
+        .expect("half head closed");
     if got.is_ok() && !answer.is_empty() {
-        assert!(answer.starts_with(b"HTTP/1.1 408"), "{}", String::from_utf8_lossy(&answer));
+        assert!(
+            answer.starts_with(b"HTTP/1.1 408"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
     }
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(4), "closed after the 1 s timeout, took {took:?}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "closed after the 1 s timeout, took {took:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_head_gets_431() {
     let rig = Rig::new(false);
     let mut s = TcpStream::connect(rig.relay.local_addr()).await.unwrap();
-    let head = format!("GET /$hc/x?sb-hc-action=listen HTTP/1.1\r\nHost: h\r\nX-Big: {}\r\n\r\n", "a".repeat(17 * 1024));
+    let head = format!(
+        "GET /$hc/x?sb-hc-action=listen HTTP/1.1\r\nHost: h\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(17 * 1024)
+    );
     s.write_all(head.as_bytes()).await.ok();
-    let out = closed_within(&mut s, Duration::from_secs(5)).await.expect("answered and closed");
+    let out = closed_within(&mut s, Duration::from_secs(5))
+        .await
+        .expect("answered and closed");
     assert!(out.starts_with(b"HTTP/1.1 431"), "{}", String::from_utf8_lossy(&out));
     // Just under the limit is read fine (and answered on its merits: 404, no such entity).
     let mut s = TcpStream::connect(rig.relay.local_addr()).await.unwrap();
-    let head = format!("GET /nothing HTTP/1.1\r\nHost: h\r\nX-Big: {}\r\n\r\n", "a".repeat(15 * 1024));
+    let head = format!(
+        "GET /nothing HTTP/1.1\r\nHost: h\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(15 * 1024)
+    );
     s.write_all(head.as_bytes()).await.unwrap();
-    let out = closed_within(&mut s, Duration::from_secs(5)).await.expect("answered and closed");
+    let out = closed_within(&mut s, Duration::from_secs(5))
+        .await
+        .expect("answered and closed");
     assert!(out.starts_with(b"HTTP/1.1 404"), "{}", String::from_utf8_lossy(&out));
 }
 
@@ -176,12 +227,18 @@ async fn control_channel_limits() {
     rig.create("ctl", echo()).await;
     // One text frame over 64 KiB.
     let (mut r, mut w) = raw_listener(&rig, "ctl").await;
-    w.write_all(&masked(OpCode::Text, true, &vec![b' '; 65 * 1024])).await.unwrap();
+    w.write_all(&masked(OpCode::Text, true, &vec![b' '; 65 * 1024]))
+        .await
+        .unwrap();
     assert_eq!(close_code_of(&mut r).await, close_code::TOO_BIG);
     // A message over 64 KiB in two fragments of 40 KiB.
     let (mut r, mut w) = raw_listener(&rig, "ctl").await;
-    w.write_all(&masked(OpCode::Text, false, &vec![b' '; 40 * 1024])).await.unwrap();
-    w.write_all(&masked(OpCode::Continuation, true, &vec![b' '; 40 * 1024])).await.unwrap();
+    w.write_all(&masked(OpCode::Text, false, &vec![b' '; 40 * 1024]))
+        .await
+        .unwrap();
+    w.write_all(&masked(OpCode::Continuation, true, &vec![b' '; 40 * 1024]))
+        .await
+        .unwrap();
     assert_eq!(close_code_of(&mut r).await, close_code::TOO_BIG);
     // A ping with 126 bytes of payload.
     let (mut r, mut w) = raw_listener(&rig, "ctl").await;
@@ -197,7 +254,9 @@ async fn control_channel_limit_is_configurable() {
     let rig = Rig::with(false, |c| c.max_control_message = 4096);
     rig.create("ctl", echo()).await;
     let (mut r, mut w) = raw_listener(&rig, "ctl").await;
-    w.write_all(&masked(OpCode::Text, true, &vec![b' '; 5000])).await.unwrap();
+    w.write_all(&masked(OpCode::Text, true, &vec![b' '; 5000]))
+        .await
+        .unwrap();
     assert_eq!(close_code_of(&mut r).await, close_code::TOO_BIG);
 }
 
@@ -218,7 +277,10 @@ async fn assert_cut(mut off: LegReader, mut oth: LegReader, code: u16, started: 
         let eof = tokio::time::timeout(Duration::from_secs(3), r.read_to_end(&mut rest)).await;
         assert!(eof.is_ok(), "both legs closed");
     }
-    assert!(started.elapsed() < Duration::from_secs(4), "cut at once, not after the grace");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "cut at once, not after the grace"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -227,14 +289,20 @@ async fn tunnel_data_frame_over_max_frame_cuts_the_offender() {
     rig.create("big", echo()).await;
     let (mut s, leg, _lr, _lw) = tunnel(&rig, "big").await;
     // A small frame passes; then a 100 KiB frame's header (the payload need not follow).
-    s.stream.write_all(&masked(OpCode::Binary, true, b"fine")).await.unwrap();
+    s.stream
+        .write_all(&masked(OpCode::Binary, true, b"fine"))
+        .await
+        .unwrap();
     let mut hdr = [0u8; frame::MAX_HEADER_LEN];
     let n = frame::encode_header(true, OpCode::Binary, Some([1, 2, 3, 4]), 100 * 1024, &mut hdr);
     s.stream.write_all(&hdr[..n]).await.unwrap();
     s.stream.flush().await.unwrap();
     let started = Instant::now();
     let mut leg = reader(leg);
-    let first = tokio::time::timeout(Duration::from_secs(5), leg.next_message(1 << 20)).await.unwrap().unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), leg.next_message(1 << 20))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(first, Some(Message::Binary(bytes::Bytes::from_static(b"fine"))));
     assert_cut(reader(s), leg, close_code::TOO_BIG, started).await;
 }
@@ -245,7 +313,10 @@ async fn tunnel_control_frame_over_125_bytes_cuts_the_offender() {
     rig.create("ctl", echo()).await;
     let (s, mut leg, _lr, _lw) = tunnel(&rig, "ctl").await;
     // This time the listener's leg misbehaves.
-    leg.stream.write_all(&masked(OpCode::Ping, true, &[0u8; 200])).await.unwrap();
+    leg.stream
+        .write_all(&masked(OpCode::Ping, true, &[0u8; 200]))
+        .await
+        .unwrap();
     leg.stream.flush().await.unwrap();
     assert_cut(reader(leg), reader(s), close_code::PROTOCOL_ERROR, Instant::now()).await;
 }
@@ -255,7 +326,10 @@ async fn per_ip_cap() {
     let rig = Rig::with(false, |c| c.max_connections_per_ip = 3);
     let addr = rig.relay.local_addr();
     let mut held = idle_connections("127.0.0.1", addr, 3).await;
-    assert!(refused("127.0.0.1", addr).await, "a 4th connection from the same address is closed at once");
+    assert!(
+        refused("127.0.0.1", addr).await,
+        "a 4th connection from the same address is closed at once"
+    );
     assert!(!refused("127.0.0.2", addr).await, "another address is not affected");
     held.pop();
     let ok = wait_for(Duration::from_secs(5), || async { !refused("127.0.0.1", addr).await }).await;
@@ -268,7 +342,10 @@ async fn global_cap() {
     let addr = rig.relay.local_addr();
     let mut held = idle_connections("127.0.0.3", addr, 2).await;
     held.extend(idle_connections("127.0.0.4", addr, 2).await);
-    assert!(refused("127.0.0.5", addr).await, "a 5th connection from anywhere is closed at once");
+    assert!(
+        refused("127.0.0.5", addr).await,
+        "a 5th connection from anywhere is closed at once"
+    );
     drop(held);
     let ok = wait_for(Duration::from_secs(5), || async { !refused("127.0.0.5", addr).await }).await;
     assert!(ok, "slots come back when connections close");
@@ -286,13 +363,23 @@ async fn unauthenticated_cap_spares_authenticated_connections() {
     let (_r2, _w2) = raw_listener(&rig, "un").await;
     rig.wait_listeners("un", 2).await;
     let held = idle_connections("127.0.0.6", addr, 3).await;
-    assert!(refused("127.0.0.7", addr).await, "a 4th connection still in the handshake is refused");
+    assert!(
+        refused("127.0.0.7", addr).await,
+        "a 4th connection still in the handshake is refused"
+    );
     drop(held);
     // With the flood gone, a new listener authenticates again.
     let token = client::token(&cs, "un", Duration::from_secs(600));
     let url = client::hc_url(&cs, "un", "listen", "third");
     let ok = wait_for(Duration::from_secs(5), || async {
-        ws::connect(&url, None, &[("ServiceBusAuthorization", &token)], Duration::from_secs(2)).await.is_ok()
+        ws::connect(
+            &url,
+            None,
+            &[("ServiceBusAuthorization", &token)],
+            Duration::from_secs(2),
+        )
+        .await
+        .is_ok()
     })
     .await;
     assert!(ok, "unauthenticated slots come back");
@@ -303,10 +390,15 @@ async fn unauthenticated_cap_spares_authenticated_connections() {
 async fn info_get(src: &str, addr: SocketAddr, auth: &str) -> (u16, Duration) {
     let started = Instant::now();
     let mut s = connect_from(src, addr).await;
-    let req = format!("GET /thr?api-version=2017-04 HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n");
+    let req = format!(
+        "GET /thr?api-version=2017-04 HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n"
+    );
     s.write_all(req.as_bytes()).await.unwrap();
     let out = closed_within(&mut s, Duration::from_secs(15)).await.expect("answered");
-    let status = String::from_utf8_lossy(&out[..12.min(out.len())]).get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let status = String::from_utf8_lossy(&out[..12.min(out.len())])
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
     (status, started.elapsed())
 }
 
@@ -328,10 +420,16 @@ async fn repeated_auth_failures_are_delayed_per_address() {
         times.push(took);
     }
     let fast = Duration::from_millis(200);
-    assert!(times[0] < fast && times[1] < fast, "the first two failures are answered at once: {times:?}");
+    assert!(
+        times[0] < fast && times[1] < fast,
+        "the first two failures are answered at once: {times:?}"
+    );
     assert!(times[2] >= Duration::from_millis(240), "then 250 ms: {times:?}");
     assert!(times[3] >= Duration::from_millis(490), "then 500 ms: {times:?}");
-    assert!(times[4] >= Duration::from_millis(990) && times[4] < Duration::from_millis(1900), "capped at 1 s: {times:?}");
+    assert!(
+        times[4] >= Duration::from_millis(990) && times[4] < Duration::from_millis(1900),
+        "capped at 1 s: {times:?}"
+    );
     // A success from the throttled address is delayed too and does not reset the count.
     let (status, took) = info_get("127.0.0.8", addr, &good).await;
     assert_eq!(status, 200);
@@ -352,7 +450,10 @@ async fn rendezvous_address_expires_with_the_accept_timeout() {
     let (s, a) = tokio::join!(sender(&rig, "exp"), next_accept(&mut lr));
     match s {
         Err(ConnectError::Rejected { status: 404, .. }) => {}
-        other => panic!("the sender gets 404 after the accept timeout, got {:?}", other.map(|_| ())),
+        other => panic!(
+            "the sender gets 404 after the accept timeout, got {:?}",
+            other.map(|_| ())
+        ),
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let url = WsUrl::parse(&a.address).unwrap();
@@ -377,7 +478,16 @@ impl ChildRelay {
         let config = dir.path().join("relay.toml");
         std::fs::write(&config, format!("[limits]\n{limits}\n")).unwrap();
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_hyrelay"))
-            .args(["--log-level", "warn", "relay", "--plain", "--listen", "127.0.0.1:0", "--workers", "2"])
+            .args([
+                "--log-level",
+                "warn",
+                "relay",
+                "--plain",
+                "--listen",
+                "127.0.0.1:0",
+                "--workers",
+                "2",
+            ])
             .arg("--config")
             .arg(&config)
             .arg("--data-dir")
@@ -397,11 +507,20 @@ impl ChildRelay {
                 }
             }
         });
-        let addr = rx.recv_timeout(Duration::from_secs(30)).expect("the relay printed its address");
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the relay printed its address");
         let cli: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(dir.path().join("data").join(hyrelay::relay::CLI_FILE)).unwrap()).unwrap();
-        let manage = hyrelay::proto::connstr::ConnectionString::parse(cli["connectionString"].as_str().unwrap()).unwrap();
-        Self { child, addr, _dir: dir, manage }
+            serde_json::from_slice(&std::fs::read(dir.path().join("data").join(hyrelay::relay::CLI_FILE)).unwrap())
+                .unwrap();
+        let manage =
+            hyrelay::proto::connstr::ConnectionString::parse(cli["connectionString"].as_str().unwrap()).unwrap();
+        Self {
+            child,
+            addr,
+            _dir: dir,
+            manage,
+        }
     }
 
     /// Resident set size in KiB, from /proc.
@@ -439,7 +558,10 @@ async fn memory_stays_bounded_while_limits_are_hit() {
         "handshake_timeout = \"10s\"\nmax_connections = 600\nmax_connections_per_ip = 200\nmax_unauthenticated = 400\nauth_failures_before_delay = 3\nauth_max_delay = \"300ms\"",
     );
     let addr = relay.addr;
-    let mgmt = hyrelay::client::Management::new(relay.manage.clone(), hyrelay::transport::tls::client_config(&[]).unwrap());
+    let mgmt = hyrelay::client::Management::new(
+        relay.manage.clone(),
+        hyrelay::transport::tls::client_config(&[]).unwrap(),
+    );
     mgmt.create("thr", Some("127.0.0.1:9"), true).await.unwrap();
     for _ in 0..20 {
         let _ = info_get("127.0.0.1", addr, "none").await;
@@ -447,7 +569,10 @@ async fn memory_stays_bounded_while_limits_are_hit() {
     let baseline = relay.rss_kib();
     let mut peak = baseline;
     let srcs = ["127.0.0.10", "127.0.0.11", "127.0.0.12", "127.0.0.13", "127.0.0.14"];
-    let half_head = format!("GET /$hc/thr?sb-hc-action=listen HTTP/1.1\r\nHost: h\r\nX-Pad: {}", "p".repeat(4000));
+    let half_head = format!(
+        "GET /$hc/thr?sb-hc-action=listen HTTP/1.1\r\nHost: h\r\nX-Pad: {}",
+        "p".repeat(4000)
+    );
     for _ in 0..3 {
         // 1 000 half heads: over the global, per-address and unauthenticated caps.
         let held = flood(addr, &srcs, 200, half_head.as_bytes()).await;
@@ -463,7 +588,11 @@ async fn memory_stays_bounded_while_limits_are_hit() {
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..200 {
             let src = srcs[i % srcs.len()];
-            tasks.spawn(async move { info_get(src, addr, "SharedAccessSignature sr=x&sig=bad&se=1&skn=y").await.0 });
+            tasks.spawn(async move {
+                info_get(src, addr, "SharedAccessSignature sr=x&sig=bad&se=1&skn=y")
+                    .await
+                    .0
+            });
             if tasks.len() >= 50 {
                 assert!(matches!(tasks.join_next().await, Some(Ok(401 | 0))));
             }
@@ -477,11 +606,23 @@ async fn memory_stays_bounded_while_limits_are_hit() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let after = relay.rss_kib();
     let mut held = idle_connections("127.0.0.30", addr, 200).await;
-    assert!(refused("127.0.0.30", addr).await, "per-address cap exact after the flood");
+    assert!(
+        refused("127.0.0.30", addr).await,
+        "per-address cap exact after the flood"
+    );
     held.extend(idle_connections("127.0.0.31", addr, 200).await);
-    assert!(refused("127.0.0.32", addr).await, "unauthenticated cap exact after the flood");
+    assert!(
+        refused("127.0.0.32", addr).await,
+        "unauthenticated cap exact after the flood"
+    );
     drop(held);
     eprintln!("relay RSS: baseline {baseline} KiB, peak {peak} KiB, after {after} KiB");
-    assert!(peak < baseline + 128 * 1024, "peak RSS {peak} KiB vs baseline {baseline} KiB");
-    assert!(after < baseline + 32 * 1024, "RSS after the flood {after} KiB vs baseline {baseline} KiB");
+    assert!(
+        peak < baseline + 128 * 1024,
+        "peak RSS {peak} KiB vs baseline {baseline} KiB"
+    );
+    assert!(
+        after < baseline + 32 * 1024,
+        "RSS after the flood {after} KiB vs baseline {baseline} KiB"
+    );
 }

@@ -59,7 +59,12 @@ async fn keys_of(rig: &Rig, hc: &str) -> Vec<String> {
         .as_array()
         .unwrap()
         .iter()
-        .flat_map(|r| [r["primaryKey"].as_str().unwrap().to_owned(), r["secondaryKey"].as_str().unwrap().to_owned()])
+        .flat_map(|r| {
+            [
+                r["primaryKey"].as_str().unwrap().to_owned(),
+                r["secondaryKey"].as_str().unwrap().to_owned(),
+            ]
+        })
         .collect();
     if let Credential::Key { key, .. } = &rig.relay.manage_connection_string().credential {
         keys.push(key.expose().to_owned());
@@ -69,7 +74,14 @@ async fn keys_of(rig: &Rig, hc: &str) -> Vec<String> {
 
 /// The signature part of a token.
 fn sig(token: &str) -> String {
-    token.split("sig=").nth(1).unwrap().split('&').next().unwrap().to_owned()
+    token
+        .split("sig=")
+        .nth(1)
+        .unwrap()
+        .split('&')
+        .next()
+        .unwrap()
+        .to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -93,12 +105,20 @@ async fn no_secret_is_ever_logged() {
     let enc = percent_encoding::utf8_percent_encode(&token, percent_encoding::NON_ALPHANUMERIC).to_string();
     let mut url = client::hc_url(&send, "sec", "connect", "q");
     url.target.push_str(&format!("&sb-hc-token={enc}"));
-    let c = ws::connect(&url, Some(&rig.tls), &[], Duration::from_secs(10)).await.expect("query-token sender");
+    let c = ws::connect(&url, Some(&rig.tls), &[], Duration::from_secs(10))
+        .await
+        .expect("query-token sender");
     drop(c);
     let forged = token.replace("sig=", "sig=Zm9yZ2Vk");
     secrets.push(forged.clone());
     let url = client::hc_url(&send, "sec", "connect", "f");
-    let e = ws::connect(&url, Some(&rig.tls), &[("ServiceBusAuthorization", &forged)], Duration::from_secs(10)).await;
+    let e = ws::connect(
+        &url,
+        Some(&rig.tls),
+        &[("ServiceBusAuthorization", &forged)],
+        Duration::from_secs(10),
+    )
+    .await;
     assert_eq!(e.err().and_then(|e| e.status()), Some(401));
 
     // A bridge with a wrong key; a listener token in the query.
@@ -112,8 +132,15 @@ async fn no_secret_is_ever_logged() {
     let lt = client::token(&listen, "sec", Duration::from_secs(600));
     secrets.push(lt.clone());
     let mut url = client::hc_url(&listen, "sec", "listen", "ql");
-    url.target.push_str(&format!("&sb-hc-token={}", percent_encoding::utf8_percent_encode(&lt, percent_encoding::NON_ALPHANUMERIC)));
-    drop(ws::connect(&url, Some(&rig.tls), &[], Duration::from_secs(10)).await.expect("query-token listener"));
+    url.target.push_str(&format!(
+        "&sb-hc-token={}",
+        percent_encoding::utf8_percent_encode(&lt, percent_encoding::NON_ALPHANUMERIC)
+    ));
+    drop(
+        ws::connect(&url, Some(&rig.tls), &[], Duration::from_secs(10))
+            .await
+            .expect("query-token listener"),
+    );
 
     // An hcm given a token-only connection string.
     let tok_cs = ConnectionString {
@@ -126,7 +153,10 @@ async fn no_secret_is_ever_logged() {
     // Management: without rights, then a key regeneration (old and new keys are secrets).
     let nomanage = hyrelay::client::Management::new(send.clone(), rig.tls.clone());
     assert!(nomanage.list().await.is_err());
-    rig.mgmt.regenerate_key("sec", false, Some("defaultSender")).await.unwrap();
+    rig.mgmt
+        .regenerate_key("sec", false, Some("defaultSender"))
+        .await
+        .unwrap();
     secrets.extend(keys_of(&rig, "sec").await);
 
     // An hcm refusing an endpoint it is not allowed to dial.
@@ -138,14 +168,23 @@ async fn no_secret_is_ever_logged() {
     drop((hcm, hcm2, hcm3, bridge, bad_bridge));
     let text = cap.text();
     assert!(text.len() > 2_000, "trace logging was captured ({} bytes)", text.len());
-    assert!(text.contains("endpoint_not_allowed") && text.contains("sender_refused"), "the scenarios ran");
+    assert!(
+        text.contains("endpoint_not_allowed") && text.contains("sender_refused"),
+        "the scenarios ran"
+    );
     for s in &secrets {
         assert!(!text.contains(s.as_str()), "a secret was logged: {s}");
         if s.contains("sig=") {
             assert!(!text.contains(&sig(s)), "a signature was logged: {s}");
         }
     }
-    for marker in ["sig=", "sig%3D", "sb-hc-rid=", "SharedAccessKey=", "SharedAccessSignature sr"] {
+    for marker in [
+        "sig=",
+        "sig%3D",
+        "sb-hc-rid=",
+        "SharedAccessKey=",
+        "SharedAccessSignature sr",
+    ] {
         assert!(!text.contains(marker), "credential marker {marker:?} in the logs");
     }
 }

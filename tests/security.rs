@@ -75,7 +75,9 @@ async fn hello_answer(addr: SocketAddr, version: u16) -> (u8, Vec<u8>) {
             }
         }
     };
-    tokio::time::timeout(Duration::from_secs(5), read).await.expect("server answered within 5 s");
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .expect("server answered within 5 s");
     (out.first().copied().unwrap_or(0), out)
 }
 
@@ -97,7 +99,10 @@ fn tool(name: &str) -> std::process::Command {
         .args(["-c", &format!("command -v {name}")])
         .output()
         .is_ok_and(|o| o.status.success());
-    assert!(found, "`{name}` is not installed: run scripts/setup-debian.sh (scripts/test.sh does)");
+    assert!(
+        found,
+        "`{name}` is not installed: run scripts/setup-debian.sh (scripts/test.sh does)"
+    );
     std::process::Command::new(name)
 }
 
@@ -106,18 +111,40 @@ async fn sslscan_finds_only_tls12_and_tls13_with_strong_ciphers() {
     let rig = Rig::new(true);
     let target = format!("127.0.0.1:{}", rig.relay.local_addr().port());
     let mut cmd = tool("sslscan");
-    cmd.args(["--no-colour", "--no-heartbleed", "--no-renegotiation", "--no-compression", "--no-check-certificate", &target]);
-    let out = tokio::task::spawn_blocking(move || cmd.output()).await.unwrap().unwrap();
+    cmd.args([
+        "--no-colour",
+        "--no-heartbleed",
+        "--no-renegotiation",
+        "--no-compression",
+        "--no-check-certificate",
+        &target,
+    ]);
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "sslscan failed: {text}{}", String::from_utf8_lossy(&out.stderr));
-    let line = |proto: &str| text.lines().find(|l| l.starts_with(proto)).unwrap_or_default().to_owned();
+    assert!(
+        out.status.success(),
+        "sslscan failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = |proto: &str| {
+        text.lines()
+            .find(|l| l.starts_with(proto))
+            .unwrap_or_default()
+            .to_owned()
+    };
     for old in ["SSLv2", "SSLv3", "TLSv1.0", "TLSv1.1"] {
         assert!(line(old).contains("disabled"), "{old} must be disabled:\n{text}");
     }
     for new in ["TLSv1.2", "TLSv1.3"] {
         assert!(line(new).contains("enabled"), "{new} must be enabled:\n{text}");
     }
-    let ciphers: Vec<&str> = text.lines().filter(|l| l.starts_with("Accepted") || l.starts_with("Preferred")).collect();
+    let ciphers: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("Accepted") || l.starts_with("Preferred"))
+        .collect();
     assert!(!ciphers.is_empty(), "sslscan listed no cipher:\n{text}");
     for c in &ciphers {
         let weak = ["RC4", "DES", "NULL", "EXP", "anon", "MD5", "CBC", "-SHA "];
@@ -133,7 +160,14 @@ async fn query_token_never_reaches_the_listener() {
     let cs = rig.listen_cs("q").await;
     let token = client::token(&cs, "q", Duration::from_secs(600));
     let url = client::hc_url(&cs, "q", "listen", "raw");
-    let c = ws::connect(&url, None, &[("ServiceBusAuthorization", &token)], Duration::from_secs(10)).await.unwrap();
+    let c = ws::connect(
+        &url,
+        None,
+        &[("ServiceBusAuthorization", &token)],
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
     let (r, _w) = tokio::io::split(c.stream);
     let mut lr = WsReader::new(r, c.leftover, Role::Client, 1 << 20);
     rig.wait_listeners("q", 1).await;
@@ -143,10 +177,17 @@ async fn query_token_never_reaches_the_listener() {
     let enc = percent_encoding::utf8_percent_encode(&st, percent_encoding::NON_ALPHANUMERIC).to_string();
     for name in ["sb-hc-token", "SB-HC-Token"] {
         let mut url = client::hc_url(&send, "q", "connect", "s");
-        url.target = url.target.replace("/$hc/q?", &format!("/$hc/q/sub?app=1&{name}={enc}&"));
-        let sender = tokio::spawn(async move { ws::connect(&url, None, &[], Duration::from_secs(5)).await.map(|_| ()) });
+        url.target = url
+            .target
+            .replace("/$hc/q?", &format!("/$hc/q/sub?app=1&{name}={enc}&"));
+        let sender =
+            tokio::spawn(async move { ws::connect(&url, None, &[], Duration::from_secs(5)).await.map(|_| ()) });
         let a = loop {
-            let m = tokio::time::timeout(Duration::from_secs(10), lr.next_message(1 << 16)).await.unwrap().unwrap().unwrap();
+            let m = tokio::time::timeout(Duration::from_secs(10), lr.next_message(1 << 16))
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
             if let Message::Text(t) = m
                 && let Command::Accept(a) = control::decode(&t).unwrap()
             {
@@ -155,8 +196,15 @@ async fn query_token_never_reaches_the_listener() {
         };
         let everything = format!("{} {:?} {:?}", a.address, a.connect_headers, a.remote_endpoint);
         assert!(!everything.to_ascii_lowercase().contains("sb-hc-token"), "{everything}");
-        assert!(!everything.contains(&sig) && !everything.contains("SharedAccessSignature"), "{everything}");
-        assert!(a.address.contains("/$hc/q/sub?app=1&"), "the app's own query is kept: {}", a.address);
+        assert!(
+            !everything.contains(&sig) && !everything.contains("SharedAccessSignature"),
+            "{everything}"
+        );
+        assert!(
+            a.address.contains("/$hc/q/sub?app=1&"),
+            "the app's own query is kept: {}",
+            a.address
+        );
         sender.abort();
     }
 }
@@ -179,7 +227,9 @@ async fn slowloris_does_not_lock_out_real_clients() {
     let url = format!("http://127.0.0.1:{}/", rig.relay.local_addr().port());
     let log = tempfile::NamedTempFile::new().unwrap();
     let mut cmd = tool("slowhttptest");
-    cmd.args(["-H", "-c", "400", "-r", "400", "-i", "2", "-x", "24", "-p", "3", "-l", "20", "-u", &url]);
+    cmd.args([
+        "-H", "-c", "400", "-r", "400", "-i", "2", "-x", "24", "-p", "3", "-l", "20", "-u", &url,
+    ]);
     cmd.stdout(log.reopen().unwrap()).stderr(Stdio::null());
     let mut attack = tokio::process::Command::from(cmd).kill_on_drop(true).spawn().unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -187,23 +237,43 @@ async fn slowloris_does_not_lock_out_real_clients() {
     let started = Instant::now();
     let _hcm = rig.hcm(&rig.listen_cs("live").await);
     rig.wait_listeners("live", 1).await;
-    assert!(started.elapsed() < Duration::from_secs(5), "listener registered in {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "listener registered in {:?}",
+        started.elapsed()
+    );
     let bridge = rig.bridge("live", &rig.send_cs("live").await);
     let addr = bridge.addr_of("live").unwrap();
     for i in 0..5u64 {
         let data = payload(10_000, i);
         let t = Instant::now();
         let back = tokio::time::timeout(Duration::from_secs(5), round_trip(addr, &data)).await;
-        assert!(matches!(&back, Ok(Ok(b)) if *b == data), "round trip {i} failed under slowloris");
-        assert!(t.elapsed() < Duration::from_secs(3), "round trip {i} took {:?}", t.elapsed());
+        assert!(
+            matches!(&back, Ok(Ok(b)) if *b == data),
+            "round trip {i} failed under slowloris"
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "round trip {i} took {:?}",
+            t.elapsed()
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    assert!(started.elapsed() < Duration::from_secs(8), "all done while the attack held its connections");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "all done while the attack held its connections"
+    );
     let status = tokio::time::timeout(Duration::from_secs(30), attack.wait()).await;
     assert!(status.is_ok(), "slowhttptest ends within its 20 s");
     let out = std::fs::read_to_string(log.path()).unwrap();
-    let out: String = out.split('\x1b').map(|p| p.split_once('m').map_or(p, |(_, rest)| rest)).collect();
-    assert!(most_connected(&out) >= 300, "the attack held at least 300 connections:\n{out}");
+    let out: String = out
+        .split('\x1b')
+        .map(|p| p.split_once('m').map_or(p, |(_, rest)| rest))
+        .collect();
+    assert!(
+        most_connected(&out) >= 300,
+        "the attack held at least 300 connections:\n{out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -216,17 +286,30 @@ async fn hcm_refuses_endpoints_not_allowed() {
     let entries = vec![
         HcEntry::new(rig.listen_cs("ok").await, None).unwrap(),
         HcEntry::new(rig.listen_cs("meta").await, None).unwrap(),
-        HcEntry::new(rig.listen_cs("override").await, Some(other.to_string().parse().unwrap())).unwrap(),
+        HcEntry::new(
+            rig.listen_cs("override").await,
+            Some(other.to_string().parse().unwrap()),
+        )
+        .unwrap(),
     ];
     let mut cfg = rig.hcm_config(entries);
-    cfg.allowed_endpoints = AllowList::parse(&[format!("127.0.0.1:{}", allowed.port()), "*.example.com:*".into()]).unwrap();
+    cfg.allowed_endpoints =
+        AllowList::parse(&[format!("127.0.0.1:{}", allowed.port()), "*.example.com:*".into()]).unwrap();
     let hcm = hyrelay::hcm::start(cfg).unwrap();
     rig.wait_listeners("ok", 1).await;
     let refused = wait_for(Duration::from_secs(10), || async {
-        hcm.status().iter().filter(|s| s.last_error.as_deref().is_some_and(|e| e.contains("not allowed"))).count() == 2
+        hcm.status()
+            .iter()
+            .filter(|s| s.last_error.as_deref().is_some_and(|e| e.contains("not allowed")))
+            .count()
+            == 2
     })
     .await;
-    assert!(refused, "both refused, with the reason in the status: {:?}", hcm.status());
+    assert!(
+        refused,
+        "both refused, with the reason in the status: {:?}",
+        hcm.status()
+    );
     for name in ["meta", "override"] {
         let s = hcm.status().into_iter().find(|s| s.name == name).unwrap();
         assert_eq!(s.endpoint.as_deref(), Some(other.to_string().as_str()));

@@ -52,10 +52,19 @@ impl FromStr for EndpointRule {
         let (host, port) = text.rsplit_once(':').ok_or_else(|| bad("no port"))?;
         let port = match port {
             "*" => None,
-            p => Some(p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| bad("port must be 1-65535 or *"))?),
+            p => Some(
+                p.parse::<u16>()
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| bad("port must be 1-65535 or *"))?,
+            ),
         };
         let host = parse_host(host.trim_start_matches('[').trim_end_matches(']')).map_err(|e| bad(&e))?;
-        Ok(Self { host, port, text: text.to_owned() })
+        Ok(Self {
+            host,
+            port,
+            text: text.to_owned(),
+        })
     }
 }
 
@@ -69,13 +78,18 @@ fn parse_host(h: &str) -> Result<HostPattern, String> {
     if let Some((ip, bits)) = h.split_once('/') {
         let ip: IpAddr = ip.parse().map_err(|_| format!("{ip:?} is not an IP address"))?;
         let max = if ip.is_ipv4() { 32 } else { 128 };
-        let bits = bits.parse::<u8>().ok().filter(|b| *b <= max).ok_or_else(|| format!("prefix length must be 0-{max}"))?;
+        let bits = bits
+            .parse::<u8>()
+            .ok()
+            .filter(|b| *b <= max)
+            .ok_or_else(|| format!("prefix length must be 0-{max}"))?;
         return Ok(HostPattern::Cidr(ip, bits));
     }
     if let Ok(ip) = h.parse::<IpAddr>() {
         return Ok(HostPattern::Ip(ip));
     }
-    if h.contains(['*', '/', ' ']) && !(h.starts_with("*.") && !h[2..].contains('*')) {
+    let wildcard_ok = h.starts_with("*.") && !h[2..].contains('*');
+    if h.contains(['*', '/', ' ']) && !wildcard_ok {
         return Err("`*` is allowed only as the whole host or as a leading `*.`".into());
     }
     let lower = h.to_ascii_lowercase();
@@ -165,11 +179,37 @@ mod tests {
 
     #[test]
     fn entry_forms() {
-        let l = list(&["db.corp.local:5432", "api.corp.local:*", "*.lab.example:8080", "10.0.0.0/8:5432", "[fd00::/8]:*", "192.168.1.5:22", "*:443"]);
-        for ok in ["DB.corp.local:5432", "api.corp.local:1", "x.lab.example:8080", "a.b.lab.example:8080", "10.1.2.3:5432", "[fd00::1]:9", "192.168.1.5:22", "[::ffff:10.9.9.9]:5432", "evil.example:443"] {
+        let l = list(&[
+            "db.corp.local:5432",
+            "api.corp.local:*",
+            "*.lab.example:8080",
+            "10.0.0.0/8:5432",
+            "[fd00::/8]:*",
+            "192.168.1.5:22",
+            "*:443",
+        ]);
+        for ok in [
+            "DB.corp.local:5432",
+            "api.corp.local:1",
+            "x.lab.example:8080",
+            "a.b.lab.example:8080",
+            "10.1.2.3:5432",
+            "[fd00::1]:9",
+            "192.168.1.5:22",
+            "[::ffff:10.9.9.9]:5432",
+            "evil.example:443",
+        ] {
             assert!(l.allows(&ep(ok)), "{ok} should be allowed");
         }
-        for no in ["db.corp.local:5433", "lab.example:8080", "xlab.example:8080", "11.0.0.1:5432", "[fe80::1]:9", "192.168.1.6:22", "db.corp.local.evil:5432"] {
+        for no in [
+            "db.corp.local:5433",
+            "lab.example:8080",
+            "xlab.example:8080",
+            "11.0.0.1:5432",
+            "[fe80::1]:9",
+            "192.168.1.6:22",
+            "db.corp.local.evil:5432",
+        ] {
             assert!(!l.allows(&ep(no)), "{no} should be refused");
         }
     }
@@ -178,13 +218,25 @@ mod tests {
     fn cidr_matches_ip_literals_only() {
         let l = list(&["127.0.0.0/8:*"]);
         assert!(l.allows(&ep("127.0.0.1:80")));
-        assert!(!l.allows(&ep("localhost:80")), "names are not resolved for CIDR entries");
+        assert!(
+            !l.allows(&ep("localhost:80")),
+            "names are not resolved for CIDR entries"
+        );
         assert!(list(&["0.0.0.0/0:*"]).allows(&ep("1.2.3.4:5")));
     }
 
     #[test]
     fn bad_entries() {
-        for bad in ["db", "db:0", "db:x", "10.0.0.0/33:1", "a*b:1", "*.*.x:1", ":5", "nope/8:1"] {
+        for bad in [
+            "db",
+            "db:0",
+            "db:x",
+            "10.0.0.0/33:1",
+            "a*b:1",
+            "*.*.x:1",
+            ":5",
+            "nope/8:1",
+        ] {
             assert!(bad.parse::<EndpointRule>().is_err(), "{bad} should not parse");
         }
         let (i, _) = AllowList::parse(&["ok:1".into(), "bad".into()]).unwrap_err();

@@ -282,7 +282,10 @@ mod tests {
         variants.push(tag[..tag.len() - 1].to_vec());
         variants.push([tag.as_slice(), &[0]].concat());
         for v in variants {
-            let forged = SasToken { sig: B64.encode(&v), ..t.clone() };
+            let forged = SasToken {
+                sig: B64.encode(&v),
+                ..t.clone()
+            };
             assert!(!forged.signed_with(KEY));
         }
     }

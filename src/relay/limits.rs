@@ -79,12 +79,17 @@ impl Admission {
         if !take(&self.total, self.caps.total) {
             return Err(Refused::Total);
         }
-        let slot = ConnSlot { adm: self.clone(), ip: None };
+        let slot = ConnSlot {
+            adm: self.clone(),
+            ip: None,
+        };
         let slot = self.take_ip(ip, slot)?;
         if !take(&self.unauthenticated, self.caps.unauthenticated) {
             return Err(Refused::Unauthenticated);
         }
-        let pending = AuthPending { adm: Some(self.clone()) };
+        let pending = AuthPending {
+            adm: Some(self.clone()),
+        };
         Ok((slot, pending))
     }
 
@@ -117,13 +122,18 @@ impl Admission {
     /// Open connections, connections not yet authenticated, and source addresses tracked.
     pub fn counts(&self) -> (usize, usize, usize) {
         let ips = self.per_ip.lock().unwrap_or_else(|e| e.into_inner()).len();
-        (self.total.load(Ordering::Relaxed), self.unauthenticated.load(Ordering::Relaxed), ips)
+        (
+            self.total.load(Ordering::Relaxed),
+            self.unauthenticated.load(Ordering::Relaxed),
+            ips,
+        )
     }
 }
 
 /// Increments `c` unless it is at `max`.
 fn take(c: &AtomicUsize, max: usize) -> bool {
-    c.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).is_ok()
+    c.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+        .is_ok()
 }
 
 /// One open connection: counted in the global and per-IP totals while it lives.
@@ -193,7 +203,10 @@ impl RefusalLog {
         let next = self.next_info_ms.load(Ordering::Relaxed);
         let period = REFUSAL_LOG_PERIOD.as_millis() as u64;
         if now >= next
-            && self.next_info_ms.compare_exchange(next, now + period, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+            && self
+                .next_info_ms
+                .compare_exchange(next, now + period, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
         {
             self.since.fetch_sub(n, Ordering::Relaxed);
             tracing::info!(event = "connections_refused", count = n, last_reason = %why, "connections refused over a limit (at most one such line per 10 s)");
@@ -206,7 +219,11 @@ mod tests {
     use super::*;
 
     fn adm(total: usize, per_ip: usize, unauthenticated: usize) -> Arc<Admission> {
-        Admission::new(Caps { total, per_ip, unauthenticated })
+        Admission::new(Caps {
+            total,
+            per_ip,
+            unauthenticated,
+        })
     }
 
     const A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));

@@ -27,7 +27,7 @@ use crate::transport::ws::{Message, WsReader, WsWriter};
 pub(super) async fn serve(mut stream: Stream, mut inc: Incoming, req: HcRequest, ctx: Arc<Ctx>) {
     let (head, peer) = (&inc.head, inc.peer);
     let tracking = req.id.as_deref();
-    let upgrade = match handshake::validate_upgrade(&head) {
+    let upgrade = match handshake::validate_upgrade(head) {
         Ok(u) => u,
         Err(e) => return respond(&mut stream, 400, &e.to_string(), "").await,
     };

@@ -59,7 +59,7 @@ pub(super) async fn serve(mut stream: Stream, mut inc: Incoming, req: PlainReque
     match resolved {
         Some((entity, true)) if head.method == "GET" && wants_info => {
             let hosts = ctx.hosts(head.headers.get("Host"));
-            let tokens = auth_headers(&head);
+            let tokens = auth_headers(head);
             let demand = Demand {
                 entity: Some(&entity),
                 path: &entity.name,

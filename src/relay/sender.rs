@@ -30,7 +30,7 @@ const EARLY_BYTES_LIMIT: usize = 64 * 1024;
 pub(super) async fn serve_connect(mut stream: Stream, mut inc: Incoming, req: HcRequest, ctx: Arc<Ctx>) {
     let (head, peer) = (&inc.head, inc.peer);
     let tracking = req.id.as_deref();
-    let upgrade = match handshake::validate_upgrade(&head) {
+    let upgrade = match handshake::validate_upgrade(head) {
         Ok(u) => u,
         Err(e) => return respond(&mut stream, 400, &e.to_string(), "").await,
     };

@@ -73,7 +73,9 @@ impl AuthThrottle {
         let Some(excess) = count.checked_sub(self.cfg.threshold) else {
             return Duration::ZERO;
         };
-        BASE_DELAY.saturating_mul(1u32 << excess.min(16)).min(self.cfg.max_delay)
+        BASE_DELAY
+            .saturating_mul(1u32 << excess.min(16))
+            .min(self.cfg.max_delay)
     }
 
     /// Counts a failure from `ip`.
@@ -144,7 +146,10 @@ mod tests {
 
     #[test]
     fn failures_expire_after_the_window() {
-        let t = AuthThrottle::new(ThrottleConfig { window: Duration::from_millis(50), ..cfg() });
+        let t = AuthThrottle::new(ThrottleConfig {
+            window: Duration::from_millis(50),
+            ..cfg()
+        });
         for _ in 0..5 {
             t.failed(ip(1));
         }
