@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 
 # Microsoft's hyco-ws client for the compatibility tests (npm registry).
 scripts/setup-node.sh
+scripts/setup-python.sh
 # sslscan and slowhttptest for tests/security.rs (Debian packages).
 scripts/setup-debian.sh
 
