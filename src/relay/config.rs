@@ -139,7 +139,11 @@ impl RelayConfig {
             .map(RelayEndpoint::parse)
             .transpose()
             .context("field `public_url`: expected wss://HOST[:PORT] or ws://HOST:PORT")?;
-        let mut c = Self::new(listen, f.data_dir.unwrap_or_else(|| crate::config::default_data_dir("relay")), tls);
+        let mut c = Self::new(
+            listen,
+            f.data_dir.unwrap_or_else(|| crate::config::default_data_dir("relay")),
+            tls,
+        );
         c.public_url = public_url;
         c.admin = f
             .admin
@@ -168,24 +172,71 @@ impl RelayConfig {
         c.balance = l.balance.unwrap_or_default();
         set(&mut c.ping_interval, l.ping_interval, "listeners.ping_interval")?;
         c.token_grace = l.token_grace.unwrap_or(c.token_grace);
-        set(&mut c.accept_timeout, f.senders.accept_timeout, "senders.accept_timeout")?;
+        set(
+            &mut c.accept_timeout,
+            f.senders.accept_timeout,
+            "senders.accept_timeout",
+        )?;
         c.apply_limits(f.limits)?;
         Ok(c)
     }
 
     /// The `[limits]` table.
     fn apply_limits(&mut self, l: LimitsFile) -> anyhow::Result<()> {
-        set(&mut self.handshake_timeout, l.handshake_timeout, "limits.handshake_timeout")?;
-        set(&mut self.auth_failure_window, l.auth_failure_window, "limits.auth_failure_window")?;
+        set(
+            &mut self.handshake_timeout,
+            l.handshake_timeout,
+            "limits.handshake_timeout",
+        )?;
+        set(
+            &mut self.auth_failure_window,
+            l.auth_failure_window,
+            "limits.auth_failure_window",
+        )?;
         set(&mut self.auth_max_delay, l.auth_max_delay, "limits.auth_max_delay")?;
-        set_in(&mut self.max_head, l.max_head_bytes, 1024..=1 << 20, "limits.max_head_bytes")?;
-        set_in(&mut self.max_frame, l.max_frame_bytes, 1024..=1 << 40, "limits.max_frame_bytes")?;
+        set_in(
+            &mut self.max_head,
+            l.max_head_bytes,
+            1024..=1 << 20,
+            "limits.max_head_bytes",
+        )?;
+        set_in(
+            &mut self.max_frame,
+            l.max_frame_bytes,
+            1024..=1 << 40,
+            "limits.max_frame_bytes",
+        )?;
         let control = 1024..=16 << 20;
-        set_in(&mut self.max_control_message, l.max_control_message_bytes, control, "limits.max_control_message_bytes")?;
-        set_in(&mut self.max_connections, l.max_connections, 1..=usize::MAX, "limits.max_connections")?;
-        set_in(&mut self.max_connections_per_ip, l.max_connections_per_ip, 1..=usize::MAX, "limits.max_connections_per_ip")?;
-        set_in(&mut self.max_unauthenticated, l.max_unauthenticated, 1..=usize::MAX, "limits.max_unauthenticated")?;
-        set_in(&mut self.auth_failures_before_delay, l.auth_failures_before_delay, 1..=u32::MAX, "limits.auth_failures_before_delay")?;
+        set_in(
+            &mut self.max_control_message,
+            l.max_control_message_bytes,
+            control,
+            "limits.max_control_message_bytes",
+        )?;
+        set_in(
+            &mut self.max_connections,
+            l.max_connections,
+            1..=usize::MAX,
+            "limits.max_connections",
+        )?;
+        set_in(
+            &mut self.max_connections_per_ip,
+            l.max_connections_per_ip,
+            1..=usize::MAX,
+            "limits.max_connections_per_ip",
+        )?;
+        set_in(
+            &mut self.max_unauthenticated,
+            l.max_unauthenticated,
+            1..=usize::MAX,
+            "limits.max_unauthenticated",
+        )?;
+        set_in(
+            &mut self.auth_failures_before_delay,
+            l.auth_failures_before_delay,
+            1..=u32::MAX,
+            "limits.auth_failures_before_delay",
+        )?;
         Ok(())
     }
 }
