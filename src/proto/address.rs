@@ -86,7 +86,9 @@ pub fn form_decode(s: &str) -> String {
 
 fn strip_hc_prefix(path: &str) -> Option<&str> {
     for prefix in ["/$hc", "/%24hc"] {
-        if path.len() >= prefix.len() && path[..prefix.len()].eq_ignore_ascii_case(prefix) {
+        // `get`, not `path[..n]`: byte n may fall inside a multi-byte character (`/$hé`
+        // panicked; found by fuzzing). httparse lets UTF-8 through in request targets.
+        if path.get(..prefix.len()).is_some_and(|p| p.eq_ignore_ascii_case(prefix)) {
             let rest = &path[prefix.len()..];
             if rest.is_empty() || rest.starts_with('/') {
                 return Some(rest);
@@ -206,6 +208,14 @@ mod tests {
         assert_eq!(p.query, vec![("api-version".into(), "2016-07".into())]);
         assert!(matches!(parse_target("/$hcx/a").unwrap(), Target::Plain(_)));
         assert_eq!(parse_target("http://x/"), Err(AddressError::NotOriginForm));
+    }
+
+    #[test]
+    fn non_ascii_where_the_prefix_ends_is_not_a_panic() {
+        // fuzz/regressions/hc_target/non-ascii-after-hc-prefix: byte 4 is inside 'é'.
+        assert!(matches!(parse_target("/$hé"), Ok(Target::Plain(_))));
+        assert!(matches!(parse_target("/%24hé/x"), Ok(Target::Plain(_))));
+        assert!(matches!(parse_target("/$hc/é?sb-hc-action=listen"), Ok(Target::Hc(_))));
     }
 
     #[test]

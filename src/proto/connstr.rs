@@ -81,6 +81,10 @@ pub fn split_host_port(authority: &str) -> Option<(String, Option<u16>)> {
         (format!("[{h}]"), port)
     } else {
         match authority.rsplit_once(':') {
+            // An IPv6 literal needs brackets. Without this, `a:b:443` parsed as host `a:b`,
+            // which prints back (default port omitted) as `a:b` = host `a`, port `b`: a
+            // connection string that `expose()` wrote could not be read back (found by fuzzing).
+            Some((h, _)) if h.contains(':') => return None,
             Some((h, p)) => (h.to_owned(), Some(p)),
             None => (authority.to_owned(), None),
         }
@@ -231,6 +235,18 @@ mod tests {
         assert_eq!(e.host, "[::1]");
         assert!(RelayEndpoint::parse("ftp://x/").is_err());
         assert!(RelayEndpoint::parse("sb://x:99999/").is_err());
+    }
+
+    #[test]
+    fn unbracketed_host_with_colon_is_rejected() {
+        // fuzz/regressions/connection_string/unbracketed-colon-host: `:s.example:443`
+        // used to parse as host `:s.example` and print back as the unreadable `sb://:s.example/`.
+        assert_eq!(split_host_port(":s.example:443"), None);
+        assert_eq!(split_host_port("a:b:443"), None);
+        assert_eq!(split_host_port("::1:80"), None);
+        assert!(RelayEndpoint::parse("sb://:s.example:443/path").is_err());
+        assert_eq!(split_host_port("[::1]:80"), Some(("[::1]".into(), Some(80))));
+        assert_eq!(split_host_port("a:443"), Some(("a".into(), Some(443))));
     }
 
     #[test]
