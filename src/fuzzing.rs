@@ -1,1 +1,582 @@
 //! Entry points shared by the fuzz targets in `fuzz/` and the corpus replay test.
+//!
+//! Every parser that sees bytes from a peer (or from a config file) has one
+//! `pub fn <target>(data: &[u8])` here. A fuzz target is a one-liner calling it, and
+//! `tests/fuzz_corpus.rs` replays the committed corpora through the same functions, so
+//! stable CI exercises exactly what the fuzzer did.
+//!
+//! The functions never panic on any input unless a parser panics or an invariant checked
+//! here is broken; that panic is the finding. Invariants are the cheap ones: limits hold,
+//! what we encode decodes back to the same value, splitting the input anywhere changes
+//! nothing. Inputs that are not UTF-8 are dropped by the text parsers (their callers only
+//! ever hand them `&str`).
+//!
+//! The frame and mask targets read a few option bytes first; the layout is documented on
+//! [`frame_server`] and [`mask`] and in `fuzz/README.md`.
+
+use std::str::from_utf8;
+
+use bytes::BytesMut;
+
+use crate::proto::address::{self, AddressError, Target};
+use crate::proto::connstr::{self, ConnectionString, Credential, RelayEndpoint};
+use crate::proto::control::{self, Command, ControlError, MAX_CONTROL_MESSAGE};
+use crate::proto::frame::{self, Decoder, FrameError, Item, OpCode, Role};
+use crate::proto::handshake::{self, DEFAULT_MAX_HEAD};
+use crate::proto::mask::{apply_mask, apply_mask_bytewise};
+use crate::proto::metadata::{self, HostPort, RuntimeInfo};
+use crate::proto::sas::{self, SasToken, Scope};
+
+/// A fuzz entry point: takes any bytes, panics only on a finding.
+pub type FuzzFn = fn(&[u8]);
+
+/// Every target by name, for the corpus replay test. Names match `fuzz/fuzz_targets/*.rs`
+/// and the directories under `fuzz/corpus/`.
+pub const TARGETS: &[(&str, FuzzFn)] = &[
+    ("frame_server", frame_server),
+    ("frame_client", frame_client),
+    ("mask", mask),
+    ("http_request", http_request),
+    ("http_response", http_response),
+    ("sas_token", sas_token),
+    ("connection_string", connection_string),
+    ("control_json", control_json),
+    ("hc_target", hc_target),
+    ("metadata", metadata),
+    ("config_relay", config_relay),
+    ("config_hcm", config_hcm),
+    ("config_bridge", config_bridge),
+];
+
+// ---------------------------------------------------------------------------------------
+// WebSocket frames
+
+/// Frame decoder on the relay's side (incoming frames must be masked).
+///
+/// Input: byte 0 picks the frame limit (`& 3`: 1 MiB, 16 bytes, 0, unlimited), byte 1 seeds
+/// the split points (0: one piece; n: pieces of 1..=n bytes), the rest is the byte stream.
+/// The stream is decoded whole and in pieces; both must give the same frames, and
+/// re-encoding the frames must decode to the same frames again.
+pub fn frame_server(data: &[u8]) {
+    frame_stream(Role::Server, data);
+}
+
+/// Frame decoder on the client's side (incoming frames must not be masked). Input as for
+/// [`frame_server`].
+pub fn frame_client(data: &[u8]) {
+    frame_stream(Role::Client, data);
+}
+
+/// One decoded frame (data frames with their chunks joined) or the error that ended the stream.
+#[derive(Debug, PartialEq)]
+enum Event {
+    Control(OpCode, Vec<u8>),
+    Data {
+        opcode: OpCode,
+        fin: bool,
+        frame_len: u64,
+        payload: Vec<u8>,
+        complete: bool,
+    },
+    Error(FrameError),
+}
+
+fn frame_stream(role: Role, data: &[u8]) {
+    let [opts, seed, stream @ ..] = data else {
+        return;
+    };
+    let max_frame = match opts & 3 {
+        0 => frame::DEFAULT_MAX_FRAME,
+        1 => 16,
+        2 => 0,
+        _ => u64::MAX,
+    };
+    let whole = decode_events(role, max_frame, [stream]);
+    let pieces = decode_events(role, max_frame, split(stream, *seed));
+    assert_eq!(whole, pieces, "splitting the input changed the frames");
+    let payload: usize = whole.iter().map(event_payload_len).sum();
+    assert!(payload <= stream.len(), "more payload than input");
+    check_reencode(role, max_frame, &whole, [*opts, *seed, 0x5a, 0xa5]);
+}
+
+/// Cuts `data` into pieces of 1..=`seed` bytes (a cheap xorshift picks the sizes).
+fn split(data: &[u8], seed: u8) -> Vec<&[u8]> {
+    if seed == 0 {
+        return vec![data];
+    }
+    let mut state = u32::from(seed) | 0x9e37_7900;
+    let mut rest = data;
+    let mut out = Vec::new();
+    while !rest.is_empty() {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        let n = 1 + (state % u32::from(seed)) as usize;
+        let (piece, tail) = rest.split_at(n.min(rest.len()));
+        out.push(piece);
+        rest = tail;
+    }
+    out
+}
+
+fn event_payload_len(e: &Event) -> usize {
+    match e {
+        Event::Control(_, p) | Event::Data { payload: p, .. } => p.len(),
+        Event::Error(_) => 0,
+    }
+}
+
+/// Feeds `pieces` one after the other, decoding everything after each; checks every item.
+fn decode_events<'a>(role: Role, max_frame: u64, pieces: impl IntoIterator<Item = &'a [u8]>) -> Vec<Event> {
+    let mut dec = Decoder::new(role, max_frame);
+    let mut buf = BytesMut::new();
+    let mut events = Vec::new();
+    for piece in pieces {
+        buf.extend_from_slice(piece);
+        loop {
+            let before = buf.len();
+            match dec.decode(&mut buf) {
+                Ok(Some(item)) => {
+                    assert!(buf.len() < before, "an item must consume input");
+                    push_item(&mut events, item, max_frame);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    events.push(Event::Error(e));
+                    return events;
+                }
+            }
+        }
+    }
+    events
+}
+
+/// Appends an item to the event list, checking it against the frames seen so far.
+fn push_item(events: &mut Vec<Event>, item: Item, max_frame: u64) {
+    let open = open_data_frame(events);
+    match item {
+        Item::Control { opcode, payload } => {
+            assert!(opcode.is_control() && payload.len() <= frame::MAX_CONTROL_PAYLOAD);
+            assert!(open.is_none(), "control frame inside a data frame's payload");
+            if opcode == OpCode::Close {
+                check_close(&payload);
+            }
+            events.push(Event::Control(opcode, payload.to_vec()));
+        }
+        Item::Data(c) => {
+            assert!(!c.opcode.is_control() && c.frame_len <= max_frame);
+            if c.first {
+                assert!(open.is_none(), "new frame before the last one ended");
+                assert_eq!(
+                    c.opcode == OpCode::Continuation,
+                    message_open(events),
+                    "fragmentation order"
+                );
+                events.push(Event::Data {
+                    opcode: c.opcode,
+                    fin: c.fin,
+                    frame_len: c.frame_len,
+                    payload: Vec::new(),
+                    complete: false,
+                });
+            } else {
+                assert!(open == Some((c.opcode, c.fin, c.frame_len)), "chunk of another frame");
+            }
+            let Some(Event::Data { payload, complete, .. }) = events.last_mut() else {
+                unreachable!("a data event was just checked or pushed");
+            };
+            payload.extend_from_slice(&c.payload);
+            assert!(payload.len() as u64 <= c.frame_len, "chunk beyond the frame's length");
+            assert_eq!(c.last, payload.len() as u64 == c.frame_len, "last chunk flag");
+            *complete = c.last;
+        }
+    }
+}
+
+/// Opcode, FIN and length of a data frame whose payload is still arriving.
+fn open_data_frame(events: &[Event]) -> Option<(OpCode, bool, u64)> {
+    match events.last() {
+        Some(Event::Data {
+            opcode,
+            fin,
+            frame_len,
+            complete: false,
+            ..
+        }) => Some((*opcode, *fin, *frame_len)),
+        _ => None,
+    }
+}
+
+/// True if the last data frame left a fragmented message open.
+fn message_open(events: &[Event]) -> bool {
+    events.iter().rev().find_map(|e| match e {
+        Event::Data { fin, .. } => Some(!fin),
+        _ => None,
+    }) == Some(true)
+}
+
+/// A valid Close payload re-encodes to the same bytes.
+fn check_close(payload: &[u8]) {
+    if let Ok(frame::CloseFrame {
+        code: Some(code),
+        reason,
+    }) = frame::parse_close(payload)
+    {
+        assert!(frame::close_code_is_sendable(code));
+        assert_eq!(frame::close_payload(code, &reason), payload, "close payload round trip");
+    }
+}
+
+/// Encodes the complete frames again (minimal lengths, masked as the role requires) and
+/// checks that a fresh decoder reads back the same frames.
+fn check_reencode(role: Role, max_frame: u64, events: &[Event], key: [u8; 4]) {
+    let mask = (role == Role::Server).then_some(key);
+    let mut wire = BytesMut::new();
+    let mut expect = Vec::new();
+    for e in events {
+        let bytes = match e {
+            Event::Control(op, p) => frame::encode_frame(true, *op, mask, p),
+            Event::Data {
+                opcode,
+                fin,
+                payload,
+                complete: true,
+                ..
+            } => frame::encode_frame(*fin, *opcode, mask, payload),
+            _ => break,
+        };
+        wire.extend_from_slice(&bytes);
+        expect.push(e);
+    }
+    let again = decode_events(role, max_frame, [&wire[..]]);
+    let again: Vec<&Event> = again.iter().collect();
+    assert_eq!(again, expect, "encode_frame round trip");
+}
+
+/// Fast masking against the byte loop.
+///
+/// Input: bytes 0..4 are the key, 4..6 the payload offset (little endian), byte 6 the
+/// alignment of the buffer (`& 7`), byte 7 a split point; the rest is the payload.
+pub fn mask(data: &[u8]) {
+    let [k0, k1, k2, k3, o0, o1, align, cut, payload @ ..] = data else {
+        return;
+    };
+    let key = [*k0, *k1, *k2, *k3];
+    let offset = usize::from(u16::from_le_bytes([*o0, *o1]));
+    let align = usize::from(align & 7);
+    // Copy the payload to a chosen alignment so that the word loop's head varies.
+    let mut storage = vec![0u8; payload.len() + 8];
+    let fast = &mut storage[align..align + payload.len()];
+    fast.copy_from_slice(payload);
+    apply_mask(fast, key, offset);
+    let mut slow = payload.to_vec();
+    apply_mask_bytewise(&mut slow, key, offset);
+    assert_eq!(fast, &slow[..], "apply_mask differs from the byte loop");
+    // Masking in two chunks at any cut equals masking once.
+    let cut = usize::from(*cut).min(payload.len());
+    let mut chunked = payload.to_vec();
+    let (a, b) = chunked.split_at_mut(cut);
+    apply_mask(a, key, offset);
+    apply_mask(b, key, offset + cut);
+    assert_eq!(chunked, slow, "chunked masking differs");
+    // Masking is an involution.
+    apply_mask(fast, key, offset);
+    assert_eq!(fast, payload, "masking twice must restore the payload");
+}
+
+// ---------------------------------------------------------------------------------------
+// HTTP heads
+
+/// Request head parser, then what the relay does with a head: upgrade validation, the
+/// 101 answer (which our own client must accept) and the request target.
+pub fn http_request(data: &[u8]) {
+    let Ok(Some((head, used))) = handshake::parse_request(data, DEFAULT_MAX_HEAD) else {
+        return;
+    };
+    assert!(used <= data.len() && used <= DEFAULT_MAX_HEAD);
+    let again = handshake::parse_request(&data[..used], DEFAULT_MAX_HEAD);
+    assert_eq!(again, Ok(Some((head.clone(), used))), "the head alone parses the same");
+    let _ = handshake::wants_websocket(&head);
+    let _ = head.headers.merged();
+    if let Ok(up) = handshake::validate_upgrade(&head) {
+        check_switching_protocols(&up);
+    }
+    if let Err(e) = address::parse_target(&head.target) {
+        // The relay answers with the error text as the reason phrase.
+        check_response_writer(400, &e.to_string());
+    }
+}
+
+/// Our 101 answer to a valid upgrade parses back with the right accept key.
+fn check_switching_protocols(up: &handshake::Upgrade) {
+    let accept = handshake::accept_key(&up.key);
+    assert_eq!(accept.len(), 28, "base64 of a SHA-1");
+    let protocol = up.protocols.first().map(String::as_str);
+    let bytes = handshake::switching_protocols(&up.key, protocol);
+    let (resp, used) = handshake::parse_response(&bytes, DEFAULT_MAX_HEAD)
+        .expect("our 101 parses")
+        .expect("our 101 is complete");
+    assert_eq!((resp.status, used), (101, bytes.len()));
+    assert_eq!(resp.headers.get("Sec-WebSocket-Accept"), Some(accept.as_str()));
+    if let Some(p) = protocol {
+        let want = handshake::sanitize_header_value(p);
+        // httparse drops the spaces and tabs around a value.
+        let want = want.trim_start_matches([' ', '\t']);
+        assert_eq!(resp.headers.get("Sec-WebSocket-Protocol").unwrap_or(""), want);
+    }
+}
+
+/// A response we write with a peer-supplied reason phrase parses back whole.
+fn check_response_writer(status: u16, reason: &str) {
+    let body = reason.as_bytes();
+    let bytes = handshake::response(status, reason, "text/plain; charset=utf-8", body);
+    let max = bytes.len().max(DEFAULT_MAX_HEAD);
+    let (resp, used) = handshake::parse_response(&bytes, max)
+        .expect("our response parses")
+        .expect("our response is complete");
+    assert_eq!(resp.status, status);
+    assert_eq!(&bytes[used..], body, "head ends where the body starts");
+    assert_eq!(
+        resp.headers.get("Content-Length"),
+        Some(body.len().to_string().as_str())
+    );
+}
+
+/// Response head parser (what the hcm, bridge and client read from the relay), plus the
+/// response writer fed with the input as reason phrase.
+pub fn http_response(data: &[u8]) {
+    if let Ok(Some((head, used))) = handshake::parse_response(data, DEFAULT_MAX_HEAD) {
+        assert!(used <= data.len() && used <= DEFAULT_MAX_HEAD);
+        let again = handshake::parse_response(&data[..used], DEFAULT_MAX_HEAD);
+        assert_eq!(again, Ok(Some((head.clone(), used))), "the head alone parses the same");
+        let _ = head.headers.has_token("Connection", "upgrade");
+        let _ = head.headers.merged();
+    }
+    check_response_writer(400, &String::from_utf8_lossy(data));
+}
+
+// ---------------------------------------------------------------------------------------
+// Tokens, connection strings, addresses
+
+const FUZZ_KEY: &str = "J0J3GRnd0oq+HoKnOqLXm1jmjJM2Wov30j8nvRr2Jcg=";
+
+/// SAS token parsing, verification and the scope rule; and a token minted for the input
+/// (as resource and key name) verifies and parses back to them.
+pub fn sas_token(data: &[u8]) {
+    let Ok(text) = from_utf8(data) else {
+        return;
+    };
+    if let Ok(t) = SasToken::parse(text) {
+        let _ = t.signed_with(FUZZ_KEY);
+        let _ = t.expired_at(sas::unix_now());
+        check_scope(&t.resource, &t.key_name);
+    }
+    let (resource, key_name) = text.split_once('\n').unwrap_or((text, "defaultListener"));
+    if resource.is_empty() || key_name.is_empty() {
+        return; // a token's fields are never empty
+    }
+    let expiry = data.len() as u64 * 1_000_003;
+    let minted = sas::create_token(resource, key_name, FUZZ_KEY, expiry);
+    let t = SasToken::parse(&minted).expect("a minted token parses");
+    assert_eq!(
+        (t.resource.as_str(), t.key_name.as_str(), t.expiry),
+        (resource, key_name, expiry)
+    );
+    assert!(t.signed_with(FUZZ_KEY), "a minted token verifies");
+    assert!(!t.signed_with("not the key"), "and only with its key");
+    check_scope(resource, key_name);
+}
+
+fn check_scope(resource: &str, target: &str) {
+    let Some(s) = Scope::from_resource(resource) else {
+        return;
+    };
+    assert!(!s.host.is_empty());
+    assert!(s.path.starts_with('/') && s.path.ends_with('/'));
+    assert!(s.covers(&s.path), "a scope covers its own path");
+    let _ = s.covers(target);
+    let _ = sas::strip_port(resource);
+}
+
+/// Connection strings: `expose()` re-parses to an equal value, `Display` hides secrets.
+pub fn connection_string(data: &[u8]) {
+    let Ok(text) = from_utf8(data) else {
+        return;
+    };
+    let _ = connstr::split_host_port(text);
+    if let Ok(e) = RelayEndpoint::parse(text) {
+        let back = RelayEndpoint::parse(&e.to_connection_form()).expect("connection form re-parses");
+        assert_eq!(back, e, "endpoint round trip");
+        let _ = (e.ws_base(), e.authority());
+    }
+    let Ok(c) = ConnectionString::parse(text) else {
+        return;
+    };
+    let exposed = c.expose();
+    let again = ConnectionString::parse(&exposed).expect("expose() re-parses");
+    assert_eq!(again, c, "expose() round trip");
+    assert_eq!(again.expose(), exposed);
+    let shown = c.to_string();
+    match &c.credential {
+        Credential::Key { .. } => assert!(shown.contains(";SharedAccessKey=***")),
+        Credential::Token(_) => assert!(shown.contains(";SharedAccessSignature=***")),
+    }
+}
+
+/// Control-channel JSON: whatever decodes re-encodes to the same command.
+pub fn control_json(data: &[u8]) {
+    let Ok(text) = from_utf8(data) else {
+        return;
+    };
+    match control::decode(text) {
+        Ok(Command::Accept(a)) => {
+            let encoded = a.encode();
+            let again = control::decode(&encoded);
+            if encoded.len() <= MAX_CONTROL_MESSAGE {
+                assert_eq!(again, Ok(Command::Accept(a)), "accept round trip");
+            } else {
+                assert_eq!(again, Err(ControlError::TooLarge(encoded.len())));
+            }
+        }
+        Ok(Command::RenewToken { token }) => {
+            let encoded = control::encode_renew_token(&token);
+            if encoded.len() <= MAX_CONTROL_MESSAGE {
+                assert_eq!(control::decode(&encoded), Ok(Command::RenewToken { token }));
+            }
+        }
+        Ok(Command::Unknown(name)) => assert!(name.chars().count() <= 64),
+        Err(_) => {}
+    }
+}
+
+/// Request targets (`/$hc/...?sb-hc-*`): no `sb-hc-*` pair ever reaches the listener.
+pub fn hc_target(data: &[u8]) {
+    let Ok(text) = from_utf8(data) else {
+        return;
+    };
+    let _ = address::form_decode(text);
+    match address::parse_target(text) {
+        Ok(Target::Hc(r)) => {
+            assert!(text.starts_with('/'));
+            for p in [&r.path, &r.raw_path] {
+                assert!(!p.starts_with('/') && !p.ends_with('/'), "path {p:?} is trimmed");
+            }
+            for q in &r.app_query {
+                assert!(!q.is_empty());
+                assert!(
+                    !q.to_ascii_lowercase().starts_with("sb-hc-"),
+                    "{q:?} must not be forwarded"
+                );
+            }
+            let _ = address::validate_entity_name(&r.path);
+        }
+        Ok(Target::Plain(p)) => assert!(p.raw_path.starts_with('/') && p.path.starts_with('/')),
+        Err(AddressError::NotOriginForm) => assert!(!text.starts_with('/')),
+        Err(_) => {}
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Metadata
+
+/// The runtime-information Atom entry, `userMetadata`, XML escapes and `host:port`.
+pub fn metadata(data: &[u8]) {
+    // The client reads the response body lossily, so every input is a valid body.
+    let text = String::from_utf8_lossy(data);
+    if let Ok(info) = RuntimeInfo::from_atom(&text) {
+        let _ = metadata::endpoint_from_user_metadata(&info.user_metadata);
+        let xml = info.to_atom("https://ns.example", "hc1");
+        assert_eq!(RuntimeInfo::from_atom(&xml).as_ref(), Ok(&info), "Atom round trip");
+    }
+    let _ = metadata::endpoint_from_user_metadata(&text);
+    let _ = metadata::xml_unescape(&text);
+    let escaped = metadata::xml_escape(&text);
+    assert_eq!(
+        metadata::xml_unescape(&escaped).as_deref(),
+        Some(&*text),
+        "XML escape round trip"
+    );
+    if let Ok(hp) = text.parse::<HostPort>() {
+        assert_ne!(hp.port, 0);
+        assert_eq!(
+            hp.to_string().parse::<HostPort>().as_ref(),
+            Ok(&hp),
+            "HostPort round trip"
+        );
+        let meta = metadata::user_metadata_for(&hp);
+        assert_eq!(metadata::endpoint_from_user_metadata(&meta), Ok(Some(hp.clone())));
+        let _ = hp.bare_host();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Config files
+
+/// The relay's TOML config through parsing and validation.
+pub fn config_relay(data: &[u8]) {
+    use crate::relay::config::{RelayConfig, RelayFile};
+    let Some(file) = parse_config::<RelayFile>(data, "relay.toml") else {
+        return;
+    };
+    match RelayConfig::from_file(file) {
+        Ok(c) => {
+            assert!(c.workers >= 1 && c.max_listeners >= 1);
+            assert!(!c.ping_interval.is_zero() && !c.accept_timeout.is_zero());
+            assert!((1024..=1 << 20).contains(&c.max_head) && c.max_frame >= 1024);
+        }
+        Err(e) => render(&e),
+    }
+}
+
+/// The hcm's TOML config through parsing and validation.
+pub fn config_hcm(data: &[u8]) {
+    use crate::hcm::config::{HcmConfig, HcmFile};
+    let Some(file) = parse_config::<HcmFile>(data, "hcm.toml") else {
+        return;
+    };
+    match HcmConfig::from_file(file) {
+        Ok(c) => {
+            assert!(c.workers >= 1 && c.token_ttl.as_secs() >= 60);
+            for hc in &c.hybrid_connections {
+                assert!(!hc.name().is_empty());
+            }
+        }
+        Err(e) => render(&e),
+    }
+}
+
+/// The bridge's TOML config through parsing and validation.
+pub fn config_bridge(data: &[u8]) {
+    use crate::bridge::config::{BridgeConfig, BridgeFile};
+    let Some(file) = parse_config::<BridgeFile>(data, "bridge.toml") else {
+        return;
+    };
+    match BridgeConfig::from_file(file) {
+        Ok(c) => {
+            assert!(c.workers >= 1 && !c.forwards.is_empty());
+            for f in &c.forwards {
+                if let Some(e) = &f.connection_string.entity_path {
+                    assert!(e.eq_ignore_ascii_case(&f.hybrid_connection));
+                }
+            }
+        }
+        Err(e) => render(&e),
+    }
+}
+
+/// Parses TOML; error messages (which quote the input) are rendered too.
+fn parse_config<T: serde::de::DeserializeOwned>(data: &[u8], origin: &str) -> Option<T> {
+    let text = from_utf8(data).ok()?;
+    match crate::config::parse_toml::<T>(text, origin) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            render(&e);
+            None
+        }
+    }
+}
+
+/// Formats an error chain, as the binaries do when they report it.
+fn render(e: &anyhow::Error) {
+    std::hint::black_box(format!("{e:#}"));
+}
