@@ -65,7 +65,9 @@ pub struct WsReader<R> {
     io: R,
     buf: BytesMut,
     dec: Decoder,
-    partial: Option<(OpCode, BytesMut)>,
+    /// The message being reassembled: opcode, bytes so far, and (for text) how many of
+    /// them are known to be valid UTF-8.
+    partial: Option<(OpCode, BytesMut, usize)>,
 }
 
 impl<R: AsyncRead + Unpin> WsReader<R> {
@@ -115,9 +117,9 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
                     }));
                 }
                 Item::Data(chunk) => {
-                    let (op, mut acc) = match self.partial.take() {
+                    let (op, mut acc, mut valid) = match self.partial.take() {
                         Some(p) => p,
-                        None => (chunk.opcode, BytesMut::new()),
+                        None => (chunk.opcode, BytesMut::new(), 0),
                     };
                     if acc.len() + chunk.payload.len() > max {
                         return Err(WsError::MessageTooLarge(max));
@@ -127,14 +129,18 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
                     } else {
                         acc.extend_from_slice(&chunk.payload);
                     }
-                    if !(chunk.last && chunk.fin) {
-                        self.partial = Some((op, acc));
+                    let complete = chunk.last && chunk.fin;
+                    if op == OpCode::Text {
+                        // Fail fast: check text as it arrives, not when the message is whole.
+                        valid = utf8_checked(&acc, valid, complete)?;
+                    }
+                    if !complete {
+                        self.partial = Some((op, acc, valid));
                         continue;
                     }
                     return Ok(Some(match op {
-                        OpCode::Text => Message::Text(
-                            String::from_utf8(acc.to_vec()).map_err(|_| WsError::InvalidUtf8)?,
-                        ),
+                        // Validated above; `Vec::from(BytesMut)` takes the buffer without a copy.
+                        OpCode::Text => Message::Text(String::from_utf8(Vec::from(acc)).map_err(|_| WsError::InvalidUtf8)?),
                         _ => Message::Binary(acc.freeze()),
                     }));
                 }
@@ -149,6 +155,17 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
     /// True if bytes are waiting in the read buffer (more items may be ready at once).
     pub fn has_buffered(&self) -> bool {
         !self.buf.is_empty()
+    }
+}
+
+/// Checks `buf[valid..]` as UTF-8 and returns the new count of valid bytes. A sequence cut
+/// at the end is fine until the message is `complete`; a byte that can never be valid is
+/// an error at once.
+fn utf8_checked(buf: &[u8], valid: usize, complete: bool) -> Result<usize, WsError> {
+    match std::str::from_utf8(&buf[valid..]) {
+        Ok(_) => Ok(buf.len()),
+        Err(e) if e.error_len().is_none() && !complete => Ok(valid + e.valid_up_to()),
+        Err(_) => Err(WsError::InvalidUtf8),
     }
 }
 
@@ -470,6 +487,15 @@ mod tests {
         let u = WsUrl::parse("ws://[::1]:1/").unwrap();
         assert_eq!(u.bare_host(), "::1");
         assert!(WsUrl::parse("ftp://x").is_err());
+    }
+
+    #[test]
+    fn utf8_is_checked_as_it_arrives() {
+        let euro = "€".as_bytes(); // three bytes
+        assert_eq!(utf8_checked(&euro[..2], 0, false).unwrap(), 0, "a cut sequence waits");
+        assert!(utf8_checked(&euro[..2], 0, true).is_err(), "but not past the end");
+        assert_eq!(utf8_checked(euro, 0, true).unwrap(), 3);
+        assert!(utf8_checked(b"ok\xff", 0, false).is_err(), "0xff is never valid: fail now");
     }
 
     #[tokio::test]
