@@ -52,7 +52,8 @@ async fn handshake_and_route(tcp: TcpStream, peer: SocketAddr, pending: AuthPend
     {
         Ok(Ok(Some(h))) => h,
         Ok(Ok(None)) => return,
-        Ok(Err(HeadError::Http(HandshakeError::TooLarge(_)))) => {
+        // Too many header lines is the same complaint as too many bytes of them.
+        Ok(Err(HeadError::Http(HandshakeError::TooLarge(_) | HandshakeError::TooManyHeaders))) => {
             return respond(&mut stream, 431, "Request Header Fields Too Large", "").await;
         }
         Ok(Err(HeadError::Http(e))) => {
