@@ -47,6 +47,8 @@ pub struct BridgeConfig {
     pub ping_interval: Duration,
     /// Largest data frame accepted. Default: 1 MiB.
     pub max_frame: u64,
+    /// On SIGTERM/SIGINT, how long tunnels get to finish. Default: 30 s.
+    pub drain_timeout: Duration,
     /// Memory the data plane may hold in pooled buffers, all workers together. Default:
     /// 64 MiB per worker.
     pub buffer_budget: usize,
@@ -66,6 +68,7 @@ impl BridgeConfig {
             token_ttl: Duration::from_secs(3600),
             ping_interval: Duration::from_secs(30),
             max_frame: crate::proto::frame::DEFAULT_MAX_FRAME,
+            drain_timeout: Duration::from_secs(30),
             buffer_budget: crate::relay::config::default_workers() * crate::dataplane::pool::DEFAULT_BUDGET,
             hosts_file: default_hosts_file(),
             forwards,
@@ -118,6 +121,7 @@ impl BridgeConfig {
         for (field, slot, v) in [
             ("relay_timeout", &mut c.relay_timeout, f.relay_timeout),
             ("ping_interval", &mut c.ping_interval, f.ping_interval),
+            ("drain_timeout", &mut c.drain_timeout, f.drain_timeout),
         ] {
             if let Some(d) = v {
                 if d.is_zero() {
@@ -199,6 +203,8 @@ pub struct BridgeFile {
     pub relay_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "opt_duration")]
     pub ping_interval: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub drain_timeout: Option<Duration>,
     #[serde(default)]
     pub forward: Vec<ForwardFile>,
 }

@@ -47,7 +47,10 @@ impl ForwardRt {
 struct BridgeCtx {
     cfg: Arc<BridgeConfig>,
     tls: Arc<rustls::ClientConfig>,
+    /// Hard stop: tunnels end.
     shutdown: CancellationToken,
+    /// App connections being served, for the drain.
+    inflight: crate::dataplane::drain::InFlight,
 }
 
 /// A running bridge. Dropping it stops the bridge and removes its hosts-file block.
@@ -58,6 +61,10 @@ pub struct BridgeHandle {
     shutdown: CancellationToken,
     workers: Arc<Workers>,
     admin: Option<crate::telemetry::admin::AdminHandle>,
+    /// Graceful stop: accept loops end.
+    drain: CancellationToken,
+    inflight: crate::dataplane::drain::InFlight,
+    drain_timeout: Duration,
 }
 
 impl std::fmt::Debug for BridgeHandle {
@@ -86,7 +93,20 @@ impl BridgeHandle {
         self.halt();
     }
 
+    /// Graceful stop: the local ports close, tunnels get up to `drain_timeout` (from the
+    /// config) to finish; then a hard stop. `force` cuts the wait short.
+    pub fn drain(mut self, force: &crate::dataplane::drain::Force) -> crate::dataplane::drain::DrainReport {
+        tracing::info!(event = "drain_started", role = "bridge", timeout_s = self.drain_timeout.as_secs(), "draining: local ports closed, tunnels finishing");
+        self.drain.cancel();
+        let inflight = self.inflight.clone();
+        let report = crate::dataplane::drain::wait_idle(move || inflight.count(), self.drain_timeout, force);
+        tracing::info!(event = "drain_finished", role = "bridge", remaining = report.remaining, waited_ms = report.waited.as_millis() as u64, "drain finished");
+        self.halt();
+        report
+    }
+
     fn halt(&mut self) {
+        self.drain.cancel();
         self.shutdown.cancel();
         self.workers.stop();
         if let Some(p) = self.hosts_file.take()
@@ -111,10 +131,13 @@ pub fn start(cfg: BridgeConfig) -> anyhow::Result<BridgeHandle> {
     let loopbacks = hosts::allocate(endpoints.values().map(|e| e.host.as_str()));
     let workers = Workers::start("hyrelay-bridge", cfg.workers, cfg.buffer_budget)?;
     let shutdown = CancellationToken::new();
+    let drain = CancellationToken::new();
+    let inflight = crate::dataplane::drain::InFlight::default();
     let ctx = Arc::new(BridgeCtx {
         cfg: cfg.clone(),
         tls: tls.clone(),
         shutdown: shutdown.clone(),
+        inflight: inflight.clone(),
     });
     let mut bound = Vec::new();
     let mut views = Vec::new();
@@ -136,7 +159,7 @@ pub fn start(cfg: BridgeConfig) -> anyhow::Result<BridgeHandle> {
         views.push(status::ForwardView { fwd: fwd.clone(), bound: actual, status: status.clone() });
         let rt = Arc::new(ForwardRt { fwd: fwd.clone(), bound: actual, status });
         let ctx = ctx.clone();
-        crate::dataplane::serve(&workers, listeners, shutdown.clone(), move |tcp, peer| {
+        crate::dataplane::serve(&workers, listeners, drain.clone(), move |tcp, peer| {
             serve(tcp, peer, rt.clone(), ctx.clone())
         });
         tracing::info!(hc = %fwd.hybrid_connection, listen = %actual, relay = %fwd.connection_string.endpoint.authority(), "forward listening");
@@ -165,6 +188,9 @@ pub fn start(cfg: BridgeConfig) -> anyhow::Result<BridgeHandle> {
         shutdown,
         workers,
         admin,
+        drain,
+        inflight,
+        drain_timeout: cfg.drain_timeout,
     })
 }
 
@@ -208,6 +234,7 @@ fn resolve_endpoints(cfg: &Arc<BridgeConfig>, tls: &Arc<rustls::ClientConfig>) -
 
 /// One app connection: open the sender WebSocket and splice.
 async fn serve(tcp: TcpStream, peer: SocketAddr, fw: Arc<ForwardRt>, ctx: Arc<BridgeCtx>) {
+    let _inflight = ctx.inflight.enter();
     crate::transport::sock::tune(&tcp);
     let f = &fw.fwd;
     metrics::counter!(crate::telemetry::metrics::BRIDGE_LOCAL_CONNECTIONS, "hc" => f.hybrid_connection.clone()).increment(1);

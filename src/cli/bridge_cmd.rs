@@ -85,6 +85,7 @@ pub fn run(args: BridgeArgs) -> anyhow::Result<()> {
         eprintln!("admin (metrics, health, status page) on http://{a}/");
     }
     super::wait_for_signal()?;
-    bridge.stop();
+    let report = bridge.drain(&super::force_on_second_signal());
+    super::report_drain("bridge", &report);
     Ok(())
 }

@@ -87,7 +87,8 @@ pub fn run(args: HcmArgs) -> anyhow::Result<()> {
                 eprintln!("admin (metrics, health, status page) on http://{a}/");
             }
             super::wait_for_signal()?;
-            hcm.stop();
+            let report = hcm.drain(&super::force_on_second_signal());
+            super::report_drain("hcm", &report);
             Ok(())
         }
         HcmCommand::Add { connection_string, endpoint } => {

@@ -92,23 +92,67 @@ pub fn check_config(file: &std::path::Path, role: Option<&str>) -> anyhow::Resul
     Ok(())
 }
 
-/// Blocks until SIGINT or SIGTERM (Ctrl-C on Windows).
-pub(crate) fn wait_for_signal() -> anyhow::Result<()> {
+/// Blocks until SIGINT or SIGTERM (Ctrl-C on Windows), calling `on_reload` for every
+/// SIGHUP meanwhile.
+pub(crate) fn wait_for_stop(mut on_reload: impl FnMut()) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
         #[cfg(unix)]
         {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-            tokio::select! {
-                r = tokio::signal::ctrl_c() => r?,
-                _ = term.recv() => {}
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut term = signal(SignalKind::terminate())?;
+            let mut hup = signal(SignalKind::hangup())?;
+            loop {
+                tokio::select! {
+                    r = tokio::signal::ctrl_c() => { r?; break; }
+                    _ = term.recv() => break,
+                    _ = hup.recv() => on_reload(),
+                }
             }
         }
         #[cfg(not(unix))]
-        tokio::signal::ctrl_c().await?;
-        tracing::info!("shutting down");
+        {
+            let _ = &mut on_reload;
+            tokio::signal::ctrl_c().await?;
+        }
+        tracing::info!("stop requested; draining (a second signal stops at once)");
         Ok(())
     })
+}
+
+/// Blocks until SIGINT or SIGTERM.
+pub(crate) fn wait_for_signal() -> anyhow::Result<()> {
+    wait_for_stop(|| tracing::info!("SIGHUP ignored: nothing to reload"))
+}
+
+/// A drain that a second SIGINT/SIGTERM cuts short.
+pub(crate) fn force_on_second_signal() -> crate::dataplane::drain::Force {
+    let force = crate::dataplane::drain::Force::default();
+    let f = force.clone();
+    std::thread::Builder::new()
+        .name("hyrelay-signals".into())
+        .spawn(move || {
+            if wait_for_signal().is_ok() {
+                tracing::warn!("second stop signal: stopping at once");
+                f.trigger();
+            }
+        })
+        .ok();
+    force
+}
+
+/// Prints how a drain went.
+pub(crate) fn report_drain(role: &str, r: &crate::dataplane::drain::DrainReport) {
+    if r.remaining == 0 {
+        eprintln!("{role}: drained in {:.1} s", r.waited.as_secs_f64());
+    } else {
+        eprintln!(
+            "{role}: stopped with {} connection(s) still open after {:.1} s{}",
+            r.remaining,
+            r.waited.as_secs_f64(),
+            if r.forced { " (forced)" } else { " (drain timeout)" }
+        );
+    }
 }
 
 /// A small runtime for one-shot async CLI work.

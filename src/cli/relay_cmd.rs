@@ -106,7 +106,8 @@ pub fn run(args: RelayArgs) -> anyhow::Result<()> {
         "management credentials for `hyrelay hc`: {}",
         relay.data_dir().join(crate::relay::CLI_FILE).display()
     );
-    super::wait_for_signal()?;
-    relay.stop();
+    super::wait_for_stop(|| tracing::info!("SIGHUP: the relay keeps its state in the data directory; nothing to reload"))?;
+    let report = relay.drain(&super::force_on_second_signal());
+    super::report_drain("relay", &report);
     Ok(())
 }

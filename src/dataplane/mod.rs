@@ -6,6 +6,7 @@
 //! `SO_REUSEPORT` on Linux, so the kernel spreads connections; elsewhere worker 0 accepts
 //! and hands sockets round-robin to all workers.
 
+pub mod drain;
 pub mod pool;
 pub mod reframe;
 pub mod splice;

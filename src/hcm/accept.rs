@@ -16,6 +16,7 @@ use crate::transport::ws::{self, ConnectError, WsUrl};
 
 /// Serves one `accept` to the end of its tunnel.
 pub(crate) async fn handle(a: Accept, hc: Arc<HcRt>, endpoint: HostPort, ctx: Arc<HcmCtx>) {
+    let _inflight = ctx.inflight.enter();
     let name = hc.entry.name().to_owned();
     hc.update(|s| s.accepts += 1);
     metrics::counter!(crate::telemetry::metrics::HCM_ACCEPTS, "hc" => name.clone()).increment(1);

@@ -73,6 +73,8 @@ pub struct HcmConfig {
     pub max_backoff: Duration,
     /// Largest data frame accepted on a tunnel. Default: 1 MiB.
     pub max_frame: u64,
+    /// On SIGTERM/SIGINT, how long tunnels get to finish. Default: 30 s.
+    pub drain_timeout: Duration,
     /// Memory the data plane may hold in pooled buffers, all workers together. Default:
     /// 64 MiB per worker.
     pub buffer_budget: usize,
@@ -100,6 +102,7 @@ impl HcmConfig {
             stable_after: Duration::from_secs(60),
             max_backoff: Duration::from_secs(30),
             max_frame: crate::proto::frame::DEFAULT_MAX_FRAME,
+            drain_timeout: Duration::from_secs(30),
             buffer_budget: crate::relay::config::default_workers() * crate::dataplane::pool::DEFAULT_BUDGET,
             allowed_endpoints: AllowList::default(),
             hybrid_connections: Vec::new(),
@@ -126,6 +129,7 @@ impl HcmConfig {
             ("relay_timeout", &mut c.relay_timeout, f.relay_timeout),
             ("token_ttl", &mut c.token_ttl, f.token_ttl),
             ("ping_interval", &mut c.ping_interval, f.ping_interval),
+            ("drain_timeout", &mut c.drain_timeout, f.drain_timeout),
         ] {
             if let Some(d) = v {
                 if d.is_zero() {
@@ -175,6 +179,8 @@ pub struct HcmFile {
     pub token_ttl: Option<Duration>,
     #[serde(default, deserialize_with = "opt_duration")]
     pub ping_interval: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub drain_timeout: Option<Duration>,
     #[serde(default)]
     pub allowed_endpoints: Vec<String>,
     #[serde(default)]

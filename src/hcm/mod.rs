@@ -69,6 +69,8 @@ pub(crate) struct HcmCtx {
     pub shutdown: CancellationToken,
     /// Bytes and tunnels per hybrid connection, summed over workers.
     pub totals: Arc<crate::telemetry::metrics::Totals>,
+    /// Accepts being served (dial, rendezvous, tunnel), for the drain.
+    pub inflight: crate::dataplane::drain::InFlight,
 }
 
 #[derive(Default)]
@@ -91,6 +93,9 @@ pub struct HcmHandle {
     workers: Arc<Workers>,
     control: Option<std::thread::JoinHandle<()>>,
     admin: Option<crate::telemetry::admin::AdminHandle>,
+    drain: CancellationToken,
+    inflight: crate::dataplane::drain::InFlight,
+    drain_timeout: std::time::Duration,
 }
 
 impl std::fmt::Debug for HcmHandle {
@@ -115,7 +120,24 @@ impl HcmHandle {
         self.halt();
     }
 
+    /// Graceful stop: control channels closed (the relay sends no more accepts), tunnels
+    /// given up to `drain_timeout` (from the config) to finish; then a hard stop. `force`
+    /// cuts the wait short.
+    pub fn drain(mut self, force: &crate::dataplane::drain::Force) -> crate::dataplane::drain::DrainReport {
+        tracing::info!(event = "drain_started", role = "hcm", timeout_s = self.drain_timeout.as_secs(), "draining: control channels closed, tunnels finishing");
+        self.drain.cancel();
+        if let Some(t) = self.control.take() {
+            t.join().ok();
+        }
+        let inflight = self.inflight.clone();
+        let report = crate::dataplane::drain::wait_idle(move || inflight.count(), self.drain_timeout, force);
+        tracing::info!(event = "drain_finished", role = "hcm", remaining = report.remaining, waited_ms = report.waited.as_millis() as u64, "drain finished");
+        self.halt();
+        report
+    }
+
     fn halt(&mut self) {
+        self.drain.cancel();
         self.shutdown.cancel();
         if let Some(t) = self.control.take() {
             t.join().ok();
@@ -138,6 +160,8 @@ pub fn start(cfg: HcmConfig) -> anyhow::Result<HcmHandle> {
     let tls = crate::transport::tls::client_config(&cfg.ca_files)?;
     let workers = Workers::start("hyrelay-hcm", cfg.workers, cfg.buffer_budget)?;
     let shutdown = CancellationToken::new();
+    let drain = CancellationToken::new();
+    let inflight = crate::dataplane::drain::InFlight::default();
     let shared = Arc::new(Shared::default());
     crate::telemetry::metrics::announce("hcm", cfg.workers);
     let totals = Arc::new(crate::telemetry::metrics::Totals::default());
@@ -155,6 +179,7 @@ pub fn start(cfg: HcmConfig) -> anyhow::Result<HcmHandle> {
         workers: workers.clone(),
         shutdown: shutdown.clone(),
         totals,
+        inflight: inflight.clone(),
     });
     // Fail early on a corrupt connections file rather than serving a partial set.
     state::load_added(&cfg.data_dir)?;
@@ -163,7 +188,8 @@ pub fn start(cfg: HcmConfig) -> anyhow::Result<HcmHandle> {
         shared: shared.clone(),
         running: HashMap::new(),
     };
-    let stop = shutdown.clone();
+    // The manager (control channels) ends on drain; tunnels on the workers end on shutdown.
+    let stop = drain.clone();
     let control = std::thread::Builder::new().name("hyrelay-hcm-ctl".into()).spawn(move || {
         match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(rt) => rt.block_on(manager.run(stop)),
@@ -176,6 +202,9 @@ pub fn start(cfg: HcmConfig) -> anyhow::Result<HcmHandle> {
         workers,
         control: Some(control),
         admin,
+        drain,
+        inflight,
+        drain_timeout: cfg.drain_timeout,
     })
 }
 

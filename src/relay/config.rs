@@ -67,6 +67,8 @@ pub struct RelayConfig {
     pub max_head: usize,
     /// Largest data frame. Default: 1 MiB.
     pub max_frame: u64,
+    /// On SIGTERM/SIGINT, how long tunnels and pending senders get to finish. Default: 30 s.
+    pub drain_timeout: Duration,
     /// Largest message on a listener control channel (a bigger one gets Close 1009).
     /// Default: 64 KiB (what the .NET listener reads into).
     pub max_control_message: usize,
@@ -113,6 +115,7 @@ impl RelayConfig {
             auth_failures_before_delay: 5,
             auth_failure_window: Duration::from_secs(60),
             auth_max_delay: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(30),
             buffer_budget: default_workers() * crate::dataplane::pool::DEFAULT_BUDGET,
         }
     }
@@ -145,6 +148,9 @@ impl RelayConfig {
             tls,
         );
         c.public_url = public_url;
+        if let Some(d) = f.drain_timeout {
+            c.drain_timeout = d;
+        }
         c.admin = f
             .admin
             .as_deref()
@@ -287,6 +293,8 @@ pub struct RelayFile {
     pub data_dir: Option<PathBuf>,
     pub public_url: Option<String>,
     pub admin: Option<String>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub drain_timeout: Option<Duration>,
     #[serde(default)]
     pub hostnames: Vec<String>,
     pub workers: Option<usize>,

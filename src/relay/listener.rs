@@ -190,7 +190,7 @@ impl Channel {
                     tracing::info!(event = "token_expired", hc = %self.entity_name, "listener token expired; closing control channel");
                     return ("token_expired", self.close(close_code::POLICY, "The listener token expired.").await);
                 }
-                _ = ctx.shutdown.cancelled() => {
+                _ = ctx.drain.cancelled() => {
                     return ("shutdown", self.close(close_code::GOING_AWAY, "The relay is shutting down.").await);
                 }
             }

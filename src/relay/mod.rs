@@ -41,7 +41,10 @@ pub(crate) struct Ctx {
     pub state: SharedState,
     pub ctl: Ctl,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Hard stop: tunnels end (1001).
     pub shutdown: CancellationToken,
+    /// Graceful stop: accept loops and control channels end, tunnels continue.
+    pub drain: CancellationToken,
     pub admission: Arc<limits::Admission>,
     pub throttle: throttle::AuthThrottle,
 }
@@ -93,6 +96,9 @@ pub struct RelayHandle {
     workers: Arc<Workers>,
     control: Option<std::thread::JoinHandle<()>>,
     admin: Option<crate::telemetry::admin::AdminHandle>,
+    drain: CancellationToken,
+    admission: Arc<limits::Admission>,
+    drain_timeout: std::time::Duration,
 }
 
 impl std::fmt::Debug for RelayHandle {
@@ -153,8 +159,22 @@ impl RelayHandle {
         self.halt();
     }
 
+    /// Graceful stop: no new connections, control channels closed with 1001, tunnels and
+    /// pending senders given up to `drain_timeout` (from the config) to finish; then a hard
+    /// stop. `force` cuts the wait short.
+    pub fn drain(mut self, force: &crate::dataplane::drain::Force) -> crate::dataplane::drain::DrainReport {
+        tracing::info!(event = "drain_started", role = "relay", timeout_s = self.drain_timeout.as_secs(), "draining: no new connections, control channels closed");
+        self.drain.cancel();
+        let admission = self.admission.clone();
+        let report = crate::dataplane::drain::wait_idle(move || admission.counts().0, self.drain_timeout, force);
+        tracing::info!(event = "drain_finished", role = "relay", remaining = report.remaining, waited_ms = report.waited.as_millis() as u64, "drain finished");
+        self.halt();
+        report
+    }
+
     /// Like [`RelayHandle::stop`] without consuming the handle; idempotent.
     pub fn halt(&mut self) {
+        self.drain.cancel();
         self.shutdown.cancel();
         if let Some(t) = self.control.take() {
             t.join().ok();
@@ -186,6 +206,7 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let addr = listeners[0].local_addr()?;
     let shutdown = CancellationToken::new();
+    let drain = CancellationToken::new();
     let (plane, ctl, rx) = Plane::new(cfg.clone(), store);
     let plane_stop = shutdown.clone();
     let control = std::thread::Builder::new().name("hyrelay-relay-ctl".into()).spawn(move || {
@@ -200,7 +221,7 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
     crate::telemetry::metrics::spawn_worker_flush(&workers, "relay", totals.clone());
     let admin = match cfg.admin {
         Some(a) => {
-            let source = status::RelayStatus { ctl: ctl.clone(), totals, shutdown: shutdown.clone(), listen: addr };
+            let source = status::RelayStatus { ctl: ctl.clone(), totals, draining: drain.clone(), listen: addr };
             Some(crate::telemetry::admin::spawn(a, Arc::new(source)).with_context(|| format!("cannot listen on admin address {a}"))?)
         }
         None => None,
@@ -211,6 +232,7 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
         ctl,
         tls: tls.map(tokio_rustls::TlsAcceptor::from),
         shutdown: shutdown.clone(),
+        drain: drain.clone(),
         admission: limits::Admission::new(limits::Caps {
             total: cfg.max_connections,
             per_ip: cfg.max_connections_per_ip,
@@ -222,7 +244,8 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
             max_delay: cfg.auth_max_delay,
         }),
     });
-    crate::dataplane::serve(&workers, listeners, shutdown.clone(), move |tcp, peer| {
+    let admission = ctx.admission.clone();
+    crate::dataplane::serve(&workers, listeners, drain.clone(), move |tcp, peer| {
         conn::serve(tcp, peer, ctx.clone())
     });
     let handle = RelayHandle {
@@ -235,6 +258,9 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
         workers,
         control: Some(control),
         admin,
+        drain,
+        admission,
+        drain_timeout: cfg.drain_timeout,
     };
     write_cli_file(&handle)?;
     tracing::info!(addr = %addr, workers = cfg.workers, tls = handle.tls, data_dir = %cfg.data_dir.display(), "relay started");

@@ -15,7 +15,7 @@ use crate::telemetry::metrics::Totals;
 pub(crate) struct RelayStatus {
     pub ctl: Ctl,
     pub totals: Arc<Totals>,
-    pub shutdown: CancellationToken,
+    pub draining: CancellationToken,
     pub listen: std::net::SocketAddr,
 }
 
@@ -52,7 +52,7 @@ impl StatusSource for RelayStatus {
                 Ok(MgmtReply::List(v)) => v,
                 _ => Vec::new(),
             };
-            let accepting = !self.shutdown.is_cancelled();
+            let accepting = !self.draining.is_cancelled();
             let rows = views
                 .iter()
                 .map(|v| {
