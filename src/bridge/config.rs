@@ -55,7 +55,12 @@ pub struct BridgeConfig {
     /// Hosts file for [`Listen::Resolve`] forwards. Default: `/etc/hosts`
     /// (`%SystemRoot%\System32\drivers\etc\hosts` on Windows).
     pub hosts_file: PathBuf,
+    /// All forwards to run at start.
     pub forwards: Vec<Forward>,
+    /// Forwards from the command line, kept by every reload of `config_file`.
+    pub fixed_forwards: Vec<Forward>,
+    /// The config file, watched and re-read on change or SIGHUP. Default: none.
+    pub config_file: Option<PathBuf>,
 }
 
 impl BridgeConfig {
@@ -72,6 +77,8 @@ impl BridgeConfig {
             buffer_budget: crate::relay::config::default_workers() * crate::dataplane::pool::DEFAULT_BUDGET,
             hosts_file: default_hosts_file(),
             forwards,
+            fixed_forwards: Vec::new(),
+            config_file: None,
         }
     }
 

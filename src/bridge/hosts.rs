@@ -27,6 +27,15 @@ pub fn allocate<'a>(hosts: impl IntoIterator<Item = &'a str>) -> BTreeMap<String
         .collect()
 }
 
+/// The lowest address from [`FIRST`] on that `taken` does not use yet.
+pub fn next_free(taken: &BTreeMap<String, IpAddr>) -> IpAddr {
+    let base = u32::from(FIRST);
+    (0u32..)
+        .map(|i| IpAddr::V4(Ipv4Addr::from(base + i)))
+        .find(|ip| !taken.values().any(|t| t == ip))
+        .expect("the loopback range has room")
+}
+
 /// `text` without the hyrelay block.
 pub fn strip(text: &str) -> String {
     let mut out = String::with_capacity(text.len());

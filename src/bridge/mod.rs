@@ -15,33 +15,64 @@ mod status;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use self::config::{BridgeConfig, Forward, Listen};
+use self::config::{BridgeConfig, BridgeFile, Forward, Listen};
 use crate::client;
 use crate::dataplane::Workers;
 use crate::dataplane::splice::{self, SpliceConfig};
+use crate::proto::connstr::ConnectionString;
 use crate::proto::metadata::{self, HostPort};
 use crate::transport::ws;
 
-/// A forward as it runs.
+/// A forward as it runs. Its connection string can be swapped by a reload; tunnels that
+/// are open keep the credentials they started with.
 struct ForwardRt {
-    fwd: Forward,
+    hc: String,
+    listen: Listen,
+    cs: RwLock<ConnectionString>,
     bound: SocketAddr,
-    status: Arc<std::sync::Mutex<status::ForwardStatus>>,
+    /// Ends this forward's accept loops (reload removed it, or the bridge drains).
+    stop: CancellationToken,
+    status: Arc<Mutex<status::ForwardStatus>>,
 }
 
 impl ForwardRt {
     fn record(&self, result: &'static str, detail: String) {
-        let hc = self.fwd.hybrid_connection.clone();
+        let hc = self.hc.clone();
         metrics::counter!(crate::telemetry::metrics::BRIDGE_RELAY_CONNECTS, "hc" => hc, "result" => result).increment(1);
         self.status.lock().unwrap_or_else(|e| e.into_inner()).record(result, detail);
     }
+
+    fn connection_string(&self) -> ConnectionString {
+        self.cs.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn view(&self) -> status::ForwardView {
+        status::ForwardView {
+            fwd: Forward {
+                hybrid_connection: self.hc.clone(),
+                listen: self.listen.clone(),
+                connection_string: self.connection_string(),
+            },
+            bound: self.bound,
+            status: self.status.clone(),
+        }
+    }
+}
+
+/// Identity of a forward across reloads: hybrid connection and where it listens.
+fn forward_key(f: &Forward) -> String {
+    let listen = match &f.listen {
+        Listen::Addr(a) => a.to_string(),
+        Listen::Resolve => "resolve".into(),
+    };
+    format!("{}@{listen}", f.hybrid_connection.to_lowercase())
 }
 
 struct BridgeCtx {
@@ -53,11 +84,134 @@ struct BridgeCtx {
     inflight: crate::dataplane::drain::InFlight,
 }
 
+/// The set of forwards, changed by reloads.
+struct Forwards {
+    ctx: Arc<BridgeCtx>,
+    workers: Arc<Workers>,
+    drain: CancellationToken,
+    running: Mutex<Vec<Arc<ForwardRt>>>,
+    /// Loopback address per endpoint host, stable across reloads.
+    loopbacks: Mutex<BTreeMap<String, IpAddr>>,
+    /// Set once a hosts-file block has been written.
+    hosts_written: Mutex<bool>,
+    /// Forwards given on the command line: kept by every reload.
+    fixed: Vec<Forward>,
+}
+
+impl Forwards {
+    fn views(&self) -> Vec<status::ForwardView> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|f| f.view()).collect()
+    }
+
+    fn bound(&self) -> Vec<(String, SocketAddr)> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|f| (f.hc.clone(), f.bound)).collect()
+    }
+
+    /// Makes the running set equal to `want`: new forwards are bound first (any failure
+    /// changes nothing), then removed ones stop accepting and rotated credentials swap in.
+    /// Tunnels already open are never touched.
+    fn apply(&self, want: &[Forward]) -> anyhow::Result<Change> {
+        let running: Vec<Arc<ForwardRt>> = self.running.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let have = |k: &str| running.iter().find(|r| forward_key(&r.view().fwd) == k).cloned();
+        let fresh: Vec<&Forward> = want.iter().filter(|f| have(&forward_key(f)).is_none()).collect();
+        let endpoints = resolve_endpoints(&fresh, &self.ctx.tls, self.ctx.cfg.relay_timeout)?;
+        let mut loopbacks = self.loopbacks.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for ep in endpoints.values() {
+            let host = ep.host.to_ascii_lowercase();
+            if !loopbacks.contains_key(&host) {
+                let ip = hosts::next_free(&loopbacks);
+                loopbacks.insert(host, ip);
+            }
+        }
+        // Bind everything new before changing anything.
+        let mut bound = Vec::new();
+        for (i, f) in fresh.iter().enumerate() {
+            let addr = match &f.listen {
+                Listen::Addr(a) => *a,
+                Listen::Resolve => {
+                    let ep = &endpoints[&i];
+                    SocketAddr::new(loopbacks[&ep.host.to_ascii_lowercase()], ep.port)
+                }
+            };
+            let listeners = crate::transport::sock::bind_listeners(addr, self.workers.len())
+                .with_context(|| format!("forward for {:?}: cannot listen on {addr}", f.hybrid_connection))?;
+            bound.push(((*f).clone(), listeners));
+        }
+        let mut change = Change::default();
+        if !endpoints.is_empty() {
+            hosts::apply(&self.ctx.cfg.hosts_file, &loopbacks)
+                .with_context(|| format!("writing the hyrelay block into {}", self.ctx.cfg.hosts_file.display()))?;
+            *self.hosts_written.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            *self.loopbacks.lock().unwrap_or_else(|e| e.into_inner()) = loopbacks.clone();
+        }
+        let mut next = Vec::new();
+        for r in running {
+            let key = forward_key(&r.view().fwd);
+            match want.iter().find(|f| forward_key(f) == key) {
+                Some(f) => {
+                    if r.connection_string() != f.connection_string {
+                        *r.cs.write().unwrap_or_else(|e| e.into_inner()) = f.connection_string.clone();
+                        tracing::info!(hc = %r.hc, listen = %r.bound, "connection string rotated; new connections use it");
+                        change.rotated += 1;
+                    }
+                    next.push(r);
+                }
+                None => {
+                    r.stop.cancel();
+                    tracing::info!(hc = %r.hc, listen = %r.bound, "forward removed; its open tunnels continue");
+                    change.removed += 1;
+                }
+            }
+        }
+        for (f, listeners) in bound {
+            let actual = listeners[0].local_addr()?;
+            let rt = Arc::new(ForwardRt {
+                hc: f.hybrid_connection.clone(),
+                listen: f.listen.clone(),
+                cs: RwLock::new(f.connection_string.clone()),
+                bound: actual,
+                stop: self.drain.child_token(),
+                status: Arc::new(Mutex::new(status::ForwardStatus::default())),
+            });
+            let (ctx, rt2) = (self.ctx.clone(), rt.clone());
+            crate::dataplane::serve(&self.workers, listeners, rt.stop.clone(), move |tcp, peer| {
+                serve(tcp, peer, rt2.clone(), ctx.clone())
+            });
+            tracing::info!(hc = %f.hybrid_connection, listen = %actual, relay = %f.connection_string.endpoint.authority(), "forward listening");
+            change.added += 1;
+            next.push(rt);
+        }
+        *self.running.lock().unwrap_or_else(|e| e.into_inner()) = next;
+        Ok(change)
+    }
+
+    /// Re-reads `file` and applies it with the command-line forwards.
+    fn reload(&self, file: &std::path::Path) {
+        let parsed = crate::config::load_toml::<BridgeFile>(file).and_then(BridgeConfig::from_file);
+        let result = parsed.and_then(|c| {
+            let mut want = self.fixed.clone();
+            want.extend(c.forwards);
+            self.apply(&want)
+        });
+        match result {
+            Ok(c) => tracing::info!(event = "reload_applied", file = %file.display(), added = c.added, removed = c.removed, rotated = c.rotated, "configuration reloaded"),
+            Err(e) => tracing::warn!(event = "reload_rejected", file = %file.display(), error = %format!("{e:#}"), "configuration reload rejected; the running configuration stays"),
+        }
+    }
+}
+
+/// What a reload changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Change {
+    pub added: usize,
+    pub removed: usize,
+    pub rotated: usize,
+}
+
 /// A running bridge. Dropping it stops the bridge and removes its hosts-file block.
 #[must_use = "dropping the handle stops the bridge"]
 pub struct BridgeHandle {
-    bound: Vec<(String, SocketAddr)>,
-    hosts_file: Option<PathBuf>,
+    forwards: Arc<Forwards>,
     shutdown: CancellationToken,
     workers: Arc<Workers>,
     admin: Option<crate::telemetry::admin::AdminHandle>,
@@ -65,18 +219,20 @@ pub struct BridgeHandle {
     drain: CancellationToken,
     inflight: crate::dataplane::drain::InFlight,
     drain_timeout: Duration,
+    config_file: Option<PathBuf>,
+    watcher: Option<std::thread::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for BridgeHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BridgeHandle").field("bound", &self.bound).finish()
+        f.debug_struct("BridgeHandle").field("bound", &self.bound()).finish()
     }
 }
 
 impl BridgeHandle {
     /// `(hybrid connection, local address)` of every forward.
-    pub fn bound(&self) -> &[(String, SocketAddr)] {
-        &self.bound
+    pub fn bound(&self) -> Vec<(String, SocketAddr)> {
+        self.forwards.bound()
     }
 
     /// The admin listener's address, if one was configured.
@@ -86,7 +242,20 @@ impl BridgeHandle {
 
     /// Address of the first forward of `hc`.
     pub fn addr_of(&self, hc: &str) -> Option<SocketAddr> {
-        self.bound.iter().find(|(h, _)| h.eq_ignore_ascii_case(hc)).map(|(_, a)| *a)
+        self.bound().into_iter().find(|(h, _)| h.eq_ignore_ascii_case(hc)).map(|(_, a)| a)
+    }
+
+    /// Re-reads the config file (SIGHUP); an invalid file is logged and changes nothing.
+    pub fn reload(&self) {
+        match &self.config_file {
+            Some(f) => self.forwards.reload(f),
+            None => tracing::info!("reload requested, but the bridge runs without a config file"),
+        }
+    }
+
+    /// Applies a new set of forwards directly (tests, embedding).
+    pub fn apply(&self, forwards: &[Forward]) -> anyhow::Result<Change> {
+        self.forwards.apply(forwards)
     }
 
     pub fn stop(mut self) {
@@ -108,11 +277,15 @@ impl BridgeHandle {
     fn halt(&mut self) {
         self.drain.cancel();
         self.shutdown.cancel();
+        if let Some(w) = self.watcher.take() {
+            w.join().ok();
+        }
         self.workers.stop();
-        if let Some(p) = self.hosts_file.take()
-            && let Err(e) = hosts::remove(&p)
-        {
-            tracing::warn!(path = %p.display(), error = %e, "cannot remove the hosts-file block");
+        if *self.forwards.hosts_written.lock().unwrap_or_else(|e| e.into_inner()) {
+            let p = &self.forwards.ctx.cfg.hosts_file;
+            if let Err(e) = hosts::remove(p) {
+                tracing::warn!(path = %p.display(), error = %e, "cannot remove the hosts-file block");
+            }
         }
     }
 }
@@ -123,12 +296,11 @@ impl Drop for BridgeHandle {
     }
 }
 
-/// Resolves hosts-file forwards, binds every forward and starts serving.
+/// Resolves hosts-file forwards, binds every forward and starts serving. With
+/// `cfg.config_file` set, changes to that file are applied as they happen.
 pub fn start(cfg: BridgeConfig) -> anyhow::Result<BridgeHandle> {
     let cfg = Arc::new(cfg);
     let tls = crate::transport::tls::client_config(&cfg.ca_files)?;
-    let endpoints = resolve_endpoints(&cfg, &tls)?;
-    let loopbacks = hosts::allocate(endpoints.values().map(|e| e.host.as_str()));
     let workers = Workers::start("hyrelay-bridge", cfg.workers, cfg.buffer_budget)?;
     let shutdown = CancellationToken::new();
     let drain = CancellationToken::new();
@@ -139,75 +311,77 @@ pub fn start(cfg: BridgeConfig) -> anyhow::Result<BridgeHandle> {
         shutdown: shutdown.clone(),
         inflight: inflight.clone(),
     });
-    let mut bound = Vec::new();
-    let mut views = Vec::new();
     crate::telemetry::metrics::announce("bridge", cfg.workers);
     let totals = Arc::new(crate::telemetry::metrics::Totals::default());
     crate::telemetry::metrics::spawn_worker_flush(&workers, "bridge", totals.clone());
-    for (i, fwd) in cfg.forwards.iter().enumerate() {
-        let addr = match &fwd.listen {
-            Listen::Addr(a) => *a,
-            Listen::Resolve => {
-                let ep = &endpoints[&i];
-                SocketAddr::new(loopbacks[&ep.host.to_ascii_lowercase()], ep.port)
-            }
-        };
-        let listeners = crate::transport::sock::bind_listeners(addr, cfg.workers)
-            .with_context(|| format!("forward for {:?}: cannot listen on {addr}", fwd.hybrid_connection))?;
-        let actual = listeners[0].local_addr()?;
-        let status = Arc::new(std::sync::Mutex::new(status::ForwardStatus::default()));
-        views.push(status::ForwardView { fwd: fwd.clone(), bound: actual, status: status.clone() });
-        let rt = Arc::new(ForwardRt { fwd: fwd.clone(), bound: actual, status });
-        let ctx = ctx.clone();
-        crate::dataplane::serve(&workers, listeners, drain.clone(), move |tcp, peer| {
-            serve(tcp, peer, rt.clone(), ctx.clone())
-        });
-        tracing::info!(hc = %fwd.hybrid_connection, listen = %actual, relay = %fwd.connection_string.endpoint.authority(), "forward listening");
-        bound.push((fwd.hybrid_connection.clone(), actual));
-    }
-    let hosts_file = if loopbacks.is_empty() {
-        None
-    } else {
-        hosts::apply(&cfg.hosts_file, &loopbacks)
-            .with_context(|| format!("writing the hyrelay block into {}", cfg.hosts_file.display()))?;
-        for (host, ip) in &loopbacks {
-            tracing::info!(host = %host, address = %ip, file = %cfg.hosts_file.display(), "hosts-file entry added");
-        }
-        Some(cfg.hosts_file.clone())
-    };
+    let forwards = Arc::new(Forwards {
+        ctx,
+        workers: workers.clone(),
+        drain: drain.clone(),
+        running: Mutex::new(Vec::new()),
+        loopbacks: Mutex::new(BTreeMap::new()),
+        hosts_written: Mutex::new(false),
+        fixed: cfg.fixed_forwards.clone(),
+    });
+    forwards.apply(&cfg.forwards)?;
     let admin = match cfg.admin {
         Some(a) => {
-            let source = status::BridgeStatus::new(views, totals, tls);
+            let f = forwards.clone();
+            let source = status::BridgeStatus::new(Arc::new(move || f.views()), totals, tls);
             Some(crate::telemetry::admin::spawn(a, Arc::new(source)).with_context(|| format!("cannot listen on admin address {a}"))?)
         }
         None => None,
     };
+    let watcher = match &cfg.config_file {
+        Some(file) => Some(spawn_watcher(file.clone(), forwards.clone(), drain.clone())?),
+        None => None,
+    };
     Ok(BridgeHandle {
-        bound,
-        hosts_file,
+        forwards,
         shutdown,
         workers,
         admin,
         drain,
         inflight,
         drain_timeout: cfg.drain_timeout,
+        config_file: cfg.config_file.clone(),
+        watcher,
     })
 }
 
-/// Reads the endpoint of every hosts-file forward from the relay (on a scratch thread, so
-/// `start` works inside or outside a runtime).
-fn resolve_endpoints(cfg: &Arc<BridgeConfig>, tls: &Arc<rustls::ClientConfig>) -> anyhow::Result<BTreeMap<usize, HostPort>> {
-    let wanted: Vec<(usize, Forward)> = cfg
-        .forwards
+/// Applies the config file whenever its modification time changes (checked every second).
+fn spawn_watcher(file: PathBuf, forwards: Arc<Forwards>, stop: CancellationToken) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let mtime = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut seen: Option<SystemTime> = mtime(&file);
+    std::thread::Builder::new().name("hyrelay-bridge-watch".into()).spawn(move || {
+        while !stop.is_cancelled() {
+            std::thread::sleep(Duration::from_millis(250));
+            let now = mtime(&file);
+            if now != seen {
+                seen = now;
+                forwards.reload(&file);
+            }
+        }
+    })
+}
+
+/// Reads the endpoint of every hosts-file forward among `forwards` from the relay (on a
+/// scratch thread, so this works inside or outside a runtime). Keyed by position.
+fn resolve_endpoints(
+    forwards: &[&Forward],
+    tls: &Arc<rustls::ClientConfig>,
+    relay_timeout: Duration,
+) -> anyhow::Result<BTreeMap<usize, HostPort>> {
+    let wanted: Vec<(usize, Forward)> = forwards
         .iter()
         .enumerate()
         .filter(|(_, f)| f.listen == Listen::Resolve)
-        .map(|(i, f)| (i, f.clone()))
+        .map(|(i, f)| (i, (*f).clone()))
         .collect();
     if wanted.is_empty() {
         return Ok(BTreeMap::new());
     }
-    let (tls, timeout) = (tls.clone(), cfg.relay_timeout.min(Duration::from_secs(20)));
+    let (tls, timeout) = (tls.clone(), relay_timeout.min(Duration::from_secs(20)));
     std::thread::spawn(move || -> anyhow::Result<BTreeMap<usize, HostPort>> {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         rt.block_on(async {
@@ -236,12 +410,12 @@ fn resolve_endpoints(cfg: &Arc<BridgeConfig>, tls: &Arc<rustls::ClientConfig>) -
 async fn serve(tcp: TcpStream, peer: SocketAddr, fw: Arc<ForwardRt>, ctx: Arc<BridgeCtx>) {
     let _inflight = ctx.inflight.enter();
     crate::transport::sock::tune(&tcp);
-    let f = &fw.fwd;
-    metrics::counter!(crate::telemetry::metrics::BRIDGE_LOCAL_CONNECTIONS, "hc" => f.hybrid_connection.clone()).increment(1);
+    let cs = fw.connection_string();
+    metrics::counter!(crate::telemetry::metrics::BRIDGE_LOCAL_CONNECTIONS, "hc" => fw.hc.clone()).increment(1);
     fw.status.lock().unwrap_or_else(|e| e.into_inner()).local_connections += 1;
-    let hc = f.hybrid_connection.as_str();
-    let token = client::token(&f.connection_string, hc, ctx.cfg.token_ttl);
-    let url = client::hc_url(&f.connection_string, hc, "connect", &crate::relay::control::new_id());
+    let hc = fw.hc.as_str();
+    let token = client::token(&cs, hc, ctx.cfg.token_ttl);
+    let url = client::hc_url(&cs, hc, "connect", &crate::relay::control::new_id());
     let headers = [("ServiceBusAuthorization", token.as_str())];
     let conn = tokio::select! {
         c = ws::connect(&url, Some(&ctx.tls), &headers, ctx.cfg.relay_timeout) => c,

@@ -46,29 +46,32 @@ struct Probe {
     detail: String,
 }
 
+/// Lists the forwards as they run now (they change with reloads).
+pub type ForwardList = Arc<dyn Fn() -> Vec<ForwardView> + Send + Sync>;
+
 pub(crate) struct BridgeStatus {
-    pub forwards: Vec<ForwardView>,
-    pub totals: Arc<Totals>,
-    pub tls: Arc<rustls::ClientConfig>,
-    probes: Mutex<Vec<Option<Probe>>>,
+    forwards: ForwardList,
+    totals: Arc<Totals>,
+    tls: Arc<rustls::ClientConfig>,
+    /// Last probe per hybrid connection and relay.
+    probes: Mutex<std::collections::HashMap<String, Probe>>,
 }
 
 /// Probes are reused for this long, so `/readyz` polling does not hammer the relay.
 const PROBE_TTL: Duration = Duration::from_secs(5);
 
 impl BridgeStatus {
-    pub fn new(forwards: Vec<ForwardView>, totals: Arc<Totals>, tls: Arc<rustls::ClientConfig>) -> Self {
-        let n = forwards.len();
-        Self { forwards, totals, tls, probes: Mutex::new(vec![None; n]) }
+    pub fn new(forwards: ForwardList, totals: Arc<Totals>, tls: Arc<rustls::ClientConfig>) -> Self {
+        Self { forwards, totals, tls, probes: Mutex::new(Default::default()) }
     }
 
-    async fn probe(&self, i: usize) -> Probe {
-        if let Some(p) = self.probes.lock().unwrap_or_else(|e| e.into_inner())[i].clone()
+    async fn probe(&self, f: &Forward) -> Probe {
+        let key = format!("{}@{}", f.hybrid_connection.to_lowercase(), f.connection_string.endpoint.authority());
+        if let Some(p) = self.probes.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned()
             && p.at.elapsed() < PROBE_TTL
         {
             return p;
         }
-        let f = &self.forwards[i].fwd;
         let r = crate::client::runtime_info(&f.connection_string, &f.hybrid_connection, &self.tls, Duration::from_secs(3)).await;
         let p = match r {
             Ok(info) => Probe {
@@ -78,7 +81,7 @@ impl BridgeStatus {
             },
             Err(e) => Probe { at: Instant::now(), ok: false, detail: e.to_string() },
         };
-        self.probes.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(p.clone());
+        self.probes.lock().unwrap_or_else(|e| e.into_inner()).insert(key, p.clone());
         p
     }
 }
@@ -93,8 +96,8 @@ impl StatusSource for BridgeStatus {
             let mut rows = Vec::new();
             let mut detail = Vec::new();
             let mut ready = true;
-            for (i, v) in self.forwards.iter().enumerate() {
-                let probe = self.probe(i).await;
+            for v in (self.forwards)() {
+                let probe = self.probe(&v.fwd).await;
                 ready &= probe.ok;
                 let st = v.status.lock().unwrap_or_else(|e| e.into_inner());
                 let t = self.totals.get(&v.fwd.hybrid_connection);

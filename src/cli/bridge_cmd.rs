@@ -54,7 +54,9 @@ fn build(args: BridgeArgs) -> anyhow::Result<BridgeConfig> {
     let mut cfg = match &args.config {
         Some(p) => {
             let mut c = BridgeConfig::from_file(crate::config::load_toml::<BridgeFile>(p)?)?;
-            c.forwards.extend(forwards);
+            c.forwards.extend(forwards.iter().cloned());
+            c.fixed_forwards = forwards;
+            c.config_file = Some(p.clone());
             c
         }
         None => {
@@ -84,7 +86,7 @@ pub fn run(args: BridgeArgs) -> anyhow::Result<()> {
     if let Some(a) = bridge.admin_addr() {
         eprintln!("admin (metrics, health, status page) on http://{a}/");
     }
-    super::wait_for_signal()?;
+    super::wait_for_stop(|| bridge.reload())?;
     let report = bridge.drain(&super::force_on_second_signal());
     super::report_drain("bridge", &report);
     Ok(())

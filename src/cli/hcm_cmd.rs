@@ -57,7 +57,11 @@ enum HcmCommand {
 
 fn load_config(args: &HcmArgs) -> anyhow::Result<HcmConfig> {
     let mut cfg = match &args.config {
-        Some(p) => HcmConfig::from_file(crate::config::load_toml::<HcmFile>(p)?)?,
+        Some(p) => {
+            let mut c = HcmConfig::from_file(crate::config::load_toml::<HcmFile>(p)?)?;
+            c.config_file = Some(p.clone());
+            c
+        }
         None => HcmConfig::new(crate::config::default_data_dir("hcm")),
     };
     if let Some(d) = &args.data_dir {
@@ -86,7 +90,7 @@ pub fn run(args: HcmArgs) -> anyhow::Result<()> {
             if let Some(a) = hcm.admin_addr() {
                 eprintln!("admin (metrics, health, status page) on http://{a}/");
             }
-            super::wait_for_signal()?;
+            super::wait_for_stop(|| hcm.reload())?;
             let report = hcm.drain(&super::force_on_second_signal());
             super::report_drain("hcm", &report);
             Ok(())

@@ -155,7 +155,7 @@ async fn endpoint(hc: &HcRt, ctx: &HcmCtx) -> Result<HostPort, End> {
 
 /// Refuses an endpoint outside the config's `allowed_endpoints`, with the status text.
 pub(crate) fn check_allowed(endpoint: &HostPort, ctx: &HcmCtx) -> Result<(), String> {
-    if ctx.cfg.allowed_endpoints.allows(endpoint) {
+    if ctx.allowed.read().unwrap_or_else(|e| e.into_inner()).allows(endpoint) {
         Ok(())
     } else {
         Err(format!("endpoint {endpoint} is not allowed by this hcm's allowed_endpoints"))

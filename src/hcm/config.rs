@@ -84,6 +84,8 @@ pub struct HcmConfig {
     pub allowed_endpoints: AllowList,
     /// Hybrid connections from the config file (those added with `hcm add` come from the data dir).
     pub hybrid_connections: Vec<HcEntry>,
+    /// The config file, watched and re-read on change or SIGHUP. Default: none.
+    pub config_file: Option<PathBuf>,
 }
 
 impl HcmConfig {
@@ -106,6 +108,7 @@ impl HcmConfig {
             buffer_budget: crate::relay::config::default_workers() * crate::dataplane::pool::DEFAULT_BUDGET,
             allowed_endpoints: AllowList::default(),
             hybrid_connections: Vec::new(),
+            config_file: None,
         }
     }
 

@@ -71,6 +71,8 @@ pub(crate) struct HcmCtx {
     pub totals: Arc<crate::telemetry::metrics::Totals>,
     /// Accepts being served (dial, rendezvous, tunnel), for the drain.
     pub inflight: crate::dataplane::drain::InFlight,
+    /// `allowed_endpoints` in effect (replaced by reloads).
+    pub allowed: std::sync::RwLock<allow::AllowList>,
 }
 
 #[derive(Default)]
@@ -96,6 +98,7 @@ pub struct HcmHandle {
     drain: CancellationToken,
     inflight: crate::dataplane::drain::InFlight,
     drain_timeout: std::time::Duration,
+    reload_tx: tokio::sync::mpsc::UnboundedSender<()>,
 }
 
 impl std::fmt::Debug for HcmHandle {
@@ -108,6 +111,11 @@ impl HcmHandle {
     /// Status of every hybrid connection served.
     pub fn status(&self) -> Vec<HcStatus> {
         self.shared.snapshot()
+    }
+
+    /// Re-reads the config file (SIGHUP); an invalid file is logged and changes nothing.
+    pub fn reload(&self) {
+        self.reload_tx.send(()).ok();
     }
 
     /// The admin listener's address, if one was configured.
@@ -180,13 +188,17 @@ pub fn start(cfg: HcmConfig) -> anyhow::Result<HcmHandle> {
         shutdown: shutdown.clone(),
         totals,
         inflight: inflight.clone(),
+        allowed: std::sync::RwLock::new(cfg.allowed_endpoints.clone()),
     });
     // Fail early on a corrupt connections file rather than serving a partial set.
     state::load_added(&cfg.data_dir)?;
+    let (reload_tx, reloads) = tokio::sync::mpsc::unbounded_channel();
     let manager = Manager {
+        configured: cfg.hybrid_connections.clone(),
         ctx,
         shared: shared.clone(),
         running: HashMap::new(),
+        reloads,
     };
     // The manager (control channels) ends on drain; tunnels on the workers end on shutdown.
     let stop = drain.clone();
@@ -205,6 +217,7 @@ pub fn start(cfg: HcmConfig) -> anyhow::Result<HcmHandle> {
         drain,
         inflight,
         drain_timeout: cfg.drain_timeout,
+        reload_tx,
     })
 }
 
@@ -213,12 +226,18 @@ struct Manager {
     ctx: Arc<HcmCtx>,
     shared: Arc<Shared>,
     running: HashMap<String, Arc<HcRt>>,
+    /// Hybrid connections from the config file as last (re)loaded.
+    configured: Vec<HcEntry>,
+    /// Reload requests (SIGHUP).
+    reloads: tokio::sync::mpsc::UnboundedReceiver<()>,
 }
 
 impl Manager {
     async fn run(mut self, stop: CancellationToken) {
         let dir: PathBuf = self.ctx.cfg.data_dir.clone();
         let mut seen = state::connections_mtime(&dir);
+        let config_mtime = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        let mut config_seen = self.ctx.cfg.config_file.as_deref().and_then(config_mtime);
         self.reconcile(self.desired());
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut last_written = String::new();
@@ -226,11 +245,17 @@ impl Manager {
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
+                Some(()) = self.reloads.recv() => self.reload(),
                 _ = tick.tick() => {
                     let now = state::connections_mtime(&dir);
                     if now != seen {
                         seen = now;
                         self.reconcile(self.desired());
+                    }
+                    let cfg_now = self.ctx.cfg.config_file.as_deref().and_then(config_mtime);
+                    if cfg_now != config_seen {
+                        config_seen = cfg_now;
+                        self.reload();
                     }
                     let list: Vec<HcStatus> = self.running.values().map(|h| self.with_bytes(h.snapshot())).collect();
                     let text = serde_json::to_string(&list).unwrap_or_default();
@@ -261,6 +286,62 @@ impl Manager {
         state::write_status(&dir, &list).ok();
     }
 
+    /// Re-reads the config file: hybrid connections are added, removed or (new key)
+    /// restarted and `allowed_endpoints` replaced, without touching open tunnels. An
+    /// invalid file changes nothing. Other settings take effect after a restart.
+    fn reload(&mut self) {
+        let Some(file) = self.ctx.cfg.config_file.clone() else {
+            tracing::info!("reload requested, but the hcm runs without a config file");
+            return;
+        };
+        let new = match crate::config::load_toml::<config::HcmFile>(&file).and_then(HcmConfig::from_file) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(event = "reload_rejected", file = %file.display(), error = %format!("{e:#}"), "configuration reload rejected; the running configuration stays");
+                return;
+            }
+        };
+        let old = &self.ctx.cfg;
+        for (field, changed) in [
+            ("data_dir", new.data_dir != old.data_dir),
+            ("workers", new.workers != old.workers),
+            ("admin", new.admin != old.admin),
+            ("ca_files", new.ca_files != old.ca_files),
+        ] {
+            if changed {
+                tracing::warn!(file = %file.display(), field, "this setting changed; it takes effect after a restart");
+            }
+        }
+        let allowed_changed = {
+            let mut a = self.ctx.allowed.write().unwrap_or_else(|e| e.into_inner());
+            let changed = *a != new.allowed_endpoints;
+            *a = new.allowed_endpoints.clone();
+            changed
+        };
+        let before: Vec<String> = self.running.keys().cloned().collect();
+        self.configured = new.hybrid_connections;
+        self.reconcile(self.desired());
+        // A narrower allow list applies at once: channels whose endpoint is no longer
+        // allowed restart (and then refuse); their tunnels are not touched.
+        let mut restarted = 0;
+        if allowed_changed {
+            for hc in self.running.values() {
+                let ep = hc.snapshot().endpoint.and_then(|e| e.parse::<crate::proto::metadata::HostPort>().ok());
+                if ep.is_some_and(|ep| !self.ctx.allowed.read().unwrap_or_else(|e| e.into_inner()).allows(&ep)) {
+                    hc.stop.cancel();
+                    restarted += 1;
+                }
+            }
+            if restarted > 0 {
+                self.running.retain(|_, hc| !hc.stop.is_cancelled());
+                self.reconcile(self.desired());
+            }
+        }
+        let added = self.running.keys().filter(|k| !before.contains(k)).count();
+        let removed = before.iter().filter(|k| !self.running.contains_key(*k)).count();
+        tracing::info!(event = "reload_applied", file = %file.display(), added, removed, restarted, "configuration reloaded");
+    }
+
     fn with_bytes(&self, mut s: HcStatus) -> HcStatus {
         let t = self.ctx.totals.get(&s.name);
         s.bytes_to_endpoint = t.bytes_up;
@@ -271,7 +352,7 @@ impl Manager {
     /// Config entries plus `hcm add` entries (an added entry replaces a configured one
     /// for the same relay and hybrid connection).
     fn desired(&self) -> Vec<HcEntry> {
-        let mut out = self.ctx.cfg.hybrid_connections.clone();
+        let mut out = self.configured.clone();
         match state::load_added(&self.ctx.cfg.data_dir) {
             Ok(added) => {
                 for a in added {
