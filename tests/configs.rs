@@ -51,3 +51,25 @@ fn broken_configs_name_the_field() {
         assert!(e.contains(field), "{role} config {text:?}: error {e:?} does not name {field:?}");
     }
 }
+
+#[test]
+fn systemd_units_start_commands_that_parse() {
+    use clap::Parser;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/systemd");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        for section in ["[Unit]", "[Service]", "[Install]"] {
+            assert!(text.contains(section), "{}: no {section}", path.display());
+        }
+        assert!(text.contains("ExecReload=/bin/kill -HUP $MAINPID"), "{}", path.display());
+        assert!(text.contains("KillSignal=SIGTERM") && text.contains("NoNewPrivileges=yes"), "{}", path.display());
+        let exec = text.lines().find_map(|l| l.strip_prefix("ExecStart=")).unwrap();
+        let args: Vec<&str> = exec.split_whitespace().collect();
+        assert!(args[0].ends_with("/hyrelay"));
+        hyrelay::cli::Cli::try_parse_from(&args).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        seen += 1;
+    }
+    assert_eq!(seen, 3, "one unit per role");
+}
