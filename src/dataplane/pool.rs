@@ -30,13 +30,15 @@ struct Pool {
 }
 
 thread_local! {
-    static POOL: RefCell<Pool> = RefCell::new(Pool {
-        free: Vec::new(),
-        out: 0,
-        max_out: DEFAULT_BUDGET / BUF_SIZE,
-        high_water: 0,
-        waiters: Vec::new(),
-    });
+    static POOL: RefCell<Pool> = const {
+        RefCell::new(Pool {
+            free: Vec::new(),
+            out: 0,
+            max_out: DEFAULT_BUDGET / BUF_SIZE,
+            high_water: 0,
+            waiters: Vec::new(),
+        })
+    };
 }
 
 /// Sets this thread's budget in bytes (at least one buffer). Call once at worker start.

@@ -184,7 +184,7 @@ pub enum MgmtOp {
 #[derive(Debug)]
 pub enum MgmtReply {
     List(Vec<EntityView>),
-    Entity(EntityView),
+    Entity(Box<EntityView>),
     Deleted,
 }
 
@@ -522,7 +522,7 @@ impl Plane {
             MgmtOp::List => Ok(MgmtReply::List(
                 state.hybrid_connections.values().map(|e| self.view(e)).collect(),
             )),
-            MgmtOp::Show(name) => Ok(MgmtReply::Entity(self.view(&find(&state, &name)?))),
+            MgmtOp::Show(name) => Ok(MgmtReply::Entity(Box::new(self.view(&find(&state, &name)?)))),
             MgmtOp::Create { name, endpoint, requires_client_authorization } => {
                 crate::proto::address::validate_entity_name(&name).map_err(StoreError::Invalid)?;
                 let e = self.store.update(|st| {
@@ -534,7 +534,7 @@ impl Plane {
                     st.hybrid_connections.insert(key, e.clone());
                     Ok(e)
                 })?;
-                Ok(MgmtReply::Entity(self.view(&e)))
+                Ok(MgmtReply::Entity(Box::new(self.view(&e))))
             }
             MgmtOp::Delete(name) => {
                 let key = name.to_lowercase();
@@ -571,7 +571,7 @@ impl Plane {
                     e.updated_at = super::store::now_rfc3339();
                     Ok(e.clone())
                 })?;
-                Ok(MgmtReply::Entity(self.view(&e)))
+                Ok(MgmtReply::Entity(Box::new(self.view(&e))))
             }
         }
     }
