@@ -11,3 +11,4 @@ scripts/setup-python.sh
 scripts/setup-debian.sh
 
 cargo test --locked --all-targets
+cargo test --locked --features uring --test uring

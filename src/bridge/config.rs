@@ -52,6 +52,8 @@ pub struct BridgeConfig {
     /// Memory the data plane may hold in pooled buffers, all workers together. Default:
     /// 64 MiB per worker.
     pub buffer_budget: usize,
+    /// Data-plane I/O backend (`epoll`, `uring`, `auto`). Default: epoll.
+    pub io_backend: crate::dataplane::backend::IoBackend,
     /// Hosts file for [`Listen::Resolve`] forwards. Default: `/etc/hosts`
     /// (`%SystemRoot%\System32\drivers\etc\hosts` on Windows).
     pub hosts_file: PathBuf,
@@ -75,6 +77,7 @@ impl BridgeConfig {
             max_frame: crate::proto::frame::DEFAULT_MAX_FRAME,
             drain_timeout: Duration::from_secs(30),
             buffer_budget: crate::relay::config::default_workers() * crate::dataplane::pool::DEFAULT_BUDGET,
+            io_backend: Default::default(),
             hosts_file: default_hosts_file(),
             forwards,
             fixed_forwards: Vec::new(),
@@ -120,6 +123,7 @@ impl BridgeConfig {
         if let Some(m) = f.buffer_budget_mib {
             c.buffer_budget = crate::config::budget_from_mib(m, c.workers).context("field `buffer_budget_mib`")?;
         }
+        c.io_backend = f.io_backend.unwrap_or_default();
         c.ca_files = f.ca_files;
         c.admin = f.admin.as_deref().map(str::parse).transpose().context("field `admin`: expected IP:PORT")?;
         if let Some(p) = f.hosts_file {
@@ -201,6 +205,7 @@ pub struct BridgeFile {
     pub workers: Option<usize>,
     pub admin: Option<String>,
     pub buffer_budget_mib: Option<usize>,
+    pub io_backend: Option<crate::dataplane::backend::IoBackend>,
     #[serde(default)]
     pub ca_files: Vec<PathBuf>,
     pub hosts_file: Option<PathBuf>,

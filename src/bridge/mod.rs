@@ -301,7 +301,7 @@ impl Drop for BridgeHandle {
 pub fn start(cfg: BridgeConfig) -> anyhow::Result<BridgeHandle> {
     let cfg = Arc::new(cfg);
     let tls = crate::transport::tls::client_config(&cfg.ca_files)?;
-    let workers = Workers::start("hyrelay-bridge", cfg.workers, cfg.buffer_budget)?;
+    let workers = Workers::start_with("hyrelay-bridge", cfg.workers, cfg.buffer_budget, cfg.io_backend)?;
     let shutdown = CancellationToken::new();
     let drain = CancellationToken::new();
     let inflight = crate::dataplane::drain::InFlight::default();
@@ -445,7 +445,6 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, fw: Arc<ForwardRt>, ctx: Arc<Br
         max_frame: ctx.cfg.max_frame,
         tcp_side: splice::TcpSide::App,
     };
-    let active = crate::dataplane::stats::ActiveGuard::new(crate::dataplane::stats::for_hc(hc));
-    let stats = splice::ws_tcp(conn.stream, conn.leftover, tcp, &cfg, &ctx.shutdown, Some(active)).await;
+    let stats = crate::dataplane::offload::ws_tcp(hc, conn.stream, conn.leftover, tcp, &cfg, &ctx.shutdown).await;
     tracing::debug!(event = "tunnel_closed", hc, %peer, to_app = stats.to_tcp, from_app = stats.to_ws, end = %stats.end, "tunnel closed");
 }

@@ -32,6 +32,10 @@ pub struct BridgeArgs {
     /// Data-plane workers (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
+    /// Data-plane I/O backend: epoll (default), uring (io_uring/IOCP; built with the `uring`
+    /// feature), or auto (uring if the kernel allows it, else epoll).
+    #[arg(long, value_name = "BACKEND", env = "HYRELAY_IO_BACKEND")]
+    io_backend: Option<crate::dataplane::backend::IoBackend>,
     /// Admin listener: /metrics, /healthz, /readyz, /status and a status page at /.
     #[arg(long, value_name = "IP:PORT")]
     admin: Option<std::net::SocketAddr>,
@@ -74,6 +78,9 @@ fn build(args: BridgeArgs) -> anyhow::Result<BridgeConfig> {
     if let Some(w) = args.workers {
         anyhow::ensure!(w > 0, "--workers must be at least 1");
         cfg.workers = w;
+    }
+    if let Some(b) = args.io_backend {
+        cfg.io_backend = b;
     }
     Ok(cfg)
 }

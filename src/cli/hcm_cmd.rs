@@ -31,6 +31,10 @@ enum HcmCommand {
         /// Data-plane workers (default: one per core).
         #[arg(long)]
         workers: Option<usize>,
+        /// Data-plane I/O backend: epoll (default), uring (io_uring/IOCP; built with the `uring`
+        /// feature), or auto (uring if the kernel allows it, else epoll).
+        #[arg(long, value_name = "BACKEND", env = "HYRELAY_IO_BACKEND")]
+        io_backend: Option<crate::dataplane::backend::IoBackend>,
         /// Admin listener: /metrics, /healthz, /readyz, /status and a status page at /.
         #[arg(long, value_name = "IP:PORT")]
         admin: Option<std::net::SocketAddr>,
@@ -73,7 +77,7 @@ fn load_config(args: &HcmArgs) -> anyhow::Result<HcmConfig> {
 pub fn run(args: HcmArgs) -> anyhow::Result<()> {
     let mut cfg = load_config(&args)?;
     match args.command {
-        HcmCommand::Run { ca_file, workers, admin } => {
+        HcmCommand::Run { ca_file, workers, admin, io_backend } => {
             if admin.is_some() {
                 cfg.admin = admin;
             }
@@ -81,6 +85,9 @@ pub fn run(args: HcmArgs) -> anyhow::Result<()> {
             if let Some(w) = workers {
                 anyhow::ensure!(w > 0, "--workers must be at least 1");
                 cfg.workers = w;
+            }
+            if let Some(b) = io_backend {
+                cfg.io_backend = b;
             }
             let added = state::load_added(&cfg.data_dir)?.len();
             if cfg.hybrid_connections.is_empty() && added == 0 {

@@ -40,6 +40,10 @@ pub struct RelayArgs {
     /// Data-plane workers (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
+    /// Data-plane I/O backend: epoll (default), uring (io_uring/IOCP; built with the `uring`
+    /// feature), or auto (uring if the kernel allows it, else epoll).
+    #[arg(long, value_name = "BACKEND", env = "HYRELAY_IO_BACKEND")]
+    io_backend: Option<crate::dataplane::backend::IoBackend>,
     /// Admin listener: /metrics, /healthz, /readyz, /status and a status page at /.
     #[arg(long, value_name = "IP:PORT")]
     admin: Option<SocketAddr>,
@@ -64,6 +68,9 @@ impl RelayArgs {
         file.hostnames.extend(self.hostnames);
         if self.workers.is_some() {
             file.workers = self.workers;
+        }
+        if self.io_backend.is_some() {
+            file.io_backend = self.io_backend;
         }
         if let Some(a) = self.admin {
             file.admin = Some(a.to_string());

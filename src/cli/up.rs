@@ -31,6 +31,10 @@ pub struct UpArgs {
     /// Keep state here instead of a temporary directory.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Data-plane I/O backend of all three roles: epoll (default), uring or auto. `up`'s
+    /// relay uses TLS, and tunnels with a TLS leg stay on epoll (README "I/O backends").
+    #[arg(long, value_name = "BACKEND", env = "HYRELAY_IO_BACKEND", default_value_t)]
+    io_backend: crate::dataplane::backend::IoBackend,
 }
 
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
@@ -56,6 +60,7 @@ fn run_in(args: &UpArgs, dir: &std::path::Path) -> anyhow::Result<()> {
     };
     let mut rc = RelayConfig::new(args.relay_listen, dir.join("relay"), TlsSetting::SelfSigned { names: vec![] });
     rc.workers = rc.workers.min(2);
+    rc.io_backend = args.io_backend;
     let relay = crate::relay::start(rc).with_context(|| format!("starting the relay on {} (pick another with --relay-listen)", args.relay_listen))?;
     let ca: Vec<PathBuf> = relay.ca_file().map(|p| p.to_path_buf()).into_iter().collect();
     let tls = crate::transport::tls::client_config(&ca)?;
@@ -71,6 +76,7 @@ fn run_in(args: &UpArgs, dir: &std::path::Path) -> anyhow::Result<()> {
     })??;
     let mut hc = HcmConfig::new(dir.join("hcm"));
     hc.workers = 1;
+    hc.io_backend = args.io_backend;
     hc.ca_files = ca.clone();
     hc.hybrid_connections = vec![HcEntry::new(listen_cs.clone(), None)?];
     let hcm = crate::hcm::start(hc)?;
@@ -80,6 +86,7 @@ fn run_in(args: &UpArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         connection_string: send_cs.clone(),
     }]);
     bc.workers = 1;
+    bc.io_backend = args.io_backend;
     bc.ca_files = ca.clone();
     let bridge = crate::bridge::start(bc).with_context(|| format!("starting the bridge on {} (pick another with --bridge-listen)", args.bridge_listen))?;
     let app = bridge.bound()[0].1;

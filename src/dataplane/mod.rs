@@ -6,11 +6,15 @@
 //! `SO_REUSEPORT` on Linux, so the kernel spreads connections; elsewhere worker 0 accepts
 //! and hands sockets round-robin to all workers.
 
+pub mod backend;
 pub mod drain;
+pub mod offload;
 pub mod pool;
 pub mod reframe;
 pub mod splice;
 pub mod stats;
+#[cfg(all(feature = "uring", any(target_os = "linux", windows)))]
+pub mod uring;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -33,6 +37,8 @@ pub struct Workers {
     threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
     stop: CancellationToken,
     next: AtomicUsize,
+    /// The completion backend plain tunnels are handed to, if it was chosen.
+    completion: Option<Arc<offload::Completion>>,
 }
 
 impl std::fmt::Debug for Workers {
@@ -45,6 +51,32 @@ impl Workers {
     /// Starts `count` workers named `{name}-{i}`, sharing a buffer budget of
     /// `buffer_budget` bytes (split evenly).
     pub fn start(name: &str, count: usize, buffer_budget: usize) -> std::io::Result<Arc<Self>> {
+        Self::start_threads(name, count, buffer_budget, None)
+    }
+
+    /// Like [`Workers::start`] with the I/O backend resolved from `backend`. With the
+    /// completion backend, `count` completion workers run the plain-TCP tunnels and the
+    /// budget is split half and half between them and the tokio workers.
+    pub fn start_with(
+        name: &str,
+        count: usize,
+        buffer_budget: usize,
+        backend: backend::IoBackend,
+    ) -> anyhow::Result<Arc<Self>> {
+        if backend::resolve(backend, name)? == backend::Resolved::Epoll {
+            return Ok(Self::start(name, count, buffer_budget)?);
+        }
+        let per_worker = buffer_budget / count.max(1) / 2;
+        let completion = offload::Completion::start(name, count, per_worker)?;
+        Ok(Self::start_threads(name, count, buffer_budget / 2, Some(completion))?)
+    }
+
+    fn start_threads(
+        name: &str,
+        count: usize,
+        buffer_budget: usize,
+        completion: Option<Arc<offload::Completion>>,
+    ) -> std::io::Result<Arc<Self>> {
         let count = count.max(1);
         let stop = CancellationToken::new();
         let mut jobs = Vec::new();
@@ -54,6 +86,7 @@ impl Workers {
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();
             let stop = stop.clone();
             let budget = buffer_budget / count;
+            let completion_here = completion.clone();
             let t = std::thread::Builder::new().name(format!("{name}-{i}")).spawn(move || {
                 let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                     Ok(rt) => rt,
@@ -63,6 +96,7 @@ impl Workers {
                     }
                 };
                 pool::set_budget(budget);
+                offload::install(completion_here);
                 ready_tx.send(Ok(())).ok();
                 let local = tokio::task::LocalSet::new();
                 local.block_on(&rt, async move {
@@ -89,7 +123,13 @@ impl Workers {
             threads: std::sync::Mutex::new(threads),
             stop,
             next: AtomicUsize::new(0),
+            completion,
         }))
+    }
+
+    /// The completion backend's workers, if this set uses them.
+    pub fn completion(&self) -> Option<&Arc<offload::Completion>> {
+        self.completion.as_ref()
     }
 
     pub fn len(&self) -> usize {
@@ -130,6 +170,9 @@ impl Workers {
             if t.thread().id() != me {
                 t.join().ok();
             }
+        }
+        if let Some(c) = &self.completion {
+            c.stop();
         }
     }
 }

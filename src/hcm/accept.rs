@@ -86,8 +86,7 @@ pub(crate) async fn handle(a: Accept, hc: Arc<HcRt>, endpoint: HostPort, ctx: Ar
         max_frame: ctx.cfg.max_frame,
         tcp_side: splice::TcpSide::Endpoint,
     };
-    let active = crate::dataplane::stats::ActiveGuard::new(crate::dataplane::stats::for_hc(&name));
-    let stats = splice::ws_tcp(conn.stream, conn.leftover, tcp, &cfg, &ctx.shutdown, Some(active)).await;
+    let stats = crate::dataplane::offload::ws_tcp(&name, conn.stream, conn.leftover, tcp, &cfg, &ctx.shutdown).await;
     hc.update(|s| s.active_tunnels -= 1);
     tracing::debug!(event = "tunnel_closed", hc = %name, id = %a.id, to_endpoint = stats.to_tcp, from_endpoint = stats.to_ws, end = %stats.end, "tunnel closed");
 }

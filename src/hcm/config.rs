@@ -78,6 +78,8 @@ pub struct HcmConfig {
     /// Memory the data plane may hold in pooled buffers, all workers together. Default:
     /// 64 MiB per worker.
     pub buffer_budget: usize,
+    /// Data-plane I/O backend (`epoll`, `uring`, `auto`). Default: epoll.
+    pub io_backend: crate::dataplane::backend::IoBackend,
     /// Endpoints this hcm may dial (see [`super::allow`] for the syntax). A hybrid
     /// connection whose endpoint is not allowed gets no control channel. Default: empty,
     /// which allows every endpoint (as Microsoft's HCM does).
@@ -106,6 +108,7 @@ impl HcmConfig {
             max_frame: crate::proto::frame::DEFAULT_MAX_FRAME,
             drain_timeout: Duration::from_secs(30),
             buffer_budget: crate::relay::config::default_workers() * crate::dataplane::pool::DEFAULT_BUDGET,
+            io_backend: Default::default(),
             allowed_endpoints: AllowList::default(),
             hybrid_connections: Vec::new(),
             config_file: None,
@@ -125,6 +128,7 @@ impl HcmConfig {
         if let Some(m) = f.buffer_budget_mib {
             c.buffer_budget = crate::config::budget_from_mib(m, c.workers).context("field `buffer_budget_mib`")?;
         }
+        c.io_backend = f.io_backend.unwrap_or_default();
         c.ca_files = f.ca_files;
         c.admin = f.admin.as_deref().map(str::parse).transpose().context("field `admin`: expected IP:PORT")?;
         for (field, slot, v) in [
@@ -172,6 +176,7 @@ pub struct HcmFile {
     pub admin: Option<String>,
     pub workers: Option<usize>,
     pub buffer_budget_mib: Option<usize>,
+    pub io_backend: Option<crate::dataplane::backend::IoBackend>,
     #[serde(default)]
     pub ca_files: Vec<PathBuf>,
     #[serde(default, deserialize_with = "opt_duration")]

@@ -166,7 +166,7 @@ pub fn start(cfg: HcmConfig) -> anyhow::Result<HcmHandle> {
         .map_err(|e| anyhow::anyhow!("creating data directory {}: {e}", cfg.data_dir.display()))?;
     let cfg = Arc::new(cfg);
     let tls = crate::transport::tls::client_config(&cfg.ca_files)?;
-    let workers = Workers::start("hyrelay-hcm", cfg.workers, cfg.buffer_budget)?;
+    let workers = Workers::start_with("hyrelay-hcm", cfg.workers, cfg.buffer_budget, cfg.io_backend)?;
     let shutdown = CancellationToken::new();
     let drain = CancellationToken::new();
     let inflight = crate::dataplane::drain::InFlight::default();

@@ -87,6 +87,8 @@ pub struct RelayConfig {
     /// Memory the data plane may hold in pooled buffers, all workers together. Default:
     /// 64 MiB per worker.
     pub buffer_budget: usize,
+    /// Data-plane I/O backend (`epoll`, `uring`, `auto`). Default: epoll.
+    pub io_backend: crate::dataplane::backend::IoBackend,
 }
 
 impl RelayConfig {
@@ -117,6 +119,7 @@ impl RelayConfig {
             auth_max_delay: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(30),
             buffer_budget: default_workers() * crate::dataplane::pool::DEFAULT_BUDGET,
+            io_backend: Default::default(),
         }
     }
 
@@ -168,6 +171,7 @@ impl RelayConfig {
         if let Some(m) = f.buffer_budget_mib {
             c.buffer_budget = crate::config::budget_from_mib(m, c.workers).context("field `buffer_budget_mib`")?;
         }
+        c.io_backend = f.io_backend.unwrap_or_default();
         let l = f.listeners;
         if let Some(n) = l.max_per_hybrid_connection {
             if n == 0 {
@@ -299,6 +303,7 @@ pub struct RelayFile {
     pub hostnames: Vec<String>,
     pub workers: Option<usize>,
     pub buffer_budget_mib: Option<usize>,
+    pub io_backend: Option<crate::dataplane::backend::IoBackend>,
     #[serde(default)]
     pub tls: TlsFile,
     #[serde(default)]

@@ -215,7 +215,7 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
             Err(e) => tracing::error!(error = %e, "cannot start the control plane runtime"),
         }
     })?;
-    let workers = Workers::start("hyrelay-relay", cfg.workers, cfg.buffer_budget)?;
+    let workers = Workers::start_with("hyrelay-relay", cfg.workers, cfg.buffer_budget, cfg.io_backend)?;
     crate::telemetry::metrics::announce("relay", cfg.workers);
     let totals = Arc::new(crate::telemetry::metrics::Totals::default());
     crate::telemetry::metrics::spawn_worker_flush(&workers, "relay", totals.clone());

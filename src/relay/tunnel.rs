@@ -7,13 +7,16 @@
 //! half-close semantics (one side may keep sending after the other said it is done). A
 //! side that vanishes without a Close gets 1001 sent to the survivor, which then has a few
 //! seconds to answer before both connections are closed.
+//!
+//! With the completion backend and two plain-TCP legs the tunnel runs on a completion
+//! worker instead ([`crate::dataplane::offload`]), with the same rules.
 
 use bytes::BytesMut;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::dataplane::reframe::TunnelStats;
 use crate::dataplane::reframe::RelayTunnel;
-use crate::dataplane::stats;
+use crate::dataplane::{offload, stats};
 use crate::transport::Stream;
 
 /// Relays until both sides have closed, one side failed and the other had its grace, or
@@ -26,6 +29,18 @@ pub async fn run(
     gone: &CancellationToken,
     shutdown: &CancellationToken,
 ) -> TunnelStats {
+    // Both legs plain TCP and the completion backend chosen: the tunnel runs there.
+    let (sender, listener) = match offload::relay(hc, sender, listener, max_frame, gone, shutdown) {
+        Ok(t) => {
+            return t
+                .wait(|| TunnelStats {
+                    end: "the completion worker stopped".into(),
+                    ..Default::default()
+                })
+                .await;
+        }
+        Err(legs) => legs,
+    };
     let active = stats::ActiveGuard::new(stats::for_hc(hc));
     let mut t = RelayTunnel::new(
         (sender.0, &sender.1),

@@ -158,23 +158,55 @@ struct Published {
     last: HcTotal,
 }
 
-/// Starts, on every worker, a task that publishes the worker's counters once a second.
+/// Starts, on every worker, a task that publishes the worker's counters once a second
+/// (and on the completion workers, if the data plane has them).
 pub fn spawn_worker_flush(workers: &Arc<Workers>, role: &'static str, totals: Arc<Totals>) {
-    let on = handle().is_some();
     for i in 0..workers.len() {
         let totals = totals.clone();
-        workers.spawn_on(i, move || flush_loop(role, i, totals, on));
+        workers.spawn_on(i, move || flush_loop(role, i, totals));
     }
+    crate::dataplane::offload::spawn_flush(workers, role, totals);
 }
 
-async fn flush_loop(role: &'static str, worker: usize, totals: Arc<Totals>, metrics_on: bool) {
-    let mut published: HashMap<String, Published> = HashMap::new();
-    let worker_label = worker.to_string();
-    let pool_in_use = gauge!(POOL_IN_USE, "role" => role, "worker" => worker_label.clone());
-    let pool_budget = gauge!(POOL_BUDGET, "role" => role, "worker" => worker_label);
+async fn flush_loop(role: &'static str, worker: usize, totals: Arc<Totals>) {
+    let mut flush = WorkerFlush::new(role, worker, totals);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
+        flush.flush(pool::stats());
+    }
+}
+
+/// Publishes one worker thread's counters: call [`WorkerFlush::flush`] on that thread.
+pub struct WorkerFlush {
+    role: &'static str,
+    worker: usize,
+    totals: Arc<Totals>,
+    metrics_on: bool,
+    published: HashMap<String, Published>,
+    pool_in_use: Gauge,
+    pool_budget: Gauge,
+}
+
+impl WorkerFlush {
+    /// For worker `worker` (its index in [`Totals`] and its `worker` label).
+    pub fn new(role: &'static str, worker: usize, totals: Arc<Totals>) -> Self {
+        let worker_label = worker.to_string();
+        Self {
+            role,
+            worker,
+            totals,
+            metrics_on: handle().is_some(),
+            published: HashMap::new(),
+            pool_in_use: gauge!(POOL_IN_USE, "role" => role, "worker" => worker_label.clone()),
+            pool_budget: gauge!(POOL_BUDGET, "role" => role, "worker" => worker_label),
+        }
+    }
+
+    /// Publishes this thread's counters and the given buffer counters.
+    pub fn flush(&mut self, ps: pool::PoolStats) {
+        let (role, worker, totals, metrics_on) = (self.role, self.worker, &self.totals, self.metrics_on);
+        let published = &mut self.published;
         stats::for_each(|hc, c| {
             let now = HcTotal {
                 bytes_up: c.bytes_up.get(),
@@ -199,9 +231,8 @@ async fn flush_loop(role: &'static str, worker: usize, totals: Arc<Totals>, metr
             p.active.increment((now.active - p.last.active) as f64);
             p.last = now;
         });
-        let ps = pool::stats();
-        pool_in_use.set((ps.in_use * pool::BUF_SIZE) as f64);
-        pool_budget.set((ps.budget * pool::BUF_SIZE) as f64);
+        self.pool_in_use.set((ps.in_use * pool::BUF_SIZE) as f64);
+        self.pool_budget.set((ps.budget * pool::BUF_SIZE) as f64);
     }
 }
 

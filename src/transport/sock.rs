@@ -94,6 +94,15 @@ impl Sock {
         Ok(())
     }
 
+    /// The standard socket, deregistered from the runtime if it was registered.
+    pub fn into_std(self) -> io::Result<std::net::TcpStream> {
+        match self {
+            Sock::Live(t) => t.into_std(),
+            Sock::Parked(s) => Ok(s),
+            Sock::Gone => Err(io::Error::new(io::ErrorKind::NotConnected, "socket is gone")),
+        }
+    }
+
     pub fn peer_addr(&self) -> Option<SocketAddr> {
         match self {
             Sock::Live(t) => t.peer_addr().ok(),

@@ -49,6 +49,23 @@ impl Stream {
         self.sock().peer_addr()
     }
 
+    /// True for plain TCP (no TLS).
+    pub fn is_plain(&self) -> bool {
+        matches!(self, Stream::Plain(_))
+    }
+
+    /// The socket of a plain stream, deregistered from this runtime (for the completion
+    /// backend). A TLS stream is an error: its session state cannot go along.
+    pub fn into_std(self) -> io::Result<std::net::TcpStream> {
+        match self {
+            Stream::Plain(s) => s.into_std(),
+            _ => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a TLS stream cannot leave its runtime",
+            )),
+        }
+    }
+
     /// Ready when a read would make progress without blocking: bytes in the socket, or
     /// plaintext, a close or an error already buffered inside TLS. Lets the data plane wait
     /// for input without holding a buffer.

@@ -1,0 +1,184 @@
+//! Socket halves of the completion backend as poll-style state machines, so the engines
+//! can be written like their epoll twins (one future per tunnel polling both directions).
+//!
+//! An operation, once submitted, owns its buffer until the kernel completes it; its future
+//! is kept across polls and never dropped while the tunnel runs (dropping it would cancel
+//! the operation and could lose bytes already read). Each reader and writer clones the
+//! socket handle (a shared descriptor), so no future borrows the tunnel.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use compio::BufResult;
+use compio::buf::{IntoInner, IoBuf, Slice};
+use compio::driver::BufferRef;
+use compio::io::{AsyncRead, AsyncReadManaged, AsyncWrite};
+use compio::net::TcpStream;
+
+use super::bufs::{Chunk, Out, RingBuf, poll_pool};
+
+type Fut<T> = Pin<Box<dyn Future<Output = T>>>;
+
+enum ReadOp {
+    Idle,
+    /// Waiting for data with no buffer: the kernel picks one from the ring.
+    Managed(Fut<io::Result<Option<BufferRef>>>),
+    /// The ring was empty: waiting for a pool buffer.
+    WaitPool,
+    /// Reading into a buffer we hold.
+    Plain(Fut<BufResult<usize, Slice<Chunk>>>),
+}
+
+/// The read side of a socket.
+pub struct Reader {
+    sock: TcpStream,
+    op: ReadOp,
+}
+
+impl Reader {
+    pub fn new(sock: TcpStream) -> Self {
+        Self { sock, op: ReadOp::Idle }
+    }
+
+    /// Reads more bytes. With `held` set (bytes kept from the last read), reads after them
+    /// into the same buffer; otherwise into a ring buffer picked when data arrives. The
+    /// buffer is in `held` again once this is ready; `Ok(0)` is EOF.
+    pub fn poll_read(&mut self, cx: &mut Context<'_>, held: &mut Option<Chunk>) -> Poll<io::Result<usize>> {
+        loop {
+            match &mut self.op {
+                ReadOp::Idle => match held.take() {
+                    Some(c) => self.start_plain(c),
+                    None => self.start_managed(),
+                },
+                ReadOp::Managed(f) => {
+                    let r = ready!(f.as_mut().poll(cx));
+                    self.op = ReadOp::Idle;
+                    match r {
+                        Ok(Some(b)) => {
+                            let n = b.len();
+                            *held = Some(Chunk::Ring(RingBuf::new(b)));
+                            return Poll::Ready(Ok(n));
+                        }
+                        Ok(None) => return Poll::Ready(Ok(0)),
+                        Err(e) if ring_empty(&e) => self.op = ReadOp::WaitPool,
+                        Err(e) => return Poll::Ready(Err(e)),
+                    }
+                }
+                ReadOp::WaitPool => {
+                    let c = ready!(poll_pool(cx));
+                    self.start_plain(c);
+                }
+                ReadOp::Plain(f) => {
+                    let BufResult(r, slice) = ready!(f.as_mut().poll(cx));
+                    self.op = ReadOp::Idle;
+                    *held = Some(slice.into_inner());
+                    return Poll::Ready(r);
+                }
+            }
+        }
+    }
+
+    fn start_managed(&mut self) {
+        let s = self.sock.clone();
+        self.op = ReadOp::Managed(Box::pin(async move {
+            let mut r = &s;
+            r.read_managed(0).await
+        }));
+    }
+
+    fn start_plain(&mut self, c: Chunk) {
+        let s = self.sock.clone();
+        let at = c.buf_len();
+        let slice = c.slice(at..);
+        self.op = ReadOp::Plain(Box::pin(async move {
+            let mut r = &s;
+            r.read(slice).await
+        }));
+    }
+}
+
+/// The ring had no buffer for a read (`ENOBUFS`).
+fn ring_empty(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::ResourceBusy || e.raw_os_error() == Some(ENOBUFS)
+}
+
+#[cfg(unix)]
+const ENOBUFS: i32 = libc::ENOBUFS;
+#[cfg(not(unix))]
+const ENOBUFS: i32 = 10055; // WSAENOBUFS
+
+/// The write side of a socket.
+pub struct Writer {
+    sock: TcpStream,
+    op: Option<Fut<BufResult<usize, Out>>>,
+    shut: Option<Fut<io::Result<()>>>,
+}
+
+impl Writer {
+    pub fn new(sock: TcpStream) -> Self {
+        Self {
+            sock,
+            op: None,
+            shut: None,
+        }
+    }
+
+    /// Writes all of `out` (taken from the slot while the kernel has it, put back when
+    /// this is ready, whether it succeeded or not).
+    pub fn poll_write_all(&mut self, cx: &mut Context<'_>, out: &mut Option<Out>) -> Poll<io::Result<()>> {
+        loop {
+            if let Some(f) = &mut self.op {
+                let BufResult(r, mut o) = ready!(f.as_mut().poll(cx));
+                self.op = None;
+                let r = match r {
+                    Ok(0) => Err(io::ErrorKind::WriteZero.into()),
+                    Ok(n) if o.advance(n) => Ok(()),
+                    Ok(_) => {
+                        *out = Some(o);
+                        continue;
+                    }
+                    Err(e) => Err(e),
+                };
+                *out = Some(o);
+                return Poll::Ready(r);
+            }
+            let o = out.take().expect("output to write");
+            let s = self.sock.clone();
+            self.op = Some(Box::pin(async move {
+                let mut w = &s;
+                w.write_vectored(o).await
+            }));
+        }
+    }
+
+    /// Shuts down the write side (FIN).
+    pub fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let s = self.sock.clone();
+        let f = self.shut.get_or_insert_with(|| {
+            Box::pin(async move {
+                let mut w = &s;
+                w.shutdown().await
+            })
+        });
+        let r = ready!(f.as_mut().poll(cx));
+        self.shut = None;
+        Poll::Ready(r)
+    }
+
+    /// Shuts down the write side, waiting at most `limit`.
+    pub async fn shutdown_within(&mut self, limit: std::time::Duration) {
+        let _ = compio::time::timeout(limit, std::future::poll_fn(|cx| self.poll_shutdown(cx))).await;
+    }
+}
+
+/// A timer as a boxed future (the runtime's sleep is an `async fn`).
+pub fn sleep(d: std::time::Duration) -> Fut<()> {
+    Box::pin(compio::time::sleep(d))
+}
+
+/// The runtime's handle of a standard socket. Call on the completion worker.
+pub fn adopt(s: std::net::TcpStream) -> io::Result<TcpStream> {
+    TcpStream::from_std(s)
+}

@@ -1,0 +1,272 @@
+//! The completion backend (cargo feature `uring`): io_uring on Linux, IOCP on Windows,
+//! through compio, kept behind this module so no other part of the crate names its types.
+//!
+//! Handshakes, TLS, authentication and control channels stay on the tokio workers. Once a
+//! tunnel is established and all its legs are plain TCP, the tokio side deregisters the
+//! sockets and hands them, with any bytes read past the handshakes, to a completion worker
+//! ([`Completion`]: one thread per data-plane worker, each with its own ring). The tunnel
+//! runs there with the same rules as on epoll ([`relay`] mirrors `dataplane::reframe`,
+//! [`splice`] mirrors `dataplane::splice`) and counts into that thread's counters, which a
+//! flush task publishes like a tokio worker's. The tokio task that handed the tunnel off
+//! waits for its result, so connection caps, drain and logs see it as before. Tunnels with
+//! a TLS leg stay on the epoll engines.
+//!
+//! Buffers: see [`bufs`]. A waiting connection holds no buffer on Linux.
+
+pub mod bufs;
+mod io;
+mod relay;
+mod splice;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+
+use bytes::BytesMut;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use self::io::{Reader, Writer, adopt};
+use super::reframe::TunnelStats;
+use super::splice::{SpliceConfig, SpliceStats};
+use super::stats::{self, ActiveGuard};
+use crate::dataplane::pool::{self, BUF_SIZE};
+
+type Job = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()>>> + Send>;
+
+/// Tunnels started on completion workers in this process (for tests and logs).
+static TUNNELS_RUN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many tunnels have run on completion workers in this process.
+pub fn tunnels_run() -> u64 {
+    TUNNELS_RUN.load(Ordering::Relaxed)
+}
+
+/// Completion worker threads, one runtime and ring each.
+pub struct Completion {
+    jobs: Vec<mpsc::UnboundedSender<Job>>,
+    threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    stop: CancellationToken,
+    next: AtomicUsize,
+}
+
+impl std::fmt::Debug for Completion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Completion").field("count", &self.jobs.len()).finish()
+    }
+}
+
+impl Completion {
+    /// Starts `count` threads named `{name}-uring-{i}` with `budget` bytes of buffers each.
+    pub fn start(name: &str, count: usize, budget: usize) -> std::io::Result<Arc<Self>> {
+        let stop = CancellationToken::new();
+        let (mut jobs, mut threads) = (Vec::new(), Vec::new());
+        for i in 0..count.max(1) {
+            let (tx, rx) = mpsc::unbounded_channel::<Job>();
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+            let stop = stop.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("{name}-uring-{i}"))
+                .spawn(move || run_worker(budget, rx, stop, ready_tx))?;
+            ready_rx
+                .recv()
+                .map_err(|_| std::io::Error::other("completion worker died"))??;
+            jobs.push(tx);
+            threads.push(t);
+        }
+        Ok(Arc::new(Self {
+            jobs,
+            threads: std::sync::Mutex::new(threads),
+            stop,
+            next: AtomicUsize::new(0),
+        }))
+    }
+
+    pub fn len(&self) -> usize {
+        self.jobs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+    }
+
+    /// Runs `make()` on worker `i` and spawns its future there.
+    pub fn spawn_on<F, Fut>(&self, i: usize, make: F)
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + 'static,
+    {
+        let job: Job = Box::new(move || Box::pin(make()));
+        let _ = self.jobs[i % self.jobs.len()].send(job);
+    }
+
+    fn spawn<F, Fut>(&self, make: F)
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + 'static,
+    {
+        self.spawn_on(self.next.fetch_add(1, Ordering::Relaxed), make);
+    }
+
+    /// Stops the threads (dropping their tunnels) and waits for them.
+    pub fn stop(&self) {
+        self.stop.cancel();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in threads {
+            t.join().ok();
+        }
+    }
+
+    /// Relays a joined tunnel whose two legs are plain TCP; resolves with its stats.
+    pub fn relay(&self, t: RelayJob) -> oneshot::Receiver<TunnelStats> {
+        let (tx, rx) = oneshot::channel();
+        self.spawn(move || async move {
+            if let Some(stats) = run_relay(t).await {
+                tx.send(stats).ok();
+            }
+        });
+        rx
+    }
+
+    /// Splices a plain-TCP WebSocket to a TCP connection; resolves with its stats.
+    pub fn splice(&self, s: SpliceJob) -> oneshot::Receiver<SpliceStats> {
+        let (tx, rx) = oneshot::channel();
+        self.spawn(move || async move {
+            if let Some(stats) = run_splice(s).await {
+                tx.send(stats).ok();
+            }
+        });
+        rx
+    }
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// A relay tunnel to run: legs with the bytes read past their handshakes.
+pub struct RelayJob {
+    pub hc: String,
+    pub sender: (std::net::TcpStream, BytesMut),
+    pub listener: (std::net::TcpStream, BytesMut),
+    pub max_frame: u64,
+    pub gone: CancellationToken,
+    pub shutdown: CancellationToken,
+}
+
+/// A splice to run: the WebSocket (with bytes past its handshake) and the TCP connection.
+pub struct SpliceJob {
+    pub hc: String,
+    pub ws: (std::net::TcpStream, BytesMut),
+    pub tcp: std::net::TcpStream,
+    pub cfg: SpliceConfig,
+    pub stop: CancellationToken,
+}
+
+fn leg(s: std::net::TcpStream) -> std::io::Result<(Reader, Writer)> {
+    let s = adopt(s)?;
+    Ok((Reader::new(s.clone()), Writer::new(s)))
+}
+
+async fn run_relay(t: RelayJob) -> Option<TunnelStats> {
+    let legs = leg(t.sender.0).and_then(|s| Ok((s, leg(t.listener.0)?)));
+    let ((sr, sw), (lr, lw)) = match legs {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot move the tunnel to the completion worker");
+            return None;
+        }
+    };
+    TUNNELS_RUN.fetch_add(1, Ordering::Relaxed);
+    let active = ActiveGuard::new(stats::for_hc(&t.hc));
+    let mut tunnel = relay::RelayTunnel::new(
+        (relay::Leg { r: sr, w: sw }, &t.sender.1),
+        (relay::Leg { r: lr, w: lw }, &t.listener.1),
+        t.max_frame,
+        &t.gone,
+        &t.shutdown,
+        active,
+    );
+    (&mut tunnel).await;
+    Some(tunnel.shutdown_legs().await)
+}
+
+async fn run_splice(s: SpliceJob) -> Option<SpliceStats> {
+    let legs = leg(s.ws.0).and_then(|w| Ok((w, leg(s.tcp)?)));
+    let ((wr, ww), tcp) = match legs {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot move the tunnel to the completion worker");
+            return None;
+        }
+    };
+    TUNNELS_RUN.fetch_add(1, Ordering::Relaxed);
+    let active = ActiveGuard::new(stats::for_hc(&s.hc));
+    let mut sp = splice::Splice::new((wr, ww, &s.ws.1), tcp, &s.cfg, &s.stop, active);
+    let stats = (&mut sp).await;
+    sp.ws_w.shutdown_within(std::time::Duration::from_secs(2)).await;
+    Some(stats)
+}
+
+/// Body of a completion worker thread.
+fn run_worker(
+    budget: usize,
+    mut rx: mpsc::UnboundedReceiver<Job>,
+    stop: CancellationToken,
+    ready: std::sync::mpsc::Sender<std::io::Result<()>>,
+) {
+    let ring = bufs::ring_size(budget);
+    let rt = match build_runtime(ring) {
+        Ok(rt) => rt,
+        Err(e) => {
+            ready.send(Err(e)).ok();
+            return;
+        }
+    };
+    pool::set_budget(budget.saturating_sub(ring * BUF_SIZE));
+    bufs::set_ring_len(ring);
+    ready.send(Ok(())).ok();
+    rt.block_on(async move {
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                job = rx.recv() => match job {
+                    Some(job) => compio::runtime::spawn(job()).detach(),
+                    None => break,
+                },
+            }
+        }
+    });
+    // Dropping the runtime drops every task still on this worker.
+}
+
+fn build_runtime(ring: usize) -> std::io::Result<compio::runtime::Runtime> {
+    let mut pb = compio::driver::ProactorBuilder::new();
+    let ring = std::num::NonZero::new(ring.min(1 << 15) as u16).unwrap_or(std::num::NonZero::<u16>::MIN);
+    pb.buffer_pool_size(ring).buffer_pool_buffer_len(BUF_SIZE);
+    compio::runtime::RuntimeBuilder::new().with_proactor(pb).build()
+}
+
+/// Calls `flush` every second (a completion worker's counter flush).
+pub async fn flush_every_second(mut flush: impl FnMut()) {
+    loop {
+        compio::time::sleep(std::time::Duration::from_secs(1)).await;
+        flush();
+    }
+}
+
+/// Buffers of this completion worker in use and allowed, as a pool's counters.
+pub fn buffer_stats() -> pool::PoolStats {
+    let p = pool::stats();
+    pool::PoolStats {
+        in_use: p.in_use + bufs::ring_in_use(),
+        high_water: p.high_water,
+        budget: p.budget + bufs::ring_len(),
+        reserve: p.reserve,
+    }
+}

@@ -1,0 +1,300 @@
+//! The end-to-end scenarios on the completion backend (`cargo test --features uring --test
+//! uring`): plain ws:// relay, so every tunnel's legs are plain TCP and run on io_uring.
+//! Each test checks that its tunnels really ran there.
+#![cfg(all(feature = "uring", target_os = "linux"))]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use hyrelay::client;
+use hyrelay::dataplane::backend::IoBackend;
+use hyrelay::dataplane::uring;
+use hyrelay::proto::frame::{self, OpCode, Role};
+use hyrelay::transport::ws::{self, Message, WsReader, WsUrl};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A plain-ws relay with `backend`; hcm and bridge on `backend` too.
+fn rig() -> Rig {
+    Rig::with(false, |c| c.io_backend = IoBackend::Uring)
+}
+
+fn hcm(rig: &Rig, cs: &hyrelay::proto::connstr::ConnectionString) -> hyrelay::hcm::HcmHandle {
+    let mut c = rig.hcm_config(vec![hyrelay::hcm::config::HcEntry::new(cs.clone(), None).unwrap()]);
+    c.io_backend = IoBackend::Uring;
+    hyrelay::hcm::start(c).unwrap()
+}
+
+fn bridge(rig: &Rig, hc: &str, cs: &hyrelay::proto::connstr::ConnectionString) -> hyrelay::bridge::BridgeHandle {
+    let mut c = rig.bridge_config(hc, cs);
+    c.io_backend = IoBackend::Uring;
+    hyrelay::bridge::start(c).unwrap()
+}
+
+/// A chain bridge → relay → hcm → `endpoint`, all on the completion backend.
+async fn chain(
+    rig: &Rig,
+    name: &str,
+    endpoint: std::net::SocketAddr,
+) -> (hyrelay::hcm::HcmHandle, hyrelay::bridge::BridgeHandle) {
+    rig.create(name, endpoint).await;
+    let h = hcm(rig, &rig.listen_cs(name).await);
+    rig.wait_listeners(name, 1).await;
+    let b = bridge(rig, name, &rig.send_cs(name).await);
+    (h, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn byte_exact_round_trips() {
+    let rig = rig();
+    let (_h, b) = chain(&rig, "echo", echo()).await;
+    let addr = b.addr_of("echo").unwrap();
+    let before = uring::tunnels_run();
+    for (i, len) in [0usize, 1, 65535, 65536, 65537, 16 << 20].into_iter().enumerate() {
+        let data = payload(len, i as u64);
+        let back = round_trip(addr, &data).await.unwrap();
+        assert_eq!(back.len(), data.len(), "length for {len}");
+        assert!(back == data, "bytes differ for {len}");
+    }
+    // Each round trip is three tunnels: bridge splice, relay, hcm splice.
+    assert!(uring::tunnels_run() - before >= 18, "tunnels ran on io_uring");
+}
+
+/// An endpoint that greets, closes its sending side at once, and reports what it later
+/// receives.
+fn greeter() -> (std::net::SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::from_std(l).unwrap();
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    s.write_all(b"hello from the endpoint").await.unwrap();
+                    s.shutdown().await.unwrap();
+                    let mut got = Vec::new();
+                    s.read_to_end(&mut got).await.unwrap();
+                    tx.send(got).ok();
+                });
+            }
+        });
+    });
+    (addr, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_from_either_side() {
+    let rig = rig();
+    let (ep, mut received) = greeter();
+    let (_h, b) = chain(&rig, "greet", ep).await;
+    let before = uring::tunnels_run();
+    let mut s = tokio::net::TcpStream::connect(b.addr_of("greet").unwrap())
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, b"hello from the endpoint");
+    let late = payload(200_000, 7);
+    s.write_all(&late).await.unwrap();
+    s.shutdown().await.unwrap();
+    let arrived = tokio::time::timeout(Duration::from_secs(10), received.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(arrived == late, "late bytes after the endpoint's half-close");
+    assert!(uring::tunnels_run() - before >= 3);
+
+    let (_h2, b2) = chain(&rig, "echo2", echo()).await;
+    let data = payload(300_000, 9);
+    assert!(round_trip(b2.addr_of("echo2").unwrap(), &data).await.unwrap() == data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_connections() {
+    let rig = rig();
+    let (_h, b) = chain(&rig, "many", echo()).await;
+    let addr = b.addr_of("many").unwrap();
+    let before = uring::tunnels_run();
+    let tasks: Vec<_> = (0..200u64)
+        .map(|i| {
+            tokio::spawn(async move {
+                let data = payload(16 * 1024 + i as usize, i);
+                let back = round_trip(addr, &data).await.expect("round trip");
+                back == data
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        ok += t.await.unwrap() as usize;
+    }
+    assert_eq!(ok, 200);
+    assert!(uring::tunnels_run() - before >= 600);
+}
+
+type Reader = WsReader<tokio::io::ReadHalf<hyrelay::transport::Stream>>;
+type Writer = tokio::io::WriteHalf<hyrelay::transport::Stream>;
+
+/// A sender and a listener joined through the relay by hand: (sender, listener) halves.
+async fn joined(rig: &Rig, hc: &str) -> ((Reader, Writer), (Reader, Writer), (Reader, Writer)) {
+    rig.create(hc, echo()).await;
+    let cs = rig.listen_cs(hc).await;
+    let token = client::token(&cs, hc, Duration::from_secs(600));
+    let url = client::hc_url(&cs, hc, "listen", "raw");
+    let c = ws::connect(
+        &url,
+        None,
+        &[("ServiceBusAuthorization", &token)],
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let (cr, cw) = tokio::io::split(c.stream);
+    let mut control = WsReader::new(cr, c.leftover, Role::Client, 1 << 20);
+    rig.wait_listeners(hc, 1).await;
+    let scs = rig.send_cs(hc).await;
+    let stoken = client::token(&scs, hc, Duration::from_secs(600));
+    let surl = client::hc_url(&scs, hc, "connect", "s");
+    let sheaders = [("ServiceBusAuthorization", stoken.as_str())];
+    let (s, l) = tokio::join!(ws::connect(&surl, None, &sheaders, Duration::from_secs(20)), async {
+        let a = loop {
+            let m = control.next_message(1 << 16).await.unwrap().unwrap();
+            if let Message::Text(t) = m
+                && let hyrelay::proto::control::Command::Accept(a) = hyrelay::proto::control::decode(&t).unwrap()
+            {
+                break a;
+            }
+        };
+        ws::connect(&WsUrl::parse(&a.address).unwrap(), None, &[], Duration::from_secs(10))
+            .await
+            .unwrap()
+    });
+    let s = s.unwrap();
+    let split = |c: ws::ClientWs| {
+        let (r, w) = tokio::io::split(c.stream);
+        (WsReader::new(r, c.leftover, Role::Client, 1 << 20), w)
+    };
+    (split(s), split(l), (control, cw))
+}
+
+async fn send(w: &mut Writer, opcode: OpCode, payload: &[u8]) {
+    w.write_all(&frame::encode_frame(true, opcode, Some(rand_key()), payload))
+        .await
+        .unwrap();
+    w.flush().await.unwrap();
+}
+
+fn rand_key() -> [u8; 4] {
+    [7, 1, 9, 3]
+}
+
+async fn next(r: &mut Reader) -> Option<Message> {
+    tokio::time::timeout(Duration::from_secs(10), r.next_message(1 << 20))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_tunnel_forwards_close_and_half_close() {
+    let rig = rig();
+    let before = uring::tunnels_run();
+    let ((mut sr, mut sw), (mut lr, mut lw), _control) = joined(&rig, "closes").await;
+    send(&mut sw, OpCode::Binary, b"hi").await;
+    assert_eq!(
+        next(&mut lr).await,
+        Some(Message::Binary(bytes::Bytes::from_static(b"hi")))
+    );
+    // The sender's Close reaches the listener; the listener may still send afterwards.
+    send(&mut sw, OpCode::Close, &frame::close_payload(1000, "bye")).await;
+    match next(&mut lr).await {
+        Some(Message::Close(c)) => assert_eq!((c.code, c.reason.as_str()), (Some(1000), "bye")),
+        other => panic!("expected the sender's Close, got {other:?}"),
+    }
+    send(&mut lw, OpCode::Binary, b"late").await;
+    assert_eq!(
+        next(&mut sr).await,
+        Some(Message::Binary(bytes::Bytes::from_static(b"late")))
+    );
+    send(&mut lw, OpCode::Close, &frame::close_payload(1000, "")).await;
+    match next(&mut sr).await {
+        Some(Message::Close(c)) => assert_eq!(c.code, Some(1000)),
+        other => panic!("expected the listener's Close, got {other:?}"),
+    }
+    // Then both connections end (FIN).
+    assert_eq!(next(&mut sr).await, None);
+    assert_eq!(next(&mut lr).await, None);
+    assert!(uring::tunnels_run() > before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_sends_1001_when_a_side_vanishes() {
+    let rig = rig();
+    let ((mut sr, _sw), (lr, lw), _control) = joined(&rig, "vanish").await;
+    drop((lr, lw));
+    match next(&mut sr).await {
+        Some(Message::Close(c)) => assert_eq!(c.code, Some(1001)),
+        other => panic!("expected Close(1001), got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_cuts_an_oversized_frame_with_1009() {
+    let rig = Rig::with(false, |c| {
+        c.io_backend = IoBackend::Uring;
+        c.max_frame = 4096;
+    });
+    let ((mut sr, mut sw), (mut lr, _lw), _control) = joined(&rig, "big").await;
+    send(&mut sw, OpCode::Binary, &vec![1u8; 5000]).await;
+    // The listener hears 1001 (the sender broke the protocol), the sender 1009.
+    let m = next(&mut lr).await;
+    assert!(matches!(&m, Some(Message::Close(c)) if c.code == Some(1001)), "{m:?}");
+    let m = next(&mut sr).await;
+    assert!(matches!(&m, Some(Message::Close(c)) if c.code == Some(1009)), "{m:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_relay_keeps_tunnels_on_epoll() {
+    let rig = Rig::with(true, |c| c.io_backend = IoBackend::Uring);
+    rig.create("tls", echo()).await;
+    let mut hc = rig.hcm_config(vec![
+        hyrelay::hcm::config::HcEntry::new(rig.listen_cs("tls").await, None).unwrap(),
+    ]);
+    hc.io_backend = IoBackend::Uring;
+    let _h = hyrelay::hcm::start(hc).unwrap();
+    rig.wait_listeners("tls", 1).await;
+    let mut bc = rig.bridge_config("tls", &rig.send_cs("tls").await);
+    bc.io_backend = IoBackend::Uring;
+    let b = hyrelay::bridge::start(bc).unwrap();
+    let before = uring::tunnels_run();
+    let data = payload(100_000, 3);
+    assert!(round_trip(b.addr_of("tls").unwrap(), &data).await.unwrap() == data);
+    assert_eq!(uring::tunnels_run(), before, "TLS legs stay on epoll");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uring_falls_back_or_refuses_as_configured() {
+    // On this machine io_uring works (the probe says so); `auto` picks it.
+    assert!(
+        hyrelay::dataplane::backend::probe().is_ok(),
+        "io_uring is available to the test"
+    );
+    let w = hyrelay::dataplane::Workers::start_with("t", 1, 1 << 20, IoBackend::Auto).unwrap();
+    assert!(w.completion().is_some());
+    w.stop();
+    let w = hyrelay::dataplane::Workers::start_with("t", 1, 1 << 20, IoBackend::Epoll).unwrap();
+    assert!(w.completion().is_none());
+    w.stop();
+}
