@@ -408,7 +408,7 @@ fn resolve_endpoints(
 
 /// One app connection: open the sender WebSocket and splice.
 async fn serve(tcp: TcpStream, peer: SocketAddr, fw: Arc<ForwardRt>, ctx: Arc<BridgeCtx>) {
-    let _inflight = ctx.inflight.enter();
+    let inflight = ctx.inflight.enter();
     crate::transport::sock::tune(&tcp);
     let cs = fw.connection_string();
     metrics::counter!(crate::telemetry::metrics::BRIDGE_LOCAL_CONNECTIONS, "hc" => fw.hc.clone()).increment(1);
@@ -445,6 +445,9 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, fw: Arc<ForwardRt>, ctx: Arc<Br
         max_frame: ctx.cfg.max_frame,
         tcp_side: splice::TcpSide::App,
     };
-    let stats = crate::dataplane::offload::ws_tcp(hc, conn.stream, conn.leftover, tcp, &cfg, &ctx.shutdown).await;
-    tracing::debug!(event = "tunnel_closed", hc, %peer, to_app = stats.to_tcp, from_app = stats.to_ws, end = %stats.end, "tunnel closed");
+    let name: Arc<str> = hc.into();
+    let done = move |stats: splice::SpliceStats| {
+        tracing::debug!(event = "tunnel_closed", hc = %name, %peer, to_app = stats.to_tcp, from_app = stats.to_ws, end = %stats.end, "tunnel closed");
+    };
+    crate::dataplane::offload::spawn_ws_tcp(hc, conn.stream, conn.leftover, tcp, &cfg, &ctx.shutdown, inflight, done);
 }

@@ -196,3 +196,31 @@ pub async fn ws_tcp(
         }
     }
 }
+
+/// Like [`ws_tcp`], but on a task of its own that holds only the tunnel and `keep`, so the
+/// caller's handshake state is freed; `done` runs with the stats when the tunnel ends.
+#[allow(clippy::too_many_arguments)]
+pub fn spawn_ws_tcp<K: 'static>(
+    hc: &str,
+    ws: Stream,
+    leftover: BytesMut,
+    tcp: tokio::net::TcpStream,
+    cfg: &SpliceConfig,
+    stop: &CancellationToken,
+    keep: K,
+    done: impl FnOnce(SpliceStats) + 'static,
+) {
+    match splice(hc, (ws, leftover), tcp, cfg, stop) {
+        Ok(t) => {
+            tokio::task::spawn_local(async move {
+                let _keep = keep;
+                let lost = || SpliceStats { end: "the completion worker stopped".into(), ..Default::default() };
+                done(t.wait(lost).await);
+            });
+        }
+        Err(((ws, leftover), tcp)) => {
+            let active = super::stats::ActiveGuard::new(super::stats::for_hc(hc));
+            super::splice::spawn(ws, leftover, tcp, cfg, stop, Some(active), keep, done);
+        }
+    }
+}

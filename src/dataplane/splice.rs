@@ -99,9 +99,37 @@ pub async fn ws_tcp(
     active: Option<ActiveGuard>,
 ) -> SpliceStats {
     let mut s = Splice::new(ws, &leftover, tcp, cfg, stop, active);
+    drop(leftover);
     let stats = (&mut s).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), tokio::io::AsyncWriteExt::shutdown(&mut s.ws)).await;
     stats
+}
+
+/// Starts the splice on a task of its own, on this worker, and returns at once.
+///
+/// The task holds only the two connections, the engine and `keep` (guards that must live
+/// as long as the tunnel), so whatever led here (handshake buffers, headers) is freed.
+/// `done` runs with the result when the tunnel has ended and the WebSocket is closed.
+#[allow(clippy::too_many_arguments)]
+pub fn spawn<K: 'static>(
+    ws: Stream,
+    leftover: BytesMut,
+    tcp: TcpStream,
+    cfg: &SpliceConfig,
+    stop: &CancellationToken,
+    active: Option<ActiveGuard>,
+    keep: K,
+    done: impl FnOnce(SpliceStats) + 'static,
+) {
+    let mut s = Splice::new(ws, &leftover, tcp, cfg, stop, active);
+    drop(leftover);
+    tokio::task::spawn_local(async move {
+        let _keep = keep;
+        let stats = (&mut s).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), tokio::io::AsyncWriteExt::shutdown(&mut s.ws)).await;
+        drop(s);
+        done(stats);
+    });
 }
 
 /// Control work handed from the reading side to the writing side.

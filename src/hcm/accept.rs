@@ -16,7 +16,7 @@ use crate::transport::ws::{self, ConnectError, WsUrl};
 
 /// Serves one `accept` to the end of its tunnel.
 pub(crate) async fn handle(a: Accept, hc: Arc<HcRt>, endpoint: HostPort, ctx: Arc<HcmCtx>) {
-    let _inflight = ctx.inflight.enter();
+    let inflight = ctx.inflight.enter();
     let name = hc.entry.name().to_owned();
     hc.update(|s| s.accepts += 1);
     metrics::counter!(crate::telemetry::metrics::HCM_ACCEPTS, "hc" => name.clone()).increment(1);
@@ -86,9 +86,17 @@ pub(crate) async fn handle(a: Accept, hc: Arc<HcRt>, endpoint: HostPort, ctx: Ar
         max_frame: ctx.cfg.max_frame,
         tcp_side: splice::TcpSide::Endpoint,
     };
-    let stats = crate::dataplane::offload::ws_tcp(&name, conn.stream, conn.leftover, tcp, &cfg, &ctx.shutdown).await;
-    hc.update(|s| s.active_tunnels -= 1);
-    tracing::debug!(event = "tunnel_closed", hc = %name, id = %a.id, to_endpoint = stats.to_tcp, from_endpoint = stats.to_ws, end = %stats.end, "tunnel closed");
+    let id = a.id;
+    let stream = conn.stream;
+    let leftover = conn.leftover;
+    let done = {
+        let (hc, name) = (hc.clone(), name.clone());
+        move |stats: splice::SpliceStats| {
+            hc.update(|s| s.active_tunnels -= 1);
+            tracing::debug!(event = "tunnel_closed", hc = %name, id = %id, to_endpoint = stats.to_tcp, from_endpoint = stats.to_ws, end = %stats.end, "tunnel closed");
+        }
+    };
+    crate::dataplane::offload::spawn_ws_tcp(&name, stream, leftover, tcp, &cfg, &ctx.shutdown, inflight, done);
 }
 
 fn record_dial(hc: &HcRt, ok: bool, millis: u64, detail: String) {

@@ -74,7 +74,9 @@ pub struct RelayConfig {
     pub max_control_message: usize,
     /// Open connections, all kinds together; more are closed at accept. Default: 100 000.
     pub max_connections: usize,
-    /// Open connections from one source IP. Default: 1 000.
+    /// Open connections from one source IP. A busy bridge or hcm host legitimately holds
+    /// one connection per tunnel (both, if they share an address: two), so this is high.
+    /// Default: 20 000.
     pub max_connections_per_ip: usize,
     /// Connections still in TLS, the HTTP head or authentication. Default: 2 000.
     pub max_unauthenticated: usize,
@@ -112,7 +114,7 @@ impl RelayConfig {
             max_frame: crate::proto::frame::DEFAULT_MAX_FRAME,
             max_control_message: crate::proto::control::MAX_CONTROL_MESSAGE,
             max_connections: 100_000,
-            max_connections_per_ip: 1_000,
+            max_connections_per_ip: 20_000,
             max_unauthenticated: 2_000,
             auth_failures_before_delay: 5,
             auth_failure_window: Duration::from_secs(60),

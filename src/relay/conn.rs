@@ -14,7 +14,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::Ctx;
-use super::limits::AuthPending;
+use super::limits::{AuthPending, ConnSlot};
 use crate::proto::address::{self, Action, Target};
 use crate::proto::handshake::{self, HandshakeError, RequestHead};
 use crate::transport::Stream;
@@ -24,13 +24,13 @@ use crate::transport::ws::{HeadError, read_request_head};
 /// Serves one connection to completion.
 pub(crate) async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
     // Over a cap: close at once (no TLS, no response); the refusal is logged rate-limited.
-    let Ok((_slot, pending)) = ctx.admission.admit(peer.ip()) else {
+    let Ok((slot, pending)) = ctx.admission.admit(peer.ip()) else {
         return;
     };
-    handshake_and_route(tcp, peer, pending, ctx).await;
+    handshake_and_route(tcp, peer, slot, pending, ctx).await;
 }
 
-async fn handshake_and_route(tcp: TcpStream, peer: SocketAddr, pending: AuthPending, ctx: Arc<Ctx>) {
+async fn handshake_and_route(tcp: TcpStream, peer: SocketAddr, slot: ConnSlot, pending: AuthPending, ctx: Arc<Ctx>) {
     tune(&tcp);
     let deadline = tokio::time::Instant::now() + ctx.cfg.handshake_timeout;
     let mut stream = match &ctx.tls {
@@ -72,6 +72,7 @@ async fn handshake_and_route(tcp: TcpStream, peer: SocketAddr, pending: AuthPend
         buf,
         head,
         peer,
+        slot,
         pending,
     };
     route(stream, inc, ctx).await;
@@ -83,6 +84,8 @@ pub(crate) struct Incoming {
     pub buf: BytesMut,
     pub head: RequestHead,
     pub peer: SocketAddr,
+    /// Counts the connection while it lives; moves with it into a tunnel.
+    pub slot: ConnSlot,
     /// Counts the connection as unauthenticated until the handler calls `done()`.
     pub pending: AuthPending,
 }

@@ -107,6 +107,8 @@ pub struct Leg {
     pub protocol: Option<String>,
     /// The listener's `Sec-WebSocket-Key`, for its 101.
     pub key: String,
+    /// The leg's connection count, kept while the tunnel runs.
+    pub slot: super::limits::ConnSlot,
 }
 
 /// Why the plane said no.

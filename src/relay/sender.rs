@@ -110,9 +110,9 @@ pub(super) async fn serve_connect(mut stream: Stream, mut inc: Incoming, req: Hc
             count_connect(&ctx, Some(&entity_name), "accepted", "");
             metrics::histogram!(crate::telemetry::metrics::RELAY_RENDEZVOUS_SECONDS, "hc" => entity_name.clone())
                 .record(dispatched.elapsed().as_secs_f64());
-            let _load = Counted::new(&pending.listener_load);
-            let _tunnels = Counted::new(&pending.entity_tunnels);
-            join(stream, buf, upgrade.key, leg, &entity_name, peer, &pending.entity_gone, &ctx).await;
+            let counted = (Counted::new(&pending.listener_load), Counted::new(&pending.entity_tunnels));
+            let sender = Sender { stream, buf, key: upgrade.key, slot: inc.slot, peer };
+            join(sender, leg, &entity_name, counted, &pending.entity_gone, &ctx).await;
         }
         Ok(Ok(Outcome::Rejected { status, description })) => {
             count_connect(&ctx, Some(&entity_name), "rejected", &format!("{status} {description}"));
@@ -160,56 +160,64 @@ async fn sender_gone(stream: &mut Stream, buf: &mut BytesMut) {
 }
 
 /// Increments a counter for as long as it lives.
-struct Counted<'a>(&'a std::sync::atomic::AtomicUsize);
+struct Counted(Arc<std::sync::atomic::AtomicUsize>);
 
-impl<'a> Counted<'a> {
-    fn new(c: &'a std::sync::atomic::AtomicUsize) -> Self {
+impl Counted {
+    fn new(c: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
         c.fetch_add(1, Ordering::Relaxed);
-        Self(c)
+        Self(c.clone())
     }
 }
 
-impl Drop for Counted<'_> {
+impl Drop for Counted {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The sender's side of a tunnel about to be joined.
+struct Sender {
+    stream: Stream,
+    buf: BytesMut,
+    key: String,
+    slot: super::limits::ConnSlot,
+    peer: SocketAddr,
+}
+
+/// Answers both upgrades and starts the tunnel on this worker.
 async fn join(
-    mut sender: Stream,
-    sender_buf: BytesMut,
-    sender_key: String,
+    mut sender: Sender,
     mut leg: Leg,
     entity: &str,
-    peer: SocketAddr,
+    counted: (Counted, Counted),
     gone: &tokio_util::sync::CancellationToken,
     ctx: &Ctx,
 ) {
+    let peer = sender.peer;
     if let Err(e) = leg.stream.unpark() {
         tracing::warn!(error = %e, "cannot move the listener's leg to this worker");
-        return respond(&mut sender, 502, "The listener's connection was lost.", "").await;
+        return respond(&mut sender.stream, 502, "The listener's connection was lost.", "").await;
     }
     let protocol = leg.protocol.as_deref();
     if let Err(e) = write_flush(&mut leg.stream, &handshake::switching_protocols(&leg.key, protocol)).await {
         tracing::info!(hc = %entity, error = %e, "listener's rendezvous connection failed");
-        return respond(&mut sender, 502, "The listener's connection was lost.", "").await;
+        return respond(&mut sender.stream, 502, "The listener's connection was lost.", "").await;
     }
-    if let Err(e) = write_flush(&mut sender, &handshake::switching_protocols(&sender_key, protocol)).await {
+    if let Err(e) = write_flush(&mut sender.stream, &handshake::switching_protocols(&sender.key, protocol)).await {
         tracing::debug!(hc = %entity, %peer, error = %e, "sender went away during the upgrade");
         return;
     }
     tracing::debug!(event = "tunnel_open", hc = %entity, %peer, "tunnel open");
-    let stats = super::tunnel::run(
+    super::tunnel::spawn(
         entity,
-        (sender, sender_buf),
+        peer,
+        (sender.stream, sender.buf),
         (leg.stream, leg.leftover),
         ctx.cfg.max_frame,
         gone,
         &ctx.shutdown,
-    )
-    .await;
-    tracing::debug!(event = "tunnel_closed", hc = %entity, %peer, up = stats.up, down = stats.down, end = %stats.end, "tunnel closed");
+        (sender.slot, leg.slot, counted),
+    );
 }
 
 /// Handles `sb-hc-action=accept` (and its reject form).
@@ -251,6 +259,7 @@ pub(super) async fn serve_accept(mut stream: Stream, mut inc: Incoming, req: HcR
         leftover: inc.buf,
         protocol: upgrade.protocols.into_iter().next(),
         key: upgrade.key,
+        slot: inc.slot,
     };
     if let Err(Outcome::Accepted(mut leg)) = tx.send(Outcome::Accepted(leg))
         && leg.stream.unpark().is_ok()

@@ -11,33 +11,44 @@
 //! With the completion backend and two plain-TCP legs the tunnel runs on a completion
 //! worker instead ([`crate::dataplane::offload`]), with the same rules.
 
+use std::net::SocketAddr;
+
 use bytes::BytesMut;
 use tokio_util::sync::CancellationToken;
 
-pub use crate::dataplane::reframe::TunnelStats;
-use crate::dataplane::reframe::RelayTunnel;
+use crate::dataplane::reframe::{RelayTunnel, TunnelStats};
 use crate::dataplane::{offload, stats};
 use crate::transport::Stream;
 
-/// Relays until both sides have closed, one side failed and the other had its grace, or
-/// `gone`/`shutdown` fires. Counts into the worker's counters for hybrid connection `hc`.
-pub async fn run(
+/// Starts relaying on a task of its own, on this worker, and returns at once.
+///
+/// The task holds only the two connections and `keep` (connection slots, load counters),
+/// so the memory of the handshake that led here is freed. It relays until both sides have
+/// closed, one side failed and the other had its grace, or `gone`/`shutdown` fires, and
+/// counts into the worker's counters for hybrid connection `hc`.
+pub fn spawn<K: 'static>(
     hc: &str,
+    peer: SocketAddr,
     sender: (Stream, BytesMut),
     listener: (Stream, BytesMut),
     max_frame: u64,
     gone: &CancellationToken,
     shutdown: &CancellationToken,
-) -> TunnelStats {
+    keep: K,
+) {
+    let hc_name: std::sync::Arc<str> = hc.into();
+    let log_end = move |s: TunnelStats| {
+        tracing::debug!(event = "tunnel_closed", hc = %hc_name, %peer, up = s.up, down = s.down, end = %s.end, "tunnel closed");
+    };
     // Both legs plain TCP and the completion backend chosen: the tunnel runs there.
     let (sender, listener) = match offload::relay(hc, sender, listener, max_frame, gone, shutdown) {
         Ok(t) => {
-            return t
-                .wait(|| TunnelStats {
-                    end: "the completion worker stopped".into(),
-                    ..Default::default()
-                })
-                .await;
+            tokio::task::spawn_local(async move {
+                let _keep = keep;
+                let lost = || TunnelStats { end: "the completion worker stopped".into(), ..Default::default() };
+                log_end(t.wait(lost).await);
+            });
+            return;
         }
         Err(legs) => legs,
     };
@@ -50,6 +61,10 @@ pub async fn run(
         shutdown,
         Some(active),
     );
-    (&mut t).await;
-    t.shutdown_legs().await
+    drop((sender.1, listener.1));
+    tokio::task::spawn_local(async move {
+        let _keep = keep;
+        (&mut t).await;
+        log_end(t.shutdown_legs().await);
+    });
 }
