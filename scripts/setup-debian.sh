@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Debian packages the tests use: sslscan (TLS versions and ciphers), slowhttptest
-# (slowloris) and chromium (the status page in a real browser). Idempotent: apt-get runs only when a package is missing.
+# (slowloris), chromium (the status page in a real browser), and iproute2 (ip netns, veth,
+# tc tbf) and nftables (drop/reject rules) for the fault tests in namespaces
+# (tests/faults.rs). Idempotent: apt-get runs only when a package is missing.
 # Without root (or apt-get) it only reports; the tests that need a tool then fail with
 # a message naming it.
 set -euo pipefail
 
-packages=(sslscan slowhttptest chromium)
+packages=(sslscan slowhttptest chromium iproute2 nftables)
 missing=()
 for p in "${packages[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 # Microsoft's hyco-ws client for the compatibility tests (npm registry).
 scripts/setup-node.sh
 scripts/setup-python.sh
-# sslscan and slowhttptest for tests/security.rs (Debian packages).
+# Debian packages: sslscan and slowhttptest for tests/security.rs, iproute2 and nftables
+# for the fault tests in network namespaces (tests/faults.rs).
 scripts/setup-debian.sh
 
 cargo test --locked --all-targets
