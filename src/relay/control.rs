@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::config::{Balance, RelayConfig};
-use super::store::{Entity, State, Store, StoreError};
+use super::store::{Entity, SharedState, State, Store, StoreError};
 use crate::proto::address::RENDEZVOUS_PARAM;
 use crate::proto::control::Accept;
 use crate::proto::sas::URI_COMPONENT;
@@ -190,93 +190,66 @@ pub enum MgmtReply {
     Deleted,
 }
 
-/// Messages from workers.
+/// Messages from workers to the plane thread: changes of the persistent state.
 #[derive(Debug)]
 pub enum Request {
-    Register {
-        entity: String,
-        info: ListenerInfo,
-        reply: oneshot::Sender<Result<Registration, Refusal>>,
-    },
-    Unregister {
-        entity: String,
-        key: u64,
-    },
-    Connect {
-        req: ConnectReq,
-        reply: oneshot::Sender<Result<Connecting, Refusal>>,
-    },
-    Rendezvous {
-        secret: String,
-        reply: oneshot::Sender<Option<oneshot::Sender<Outcome>>>,
-    },
-    Cancel {
-        secret: String,
-    },
     Manage {
         op: MgmtOp,
         reply: oneshot::Sender<Result<MgmtReply, StoreError>>,
     },
-    /// A sender connect finished (for status).
-    RecordConnect {
-        entity: String,
-        record: ConnectRecord,
-    },
 }
 
-/// Cloneable handle to the control plane.
+/// Cloneable handle to the control plane. Registry operations (register, connect,
+/// rendezvous, …) run on the calling worker under a short lock; management goes to the
+/// plane thread, which owns the store.
 #[derive(Debug, Clone)]
-pub struct Ctl(mpsc::Sender<Request>);
+pub struct Ctl {
+    tx: mpsc::Sender<Request>,
+    reg: Arc<Mutex<Registry>>,
+}
 
 impl Ctl {
-    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Request) -> Option<T> {
-        let (tx, rx) = oneshot::channel();
-        self.0.send(make(tx)).await.ok()?;
-        rx.await.ok()
+    fn reg(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.reg.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub async fn register(&self, entity: &str, info: ListenerInfo) -> Result<Registration, Refusal> {
-        self.ask(|reply| Request::Register { entity: entity.to_owned(), info, reply })
-            .await
-            .unwrap_or(Err(Refusal::ShuttingDown))
+    pub fn register(&self, entity: &str, info: ListenerInfo) -> Result<Registration, Refusal> {
+        self.reg().register(entity, info)
     }
 
-    /// Never blocks: if the plane is gone there is nothing to unregister from.
     pub fn unregister(&self, entity: &str, key: u64) {
-        let req = Request::Unregister { entity: entity.to_owned(), key };
-        if let Err(mpsc::error::TrySendError::Full(req)) = self.0.try_send(req) {
-            let tx = self.0.clone();
-            tokio::spawn(async move { tx.send(req).await.ok() });
-        }
+        self.reg().unregister(entity, key);
     }
 
-    pub async fn connect(&self, req: ConnectReq) -> Result<Connecting, Refusal> {
-        self.ask(|reply| Request::Connect { req, reply })
-            .await
-            .unwrap_or(Err(Refusal::ShuttingDown))
+    pub fn connect(&self, req: ConnectReq) -> Result<Connecting, Refusal> {
+        self.reg().connect(req)
     }
 
     /// Takes the rendezvous for `secret` out of the table (single use).
-    pub async fn rendezvous(&self, secret: &str) -> Option<oneshot::Sender<Outcome>> {
-        self.ask(|reply| Request::Rendezvous { secret: secret.to_owned(), reply })
-            .await
-            .flatten()
+    pub fn rendezvous(&self, secret: &str) -> Option<oneshot::Sender<Outcome>> {
+        self.reg()
+            .pending
+            .remove(secret)
+            .filter(|p| p.deadline > Instant::now())
+            .map(|p| p.tx)
     }
 
-    /// Records a sender connect's result for status; dropped if the plane is busy.
+    /// Records a sender connect's result for status.
     pub fn record_connect(&self, entity: &str, result: &'static str, detail: String) {
         let record = ConnectRecord { at: SystemTime::now(), result, detail };
-        self.0.try_send(Request::RecordConnect { entity: entity.to_owned(), record }).ok();
+        self.reg().record_connect(entity, record);
     }
 
     pub fn cancel(&self, secret: &str) {
-        self.0.try_send(Request::Cancel { secret: secret.to_owned() }).ok();
+        self.reg().pending.remove(secret);
     }
 
     pub async fn manage(&self, op: MgmtOp) -> Result<MgmtReply, StoreError> {
-        self.ask(|reply| Request::Manage { op, reply })
-            .await
-            .unwrap_or_else(|| Err(StoreError::Io("the relay is shutting down".into())))
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Request::Manage { op, reply }).await.is_err() {
+            return Err(StoreError::Io("the relay is shutting down".into()));
+        }
+        rx.await.unwrap_or_else(|_| Err(StoreError::Io("the relay is shutting down".into())))
     }
 }
 
@@ -306,27 +279,54 @@ struct PendingRt {
     accept: String,
 }
 
-/// The control-plane state machine.
-pub struct Plane {
+/// Listeners and pending rendezvous: what the setup of every tunnel consults. Shared by
+/// the workers (under a `Mutex`, held for microseconds, never across an await) so that a
+/// connect or a rendezvous costs no round trip to another thread.
+#[derive(Debug)]
+pub struct Registry {
     cfg: Arc<RelayConfig>,
-    store: Store,
+    state: SharedState,
     live: HashMap<String, EntityRt>,
     pending: HashMap<String, PendingRt>,
     next_key: u64,
 }
 
+impl std::fmt::Debug for EntityRt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EntityRt").field("listeners", &self.listeners.len()).finish()
+    }
+}
+
+impl std::fmt::Debug for PendingRt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingRt").field("entity", &self.entity).finish()
+    }
+}
+
+/// The plane thread: owns the store; answers management requests; sweeps expired
+/// rendezvous; closes every control channel at shutdown.
+pub struct Plane {
+    store: Store,
+    reg: Arc<Mutex<Registry>>,
+}
+
 impl Plane {
-    /// A plane over `store`, and the handle workers use to reach it.
+    /// A plane over `store`, and the handle workers use.
     pub fn new(cfg: Arc<RelayConfig>, store: Store) -> (Self, Ctl, mpsc::Receiver<Request>) {
         let (tx, rx) = mpsc::channel(REQUEST_QUEUE);
-        let plane = Self {
+        let reg = Arc::new(Mutex::new(Registry {
             cfg,
-            store,
+            state: store.shared(),
             live: HashMap::new(),
             pending: HashMap::new(),
             next_key: 1,
-        };
-        (plane, Ctl(tx), rx)
+        }));
+        let plane = Self { store, reg: reg.clone() };
+        (plane, Ctl { tx, reg }, rx)
+    }
+
+    fn reg(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.reg.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Serves requests until `shutdown`, then closes every control channel with 1001.
@@ -335,56 +335,92 @@ impl Plane {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = sweep.tick() => self.sweep(),
+                _ = sweep.tick() => self.reg().sweep(),
                 req = rx.recv() => match req {
-                    Some(r) => self.handle(r),
+                    Some(Request::Manage { op, reply }) => {
+                        reply.send(self.manage(op)).ok();
+                    }
                     None => break,
                 },
             }
         }
-        for e in self.live.values() {
+        for e in self.reg().live.values() {
             for l in &e.listeners {
                 l.tx.try_send(ListenerCmd::Close(1001, "The relay is shutting down.".into())).ok();
             }
         }
     }
 
-    fn handle(&mut self, req: Request) {
-        match req {
-            Request::Register { entity, info, reply } => {
-                reply.send(self.register(&entity, info)).ok();
+    fn view(&self, e: &Entity) -> EntityView {
+        self.reg().view(e)
+    }
+    fn manage(&mut self, op: MgmtOp) -> Result<MgmtReply, StoreError> {
+        let state = self.store.current();
+        let find = |state: &State, name: &str| state.entity(name).cloned().ok_or_else(|| StoreError::NotFound(name.to_owned()));
+        match op {
+            MgmtOp::List => Ok(MgmtReply::List(
+                state.hybrid_connections.values().map(|e| self.view(e)).collect(),
+            )),
+            MgmtOp::Show(name) => Ok(MgmtReply::Entity(Box::new(self.view(&find(&state, &name)?)))),
+            MgmtOp::Create { name, endpoint, requires_client_authorization } => {
+                crate::proto::address::validate_entity_name(&name).map_err(StoreError::Invalid)?;
+                let e = self.store.update(|st| {
+                    let key = name.to_lowercase();
+                    if st.hybrid_connections.contains_key(&key) {
+                        return Err(StoreError::Exists(name.clone()));
+                    }
+                    let e = super::store::new_entity(&name, endpoint.as_ref(), requires_client_authorization);
+                    st.hybrid_connections.insert(key, e.clone());
+                    Ok(e)
+                })?;
+                Ok(MgmtReply::Entity(Box::new(self.view(&e))))
             }
-            Request::Unregister { entity, key } => self.unregister(&entity, key),
-            Request::Connect { req, reply } => {
-                reply.send(self.connect(req)).ok();
-            }
-            Request::Rendezvous { secret, reply } => {
-                let found = self
-                    .pending
-                    .remove(&secret)
-                    .filter(|p| p.deadline > Instant::now())
-                    .map(|p| p.tx);
-                reply.send(found).ok();
-            }
-            Request::Cancel { secret } => {
-                self.pending.remove(&secret);
-            }
-            Request::Manage { op, reply } => {
-                reply.send(self.manage(op)).ok();
-            }
-            Request::RecordConnect { entity, record } => {
-                let name = entity.to_lowercase();
-                if self.store.current().entity(&name).is_none() {
-                    return;
+            MgmtOp::Delete(name) => {
+                let key = name.to_lowercase();
+                self.store.update(|st| {
+                    st.hybrid_connections.remove(&key).map(|_| ()).ok_or_else(|| StoreError::NotFound(name.clone()))
+                })?;
+                metrics::gauge!(crate::telemetry::metrics::RELAY_LISTENERS, "hc" => name.clone()).set(0.0);
+                let gone = self.reg().live.remove(&key);
+                if let Some(rt) = gone {
+                    rt.gone.cancel();
+                    for l in rt.listeners {
+                        l.tx.try_send(ListenerCmd::Close(1001, "The hybrid connection was deleted.".into())).ok();
+                    }
                 }
-                let rt = self.live.entry(name).or_default();
-                match rt.connects.iter_mut().find(|(r, _)| *r == record.result) {
-                    Some((_, n)) => *n += 1,
-                    None => rt.connects.push((record.result, 1)),
-                }
-                rt.last_connect = Some(record);
+                Ok(MgmtReply::Deleted)
+            }
+            MgmtOp::RegenerateKey { name, slot, rule } => {
+                let e = self.store.update(|st| {
+                    let e = st
+                        .hybrid_connections
+                        .get_mut(&name.to_lowercase())
+                        .ok_or_else(|| StoreError::NotFound(name.clone()))?;
+                    let mut hit = false;
+                    for r in e.rules.iter_mut().filter(|r| rule.as_ref().is_none_or(|n| *n == r.key_name)) {
+                        let k = crate::proto::Secret::random_key();
+                        match slot {
+                            KeySlot::Primary => r.primary_key = k,
+                            KeySlot::Secondary => r.secondary_key = k,
+                        }
+                        hit = true;
+                    }
+                    if !hit {
+                        return Err(StoreError::Invalid(format!("{name:?} has no rule {:?}", rule.clone().unwrap_or_default())));
+                    }
+                    e.updated_at = super::store::now_rfc3339();
+                    Ok(e.clone())
+                })?;
+                Ok(MgmtReply::Entity(Box::new(self.view(&e))))
             }
         }
+    }
+}
+
+impl Registry {
+    /// The entity's name as created (the metric label), or the lower-cased form if gone.
+    fn label(&self, name: &str) -> String {
+        self.state.load().entity(name).map(|e| e.name.clone()).unwrap_or_else(|| name.to_lowercase())
     }
 
     fn sweep(&mut self) {
@@ -392,9 +428,22 @@ impl Plane {
         self.pending.retain(|_, p| p.deadline > now && !p.tx.is_closed());
     }
 
-    fn register(&mut self, entity: &str, info: ListenerInfo) -> Result<Registration, Refusal> {
+    fn record_connect(&mut self, entity: &str, record: ConnectRecord) {
         let name = entity.to_lowercase();
-        if self.store.current().entity(&name).is_none() {
+        if self.state.load().entity(&name).is_none() {
+            return;
+        }
+        let rt = self.live.entry(name).or_default();
+        match rt.connects.iter_mut().find(|(r, _)| *r == record.result) {
+            Some((_, n)) => *n += 1,
+            None => rt.connects.push((record.result, 1)),
+        }
+        rt.last_connect = Some(record);
+    }
+
+    pub fn register(&mut self, entity: &str, info: ListenerInfo) -> Result<Registration, Refusal> {
+        let name = entity.to_lowercase();
+        if self.state.load().entity(&name).is_none() {
             return Err(Refusal::NotFound);
         }
         let rt = self.live.entry(name).or_default();
@@ -411,13 +460,13 @@ impl Plane {
             load: Arc::new(AtomicUsize::new(0)),
         });
         let n = rt.listeners.len();
-        metrics::gauge!(crate::telemetry::metrics::RELAY_LISTENERS, "hc" => entity_label(&self.store, entity)).set(n as f64);
+        metrics::gauge!(crate::telemetry::metrics::RELAY_LISTENERS, "hc" => self.label(entity)).set(n as f64);
         Ok(Registration { key, commands })
     }
 
     fn unregister(&mut self, entity: &str, key: u64) {
         let name = entity.to_lowercase();
-        let label = entity_label(&self.store, entity);
+        let label = self.label(entity);
         let Some(rt) = self.live.get_mut(&name) else { return };
         rt.listeners.retain(|l| l.key != key);
         metrics::gauge!(crate::telemetry::metrics::RELAY_LISTENERS, "hc" => label).set(rt.listeners.len() as f64);
@@ -517,71 +566,6 @@ impl Plane {
         }
     }
 
-    fn manage(&mut self, op: MgmtOp) -> Result<MgmtReply, StoreError> {
-        let state = self.store.current();
-        let find = |state: &State, name: &str| state.entity(name).cloned().ok_or_else(|| StoreError::NotFound(name.to_owned()));
-        match op {
-            MgmtOp::List => Ok(MgmtReply::List(
-                state.hybrid_connections.values().map(|e| self.view(e)).collect(),
-            )),
-            MgmtOp::Show(name) => Ok(MgmtReply::Entity(Box::new(self.view(&find(&state, &name)?)))),
-            MgmtOp::Create { name, endpoint, requires_client_authorization } => {
-                crate::proto::address::validate_entity_name(&name).map_err(StoreError::Invalid)?;
-                let e = self.store.update(|st| {
-                    let key = name.to_lowercase();
-                    if st.hybrid_connections.contains_key(&key) {
-                        return Err(StoreError::Exists(name.clone()));
-                    }
-                    let e = super::store::new_entity(&name, endpoint.as_ref(), requires_client_authorization);
-                    st.hybrid_connections.insert(key, e.clone());
-                    Ok(e)
-                })?;
-                Ok(MgmtReply::Entity(Box::new(self.view(&e))))
-            }
-            MgmtOp::Delete(name) => {
-                let key = name.to_lowercase();
-                self.store.update(|st| {
-                    st.hybrid_connections.remove(&key).map(|_| ()).ok_or_else(|| StoreError::NotFound(name.clone()))
-                })?;
-                metrics::gauge!(crate::telemetry::metrics::RELAY_LISTENERS, "hc" => name.clone()).set(0.0);
-                if let Some(rt) = self.live.remove(&key) {
-                    rt.gone.cancel();
-                    for l in rt.listeners {
-                        l.tx.try_send(ListenerCmd::Close(1001, "The hybrid connection was deleted.".into())).ok();
-                    }
-                }
-                Ok(MgmtReply::Deleted)
-            }
-            MgmtOp::RegenerateKey { name, slot, rule } => {
-                let e = self.store.update(|st| {
-                    let e = st
-                        .hybrid_connections
-                        .get_mut(&name.to_lowercase())
-                        .ok_or_else(|| StoreError::NotFound(name.clone()))?;
-                    let mut hit = false;
-                    for r in e.rules.iter_mut().filter(|r| rule.as_ref().is_none_or(|n| *n == r.key_name)) {
-                        let k = crate::proto::Secret::random_key();
-                        match slot {
-                            KeySlot::Primary => r.primary_key = k,
-                            KeySlot::Secondary => r.secondary_key = k,
-                        }
-                        hit = true;
-                    }
-                    if !hit {
-                        return Err(StoreError::Invalid(format!("{name:?} has no rule {:?}", rule.clone().unwrap_or_default())));
-                    }
-                    e.updated_at = super::store::now_rfc3339();
-                    Ok(e.clone())
-                })?;
-                Ok(MgmtReply::Entity(Box::new(self.view(&e))))
-            }
-        }
-    }
-}
-
-/// The entity's name as created (the metric label), or the lower-cased form if gone.
-fn entity_label(store: &Store, name: &str) -> String {
-    store.current().entity(name).map(|e| e.name.clone()).unwrap_or_else(|| name.to_lowercase())
 }
 
 fn pick(listeners: &[ListenerRt], candidates: &[usize], balance: Balance) -> usize {

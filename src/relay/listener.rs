@@ -68,7 +68,7 @@ pub(super) async fn serve(mut stream: Stream, mut inc: Incoming, req: HcRequest,
         connected_at: SystemTime::now(),
     };
     let listener_id = info.id.clone();
-    let mut reg = match ctx.ctl.register(&entity.name, info).await {
+    let mut reg = match ctx.ctl.register(&entity.name, info) {
         Ok(r) => r,
         Err(e) => {
             let status = match e {

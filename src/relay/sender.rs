@@ -81,7 +81,7 @@ pub(super) async fn serve_connect(mut stream: Stream, mut inc: Incoming, req: Hc
         headers,
         remote: Some(peer),
     };
-    let mut pending = match ctx.ctl.connect(connect).await {
+    let mut pending = match ctx.ctl.connect(connect) {
         Ok(p) => p,
         Err(e) => {
             let status = match e {
@@ -227,7 +227,7 @@ pub(super) async fn serve_accept(mut stream: Stream, mut inc: Incoming, req: HcR
     let Some(secret) = req.rendezvous.as_deref() else {
         return respond(&mut stream, 403, "The rendezvous address is invalid.", "").await;
     };
-    let Some(tx) = ctx.ctl.rendezvous(secret).await else {
+    let Some(tx) = ctx.ctl.rendezvous(secret) else {
         return respond(&mut stream, 403, "The rendezvous address is invalid, expired or already used.", "").await;
     };
     // The unguessable address is the capability (hc-protocol.md §3.1).
