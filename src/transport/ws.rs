@@ -365,10 +365,7 @@ impl ConnectError {
 /// Opens TCP to `host:port`, trying each resolved address in turn.
 pub async fn dial(host: &str, port: u16) -> Result<tokio::net::TcpStream, ConnectError> {
     let bare = host.trim_start_matches('[').trim_end_matches(']');
-    let addrs: Vec<_> = tokio::net::lookup_host((bare, port))
-        .await
-        .map_err(|source| ConnectError::Resolve { host: bare.to_owned(), source })?
-        .collect();
+    let addrs = resolve(bare, port).await?;
     let mut last = None;
     for addr in addrs {
         match tokio::net::TcpStream::connect(addr).await {
@@ -379,11 +376,69 @@ pub async fn dial(host: &str, port: u16) -> Result<tokio::net::TcpStream, Connec
             Err(e) => last = Some((addr, e)),
         }
     }
+    // Every address failed: look the name up afresh next time.
+    dns_cache::forget(bare, port);
     let (addr, source) = match last {
         Some((a, e)) => (a.to_string(), e),
         None => (format!("{bare}:{port}"), io::Error::new(io::ErrorKind::NotFound, "no address")),
     };
     Err(ConnectError::Connect { addr, source })
+}
+
+/// Addresses of `host:port`: IP literals at once, names through a short-lived cache in
+/// front of the system resolver (which tokio runs on its blocking pool — per connection,
+/// that hop would cost more than the connect itself).
+async fn resolve(host: &str, port: u16) -> Result<Vec<std::net::SocketAddr>, ConnectError> {
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return Ok(vec![std::net::SocketAddr::new(ip, port)]);
+    }
+    if let Some(hit) = dns_cache::get(host, port) {
+        return Ok(hit);
+    }
+    let addrs: Vec<_> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|source| ConnectError::Resolve { host: host.to_owned(), source })?
+        .collect();
+    dns_cache::put(host, port, &addrs);
+    Ok(addrs)
+}
+
+/// A small process-wide cache of name lookups. Entries live [`dns_cache::TTL`]; a name
+/// whose addresses all refuse is dropped at once, so a moved service is found again.
+mod dns_cache {
+    use std::collections::HashMap;
+    use std::net::SocketAddr;
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    /// How long a lookup is reused. Default: 30 s.
+    pub const TTL: Duration = Duration::from_secs(30);
+    /// Names kept at most; the cache is emptied when full (no unbounded growth).
+    const MAX: usize = 1024;
+
+    type Map = HashMap<(String, u16), (Instant, Vec<SocketAddr>)>;
+    static CACHE: Mutex<Option<Map>> = Mutex::new(None);
+
+    pub fn get(host: &str, port: u16) -> Option<Vec<SocketAddr>> {
+        let guard = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+        let (at, addrs) = guard.as_ref()?.get(&(host.to_ascii_lowercase(), port))?;
+        (at.elapsed() < TTL && !addrs.is_empty()).then(|| addrs.clone())
+    }
+
+    pub fn put(host: &str, port: u16, addrs: &[SocketAddr]) {
+        let mut guard = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+        let map = guard.get_or_insert_with(HashMap::new);
+        if map.len() >= MAX {
+            map.clear();
+        }
+        map.insert((host.to_ascii_lowercase(), port), (Instant::now(), addrs.to_vec()));
+    }
+
+    pub fn forget(host: &str, port: u16) {
+        if let Some(map) = CACHE.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            map.remove(&(host.to_ascii_lowercase(), port));
+        }
+    }
 }
 
 /// Dials and, for `tls`, runs the TLS handshake with SNI = `host`.
@@ -477,6 +532,19 @@ async fn connect_inner(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn names_are_cached_and_forgotten_when_unreachable() {
+        // A port nothing listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let ip = resolve("127.0.0.1", port).await.unwrap();
+        assert_eq!(ip, vec![std::net::SocketAddr::from(([127, 0, 0, 1], port))]);
+        let first = resolve("localhost", port).await.unwrap();
+        assert_eq!(dns_cache::get("LOCALHOST", port), Some(first));
+        // Every address refuses: the entry goes, so a moved service is looked up again.
+        assert!(dial("localhost", port).await.is_err());
+        assert_eq!(dns_cache::get("localhost", port), None);
+    }
 
     #[test]
     fn urls() {
