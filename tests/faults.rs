@@ -148,14 +148,27 @@ async fn relay_killed_and_restarted_during_traffic() {
 
     // The relay comes back on the same port and data directory after 3 s down.
     tokio::time::sleep_until(killed + Duration::from_secs(3)).await;
-    relay.restart(None).await;
-    // Measured from the start of the new process, before it even binds (the hcm may
-    // register before the relay has printed that it listens).
-    let up = relay.proc.log.start;
+    // "Up" is the first moment its port accepts a connection again (probed every 10 ms).
+    let addr = relay.addr;
+    let probe = async move {
+        loop {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                return Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    let ((), up) = tokio::join!(
+        relay.restart(None),
+        tokio::time::timeout(Duration::from_secs(30), probe)
+    );
+    let up = up.expect("the restarted relay accepts connections");
     let (back_at, _) = relay
         .proc
         .log
-        .wait(up, Duration::from_secs(10), |l| l.contains("listener_registered"))
+        .wait(relay.proc.log.start, Duration::from_secs(10), |l| {
+            l.contains("listener_registered")
+        })
         .await
         .expect("the hcm registered again");
     let back = back_at.saturating_duration_since(up);
@@ -412,7 +425,8 @@ async fn unreachable_endpoints_are_rejected_with_the_reason_and_leave_nothing_be
             .proc
             .log
             .find(bridge.proc.log.start, |l| {
-                l.contains("relay_connect_failed") && l.contains(&format!("hc=\"{name}\""))
+                let hc = (format!("hc={name} "), format!("hc=\"{name}\""));
+                l.contains("relay_connect_failed") && (l.contains(&hc.0) || l.contains(&hc.1))
             })
             .unwrap_or_else(|| panic!("the bridge logged the {name} refusal: {:#?}", bridge.proc.log.tail(20)));
         assert!(
@@ -563,16 +577,11 @@ async fn silently_dead_path_is_detected_by_pings_within_two_periods() {
     let times = times.map(|(w, t)| (w, t.unwrap()));
     // Both ends of the tunnel said it was the silence.
     let silent_tunnel = |l: &str| l.contains("tunnel_closed") && l.contains("peer silent for two ping periods");
-    assert!(
-        bridge.proc.log.find(dead, silent_tunnel).is_some(),
-        "{:#?}",
-        bridge.proc.log.tail(10)
-    );
-    assert!(
-        hcm.proc.log.find(dead, silent_tunnel).is_some(),
-        "{:#?}",
-        hcm.proc.log.tail(10)
-    );
+    // (The lines may come just after the connections ended: wait for them.)
+    for p in [&bridge.proc, &hcm.proc] {
+        let said = p.log.wait(dead, Duration::from_secs(5), silent_tunnel).await;
+        assert!(said.is_some(), "{}: {:#?}", p.name, p.log.tail(10));
+    }
     assert_eq!(relay.show(Some(&rns), "dp").await["listenerCount"], 0);
 
     // The path comes back: the hcm registers again by itself.
@@ -616,13 +625,30 @@ async fn silently_dead_path_is_detected_by_pings_within_two_periods() {
     );
 }
 
+/// An endpoint that takes uploads: for each connection it reads to EOF, answers "ok" and
+/// closes, and hands over what it read.
+fn sink(listener: tokio::net::TcpListener) -> tokio::sync::mpsc::UnboundedReceiver<Vec<u8>> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut got = Vec::with_capacity(16 << 20);
+            if s.read_to_end(&mut got).await.is_ok() && s.write_all(b"ok").await.is_ok() {
+                let _ = s.shutdown().await;
+            }
+            let _ = tx.send(got);
+        }
+    });
+    rx
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shaped_endpoint_link_transfers_at_the_shaped_rate_with_bounded_memory() {
     let _serial = serial().await;
     let dir = tempfile::tempdir().unwrap();
     // The relay, hcm and bridge in `site`; the endpoint in `far`, behind a link whose
-    // egress from `site` (hcm -> endpoint) is shaped to 32 Mbit/s (low enough that the
-    // debug binaries keep up on a busy machine: the link, not the CPU, sets the rate).
+    // egress from `site` (hcm -> endpoint) is shaped to 32 Mbit/s: an upload from the app
+    // crosses it. (Upload only, into a sink: the debug binaries keep up even on a busy
+    // machine, so the link, not the CPU, sets the rate.)
     let site = Netns::new("s6site");
     let far = Netns::new("s6far");
     link(&site, "hf0", "10.77.6.1/24", &far, "hf0", "10.77.6.2/24");
@@ -638,23 +664,32 @@ async fn shaped_endpoint_link_transfers_at_the_shaped_rate_with_bounded_memory()
     // pile up in some process's memory.
     site.sysctl("net.ipv4.tcp_rmem", "4096 65536 262144");
     site.sysctl("net.ipv4.tcp_wmem", "4096 65536 262144");
-    let echo = Echo::start(far.bind("10.77.6.2:7000".parse().unwrap()).await);
+    let listener = far.bind("10.77.6.2:7000".parse().unwrap()).await;
     let ns = Some(&site);
     let relay = Relay::start(ns, dir.path(), "127.0.0.1:9000", RELAY_TOML, &[]).await;
-    relay.create(ns, "bulk", &echo.addr.to_string()).await;
+    relay.create(ns, "bulk", "10.77.6.2:7000").await;
     let listen = relay.connection_string(ns, "bulk", false).await;
     let send = relay.connection_string(ns, "bulk", true).await;
     let hcm = Hcm::start("hcm", ns, &dir.path().join("hcm"), "", &[&listen], "hyrelay=info").await;
     relay.wait_listeners(ns, "bulk", 1).await;
     let bridge = Bridge::start(ns, &dir.path().join("bridge"), "", &[("bulk", &send)], "hyrelay=info").await;
     let app = bridge.addrs[0];
-    let warm = payload(1 << 20, 6);
-    assert!(
-        exchange(site.connect(app).await.unwrap(), &warm, Duration::from_secs(30))
+    let mut sunk = sink(listener);
+    // One upload: the time until the endpoint answered, and whether it got `data` exactly.
+    let mut upload = async |data: &[u8]| {
+        let s = site.connect(app).await.unwrap();
+        let started = Instant::now();
+        let answer = exchange(s, data, Duration::from_secs(60)).await.unwrap();
+        let took = started.elapsed();
+        assert_eq!(answer, b"ok", "the endpoint took the upload");
+        let got = tokio::time::timeout(Duration::from_secs(5), sunk.recv())
             .await
             .unwrap()
-            == warm
-    );
+            .unwrap();
+        assert!(got.len() == data.len() && got == data, "the upload arrived byte-exact");
+        took
+    };
+    upload(&payload(1 << 20, 6)).await; // warm-up
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let pids = [
@@ -677,20 +712,13 @@ async fn shaped_endpoint_link_transfers_at_the_shaped_rate_with_bounded_memory()
             peak
         })
     };
-    // 16 MiB up through the tunnel, echoed back, byte-exact.
+    // 16 MiB up through the tunnel, byte-exact, timed until the endpoint answered.
     let data = payload(16 << 20, 7);
-    let started = Instant::now();
-    let got = exchange(site.connect(app).await.unwrap(), &data, Duration::from_secs(60))
-        .await
-        .unwrap();
-    let took = started.elapsed();
+    let len = data.len();
+    let took = upload(&data).await;
     stop.store(true, Ordering::Relaxed);
     let peak = sampler.await.unwrap();
-    assert!(
-        got.len() == data.len() && got == data,
-        "the bulk transfer came back byte-exact"
-    );
-    let rate = data.len() as f64 / took.as_secs_f64();
+    let rate = len as f64 / took.as_secs_f64();
     let ratio = rate / shaped_bytes_per_sec;
     // TCP/IP and Ethernet headers take ~4 % of the shaped rate; the burst adds little.
     assert!(
@@ -713,7 +741,7 @@ async fn shaped_endpoint_link_transfers_at_the_shaped_rate_with_bounded_memory()
         })
         .collect();
     eprintln!(
-        "shaped link (32 Mbit/s = {:.1} MB/s): 16 MiB echoed in {} ms = {:.2} MB/s ({:.0} % of the shaped rate); \
+        "shaped link (32 Mbit/s = {:.1} MB/s): 16 MiB uploaded in {} ms = {:.2} MB/s ({:.0} % of the shaped rate); \
          peak RSS: {}",
         shaped_bytes_per_sec / 1e6,
         ms(took),
