@@ -264,7 +264,8 @@ pub struct IdleHolder {
 
 impl IdleHolder {
     pub fn spawn(entry: SocketAddr) -> anyhow::Result<Self> {
-        let mut child = Command::new(std::env::current_exe()?)
+        // /proc/self/exe is this very binary even if cargo has rebuilt the file meanwhile.
+        let mut child = Command::new("/proc/self/exe")
             .args(["--hold-idle", &entry.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
