@@ -447,7 +447,11 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, fw: Arc<ForwardRt>, ctx: Arc<Br
     };
     let name: Arc<str> = hc.into();
     let done = move |stats: splice::SpliceStats| {
-        tracing::debug!(event = "tunnel_closed", hc = %name, %peer, to_app = stats.to_tcp, from_app = stats.to_ws, end = %stats.end, "tunnel closed");
+        if stats.abnormal() {
+            tracing::info!(event = "tunnel_closed", hc = %name, %peer, to_app = stats.to_tcp, from_app = stats.to_ws, end = %stats.end, "tunnel ended abnormally");
+        } else {
+            tracing::debug!(event = "tunnel_closed", hc = %name, %peer, to_app = stats.to_tcp, from_app = stats.to_ws, end = %stats.end, "tunnel closed");
+        }
     };
     crate::dataplane::offload::spawn_ws_tcp(hc, conn.stream, conn.leftover, tcp, &cfg, &ctx.shutdown, inflight, done);
 }

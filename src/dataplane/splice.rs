@@ -75,6 +75,10 @@ impl Default for SpliceConfig {
 }
 
 /// How a splice ended and what it moved.
+///
+/// `end` is `"closed both ways"` for the normal end; anything else (the peer vanished, went
+/// silent, broke the protocol, a TCP error, a stop) is worth an info line: see
+/// [`SpliceStats::abnormal`].
 #[derive(Debug, Clone, Default)]
 pub struct SpliceStats {
     /// Payload bytes WebSocket → TCP.
@@ -85,6 +89,13 @@ pub struct SpliceStats {
     pub peer_close: Option<u16>,
     /// Why the splice ended, for logs.
     pub end: String,
+}
+
+impl SpliceStats {
+    /// True unless both sides closed normally.
+    pub fn abnormal(&self) -> bool {
+        self.end != "closed both ways"
+    }
 }
 
 /// Runs the splice to completion, then closes the WebSocket (TLS close_notify, FIN).

@@ -93,7 +93,11 @@ pub(crate) async fn handle(a: Accept, hc: Arc<HcRt>, endpoint: HostPort, ctx: Ar
         let (hc, name) = (hc.clone(), name.clone());
         move |stats: splice::SpliceStats| {
             hc.update(|s| s.active_tunnels -= 1);
-            tracing::debug!(event = "tunnel_closed", hc = %name, id = %id, to_endpoint = stats.to_tcp, from_endpoint = stats.to_ws, end = %stats.end, "tunnel closed");
+            if stats.abnormal() {
+                tracing::info!(event = "tunnel_closed", hc = %name, id = %id, to_endpoint = stats.to_tcp, from_endpoint = stats.to_ws, end = %stats.end, "tunnel ended abnormally");
+            } else {
+                tracing::debug!(event = "tunnel_closed", hc = %name, id = %id, to_endpoint = stats.to_tcp, from_endpoint = stats.to_ws, end = %stats.end, "tunnel closed");
+            }
         }
     };
     crate::dataplane::offload::spawn_ws_tcp(&name, stream, leftover, tcp, &cfg, &ctx.shutdown, inflight, done);

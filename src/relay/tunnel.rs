@@ -26,6 +26,7 @@ use crate::transport::Stream;
 /// so the memory of the handshake that led here is freed. It relays until both sides have
 /// closed, one side failed and the other had its grace, or `gone`/`shutdown` fires, and
 /// counts into the worker's counters for hybrid connection `hc`.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn<K: 'static>(
     hc: &str,
     peer: SocketAddr,
