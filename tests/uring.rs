@@ -50,7 +50,6 @@ async fn byte_exact_round_trips() {
     let rig = rig();
     let (_h, b) = chain(&rig, "echo", echo()).await;
     let addr = b.addr_of("echo").unwrap();
-    let before = uring::tunnels_run();
     for (i, len) in [0usize, 1, 65535, 65536, 65537, 16 << 20].into_iter().enumerate() {
         let data = payload(len, i as u64);
         let back = round_trip(addr, &data).await.unwrap();
@@ -58,7 +57,7 @@ async fn byte_exact_round_trips() {
         assert!(back == data, "bytes differ for {len}");
     }
     // Each round trip is three tunnels: bridge splice, relay, hcm splice.
-    assert!(uring::tunnels_run() - before >= 18, "tunnels ran on io_uring");
+    assert_eq!(uring::tunnels_run("echo"), 18, "tunnels ran on io_uring");
 }
 
 /// An endpoint that greets, closes its sending side at once, and reports what it later
@@ -96,7 +95,6 @@ async fn half_close_from_either_side() {
     let rig = rig();
     let (ep, mut received) = greeter();
     let (_h, b) = chain(&rig, "greet", ep).await;
-    let before = uring::tunnels_run();
     let mut s = tokio::net::TcpStream::connect(b.addr_of("greet").unwrap())
         .await
         .unwrap();
@@ -114,7 +112,7 @@ async fn half_close_from_either_side() {
         .unwrap()
         .unwrap();
     assert!(arrived == late, "late bytes after the endpoint's half-close");
-    assert!(uring::tunnels_run() - before >= 3);
+    assert_eq!(uring::tunnels_run("greet"), 3);
 
     let (_h2, b2) = chain(&rig, "echo2", echo()).await;
     let data = payload(300_000, 9);
@@ -126,7 +124,6 @@ async fn two_hundred_concurrent_connections() {
     let rig = rig();
     let (_h, b) = chain(&rig, "many", echo()).await;
     let addr = b.addr_of("many").unwrap();
-    let before = uring::tunnels_run();
     let tasks: Vec<_> = (0..200u64)
         .map(|i| {
             tokio::spawn(async move {
@@ -141,7 +138,7 @@ async fn two_hundred_concurrent_connections() {
         ok += t.await.unwrap() as usize;
     }
     assert_eq!(ok, 200);
-    assert!(uring::tunnels_run() - before >= 600);
+    assert_eq!(uring::tunnels_run("many"), 600);
 }
 
 type Reader = WsReader<tokio::io::ReadHalf<hyrelay::transport::Stream>>;
@@ -210,7 +207,6 @@ async fn next(r: &mut Reader) -> Option<Message> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_tunnel_forwards_close_and_half_close() {
     let rig = rig();
-    let before = uring::tunnels_run();
     let ((mut sr, mut sw), (mut lr, mut lw), _control) = joined(&rig, "closes").await;
     send(&mut sw, OpCode::Binary, b"hi").await;
     assert_eq!(
@@ -236,7 +232,7 @@ async fn relay_tunnel_forwards_close_and_half_close() {
     // Then both connections end (FIN).
     assert_eq!(next(&mut sr).await, None);
     assert_eq!(next(&mut lr).await, None);
-    assert!(uring::tunnels_run() > before);
+    assert_eq!(uring::tunnels_run("closes"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -278,10 +274,9 @@ async fn tls_relay_keeps_tunnels_on_epoll() {
     let mut bc = rig.bridge_config("tls", &rig.send_cs("tls").await);
     bc.io_backend = IoBackend::Uring;
     let b = hyrelay::bridge::start(bc).unwrap();
-    let before = uring::tunnels_run();
     let data = payload(100_000, 3);
     assert!(round_trip(b.addr_of("tls").unwrap(), &data).await.unwrap() == data);
-    assert_eq!(uring::tunnels_run(), before, "TLS legs stay on epoll");
+    assert_eq!(uring::tunnels_run("tls"), 0, "TLS legs stay on epoll");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

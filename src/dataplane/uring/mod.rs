@@ -36,12 +36,22 @@ use crate::dataplane::pool::{self, BUF_SIZE};
 
 type Job = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()>>> + Send>;
 
-/// Tunnels started on completion workers in this process (for tests and logs).
-static TUNNELS_RUN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Tunnels started on completion workers in this process, per hybrid connection (for
+/// tests; touched once per tunnel).
+static TUNNELS_RUN: std::sync::Mutex<Vec<(String, u64)>> = std::sync::Mutex::new(Vec::new());
 
-/// How many tunnels have run on completion workers in this process.
-pub fn tunnels_run() -> u64 {
-    TUNNELS_RUN.load(Ordering::Relaxed)
+/// How many tunnels of hybrid connection `hc` have run on completion workers.
+pub fn tunnels_run(hc: &str) -> u64 {
+    let runs = TUNNELS_RUN.lock().unwrap_or_else(|e| e.into_inner());
+    runs.iter().find(|(h, _)| h == hc).map_or(0, |(_, n)| *n)
+}
+
+fn count_run(hc: &str) {
+    let mut runs = TUNNELS_RUN.lock().unwrap_or_else(|e| e.into_inner());
+    match runs.iter_mut().find(|(h, _)| h == hc) {
+        Some((_, n)) => *n += 1,
+        None => runs.push((hc.to_owned(), 1)),
+    }
 }
 
 /// Completion worker threads, one runtime and ring each.
@@ -59,7 +69,8 @@ impl std::fmt::Debug for Completion {
 }
 
 impl Completion {
-    /// Starts `count` threads named `{name}-uring-{i}` with `budget` bytes of buffers each.
+    /// Starts `count` threads named `{role}-uring-{i}` (`name` without its `hyrelay-`, to fit
+    /// the 15 bytes a thread name keeps) with `budget` bytes of buffers each.
     pub fn start(name: &str, count: usize, budget: usize) -> std::io::Result<Arc<Self>> {
         let stop = CancellationToken::new();
         let (mut jobs, mut threads) = (Vec::new(), Vec::new());
@@ -68,7 +79,7 @@ impl Completion {
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();
             let stop = stop.clone();
             let t = std::thread::Builder::new()
-                .name(format!("{name}-uring-{i}"))
+                .name(format!("{}-uring-{i}", name.trim_start_matches("hyrelay-")))
                 .spawn(move || run_worker(budget, rx, stop, ready_tx))?;
             ready_rx
                 .recv()
@@ -173,7 +184,15 @@ fn leg(s: std::net::TcpStream) -> std::io::Result<(Reader, Writer)> {
 }
 
 async fn run_relay(t: RelayJob) -> Option<TunnelStats> {
-    let legs = leg(t.sender.0).and_then(|s| Ok((s, leg(t.listener.0)?)));
+    let RelayJob {
+        hc,
+        sender,
+        listener,
+        max_frame,
+        gone,
+        shutdown,
+    } = t;
+    let legs = leg(sender.0).and_then(|s| Ok((s, leg(listener.0)?)));
     let ((sr, sw), (lr, lw)) = match legs {
         Ok(l) => l,
         Err(e) => {
@@ -181,22 +200,26 @@ async fn run_relay(t: RelayJob) -> Option<TunnelStats> {
             return None;
         }
     };
-    TUNNELS_RUN.fetch_add(1, Ordering::Relaxed);
-    let active = ActiveGuard::new(stats::for_hc(&t.hc));
+    count_run(&hc);
+    let active = ActiveGuard::new(stats::for_hc(&hc));
+    drop(hc);
     let mut tunnel = relay::RelayTunnel::new(
-        (relay::Leg { r: sr, w: sw }, &t.sender.1),
-        (relay::Leg { r: lr, w: lw }, &t.listener.1),
-        t.max_frame,
-        &t.gone,
-        &t.shutdown,
+        (relay::Leg { r: sr, w: sw }, &sender.1),
+        (relay::Leg { r: lr, w: lw }, &listener.1),
+        max_frame,
+        &gone,
+        &shutdown,
         active,
     );
+    // The handshake buffers are copied; free them for the tunnel's lifetime.
+    drop((sender.1, listener.1, gone, shutdown));
     (&mut tunnel).await;
     Some(tunnel.shutdown_legs().await)
 }
 
 async fn run_splice(s: SpliceJob) -> Option<SpliceStats> {
-    let legs = leg(s.ws.0).and_then(|w| Ok((w, leg(s.tcp)?)));
+    let SpliceJob { hc, ws, tcp, cfg, stop } = s;
+    let legs = leg(ws.0).and_then(|w| Ok((w, leg(tcp)?)));
     let ((wr, ww), tcp) = match legs {
         Ok(l) => l,
         Err(e) => {
@@ -204,9 +227,11 @@ async fn run_splice(s: SpliceJob) -> Option<SpliceStats> {
             return None;
         }
     };
-    TUNNELS_RUN.fetch_add(1, Ordering::Relaxed);
-    let active = ActiveGuard::new(stats::for_hc(&s.hc));
-    let mut sp = splice::Splice::new((wr, ww, &s.ws.1), tcp, &s.cfg, &s.stop, active);
+    count_run(&hc);
+    let active = ActiveGuard::new(stats::for_hc(&hc));
+    drop(hc);
+    let mut sp = splice::Splice::new((wr, ww, &ws.1), tcp, &cfg, &stop, active);
+    drop((ws.1, cfg, stop));
     let stats = (&mut sp).await;
     sp.ws_w.shutdown_within(std::time::Duration::from_secs(2)).await;
     Some(stats)
@@ -246,9 +271,21 @@ fn run_worker(
 }
 
 fn build_runtime(ring: usize) -> std::io::Result<compio::runtime::Runtime> {
+    // One thread submits and reaps: let the kernel run completion work only when we
+    // enter it (no interrupts while the worker runs), as io_uring advises for this shape.
+    build_with(ring, true).or_else(|_| build_with(ring, false))
+}
+
+fn build_with(ring: usize, single_thread_flags: bool) -> std::io::Result<compio::runtime::Runtime> {
     let mut pb = compio::driver::ProactorBuilder::new();
     let ring = std::num::NonZero::new(ring.min(1 << 15) as u16).unwrap_or(std::num::NonZero::<u16>::MIN);
     pb.buffer_pool_size(ring).buffer_pool_buffer_len(BUF_SIZE);
+    if single_thread_flags {
+        pb.single_issuer(true)
+            .defer_taskrun(true)
+            .coop_taskrun(true)
+            .taskrun_flag(true);
+    }
     compio::runtime::RuntimeBuilder::new().with_proactor(pb).build()
 }
 
