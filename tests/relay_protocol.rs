@@ -28,10 +28,10 @@ async fn raw_listener(rig: &Rig, hc: &str) -> (Reader, tokio::io::WriteHalf<hyre
 async fn next_accept(r: &mut Reader) -> control::Accept {
     loop {
         let m = tokio::time::timeout(Duration::from_secs(10), r.next_message(1 << 16)).await.unwrap().unwrap().unwrap();
-        if let Message::Text(t) = m {
-            if let Command::Accept(a) = control::decode(&t).unwrap() {
-                return a;
-            }
+        if let Message::Text(t) = m
+            && let Command::Accept(a) = control::decode(&t).unwrap()
+        {
+            return a;
         }
     }
 }
