@@ -27,10 +27,25 @@ pub(crate) async fn handle(a: Accept, hc: Arc<HcRt>, endpoint: HostPort, ctx: Ar
         reject(&a, 403, &format!("hyrelay hcm: {why}"), &ctx).await;
         return;
     }
+    let url = match WsUrl::parse(&a.address) {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::warn!(hc = %name, error = %e, "relay sent an unusable accept address");
+            return;
+        }
+    };
+    // The endpoint dial and the connection to the relay (TCP, TLS) overlap; which request
+    // goes out on the latter, accept or reject, waits for the dial's result.
     let started = Instant::now();
-    let dialed = tokio::time::timeout(ctx.cfg.dial_timeout, ws::dial(&endpoint.host, endpoint.port)).await;
-    let millis = started.elapsed().as_millis() as u64;
-    metrics::histogram!(crate::telemetry::metrics::HCM_DIAL_SECONDS, "hc" => name.clone()).record(started.elapsed().as_secs_f64());
+    let dialing = async {
+        let d = tokio::time::timeout(ctx.cfg.dial_timeout, ws::dial(&endpoint.host, endpoint.port)).await;
+        (d, started.elapsed())
+    };
+    let opening = tokio::time::timeout(ctx.cfg.relay_timeout, ws::open(&url, Some(&ctx.tls)));
+    let ((dialed, took), opened) = tokio::join!(dialing, opening);
+    let opened = opened.unwrap_or_else(|_| Err(ConnectError::Timeout(ctx.cfg.relay_timeout)));
+    let millis = took.as_millis() as u64;
+    metrics::histogram!(crate::telemetry::metrics::HCM_DIAL_SECONDS, "hc" => name.clone()).record(took.as_secs_f64());
     let dial_result = match &dialed {
         Ok(Ok(_)) => "ok",
         Ok(Err(ConnectError::Resolve { .. })) => "dns",
@@ -54,7 +69,7 @@ pub(crate) async fn handle(a: Accept, hc: Arc<HcRt>, endpoint: HostPort, ctx: Ar
             };
             record_dial(&hc, false, millis, detail.clone());
             tracing::warn!(event = "endpoint_dial_failed", hc = %name, %endpoint, status, reason = %detail, "endpoint dial failed; rejecting the sender");
-            reject(&a, status, &format!("hyrelay hcm: endpoint {detail}"), &ctx).await;
+            reject_on(opened.ok(), &a, status, &format!("hyrelay hcm: endpoint {detail}"), &ctx).await;
             return;
         }
     };
@@ -65,14 +80,13 @@ pub(crate) async fn handle(a: Accept, hc: Arc<HcRt>, endpoint: HostPort, ctx: Ar
         .and_then(|(_, v)| v.split(',').map(str::trim).find(|p| !p.is_empty()))
         .map(str::to_owned);
     let headers: Vec<(&str, &str)> = protocol.as_deref().map(|p| ("Sec-WebSocket-Protocol", p)).into_iter().collect();
-    let url = match WsUrl::parse(&a.address) {
-        Ok(u) => u,
-        Err(e) => {
-            tracing::warn!(hc = %name, error = %e, "relay sent an unusable accept address");
-            return;
-        }
+    let upgraded = match opened {
+        Ok(stream) => tokio::time::timeout(ctx.cfg.relay_timeout, ws::upgrade(stream, &url, &headers))
+            .await
+            .unwrap_or_else(|_| Err(ConnectError::Timeout(ctx.cfg.relay_timeout))),
+        Err(e) => Err(e),
     };
-    let conn = match ws::connect(&url, Some(&ctx.tls), &headers, ctx.cfg.relay_timeout).await {
+    let conn = match upgraded {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(event = "rendezvous_failed", hc = %name, error = %e, "cannot open the rendezvous");
@@ -116,13 +130,24 @@ fn record_dial(hc: &HcRt, ok: bool, millis: u64, detail: String) {
 
 /// Rejects the rendezvous; the relay answers 410 and gives the sender `status description`.
 async fn reject(a: &Accept, status: u16, description: &str, ctx: &HcmCtx) {
+    reject_on(None, a, status, description, ctx).await;
+}
+
+/// [`reject`] on an already open connection to the relay, if there is one.
+async fn reject_on(stream: Option<crate::transport::Stream>, a: &Accept, status: u16, description: &str, ctx: &HcmCtx) {
     let address = format!(
         "{}&sb-hc-statusCode={status}&sb-hc-statusDescription={}",
         a.address,
         utf8_percent_encode(description, URI_COMPONENT)
     );
     let Ok(url) = WsUrl::parse(&address) else { return };
-    match ws::connect(&url, Some(&ctx.tls), &[], ctx.cfg.relay_timeout).await {
+    let answer = match stream {
+        Some(s) => tokio::time::timeout(ctx.cfg.relay_timeout, ws::upgrade(s, &url, &[]))
+            .await
+            .unwrap_or_else(|_| Err(ConnectError::Timeout(ctx.cfg.relay_timeout))),
+        None => ws::connect(&url, Some(&ctx.tls), &[], ctx.cfg.relay_timeout).await,
+    };
+    match answer {
         Err(ConnectError::Rejected { status: 410, .. }) => {}
         Err(e) => tracing::warn!(error = %e, "relay did not take the rejection"),
         Ok(_) => tracing::warn!("relay accepted a rejection as a connection"),

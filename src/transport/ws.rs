@@ -490,6 +490,13 @@ async fn connect_inner(
     tls: Option<&Arc<rustls::ClientConfig>>,
     headers: &[(&str, &str)],
 ) -> Result<ClientWs, ConnectError> {
+    let stream = open(url, tls).await?;
+    upgrade(stream, url, headers).await
+}
+
+/// Opens the connection (TCP, and TLS for `wss`) a WebSocket to `url` will run on, without
+/// the upgrade: lets a caller overlap it with other work and choose the request later.
+pub async fn open(url: &WsUrl, tls: Option<&Arc<rustls::ClientConfig>>) -> Result<Stream, ConnectError> {
     let tls = if url.tls { tls } else { None };
     if url.tls && tls.is_none() {
         return Err(ConnectError::Tls {
@@ -497,7 +504,11 @@ async fn connect_inner(
             source: io::Error::new(io::ErrorKind::InvalidInput, "no TLS configuration"),
         });
     }
-    let mut stream = open_stream(&url.host, url.port, tls).await?;
+    open_stream(&url.host, url.port, tls).await
+}
+
+/// Sends the upgrade request for `url` on an open `stream` and reads the answer.
+pub async fn upgrade(mut stream: Stream, url: &WsUrl, headers: &[(&str, &str)]) -> Result<ClientWs, ConnectError> {
     let key = handshake::new_key();
     let req = handshake::client_request(&url.host_header(), &url.target, &key, headers);
     stream.write_all(&req).await?;
