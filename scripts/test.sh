@@ -6,9 +6,10 @@ cd "$(dirname "$0")/.."
 
 # Microsoft's hyco-ws client for the compatibility tests (npm registry).
 scripts/setup-node.sh
+# kosoku (the Autobahn WebSocket test suite) in a venv, for tests/autobahn.rs (PyPI).
 scripts/setup-python.sh
-# Debian packages: sslscan and slowhttptest for tests/security.rs, iproute2 and nftables
-# for the fault tests in network namespaces (tests/faults.rs).
+# Debian packages: sslscan and slowhttptest for tests/security.rs, chromium for
+# tests/status_page.rs, iproute2 and nftables for the fault tests in network namespaces.
 scripts/setup-debian.sh
 
 cargo test --locked --all-targets
