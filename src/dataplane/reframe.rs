@@ -19,23 +19,20 @@
 //! the abandon grace.
 
 use std::future::Future;
-use std::io::{self, IoSlice};
-use std::ops::Range;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::AsyncWrite;
 use tokio::time::Sleep;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use super::pool::{self, PoolBuf};
+pub use super::io::{ReadySource, preloaded};
+use super::io::{InBuf, Runs};
 use super::stats::ActiveGuard;
 use crate::proto::frame::{self, Decoder, FrameError, MAX_HEADER_LEN, OpCode, Role, SliceItem, close_code};
 use crate::transport::Stream;
 
-/// Most frames written by one vectored write.
-const MAX_BATCH: usize = 64;
 /// How long the surviving side gets to answer after its peer vanished. Default: 5 s.
 pub const ABANDON_GRACE: Duration = Duration::from_secs(5);
 
@@ -92,14 +89,10 @@ impl Final {
 #[derive(Debug)]
 pub struct Direction {
     dec: Decoder,
-    buf: Option<PoolBuf>,
-    /// Undecoded bytes are `buf[start..end]`.
-    start: usize,
-    end: usize,
-    /// Runs of `buf` ready to write, and progress through them.
-    out: Vec<Range<usize>>,
-    out_idx: usize,
-    out_off: usize,
+    /// Undecoded input.
+    input: InBuf,
+    /// Runs of the input buffer ready to write.
+    out: Runs,
     need_flush: bool,
     /// The last forwarded data chunk was not its frame's last: no Close may be injected.
     mid_frame: bool,
@@ -116,12 +109,8 @@ impl Direction {
     pub fn new(max_frame: u64) -> Self {
         Self {
             dec: Decoder::new(Role::Server, max_frame),
-            buf: None,
-            start: 0,
-            end: 0,
-            out: Vec::new(),
-            out_idx: 0,
-            out_off: 0,
+            input: InBuf::default(),
+            out: Runs::default(),
             need_flush: false,
             mid_frame: false,
             ending: None,
@@ -133,11 +122,7 @@ impl Direction {
 
     /// Seeds the direction with bytes that arrived with the handshake.
     pub fn preload(&mut self, bytes: &[u8]) {
-        if bytes.is_empty() {
-            return;
-        }
-        self.buf = Some(preloaded(bytes));
-        self.end = bytes.len();
+        self.input.preload(bytes);
     }
 
     /// Asks the direction to end at the next frame boundary with Close(1001).
@@ -180,11 +165,12 @@ impl Direction {
         D: AsyncWrite + Unpin,
     {
         loop {
-            if self.out_idx < self.out.len() {
-                if let Err(e) = ready!(self.poll_write_out(cx, dst)) {
+            if self.out.pending() {
+                if let Err(e) = ready!(self.out.poll_write(cx, dst, self.input.buf())) {
                     tracing::trace!(error = %e, "relay leg write failed");
                     return Poll::Ready(self.finish(DirEnd::WriteFailed));
                 }
+                self.need_flush |= !self.out.pending();
                 continue;
             }
             if let Some(f) = &mut self.final_frame {
@@ -210,10 +196,10 @@ impl Direction {
                 self.abort(end);
                 continue;
             }
-            if self.start < self.end {
+            if self.input.has_bytes() {
                 match self.decode_batch() {
                     Ok(()) => {
-                        if self.out_idx < self.out.len() || self.ending.is_some() {
+                        if self.out.pending() || self.ending.is_some() {
                             continue;
                         }
                     }
@@ -223,7 +209,7 @@ impl Direction {
                     }
                 }
             }
-            match ready!(self.poll_fill(cx, src)) {
+            match ready!(self.input.poll_fill(cx, src)) {
                 Ok(true) => {}
                 Ok(false) | Err(_) => self.abort(DirEnd::Vanished),
             }
@@ -231,60 +217,22 @@ impl Direction {
     }
 
     fn finish(&mut self, end: DirEnd) -> DirEnd {
-        self.buf = None;
-        self.start = 0;
-        self.end = 0;
+        self.input.release();
         end
-    }
-
-    /// Reads more input. `Ok(false)` on EOF. Holds no buffer while waiting for readiness.
-    fn poll_fill<S: ReadySource>(&mut self, cx: &mut Context<'_>, src: &mut S) -> Poll<io::Result<bool>> {
-        // Keep a partial header or control frame; release the buffer when nothing is left.
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-            self.buf = None;
-        } else if self.start > 0 {
-            let buf = self.buf.as_mut().expect("bytes imply a buffer");
-            buf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
-        }
-        if self.buf.is_none() {
-            ready!(src.poll_ready(cx))?;
-            self.buf = Some(ready!(pool::poll_acquire(cx)));
-        }
-        let buf = self.buf.as_mut().expect("acquired above");
-        let mut rb = ReadBuf::new(&mut buf[self.end..]);
-        match src.poll_read_into(cx, &mut rb) {
-            Poll::Ready(Ok(())) => {
-                let n = rb.filled().len();
-                self.end += n;
-                Poll::Ready(Ok(n > 0))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => {
-                if self.end == 0 {
-                    self.buf = None; // spurious readiness: wait again without a buffer
-                }
-                Poll::Pending
-            }
-        }
     }
 
     /// Decodes buffered frames into output runs, rewriting headers in place.
     fn decode_batch(&mut self) -> Result<(), FrameError> {
-        let buf = self.buf.as_mut().expect("bytes imply a buffer");
         self.out.clear();
-        self.out_idx = 0;
-        self.out_off = 0;
+        let out = &mut self.out;
+        let (buf, start, end) = self.input.split();
         let mut hdr = [0u8; MAX_HEADER_LEN];
-        while self.start < self.end && self.out.len() < MAX_BATCH {
-            let base = self.start;
-            let Some((item, used)) = self.dec.decode_slice(&mut buf[base..self.end])? else {
+        while *start < end && out.has_room() {
+            let base = *start;
+            let Some((item, used)) = self.dec.decode_slice(&mut buf[base..end])? else {
                 break;
             };
-            self.start += used;
+            *start += used;
             match item {
                 SliceItem::Data(c) => {
                     self.bytes += c.payload.len() as u64;
@@ -293,9 +241,9 @@ impl Direction {
                     if c.first {
                         let h = frame::encode_header(c.fin, c.opcode, None, c.frame_len, &mut hdr);
                         buf[p0 - h..p0].copy_from_slice(&hdr[..h]);
-                        self.out.push(p0 - h..p1);
+                        out.push(p0 - h..p1);
                     } else if p1 > p0 {
-                        self.out.push(p0..p1);
+                        out.push(p0..p1);
                     }
                 }
                 SliceItem::Control { opcode, payload } => {
@@ -305,10 +253,10 @@ impl Direction {
                     }
                     let h = frame::encode_header(true, opcode, None, (p1 - p0) as u64, &mut hdr);
                     buf[p0 - h..p0].copy_from_slice(&hdr[..h]);
-                    self.out.push(p0 - h..p1);
+                    out.push(p0 - h..p1);
                     if opcode == OpCode::Close {
                         // Nothing may follow a Close; whatever the peer sent after it is dropped.
-                        self.start = self.end;
+                        *start = end;
                         self.ending = Some(DirEnd::Closed);
                         break;
                     }
@@ -316,77 +264,6 @@ impl Direction {
             }
         }
         Ok(())
-    }
-
-    fn poll_write_out<D: AsyncWrite + Unpin>(&mut self, cx: &mut Context<'_>, dst: &mut D) -> Poll<io::Result<()>> {
-        let buf = self.buf.as_ref().expect("output lives in the buffer");
-        let mut slices = [IoSlice::new(&[]); MAX_BATCH];
-        let mut k = 0;
-        for (i, r) in self.out[self.out_idx..].iter().enumerate() {
-            let skip = if i == 0 { self.out_off } else { 0 };
-            slices[k] = IoSlice::new(&buf[r.start + skip..r.end]);
-            k += 1;
-        }
-        let mut n = ready!(Pin::new(&mut *dst).poll_write_vectored(cx, &slices[..k]))?;
-        if n == 0 {
-            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-        }
-        while n > 0 {
-            let r = &self.out[self.out_idx];
-            let left = r.len() - self.out_off;
-            if n >= left {
-                n -= left;
-                self.out_idx += 1;
-                self.out_off = 0;
-            } else {
-                self.out_off += n;
-                n = 0;
-            }
-        }
-        if self.out_idx == self.out.len() {
-            self.out.clear();
-            self.out_idx = 0;
-            self.need_flush = true;
-        }
-        Poll::Ready(Ok(()))
-    }
-}
-
-/// A buffer holding `bytes` (handshake leftovers): from the pool if it has room, else
-/// allocated outside it, since these bytes cannot wait.
-pub fn preloaded(bytes: &[u8]) -> PoolBuf {
-    let waker = std::task::Waker::noop();
-    let mut buf = match pool::poll_acquire(&mut Context::from_waker(waker)) {
-        Poll::Ready(b) if b.len() >= bytes.len() => b,
-        _ => PoolBuf::unpooled(bytes.len().max(pool::BUF_SIZE)),
-    };
-    buf[..bytes.len()].copy_from_slice(bytes);
-    buf
-}
-
-/// A read side that can wait for input without a buffer.
-pub trait ReadySource {
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
-    fn poll_read_into(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>>;
-}
-
-impl ReadySource for Stream {
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.poll_read_ready(cx)
-    }
-
-    fn poll_read_into(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(self).poll_read(cx, buf)
-    }
-}
-
-impl ReadySource for tokio::net::TcpStream {
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.poll_read_ready(cx)
-    }
-
-    fn poll_read_into(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(self).poll_read(cx, buf)
     }
 }
 

@@ -18,7 +18,7 @@
 //! writing side through [`Ctrl`] and written between data frames.
 
 use std::future::Future;
-use std::io::{self, IoSlice};
+use std::io;
 use std::ops::Range;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -31,7 +31,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::pool::{self, PoolBuf};
-use super::reframe::{ReadySource, preloaded};
+use super::io::{InBuf, ReadySource, Runs};
 use super::stats::ActiveGuard;
 use crate::proto::frame::{self, Decoder, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN, OpCode, Role, SliceItem, close_code};
 use crate::proto::mask::apply_mask;
@@ -39,8 +39,6 @@ use crate::transport::Stream;
 
 /// Bytes kept free in front of the payload for the frame header.
 pub const HEADROOM: usize = MAX_HEADER_LEN;
-/// Most payload runs written by one vectored write.
-const MAX_BATCH: usize = 64;
 
 /// Tunables of a splice.
 #[derive(Debug, Clone)]
@@ -323,12 +321,10 @@ impl Up {
 #[derive(Debug)]
 struct Down {
     dec: Decoder,
-    buf: Option<PoolBuf>,
-    start: usize,
-    end: usize,
-    out: Vec<Range<usize>>,
-    out_idx: usize,
-    out_off: usize,
+    /// Undecoded input from the WebSocket.
+    input: InBuf,
+    /// Payload runs of the input buffer waiting to go to TCP.
+    out: Runs,
     /// The peer's Close was read: shut TCP's write side once the output is out.
     closing: bool,
     bytes: u64,
@@ -349,12 +345,8 @@ impl Down {
     fn new(max_frame: u64) -> Self {
         Self {
             dec: Decoder::new(Role::Client, max_frame),
-            buf: None,
-            start: 0,
-            end: 0,
-            out: Vec::new(),
-            out_idx: 0,
-            out_off: 0,
+            input: InBuf::default(),
+            out: Runs::default(),
             closing: false,
             bytes: 0,
         }
@@ -369,81 +361,47 @@ impl Down {
         heard: &mut Instant,
     ) -> Poll<DownEnd> {
         loop {
-            if self.out_idx < self.out.len() {
-                if ready!(self.poll_write_out(cx, tcp)).is_err() {
+            if self.out.pending() {
+                if ready!(self.out.poll_write(cx, tcp, self.input.buf())).is_err() {
                     return Poll::Ready(DownEnd::TcpWriteFailed);
                 }
                 continue;
             }
             if self.closing {
                 let _ = ready!(Pin::new(&mut *tcp).poll_shutdown(cx));
-                self.buf = None;
+                self.input.release();
                 return Poll::Ready(DownEnd::PeerClosed);
             }
-            if self.start < self.end {
+            if self.input.has_bytes() {
                 if let Err(e) = self.decode_batch(ctrl) {
                     return Poll::Ready(DownEnd::ProtocolError(e.close_code(), e.to_string()));
                 }
-                if self.out_idx < self.out.len() || self.closing {
+                if self.out.pending() || self.closing {
                     continue;
                 }
             }
-            match ready!(self.poll_fill(cx, ws)) {
+            match ready!(self.input.poll_fill(cx, ws)) {
                 Ok(true) => *heard = Instant::now(),
                 Ok(false) | Err(_) => return Poll::Ready(DownEnd::Vanished),
             }
         }
     }
 
-    fn poll_fill(&mut self, cx: &mut Context<'_>, ws: &mut Stream) -> Poll<io::Result<bool>> {
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-            self.buf = None;
-        } else if self.start > 0 {
-            let buf = self.buf.as_mut().expect("bytes imply a buffer");
-            buf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
-        }
-        if self.buf.is_none() {
-            ready!(ws.poll_read_ready(cx))?;
-            self.buf = Some(ready!(pool::poll_acquire(cx)));
-        }
-        let buf = self.buf.as_mut().expect("acquired above");
-        let mut rb = ReadBuf::new(&mut buf[self.end..]);
-        match Pin::new(&mut *ws).poll_read(cx, &mut rb) {
-            Poll::Ready(Ok(())) => {
-                let n = rb.filled().len();
-                self.end += n;
-                Poll::Ready(Ok(n > 0))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => {
-                if self.end == 0 {
-                    self.buf = None;
-                }
-                Poll::Pending
-            }
-        }
-    }
-
     fn decode_batch(&mut self, ctrl: &mut Ctrl) -> Result<(), frame::FrameError> {
-        let buf = self.buf.as_mut().expect("bytes imply a buffer");
         self.out.clear();
-        self.out_idx = 0;
-        self.out_off = 0;
-        while self.start < self.end && self.out.len() < MAX_BATCH {
-            let base = self.start;
-            let Some((item, used)) = self.dec.decode_slice(&mut buf[base..self.end])? else {
+        let out = &mut self.out;
+        let (buf, start, end) = self.input.split();
+        while *start < end && out.has_room() {
+            let base = *start;
+            let Some((item, used)) = self.dec.decode_slice(&mut buf[base..end])? else {
                 break;
             };
-            self.start += used;
+            *start += used;
             match item {
                 SliceItem::Data(c) => {
                     if !c.payload.is_empty() {
                         self.bytes += c.payload.len() as u64;
-                        self.out.push(base + c.payload.start..base + c.payload.end);
+                        out.push(base + c.payload.start..base + c.payload.end);
                     }
                 }
                 SliceItem::Control { opcode: OpCode::Ping, payload } => {
@@ -456,43 +414,12 @@ impl Down {
                     let close = frame::parse_close(&buf[base + payload.start..base + payload.end])?;
                     ctrl.peer_closed = Some(close.code);
                     self.closing = true;
-                    self.start = self.end; // nothing may follow a Close
+                    *start = end; // nothing may follow a Close
                     break;
                 }
             }
         }
         Ok(())
-    }
-
-    fn poll_write_out(&mut self, cx: &mut Context<'_>, tcp: &mut TcpStream) -> Poll<io::Result<()>> {
-        let buf = self.buf.as_ref().expect("output lives in the buffer");
-        let mut slices = [IoSlice::new(&[]); MAX_BATCH];
-        let mut k = 0;
-        for (i, r) in self.out[self.out_idx..].iter().enumerate() {
-            let skip = if i == 0 { self.out_off } else { 0 };
-            slices[k] = IoSlice::new(&buf[r.start + skip..r.end]);
-            k += 1;
-        }
-        let mut n = ready!(Pin::new(&mut *tcp).poll_write_vectored(cx, &slices[..k]))?;
-        if n == 0 {
-            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-        }
-        while n > 0 {
-            let left = self.out[self.out_idx].len() - self.out_off;
-            if n >= left {
-                n -= left;
-                self.out_idx += 1;
-                self.out_off = 0;
-            } else {
-                self.out_off += n;
-                n = 0;
-            }
-        }
-        if self.out_idx == self.out.len() {
-            self.out.clear();
-            self.out_idx = 0;
-        }
-        Poll::Ready(Ok(()))
     }
 }
 
@@ -528,10 +455,7 @@ impl Splice {
         active: Option<ActiveGuard>,
     ) -> Self {
         let mut down = Down::new(cfg.max_frame);
-        if !leftover.is_empty() {
-            down.buf = Some(preloaded(leftover));
-            down.end = leftover.len();
-        }
+        down.input.preload(leftover);
         Self {
             ws,
             tcp,
