@@ -152,7 +152,12 @@ impl ConnectionString {
                 "sharedaccesskeyname" => name = Some(v.to_owned()),
                 "sharedaccesskey" => key = Some(Secret::new(v)),
                 "sharedaccesssignature" => sas = Some(Secret::new(v)),
-                "entitypath" => entity = Some(v.trim_matches('/').to_owned()).filter(|e| !e.is_empty()),
+                // Slashes and spaces together: `/ hc1` left ` hc1`, which `expose()` wrote
+                // as `EntityPath= hc1` and re-parsed as `hc1` (found by fuzzing).
+                "entitypath" => {
+                    let e = v.trim_matches(|c: char| c == '/' || c.is_whitespace());
+                    entity = Some(e.to_owned()).filter(|e| !e.is_empty());
+                }
                 "authentication" => return Err(ConnStrError::UnsupportedAuthentication(v.to_owned())),
                 _ => {}
             }
@@ -247,6 +252,23 @@ mod tests {
         assert!(RelayEndpoint::parse("sb://:s.example:443/path").is_err());
         assert_eq!(split_host_port("[::1]:80"), Some(("[::1]".into(), Some(80))));
         assert_eq!(split_host_port("a:443"), Some(("a".into(), Some(443))));
+    }
+
+    #[test]
+    fn entity_path_trimmed_of_slashes_and_spaces_alike() {
+        // fuzz/regressions/connection_string/entity-path-slash-space: `// /b` gave ` /b`,
+        // which expose() wrote out and parse() then read back as `b`.
+        for (raw, want) in [
+            ("// /b", Some("b")),
+            ("/ hc1 /", Some("hc1")),
+            ("/ /", None),
+            ("a/ b", Some("a/ b")),
+        ] {
+            let c = ConnectionString::parse(&format!("Endpoint=sb://ns/;SharedAccessSignature=t;EntityPath={raw}"))
+                .unwrap();
+            assert_eq!(c.entity_path.as_deref(), want, "{raw:?}");
+            assert_eq!(ConnectionString::parse(&c.expose()).unwrap(), c, "{raw:?}");
+        }
     }
 
     #[test]
