@@ -11,8 +11,9 @@
 //! separate processes) per `--hyrelay` binary, `<name>-tls` with `--tls`, and whatever
 //! `--targets-file` lists (see `load/target.rs`; `scripts/bench-peers.sh` writes one for
 //! rathole, bore, haproxy, socat and websocat). Per run each target is started twice: once
-//! for the idle-memory workload on fresh processes, once for bulk, RTT and setup. Figures are
-//! medians over `--runs`, with targets in a rotating order.
+//! for the idle-memory workload on fresh processes, once for bulk, RTT, ping-pong (32
+//! connections at once) and setup. Figures are medians over `--runs`, with targets in a
+//! rotating order.
 //!
 //! Run without `--bench` (as `cargo test --all-targets` does) it only prints how to run it.
 
@@ -71,6 +72,12 @@ pub struct Args {
     /// Round trips of 64 bytes on one connection.
     #[arg(long, default_value_t = 10_000)]
     rtt_count: usize,
+    /// Connections of the ping-pong workload, all at once ...
+    #[arg(long, default_value_t = 32)]
+    pingpong_conns: usize,
+    /// ... each doing this many round trips of 64 bytes.
+    #[arg(long, default_value_t = 2_500)]
+    pingpong_count: usize,
     /// New connections for the setup rate, and how many at a time.
     #[arg(long, default_value_t = 2_000)]
     setup_count: usize,
@@ -79,8 +86,8 @@ pub struct Args {
     /// Idle connections for the memory figure (also measured at 1,000 on the way).
     #[arg(long, default_value_t = 10_000)]
     idle: usize,
-    /// Workloads to leave out (comma-separated: bulk, rtt, setup, idle).
-    #[arg(long, value_delimiter = ',')]
+    /// Workloads to leave out (comma-separated: bulk, rtt, pingpong, setup, idle).
+    #[arg(long, value_delimiter = ',', value_parser = ["bulk", "rtt", "pingpong", "setup", "idle"])]
     skip: Vec<String>,
     /// Also write every figure of every run as JSON here.
     #[arg(long)]
@@ -263,6 +270,12 @@ fn run_target(
             Err(e) => f.errors.push(format!("rtt: {e:#}")),
         }
         drop(dma);
+    }
+    if !skip("pingpong") {
+        match workloads::pingpong(t.entry, &pids, args.pingpong_conns, args.pingpong_count) {
+            Ok(p) => f.add_pingpong(&p),
+            Err(e) => f.errors.push(format!("pingpong: {e:#}")),
+        }
     }
     if !skip("setup") {
         match workloads::setup(t.entry, &pids, args.setup_count, args.setup_concurrency) {

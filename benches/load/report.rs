@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::procs::Cpu;
-use crate::workloads::{Bulk, Rtt, Setup};
+use crate::workloads::{Bulk, PingPong, Rtt, Setup};
 
 type Map = BTreeMap<String, f64>;
 
@@ -54,6 +54,11 @@ impl Figures {
         self.m.insert("rtt_p99_us".into(), r.p99_us);
         self.m.insert("rtt_p999_us".into(), r.p999_us);
         self.set_per("cpu_us_per_rt", r.cpu.clone());
+    }
+
+    pub fn add_pingpong(&mut self, p: &PingPong) {
+        self.m.insert("pingpong_per_s".into(), p.per_sec);
+        self.set_per("cpu_us_per_pp_rt", p.cpu.clone());
     }
 
     pub fn add_setup(&mut self, s: &Setup) {
@@ -102,6 +107,8 @@ pub struct Env {
     pub loadavg_start: String,
     pub command: String,
     pub runs: usize,
+    /// The ping-pong workload's shape: connections at once, round trips each.
+    pub pingpong: (usize, usize),
     pub notes: Vec<String>,
 }
 
@@ -130,6 +137,7 @@ impl Env {
                 .to_string(),
             command: format!("cargo bench --bench load -- {}", args_text.join(" ")),
             runs: args.runs,
+            pingpong: (args.pingpong_conns, args.pingpong_count),
             notes: notes.to_vec(),
         }
     }
@@ -210,6 +218,8 @@ const COLUMNS: &[(&str, &str, bool)] = &[
     ("rtt_p99_us", "RTT p99 µs", true),
     ("rtt_p999_us", "RTT p99.9 µs", true),
     ("rtt_added_p50_us", "added p50 µs", false),
+    ("pingpong_per_s", "ping-pong rt/s", true),
+    ("cpu_us_per_pp_rt", "CPU µs / ping-pong rt", false),
     ("setup_per_s", "setup conns/s", true),
     ("setup_p99_ms", "setup p99 ms", true),
     ("kib_per_idle", "KiB / idle conn", false),
@@ -237,6 +247,13 @@ pub fn render(env: &Env, order: &[String], runs: &[BTreeMap<String, Figures>]) -
         format!(
             "load average at start: {}   figures: median of {} run(s)",
             env.loadavg_start, env.runs
+        ),
+    );
+    w(
+        &mut s,
+        format!(
+            "ping-pong: {} connections at once × {} round trips of 64 B (aggregate rate)",
+            env.pingpong.0, env.pingpong.1
         ),
     );
     for n in &env.notes {
@@ -278,7 +295,7 @@ pub fn render(env: &Env, order: &[String], runs: &[BTreeMap<String, Figures>]) -
 
 fn per_process(s: &mut String, order: &[String], med: &BTreeMap<&String, (Map, BTreeMap<String, Map>, usize)>) {
     s.push_str("\nPer process (CPU from utime+stime of the process and its children; RSS = VmRSS):\n\n");
-    s.push_str("| target | process | CPU s/GB (1 stream, both ways) | CPU µs / round trip | CPU µs / new conn | RSS at start MiB | RSS idle-max MiB | KiB / idle conn |\n|---|---|---|---|---|---|---|---|\n");
+    s.push_str("| target | process | CPU s/GB (1 stream, both ways) | CPU µs / round trip | CPU µs / ping-pong rt | CPU µs / new conn | RSS at start MiB | RSS idle-max MiB | KiB / idle conn |\n|---|---|---|---|---|---|---|---|---|\n");
     for t in order {
         let (m, per, _) = &med[t];
         let idle_key = m.get("idle_conns").map(|n| format!("rss_{n}_kib"));
@@ -290,9 +307,10 @@ fn per_process(s: &mut String, order: &[String], med: &BTreeMap<&String, (Map, B
                     .unwrap_or_else(|| "–".into())
             };
             s.push_str(&format!(
-                "| {t} | {p} | {} | {} | {} | {} | {} | {} |\n",
+                "| {t} | {p} | {} | {} | {} | {} | {} | {} | {} |\n",
                 g("cpu_s_per_gb"),
                 g("cpu_us_per_rt"),
+                g("cpu_us_per_pp_rt"),
                 g("cpu_us_per_conn"),
                 mib(Some(&"rss_start_kib".to_string())),
                 mib(idle_key.as_ref()),

@@ -1,5 +1,6 @@
-//! The workloads, the same for every target: bulk throughput, round-trip latency, tunnel
-//! setup rate and idle-connection memory. Clients are blocking threads; every loop is bounded
+//! The workloads, the same for every target: bulk throughput, round-trip latency, many
+//! concurrent ping-pongs (the "pp32" of runtime-notes.md), tunnel setup rate and
+//! idle-connection memory. Clients are blocking threads; every loop is bounded
 //! in count and time (socket timeouts plus deadlines), and a stalled tunnel is an error, not
 //! a hang.
 
@@ -7,7 +8,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -175,6 +176,93 @@ pub fn rtt(entry: SocketAddr, pids: &[(String, u32)], count: usize) -> anyhow::R
         p999_us: pct(&times, 0.999),
         cpu,
     })
+}
+
+/// Result of the ping-pong workload: aggregate round trips per second over all connections.
+pub struct PingPong {
+    pub per_sec: f64,
+    /// CPU µs per round trip, per process.
+    pub cpu: procs::Cpu,
+}
+
+/// `conns` connections at once, each doing `count` round trips of 64 bytes (after 100
+/// unrecorded ones); the rate is all round trips over the time from the common start until
+/// the last connection finished.
+pub fn pingpong(entry: SocketAddr, pids: &[(String, u32)], conns: usize, count: usize) -> anyhow::Result<PingPong> {
+    let streams = (0..conns)
+        .map(|_| echo_stream(entry))
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("open the ping-pong connections")?;
+    let start = Arc::new(Barrier::new(conns + 1));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let threads: Vec<_> = streams
+        .into_iter()
+        .map(|s| {
+            let start = start.clone();
+            std::thread::spawn(move || ping_pong_loop(s, &start, count, deadline))
+        })
+        .collect();
+    start.wait();
+    let (c0, t0) = (procs::cpu(pids), Instant::now());
+    let results: Vec<std::io::Result<()>> = threads
+        .into_iter()
+        .map(|t| {
+            t.join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("client thread panicked")))
+        })
+        .collect();
+    let (c1, wall) = (procs::cpu(pids), t0.elapsed().as_secs_f64());
+    let failed: Vec<String> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .map(|e| e.to_string())
+        .collect();
+    if !failed.is_empty() {
+        bail!("{} of {conns} connections failed, first: {}", failed.len(), failed[0]);
+    }
+    let total = (conns * count) as f64;
+    let cpu = procs::delta(&c0, &c1)
+        .into_iter()
+        .map(|(n, s)| (n, s * 1e6 / total))
+        .collect();
+    Ok(PingPong {
+        per_sec: total / wall,
+        cpu,
+    })
+}
+
+/// A connection in echo mode that has echoed one 64-byte message.
+fn echo_stream(entry: SocketAddr) -> std::io::Result<TcpStream> {
+    let mut s = connect(entry)?;
+    let mut msg = [0x33u8; 65];
+    msg[0] = b'E';
+    s.write_all(&msg)?;
+    s.read_exact(&mut [0u8; 64])?;
+    Ok(s)
+}
+
+/// One client of [`pingpong`]: warms up, waits for the common start, then `count` round trips.
+fn ping_pong_loop(mut s: TcpStream, start: &Barrier, count: usize, deadline: Instant) -> std::io::Result<()> {
+    let msg = [0x33u8; 64];
+    let mut back = [0u8; 64];
+    let mut round_trip = |s: &mut TcpStream| {
+        s.write_all(&msg)?;
+        s.read_exact(&mut back)
+    };
+    // Even a failed warm-up reaches the barrier, or the other threads would wait for ever.
+    let warm = (0..100).try_for_each(|_| round_trip(&mut s));
+    start.wait();
+    warm?;
+    for i in 0..count {
+        round_trip(&mut s)?;
+        if i % 100 == 0 && Instant::now() > deadline {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "ping-pong took over 120 s",
+            ));
+        }
+    }
+    Ok(())
 }
 
 pub struct Setup {
