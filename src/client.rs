@@ -94,7 +94,10 @@ mod tests {
 
     #[test]
     fn urls_and_tokens() {
-        let cs = ConnectionString::parse("Endpoint=sb://relay:9443/;SharedAccessKeyName=r;SharedAccessKey=k;EntityPath=a b/c").unwrap();
+        let cs = ConnectionString::parse(
+            "Endpoint=sb://relay:9443/;SharedAccessKeyName=r;SharedAccessKey=k;EntityPath=a b/c",
+        )
+        .unwrap();
         let u = hc_url(&cs, "a b/c", "listen", "x");
         assert_eq!(u.target, "/$hc/a%20b/c?sb-hc-action=listen&sb-hc-id=x");
         assert_eq!((u.tls, u.port), (true, 9443));
@@ -126,10 +129,19 @@ pub enum ManagementError {
 impl Management {
     /// `cs` must carry a Manage key (namespace-wide, e.g. RootManageSharedAccessKey).
     pub fn new(cs: ConnectionString, tls: Arc<rustls::ClientConfig>) -> Self {
-        Self { cs, tls, timeout: Duration::from_secs(20) }
+        Self {
+            cs,
+            tls,
+            timeout: Duration::from_secs(20),
+        }
     }
 
-    async fn call(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> Result<serde_json::Value, ManagementError> {
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value, ManagementError> {
         let token = token(&self.cs, "", Duration::from_secs(300));
         let body = body.map(|b| b.to_string()).unwrap_or_default();
         let mut headers = vec![("Authorization", token.as_str())];
@@ -137,7 +149,16 @@ impl Management {
             headers.push(("Content-Type", "application/json"));
         }
         let target = format!("{}{path}", crate::relay::mgmt::API_PREFIX);
-        let resp = crate::transport::http::request(&self.cs.endpoint, Some(&self.tls), method, &target, &headers, body.as_bytes(), self.timeout).await?;
+        let resp = crate::transport::http::request(
+            &self.cs.endpoint,
+            Some(&self.tls),
+            method,
+            &target,
+            &headers,
+            body.as_bytes(),
+            self.timeout,
+        )
+        .await?;
         let value: serde_json::Value = if resp.body.is_empty() {
             serde_json::Value::Null
         } else {
@@ -146,8 +167,15 @@ impl Management {
         if (200..300).contains(&resp.head.status) {
             Ok(value)
         } else {
-            let message = value.get("error").and_then(|m| m.as_str()).map(str::to_owned).unwrap_or(resp.head.reason);
-            Err(ManagementError::Refused { status: resp.head.status, message })
+            let message = value
+                .get("error")
+                .and_then(|m| m.as_str())
+                .map(str::to_owned)
+                .unwrap_or(resp.head.reason);
+            Err(ManagementError::Refused {
+                status: resp.head.status,
+                message,
+            })
         }
     }
 
@@ -159,7 +187,12 @@ impl Management {
         self.call("GET", "", None).await
     }
 
-    pub async fn create(&self, name: &str, endpoint: Option<&str>, requires_client_authorization: bool) -> Result<serde_json::Value, ManagementError> {
+    pub async fn create(
+        &self,
+        name: &str,
+        endpoint: Option<&str>,
+        requires_client_authorization: bool,
+    ) -> Result<serde_json::Value, ManagementError> {
         let body = serde_json::json!({ "name": name, "endpoint": endpoint, "requiresClientAuthorization": requires_client_authorization });
         self.call("POST", "", Some(body)).await
     }
@@ -173,13 +206,28 @@ impl Management {
     }
 
     /// `secondary` picks the key; `rule` limits it to one rule (default: both).
-    pub async fn regenerate_key(&self, name: &str, secondary: bool, rule: Option<&str>) -> Result<serde_json::Value, ManagementError> {
+    pub async fn regenerate_key(
+        &self,
+        name: &str,
+        secondary: bool,
+        rule: Option<&str>,
+    ) -> Result<serde_json::Value, ManagementError> {
         let body = serde_json::json!({ "key": if secondary { "secondary" } else { "primary" }, "rule": rule });
-        self.call("POST", &format!("{}/regenerate-key", Self::name_segment(name)), Some(body)).await
+        self.call(
+            "POST",
+            &format!("{}/regenerate-key", Self::name_segment(name)),
+            Some(body),
+        )
+        .await
     }
 
     /// The Listen (`send == false`) or Send connection string of `name`.
-    pub async fn connection_string(&self, name: &str, send: bool, secondary: bool) -> Result<ConnectionString, ManagementError> {
+    pub async fn connection_string(
+        &self,
+        name: &str,
+        send: bool,
+        secondary: bool,
+    ) -> Result<ConnectionString, ManagementError> {
         let path = format!(
             "{}/connection-string?right={}&key={}",
             Self::name_segment(name),
@@ -187,7 +235,10 @@ impl Management {
             if secondary { "secondary" } else { "primary" }
         );
         let v = self.call("GET", &path, None).await?;
-        let s = v.get("connectionString").and_then(|s| s.as_str()).ok_or_else(|| ManagementError::BadJson("no connectionString".into()))?;
+        let s = v
+            .get("connectionString")
+            .and_then(|s| s.as_str())
+            .ok_or_else(|| ManagementError::BadJson("no connectionString".into()))?;
         ConnectionString::parse(s).map_err(|e| ManagementError::BadJson(e.to_string()))
     }
 }

@@ -36,7 +36,10 @@ pub fn spawn(addr: SocketAddr) -> std::io::Result<SocketAddr> {
     std_listener.set_nonblocking(true)?;
     let local = std_listener.local_addr()?;
     std::thread::Builder::new().name("hyrelay-echo".into()).spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("echo runtime");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("echo runtime");
         rt.block_on(async move {
             match TcpListener::from_std(std_listener) {
                 Ok(l) => serve(l).await,

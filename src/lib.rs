@@ -2,16 +2,16 @@
 //!
 //! Layout (see `../shared/docs/architecture.md` for the design):
 //! - [`proto`]: the Azure Relay Hybrid Connections wire protocol, sans-IO.
-pub mod proto;
+pub mod bridge;
+pub mod cli;
+pub mod client;
 pub mod config;
 pub mod dataplane;
-pub mod relay;
-pub mod transport;
-pub mod client;
-pub mod hcm;
-pub mod bridge;
 pub mod echo;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod cli;
+pub mod hcm;
+pub mod proto;
+pub mod relay;
 pub mod telemetry;
+pub mod transport;

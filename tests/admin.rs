@@ -12,11 +12,19 @@ use hyrelay::hcm::config::HcEntry;
 async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
     let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
     let status = out[9..12].parse().unwrap();
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -29,7 +37,10 @@ async fn relay_hcm_and_bridge_report_truthfully() {
     let rig = Rig::with(false, |c| c.admin = admin_any());
     let relay_admin = rig.relay.admin_addr().unwrap();
     rig.create("good", echo()).await;
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     rig.create("broken", dead).await;
 
     let mut hc = rig.hcm_config(vec![
@@ -50,7 +61,12 @@ async fn relay_hcm_and_bridge_report_truthfully() {
     assert!(round_trip(bridge.addr_of("good").unwrap(), &data).await.unwrap() == data);
     // A sender for the broken one is rejected by the hcm (endpoint refuses).
     let b2 = rig.bridge("broken", &rig.send_cs("broken").await);
-    assert!(round_trip(b2.addr_of("broken").unwrap(), b"x").await.map(|v| v.is_empty()).unwrap_or(true));
+    assert!(
+        round_trip(b2.addr_of("broken").unwrap(), b"x")
+            .await
+            .map(|v| v.is_empty())
+            .unwrap_or(true)
+    );
 
     for a in [relay_admin, hcm_admin, bridge_admin] {
         let (s, body) = get(a, "/healthz").await;
@@ -64,10 +80,22 @@ async fn relay_hcm_and_bridge_report_truthfully() {
     // ...and its status says which segment is broken.
     let (_, st) = get(hcm_admin, "/status").await;
     let v: serde_json::Value = serde_json::from_str(&st).unwrap();
-    let broken = v["hybridConnections"].as_array().unwrap().iter().find(|h| h["name"] == "broken").unwrap().clone();
+    let broken = v["hybridConnections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == "broken")
+        .unwrap()
+        .clone();
     assert_eq!(broken["state"], "Connected");
     assert_eq!(broken["lastDial"]["ok"], false);
-    let good = v["hybridConnections"].as_array().unwrap().iter().find(|h| h["name"] == "good").unwrap().clone();
+    let good = v["hybridConnections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == "good")
+        .unwrap()
+        .clone();
     assert_eq!(good["lastDial"]["ok"], true);
 
     // Relay status: sender connects per result, bytes once the workers flushed (1 s).
@@ -75,7 +103,13 @@ async fn relay_hcm_and_bridge_report_truthfully() {
         wait_for(Duration::from_secs(5), || async {
             let (_, st) = get(relay_admin, "/status").await;
             let v: serde_json::Value = serde_json::from_str(&st).unwrap();
-            let g = v["hybridConnections"].as_array().unwrap().iter().find(|h| h["name"] == "good").unwrap().clone();
+            let g = v["hybridConnections"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|h| h["name"] == "good")
+                .unwrap()
+                .clone();
             g["bytesUp"].as_u64() == Some(100_000) && g["bytesDown"].as_u64() == Some(100_000)
         })
         .await,
@@ -83,7 +117,13 @@ async fn relay_hcm_and_bridge_report_truthfully() {
     );
     let (_, st) = get(relay_admin, "/status").await;
     let v: serde_json::Value = serde_json::from_str(&st).unwrap();
-    let b = v["hybridConnections"].as_array().unwrap().iter().find(|h| h["name"] == "broken").unwrap().clone();
+    let b = v["hybridConnections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == "broken")
+        .unwrap()
+        .clone();
     assert_eq!(b["lastSenderConnect"]["result"], "rejected", "{b}");
 
     // Metrics: HELP lines, bounded labels, the relay's and hcm's families.
@@ -106,8 +146,18 @@ async fn relay_hcm_and_bridge_report_truthfully() {
 
     // Stop the relay: the bridge is no longer ready, the hcm neither.
     drop(rig);
-    assert!(wait_for(Duration::from_secs(15), || async { get(bridge_admin, "/readyz").await.0 == 503 }).await);
-    assert!(wait_for(Duration::from_secs(15), || async { get(hcm_admin, "/readyz").await.0 == 503 }).await);
+    assert!(
+        wait_for(Duration::from_secs(15), || async {
+            get(bridge_admin, "/readyz").await.0 == 503
+        })
+        .await
+    );
+    assert!(
+        wait_for(Duration::from_secs(15), || async {
+            get(hcm_admin, "/readyz").await.0 == 503
+        })
+        .await
+    );
     let (_, page) = get(hcm_admin, "/").await;
     assert!(page.contains("data-name=\"good\" data-status=\"broken\""), "{page}");
 }

@@ -16,8 +16,15 @@ fn bin() -> Command {
 }
 
 async fn output(args: &[&str]) -> (bool, String, String) {
-    let out = tokio::time::timeout(Duration::from_secs(60), bin().args(args).output()).await.expect("command finished").unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = tokio::time::timeout(Duration::from_secs(60), bin().args(args).output())
+        .await
+        .expect("command finished")
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,12 +57,18 @@ async fn up_runs_the_whole_chain_with_no_config() {
     // SIGTERM stops it cleanly.
     let pid = child.id().unwrap() as i32;
     send_signal(pid, "TERM");
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait()).await.expect("exited").unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("exited")
+        .unwrap();
     assert!(status.success(), "{status:?}");
 }
 
 fn send_signal(pid: i32, sig: &str) {
-    std::process::Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().unwrap();
+    std::process::Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -79,7 +92,12 @@ async fn hc_commands_against_a_local_relay() {
     assert!(out.lines().next().unwrap().starts_with("NAME"));
     assert!(out.contains("sql") && out.contains("Not connected"), "{out}");
     let (ok, listen, _) = run(hc(&["connection-string", "sql", "--listen"])).await;
-    assert!(ok && listen.starts_with("Endpoint=sb://localhost:") && listen.contains("defaultListener") && listen.trim_end().ends_with("EntityPath=sql"), "{listen}");
+    assert!(
+        ok && listen.starts_with("Endpoint=sb://localhost:")
+            && listen.contains("defaultListener")
+            && listen.trim_end().ends_with("EntityPath=sql"),
+        "{listen}"
+    );
     let _hcm = rig.hcm(&hyrelay::proto::connstr::ConnectionString::parse(listen.trim()).unwrap());
     rig.wait_listeners("sql", 1).await;
     let (_, out, _) = run(hc(&["list"])).await;
@@ -115,7 +133,14 @@ async fn hcm_add_list_remove() {
     assert!(ok);
     assert!(out.contains("not running") && out.contains("db.local:5432"), "{out}");
     assert!(!out.contains("abc="), "keys are not printed");
-    let (ok, _, err) = output(&["hcm", "--data-dir", &d, "add", "Endpoint=sb://r/;SharedAccessKeyName=a;SharedAccessKey=b"]).await;
+    let (ok, _, err) = output(&[
+        "hcm",
+        "--data-dir",
+        &d,
+        "add",
+        "Endpoint=sb://r/;SharedAccessKeyName=a;SharedAccessKey=b",
+    ])
+    .await;
     assert!(!ok && err.contains("EntityPath"), "{err}");
     let (ok, out, _) = output(&["hcm", "--data-dir", &d, "remove", "DB"]).await;
     assert!(ok && out.contains("removed DB"));
@@ -141,7 +166,9 @@ async fn check_config_and_version() {
 async fn hcm_status_shows_each_segment_and_hc_list_the_last_connect() {
     let rig = Rig::new(false);
     rig.create("seg", echo()).await;
-    let cfg = rig.hcm_config(vec![hyrelay::hcm::config::HcEntry::new(rig.listen_cs("seg").await, None).unwrap()]);
+    let cfg = rig.hcm_config(vec![
+        hyrelay::hcm::config::HcEntry::new(rig.listen_cs("seg").await, None).unwrap(),
+    ]);
     let data_dir = cfg.data_dir.display().to_string();
     let _hcm = hyrelay::hcm::start(cfg).unwrap();
     rig.wait_listeners("seg", 1).await;
@@ -155,5 +182,8 @@ async fn hcm_status_shows_each_segment_and_hc_list_the_last_connect() {
     assert!(ok, "{:?}", output(&["hcm", "--data-dir", &data_dir, "status"]).await);
     let dir = rig.relay.data_dir().display().to_string();
     let (ok, out, _) = output(&["hc", "--relay-data-dir", &dir, "list"]).await;
-    assert!(ok && out.contains("LAST SENDER CONNECT") && out.contains("accepted"), "{out}");
+    assert!(
+        ok && out.contains("LAST SENDER CONNECT") && out.contains("accepted"),
+        "{out}"
+    );
 }

@@ -28,27 +28,74 @@ fn error_of(role: &str, text: &str) -> String {
 fn broken_configs_name_the_field() {
     let cases = [
         ("relay", "listen = \"nowhere\"\n[tls]\nmode = \"none\"", "listen"),
-        ("relay", "[tls]\nmode = \"none\"\n[listeners]\nping_interval = \"often\"", "ping_interval"),
-        ("relay", "[tls]\nmode = \"none\"\n[listeners]\nbalnce = \"random\"", "balnce"),
+        (
+            "relay",
+            "[tls]\nmode = \"none\"\n[listeners]\nping_interval = \"often\"",
+            "ping_interval",
+        ),
+        (
+            "relay",
+            "[tls]\nmode = \"none\"\n[listeners]\nbalnce = \"random\"",
+            "balnce",
+        ),
         ("relay", "[tls]\nmode = \"sometimes\"", "mode"),
         ("relay", "listen = \"0.0.0.0:443\"", "tls"),
         ("relay", "workers = 0\n[tls]\nmode = \"none\"", "workers"),
-        ("hcm", "[[hybrid_connection]]\nconnection_string = \"Endpoint=ftp://x/\"", "hybrid_connection[0].connection_string"),
-        ("hcm", "[[hybrid_connection]]\nconnection_string = \"Endpoint=sb://r/;SharedAccessKeyName=a;SharedAccessKey=b\"", "hybrid_connection[0]"),
-        ("hcm", "[[hybrid_connection]]\nconnection_string = \"Endpoint=sb://r/;SharedAccessKeyName=a;SharedAccessKey=b;EntityPath=x\"\nendpoint = \"db\"", "hybrid_connection[0].endpoint"),
+        (
+            "hcm",
+            "[[hybrid_connection]]\nconnection_string = \"Endpoint=ftp://x/\"",
+            "hybrid_connection[0].connection_string",
+        ),
+        (
+            "hcm",
+            "[[hybrid_connection]]\nconnection_string = \"Endpoint=sb://r/;SharedAccessKeyName=a;SharedAccessKey=b\"",
+            "hybrid_connection[0]",
+        ),
+        (
+            "hcm",
+            "[[hybrid_connection]]\nconnection_string = \"Endpoint=sb://r/;SharedAccessKeyName=a;SharedAccessKey=b;EntityPath=x\"\nendpoint = \"db\"",
+            "hybrid_connection[0].endpoint",
+        ),
         ("hcm", "token_ttl = \"5s\"", "token_ttl"),
-        ("relay", "[tls]\nmode = \"none\"\n[limits]\nmax_connections_per_ip = 0", "limits.max_connections_per_ip"),
-        ("relay", "[tls]\nmode = \"none\"\n[limits]\nauth_max_delay = \"0s\"", "limits.auth_max_delay"),
-        ("hcm", "allowed_endpoints = [\"db:5432\", \"db\"]", "allowed_endpoints[1]"),
+        (
+            "relay",
+            "[tls]\nmode = \"none\"\n[limits]\nmax_connections_per_ip = 0",
+            "limits.max_connections_per_ip",
+        ),
+        (
+            "relay",
+            "[tls]\nmode = \"none\"\n[limits]\nauth_max_delay = \"0s\"",
+            "limits.auth_max_delay",
+        ),
+        (
+            "hcm",
+            "allowed_endpoints = [\"db:5432\", \"db\"]",
+            "allowed_endpoints[1]",
+        ),
         ("bridge", "", "forward"),
-        ("bridge", "[[forward]]\nhybrid_connection = \"x\"\nlisten = \"abc\"", "forward[0].listen"),
-        ("bridge", "[[forward]]\nhybrid_connection = \"x\"\nlisten = \"80\"", "forward[0].connection_string"),
-        ("bridge", "connection_string = \"Endpoint=sb://r/;SharedAccessKeyName=a;SharedAccessKey=b;EntityPath=y\"\n[[forward]]\nhybrid_connection = \"x\"\nlisten = \"80\"", "forward[0]"),
+        (
+            "bridge",
+            "[[forward]]\nhybrid_connection = \"x\"\nlisten = \"abc\"",
+            "forward[0].listen",
+        ),
+        (
+            "bridge",
+            "[[forward]]\nhybrid_connection = \"x\"\nlisten = \"80\"",
+            "forward[0].connection_string",
+        ),
+        (
+            "bridge",
+            "connection_string = \"Endpoint=sb://r/;SharedAccessKeyName=a;SharedAccessKey=b;EntityPath=y\"\n[[forward]]\nhybrid_connection = \"x\"\nlisten = \"80\"",
+            "forward[0]",
+        ),
         ("bridge", "[[forward]\n", "TOML"),
     ];
     for (role, text, field) in cases {
         let e = error_of(role, text);
-        assert!(e.contains(field), "{role} config {text:?}: error {e:?} does not name {field:?}");
+        assert!(
+            e.contains(field),
+            "{role} config {text:?}: error {e:?} does not name {field:?}"
+        );
     }
 }
 
@@ -63,8 +110,16 @@ fn systemd_units_start_commands_that_parse() {
         for section in ["[Unit]", "[Service]", "[Install]"] {
             assert!(text.contains(section), "{}: no {section}", path.display());
         }
-        assert!(text.contains("ExecReload=/bin/kill -HUP $MAINPID"), "{}", path.display());
-        assert!(text.contains("KillSignal=SIGTERM") && text.contains("NoNewPrivileges=yes"), "{}", path.display());
+        assert!(
+            text.contains("ExecReload=/bin/kill -HUP $MAINPID"),
+            "{}",
+            path.display()
+        );
+        assert!(
+            text.contains("KillSignal=SIGTERM") && text.contains("NoNewPrivileges=yes"),
+            "{}",
+            path.display()
+        );
         let exec = text.lines().find_map(|l| l.strip_prefix("ExecStart=")).unwrap();
         let args: Vec<&str> = exec.split_whitespace().collect();
         assert!(args[0].ends_with("/hyrelay"));

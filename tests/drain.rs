@@ -25,7 +25,10 @@ async fn slow_stream(addr: std::net::SocketAddr, total: usize, over: Duration) -
         w.shutdown().await.unwrap();
     });
     let mut back = Vec::new();
-    tokio::time::timeout(Duration::from_secs(60), r.read_to_end(&mut back)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(60), r.read_to_end(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
     writer.await.unwrap();
     back
 }
@@ -40,7 +43,9 @@ async fn relay_and_hcm_drain_while_tunnels_stream() {
     let addr = bridge.addr_of("d").unwrap();
     let relay_addr = rig.relay.local_addr();
 
-    let streams: Vec<_> = (0..3).map(|_| tokio::spawn(slow_stream(addr, 4 << 20, Duration::from_secs(3)))).collect();
+    let streams: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(slow_stream(addr, 4 << 20, Duration::from_secs(3))))
+        .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // Both told to stop while the data is still flowing.
@@ -49,37 +54,54 @@ async fn relay_and_hcm_drain_while_tunnels_stream() {
     let hcm_drain = std::thread::spawn(move || hcm.drain(&Force::default()));
     let relay_drain = std::thread::spawn(move || relay.drain(&Force::default()));
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(tokio::net::TcpStream::connect(relay_addr).await.is_err(), "a draining relay takes no new connections");
+    assert!(
+        tokio::net::TcpStream::connect(relay_addr).await.is_err(),
+        "a draining relay takes no new connections"
+    );
 
     for s in streams {
         let back = s.await.unwrap();
-        assert!(back == payload(4 << 20, 42), "tunnel finished byte-exact during the drain");
+        assert!(
+            back == payload(4 << 20, 42),
+            "tunnel finished byte-exact during the drain"
+        );
     }
     let (h, r) = (hcm_drain.join().unwrap(), relay_drain.join().unwrap());
     assert_eq!((h.remaining, r.remaining), (0, 0), "hcm {h:?}, relay {r:?}");
-    assert!(started.elapsed() < Duration::from_secs(15), "drained when the tunnels ended, not at the timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "drained when the tunnels ended, not at the timeout"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_timeout_bounds_the_wait() {
     let rig = Rig::with(false, |c| c.drain_timeout = Duration::from_secs(1));
     rig.create("t", echo()).await;
-    let mut cfg = rig.hcm_config(vec![hyrelay::hcm::config::HcEntry::new(rig.listen_cs("t").await, None).unwrap()]);
+    let mut cfg = rig.hcm_config(vec![
+        hyrelay::hcm::config::HcEntry::new(rig.listen_cs("t").await, None).unwrap(),
+    ]);
     cfg.drain_timeout = Duration::from_secs(1);
     let hcm = hyrelay::hcm::start(cfg).unwrap();
     rig.wait_listeners("t", 1).await;
     let bridge = rig.bridge("t", &rig.send_cs("t").await);
     // A tunnel that never ends by itself.
-    let mut idle = tokio::net::TcpStream::connect(bridge.addr_of("t").unwrap()).await.unwrap();
+    let mut idle = tokio::net::TcpStream::connect(bridge.addr_of("t").unwrap())
+        .await
+        .unwrap();
     idle.write_all(b"x").await.unwrap();
     let mut one = [0u8; 1];
     idle.read_exact(&mut one).await.unwrap();
     let started = Instant::now();
-    let r = tokio::task::spawn_blocking(move || hcm.drain(&Force::default())).await.unwrap();
+    let r = tokio::task::spawn_blocking(move || hcm.drain(&Force::default()))
+        .await
+        .unwrap();
     assert_eq!(r.remaining, 1);
     assert!(started.elapsed() >= Duration::from_secs(1) && started.elapsed() < Duration::from_secs(5));
     // After the hard stop the app sees its connection end.
-    let n = tokio::time::timeout(Duration::from_secs(10), idle.read(&mut one)).await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(10), idle.read(&mut one))
+        .await
+        .unwrap();
     assert!(matches!(n, Ok(0) | Err(_)));
 }
 
@@ -105,15 +127,28 @@ async fn sigterm_drains_the_hcm_process() {
         .unwrap();
     rig.wait_listeners("p", 1).await;
     let bridge = rig.bridge("p", &rig.send_cs("p").await);
-    let stream = tokio::spawn(slow_stream(bridge.addr_of("p").unwrap(), 2 << 20, Duration::from_secs(2)));
+    let stream = tokio::spawn(slow_stream(
+        bridge.addr_of("p").unwrap(),
+        2 << 20,
+        Duration::from_secs(2),
+    ));
     tokio::time::sleep(Duration::from_millis(400)).await;
-    std::process::Command::new("kill").args(["-TERM", &child.id().unwrap().to_string()]).status().unwrap();
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().unwrap().to_string()])
+        .status()
+        .unwrap();
     // The control channel goes at once; the tunnel goes on.
     rig.wait_listeners("p", 0).await;
     assert!(stream.await.unwrap() == payload(2 << 20, 42));
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait()).await.expect("exited").unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("exited")
+        .unwrap();
     assert!(status.success(), "{status:?}");
     let mut err = String::new();
     child.stderr.take().unwrap().read_to_string(&mut err).await.unwrap();
-    assert!(err.contains("drain_started") && err.contains("hcm: drained in"), "{err}");
+    assert!(
+        err.contains("drain_started") && err.contains("hcm: drained in"),
+        "{err}"
+    );
 }

@@ -33,7 +33,10 @@ fn greeter() -> (std::net::SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Vec<
     l.set_nonblocking(true).unwrap();
     let addr = l.local_addr().unwrap();
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async move {
             let l = tokio::net::TcpListener::from_std(l).unwrap();
             loop {
@@ -61,16 +64,24 @@ async fn half_close_from_either_side() {
     let _hcm = rig.hcm(&rig.listen_cs("greet").await);
     rig.wait_listeners("greet", 1).await;
     let bridge = rig.bridge("greet", &rig.send_cs("greet").await);
-    let mut s = tokio::net::TcpStream::connect(bridge.addr_of("greet").unwrap()).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(bridge.addr_of("greet").unwrap())
+        .await
+        .unwrap();
     // The endpoint closed its side first: we see its bytes and then EOF...
     let mut got = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(got, b"hello from the endpoint");
     // ...and our direction is still open: what we send afterwards arrives.
     let late = payload(200_000, 7);
     s.write_all(&late).await.unwrap();
     s.shutdown().await.unwrap();
-    let arrived = tokio::time::timeout(Duration::from_secs(10), received.recv()).await.unwrap().unwrap();
+    let arrived = tokio::time::timeout(Duration::from_secs(10), received.recv())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(arrived == late, "late bytes after the endpoint's half-close");
 
     // The app closing first is the round trip: echo answers after our EOF.
@@ -115,8 +126,12 @@ async fn hosts_file_mode_maps_the_endpoint_name_to_its_own_loopback_address() {
     let ep = echo();
     // The metadata names a host only the bridge's hosts file knows; the hcm is told where
     // the service really is.
-    rig.mgmt.create("named", Some(&format!("db.hyrelay.test:{}", ep.port())), true).await.unwrap();
-    let entry = hyrelay::hcm::config::HcEntry::new(rig.listen_cs("named").await, Some(ep.to_string().parse().unwrap())).unwrap();
+    rig.mgmt
+        .create("named", Some(&format!("db.hyrelay.test:{}", ep.port())), true)
+        .await
+        .unwrap();
+    let entry = hyrelay::hcm::config::HcEntry::new(rig.listen_cs("named").await, Some(ep.to_string().parse().unwrap()))
+        .unwrap();
     let _hcm = hyrelay::hcm::start(rig.hcm_config(vec![entry])).unwrap();
     rig.wait_listeners("named", 1).await;
 
@@ -128,12 +143,20 @@ async fn hosts_file_mode_maps_the_endpoint_name_to_its_own_loopback_address() {
     cfg.hosts_file = hosts.clone();
     let bridge = hyrelay::bridge::start(cfg).unwrap();
     let addr = bridge.addr_of("named").unwrap();
-    assert_eq!(addr, format!("127.77.0.1:{}", ep.port()).parse().unwrap(), "own loopback address, endpoint's port");
+    assert_eq!(
+        addr,
+        format!("127.77.0.1:{}", ep.port()).parse().unwrap(),
+        "own loopback address, endpoint's port"
+    );
     let text = std::fs::read_to_string(&hosts).unwrap();
     assert!(text.starts_with(original), "other lines untouched:\n{text}");
     assert!(text.contains("127.77.0.1\tdb.hyrelay.test\n"), "{text}");
     let data = payload(70_000, 5);
     assert!(round_trip(addr, &data).await.unwrap() == data);
     bridge.stop();
-    assert_eq!(std::fs::read_to_string(&hosts).unwrap(), original, "block removed on stop");
+    assert_eq!(
+        std::fs::read_to_string(&hosts).unwrap(),
+        original,
+        "block removed on stop"
+    );
 }

@@ -25,7 +25,9 @@ async fn expired_listener_token_closes_channel_but_not_tunnels() {
     let bridge = rig.bridge("exp", &rig.send_cs("exp").await);
 
     // Open a tunnel before the token expires and keep it busy across the expiry.
-    let mut s = tokio::net::TcpStream::connect(bridge.addr_of("exp").unwrap()).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(bridge.addr_of("exp").unwrap())
+        .await
+        .unwrap();
     let mut closed = false;
     for _ in 0..150 {
         let chunk = payload(1000, 3);
@@ -33,7 +35,11 @@ async fn expired_listener_token_closes_channel_but_not_tunnels() {
         let mut back = vec![0u8; chunk.len()];
         s.read_exact(&mut back).await.unwrap();
         assert_eq!(back, chunk, "tunnel kept flowing");
-        if hcm.status()[0].last_error.as_deref().is_some_and(|e| e.contains("1008")) {
+        if hcm.status()[0]
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("1008"))
+        {
             closed = true;
             break;
         }
@@ -109,7 +115,11 @@ async fn two_hcms_share_and_one_dying_does_not_stop_new_connections() {
     rig.wait_listeners("ha", 1).await;
     for i in 0..50u64 {
         let d = payload(1000, 100 + i);
-        assert_eq!(round_trip(addr, &d).await.unwrap(), d, "connection {i} after one hcm died");
+        assert_eq!(
+            round_trip(addr, &d).await.unwrap(),
+            d,
+            "connection {i} after one hcm died"
+        );
     }
     assert_eq!(b.status()[0].accepts, nb + 50);
 }
@@ -118,20 +128,31 @@ async fn two_hcms_share_and_one_dying_does_not_stop_new_connections() {
 async fn unreachable_endpoint_is_rejected_with_a_reason() {
     let rig = Rig::new(false);
     // A port with nothing listening.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     rig.create("dead", dead).await;
     let hcm = rig.hcm(&rig.listen_cs("dead").await);
     rig.wait_listeners("dead", 1).await;
     let cs = rig.send_cs("dead").await;
     let url = hyrelay::client::hc_url(&cs, "dead", "connect", "x");
     let token = hyrelay::client::token(&cs, "dead", Duration::from_secs(60));
-    let err = hyrelay::transport::ws::connect(&url, Some(&rig.tls), &[("ServiceBusAuthorization", &token)], Duration::from_secs(20))
-        .await
-        .unwrap_err();
+    let err = hyrelay::transport::ws::connect(
+        &url,
+        Some(&rig.tls),
+        &[("ServiceBusAuthorization", &token)],
+        Duration::from_secs(20),
+    )
+    .await
+    .unwrap_err();
     match err {
         hyrelay::transport::ws::ConnectError::Rejected { status, reason } => {
             assert_eq!(status, 502);
-            assert!(reason.contains(&dead.to_string()) && reason.to_lowercase().contains("refused"), "{reason}");
+            assert!(
+                reason.contains(&dead.to_string()) && reason.to_lowercase().contains("refused"),
+                "{reason}"
+            );
         }
         e => panic!("expected a rejection, got {e}"),
     }
@@ -139,8 +160,12 @@ async fn unreachable_endpoint_is_rejected_with_a_reason() {
     assert!(!dial.ok);
     // The app behind a bridge sees its connection reset promptly.
     let bridge = rig.bridge("dead", &cs);
-    let mut s = tokio::net::TcpStream::connect(bridge.addr_of("dead").unwrap()).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(bridge.addr_of("dead").unwrap())
+        .await
+        .unwrap();
     let mut buf = [0u8; 1];
-    let r = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await.expect("closed promptly");
+    let r = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("closed promptly");
     assert!(matches!(r, Ok(0) | Err(_)));
 }

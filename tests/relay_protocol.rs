@@ -20,14 +20,25 @@ async fn raw_listener(rig: &Rig, hc: &str) -> (Reader, tokio::io::WriteHalf<hyre
     let cs = rig.listen_cs(hc).await;
     let token = client::token(&cs, hc, Duration::from_secs(600));
     let url = client::hc_url(&cs, hc, "listen", "raw");
-    let c = ws::connect(&url, Some(&rig.tls), &[("ServiceBusAuthorization", &token)], Duration::from_secs(10)).await.unwrap();
+    let c = ws::connect(
+        &url,
+        Some(&rig.tls),
+        &[("ServiceBusAuthorization", &token)],
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
     let (r, w) = tokio::io::split(c.stream);
     (WsReader::new(r, c.leftover, Role::Client, 1 << 20), w)
 }
 
 async fn next_accept(r: &mut Reader) -> control::Accept {
     loop {
-        let m = tokio::time::timeout(Duration::from_secs(10), r.next_message(1 << 16)).await.unwrap().unwrap().unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(10), r.next_message(1 << 16))
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         if let Message::Text(t) = m
             && let Command::Accept(a) = control::decode(&t).unwrap()
         {
@@ -40,8 +51,16 @@ async fn sender(rig: &Rig, hc: &str) -> Result<ws::ClientWs, ConnectError> {
     let cs = rig.send_cs(hc).await;
     let token = client::token(&cs, hc, Duration::from_secs(600));
     let mut url = client::hc_url(&cs, hc, "connect", "sender-1");
-    url.target = url.target.replace(&format!("/$hc/{hc}?"), &format!("/$hc/{hc}/sub/path?app=1&"));
-    ws::connect(&url, Some(&rig.tls), &[("ServiceBusAuthorization", &token), ("X-Custom", "yes")], Duration::from_secs(20)).await
+    url.target = url
+        .target
+        .replace(&format!("/$hc/{hc}?"), &format!("/$hc/{hc}/sub/path?app=1&"));
+    ws::connect(
+        &url,
+        Some(&rig.tls),
+        &[("ServiceBusAuthorization", &token), ("X-Custom", "yes")],
+        Duration::from_secs(20),
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -54,16 +73,31 @@ async fn accept_notification_and_single_use_rendezvous() {
     let (s, a) = tokio::join!(sender(rig2, "raw"), async {
         let a = next_accept(&mut lr).await;
         // Credentials never reach the listener; the sender's own headers and query do.
-        assert!(a.connect_headers.iter().all(|(n, _)| !n.eq_ignore_ascii_case("ServiceBusAuthorization")));
+        assert!(
+            a.connect_headers
+                .iter()
+                .all(|(n, _)| !n.eq_ignore_ascii_case("ServiceBusAuthorization"))
+        );
         assert!(a.connect_headers.iter().any(|(n, v)| n == "X-Custom" && v == "yes"));
-        assert!(a.connect_headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("Sec-WebSocket-Key")));
+        assert!(
+            a.connect_headers
+                .iter()
+                .any(|(n, _)| n.eq_ignore_ascii_case("Sec-WebSocket-Key"))
+        );
         assert_eq!(a.id, "sender-1");
-        assert!(a.address.contains("/$hc/raw/sub/path?app=1&sb-hc-action=accept&sb-hc-id=sender-1&sb-hc-rid="), "{}", a.address);
+        assert!(
+            a.address
+                .contains("/$hc/raw/sub/path?app=1&sb-hc-action=accept&sb-hc-id=sender-1&sb-hc-rid="),
+            "{}",
+            a.address
+        );
         assert!(!a.address.contains("sb-hc-token"));
         let secret = a.address.rsplit("sb-hc-rid=").next().unwrap();
         assert!(secret.len() >= 32, "at least 128 random bits");
         let url = WsUrl::parse(&a.address).unwrap();
-        let leg = ws::connect(&url, Some(&rig.tls), &[], Duration::from_secs(10)).await.expect("first use works");
+        let leg = ws::connect(&url, Some(&rig.tls), &[], Duration::from_secs(10))
+            .await
+            .expect("first use works");
         // A second use of the same address is refused.
         match ws::connect(&url, Some(&rig.tls), &[], Duration::from_secs(10)).await {
             Err(ConnectError::Rejected { status: 403, .. }) => {}
@@ -75,11 +109,15 @@ async fn accept_notification_and_single_use_rendezvous() {
     let (_a, mut leg) = a;
     // The joined pair carries messages both ways.
     use tokio::io::AsyncWriteExt;
-    let f = hyrelay::proto::frame::encode_frame(true, hyrelay::proto::frame::OpCode::Binary, Some([1, 2, 3, 4]), b"ping");
+    let f =
+        hyrelay::proto::frame::encode_frame(true, hyrelay::proto::frame::OpCode::Binary, Some([1, 2, 3, 4]), b"ping");
     s.stream.write_all(&f).await.unwrap();
     s.stream.flush().await.unwrap();
     let mut r = WsReader::new(&mut leg.stream, BytesMut::new(), Role::Client, 1 << 20);
-    let m = tokio::time::timeout(Duration::from_secs(5), r.next_message(100)).await.unwrap().unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(5), r.next_message(100))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(m, Some(Message::Binary(bytes::Bytes::from_static(b"ping"))));
 }
 
@@ -91,7 +129,10 @@ async fn sender_times_out_when_no_listener_accepts() {
     rig.wait_listeners("slow", 1).await;
     let started = std::time::Instant::now();
     match sender(&rig, "slow").await {
-        Err(ConnectError::Rejected { status: 404, reason }) => assert!(reason.contains("accepted the connection within the allowed timeout"), "{reason}"),
+        Err(ConnectError::Rejected { status: 404, reason }) => assert!(
+            reason.contains("accepted the connection within the allowed timeout"),
+            "{reason}"
+        ),
         other => panic!("expected 404 after the accept timeout, got {:?}", other.map(|_| ())),
     }
     assert!(started.elapsed() < Duration::from_secs(10));
@@ -106,14 +147,24 @@ async fn listener_quota_and_deletion() {
     let cs = rig.listen_cs("q").await;
     let token = client::token(&cs, "q", Duration::from_secs(600));
     let url = client::hc_url(&cs, "q", "listen", "third");
-    match ws::connect(&url, Some(&rig.tls), &[("ServiceBusAuthorization", &token)], Duration::from_secs(10)).await {
+    match ws::connect(
+        &url,
+        Some(&rig.tls),
+        &[("ServiceBusAuthorization", &token)],
+        Duration::from_secs(10),
+    )
+    .await
+    {
         Err(ConnectError::Rejected { status: 403, reason }) => assert!(reason.contains("QuotaExceeded"), "{reason}"),
         other => panic!("third listener must be refused, got {:?}", other.map(|_| ())),
     }
     // Deleting the hybrid connection closes its control channels with 1001.
     let (mut lr, _lw) = _a;
     rig.mgmt.delete("q").await.unwrap();
-    let m = tokio::time::timeout(Duration::from_secs(5), lr.next_message(1 << 16)).await.unwrap().unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(5), lr.next_message(1 << 16))
+        .await
+        .unwrap()
+        .unwrap();
     match m {
         Some(Message::Close(c)) => assert_eq!(c.code, Some(1001)),
         other => panic!("expected Close 1001, got {other:?}"),
@@ -131,11 +182,18 @@ async fn least_loaded_balancing_spreads_long_tunnels() {
     let bridge = rig.bridge("lb", &rig.send_cs("lb").await);
     let mut held = Vec::new();
     for _ in 0..10 {
-        let s = tokio::net::TcpStream::connect(bridge.addr_of("lb").unwrap()).await.unwrap();
+        let s = tokio::net::TcpStream::connect(bridge.addr_of("lb").unwrap())
+            .await
+            .unwrap();
         held.push(s);
         // Let each tunnel register before the next sender arrives.
         let n = held.len() as u64;
-        assert!(wait_for(Duration::from_secs(10), || async { a.status()[0].active_tunnels + b.status()[0].active_tunnels == n }).await);
+        assert!(
+            wait_for(Duration::from_secs(10), || async {
+                a.status()[0].active_tunnels + b.status()[0].active_tunnels == n
+            })
+            .await
+        );
     }
     assert_eq!((a.status()[0].active_tunnels, b.status()[0].active_tunnels), (5, 5));
 }
@@ -145,17 +203,31 @@ async fn runtime_information_get() {
     let rig = Rig::new(true);
     rig.create("info", "127.0.0.1:5432".parse().unwrap()).await;
     let cs = rig.listen_cs("info").await;
-    let info = client::runtime_info(&cs, "info", &rig.tls, Duration::from_secs(10)).await.unwrap();
+    let info = client::runtime_info(&cs, "info", &rig.tls, Duration::from_secs(10))
+        .await
+        .unwrap();
     assert!(info.requires_client_authorization);
     assert_eq!(info.listener_count, 0);
     assert_eq!(
-        hyrelay::proto::metadata::endpoint_from_user_metadata(&info.user_metadata).unwrap().unwrap().to_string(),
+        hyrelay::proto::metadata::endpoint_from_user_metadata(&info.user_metadata)
+            .unwrap()
+            .unwrap()
+            .to_string(),
         "127.0.0.1:5432"
     );
-    assert!(matches!(client::runtime_info(&cs, "missing", &rig.tls, Duration::from_secs(10)).await, Err(client::InfoError::NotFound(_))));
+    assert!(matches!(
+        client::runtime_info(&cs, "missing", &rig.tls, Duration::from_secs(10)).await,
+        Err(client::InfoError::NotFound(_))
+    ));
     let mut wrong = cs.clone();
-    wrong.credential = hyrelay::proto::connstr::Credential::Key { name: "defaultListener".into(), key: hyrelay::proto::Secret::new("bm9wZQ==") };
-    assert!(matches!(client::runtime_info(&wrong, "info", &rig.tls, Duration::from_secs(10)).await, Err(client::InfoError::Auth { status: 401, .. })));
+    wrong.credential = hyrelay::proto::connstr::Credential::Key {
+        name: "defaultListener".into(),
+        key: hyrelay::proto::Secret::new("bm9wZQ=="),
+    };
+    assert!(matches!(
+        client::runtime_info(&wrong, "info", &rig.tls, Duration::from_secs(10)).await,
+        Err(client::InfoError::Auth { status: 401, .. })
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -172,7 +244,13 @@ async fn accept_moves_to_another_listener_when_the_first_goes_away() {
         async move {
             let token = client::token(&cs, "move", Duration::from_secs(600));
             let url = client::hc_url(&cs, "move", "connect", "s");
-            ws::connect(&url, Some(&tls), &[("ServiceBusAuthorization", &token)], Duration::from_secs(20)).await
+            ws::connect(
+                &url,
+                Some(&tls),
+                &[("ServiceBusAuthorization", &token)],
+                Duration::from_secs(20),
+            )
+            .await
         }
     });
     // Whichever listener got the accept vanishes without answering it.
@@ -184,8 +262,17 @@ async fn accept_moves_to_another_listener_when_the_first_goes_away() {
     drop(gone);
     let again = next_accept(&mut survivor).await;
     assert_eq!(again.address, first.address, "same rendezvous address handed over");
-    let leg = ws::connect(&WsUrl::parse(&again.address).unwrap(), Some(&rig.tls), &[], Duration::from_secs(10)).await;
+    let leg = ws::connect(
+        &WsUrl::parse(&again.address).unwrap(),
+        Some(&rig.tls),
+        &[],
+        Duration::from_secs(10),
+    )
+    .await;
     assert!(leg.is_ok());
-    assert!(sender.await.unwrap().is_ok(), "sender joined through the other listener");
+    assert!(
+        sender.await.unwrap().is_ok(),
+        "sender joined through the other listener"
+    );
     assert!(started.elapsed() < Duration::from_secs(10), "no accept timeout");
 }

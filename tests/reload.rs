@@ -15,14 +15,23 @@ async fn still_flows(s: &mut tokio::net::TcpStream, seed: u64) {
     let d = payload(10_000, seed);
     s.write_all(&d).await.unwrap();
     let mut back = vec![0u8; d.len()];
-    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut back)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
     assert!(back == d, "tunnel carries data");
 }
 
 fn write_hcm_config(path: &Path, data_dir: &Path, ca: &[std::path::PathBuf], hcs: &[&ConnectionString]) {
-    let mut t = format!("data_dir = {:?}\nca_files = {:?}\nping_interval = \"5s\"\n", data_dir, ca);
+    let mut t = format!(
+        "data_dir = {:?}\nca_files = {:?}\nping_interval = \"5s\"\n",
+        data_dir, ca
+    );
     for cs in hcs {
-        t.push_str(&format!("[[hybrid_connection]]\nconnection_string = {:?}\n", cs.expose()));
+        t.push_str(&format!(
+            "[[hybrid_connection]]\nconnection_string = {:?}\n",
+            cs.expose()
+        ));
     }
     // Write atomically, as editors and config management do.
     let tmp = path.with_extension("tmp");
@@ -45,7 +54,9 @@ async fn hcm_reload_adds_removes_and_rekeys_without_dropping_tunnels() {
     let hcm = hyrelay::hcm::start(cfg).unwrap();
     rig.wait_listeners("a", 1).await;
     let bridge_a = rig.bridge("a", &rig.send_cs("a").await);
-    let mut held = tokio::net::TcpStream::connect(bridge_a.addr_of("a").unwrap()).await.unwrap();
+    let mut held = tokio::net::TcpStream::connect(bridge_a.addr_of("a").unwrap())
+        .await
+        .unwrap();
     still_flows(&mut held, 1).await;
 
     // Add b and re-key a (the relay's primary key was regenerated): b comes up, a
@@ -53,11 +64,18 @@ async fn hcm_reload_adds_removes_and_rekeys_without_dropping_tunnels() {
     rig.mgmt.regenerate_key("a", false, None).await.unwrap();
     let a2 = rig.listen_cs("a").await;
     assert_ne!(a1, a2);
-    write_hcm_config(&file, &dir.path().join("data"), &rig.ca_files(), &[&a2, &rig.listen_cs("b").await]);
+    write_hcm_config(
+        &file,
+        &dir.path().join("data"),
+        &rig.ca_files(),
+        &[&a2, &rig.listen_cs("b").await],
+    );
     rig.wait_listeners("b", 1).await;
     assert!(
         wait_for(Duration::from_secs(10), || async {
-            hcm.status().iter().any(|s| s.name == "a" && s.state == hyrelay::hcm::state::ChannelState::Connected && s.reconnects == 0)
+            hcm.status()
+                .iter()
+                .any(|s| s.name == "a" && s.state == hyrelay::hcm::state::ChannelState::Connected && s.reconnects == 0)
                 && hcm.status().len() == 2
         })
         .await,
@@ -96,7 +114,11 @@ fn write_bridge_config(path: &Path, ca: &[std::path::PathBuf], forwards: &[(&str
 }
 
 fn free_port() -> String {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -126,7 +148,10 @@ async fn bridge_reload_adds_removes_and_rotates_forwards() {
     assert!(wait_for(Duration::from_secs(10), || async { bridge.bound().len() == 2 }).await);
     assert_eq!(round_trip(pb.parse().unwrap(), b"to b").await.unwrap(), b"to b");
     // Old primary gone: only the rotated credentials can still connect.
-    rig.mgmt.regenerate_key("a", false, Some("defaultSender")).await.unwrap();
+    rig.mgmt
+        .regenerate_key("a", false, Some("defaultSender"))
+        .await
+        .unwrap();
     assert_eq!(round_trip(pa.parse().unwrap(), b"to a").await.unwrap(), b"to a");
     still_flows(&mut held, 2).await;
 
@@ -139,7 +164,10 @@ async fn bridge_reload_adds_removes_and_rotates_forwards() {
     write_bridge_config(&file, &rig.ca_files(), &[(&pa, &sa2)]);
     assert!(wait_for(Duration::from_secs(10), || async { bridge.bound().len() == 1 }).await);
     assert!(
-        wait_for(Duration::from_secs(5), || async { tokio::net::TcpStream::connect(&pb).await.is_err() }).await,
+        wait_for(Duration::from_secs(5), || async {
+            tokio::net::TcpStream::connect(&pb).await.is_err()
+        })
+        .await,
         "b's port is closed"
     );
     still_flows(&mut held, 3).await;
@@ -162,11 +190,25 @@ async fn sighup_reloads_a_running_hcm_process() {
         .unwrap();
     rig.wait_listeners("x", 1).await;
     // The watcher would notice the change too; SIGHUP makes the reload immediate.
-    write_hcm_config(&file, &dir.path().join("data"), &[], &[&rig.listen_cs("x").await, &rig.listen_cs("y").await]);
-    std::process::Command::new("kill").args(["-HUP", &child.id().unwrap().to_string()]).status().unwrap();
+    write_hcm_config(
+        &file,
+        &dir.path().join("data"),
+        &[],
+        &[&rig.listen_cs("x").await, &rig.listen_cs("y").await],
+    );
+    std::process::Command::new("kill")
+        .args(["-HUP", &child.id().unwrap().to_string()])
+        .status()
+        .unwrap();
     rig.wait_listeners("y", 1).await;
-    std::process::Command::new("kill").args(["-TERM", &child.id().unwrap().to_string()]).status().unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait()).await.unwrap().unwrap();
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().unwrap().to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(status.success());
     let mut err = String::new();
     child.stderr.take().unwrap().read_to_string(&mut err).await.unwrap();

@@ -41,7 +41,11 @@ async fn dump_dom(url: &str) -> String {
     .await
     .expect("chromium finished in time")
     .expect("chromium ran");
-    assert!(out.status.success(), "chromium failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -79,8 +83,16 @@ async fn connected_and_broken_hybrid_connections_in_chromium() {
 
     let relay_page = dump_dom(&format!("http://{}/", rig.relay.admin_addr().unwrap())).await;
     assert!(relay_page.contains("<h1>hyrelay relay</h1>"), "{relay_page}");
-    assert_eq!(row_status(&relay_page, "orders-db").as_deref(), Some("ok"), "{relay_page}");
-    assert_eq!(row_status(&relay_page, "idle").as_deref(), Some("broken"), "{relay_page}");
+    assert_eq!(
+        row_status(&relay_page, "orders-db").as_deref(),
+        Some("ok"),
+        "{relay_page}"
+    );
+    assert_eq!(
+        row_status(&relay_page, "idle").as_deref(),
+        Some("broken"),
+        "{relay_page}"
+    );
     assert!(relay_page.contains("Not connected"));
 
     let hcm_page = dump_dom(&format!("http://{}/", hcm.admin_addr().unwrap())).await;

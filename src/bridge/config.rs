@@ -97,9 +97,13 @@ impl BridgeConfig {
         for (i, fw) in f.forward.into_iter().enumerate() {
             let listen = parse_listen(&fw.listen).with_context(|| format!("field `forward[{i}].listen`"))?;
             let cs = match fw.connection_string.as_deref() {
-                Some(s) => ConnectionString::parse(s).with_context(|| format!("field `forward[{i}].connection_string`"))?,
+                Some(s) => {
+                    ConnectionString::parse(s).with_context(|| format!("field `forward[{i}].connection_string`"))?
+                }
                 None => default_cs.clone().with_context(|| {
-                    format!("field `forward[{i}].connection_string`: missing, and there is no top-level `connection_string`")
+                    format!(
+                        "field `forward[{i}].connection_string`: missing, and there is no top-level `connection_string`"
+                    )
                 })?,
             };
             check_entity(&cs, &fw.hybrid_connection).with_context(|| format!("field `forward[{i}]`"))?;
@@ -125,7 +129,12 @@ impl BridgeConfig {
         }
         c.io_backend = f.io_backend.unwrap_or_default();
         c.ca_files = f.ca_files;
-        c.admin = f.admin.as_deref().map(str::parse).transpose().context("field `admin`: expected IP:PORT")?;
+        c.admin = f
+            .admin
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .context("field `admin`: expected IP:PORT")?;
         if let Some(p) = f.hosts_file {
             c.hosts_file = p;
         }
@@ -177,7 +186,10 @@ pub fn parse_forward_spec(spec: &str) -> anyhow::Result<(Listen, String)> {
     if hc.trim().is_empty() {
         bail!("-L {spec:?}: the hybrid connection name is empty");
     }
-    Ok((parse_listen(listen).with_context(|| format!("-L {spec:?}"))?, hc.trim().to_owned()))
+    Ok((
+        parse_listen(listen).with_context(|| format!("-L {spec:?}"))?,
+        hc.trim().to_owned(),
+    ))
 }
 
 /// Picks, for `hc`, the connection string naming it, else a namespace-wide one.
@@ -245,7 +257,10 @@ mod tests {
             parse_forward_spec("0.0.0.0:80=web/api").unwrap(),
             (Listen::Addr("0.0.0.0:80".parse().unwrap()), "web/api".into())
         );
-        assert_eq!(parse_forward_spec("[::1]:5=x").unwrap().0, Listen::Addr("[::1]:5".parse().unwrap()));
+        assert_eq!(
+            parse_forward_spec("[::1]:5=x").unwrap().0,
+            Listen::Addr("[::1]:5".parse().unwrap())
+        );
         assert_eq!(parse_forward_spec("resolve=db").unwrap().0, Listen::Resolve);
         for bad in ["db", "abc=db", "15432=", "1.2.3.4=db"] {
             assert!(parse_forward_spec(bad).is_err(), "{bad}");
@@ -254,7 +269,8 @@ mod tests {
 
     #[test]
     fn connection_string_matching() {
-        let a = ConnectionString::parse("Endpoint=sb://r/;SharedAccessKeyName=s;SharedAccessKey=k;EntityPath=A").unwrap();
+        let a =
+            ConnectionString::parse("Endpoint=sb://r/;SharedAccessKeyName=s;SharedAccessKey=k;EntityPath=A").unwrap();
         let ns = ConnectionString::parse("Endpoint=sb://r/;SharedAccessKeyName=s;SharedAccessKey=k").unwrap();
         assert_eq!(match_connection_string(&[ns.clone(), a.clone()], "a").unwrap(), a);
         assert_eq!(match_connection_string(&[ns.clone(), a.clone()], "b").unwrap(), ns);

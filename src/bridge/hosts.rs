@@ -90,7 +90,12 @@ pub fn apply(path: &Path, entries: &BTreeMap<String, IpAddr>) -> std::io::Result
     match crate::config::write_atomic(path, next.as_bytes(), false) {
         // A sandbox may let us write the file but not create files beside it (systemd's
         // ReadWritePaths=/etc/hosts): then rewrite it in place.
-        Err(e) if matches!(e.kind(), std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+            ) =>
+        {
             std::fs::write(path, next.as_bytes())
         }
         other => other,

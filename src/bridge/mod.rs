@@ -45,8 +45,12 @@ struct ForwardRt {
 impl ForwardRt {
     fn record(&self, result: &'static str, detail: String) {
         let hc = self.hc.clone();
-        metrics::counter!(crate::telemetry::metrics::BRIDGE_RELAY_CONNECTS, "hc" => hc, "result" => result).increment(1);
-        self.status.lock().unwrap_or_else(|e| e.into_inner()).record(result, detail);
+        metrics::counter!(crate::telemetry::metrics::BRIDGE_RELAY_CONNECTS, "hc" => hc, "result" => result)
+            .increment(1);
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .record(result, detail);
     }
 
     fn connection_string(&self) -> ConnectionString {
@@ -100,11 +104,21 @@ struct Forwards {
 
 impl Forwards {
     fn views(&self) -> Vec<status::ForwardView> {
-        self.running.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|f| f.view()).collect()
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|f| f.view())
+            .collect()
     }
 
     fn bound(&self) -> Vec<(String, SocketAddr)> {
-        self.running.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|f| (f.hc.clone(), f.bound)).collect()
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|f| (f.hc.clone(), f.bound))
+            .collect()
     }
 
     /// Makes the running set equal to `want`: new forwards are bound first (any failure
@@ -194,8 +208,12 @@ impl Forwards {
             self.apply(&want)
         });
         match result {
-            Ok(c) => tracing::info!(event = "reload_applied", file = %file.display(), added = c.added, removed = c.removed, rotated = c.rotated, "configuration reloaded"),
-            Err(e) => tracing::warn!(event = "reload_rejected", file = %file.display(), error = %format!("{e:#}"), "configuration reload rejected; the running configuration stays"),
+            Ok(c) => {
+                tracing::info!(event = "reload_applied", file = %file.display(), added = c.added, removed = c.removed, rotated = c.rotated, "configuration reloaded")
+            }
+            Err(e) => {
+                tracing::warn!(event = "reload_rejected", file = %file.display(), error = %format!("{e:#}"), "configuration reload rejected; the running configuration stays")
+            }
         }
     }
 }
@@ -242,7 +260,10 @@ impl BridgeHandle {
 
     /// Address of the first forward of `hc`.
     pub fn addr_of(&self, hc: &str) -> Option<SocketAddr> {
-        self.bound().into_iter().find(|(h, _)| h.eq_ignore_ascii_case(hc)).map(|(_, a)| a)
+        self.bound()
+            .into_iter()
+            .find(|(h, _)| h.eq_ignore_ascii_case(hc))
+            .map(|(_, a)| a)
     }
 
     /// Re-reads the config file (SIGHUP); an invalid file is logged and changes nothing.
@@ -265,11 +286,22 @@ impl BridgeHandle {
     /// Graceful stop: the local ports close, tunnels get up to `drain_timeout` (from the
     /// config) to finish; then a hard stop. `force` cuts the wait short.
     pub fn drain(mut self, force: &crate::dataplane::drain::Force) -> crate::dataplane::drain::DrainReport {
-        tracing::info!(event = "drain_started", role = "bridge", timeout_s = self.drain_timeout.as_secs(), "draining: local ports closed, tunnels finishing");
+        tracing::info!(
+            event = "drain_started",
+            role = "bridge",
+            timeout_s = self.drain_timeout.as_secs(),
+            "draining: local ports closed, tunnels finishing"
+        );
         self.drain.cancel();
         let inflight = self.inflight.clone();
         let report = crate::dataplane::drain::wait_idle(move || inflight.count(), self.drain_timeout, force);
-        tracing::info!(event = "drain_finished", role = "bridge", remaining = report.remaining, waited_ms = report.waited.as_millis() as u64, "drain finished");
+        tracing::info!(
+            event = "drain_finished",
+            role = "bridge",
+            remaining = report.remaining,
+            waited_ms = report.waited.as_millis() as u64,
+            "drain finished"
+        );
         self.halt();
         report
     }
@@ -328,7 +360,10 @@ pub fn start(cfg: BridgeConfig) -> anyhow::Result<BridgeHandle> {
         Some(a) => {
             let f = forwards.clone();
             let source = status::BridgeStatus::new(Arc::new(move || f.views()), totals, tls);
-            Some(crate::telemetry::admin::spawn(a, Arc::new(source)).with_context(|| format!("cannot listen on admin address {a}"))?)
+            Some(
+                crate::telemetry::admin::spawn(a, Arc::new(source))
+                    .with_context(|| format!("cannot listen on admin address {a}"))?,
+            )
         }
         None => None,
     };
@@ -350,19 +385,25 @@ pub fn start(cfg: BridgeConfig) -> anyhow::Result<BridgeHandle> {
 }
 
 /// Applies the config file whenever its modification time changes (checked every second).
-fn spawn_watcher(file: PathBuf, forwards: Arc<Forwards>, stop: CancellationToken) -> std::io::Result<std::thread::JoinHandle<()>> {
+fn spawn_watcher(
+    file: PathBuf,
+    forwards: Arc<Forwards>,
+    stop: CancellationToken,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
     let mtime = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let mut seen: Option<SystemTime> = mtime(&file);
-    std::thread::Builder::new().name("hyrelay-bridge-watch".into()).spawn(move || {
-        while !stop.is_cancelled() {
-            std::thread::sleep(Duration::from_millis(250));
-            let now = mtime(&file);
-            if now != seen {
-                seen = now;
-                forwards.reload(&file);
+    std::thread::Builder::new()
+        .name("hyrelay-bridge-watch".into())
+        .spawn(move || {
+            while !stop.is_cancelled() {
+                std::thread::sleep(Duration::from_millis(250));
+                let now = mtime(&file);
+                if now != seen {
+                    seen = now;
+                    forwards.reload(&file);
+                }
             }
-        }
-    })
+        })
 }
 
 /// Reads the endpoint of every hosts-file forward among `forwards` from the relay (on a

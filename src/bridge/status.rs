@@ -62,26 +62,48 @@ const PROBE_TTL: Duration = Duration::from_secs(5);
 
 impl BridgeStatus {
     pub fn new(forwards: ForwardList, totals: Arc<Totals>, tls: Arc<rustls::ClientConfig>) -> Self {
-        Self { forwards, totals, tls, probes: Mutex::new(Default::default()) }
+        Self {
+            forwards,
+            totals,
+            tls,
+            probes: Mutex::new(Default::default()),
+        }
     }
 
     async fn probe(&self, f: &Forward) -> Probe {
-        let key = format!("{}@{}", f.hybrid_connection.to_lowercase(), f.connection_string.endpoint.authority());
+        let key = format!(
+            "{}@{}",
+            f.hybrid_connection.to_lowercase(),
+            f.connection_string.endpoint.authority()
+        );
         if let Some(p) = self.probes.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned()
             && p.at.elapsed() < PROBE_TTL
         {
             return p;
         }
-        let r = crate::client::runtime_info(&f.connection_string, &f.hybrid_connection, &self.tls, Duration::from_secs(3)).await;
+        let r = crate::client::runtime_info(
+            &f.connection_string,
+            &f.hybrid_connection,
+            &self.tls,
+            Duration::from_secs(3),
+        )
+        .await;
         let p = match r {
             Ok(info) => Probe {
                 at: Instant::now(),
                 ok: true,
                 detail: format!("relay answers; {} listener(s)", info.listener_count),
             },
-            Err(e) => Probe { at: Instant::now(), ok: false, detail: e.to_string() },
+            Err(e) => Probe {
+                at: Instant::now(),
+                ok: false,
+                detail: e.to_string(),
+            },
         };
-        self.probes.lock().unwrap_or_else(|e| e.into_inner()).insert(key, p.clone());
+        self.probes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, p.clone());
         p
     }
 }
@@ -111,7 +133,11 @@ impl StatusSource for BridgeStatus {
                     name: v.fwd.hybrid_connection.clone(),
                     cells: vec![
                         v.fwd.hybrid_connection.clone(),
-                        if probe.ok { "Relay answers".into() } else { "Relay unreachable".into() },
+                        if probe.ok {
+                            "Relay answers".into()
+                        } else {
+                            "Relay unreachable".into()
+                        },
                         v.bound.to_string(),
                         v.fwd.connection_string.endpoint.authority(),
                         probe.detail.clone(),
@@ -119,7 +145,11 @@ impl StatusSource for BridgeStatus {
                         t.active.to_string(),
                         format!("{} / {}", human_bytes(t.bytes_up), human_bytes(t.bytes_down)),
                     ],
-                    health: if probe.ok && last_ok { Health::Ok } else { Health::Broken },
+                    health: if probe.ok && last_ok {
+                        Health::Ok
+                    } else {
+                        Health::Broken
+                    },
                 });
                 detail.push(json!({
                     "hybridConnection": v.fwd.hybrid_connection,

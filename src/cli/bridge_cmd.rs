@@ -21,7 +21,11 @@ pub struct BridgeArgs {
     #[arg(long = "resolve", value_name = "HC_NAME")]
     resolve: Vec<String>,
     /// Send connection string (repeatable: one per hybrid connection, or one namespace-wide).
-    #[arg(long = "connection-string", env = "HYRELAY_CONNECTION_STRING", hide_env_values = true)]
+    #[arg(
+        long = "connection-string",
+        env = "HYRELAY_CONNECTION_STRING",
+        hide_env_values = true
+    )]
     connection_strings: Vec<String>,
     /// Hosts file for --resolve (default /etc/hosts).
     #[arg(long)]
@@ -50,10 +54,18 @@ fn build(args: BridgeArgs) -> anyhow::Result<BridgeConfig> {
     let mut forwards = Vec::new();
     for spec in &args.forwards {
         let (listen, hc) = config::parse_forward_spec(spec)?;
-        forwards.push(Forward { connection_string: config::match_connection_string(&list, &hc)?, hybrid_connection: hc, listen });
+        forwards.push(Forward {
+            connection_string: config::match_connection_string(&list, &hc)?,
+            hybrid_connection: hc,
+            listen,
+        });
     }
     for hc in &args.resolve {
-        forwards.push(Forward { connection_string: config::match_connection_string(&list, hc)?, hybrid_connection: hc.clone(), listen: Listen::Resolve });
+        forwards.push(Forward {
+            connection_string: config::match_connection_string(&list, hc)?,
+            hybrid_connection: hc.clone(),
+            listen: Listen::Resolve,
+        });
     }
     let mut cfg = match &args.config {
         Some(p) => {
@@ -64,7 +76,10 @@ fn build(args: BridgeArgs) -> anyhow::Result<BridgeConfig> {
             c
         }
         None => {
-            anyhow::ensure!(!forwards.is_empty(), "nothing to forward: give -L [BIND_ADDR:]PORT=HC_NAME, --resolve HC_NAME or --config FILE");
+            anyhow::ensure!(
+                !forwards.is_empty(),
+                "nothing to forward: give -L [BIND_ADDR:]PORT=HC_NAME, --resolve HC_NAME or --config FILE"
+            );
             BridgeConfig::new(forwards)
         }
     };

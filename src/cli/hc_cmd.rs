@@ -76,7 +76,10 @@ fn credentials(args: &HcArgs) -> anyhow::Result<(ConnectionString, Vec<PathBuf>)
     if let Some(cs) = &args.connection_string {
         return Ok((ConnectionString::parse(cs).context("--connection-string")?, ca));
     }
-    let dir = args.relay_data_dir.clone().unwrap_or_else(|| crate::config::default_data_dir("relay"));
+    let dir = args
+        .relay_data_dir
+        .clone()
+        .unwrap_or_else(|| crate::config::default_data_dir("relay"));
     let path = dir.join(crate::relay::CLI_FILE);
     let text = std::fs::read_to_string(&path).with_context(|| {
         format!(
@@ -85,7 +88,9 @@ fn credentials(args: &HcArgs) -> anyhow::Result<(ConnectionString, Vec<PathBuf>)
         )
     })?;
     let v: Value = serde_json::from_str(&text).with_context(|| format!("{} is corrupt", path.display()))?;
-    let cs = v["connectionString"].as_str().with_context(|| format!("{}: no connectionString", path.display()))?;
+    let cs = v["connectionString"]
+        .as_str()
+        .with_context(|| format!("{}: no connectionString", path.display()))?;
     if ca.is_empty()
         && let Some(f) = v["caFile"].as_str()
     {
@@ -111,8 +116,14 @@ fn s(v: &Value) -> String {
 
 async fn command(m: &Management, cmd: HcCommand, json: bool) -> anyhow::Result<()> {
     match cmd {
-        HcCommand::Create { name, endpoint, no_client_authorization } => {
-            endpoint.parse::<crate::proto::metadata::HostPort>().map_err(|e| anyhow::anyhow!("--endpoint: {e}"))?;
+        HcCommand::Create {
+            name,
+            endpoint,
+            no_client_authorization,
+        } => {
+            endpoint
+                .parse::<crate::proto::metadata::HostPort>()
+                .map_err(|e| anyhow::anyhow!("--endpoint: {e}"))?;
             let v = m.create(&name, Some(&endpoint), !no_client_authorization).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
@@ -134,13 +145,34 @@ async fn command(m: &Management, cmd: HcCommand, json: bool) -> anyhow::Result<(
                     a.iter()
                         .map(|e| {
                             let last = &e["lastSenderConnect"];
-                            let last = if last.is_null() { "-".into() } else { format!("{} {}", s(&last["result"]), s(&last["at"])) };
-                            vec![s(&e["name"]), s(&e["endpoint"]), s(&e["status"]), s(&e["listenerCount"]), s(&e["activeTunnels"]), last]
+                            let last = if last.is_null() {
+                                "-".into()
+                            } else {
+                                format!("{} {}", s(&last["result"]), s(&last["at"]))
+                            };
+                            vec![
+                                s(&e["name"]),
+                                s(&e["endpoint"]),
+                                s(&e["status"]),
+                                s(&e["listenerCount"]),
+                                s(&e["activeTunnels"]),
+                                last,
+                            ]
                         })
                         .collect()
                 })
                 .unwrap_or_default();
-            super::print_table(&["NAME", "ENDPOINT", "STATUS", "LISTENERS", "TUNNELS", "LAST SENDER CONNECT"], &rows);
+            super::print_table(
+                &[
+                    "NAME",
+                    "ENDPOINT",
+                    "STATUS",
+                    "LISTENERS",
+                    "TUNNELS",
+                    "LAST SENDER CONNECT",
+                ],
+                &rows,
+            );
         }
         HcCommand::Show { name } => {
             let v = m.show(&name).await?;
@@ -148,11 +180,26 @@ async fn command(m: &Management, cmd: HcCommand, json: bool) -> anyhow::Result<(
                 println!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(());
             }
-            for k in ["name", "endpoint", "status", "listenerCount", "activeTunnels", "requiresClientAuthorization", "createdAt", "updatedAt"] {
+            for k in [
+                "name",
+                "endpoint",
+                "status",
+                "listenerCount",
+                "activeTunnels",
+                "requiresClientAuthorization",
+                "createdAt",
+                "updatedAt",
+            ] {
                 println!("{k:<28} {}", s(&v[k]));
             }
             for l in v["listeners"].as_array().into_iter().flatten() {
-                println!("listener {:<19} {} since {} ({} tunnels)", s(&l["id"]), s(&l["remoteAddress"]), s(&l["connectedAt"]), s(&l["activeTunnels"]));
+                println!(
+                    "listener {:<19} {} since {} ({} tunnels)",
+                    s(&l["id"]),
+                    s(&l["remoteAddress"]),
+                    s(&l["connectedAt"]),
+                    s(&l["activeTunnels"])
+                );
             }
             for r in v["rules"].as_array().into_iter().flatten() {
                 println!("rule {:<23} rights {}", s(&r["keyName"]), s(&r["rights"]));
@@ -164,13 +211,20 @@ async fn command(m: &Management, cmd: HcCommand, json: bool) -> anyhow::Result<(
             m.delete(&name).await?;
             println!("deleted {name}");
         }
-        HcCommand::ConnectionString { name, send, secondary, .. } => {
+        HcCommand::ConnectionString {
+            name, send, secondary, ..
+        } => {
             println!("{}", m.connection_string(&name, send, secondary).await?.expose());
         }
-        HcCommand::RegenerateKey { name, secondary, rule, .. } => {
+        HcCommand::RegenerateKey {
+            name, secondary, rule, ..
+        } => {
             m.regenerate_key(&name, secondary, rule.as_deref()).await?;
             let which = if secondary { "secondary" } else { "primary" };
-            println!("regenerated the {which} key of {name} ({}); update the hcms and bridges that use it", rule.as_deref().unwrap_or("defaultListener and defaultSender"));
+            println!(
+                "regenerated the {which} key of {name} ({}); update the hcms and bridges that use it",
+                rule.as_deref().unwrap_or("defaultListener and defaultSender")
+            );
         }
     }
     Ok(())

@@ -77,7 +77,12 @@ fn load_config(args: &HcmArgs) -> anyhow::Result<HcmConfig> {
 pub fn run(args: HcmArgs) -> anyhow::Result<()> {
     let mut cfg = load_config(&args)?;
     match args.command {
-        HcmCommand::Run { ca_file, workers, admin, io_backend } => {
+        HcmCommand::Run {
+            ca_file,
+            workers,
+            admin,
+            io_backend,
+        } => {
             if admin.is_some() {
                 cfg.admin = admin;
             }
@@ -102,9 +107,15 @@ pub fn run(args: HcmArgs) -> anyhow::Result<()> {
             super::report_drain("hcm", &report);
             Ok(())
         }
-        HcmCommand::Add { connection_string, endpoint } => {
+        HcmCommand::Add {
+            connection_string,
+            endpoint,
+        } => {
             let cs = ConnectionString::parse(&connection_string).context("connection string")?;
-            let ep = endpoint.map(|e| e.parse()).transpose().map_err(|e: String| anyhow::anyhow!("--endpoint: {e}"))?;
+            let ep = endpoint
+                .map(|e| e.parse())
+                .transpose()
+                .map_err(|e: String| anyhow::anyhow!("--endpoint: {e}"))?;
             let entry = HcEntry::new(cs, ep)?;
             let replaced = state::add(&cfg.data_dir, &entry)?;
             println!(
@@ -116,7 +127,10 @@ pub fn run(args: HcmArgs) -> anyhow::Result<()> {
             if state::read_status(&cfg.data_dir).is_some() {
                 println!("the running hcm picks it up within a few seconds");
             } else {
-                println!("start the hcm with: hyrelay hcm run --data-dir {}", cfg.data_dir.display());
+                println!(
+                    "start the hcm with: hyrelay hcm run --data-dir {}",
+                    cfg.data_dir.display()
+                );
             }
             Ok(())
         }
@@ -127,7 +141,10 @@ pub fn run(args: HcmArgs) -> anyhow::Result<()> {
         HcmCommand::Status { json } => status(&cfg, json),
         HcmCommand::Remove { name } => {
             let n = state::remove(&cfg.data_dir, &name)?;
-            anyhow::ensure!(n > 0, "{name} was not added with `hcm add` (hybrid connections from the config file are removed there)");
+            anyhow::ensure!(
+                n > 0,
+                "{name} was not added with `hcm add` (hybrid connections from the config file are removed there)"
+            );
             println!("removed {name}");
             Ok(())
         }
@@ -156,7 +173,10 @@ fn status(cfg: &HcmConfig, json: bool) -> anyhow::Result<()> {
             ]
         })
         .collect();
-    super::print_table(&["NAME", "RELAY <-> HCM", "HCM <-> ENDPOINT", "TUNNELS", "LAST ERROR"], &rows);
+    super::print_table(
+        &["NAME", "RELAY <-> HCM", "HCM <-> ENDPOINT", "TUNNELS", "LAST ERROR"],
+        &rows,
+    );
     Ok(())
 }
 
@@ -179,17 +199,30 @@ fn list(cfg: &HcmConfig) {
         .iter()
         .map(|e| {
             let st = status.as_ref().and_then(|s| {
-                s.hybrid_connections.iter().find(|h| h.name.eq_ignore_ascii_case(e.name()) && h.relay == e.connection_string.endpoint.authority())
+                s.hybrid_connections.iter().find(|h| {
+                    h.name.eq_ignore_ascii_case(e.name()) && h.relay == e.connection_string.endpoint.authority()
+                })
             });
             let endpoint = st
                 .and_then(|s| s.endpoint.clone())
                 .or_else(|| e.endpoint.as_ref().map(|x| x.to_string()))
                 .unwrap_or_else(|| "(from metadata)".into());
             let (state, since, detail) = match st {
-                Some(s) => (format!("{:?}", s.state), s.since.clone(), s.last_error.clone().unwrap_or_default()),
+                Some(s) => (
+                    format!("{:?}", s.state),
+                    s.since.clone(),
+                    s.last_error.clone().unwrap_or_default(),
+                ),
                 None => ("Not running".into(), "-".into(), String::new()),
             };
-            vec![e.name().to_owned(), e.connection_string.endpoint.authority(), endpoint, state, since, detail]
+            vec![
+                e.name().to_owned(),
+                e.connection_string.endpoint.authority(),
+                endpoint,
+                state,
+                since,
+                detail,
+            ]
         })
         .collect();
     super::print_table(&["NAME", "RELAY", "ENDPOINT", "STATUS", "SINCE", "LAST ERROR"], &rows);

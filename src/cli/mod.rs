@@ -68,7 +68,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// Parses `file` as the config of `role` (or the role its name suggests).
 pub fn check_config(file: &std::path::Path, role: Option<&str>) -> anyhow::Result<()> {
-    let name = file.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_ascii_lowercase();
+    let name = file
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
     let role = match role {
         Some(r) => r.to_owned(),
         None => ["relay", "hcm", "bridge"]
@@ -157,7 +161,10 @@ pub(crate) fn report_drain(role: &str, r: &crate::dataplane::drain::DrainReport)
 
 /// A small runtime for one-shot async CLI work.
 pub(crate) fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
-    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(f))
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(f))
 }
 
 /// Prints rows as an aligned table with a header.
@@ -172,7 +179,13 @@ pub(crate) fn print_table(header: &[&str], rows: &[Vec<String>]) {
         let parts: Vec<String> = cells
             .iter()
             .enumerate()
-            .map(|(i, c)| if i + 1 == cells.len() { c.to_string() } else { format!("{c:<w$}", w = widths[i]) })
+            .map(|(i, c)| {
+                if i + 1 == cells.len() {
+                    c.to_string()
+                } else {
+                    format!("{c:<w$}", w = widths[i])
+                }
+            })
             .collect();
         println!("{}", parts.join("  ").trim_end());
     };

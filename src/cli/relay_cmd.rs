@@ -78,7 +78,9 @@ impl RelayArgs {
         let tls_flag = if let (Some(cert), Some(key)) = (self.tls_cert, self.tls_key) {
             Some(TlsSetting::Files { cert, key })
         } else if self.self_signed {
-            Some(TlsSetting::SelfSigned { names: file.tls.names.clone() })
+            Some(TlsSetting::SelfSigned {
+                names: file.tls.names.clone(),
+            })
         } else if self.plain {
             Some(TlsSetting::Plain)
         } else {
@@ -113,7 +115,9 @@ pub fn run(args: RelayArgs) -> anyhow::Result<()> {
         "management credentials for `hyrelay hc`: {}",
         relay.data_dir().join(crate::relay::CLI_FILE).display()
     );
-    super::wait_for_stop(|| tracing::info!("SIGHUP: the relay keeps its state in the data directory; nothing to reload"))?;
+    super::wait_for_stop(|| {
+        tracing::info!("SIGHUP: the relay keeps its state in the data directory; nothing to reload")
+    })?;
     let report = relay.drain(&super::force_on_second_signal());
     super::report_drain("relay", &report);
     Ok(())

@@ -55,13 +55,25 @@ fn run_in(args: &UpArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         Some(e) => e.parse().map_err(|e| anyhow::anyhow!("--endpoint: {e}"))?,
         None => {
             let a = crate::echo::spawn("127.0.0.1:0".parse()?)?;
-            HostPort { host: a.ip().to_string(), port: a.port() }
+            HostPort {
+                host: a.ip().to_string(),
+                port: a.port(),
+            }
         }
     };
-    let mut rc = RelayConfig::new(args.relay_listen, dir.join("relay"), TlsSetting::SelfSigned { names: vec![] });
+    let mut rc = RelayConfig::new(
+        args.relay_listen,
+        dir.join("relay"),
+        TlsSetting::SelfSigned { names: vec![] },
+    );
     rc.workers = rc.workers.min(2);
     rc.io_backend = args.io_backend;
-    let relay = crate::relay::start(rc).with_context(|| format!("starting the relay on {} (pick another with --relay-listen)", args.relay_listen))?;
+    let relay = crate::relay::start(rc).with_context(|| {
+        format!(
+            "starting the relay on {} (pick another with --relay-listen)",
+            args.relay_listen
+        )
+    })?;
     let ca: Vec<PathBuf> = relay.ca_file().map(|p| p.to_path_buf()).into_iter().collect();
     let tls = crate::transport::tls::client_config(&ca)?;
     let mgmt = Management::new(relay.manage_connection_string(), tls);
@@ -72,7 +84,10 @@ fn run_in(args: &UpArgs, dir: &std::path::Path) -> anyhow::Result<()> {
             mgmt.delete(&name).await?;
         }
         mgmt.create(&name, Some(&ep_text), true).await?;
-        Ok::<_, anyhow::Error>((mgmt.connection_string(&name, false, false).await?, mgmt.connection_string(&name, true, false).await?))
+        Ok::<_, anyhow::Error>((
+            mgmt.connection_string(&name, false, false).await?,
+            mgmt.connection_string(&name, true, false).await?,
+        ))
     })??;
     let mut hc = HcmConfig::new(dir.join("hcm"));
     hc.workers = 1;
@@ -88,13 +103,28 @@ fn run_in(args: &UpArgs, dir: &std::path::Path) -> anyhow::Result<()> {
     bc.workers = 1;
     bc.io_backend = args.io_backend;
     bc.ca_files = ca.clone();
-    let bridge = crate::bridge::start(bc).with_context(|| format!("starting the bridge on {} (pick another with --bridge-listen)", args.bridge_listen))?;
+    let bridge = crate::bridge::start(bc).with_context(|| {
+        format!(
+            "starting the bridge on {} (pick another with --bridge-listen)",
+            args.bridge_listen
+        )
+    })?;
     let app = bridge.bound()[0].1;
-    println!("hyrelay is up: app -> bridge {app} -> relay {} -> hcm -> endpoint {endpoint}", relay.local_addr());
+    println!(
+        "hyrelay is up: app -> bridge {app} -> relay {} -> hcm -> endpoint {endpoint}",
+        relay.local_addr()
+    );
     println!();
     println!("  connect your app to:     {app}");
-    println!("  try it:                  echo hello | nc -N {} {}", app.ip(), app.port());
-    println!("  relay (wss):             wss://localhost:{}", relay.local_addr().port());
+    println!(
+        "  try it:                  echo hello | nc -N {} {}",
+        app.ip(),
+        app.port()
+    );
+    println!(
+        "  relay (wss):             wss://localhost:{}",
+        relay.local_addr().port()
+    );
     if let Some(c) = relay.ca_file() {
         println!("  relay CA certificate:    {}", c.display());
     }

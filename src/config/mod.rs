@@ -26,7 +26,8 @@ pub fn load_toml<T: DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
 /// Deserializes a human duration such as `30s`, `5m`, `1h 30m`, `250ms`.
 pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
-    humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration like \"30s\": {e}")))
+    humantime::parse_duration(&s)
+        .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration like \"30s\": {e}")))
 }
 
 /// Like [`duration`] for an optional field.
@@ -36,7 +37,9 @@ pub fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>,
 
 /// A buffer budget given in MiB, checked to allow at least one 64 KiB buffer per worker.
 pub fn budget_from_mib(mib: usize, workers: usize) -> anyhow::Result<usize> {
-    let bytes = mib.checked_mul(1 << 20).ok_or_else(|| anyhow::anyhow!("{mib} MiB is too large"))?;
+    let bytes = mib
+        .checked_mul(1 << 20)
+        .ok_or_else(|| anyhow::anyhow!("{mib} MiB is too large"))?;
     if bytes < workers * crate::dataplane::pool::BUF_SIZE {
         anyhow::bail!("{mib} MiB leaves less than one 64 KiB buffer per worker ({workers} workers)");
     }
@@ -73,7 +76,10 @@ fn is_root() -> bool {
 /// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync,
 /// rename over the target, fsync of the directory. A crash leaves the old or the new file.
 pub fn write_atomic(path: &Path, bytes: &[u8], private: bool) -> std::io::Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(
         ".{}.tmp{}",
@@ -123,7 +129,9 @@ mod tests {
         assert_eq!(t.wait, Duration::from_secs(65));
         let e = parse_toml::<T>("wait = \"soon\"", "t.toml").unwrap_err().to_string();
         assert!(e.contains("t.toml") && e.contains("wait") && e.contains("soon"), "{e}");
-        let e = parse_toml::<T>("wait = \"1s\"\nwiat = 1", "t.toml").unwrap_err().to_string();
+        let e = parse_toml::<T>("wait = \"1s\"\nwiat = 1", "t.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("wiat"), "{e}");
     }
 

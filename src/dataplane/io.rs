@@ -168,7 +168,12 @@ impl Runs {
 
     /// Writes as much as one vectored write takes. `Ok` after progress; check
     /// [`Runs::pending`] for more.
-    pub fn poll_write<D: AsyncWrite + Unpin>(&mut self, cx: &mut Context<'_>, dst: &mut D, buf: &[u8]) -> Poll<io::Result<()>> {
+    pub fn poll_write<D: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &mut D,
+        buf: &[u8],
+    ) -> Poll<io::Result<()>> {
         let mut slices = [IoSlice::new(&[]); MAX_BATCH];
         let mut k = 0;
         for (i, r) in self.runs[self.idx..].iter().enumerate() {
@@ -227,10 +232,17 @@ mod tests {
         let mut w = Trickle(Vec::new());
         let mut rounds = 0;
         while runs.pending() && rounds < 100 {
-            std::future::poll_fn(|cx| runs.poll_write(cx, &mut w, &buf)).await.unwrap();
+            std::future::poll_fn(|cx| runs.poll_write(cx, &mut w, &buf))
+                .await
+                .unwrap();
             rounds += 1;
         }
-        let want: Vec<u8> = buf[10..20].iter().chain(&buf[100..103]).chain(&buf[200..256]).copied().collect();
+        let want: Vec<u8> = buf[10..20]
+            .iter()
+            .chain(&buf[100..103])
+            .chain(&buf[200..256])
+            .copied()
+            .collect();
         assert_eq!(w.0, want);
         assert!(runs.has_room() && !runs.pending());
     }

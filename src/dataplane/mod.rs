@@ -115,7 +115,9 @@ impl Workers {
                 });
                 // Dropping the LocalSet and the runtime drops every task still on this worker.
             })?;
-            ready_rx.recv().map_err(|_| std::io::Error::other("worker thread died"))??;
+            ready_rx
+                .recv()
+                .map_err(|_| std::io::Error::other("worker thread died"))??;
             jobs.push(tx);
             threads.push(t);
         }
@@ -200,8 +202,12 @@ where
     }
 }
 
-async fn accept_loop<F, Fut>(l: std::net::TcpListener, stop: CancellationToken, serve: F, hand_off: Option<Arc<Workers>>)
-where
+async fn accept_loop<F, Fut>(
+    l: std::net::TcpListener,
+    stop: CancellationToken,
+    serve: F,
+    hand_off: Option<Arc<Workers>>,
+) where
     F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut + Send + Sync + Clone + 'static,
     Fut: Future<Output = ()> + 'static,
 {

@@ -214,7 +214,10 @@ pub fn spawn_ws_tcp<K: 'static>(
         Ok(t) => {
             tokio::task::spawn_local(async move {
                 let _keep = keep;
-                let lost = || SpliceStats { end: "the completion worker stopped".into(), ..Default::default() };
+                let lost = || SpliceStats {
+                    end: "the completion worker stopped".into(),
+                    ..Default::default()
+                };
                 done(t.wait(lost).await);
             });
         }

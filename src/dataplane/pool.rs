@@ -108,7 +108,10 @@ pub fn poll_acquire(cx: &mut Context<'_>) -> Poll<PoolBuf> {
         p.out += 1;
         p.high_water = p.high_water.max(p.out);
         let mem = p.free.pop().unwrap_or_else(|| vec![0u8; BUF_SIZE].into_boxed_slice());
-        Poll::Ready(PoolBuf { mem: Some(mem), pooled: true })
+        Poll::Ready(PoolBuf {
+            mem: Some(mem),
+            pooled: true,
+        })
     })
 }
 

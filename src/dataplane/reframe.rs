@@ -27,8 +27,8 @@ use tokio::io::AsyncWrite;
 use tokio::time::Sleep;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-pub use super::io::{ReadySource, preloaded};
 use super::io::{InBuf, Runs};
+pub use super::io::{ReadySource, preloaded};
 use super::stats::ActiveGuard;
 use crate::proto::frame::{self, Decoder, FrameError, MAX_HEADER_LEN, OpCode, Role, SliceItem, close_code};
 use crate::transport::Stream;

@@ -30,8 +30,8 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use super::pool::{self, PoolBuf};
 use super::io::{InBuf, ReadySource, Runs};
+use super::pool::{self, PoolBuf};
 use super::stats::ActiveGuard;
 use crate::proto::frame::{self, Decoder, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN, OpCode, Role, SliceItem, close_code};
 use crate::proto::mask::apply_mask;
@@ -404,12 +404,17 @@ impl Down {
                         out.push(base + c.payload.start..base + c.payload.end);
                     }
                 }
-                SliceItem::Control { opcode: OpCode::Ping, payload } => {
+                SliceItem::Control {
+                    opcode: OpCode::Ping,
+                    payload,
+                } => {
                     let mut p = [0u8; MAX_CONTROL_PAYLOAD];
                     p[..payload.len()].copy_from_slice(&buf[base + payload.start..base + payload.end]);
                     ctrl.pong = Some((p, payload.len()));
                 }
-                SliceItem::Control { opcode: OpCode::Pong, .. } => {}
+                SliceItem::Control {
+                    opcode: OpCode::Pong, ..
+                } => {}
                 SliceItem::Control { payload, .. } => {
                     let close = frame::parse_close(&buf[base + payload.start..base + payload.end])?;
                     ctrl.peer_closed = Some(close.code);
@@ -519,7 +524,8 @@ impl Splice {
             DownEnd::TcpWriteFailed => {
                 self.ctrl.abort = true;
                 self.ctrl.tcp_done = true;
-                self.ctrl.queue_close(close_code::GOING_AWAY, "The endpoint connection failed.");
+                self.ctrl
+                    .queue_close(close_code::GOING_AWAY, "The endpoint connection failed.");
                 self.end = Some("TCP write failed".into());
                 None
             }
@@ -547,7 +553,9 @@ impl Future for Splice {
             this.ping.as_mut().reset(Instant::now() + this.period);
         }
         if this.down_end.is_none()
-            && let Poll::Ready(e) = this.down.poll(cx, &mut this.ws, &mut this.tcp, &mut this.ctrl, &mut this.heard)
+            && let Poll::Ready(e) = this
+                .down
+                .poll(cx, &mut this.ws, &mut this.tcp, &mut this.ctrl, &mut this.heard)
         {
             if let Some(fatal) = this.on_down_end(&e) {
                 this.down_end = Some(e);

@@ -49,7 +49,9 @@ pub(crate) async fn handle(a: Accept, hc: Arc<HcRt>, endpoint: HostPort, ctx: Ar
     let dial_result = match &dialed {
         Ok(Ok(_)) => "ok",
         Ok(Err(ConnectError::Resolve { .. })) => "dns",
-        Ok(Err(ConnectError::Connect { source, .. })) if source.kind() == std::io::ErrorKind::ConnectionRefused => "refused",
+        Ok(Err(ConnectError::Connect { source, .. })) if source.kind() == std::io::ErrorKind::ConnectionRefused => {
+            "refused"
+        }
         Ok(Err(_)) => "error",
         Err(_) => "timeout",
     };
@@ -61,15 +63,29 @@ pub(crate) async fn handle(a: Accept, hc: Arc<HcRt>, endpoint: HostPort, ctx: Ar
         }
         failure => {
             let (status, detail) = match failure {
-                Ok(Err(ConnectError::Resolve { source, .. })) => (502, format!("cannot resolve {}: {source}", endpoint.host)),
-                Ok(Err(ConnectError::Connect { source, .. })) => (502, format!("cannot connect to {endpoint}: {source}")),
+                Ok(Err(ConnectError::Resolve { source, .. })) => {
+                    (502, format!("cannot resolve {}: {source}", endpoint.host))
+                }
+                Ok(Err(ConnectError::Connect { source, .. })) => {
+                    (502, format!("cannot connect to {endpoint}: {source}"))
+                }
                 Ok(Err(e)) => (502, format!("cannot connect to {endpoint}: {e}")),
                 Ok(Ok(_)) => unreachable!("handled above"),
-                Err(_) => (504, format!("{endpoint} did not answer within {:?}", ctx.cfg.dial_timeout)),
+                Err(_) => (
+                    504,
+                    format!("{endpoint} did not answer within {:?}", ctx.cfg.dial_timeout),
+                ),
             };
             record_dial(&hc, false, millis, detail.clone());
             tracing::warn!(event = "endpoint_dial_failed", hc = %name, %endpoint, status, reason = %detail, "endpoint dial failed; rejecting the sender");
-            reject_on(opened.ok(), &a, status, &format!("hyrelay hcm: endpoint {detail}"), &ctx).await;
+            reject_on(
+                opened.ok(),
+                &a,
+                status,
+                &format!("hyrelay hcm: endpoint {detail}"),
+                &ctx,
+            )
+            .await;
             return;
         }
     };
@@ -79,7 +95,11 @@ pub(crate) async fn handle(a: Accept, hc: Arc<HcRt>, endpoint: HostPort, ctx: Ar
         .find(|(n, _)| n.eq_ignore_ascii_case("Sec-WebSocket-Protocol"))
         .and_then(|(_, v)| v.split(',').map(str::trim).find(|p| !p.is_empty()))
         .map(str::to_owned);
-    let headers: Vec<(&str, &str)> = protocol.as_deref().map(|p| ("Sec-WebSocket-Protocol", p)).into_iter().collect();
+    let headers: Vec<(&str, &str)> = protocol
+        .as_deref()
+        .map(|p| ("Sec-WebSocket-Protocol", p))
+        .into_iter()
+        .collect();
     let upgraded = match opened {
         Ok(stream) => tokio::time::timeout(ctx.cfg.relay_timeout, ws::upgrade(stream, &url, &headers))
             .await

@@ -64,7 +64,10 @@ impl End {
         let r = self.reason.as_str();
         if self.unreachable {
             "unreachable"
-        } else if r.contains("relay answered 401") || r.contains("relay answered 403") || r.contains("refused the credentials") {
+        } else if r.contains("relay answered 401")
+            || r.contains("relay answered 403")
+            || r.contains("refused the credentials")
+        {
             "auth_failed"
         } else if r.contains("1008") {
             "token_expired"
@@ -82,7 +85,10 @@ impl End {
 
 impl From<String> for End {
     fn from(reason: String) -> Self {
-        Self { reason, unreachable: false }
+        Self {
+            reason,
+            unreachable: false,
+        }
     }
 }
 
@@ -137,12 +143,17 @@ async fn endpoint(hc: &HcRt, ctx: &HcmCtx) -> Result<HostPort, End> {
     if let Some(e) = &hc.entry.endpoint {
         return Ok(e.clone());
     }
-    let info = client::runtime_info(&hc.entry.connection_string, hc.entry.name(), &ctx.tls, ctx.cfg.relay_timeout)
-        .await
-        .map_err(|e| End {
-            unreachable: matches!(&e, client::InfoError::Unreachable(c) if c.is_unreachable()),
-            reason: e.to_string(),
-        })?;
+    let info = client::runtime_info(
+        &hc.entry.connection_string,
+        hc.entry.name(),
+        &ctx.tls,
+        ctx.cfg.relay_timeout,
+    )
+    .await
+    .map_err(|e| End {
+        unreachable: matches!(&e, client::InfoError::Unreachable(c) if c.is_unreachable()),
+        reason: e.to_string(),
+    })?;
     match metadata::endpoint_from_user_metadata(&info.user_metadata) {
         Ok(Some(ep)) => Ok(ep),
         Ok(None) => Err(End::from(format!(
@@ -158,14 +169,20 @@ pub(crate) fn check_allowed(endpoint: &HostPort, ctx: &HcmCtx) -> Result<(), Str
     if ctx.allowed.read().unwrap_or_else(|e| e.into_inner()).allows(endpoint) {
         Ok(())
     } else {
-        Err(format!("endpoint {endpoint} is not allowed by this hcm's allowed_endpoints"))
+        Err(format!(
+            "endpoint {endpoint} is not allowed by this hcm's allowed_endpoints"
+        ))
     }
 }
 
 /// One connection of the control channel; returns why it ended.
 async fn session(hc: &Arc<HcRt>, ctx: &Arc<HcmCtx>) -> End {
     match serve_session(hc, ctx).await {
-        Ok(reason) | Err(End { reason, unreachable: false }) => End::from(reason),
+        Ok(reason)
+        | Err(End {
+            reason,
+            unreachable: false,
+        }) => End::from(reason),
         Err(e) => e,
     }
 }
@@ -182,7 +199,14 @@ async fn serve_session(hc: &Arc<HcRt>, ctx: &Arc<HcmCtx>) -> Result<String, End>
     let ttl = ctx.cfg.token_ttl;
     let token = client::token(cs, entry.name(), ttl);
     let url = client::hc_url(cs, entry.name(), "listen", &crate::relay::control::new_id());
-    let conn = match ws::connect(&url, Some(&ctx.tls), &[("ServiceBusAuthorization", &token)], ctx.cfg.relay_timeout).await {
+    let conn = match ws::connect(
+        &url,
+        Some(&ctx.tls),
+        &[("ServiceBusAuthorization", &token)],
+        ctx.cfg.relay_timeout,
+    )
+    .await
+    {
         Ok(c) => c,
         Err(e) => {
             return Err(End {

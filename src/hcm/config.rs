@@ -25,9 +25,14 @@ impl HcEntry {
     /// Validates that the string names an entity.
     pub fn new(connection_string: ConnectionString, endpoint: Option<HostPort>) -> anyhow::Result<Self> {
         if connection_string.entity_path.is_none() {
-            bail!("the connection string has no EntityPath; an hcm needs the hybrid connection's own (Listen) connection string");
+            bail!(
+                "the connection string has no EntityPath; an hcm needs the hybrid connection's own (Listen) connection string"
+            );
         }
-        Ok(Self { connection_string, endpoint })
+        Ok(Self {
+            connection_string,
+            endpoint,
+        })
     }
 
     /// The hybrid connection's name.
@@ -37,7 +42,11 @@ impl HcEntry {
 
     /// Identity of the entry: relay and hybrid connection (case-insensitive).
     pub fn key(&self) -> String {
-        format!("{}/{}", self.connection_string.endpoint.authority().to_ascii_lowercase(), self.name().to_lowercase())
+        format!(
+            "{}/{}",
+            self.connection_string.endpoint.authority().to_ascii_lowercase(),
+            self.name().to_lowercase()
+        )
     }
 
     /// True if tokens can be minted (and so renewed) locally.
@@ -130,7 +139,12 @@ impl HcmConfig {
         }
         c.io_backend = f.io_backend.unwrap_or_default();
         c.ca_files = f.ca_files;
-        c.admin = f.admin.as_deref().map(str::parse).transpose().context("field `admin`: expected IP:PORT")?;
+        c.admin = f
+            .admin
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .context("field `admin`: expected IP:PORT")?;
         for (field, slot, v) in [
             ("dial_timeout", &mut c.dial_timeout, f.dial_timeout),
             ("relay_timeout", &mut c.relay_timeout, f.relay_timeout),

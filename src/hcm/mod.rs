@@ -83,7 +83,12 @@ pub(crate) struct Shared {
 impl Shared {
     /// Status of every hybrid connection served.
     pub fn snapshot(&self) -> Vec<HcStatus> {
-        self.hcs.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|h| h.snapshot()).collect()
+        self.hcs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|h| h.snapshot())
+            .collect()
     }
 }
 
@@ -132,14 +137,25 @@ impl HcmHandle {
     /// given up to `drain_timeout` (from the config) to finish; then a hard stop. `force`
     /// cuts the wait short.
     pub fn drain(mut self, force: &crate::dataplane::drain::Force) -> crate::dataplane::drain::DrainReport {
-        tracing::info!(event = "drain_started", role = "hcm", timeout_s = self.drain_timeout.as_secs(), "draining: control channels closed, tunnels finishing");
+        tracing::info!(
+            event = "drain_started",
+            role = "hcm",
+            timeout_s = self.drain_timeout.as_secs(),
+            "draining: control channels closed, tunnels finishing"
+        );
         self.drain.cancel();
         if let Some(t) = self.control.take() {
             t.join().ok();
         }
         let inflight = self.inflight.clone();
         let report = crate::dataplane::drain::wait_idle(move || inflight.count(), self.drain_timeout, force);
-        tracing::info!(event = "drain_finished", role = "hcm", remaining = report.remaining, waited_ms = report.waited.as_millis() as u64, "drain finished");
+        tracing::info!(
+            event = "drain_finished",
+            role = "hcm",
+            remaining = report.remaining,
+            waited_ms = report.waited.as_millis() as u64,
+            "drain finished"
+        );
         self.halt();
         report
     }
@@ -176,8 +192,14 @@ pub fn start(cfg: HcmConfig) -> anyhow::Result<HcmHandle> {
     crate::telemetry::metrics::spawn_worker_flush(&workers, "hcm", totals.clone());
     let admin = match cfg.admin {
         Some(a) => {
-            let source = status::HcmStatus { shared: shared.clone(), totals: totals.clone() };
-            Some(crate::telemetry::admin::spawn(a, Arc::new(source)).map_err(|e| anyhow::anyhow!("cannot listen on admin address {a}: {e}"))?)
+            let source = status::HcmStatus {
+                shared: shared.clone(),
+                totals: totals.clone(),
+            };
+            Some(
+                crate::telemetry::admin::spawn(a, Arc::new(source))
+                    .map_err(|e| anyhow::anyhow!("cannot listen on admin address {a}: {e}"))?,
+            )
         }
         None => None,
     };
@@ -202,12 +224,14 @@ pub fn start(cfg: HcmConfig) -> anyhow::Result<HcmHandle> {
     };
     // The manager (control channels) ends on drain; tunnels on the workers end on shutdown.
     let stop = drain.clone();
-    let control = std::thread::Builder::new().name("hyrelay-hcm-ctl".into()).spawn(move || {
-        match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-            Ok(rt) => rt.block_on(manager.run(stop)),
-            Err(e) => tracing::error!(error = %e, "cannot start the hcm control runtime"),
-        }
-    })?;
+    let control = std::thread::Builder::new()
+        .name("hyrelay-hcm-ctl".into())
+        .spawn(
+            move || match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt.block_on(manager.run(stop)),
+                Err(e) => tracing::error!(error = %e, "cannot start the hcm control runtime"),
+            },
+        )?;
     Ok(HcmHandle {
         shared,
         shutdown,
@@ -326,7 +350,10 @@ impl Manager {
         let mut restarted = 0;
         if allowed_changed {
             for hc in self.running.values() {
-                let ep = hc.snapshot().endpoint.and_then(|e| e.parse::<crate::proto::metadata::HostPort>().ok());
+                let ep = hc
+                    .snapshot()
+                    .endpoint
+                    .and_then(|e| e.parse::<crate::proto::metadata::HostPort>().ok());
                 if ep.is_some_and(|ep| !self.ctx.allowed.read().unwrap_or_else(|e| e.into_inner()).allows(&ep)) {
                     hc.stop.cancel();
                     restarted += 1;

@@ -43,7 +43,8 @@ fn read_added(dir: &Path) -> anyhow::Result<Vec<Added>> {
 
 fn write_added(dir: &Path, added: &[Added]) -> anyhow::Result<()> {
     let path = connections_path(dir);
-    crate::config::write_private(&path, &serde_json::to_vec_pretty(added)?).with_context(|| format!("writing {}", path.display()))
+    crate::config::write_private(&path, &serde_json::to_vec_pretty(added)?)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// The hybrid connections added with `hcm add`.
@@ -69,7 +70,13 @@ pub fn load_added(dir: &Path) -> anyhow::Result<Vec<HcEntry>> {
 pub fn add(dir: &Path, entry: &HcEntry) -> anyhow::Result<bool> {
     let mut added = read_added(dir)?;
     let before = added.len();
-    added.retain(|a| ConnectionString::parse(&a.connection_string).ok().and_then(|c| HcEntry::new(c, None).ok()).map(|e| e.key()) != Some(entry.key()));
+    added.retain(|a| {
+        ConnectionString::parse(&a.connection_string)
+            .ok()
+            .and_then(|c| HcEntry::new(c, None).ok())
+            .map(|e| e.key())
+            != Some(entry.key())
+    });
     let replaced = added.len() != before;
     added.push(Added {
         connection_string: entry.connection_string.expose(),
@@ -200,7 +207,12 @@ mod tests {
     fn add_replace_remove() {
         let dir = std::env::temp_dir().join(format!("hyrelay-hcm-state-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let cs = |k: &str| ConnectionString::parse(&format!("Endpoint=sb://r/;SharedAccessKeyName=defaultListener;SharedAccessKey={k};EntityPath=Db")).unwrap();
+        let cs = |k: &str| {
+            ConnectionString::parse(&format!(
+                "Endpoint=sb://r/;SharedAccessKeyName=defaultListener;SharedAccessKey={k};EntityPath=Db"
+            ))
+            .unwrap()
+        };
         let e1 = HcEntry::new(cs("a"), None).unwrap();
         assert!(!add(&dir, &e1).unwrap());
         let e2 = HcEntry::new(cs("b"), Some("h:1".parse().unwrap())).unwrap();

@@ -166,7 +166,9 @@ pub fn validate_entity_name(name: &str) -> Result<(), String> {
             ));
         }
         if let Some(c) = seg.chars().find(|c| !(c.is_ascii_alphanumeric() || "._-".contains(*c))) {
-            return Err(format!("{name:?}: character {c:?} is not allowed (letters, digits, '.', '-', '_', '/')"));
+            return Err(format!(
+                "{name:?}: character {c:?} is not allowed (letters, digits, '.', '-', '_', '/')"
+            ));
         }
     }
     Ok(())
@@ -179,7 +181,9 @@ mod tests {
     #[test]
     fn listen_target_with_encoded_token() {
         let t = "/%24hc/My%20HC/?sb-hc-action=listen&sb-hc-id=abc&sb-hc-token=SharedAccessSignature%20sr%3Dx%26sig%3Dy%252B&foo=1";
-        let Target::Hc(r) = parse_target(t).unwrap() else { panic!() };
+        let Target::Hc(r) = parse_target(t).unwrap() else {
+            panic!()
+        };
         assert_eq!(r.path, "My HC");
         assert_eq!(r.raw_path, "My%20HC");
         assert_eq!(r.action, Some(Action::Listen));
@@ -190,7 +194,9 @@ mod tests {
     #[test]
     fn reject_params_and_unknown_action() {
         let t = "/$hc/hc1/sub?a=b&SB-HC-ACTION=accept&sb-hc-id=1&sb-hc-rid=s3cr3t&sb-hc-statusCode=502&sb-hc-statusDescription=Endpoint+down%21";
-        let Target::Hc(r) = parse_target(t).unwrap() else { panic!() };
+        let Target::Hc(r) = parse_target(t).unwrap() else {
+            panic!()
+        };
         assert_eq!(r.path, "hc1/sub");
         assert_eq!(r.rendezvous.as_deref(), Some("s3cr3t"));
         assert_eq!(r.status_code.as_deref(), Some("502"));
@@ -203,7 +209,9 @@ mod tests {
 
     #[test]
     fn plain_targets() {
-        let Target::Plain(p) = parse_target("/hc1?api-version=2016-07").unwrap() else { panic!() };
+        let Target::Plain(p) = parse_target("/hc1?api-version=2016-07").unwrap() else {
+            panic!()
+        };
         assert_eq!(p.path, "/hc1");
         assert_eq!(p.query, vec![("api-version".into(), "2016-07".into())]);
         assert!(matches!(parse_target("/$hcx/a").unwrap(), Target::Plain(_)));

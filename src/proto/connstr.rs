@@ -62,8 +62,7 @@ impl RelayEndpoint {
             _ => return Err(ConnStrError::BadEndpoint(s.to_owned())),
         };
         let authority = rest.split('/').next().unwrap_or("");
-        let (host, port) = split_host_port(authority)
-            .ok_or_else(|| ConnStrError::BadEndpoint(s.to_owned()))?;
+        let (host, port) = split_host_port(authority).ok_or_else(|| ConnStrError::BadEndpoint(s.to_owned()))?;
         let port = port.unwrap_or(if tls { 443 } else { 80 });
         Ok(Self { tls, host, port })
     }
@@ -233,7 +232,10 @@ mod tests {
     #[test]
     fn endpoints() {
         let e = RelayEndpoint::parse("sb://localhost:9443/").unwrap();
-        assert_eq!((e.tls, e.port, e.ws_base()), (true, 9443, "wss://localhost:9443".into()));
+        assert_eq!(
+            (e.tls, e.port, e.ws_base()),
+            (true, 9443, "wss://localhost:9443".into())
+        );
         let e = RelayEndpoint::parse("ws://127.0.0.1:8080").unwrap();
         assert_eq!((e.tls, e.authority()), (false, "127.0.0.1:8080".into()));
         let e = RelayEndpoint::parse("sb://[::1]:9443/").unwrap();
@@ -279,13 +281,22 @@ mod tests {
         .unwrap();
         assert_eq!(c.entity_path.as_deref(), Some("a/b"));
         assert_eq!(c.key_name(), Some("r"));
-        assert_eq!(ConnectionString::parse("SharedAccessKeyName=r;SharedAccessKey=k"), Err(ConnStrError::MissingEndpoint));
-        assert_eq!(ConnectionString::parse("Endpoint=sb://ns/;SharedAccessKeyName=r"), Err(ConnStrError::MissingCredential));
+        assert_eq!(
+            ConnectionString::parse("SharedAccessKeyName=r;SharedAccessKey=k"),
+            Err(ConnStrError::MissingEndpoint)
+        );
+        assert_eq!(
+            ConnectionString::parse("Endpoint=sb://ns/;SharedAccessKeyName=r"),
+            Err(ConnStrError::MissingCredential)
+        );
         assert!(matches!(
             ConnectionString::parse("Endpoint=sb://ns/;Authentication=Managed Identity"),
             Err(ConnStrError::UnsupportedAuthentication(_))
         ));
-        let t = ConnectionString::parse("Endpoint=sb://ns/;SharedAccessSignature=SharedAccessSignature sr=a&sig=b&se=1&skn=c").unwrap();
+        let t = ConnectionString::parse(
+            "Endpoint=sb://ns/;SharedAccessSignature=SharedAccessSignature sr=a&sig=b&se=1&skn=c",
+        )
+        .unwrap();
         assert!(matches!(t.credential, Credential::Token(_)));
     }
 }

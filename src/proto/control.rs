@@ -26,7 +26,9 @@ pub struct Accept {
 pub enum Command {
     Accept(Accept),
     /// `renewToken` from a listener.
-    RenewToken { token: String },
+    RenewToken {
+        token: String,
+    },
     /// An HTTP-mode `request` or `response`, or anything else: the name, for logging.
     Unknown(String),
 }
@@ -42,10 +44,7 @@ pub enum ControlError {
     NotCommand,
     /// A known command missing a required field or with a wrong type.
     #[error("control command '{command}' has a missing or invalid '{field}'")]
-    BadField {
-        command: &'static str,
-        field: &'static str,
-    },
+    BadField { command: &'static str, field: &'static str },
     /// Larger than [`MAX_CONTROL_MESSAGE`].
     #[error("control message of {0} bytes exceeds the 64 KiB limit")]
     TooLarge(usize),
@@ -89,8 +88,7 @@ pub fn decode(text: &str) -> Result<Command, ControlError> {
         return Err(ControlError::TooLarge(text.len()));
     }
     let v: Value = serde_json::from_str(text).map_err(|e| ControlError::NotJson(e.to_string()))?;
-    let Some((name, body)) = v.as_object().filter(|o| o.len() == 1).and_then(|o| o.iter().next())
-    else {
+    let Some((name, body)) = v.as_object().filter(|o| o.len() == 1).and_then(|o| o.iter().next()) else {
         return Err(ControlError::NotCommand);
     };
     match name.as_str() {
@@ -98,7 +96,10 @@ pub fn decode(text: &str) -> Result<Command, ControlError> {
             let headers = body
                 .get("connectHeaders")
                 .and_then(Value::as_object)
-                .ok_or(ControlError::BadField { command: "accept", field: "connectHeaders" })?
+                .ok_or(ControlError::BadField {
+                    command: "accept",
+                    field: "connectHeaders",
+                })?
                 .iter()
                 .map(|(k, v)| {
                     let v = v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string());
@@ -146,9 +147,14 @@ mod tests {
         let t = encode_renew_token("SharedAccessSignature sr=a&sig=b&se=1&skn=c");
         assert_eq!(
             decode(&t).unwrap(),
-            Command::RenewToken { token: "SharedAccessSignature sr=a&sig=b&se=1&skn=c".into() }
+            Command::RenewToken {
+                token: "SharedAccessSignature sr=a&sig=b&se=1&skn=c".into()
+            }
         );
-        assert_eq!(decode(r#"{"injectFault":{}}"#).unwrap(), Command::Unknown("injectFault".into()));
+        assert_eq!(
+            decode(r#"{"injectFault":{}}"#).unwrap(),
+            Command::Unknown("injectFault".into())
+        );
     }
 
     #[test]
@@ -158,11 +164,17 @@ mod tests {
         assert_eq!(decode(r#"{"a":1,"b":2}"#), Err(ControlError::NotCommand));
         assert_eq!(
             decode(r#"{"renewToken":{"token":5}}"#),
-            Err(ControlError::BadField { command: "renewToken", field: "token" })
+            Err(ControlError::BadField {
+                command: "renewToken",
+                field: "token"
+            })
         );
         assert_eq!(
             decode(r#"{"accept":{"address":"x"}}"#),
-            Err(ControlError::BadField { command: "accept", field: "connectHeaders" })
+            Err(ControlError::BadField {
+                command: "accept",
+                field: "connectHeaders"
+            })
         );
         let big = format!("{{\"x\":\"{}\"}}", "a".repeat(MAX_CONTROL_MESSAGE));
         assert!(matches!(decode(&big), Err(ControlError::TooLarge(_))));

@@ -181,15 +181,7 @@ pub fn parse_header(buf: &[u8]) -> Result<Option<(FrameHeader, usize)>, FrameErr
     } else {
         None
     };
-    Ok(Some((
-        FrameHeader {
-            fin,
-            opcode,
-            mask,
-            len,
-        },
-        pos,
-    )))
+    Ok(Some((FrameHeader { fin, opcode, mask, len }, pos)))
 }
 
 /// Writes a frame header into `out` and returns its length.
@@ -271,7 +263,10 @@ pub struct DataChunk {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SliceItem {
     /// A whole control frame; its payload (unmasked) is `buf[payload]`.
-    Control { opcode: OpCode, payload: std::ops::Range<usize> },
+    Control {
+        opcode: OpCode,
+        payload: std::ops::Range<usize>,
+    },
     Data(SliceChunk),
 }
 
@@ -452,12 +447,8 @@ impl Decoder {
             });
         }
         match h.opcode {
-            OpCode::Continuation if self.open_message.is_none() => {
-                Err(FrameError::UnexpectedContinuation)
-            }
-            OpCode::Text | OpCode::Binary if self.open_message.is_some() => {
-                Err(FrameError::ExpectedContinuation)
-            }
+            OpCode::Continuation if self.open_message.is_none() => Err(FrameError::UnexpectedContinuation),
+            OpCode::Text | OpCode::Binary if self.open_message.is_some() => Err(FrameError::ExpectedContinuation),
             op if !op.is_control() && h.len > self.max_frame => Err(FrameError::TooLarge {
                 len: h.len,
                 max: self.max_frame,
@@ -553,7 +544,15 @@ mod tests {
                 assert_eq!(n, header_len(mask.is_some(), len));
                 let (h, used) = parse_header(&out[..n]).unwrap().unwrap();
                 assert_eq!(used, n);
-                assert_eq!(h, FrameHeader { fin: true, opcode: OpCode::Binary, mask, len });
+                assert_eq!(
+                    h,
+                    FrameHeader {
+                        fin: true,
+                        opcode: OpCode::Binary,
+                        mask,
+                        len
+                    }
+                );
                 assert_eq!(parse_header(&out[..n - 1]).unwrap(), None, "short header needs more");
             }
         }
@@ -601,10 +600,18 @@ mod tests {
         buf[start..c.payload.start].copy_from_slice(&hdr[..n]);
         let mut client = Decoder::new(Role::Client, DEFAULT_MAX_FRAME);
         let mut out = BytesMut::from(&buf[start..c.payload.end]);
-        let Some(Item::Data(d)) = client.decode(&mut out).unwrap() else { panic!() };
+        let Some(Item::Data(d)) = client.decode(&mut out).unwrap() else {
+            panic!()
+        };
         assert_eq!(&d.payload[..], &[7u8; 300][..]);
         let (item, used2) = dec.decode_slice(&mut buf[used..]).unwrap().unwrap();
-        assert_eq!(item, SliceItem::Control { opcode: OpCode::Ping, payload: 6..8 });
+        assert_eq!(
+            item,
+            SliceItem::Control {
+                opcode: OpCode::Ping,
+                payload: 6..8
+            }
+        );
         assert_eq!(&buf[used + 6..used + 8], b"hi");
         assert_eq!(used + used2, buf.len());
         // A header alone yields an empty first chunk; the payload follows later.
@@ -612,7 +619,16 @@ mod tests {
         let mut d2 = Decoder::new(Role::Server, DEFAULT_MAX_FRAME);
         let mut head = frame[..6].to_vec();
         let (item, used) = d2.decode_slice(&mut head).unwrap().unwrap();
-        assert!(matches!(item, SliceItem::Data(SliceChunk { first: true, last: false, .. })) && used == 6);
+        assert!(
+            matches!(
+                item,
+                SliceItem::Data(SliceChunk {
+                    first: true,
+                    last: false,
+                    ..
+                })
+            ) && used == 6
+        );
         assert_eq!(d2.decode_slice(&mut []).unwrap(), None);
         let mut rest = frame[6..].to_vec();
         let (item, _) = d2.decode_slice(&mut rest).unwrap().unwrap();
@@ -632,19 +648,42 @@ mod tests {
         assert_eq!(items.len(), 3);
         assert!(matches!(&items[1], Item::Control { opcode: OpCode::Ping, payload } if &payload[..] == b"p"));
         let Item::Data(c) = &items[2] else { panic!() };
-        assert_eq!((&c.payload[..], c.opcode, c.fin), (&b"llo"[..], OpCode::Continuation, true));
+        assert_eq!(
+            (&c.payload[..], c.opcode, c.fin),
+            (&b"llo"[..], OpCode::Continuation, true)
+        );
     }
 
     #[test]
     fn rejects_what_the_peer_gets_wrong() {
         let cases: Vec<(Vec<u8>, Role, FrameError)> = vec![
-            (vec![0x82 | 0x40, 0x80, 0, 0, 0, 0], Role::Server, FrameError::ReservedBits),
+            (
+                vec![0x82 | 0x40, 0x80, 0, 0, 0, 0],
+                Role::Server,
+                FrameError::ReservedBits,
+            ),
             (vec![0x83, 0x80, 0, 0, 0, 0], Role::Server, FrameError::UnknownOpcode(3)),
             (vec![0x89, 0xfe, 0, 126], Role::Server, FrameError::ControlTooLong(126)),
-            (vec![0x09, 0x80, 0, 0, 0, 0], Role::Server, FrameError::FragmentedControl),
-            (vec![0x82, 0x00], Role::Server, FrameError::MaskMismatch { masked: false }),
-            (vec![0x82, 0x80, 0, 0, 0, 0], Role::Client, FrameError::MaskMismatch { masked: true }),
-            (vec![0x80, 0x80, 0, 0, 0, 0], Role::Server, FrameError::UnexpectedContinuation),
+            (
+                vec![0x09, 0x80, 0, 0, 0, 0],
+                Role::Server,
+                FrameError::FragmentedControl,
+            ),
+            (
+                vec![0x82, 0x00],
+                Role::Server,
+                FrameError::MaskMismatch { masked: false },
+            ),
+            (
+                vec![0x82, 0x80, 0, 0, 0, 0],
+                Role::Client,
+                FrameError::MaskMismatch { masked: true },
+            ),
+            (
+                vec![0x80, 0x80, 0, 0, 0, 0],
+                Role::Server,
+                FrameError::UnexpectedContinuation,
+            ),
             (
                 vec![0x82, 0xff, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
                 Role::Server,
@@ -653,7 +692,10 @@ mod tests {
             (
                 vec![0x82, 0xff, 0, 0, 0, 0, 0, 0x20, 0, 0, 1, 2, 3, 4],
                 Role::Server,
-                FrameError::TooLarge { len: 0x20_0000, max: DEFAULT_MAX_FRAME },
+                FrameError::TooLarge {
+                    len: 0x20_0000,
+                    max: DEFAULT_MAX_FRAME,
+                },
             ),
         ];
         for (bytes, role, want) in cases {

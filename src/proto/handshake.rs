@@ -103,10 +103,7 @@ fn map_err(e: httparse::Error) -> HandshakeError {
 }
 
 /// Parses a request head from `buf`; returns it and the number of bytes it used.
-pub fn parse_request(
-    buf: &[u8],
-    max_head: usize,
-) -> Result<Option<(RequestHead, usize)>, HandshakeError> {
+pub fn parse_request(buf: &[u8], max_head: usize) -> Result<Option<(RequestHead, usize)>, HandshakeError> {
     let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut raw);
     match req.parse(buf).map_err(map_err)? {
@@ -125,10 +122,7 @@ pub fn parse_request(
 }
 
 /// Parses a response head from `buf`; returns it and the number of bytes it used.
-pub fn parse_response(
-    buf: &[u8],
-    max_head: usize,
-) -> Result<Option<(ResponseHead, usize)>, HandshakeError> {
+pub fn parse_response(buf: &[u8], max_head: usize) -> Result<Option<(ResponseHead, usize)>, HandshakeError> {
     let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut raw);
     match resp.parse(buf).map_err(map_err)? {
@@ -235,10 +229,7 @@ pub fn response(status: u16, reason: &str, content_type: &str, body: &[u8]) -> V
 
 /// Replaces control characters so that a peer-supplied string can sit in a header line.
 pub fn sanitize_header_value(s: &str) -> String {
-    let mut out: String = s
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
+    let mut out: String = s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
     out.truncate(out.trim_end().len());
     out
 }

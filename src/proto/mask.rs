@@ -17,9 +17,7 @@ pub fn apply_mask(buf: &mut [u8], key: [u8; 4], offset: usize) {
         *b ^= key[i & 3];
     }
     let key = rotate(key, head);
-    let word = u64::from_ne_bytes([
-        key[0], key[1], key[2], key[3], key[0], key[1], key[2], key[3],
-    ]);
+    let word = u64::from_ne_bytes([key[0], key[1], key[2], key[3], key[0], key[1], key[2], key[3]]);
     let mut chunks = rest.chunks_exact_mut(8);
     for chunk in &mut chunks {
         let mut bytes = [0u8; 8];

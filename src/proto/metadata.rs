@@ -213,7 +213,10 @@ mod tests {
 
     #[test]
     fn metadata_round_trip_through_atom() {
-        let ep = HostPort { host: "sql<&>\"'.corp".into(), port: 1433 };
+        let ep = HostPort {
+            host: "sql<&>\"'.corp".into(),
+            port: 1433,
+        };
         let info = RuntimeInfo {
             created_at: "2026-01-01T00:00:00Z".into(),
             updated_at: "2026-01-02T00:00:00Z".into(),
@@ -222,7 +225,13 @@ mod tests {
             listener_count: 3,
         };
         let xml = info.to_atom("https://ns", "hc1");
-        let order = ["<CreatedAt>", "<UpdatedAt>", "<RequiresClientAuthorization>", "<UserMetadata>", "<ListenerCount>"];
+        let order = [
+            "<CreatedAt>",
+            "<UpdatedAt>",
+            "<RequiresClientAuthorization>",
+            "<UserMetadata>",
+            "<ListenerCount>",
+        ];
         let pos: Vec<usize> = order.iter().map(|t| xml.find(t).unwrap()).collect();
         assert!(pos.windows(2).all(|w| w[0] < w[1]), "DataContract order");
         let back = RuntimeInfo::from_atom(&xml).unwrap();
@@ -233,9 +242,18 @@ mod tests {
     #[test]
     fn user_metadata_variants() {
         assert_eq!(endpoint_from_user_metadata("").unwrap(), None);
-        assert_eq!(endpoint_from_user_metadata(r#"[{"key":"other","value":"x"}]"#).unwrap(), None);
+        assert_eq!(
+            endpoint_from_user_metadata(r#"[{"key":"other","value":"x"}]"#).unwrap(),
+            None
+        );
         let ep = endpoint_from_user_metadata(r#"[{"key":"ENDPOINT","value":"h:1"}]"#).unwrap();
-        assert_eq!(ep, Some(HostPort { host: "h".into(), port: 1 }));
+        assert_eq!(
+            ep,
+            Some(HostPort {
+                host: "h".into(),
+                port: 1
+            })
+        );
         assert!(endpoint_from_user_metadata(r#"[{"key":"endpoint","value":"h"}]"#).is_err());
         assert!(endpoint_from_user_metadata("{").is_err());
     }

@@ -69,7 +69,8 @@ pub fn authorize(state: &State, tokens: &[&str], demand: &Demand<'_>) -> Result<
 
 fn check(state: &State, token: &str, d: &Demand<'_>) -> Result<Granted, AuthError> {
     let unauthorized = |m: &str| AuthError::Unauthorized(m.to_owned());
-    let t = SasToken::parse(token).map_err(|e| AuthError::Unauthorized(format!("The security token is malformed: {e}.")))?;
+    let t = SasToken::parse(token)
+        .map_err(|e| AuthError::Unauthorized(format!("The security token is malformed: {e}.")))?;
     // An entity rule only exists on the entity the path resolved to, so "the target is
     // inside that entity" (§3.3) holds by construction.
     let rule = find_rule(state, d.entity, &t.key_name)
@@ -120,18 +121,30 @@ mod tests {
         }))
         .unwrap();
         st.namespace_rules.push(Rule::generate(ROOT_RULE, Rights::ALL));
-        st.hybrid_connections.insert("hc1".into(), new_entity("hc1", None, true));
+        st.hybrid_connections
+            .insert("hc1".into(), new_entity("hc1", None, true));
         st
     }
 
     fn token(st: &State, rule: &str, uri: &str, secondary: bool, expiry: u64) -> String {
-        let r = st.entity("hc1").unwrap().rule(rule).or_else(|| st.namespace_rule(rule)).unwrap();
+        let r = st
+            .entity("hc1")
+            .unwrap()
+            .rule(rule)
+            .or_else(|| st.namespace_rule(rule))
+            .unwrap();
         let key = if secondary { &r.secondary_key } else { &r.primary_key };
         create_token(uri, rule, key.expose(), expiry)
     }
 
     fn demand<'a>(st: &'a State, right: Rights, hosts: &'a [String]) -> Demand<'a> {
-        Demand { entity: st.entity("hc1"), path: "hc1", hosts, right, now: 1000 }
+        Demand {
+            entity: st.entity("hc1"),
+            path: "hc1",
+            hosts,
+            right,
+            now: 1000,
+        }
     }
 
     #[test]
@@ -141,16 +154,46 @@ mod tests {
         let listen = token(&st, LISTEN_RULE, "http://ns:443/hc1", false, 2000);
         let send = token(&st, SEND_RULE, "http://ns/hc1", false, 2000);
         assert!(authorize(&st, &[&listen], &demand(&st, Rights::LISTEN, &hosts)).is_ok());
-        assert_eq!(authorize(&st, &[&send], &demand(&st, Rights::LISTEN, &hosts)).unwrap_err().status(), 403);
-        assert_eq!(authorize(&st, &[&listen], &demand(&st, Rights::SEND, &hosts)).unwrap_err().status(), 403);
+        assert_eq!(
+            authorize(&st, &[&send], &demand(&st, Rights::LISTEN, &hosts))
+                .unwrap_err()
+                .status(),
+            403
+        );
+        assert_eq!(
+            authorize(&st, &[&listen], &demand(&st, Rights::SEND, &hosts))
+                .unwrap_err()
+                .status(),
+            403
+        );
         let secondary = token(&st, SEND_RULE, "sb://ns/hc1/", true, 2000);
         assert!(authorize(&st, &[&secondary], &demand(&st, Rights::SEND, &hosts)).is_ok());
         let expired = token(&st, SEND_RULE, "http://ns/hc1", false, 999);
-        assert_eq!(authorize(&st, &[&expired], &demand(&st, Rights::SEND, &hosts)).unwrap_err().status(), 401);
+        assert_eq!(
+            authorize(&st, &[&expired], &demand(&st, Rights::SEND, &hosts))
+                .unwrap_err()
+                .status(),
+            401
+        );
         let wrong_key = create_token("http://ns/hc1", SEND_RULE, "bm90IHRoZSBrZXk=", 2000);
-        assert_eq!(authorize(&st, &[&wrong_key], &demand(&st, Rights::SEND, &hosts)).unwrap_err().status(), 401);
-        assert_eq!(authorize(&st, &[], &demand(&st, Rights::SEND, &hosts)).unwrap_err().status(), 401);
-        assert_eq!(authorize(&st, &["garbage"], &demand(&st, Rights::SEND, &hosts)).unwrap_err().status(), 401);
+        assert_eq!(
+            authorize(&st, &[&wrong_key], &demand(&st, Rights::SEND, &hosts))
+                .unwrap_err()
+                .status(),
+            401
+        );
+        assert_eq!(
+            authorize(&st, &[], &demand(&st, Rights::SEND, &hosts))
+                .unwrap_err()
+                .status(),
+            401
+        );
+        assert_eq!(
+            authorize(&st, &["garbage"], &demand(&st, Rights::SEND, &hosts))
+                .unwrap_err()
+                .status(),
+            401
+        );
         // Either candidate may pass.
         assert!(authorize(&st, &[&expired, &send], &demand(&st, Rights::SEND, &hosts)).is_ok());
     }
@@ -162,13 +205,26 @@ mod tests {
         let root = token(&st, ROOT_RULE, "http://ns/", false, 2000);
         assert!(authorize(&st, &[&root], &demand(&st, Rights::MANAGE, &hosts)).is_ok());
         let other_host = token(&st, ROOT_RULE, "http://evil/", false, 2000);
-        assert_eq!(authorize(&st, &[&other_host], &demand(&st, Rights::SEND, &hosts)).unwrap_err().status(), 403);
+        assert_eq!(
+            authorize(&st, &[&other_host], &demand(&st, Rights::SEND, &hosts))
+                .unwrap_err()
+                .status(),
+            403
+        );
         let other_path = token(&st, SEND_RULE, "http://ns/hc2", false, 2000);
-        assert_eq!(authorize(&st, &[&other_path], &demand(&st, Rights::SEND, &hosts)).unwrap_err().status(), 403);
+        assert_eq!(
+            authorize(&st, &[&other_path], &demand(&st, Rights::SEND, &hosts))
+                .unwrap_err()
+                .status(),
+            403
+        );
         // An entity rule's key signing a namespace-wide audience still only reaches its entity.
         let broad = token(&st, SEND_RULE, "http://ns/", false, 2000);
         assert!(authorize(&st, &[&broad], &demand(&st, Rights::SEND, &hosts)).is_ok());
-        let d = Demand { path: "hc1/sub/path", ..demand(&st, Rights::SEND, &hosts) };
+        let d = Demand {
+            path: "hc1/sub/path",
+            ..demand(&st, Rights::SEND, &hosts)
+        };
         let ok = token(&st, SEND_RULE, "http://ns/hc1", false, 2000);
         assert!(authorize(&st, &[&ok], &d).is_ok());
     }

@@ -12,8 +12,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::BytesMut;
@@ -118,7 +118,9 @@ pub enum Refusal {
     NotFound,
     #[error("There are no listeners connected for the endpoint.")]
     NoListener,
-    #[error("QuotaExceeded: the hybrid connection already has the maximum of {0} listeners (MaximumListenersPerEndpoint).")]
+    #[error(
+        "QuotaExceeded: the hybrid connection already has the maximum of {0} listeners (MaximumListenersPerEndpoint)."
+    )]
     Quota(usize),
     #[error("The relay is shutting down.")]
     ShuttingDown,
@@ -236,7 +238,11 @@ impl Ctl {
 
     /// Records a sender connect's result for status.
     pub fn record_connect(&self, entity: &str, result: &'static str, detail: String) {
-        let record = ConnectRecord { at: SystemTime::now(), result, detail };
+        let record = ConnectRecord {
+            at: SystemTime::now(),
+            result,
+            detail,
+        };
         self.reg().record_connect(entity, record);
     }
 
@@ -249,7 +255,8 @@ impl Ctl {
         if self.tx.send(Request::Manage { op, reply }).await.is_err() {
             return Err(StoreError::Io("the relay is shutting down".into()));
         }
-        rx.await.unwrap_or_else(|_| Err(StoreError::Io("the relay is shutting down".into())))
+        rx.await
+            .unwrap_or_else(|_| Err(StoreError::Io("the relay is shutting down".into())))
     }
 }
 
@@ -293,7 +300,9 @@ pub struct Registry {
 
 impl std::fmt::Debug for EntityRt {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EntityRt").field("listeners", &self.listeners.len()).finish()
+        f.debug_struct("EntityRt")
+            .field("listeners", &self.listeners.len())
+            .finish()
     }
 }
 
@@ -321,7 +330,10 @@ impl Plane {
             pending: HashMap::new(),
             next_key: 1,
         }));
-        let plane = Self { store, reg: reg.clone() };
+        let plane = Self {
+            store,
+            reg: reg.clone(),
+        };
         (plane, Ctl { tx, reg }, rx)
     }
 
@@ -346,7 +358,8 @@ impl Plane {
         }
         for e in self.reg().live.values() {
             for l in &e.listeners {
-                l.tx.try_send(ListenerCmd::Close(1001, "The relay is shutting down.".into())).ok();
+                l.tx.try_send(ListenerCmd::Close(1001, "The relay is shutting down.".into()))
+                    .ok();
             }
         }
     }
@@ -356,13 +369,22 @@ impl Plane {
     }
     fn manage(&mut self, op: MgmtOp) -> Result<MgmtReply, StoreError> {
         let state = self.store.current();
-        let find = |state: &State, name: &str| state.entity(name).cloned().ok_or_else(|| StoreError::NotFound(name.to_owned()));
+        let find = |state: &State, name: &str| {
+            state
+                .entity(name)
+                .cloned()
+                .ok_or_else(|| StoreError::NotFound(name.to_owned()))
+        };
         match op {
             MgmtOp::List => Ok(MgmtReply::List(
                 state.hybrid_connections.values().map(|e| self.view(e)).collect(),
             )),
             MgmtOp::Show(name) => Ok(MgmtReply::Entity(Box::new(self.view(&find(&state, &name)?)))),
-            MgmtOp::Create { name, endpoint, requires_client_authorization } => {
+            MgmtOp::Create {
+                name,
+                endpoint,
+                requires_client_authorization,
+            } => {
                 crate::proto::address::validate_entity_name(&name).map_err(StoreError::Invalid)?;
                 let e = self.store.update(|st| {
                     let key = name.to_lowercase();
@@ -378,14 +400,18 @@ impl Plane {
             MgmtOp::Delete(name) => {
                 let key = name.to_lowercase();
                 self.store.update(|st| {
-                    st.hybrid_connections.remove(&key).map(|_| ()).ok_or_else(|| StoreError::NotFound(name.clone()))
+                    st.hybrid_connections
+                        .remove(&key)
+                        .map(|_| ())
+                        .ok_or_else(|| StoreError::NotFound(name.clone()))
                 })?;
                 metrics::gauge!(crate::telemetry::metrics::RELAY_LISTENERS, "hc" => name.clone()).set(0.0);
                 let gone = self.reg().live.remove(&key);
                 if let Some(rt) = gone {
                     rt.gone.cancel();
                     for l in rt.listeners {
-                        l.tx.try_send(ListenerCmd::Close(1001, "The hybrid connection was deleted.".into())).ok();
+                        l.tx.try_send(ListenerCmd::Close(1001, "The hybrid connection was deleted.".into()))
+                            .ok();
                     }
                 }
                 Ok(MgmtReply::Deleted)
@@ -397,7 +423,11 @@ impl Plane {
                         .get_mut(&name.to_lowercase())
                         .ok_or_else(|| StoreError::NotFound(name.clone()))?;
                     let mut hit = false;
-                    for r in e.rules.iter_mut().filter(|r| rule.as_ref().is_none_or(|n| *n == r.key_name)) {
+                    for r in e
+                        .rules
+                        .iter_mut()
+                        .filter(|r| rule.as_ref().is_none_or(|n| *n == r.key_name))
+                    {
                         let k = crate::proto::Secret::random_key();
                         match slot {
                             KeySlot::Primary => r.primary_key = k,
@@ -406,7 +436,10 @@ impl Plane {
                         hit = true;
                     }
                     if !hit {
-                        return Err(StoreError::Invalid(format!("{name:?} has no rule {:?}", rule.clone().unwrap_or_default())));
+                        return Err(StoreError::Invalid(format!(
+                            "{name:?} has no rule {:?}",
+                            rule.clone().unwrap_or_default()
+                        )));
                     }
                     e.updated_at = super::store::now_rfc3339();
                     Ok(e.clone())
@@ -420,7 +453,11 @@ impl Plane {
 impl Registry {
     /// The entity's name as created (the metric label), or the lower-cased form if gone.
     fn label(&self, name: &str) -> String {
-        self.state.load().entity(name).map(|e| e.name.clone()).unwrap_or_else(|| name.to_lowercase())
+        self.state
+            .load()
+            .entity(name)
+            .map(|e| e.name.clone())
+            .unwrap_or_else(|| name.to_lowercase())
     }
 
     fn sweep(&mut self) {
@@ -565,7 +602,6 @@ impl Registry {
             connects: rt.map(|rt| rt.connects.clone()).unwrap_or_default(),
         }
     }
-
 }
 
 fn pick(listeners: &[ListenerRt], candidates: &[usize], balance: Balance) -> usize {
@@ -582,7 +618,11 @@ fn pick(listeners: &[ListenerRt], candidates: &[usize], balance: Balance) -> usi
 
 /// `{base}/$hc/{path}?{app query&}sb-hc-action=accept&sb-hc-id={id}&sb-hc-rid={secret}`.
 fn accept_address(cfg: &RelayConfig, listener_base: &str, req: &ConnectReq, id: &str, secret: &str) -> String {
-    let base = cfg.public_url.as_ref().map(|u| u.ws_base()).unwrap_or_else(|| listener_base.to_owned());
+    let base = cfg
+        .public_url
+        .as_ref()
+        .map(|u| u.ws_base())
+        .unwrap_or_else(|| listener_base.to_owned());
     let mut q: Vec<String> = req.app_query.clone();
     q.push("sb-hc-action=accept".into());
     q.push(format!("sb-hc-id={}", utf8_percent_encode(id, URI_COMPONENT)));
@@ -601,7 +641,14 @@ pub fn new_id() -> String {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 #[cfg(test)]
@@ -619,7 +666,11 @@ mod tests {
 
     #[test]
     fn accept_address_keeps_app_query_and_hides_nothing_else() {
-        let cfg = RelayConfig::new("127.0.0.1:0".parse().unwrap(), "/tmp".into(), super::super::config::TlsSetting::Plain);
+        let cfg = RelayConfig::new(
+            "127.0.0.1:0".parse().unwrap(),
+            "/tmp".into(),
+            super::super::config::TlsSetting::Plain,
+        );
         let req = ConnectReq {
             entity: "hc1".into(),
             raw_path: "hc1/sub%20x".into(),
@@ -629,6 +680,9 @@ mod tests {
             remote: None,
         };
         let a = accept_address(&cfg, "ws://127.0.0.1:5", &req, "id 1", "s3");
-        assert_eq!(a, "ws://127.0.0.1:5/$hc/hc1/sub%20x?a=1&sb-hc-action=accept&sb-hc-id=id%201&sb-hc-rid=s3");
+        assert_eq!(
+            a,
+            "ws://127.0.0.1:5/$hc/hc1/sub%20x?a=1&sb-hc-action=accept&sb-hc-id=id%201&sb-hc-rid=s3"
+        );
     }
 }

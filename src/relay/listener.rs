@@ -116,7 +116,12 @@ fn expiry_deadline(expiry: u64, grace: Duration) -> Instant {
 }
 
 impl Channel {
-    async fn run(&mut self, commands: &mut tokio::sync::mpsc::Receiver<ListenerCmd>, expiry: u64, ctx: &Ctx) -> (&'static str, String) {
+    async fn run(
+        &mut self,
+        commands: &mut tokio::sync::mpsc::Receiver<ListenerCmd>,
+        expiry: u64,
+        ctx: &Ctx,
+    ) -> (&'static str, String) {
         let period = ctx.cfg.ping_interval;
         let mut ping = tokio::time::interval_at(Instant::now() + period, period);
         // Dead after two ping periods without any frame: checked at exactly that moment.
@@ -199,7 +204,9 @@ impl Channel {
 
     fn renew(&self, token: &str, ctx: &Ctx) -> Result<u64, String> {
         let state = ctx.state.load();
-        let entity = state.entity(&self.entity_name).ok_or("The hybrid connection was deleted.")?;
+        let entity = state
+            .entity(&self.entity_name)
+            .ok_or("The hybrid connection was deleted.")?;
         let demand = Demand {
             entity: Some(entity),
             path: &entity.name,
@@ -207,7 +214,9 @@ impl Channel {
             right: Rights::LISTEN,
             now: unix_now(),
         };
-        authorize(&state, &[token], &demand).map(|g| g.expiry).map_err(|e| e.to_string())
+        authorize(&state, &[token], &demand)
+            .map(|g| g.expiry)
+            .map_err(|e| e.to_string())
     }
 
     /// Sends Close, waits briefly for the echo, and reports why.

@@ -91,7 +91,13 @@ pub(super) async fn serve(mut stream: Stream, mut inc: Incoming, req: PlainReque
             send_and_close(&mut stream, &bytes).await;
         }
         Some(_) => {
-            respond(&mut stream, 501, "HTTP request/response mode is not supported by this relay", "").await;
+            respond(
+                &mut stream,
+                501,
+                "HTTP request/response mode is not supported by this relay",
+                "",
+            )
+            .await;
         }
         None if wants_info => xml_error(&mut stream, 404, "Endpoint does not exist.").await,
         None => respond(&mut stream, 404, "Endpoint does not exist.", "").await,
@@ -105,7 +111,11 @@ fn auth_headers(head: &RequestHead) -> Vec<&str> {
         .collect()
 }
 
-async fn read_body(stream: &mut Stream, buf: &mut BytesMut, head: &RequestHead) -> Result<Vec<u8>, (u16, &'static str)> {
+async fn read_body(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    head: &RequestHead,
+) -> Result<Vec<u8>, (u16, &'static str)> {
     let len = match head.headers.get("Content-Length") {
         None => return Ok(Vec::new()),
         Some(v) => v.trim().parse::<usize>().map_err(|_| (400, "Bad Content-Length"))?,
@@ -139,7 +149,11 @@ async fn json_response(stream: &mut Stream, status: u16, v: &Value) {
         409 => "Conflict",
         _ => "Error",
     };
-    let body = if status == 204 { Vec::new() } else { serde_json::to_vec_pretty(v).unwrap_or_default() };
+    let body = if status == 204 {
+        Vec::new()
+    } else {
+        serde_json::to_vec_pretty(v).unwrap_or_default()
+    };
     let bytes = handshake::response(status, reason, "application/json", &body);
     send_and_close(stream, &bytes).await;
 }
@@ -149,7 +163,12 @@ async fn xml_error(stream: &mut Stream, status: u16, detail: &str) {
         "<Error><Code>{status}</Code><Detail>{}</Detail></Error>",
         metadata::xml_escape(detail)
     );
-    let bytes = handshake::response(status, &handshake::sanitize_header_value(detail), "application/xml; charset=utf-8", body.as_bytes());
+    let bytes = handshake::response(
+        status,
+        &handshake::sanitize_header_value(detail),
+        "application/xml; charset=utf-8",
+        body.as_bytes(),
+    );
     send_and_close(stream, &bytes).await;
 }
 
@@ -220,7 +239,10 @@ async fn api(inc: &mut Incoming, req: &PlainRequest, body: &[u8], ctx: &Ctx) -> 
     };
     match result {
         Ok(MgmtReply::List(views)) => (200, Value::Array(views.iter().map(|v| view_json(v, false)).collect())),
-        Ok(MgmtReply::Entity(v)) => (if method == "POST" && segs.is_empty() { 201 } else { 200 }, view_json(&v, true)),
+        Ok(MgmtReply::Entity(v)) => (
+            if method == "POST" && segs.is_empty() { 201 } else { 200 },
+            view_json(&v, true),
+        ),
         Ok(MgmtReply::Deleted) => (204, Value::Null),
         Err(e) => store_error(e),
     }
@@ -228,7 +250,11 @@ async fn api(inc: &mut Incoming, req: &PlainRequest, body: &[u8], ctx: &Ctx) -> 
 
 fn parse_create(body: &[u8]) -> Result<MgmtOp, String> {
     let v: Value = serde_json::from_slice(body).map_err(|e| format!("body is not JSON: {e}"))?;
-    let name = v.get("name").and_then(Value::as_str).ok_or("field `name` is required")?.to_owned();
+    let name = v
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or("field `name` is required")?
+        .to_owned();
     let endpoint = match v.get("endpoint") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s.parse().map_err(|e| format!("field `endpoint`: {e}"))?),
@@ -239,11 +265,19 @@ fn parse_create(body: &[u8]) -> Result<MgmtOp, String> {
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err("field `requiresClientAuthorization` must be a boolean".into()),
     };
-    Ok(MgmtOp::Create { name, endpoint, requires_client_authorization: rca })
+    Ok(MgmtOp::Create {
+        name,
+        endpoint,
+        requires_client_authorization: rca,
+    })
 }
 
 fn parse_regenerate(name: String, body: &[u8]) -> Result<MgmtOp, String> {
-    let v: Value = if body.is_empty() { json!({}) } else { serde_json::from_slice(body).map_err(|e| format!("body is not JSON: {e}"))? };
+    let v: Value = if body.is_empty() {
+        json!({})
+    } else {
+        serde_json::from_slice(body).map_err(|e| format!("body is not JSON: {e}"))?
+    };
     let slot = match v.get("key").and_then(Value::as_str) {
         Some("primary") => KeySlot::Primary,
         Some("secondary") => KeySlot::Secondary,
@@ -276,7 +310,11 @@ async fn connection_string(ctx: &Ctx, head: &RequestHead, req: &PlainRequest, na
         endpoint: ctx.public_endpoint(head.headers.get("Host")),
         credential: Credential::Key {
             name: rule.key_name.clone(),
-            key: if secondary { rule.secondary_key.clone() } else { rule.primary_key.clone() },
+            key: if secondary {
+                rule.secondary_key.clone()
+            } else {
+                rule.primary_key.clone()
+            },
         },
         entity_path: Some(entity.name.clone()),
     };

@@ -74,8 +74,8 @@ impl Ctx {
         }
         let tls = self.tls.is_some();
         let authority = host_header.unwrap_or("localhost");
-        let (host, port) = crate::proto::connstr::split_host_port(authority)
-            .unwrap_or_else(|| ("localhost".into(), None));
+        let (host, port) =
+            crate::proto::connstr::split_host_port(authority).unwrap_or_else(|| ("localhost".into(), None));
         RelayEndpoint {
             tls,
             host,
@@ -135,7 +135,11 @@ impl RelayHandle {
     pub fn local_endpoint(&self) -> RelayEndpoint {
         RelayEndpoint {
             tls: self.tls,
-            host: if self.tls { "localhost".into() } else { self.addr.ip().to_string() },
+            host: if self.tls {
+                "localhost".into()
+            } else {
+                self.addr.ip().to_string()
+            },
             port: self.addr.port(),
         }
     }
@@ -163,11 +167,22 @@ impl RelayHandle {
     /// pending senders given up to `drain_timeout` (from the config) to finish; then a hard
     /// stop. `force` cuts the wait short.
     pub fn drain(mut self, force: &crate::dataplane::drain::Force) -> crate::dataplane::drain::DrainReport {
-        tracing::info!(event = "drain_started", role = "relay", timeout_s = self.drain_timeout.as_secs(), "draining: no new connections, control channels closed");
+        tracing::info!(
+            event = "drain_started",
+            role = "relay",
+            timeout_s = self.drain_timeout.as_secs(),
+            "draining: no new connections, control channels closed"
+        );
         self.drain.cancel();
         let admission = self.admission.clone();
         let report = crate::dataplane::drain::wait_idle(move || admission.counts().0, self.drain_timeout, force);
-        tracing::info!(event = "drain_finished", role = "relay", remaining = report.remaining, waited_ms = report.waited.as_millis() as u64, "drain finished");
+        tracing::info!(
+            event = "drain_finished",
+            role = "relay",
+            remaining = report.remaining,
+            waited_ms = report.waited.as_millis() as u64,
+            "drain finished"
+        );
         self.halt();
         report
     }
@@ -209,20 +224,30 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
     let drain = CancellationToken::new();
     let (plane, ctl, rx) = Plane::new(cfg.clone(), store);
     let plane_stop = shutdown.clone();
-    let control = std::thread::Builder::new().name("hyrelay-relay-ctl".into()).spawn(move || {
-        match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-            Ok(rt) => rt.block_on(plane.run(rx, plane_stop)),
-            Err(e) => tracing::error!(error = %e, "cannot start the control plane runtime"),
-        }
-    })?;
+    let control = std::thread::Builder::new()
+        .name("hyrelay-relay-ctl".into())
+        .spawn(
+            move || match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt.block_on(plane.run(rx, plane_stop)),
+                Err(e) => tracing::error!(error = %e, "cannot start the control plane runtime"),
+            },
+        )?;
     let workers = Workers::start_with("hyrelay-relay", cfg.workers, cfg.buffer_budget, cfg.io_backend)?;
     crate::telemetry::metrics::announce("relay", cfg.workers);
     let totals = Arc::new(crate::telemetry::metrics::Totals::default());
     crate::telemetry::metrics::spawn_worker_flush(&workers, "relay", totals.clone());
     let admin = match cfg.admin {
         Some(a) => {
-            let source = status::RelayStatus { ctl: ctl.clone(), totals, draining: drain.clone(), listen: addr };
-            Some(crate::telemetry::admin::spawn(a, Arc::new(source)).with_context(|| format!("cannot listen on admin address {a}"))?)
+            let source = status::RelayStatus {
+                ctl: ctl.clone(),
+                totals,
+                draining: drain.clone(),
+                listen: addr,
+            };
+            Some(
+                crate::telemetry::admin::spawn(a, Arc::new(source))
+                    .with_context(|| format!("cannot listen on admin address {a}"))?,
+            )
         }
         None => None,
     };
@@ -272,6 +297,9 @@ fn write_cli_file(h: &RelayHandle) -> anyhow::Result<()> {
         "connectionString": h.manage_connection_string().expose(),
         "caFile": h.ca_file().map(|p| p.display().to_string()),
     });
-    crate::config::write_private(&h.data_dir.join(CLI_FILE), serde_json::to_string_pretty(&body)?.as_bytes())
-        .context("writing the CLI credentials file")
+    crate::config::write_private(
+        &h.data_dir.join(CLI_FILE),
+        serde_json::to_string_pretty(&body)?.as_bytes(),
+    )
+    .context("writing the CLI credentials file")
 }

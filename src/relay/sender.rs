@@ -110,8 +110,17 @@ pub(super) async fn serve_connect(mut stream: Stream, mut inc: Incoming, req: Hc
             count_connect(&ctx, Some(&entity_name), "accepted", "");
             metrics::histogram!(crate::telemetry::metrics::RELAY_RENDEZVOUS_SECONDS, "hc" => entity_name.clone())
                 .record(dispatched.elapsed().as_secs_f64());
-            let counted = (Counted::new(&pending.listener_load), Counted::new(&pending.entity_tunnels));
-            let sender = Sender { stream, buf, key: upgrade.key, slot: inc.slot, peer };
+            let counted = (
+                Counted::new(&pending.listener_load),
+                Counted::new(&pending.entity_tunnels),
+            );
+            let sender = Sender {
+                stream,
+                buf,
+                key: upgrade.key,
+                slot: inc.slot,
+                peer,
+            };
             join(sender, leg, &entity_name, counted, &pending.entity_gone, &ctx).await;
         }
         Ok(Ok(Outcome::Rejected { status, description })) => {
@@ -203,7 +212,12 @@ async fn join(
         tracing::info!(hc = %entity, error = %e, "listener's rendezvous connection failed");
         return respond(&mut sender.stream, 502, "The listener's connection was lost.", "").await;
     }
-    if let Err(e) = write_flush(&mut sender.stream, &handshake::switching_protocols(&sender.key, protocol)).await {
+    if let Err(e) = write_flush(
+        &mut sender.stream,
+        &handshake::switching_protocols(&sender.key, protocol),
+    )
+    .await
+    {
         tracing::debug!(hc = %entity, %peer, error = %e, "sender went away during the upgrade");
         return;
     }
@@ -228,7 +242,13 @@ pub(super) async fn serve_accept(mut stream: Stream, mut inc: Incoming, req: HcR
         return respond(&mut stream, 403, "The rendezvous address is invalid.", "").await;
     };
     let Some(tx) = ctx.ctl.rendezvous(secret) else {
-        return respond(&mut stream, 403, "The rendezvous address is invalid, expired or already used.", "").await;
+        return respond(
+            &mut stream,
+            403,
+            "The rendezvous address is invalid, expired or already used.",
+            "",
+        )
+        .await;
     };
     // The unguessable address is the capability (hc-protocol.md §3.1).
     inc.pending.done();
@@ -246,7 +266,11 @@ pub(super) async fn serve_accept(mut stream: Stream, mut inc: Incoming, req: HcR
     let upgrade = match upgrade {
         Ok(u) => u,
         Err(e) => {
-            tx.send(Outcome::Rejected { status: 502, description: "The listener's rendezvous was malformed.".into() }).ok();
+            tx.send(Outcome::Rejected {
+                status: 502,
+                description: "The listener's rendezvous was malformed.".into(),
+            })
+            .ok();
             return respond(&mut stream, 400, &e.to_string(), "").await;
         }
     };

@@ -60,20 +60,32 @@ impl StatusSource for RelayStatus {
                     let last = v
                         .last_connect
                         .as_ref()
-                        .map(|c| format!("{} {} {}", rfc3339(c.at), c.result, c.detail).trim_end().to_owned())
+                        .map(|c| {
+                            format!("{} {} {}", rfc3339(c.at), c.result, c.detail)
+                                .trim_end()
+                                .to_owned()
+                        })
                         .unwrap_or_else(|| "-".into());
                     Row {
                         name: v.entity.name.clone(),
                         cells: vec![
                             v.entity.name.clone(),
-                            if v.listeners.is_empty() { "Not connected".into() } else { "Connected".into() },
+                            if v.listeners.is_empty() {
+                                "Not connected".into()
+                            } else {
+                                "Connected".into()
+                            },
                             v.entity.endpoint().map(|e| e.to_string()).unwrap_or_else(|| "-".into()),
                             v.listeners.len().to_string(),
                             v.active_tunnels.to_string(),
                             format!("{} / {}", human_bytes(t.bytes_up), human_bytes(t.bytes_down)),
                             last,
                         ],
-                        health: if v.listeners.is_empty() { Health::Broken } else { Health::Ok },
+                        health: if v.listeners.is_empty() {
+                            Health::Broken
+                        } else {
+                            Health::Ok
+                        },
                     }
                 })
                 .collect();

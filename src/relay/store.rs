@@ -83,7 +83,9 @@ pub struct Entity {
 impl Entity {
     /// The `endpoint` metadata, if present and valid.
     pub fn endpoint(&self) -> Option<HostPort> {
-        metadata::endpoint_from_user_metadata(&self.user_metadata).ok().flatten()
+        metadata::endpoint_from_user_metadata(&self.user_metadata)
+            .ok()
+            .flatten()
     }
 
     pub fn rule(&self, name: &str) -> Option<&Rule> {
@@ -173,7 +175,11 @@ impl Store {
                 let s: State = serde_json::from_slice(&bytes)
                     .with_context(|| format!("state file {} is corrupt", path.display()))?;
                 if s.version != FORMAT_VERSION {
-                    anyhow::bail!("state file {} has format version {}, expected {FORMAT_VERSION}", path.display(), s.version);
+                    anyhow::bail!(
+                        "state file {} has format version {}, expected {FORMAT_VERSION}",
+                        path.display(),
+                        s.version
+                    );
                 }
                 s
             }
@@ -265,7 +271,8 @@ mod tests {
         let root = s.current().namespace_rule(ROOT_RULE).unwrap().clone();
         let ep: HostPort = "db:5432".parse().unwrap();
         s.update(|st| {
-            st.hybrid_connections.insert("db".into(), new_entity("DB", Some(&ep), true));
+            st.hybrid_connections
+                .insert("db".into(), new_entity("DB", Some(&ep), true));
             Ok(())
         })
         .unwrap();
@@ -300,7 +307,10 @@ mod tests {
         for n in ["a", "a/b", "x"] {
             st.hybrid_connections.insert(n.into(), new_entity(n, None, true));
         }
-        assert_eq!(st.resolve("A/B/c/d").map(|(e, s)| (e.name.as_str(), s)), Some(("a/b", "c/d")));
+        assert_eq!(
+            st.resolve("A/B/c/d").map(|(e, s)| (e.name.as_str(), s)),
+            Some(("a/b", "c/d"))
+        );
         assert_eq!(st.resolve("a/bc").map(|(e, s)| (e.name.as_str(), s)), Some(("a", "bc")));
         assert_eq!(st.resolve("x/").map(|(e, s)| (e.name.as_str(), s)), Some(("x", "")));
         assert!(st.resolve("xy").is_none());

@@ -46,7 +46,10 @@ pub fn spawn<K: 'static>(
         Ok(t) => {
             tokio::task::spawn_local(async move {
                 let _keep = keep;
-                let lost = || TunnelStats { end: "the completion worker stopped".into(), ..Default::default() };
+                let lost = || TunnelStats {
+                    end: "the completion worker stopped".into(),
+                    ..Default::default()
+                };
                 log_end(t.wait(lost).await);
             });
             return;

@@ -103,38 +103,44 @@ pub fn spawn(addr: SocketAddr, source: Arc<dyn StatusSource>) -> std::io::Result
     let stop = CancellationToken::new();
     let stop2 = stop.clone();
     let role = source.role();
-    let thread = std::thread::Builder::new().name(format!("hyrelay-{role}-admin")).spawn(move || {
-        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-            Ok(rt) => rt,
-            Err(e) => return tracing::error!(error = %e, "cannot start the admin runtime"),
-        };
-        rt.block_on(async move {
-            let listener = match TcpListener::from_std(std_listener) {
-                Ok(l) => l,
-                Err(e) => return tracing::error!(error = %e, "cannot register the admin listener"),
+    let thread = std::thread::Builder::new()
+        .name(format!("hyrelay-{role}-admin"))
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => return tracing::error!(error = %e, "cannot start the admin runtime"),
             };
-            tokio::spawn(super::metrics::upkeep_loop());
-            let started = Instant::now();
-            loop {
-                let (s, _) = tokio::select! {
-                    _ = stop2.cancelled() => break,
-                    a = listener.accept() => match a {
-                        Ok(a) => a,
-                        Err(_) => {
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
+            rt.block_on(async move {
+                let listener = match TcpListener::from_std(std_listener) {
+                    Ok(l) => l,
+                    Err(e) => return tracing::error!(error = %e, "cannot register the admin listener"),
                 };
-                let source = source.clone();
-                tokio::spawn(async move {
-                    let _ = tokio::time::timeout(Duration::from_secs(10), serve(s, source, started)).await;
-                });
-            }
-        });
-    })?;
+                tokio::spawn(super::metrics::upkeep_loop());
+                let started = Instant::now();
+                loop {
+                    let (s, _) = tokio::select! {
+                        _ = stop2.cancelled() => break,
+                        a = listener.accept() => match a {
+                            Ok(a) => a,
+                            Err(_) => {
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                                continue;
+                            }
+                        },
+                    };
+                    let source = source.clone();
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(Duration::from_secs(10), serve(s, source, started)).await;
+                    });
+                }
+            });
+        })?;
     tracing::info!(role, addr = %local, "admin listener (metrics, health, status page)");
-    Ok(AdminHandle { addr: local, stop, thread: Some(thread) })
+    Ok(AdminHandle {
+        addr: local,
+        stop,
+        thread: Some(thread),
+    })
 }
 
 async fn serve(mut s: TcpStream, source: Arc<dyn StatusSource>, started: Instant) -> std::io::Result<()> {
@@ -244,7 +250,11 @@ pub fn page(role: &str, r: &Report) -> String {
         h.push_str("</tr>");
     }
     if r.rows.is_empty() {
-        let _ = write!(h, "<tr><td colspan=\"{}\">No hybrid connections.</td></tr>", r.columns.len().max(1));
+        let _ = write!(
+            h,
+            "<tr><td colspan=\"{}\">No hybrid connections.</td></tr>",
+            r.columns.len().max(1)
+        );
     }
     let _ = write!(
         h,
@@ -268,7 +278,11 @@ pub fn human_bytes(n: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 #[cfg(test)]
@@ -282,8 +296,16 @@ mod tests {
             status: json!({}),
             columns: vec!["Hybrid connection", "Status"],
             rows: vec![
-                Row { name: "db".into(), cells: vec!["db".into(), "Connected".into()], health: Health::Ok },
-                Row { name: "<x>".into(), cells: vec!["<x>".into(), "Not connected".into()], health: Health::Broken },
+                Row {
+                    name: "db".into(),
+                    cells: vec!["db".into(), "Connected".into()],
+                    health: Health::Ok,
+                },
+                Row {
+                    name: "<x>".into(),
+                    cells: vec!["<x>".into(), "Not connected".into()],
+                    health: Health::Broken,
+                },
             ],
         };
         let h = page("relay", &r);

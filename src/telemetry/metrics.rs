@@ -74,15 +74,24 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
 }
 
 fn describe() {
-    describe_gauge!(RELAY_LISTENERS, "Listeners (hcm control channels) connected, per hybrid connection.");
+    describe_gauge!(
+        RELAY_LISTENERS,
+        "Listeners (hcm control channels) connected, per hybrid connection."
+    );
     describe_counter!(
         RELAY_SENDER_CONNECTS,
         "Sender connects by result: accepted, rejected, no_listener, auth_failed, timeout, not_found."
     );
-    describe_histogram!(RELAY_RENDEZVOUS_SECONDS, "Time from a sender's connect to the listener's rendezvous, per tunnel.");
+    describe_histogram!(
+        RELAY_RENDEZVOUS_SECONDS,
+        "Time from a sender's connect to the listener's rendezvous, per tunnel."
+    );
     describe_counter!(RELAY_CONTROL_CLOSED, "Listener control channels closed, by reason.");
     describe_counter!(RELAY_TOKEN_RENEWALS, "renewToken messages from listeners, by result.");
-    describe_gauge!(HCM_CHANNEL_UP, "1 while the hcm's control channel for the hybrid connection is up.");
+    describe_gauge!(
+        HCM_CHANNEL_UP,
+        "1 while the hcm's control channel for the hybrid connection is up."
+    );
     describe_counter!(HCM_RECONNECTS, "Control channel reconnects, by reason.");
     describe_counter!(HCM_ACCEPTS, "accept notifications received from the relay.");
     describe_counter!(HCM_DIALS, "Endpoint dials by result: ok, refused, timeout, dns, error.");
@@ -94,7 +103,10 @@ fn describe() {
     );
     for role in ["relay", "hcm", "bridge"] {
         describe_gauge!(active_tunnels(role), "Tunnels open now, per hybrid connection.");
-        describe_counter!(bytes_total(role), "Payload bytes relayed, per hybrid connection and direction (up = towards the endpoint).");
+        describe_counter!(
+            bytes_total(role),
+            "Payload bytes relayed, per hybrid connection and direction (up = towards the endpoint)."
+        );
         describe_counter!(tunnels_total(role), "Tunnels opened, per hybrid connection.");
     }
     describe_gauge!(POOL_IN_USE, "Bytes of pooled data-plane buffers in use, per worker.");

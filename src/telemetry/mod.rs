@@ -25,7 +25,9 @@ pub enum LogFormat {
 /// `hyrelay=debug`; `HYRELAY_LOG` overrides it.
 pub fn init(format: LogFormat, level: &str) {
     let filter = EnvFilter::try_from_env("HYRELAY_LOG").unwrap_or_else(|_| EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

@@ -74,11 +74,19 @@ impl Stream {
             Stream::Plain(s) => s.poll_read_ready(cx),
             Stream::TlsServer(t) => {
                 let (io, conn) = t.get_mut();
-                if tls_has_input(conn) { Poll::Ready(Ok(())) } else { io.poll_read_ready(cx) }
+                if tls_has_input(conn) {
+                    Poll::Ready(Ok(()))
+                } else {
+                    io.poll_read_ready(cx)
+                }
             }
             Stream::TlsClient(t) => {
                 let (io, conn) = t.get_mut();
-                if tls_has_input(conn) { Poll::Ready(Ok(())) } else { io.poll_read_ready(cx) }
+                if tls_has_input(conn) {
+                    Poll::Ready(Ok(()))
+                } else {
+                    io.poll_read_ready(cx)
+                }
             }
         }
     }

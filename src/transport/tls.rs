@@ -25,8 +25,8 @@ pub fn server_config_from_files(cert: &Path, key: &Path) -> anyhow::Result<Arc<S
     if certs.is_empty() {
         bail!("TLS certificate file {} holds no certificate", cert.display());
     }
-    let key = PrivateKeyDer::from_pem_file(key)
-        .with_context(|| format!("reading TLS private key {}", key.display()))?;
+    let key =
+        PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading TLS private key {}", key.display()))?;
     server_config(certs, key)
 }
 
@@ -87,7 +87,11 @@ fn generate(files: &DevCertFiles, names: &[String]) -> anyhow::Result<()> {
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca.distinguished_name.push(DnType::CommonName, "hyrelay development CA");
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     ca.not_before = rcgen::date_time_ymd(year - 1, 1, 1);
     ca.not_after = rcgen::date_time_ymd(year + 10, 1, 1);
     let ca_key = KeyPair::generate()?;

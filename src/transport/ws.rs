@@ -140,7 +140,9 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
                     }
                     return Ok(Some(match op {
                         // Validated above; `Vec::from(BytesMut)` takes the buffer without a copy.
-                        OpCode::Text => Message::Text(String::from_utf8(Vec::from(acc)).map_err(|_| WsError::InvalidUtf8)?),
+                        OpCode::Text => {
+                            Message::Text(String::from_utf8(Vec::from(acc)).map_err(|_| WsError::InvalidUtf8)?)
+                        }
                         _ => Message::Binary(acc.freeze()),
                     }));
                 }
@@ -204,7 +206,8 @@ impl<W: AsyncWrite + Unpin> WsWriter<W> {
     }
 
     pub async fn send_close(&mut self, code: u16, reason: &str) -> io::Result<()> {
-        self.send(true, OpCode::Close, &frame::close_payload(code, reason)).await
+        self.send(true, OpCode::Close, &frame::close_payload(code, reason))
+            .await
     }
 
     /// Writes an unmasked frame header and its payload in one vectored write (no copy),
@@ -298,8 +301,8 @@ impl WsUrl {
             Some(i) => (&rest[..i], format!("/{}", &rest[i..])),
             None => (rest, "/".to_owned()),
         };
-        let (host, port) = crate::proto::connstr::split_host_port(authority)
-            .ok_or_else(|| format!("bad host in URL {url:?}"))?;
+        let (host, port) =
+            crate::proto::connstr::split_host_port(authority).ok_or_else(|| format!("bad host in URL {url:?}"))?;
         Ok(Self {
             tls,
             host,
@@ -350,7 +353,10 @@ impl ConnectError {
     /// True if the server could not be reached at all (DNS, TCP, timeout), as opposed to
     /// reached and refusing.
     pub fn is_unreachable(&self) -> bool {
-        matches!(self, ConnectError::Resolve { .. } | ConnectError::Connect { .. } | ConnectError::Timeout(_))
+        matches!(
+            self,
+            ConnectError::Resolve { .. } | ConnectError::Connect { .. } | ConnectError::Timeout(_)
+        )
     }
 
     /// HTTP status if the server answered with one.
@@ -380,7 +386,10 @@ pub async fn dial(host: &str, port: u16) -> Result<tokio::net::TcpStream, Connec
     dns_cache::forget(bare, port);
     let (addr, source) = match last {
         Some((a, e)) => (a.to_string(), e),
-        None => (format!("{bare}:{port}"), io::Error::new(io::ErrorKind::NotFound, "no address")),
+        None => (
+            format!("{bare}:{port}"),
+            io::Error::new(io::ErrorKind::NotFound, "no address"),
+        ),
     };
     Err(ConnectError::Connect { addr, source })
 }
@@ -397,7 +406,10 @@ async fn resolve(host: &str, port: u16) -> Result<Vec<std::net::SocketAddr>, Con
     }
     let addrs: Vec<_> = tokio::net::lookup_host((host, port))
         .await
-        .map_err(|source| ConnectError::Resolve { host: host.to_owned(), source })?
+        .map_err(|source| ConnectError::Resolve {
+            host: host.to_owned(),
+            source,
+        })?
         .collect();
     dns_cache::put(host, port, &addrs);
     Ok(addrs)
@@ -460,7 +472,10 @@ pub async fn open_stream(
     let s = tokio_rustls::TlsConnector::from(cfg.clone())
         .connect(name, sock)
         .await
-        .map_err(|source| ConnectError::Tls { host: bare.to_owned(), source })?;
+        .map_err(|source| ConnectError::Tls {
+            host: bare.to_owned(),
+            source,
+        })?;
     Ok(Stream::TlsClient(Box::new(s)))
 }
 
@@ -547,7 +562,11 @@ mod tests {
     #[tokio::test]
     async fn names_are_cached_and_forgotten_when_unreachable() {
         // A port nothing listens on.
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let ip = resolve("127.0.0.1", port).await.unwrap();
         assert_eq!(ip, vec![std::net::SocketAddr::from(([127, 0, 0, 1], port))]);
         let first = resolve("localhost", port).await.unwrap();
@@ -560,9 +579,15 @@ mod tests {
     #[test]
     fn urls() {
         let u = WsUrl::parse("wss://ns:443/$hc/a?x=1").unwrap();
-        assert_eq!((u.tls, u.host_header(), u.target.as_str()), (true, "ns".into(), "/$hc/a?x=1"));
+        assert_eq!(
+            (u.tls, u.host_header(), u.target.as_str()),
+            (true, "ns".into(), "/$hc/a?x=1")
+        );
         let u = WsUrl::parse("ws://127.0.0.1:9000?q").unwrap();
-        assert_eq!((u.port, u.target.as_str(), u.host_header()), (9000, "/?q", "127.0.0.1:9000".into()));
+        assert_eq!(
+            (u.port, u.target.as_str(), u.host_header()),
+            (9000, "/?q", "127.0.0.1:9000".into())
+        );
         let u = WsUrl::parse("ws://[::1]:1/").unwrap();
         assert_eq!(u.bare_host(), "::1");
         assert!(WsUrl::parse("ftp://x").is_err());
@@ -574,7 +599,10 @@ mod tests {
         assert_eq!(utf8_checked(&euro[..2], 0, false).unwrap(), 0, "a cut sequence waits");
         assert!(utf8_checked(&euro[..2], 0, true).is_err(), "but not past the end");
         assert_eq!(utf8_checked(euro, 0, true).unwrap(), 3);
-        assert!(utf8_checked(b"ok\xff", 0, false).is_err(), "0xff is never valid: fail now");
+        assert!(
+            utf8_checked(b"ok\xff", 0, false).is_err(),
+            "0xff is never valid: fail now"
+        );
     }
 
     #[tokio::test]
@@ -587,18 +615,33 @@ mod tests {
         client.send(false, OpCode::Text, b"hel").await.unwrap();
         client.send(true, OpCode::Ping, b"!").await.unwrap();
         client.send(true, OpCode::Continuation, b"lo").await.unwrap();
-        assert_eq!(server.next_message(100).await.unwrap(), Some(Message::Ping(Bytes::from_static(b"!"))));
-        assert_eq!(server.next_message(100).await.unwrap(), Some(Message::Text("hello".into())));
+        assert_eq!(
+            server.next_message(100).await.unwrap(),
+            Some(Message::Ping(Bytes::from_static(b"!")))
+        );
+        assert_eq!(
+            server.next_message(100).await.unwrap(),
+            Some(Message::Text("hello".into()))
+        );
         client.send(true, OpCode::Binary, &[0u8; 200]).await.unwrap();
-        assert!(matches!(server.next_message(100).await, Err(WsError::MessageTooLarge(100))));
+        assert!(matches!(
+            server.next_message(100).await,
+            Err(WsError::MessageTooLarge(100))
+        ));
         let mut sw = WsWriter::new(bw, Role::Server);
         let mut cr = WsReader::new(ar, BytesMut::new(), Role::Client, 1 << 20);
         sw.write_unmasked(true, OpCode::Binary, 3, b"abc").await.unwrap();
         sw.send_close(1000, "bye").await.unwrap();
-        assert_eq!(cr.next_message(10).await.unwrap(), Some(Message::Binary(Bytes::from_static(b"abc"))));
         assert_eq!(
             cr.next_message(10).await.unwrap(),
-            Some(Message::Close(CloseFrame { code: Some(1000), reason: "bye".into() }))
+            Some(Message::Binary(Bytes::from_static(b"abc")))
+        );
+        assert_eq!(
+            cr.next_message(10).await.unwrap(),
+            Some(Message::Close(CloseFrame {
+                code: Some(1000),
+                reason: "bye".into()
+            }))
         );
         drop((sw, server));
         assert_eq!(cr.next_message(10).await.unwrap(), None);

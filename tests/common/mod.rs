@@ -16,7 +16,9 @@ use tempfile::TempDir;
 
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("HYRELAY_TEST_LOG").unwrap_or_else(|_| "off".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HYRELAY_TEST_LOG").unwrap_or_else(|_| "off".into()),
+        )
         .with_test_writer()
         .try_init();
 }
@@ -39,7 +41,11 @@ impl Rig {
     pub fn with(tls: bool, tweak: impl FnOnce(&mut RelayConfig)) -> Self {
         init_tracing();
         let dir = tempfile::tempdir().unwrap();
-        let setting = if tls { TlsSetting::SelfSigned { names: vec![] } } else { TlsSetting::Plain };
+        let setting = if tls {
+            TlsSetting::SelfSigned { names: vec![] }
+        } else {
+            TlsSetting::Plain
+        };
         let mut cfg = RelayConfig::new("127.0.0.1:0".parse().unwrap(), dir.path().join("relay"), setting);
         cfg.workers = 2;
         tweak(&mut cfg);
@@ -47,7 +53,13 @@ impl Rig {
         let ca: Vec<_> = relay.ca_file().map(|p| p.to_path_buf()).into_iter().collect();
         let client_tls = hyrelay::transport::tls::client_config(&ca).unwrap();
         let mgmt = Management::new(relay.manage_connection_string(), client_tls.clone());
-        Self { relay, dir, tls: client_tls, mgmt, cfg }
+        Self {
+            relay,
+            dir,
+            tls: client_tls,
+            mgmt,
+            cfg,
+        }
     }
 
     /// Stops the relay and starts a new one on the same port and data directory.
@@ -111,7 +123,11 @@ impl Rig {
 
     pub async fn wait_listeners(&self, name: &str, n: u64) {
         let ok = wait_for(Duration::from_secs(15), || async { self.listeners(name).await == n }).await;
-        assert!(ok, "{name} never reached {n} listeners (has {})", self.listeners(name).await);
+        assert!(
+            ok,
+            "{name} never reached {n} listeners (has {})",
+            self.listeners(name).await
+        );
     }
 }
 
