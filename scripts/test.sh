@@ -12,5 +12,7 @@ scripts/setup-python.sh
 # tests/status_page.rs, iproute2 and nftables for the fault tests in network namespaces.
 scripts/setup-debian.sh
 
+# Formatting first: it takes a second and names the file at fault.
+cargo fmt --check
 cargo test --locked --all-targets
 cargo test --locked --features uring --test uring
