@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use common::*;
 use hyrelay::client;
-use hyrelay::proto::control::{self, Command};
 use hyrelay::proto::frame::{self, OpCode, Role, close_code};
 use hyrelay::transport::ws::{self, ConnectError, Message, WsReader, WsUrl};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -69,40 +68,6 @@ async fn idle_connections(src: &str, addr: SocketAddr, n: usize) -> Vec<TcpStrea
     v
 }
 
-type Reader = WsReader<tokio::io::ReadHalf<hyrelay::transport::Stream>>;
-type Writer = tokio::io::WriteHalf<hyrelay::transport::Stream>;
-
-async fn raw_listener(rig: &Rig, hc: &str) -> (Reader, Writer) {
-    let cs = rig.listen_cs(hc).await;
-    let token = client::token(&cs, hc, Duration::from_secs(600));
-    let url = client::hc_url(&cs, hc, "listen", "raw");
-    let c = ws::connect(
-        &url,
-        Some(&rig.tls),
-        &[("ServiceBusAuthorization", &token)],
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
-    let (r, w) = tokio::io::split(c.stream);
-    (WsReader::new(r, c.leftover, Role::Client, 1 << 20), w)
-}
-
-async fn next_accept(r: &mut Reader) -> control::Accept {
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(10), r.next_message(1 << 16))
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        if let Message::Text(t) = m
-            && let Command::Accept(a) = control::decode(&t).unwrap()
-        {
-            return a;
-        }
-    }
-}
-
 async fn sender(rig: &Rig, hc: &str) -> Result<ws::ClientWs, ConnectError> {
     let cs = rig.send_cs(hc).await;
     let token = client::token(&cs, hc, Duration::from_secs(600));
@@ -117,7 +82,7 @@ async fn sender(rig: &Rig, hc: &str) -> Result<ws::ClientWs, ConnectError> {
 }
 
 /// A joined tunnel driven by hand: (sender's connection, listener's rendezvous leg).
-async fn tunnel(rig: &Rig, hc: &str) -> (ws::ClientWs, ws::ClientWs, Reader, Writer) {
+async fn tunnel(rig: &Rig, hc: &str) -> (ws::ClientWs, ws::ClientWs, RawReader, RawWriter) {
     let (mut lr, lw) = raw_listener(rig, hc).await;
     rig.wait_listeners(hc, 1).await;
     let (s, leg) = tokio::join!(sender(rig, hc), async {

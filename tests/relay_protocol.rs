@@ -8,44 +8,8 @@ use std::time::Duration;
 use bytes::BytesMut;
 use common::*;
 use hyrelay::client;
-use hyrelay::proto::control::{self, Command};
 use hyrelay::proto::frame::Role;
 use hyrelay::transport::ws::{self, ConnectError, Message, WsReader, WsUrl};
-
-type Reader = WsReader<tokio::io::ReadHalf<hyrelay::transport::Stream>>;
-
-/// A listener control channel driven by the test; returns its reader (the writer half is
-/// kept alive in the returned tuple).
-async fn raw_listener(rig: &Rig, hc: &str) -> (Reader, tokio::io::WriteHalf<hyrelay::transport::Stream>) {
-    let cs = rig.listen_cs(hc).await;
-    let token = client::token(&cs, hc, Duration::from_secs(600));
-    let url = client::hc_url(&cs, hc, "listen", "raw");
-    let c = ws::connect(
-        &url,
-        Some(&rig.tls),
-        &[("ServiceBusAuthorization", &token)],
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
-    let (r, w) = tokio::io::split(c.stream);
-    (WsReader::new(r, c.leftover, Role::Client, 1 << 20), w)
-}
-
-async fn next_accept(r: &mut Reader) -> control::Accept {
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(10), r.next_message(1 << 16))
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        if let Message::Text(t) = m
-            && let Command::Accept(a) = control::decode(&t).unwrap()
-        {
-            return a;
-        }
-    }
-}
 
 async fn sender(rig: &Rig, hc: &str) -> Result<ws::ClientWs, ConnectError> {
     let cs = rig.send_cs(hc).await;

@@ -16,9 +16,7 @@ use common::*;
 use hyrelay::client;
 use hyrelay::hcm::allow::AllowList;
 use hyrelay::hcm::config::HcEntry;
-use hyrelay::proto::control::{self, Command};
-use hyrelay::proto::frame::Role;
-use hyrelay::transport::ws::{self, Message, WsReader};
+use hyrelay::transport::ws;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -157,19 +155,7 @@ async fn sslscan_finds_only_tls12_and_tls13_with_strong_ciphers() {
 async fn query_token_never_reaches_the_listener() {
     let rig = Rig::new(false);
     rig.create("q", echo()).await;
-    let cs = rig.listen_cs("q").await;
-    let token = client::token(&cs, "q", Duration::from_secs(600));
-    let url = client::hc_url(&cs, "q", "listen", "raw");
-    let c = ws::connect(
-        &url,
-        None,
-        &[("ServiceBusAuthorization", &token)],
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
-    let (r, _w) = tokio::io::split(c.stream);
-    let mut lr = WsReader::new(r, c.leftover, Role::Client, 1 << 20);
+    let (mut lr, _lw) = raw_listener(&rig, "q").await;
     rig.wait_listeners("q", 1).await;
     let send = rig.send_cs("q").await;
     let st = client::token(&send, "q", Duration::from_secs(600));
@@ -182,18 +168,7 @@ async fn query_token_never_reaches_the_listener() {
             .replace("/$hc/q?", &format!("/$hc/q/sub?app=1&{name}={enc}&"));
         let sender =
             tokio::spawn(async move { ws::connect(&url, None, &[], Duration::from_secs(5)).await.map(|_| ()) });
-        let a = loop {
-            let m = tokio::time::timeout(Duration::from_secs(10), lr.next_message(1 << 16))
-                .await
-                .unwrap()
-                .unwrap()
-                .unwrap();
-            if let Message::Text(t) = m
-                && let Command::Accept(a) = control::decode(&t).unwrap()
-            {
-                break a;
-            }
-        };
+        let a = next_accept(&mut lr).await;
         let everything = format!("{} {:?} {:?}", a.address, a.connect_headers, a.remote_endpoint);
         assert!(!everything.to_ascii_lowercase().contains("sb-hc-token"), "{everything}");
         assert!(

@@ -183,3 +183,45 @@ pub async fn round_trip(addr: SocketAddr, data: &[u8]) -> std::io::Result<Vec<u8
     writer.await.unwrap()?;
     Ok(out)
 }
+
+/// The read half of a control channel driven by a test ([`raw_listener`]).
+pub type RawReader = hyrelay::transport::ws::WsReader<tokio::io::ReadHalf<hyrelay::transport::Stream>>;
+/// Its write half; keep it alive, or the channel closes.
+pub type RawWriter = tokio::io::WriteHalf<hyrelay::transport::Stream>;
+
+/// A listener control channel on `hc` opened by the test itself (no hcm), to see exactly
+/// what the relay sends.
+pub async fn raw_listener(rig: &Rig, hc: &str) -> (RawReader, RawWriter) {
+    use hyrelay::{client, proto::frame::Role, transport::ws};
+    let cs = rig.listen_cs(hc).await;
+    let token = client::token(&cs, hc, Duration::from_secs(600));
+    let url = client::hc_url(&cs, hc, "listen", "raw");
+    let c = ws::connect(
+        &url,
+        Some(&rig.tls),
+        &[("ServiceBusAuthorization", &token)],
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("raw listener's control channel");
+    let (r, w) = tokio::io::split(c.stream);
+    (ws::WsReader::new(r, c.leftover, Role::Client, 1 << 20), w)
+}
+
+/// The next `accept` on a control channel, skipping other messages; fails after 10 s.
+pub async fn next_accept(r: &mut RawReader) -> hyrelay::proto::control::Accept {
+    use hyrelay::proto::control::{self, Command};
+    use hyrelay::transport::ws::Message;
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), r.next_message(1 << 16))
+            .await
+            .expect("no accept within 10 s")
+            .expect("control channel read")
+            .expect("control channel closed");
+        if let Message::Text(t) = m
+            && let Command::Accept(a) = control::decode(&t).unwrap()
+        {
+            return a;
+        }
+    }
+}
