@@ -1,5 +1,6 @@
 //! Micro-benchmarks of the sans-IO data path: WebSocket frame decode and encode, header
-//! parsing and unmasking, at 125 B, 1 KiB, 16 KiB, 64 KiB and 1 MiB payloads.
+//! parsing and unmasking, at 125 B, 1 KiB, 16 KiB, 64 KiB and 1 MiB payloads; and the
+//! data plane's buffer pool (get/put against a fresh allocation).
 //!
 //! `cargo bench --bench codec` (criterion; `-- decode` filters by name). Throughput is in
 //! payload bytes. Decode runs over ~1 MiB of back-to-back frames per iteration, as a read
@@ -110,11 +111,43 @@ fn unmask(c: &mut Criterion) {
     g.finish();
 }
 
-// ---------------------------------------------------------------------------------------
-// PLACE FOR THE DATA-PLANE BUFFER POOL BENCH ("pool get/put"), to be added with the pool
-// in src/dataplane: a group `pool` with `get_put` (take a buffer, fill a header's worth,
-// give it back) on one worker, and add `pool` to `criterion_group!` below.
-// ---------------------------------------------------------------------------------------
+/// The data-plane buffer pool on one thread, as a worker uses it: take a buffer when a
+/// socket is readable, write a frame header's worth into it, give it back. `get_put` is
+/// the steady state (a buffer from the reserve); `get_put_16` holds 16 at once, as a worker
+/// with 16 busy connections would; `alloc_free` is what a fresh 64 KiB allocation costs
+/// instead (zeroed, as the pool's are).
+fn pool(c: &mut Criterion) {
+    use hyrelay::dataplane::pool::{self, BUF_SIZE, PoolBuf};
+    use std::task::{Context, Poll, Waker};
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut get = move || match pool::poll_acquire(&mut cx) {
+        Poll::Ready(b) => b,
+        Poll::Pending => panic!("the default budget allows far more than 16 buffers"),
+    };
+    let mut g = c.benchmark_group("pool");
+    g.bench_function("get_put", |b| {
+        b.iter(|| {
+            let mut buf = get();
+            buf[..MAX_HEADER_LEN].fill(0x82);
+            black_box(&buf);
+        })
+    });
+    g.bench_function("get_put_16", |b| {
+        b.iter(|| {
+            let bufs: Vec<PoolBuf> = (0..16).map(|_| get()).collect();
+            black_box(&bufs);
+        })
+    });
+    g.bench_function("alloc_free", |b| {
+        b.iter(|| {
+            let mut buf = vec![0u8; BUF_SIZE].into_boxed_slice();
+            buf[..MAX_HEADER_LEN].fill(0x82);
+            black_box(&buf);
+        })
+    });
+    g.finish();
+    assert_eq!(pool::stats().in_use, 0, "every buffer went back");
+}
 
 fn config() -> Criterion {
     Criterion::default()
@@ -123,5 +156,5 @@ fn config() -> Criterion {
         .sample_size(30)
 }
 
-criterion_group! { name = benches; config = config(); targets = decode, encode, unmask }
+criterion_group! { name = benches; config = config(); targets = decode, encode, unmask, pool }
 criterion_main!(benches);
