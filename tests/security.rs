@@ -294,3 +294,43 @@ async fn hcm_refuses_endpoints_not_allowed() {
     let data = payload(1000, 1);
     assert_eq!(round_trip(bridge.addr_of("ok").unwrap(), &data).await.unwrap(), data);
 }
+
+/// The hcm and the bridge share one TLS client config per process, so their repeated
+/// connections to the relay (a rendezvous per tunnel, a sender per connection) resume the
+/// TLS session instead of paying for a full handshake each time.
+#[tokio::test]
+async fn repeated_tls_connections_to_the_relay_resume() {
+    use rustls::HandshakeKind;
+    let rig = Rig::new(true);
+    let connector = tokio_rustls::TlsConnector::from(rig.tls.clone());
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut kinds = Vec::new();
+    for _ in 0..3 {
+        let tcp = TcpStream::connect(rig.relay.local_addr()).await.unwrap();
+        let mut tls = tokio::time::timeout(Duration::from_secs(10), connector.connect(name.clone(), tcp))
+            .await
+            .expect("TLS handshake within 10 s")
+            .unwrap();
+        kinds.push(tls.get_ref().1.handshake_kind());
+        // A request and its answer, as a WebSocket upgrade would be: reading is what
+        // takes in the TLS 1.3 session tickets the relay sends after the handshake.
+        tls.write_all(b"GET /$hc/none HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut answer)).await;
+        assert!(
+            answer.starts_with(b"HTTP/1.1 "),
+            "{:?}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    assert_eq!(
+        kinds,
+        [
+            Some(HandshakeKind::Full),
+            Some(HandshakeKind::Resumed),
+            Some(HandshakeKind::Resumed)
+        ]
+    );
+}
