@@ -28,6 +28,17 @@ async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// The entry of hybrid connection `name` in a `/status` document.
+fn hc_entry(status: &serde_json::Value, name: &str) -> serde_json::Value {
+    status["hybridConnections"]
+        .as_array()
+        .expect("hybridConnections is a list")
+        .iter()
+        .find(|h| h["name"] == name)
+        .unwrap_or_else(|| panic!("{name} not in {status}"))
+        .clone()
+}
+
 fn admin_any() -> Option<SocketAddr> {
     Some("127.0.0.1:0".parse().unwrap())
 }
@@ -80,22 +91,10 @@ async fn relay_hcm_and_bridge_report_truthfully() {
     // ...and its status says which segment is broken.
     let (_, st) = get(hcm_admin, "/status").await;
     let v: serde_json::Value = serde_json::from_str(&st).unwrap();
-    let broken = v["hybridConnections"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|h| h["name"] == "broken")
-        .unwrap()
-        .clone();
+    let broken = hc_entry(&v, "broken");
     assert_eq!(broken["state"], "Connected");
     assert_eq!(broken["lastDial"]["ok"], false);
-    let good = v["hybridConnections"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|h| h["name"] == "good")
-        .unwrap()
-        .clone();
+    let good = hc_entry(&v, "good");
     assert_eq!(good["lastDial"]["ok"], true);
 
     // Relay status: sender connects per result, bytes once the workers flushed (1 s).
@@ -103,13 +102,7 @@ async fn relay_hcm_and_bridge_report_truthfully() {
         wait_for(Duration::from_secs(5), || async {
             let (_, st) = get(relay_admin, "/status").await;
             let v: serde_json::Value = serde_json::from_str(&st).unwrap();
-            let g = v["hybridConnections"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|h| h["name"] == "good")
-                .unwrap()
-                .clone();
+            let g = hc_entry(&v, "good");
             g["bytesUp"].as_u64() == Some(100_000) && g["bytesDown"].as_u64() == Some(100_000)
         })
         .await,
@@ -117,13 +110,7 @@ async fn relay_hcm_and_bridge_report_truthfully() {
     );
     let (_, st) = get(relay_admin, "/status").await;
     let v: serde_json::Value = serde_json::from_str(&st).unwrap();
-    let b = v["hybridConnections"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|h| h["name"] == "broken")
-        .unwrap()
-        .clone();
+    let b = hc_entry(&v, "broken");
     assert_eq!(b["lastSenderConnect"]["result"], "rejected", "{b}");
 
     // Metrics: HELP lines, bounded labels, the relay's and hcm's families.

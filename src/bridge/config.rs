@@ -129,12 +129,7 @@ impl BridgeConfig {
         }
         c.io_backend = f.io_backend.unwrap_or_default();
         c.ca_files = f.ca_files;
-        c.admin = f
-            .admin
-            .as_deref()
-            .map(str::parse)
-            .transpose()
-            .context("field `admin`: expected IP:PORT")?;
+        c.admin = crate::config::admin_addr(f.admin.as_deref())?;
         if let Some(p) = f.hosts_file {
             c.hosts_file = p;
         }

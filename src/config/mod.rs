@@ -46,6 +46,15 @@ pub fn budget_from_mib(mib: usize, workers: usize) -> anyhow::Result<usize> {
     Ok(bytes)
 }
 
+/// The `admin` field of a role's file: the admin listener's `IP:PORT`, if any.
+pub fn admin_addr(field: Option<&str>) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    use anyhow::Context;
+    field
+        .map(str::parse)
+        .transpose()
+        .context("field `admin`: expected IP:PORT")
+}
+
 /// Default data directory of a role: `$HYRELAY_DATA_DIR/<role>`, else
 /// `/var/lib/hyrelay/<role>` for root, else `$XDG_DATA_HOME/hyrelay/<role>` or
 /// `~/.local/share/hyrelay/<role>`.

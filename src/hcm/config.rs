@@ -139,12 +139,7 @@ impl HcmConfig {
         }
         c.io_backend = f.io_backend.unwrap_or_default();
         c.ca_files = f.ca_files;
-        c.admin = f
-            .admin
-            .as_deref()
-            .map(str::parse)
-            .transpose()
-            .context("field `admin`: expected IP:PORT")?;
+        c.admin = crate::config::admin_addr(f.admin.as_deref())?;
         for (field, slot, v) in [
             ("dial_timeout", &mut c.dial_timeout, f.dial_timeout),
             ("relay_timeout", &mut c.relay_timeout, f.relay_timeout),

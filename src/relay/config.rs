@@ -156,12 +156,7 @@ impl RelayConfig {
         if let Some(d) = f.drain_timeout {
             c.drain_timeout = d;
         }
-        c.admin = f
-            .admin
-            .as_deref()
-            .map(str::parse)
-            .transpose()
-            .context("field `admin`: expected IP:PORT")?;
+        c.admin = crate::config::admin_addr(f.admin.as_deref())?;
         c.hostnames = f.hostnames.iter().map(|h| h.to_ascii_lowercase()).collect();
         if let Some(w) = f.workers {
             if w == 0 {
