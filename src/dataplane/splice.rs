@@ -141,22 +141,24 @@ pub fn spawn<K: 'static>(
     });
 }
 
-/// Control work handed from the reading side to the writing side.
+/// Control work handed from the reading side to the writing side. Shared by the epoll
+/// and the io_uring splice engines, with [`DownEnd`] and [`TcpSide::count`]: the rules for
+/// how a splice ends and what it counts live here once.
 #[derive(Debug, Default)]
-struct Ctrl {
-    pong: Option<([u8; MAX_CONTROL_PAYLOAD], usize)>,
-    ping_due: bool,
-    close: CloseState,
+pub(crate) struct Ctrl {
+    pub pong: Option<([u8; MAX_CONTROL_PAYLOAD], usize)>,
+    pub ping_due: bool,
+    pub close: CloseState,
     /// End as soon as our Close is out (errors, stop), without waiting for the peer's.
-    abort: bool,
+    pub abort: bool,
     /// The peer's Close arrived (its code, if any).
-    peer_closed: Option<Option<u16>>,
+    pub peer_closed: Option<Option<u16>>,
     /// No more reading from TCP (EOF, error or stopping).
-    tcp_done: bool,
+    pub tcp_done: bool,
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
-enum CloseState {
+pub(crate) enum CloseState {
     #[default]
     None,
     Queued(u16, &'static str),
@@ -164,10 +166,55 @@ enum CloseState {
 }
 
 impl Ctrl {
-    fn queue_close(&mut self, code: u16, reason: &'static str) {
+    pub fn queue_close(&mut self, code: u16, reason: &'static str) {
         if self.close == CloseState::None {
             self.close = CloseState::Queued(code, reason);
         }
+    }
+
+    /// What the splice does when its WebSocket → TCP side stops: `Err(why)` ends it now
+    /// (the WebSocket is gone); `Ok(Some(why))` stops reading TCP and closes the WebSocket
+    /// with the code for `e`, ending with `why` once that Close is out; `Ok(None)` carries
+    /// on (the peer's Close: TCP's output is shut, the other direction runs on).
+    pub fn on_down_end(&mut self, e: &DownEnd) -> Result<Option<String>, String> {
+        let (code, reason, why) = match e {
+            DownEnd::PeerClosed => return Ok(None),
+            DownEnd::Vanished => return Err("WebSocket connection lost".into()),
+            DownEnd::ProtocolError(code, msg) => (*code, "protocol error", format!("WebSocket protocol error: {msg}")),
+            DownEnd::TcpWriteFailed => (
+                close_code::GOING_AWAY,
+                "The endpoint connection failed.",
+                "TCP write failed".into(),
+            ),
+        };
+        self.abort = true;
+        self.tcp_done = true;
+        self.queue_close(code, reason);
+        Ok(Some(why))
+    }
+}
+
+/// Why the WebSocket → TCP side stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum DownEnd {
+    PeerClosed,
+    /// The WebSocket ended without a Close.
+    Vanished,
+    /// The peer broke the protocol (close code to answer with).
+    ProtocolError(u16, String),
+    TcpWriteFailed,
+}
+
+impl TcpSide {
+    /// Adds bytes moved since the last call to the hybrid connection's counters: "up" is
+    /// app → endpoint whichever side of the tunnel this splice is on.
+    pub(crate) fn count(self, c: &super::stats::Counters, to_ws: u64, to_tcp: u64) {
+        let (up, down) = match self {
+            TcpSide::App => (to_ws, to_tcp),
+            TcpSide::Endpoint => (to_tcp, to_ws),
+        };
+        c.add_up(up);
+        c.add_down(down);
     }
 }
 
@@ -330,17 +377,6 @@ struct Down {
     bytes: u64,
 }
 
-/// Why the reading side stopped.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum DownEnd {
-    PeerClosed,
-    /// The WebSocket ended without a Close.
-    Vanished,
-    /// The peer broke the protocol (close code to answer with).
-    ProtocolError(u16, String),
-    TcpWriteFailed,
-}
-
 impl Down {
     fn new(max_frame: u64) -> Self {
         Self {
@@ -485,17 +521,7 @@ impl Splice {
     fn count(&mut self) {
         if let Some(a) = &self.active {
             let (to_ws, to_tcp) = (self.up.bytes - self.counted.0, self.down.bytes - self.counted.1);
-            let c = a.counters();
-            match self.tcp_side {
-                TcpSide::App => {
-                    c.add_up(to_ws);
-                    c.add_down(to_tcp);
-                }
-                TcpSide::Endpoint => {
-                    c.add_up(to_tcp);
-                    c.add_down(to_ws);
-                }
-            }
+            self.tcp_side.count(a.counters(), to_ws, to_tcp);
         }
         self.counted = (self.up.bytes, self.down.bytes);
     }
@@ -510,25 +536,14 @@ impl Splice {
         }
     }
 
+    /// Applies [`Ctrl::on_down_end`]; `Some(why)` if the splice ends now.
     fn on_down_end(&mut self, e: &DownEnd) -> Option<String> {
-        match e {
-            DownEnd::PeerClosed => None,
-            DownEnd::Vanished => Some("WebSocket connection lost".into()),
-            DownEnd::ProtocolError(code, msg) => {
-                self.ctrl.abort = true;
-                self.ctrl.tcp_done = true;
-                self.ctrl.queue_close(*code, "protocol error");
-                self.end = Some(format!("WebSocket protocol error: {msg}"));
+        match self.ctrl.on_down_end(e) {
+            Ok(end) => {
+                self.end = end.or(self.end.take());
                 None
             }
-            DownEnd::TcpWriteFailed => {
-                self.ctrl.abort = true;
-                self.ctrl.tcp_done = true;
-                self.ctrl
-                    .queue_close(close_code::GOING_AWAY, "The endpoint connection failed.");
-                self.end = Some("TCP write failed".into());
-                None
-            }
+            Err(fatal) => Some(fatal),
         }
     }
 }

@@ -19,12 +19,10 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::bufs::{Chunk, Out};
 use super::io::{Reader, Writer, sleep};
+use crate::dataplane::io::MAX_BATCH;
 use crate::dataplane::reframe::{ABANDON_GRACE, DirEnd, TunnelStats};
 use crate::dataplane::stats::ActiveGuard;
 use crate::proto::frame::{self, Decoder, FrameError, MAX_HEADER_LEN, OpCode, Role, SliceItem, close_code};
-
-/// Most frames written by one vectored write (as in the epoll engine).
-const MAX_BATCH: usize = 64;
 
 /// What is being written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -22,43 +22,14 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::bufs::{Chunk, Out};
 use super::io::{Reader, Writer, sleep};
-use crate::dataplane::splice::{SpliceConfig, SpliceStats, TcpSide};
+use crate::dataplane::io::MAX_BATCH;
+use crate::dataplane::splice::{CloseState, Ctrl, DownEnd, SpliceConfig, SpliceStats, TcpSide};
 use crate::dataplane::stats::ActiveGuard;
 use crate::proto::frame::{self, Decoder, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN, OpCode, Role, SliceItem, close_code};
 use crate::proto::mask::apply_mask;
 
-const MAX_BATCH: usize = 64;
-
 type Timer = Pin<Box<dyn Future<Output = ()>>>;
 
-/// Control work handed from the reading side to the writing side.
-#[derive(Debug, Default)]
-struct Ctrl {
-    pong: Option<([u8; MAX_CONTROL_PAYLOAD], usize)>,
-    ping_due: bool,
-    close: CloseState,
-    abort: bool,
-    peer_closed: Option<Option<u16>>,
-    tcp_done: bool,
-}
-
-#[derive(Debug, Default, PartialEq, Eq)]
-enum CloseState {
-    #[default]
-    None,
-    Queued(u16, &'static str),
-    Sent,
-}
-
-impl Ctrl {
-    fn queue_close(&mut self, code: u16, reason: &'static str) {
-        if self.close == CloseState::None {
-            self.close = CloseState::Queued(code, reason);
-        }
-    }
-}
-
-/// A masked control frame, ready to write.
 fn ctl_frame(opcode: OpCode, payload: &[u8]) -> Out {
     let key = rand::random::<[u8; 4]>();
     let mut hdr = [0u8; MAX_HEADER_LEN];
@@ -175,14 +146,6 @@ struct Down {
     writing: bool,
     closing: bool,
     bytes: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum DownEnd {
-    PeerClosed,
-    Vanished,
-    ProtocolError(u16, String),
-    TcpWriteFailed,
 }
 
 impl Down {
@@ -362,17 +325,7 @@ impl Splice {
 
     fn count(&mut self) {
         let (to_ws, to_tcp) = (self.up.bytes - self.counted.0, self.down.bytes - self.counted.1);
-        let c = self.active.counters();
-        match self.tcp_side {
-            TcpSide::App => {
-                c.add_up(to_ws);
-                c.add_down(to_tcp);
-            }
-            TcpSide::Endpoint => {
-                c.add_up(to_tcp);
-                c.add_down(to_ws);
-            }
-        }
+        self.tcp_side.count(self.active.counters(), to_ws, to_tcp);
         self.counted = (self.up.bytes, self.down.bytes);
     }
 
@@ -386,22 +339,15 @@ impl Splice {
         }
     }
 
+    /// Applies [`Ctrl::on_down_end`]; `Some(why)` if the splice ends now.
     fn on_down_end(&mut self, e: &DownEnd) -> Option<String> {
-        let (code, reason, why) = match e {
-            DownEnd::PeerClosed => return None,
-            DownEnd::Vanished => return Some("WebSocket connection lost".into()),
-            DownEnd::ProtocolError(code, msg) => (*code, "protocol error", format!("WebSocket protocol error: {msg}")),
-            DownEnd::TcpWriteFailed => (
-                close_code::GOING_AWAY,
-                "The endpoint connection failed.",
-                "TCP write failed".into(),
-            ),
-        };
-        self.ctrl.abort = true;
-        self.ctrl.tcp_done = true;
-        self.ctrl.queue_close(code, reason);
-        self.end = Some(why);
-        None
+        match self.ctrl.on_down_end(e) {
+            Ok(end) => {
+                self.end = end.or(self.end.take());
+                None
+            }
+            Err(fatal) => Some(fatal),
+        }
     }
 
     /// Fires the keep-alive timer; true if the peer has been silent for two periods.
