@@ -33,7 +33,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use hyrelay::client;
 use hyrelay::proto::control::{self, Command};
 use hyrelay::proto::frame::{OpCode, Role};
 use hyrelay::transport::ws::{self, Message, WsReader, WsUrl, WsWriter};
@@ -481,19 +480,7 @@ async fn echo_at(url: &WsUrl) -> Result<String, String> {
 /// An echo listener on hybrid connection `hc`: a control channel whose every accept opens
 /// the rendezvous and echoes. Runs until the returned task is aborted.
 async fn echo_listener(rig: &Rig, hc: &str) -> tokio::task::JoinHandle<()> {
-    let cs = rig.listen_cs(hc).await;
-    let token = client::token(&cs, hc, Duration::from_secs(3600));
-    let url = client::hc_url(&cs, hc, "listen", "autobahn-echo");
-    let c = ws::connect(
-        &url,
-        Some(&rig.tls),
-        &[("ServiceBusAuthorization", &token)],
-        Duration::from_secs(10),
-    )
-    .await
-    .expect("control channel");
-    let (r, w) = tokio::io::split(c.stream);
-    let mut reader = WsReader::new(r, c.leftover, Role::Client, 1 << 20);
+    let (mut reader, w) = raw_listener(rig, hc).await;
     let mut writer = WsWriter::new(w, Role::Client);
     tokio::spawn(async move {
         let mut sessions = tokio::task::JoinSet::new();
