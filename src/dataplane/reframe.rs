@@ -59,6 +59,32 @@ impl DirEnd {
     fn abnormal(&self) -> bool {
         *self != DirEnd::Closed
     }
+
+    /// The Close a direction that ends this way sends on to its destination (if it is at a
+    /// frame boundary there). Shared by the epoll and io_uring engines.
+    pub(crate) fn close_to_send(&self) -> (u16, &'static str) {
+        match self {
+            DirEnd::Stopped => (
+                close_code::GOING_AWAY,
+                "The hybrid connection was deleted or the relay is shutting down.",
+            ),
+            DirEnd::ProtocolError(..) => (close_code::GOING_AWAY, "The peer broke the WebSocket protocol."),
+            DirEnd::Cut(close_code::TOO_BIG) => (close_code::TOO_BIG, "Frame larger than the relay's limit."),
+            DirEnd::Cut(code) => (*code, "WebSocket protocol error."),
+            _ => (close_code::GOING_AWAY, "The peer went away."),
+        }
+    }
+}
+
+/// An unmasked Close frame: the bytes and their length.
+pub(crate) fn close_frame(code: u16, reason: &str) -> ([u8; 2 + frame::MAX_CONTROL_PAYLOAD], usize) {
+    let payload = frame::close_payload(code, reason);
+    let mut hdr = [0u8; MAX_HEADER_LEN];
+    let h = frame::encode_header(true, OpCode::Close, None, payload.len() as u64, &mut hdr);
+    let mut bytes = [0u8; 2 + frame::MAX_CONTROL_PAYLOAD];
+    bytes[..h].copy_from_slice(&hdr[..h]);
+    bytes[h..h + payload.len()].copy_from_slice(&payload);
+    (bytes, h + payload.len())
 }
 
 /// A small frame (Close) to write before a direction ends.
@@ -71,17 +97,8 @@ struct Final {
 
 impl Final {
     fn close(code: u16, reason: &str) -> Self {
-        let payload = frame::close_payload(code, reason);
-        let mut hdr = [0u8; MAX_HEADER_LEN];
-        let h = frame::encode_header(true, OpCode::Close, None, payload.len() as u64, &mut hdr);
-        let mut bytes = [0u8; 2 + frame::MAX_CONTROL_PAYLOAD];
-        bytes[..h].copy_from_slice(&hdr[..h]);
-        bytes[h..h + payload.len()].copy_from_slice(&payload);
-        Self {
-            bytes,
-            len: h + payload.len(),
-            pos: 0,
-        }
+        let (bytes, len) = close_frame(code, reason);
+        Self { bytes, len, pos: 0 }
     }
 }
 
@@ -143,16 +160,7 @@ impl Direction {
             return;
         }
         if !self.mid_frame {
-            let (code, reason) = match &end {
-                DirEnd::Stopped => (
-                    close_code::GOING_AWAY,
-                    "The hybrid connection was deleted or the relay is shutting down.",
-                ),
-                DirEnd::ProtocolError(..) => (close_code::GOING_AWAY, "The peer broke the WebSocket protocol."),
-                DirEnd::Cut(close_code::TOO_BIG) => (close_code::TOO_BIG, "Frame larger than the relay's limit."),
-                DirEnd::Cut(code) => (*code, "WebSocket protocol error."),
-                _ => (close_code::GOING_AWAY, "The peer went away."),
-            };
+            let (code, reason) = end.close_to_send();
             self.final_frame = Some(Final::close(code, reason));
         }
         self.ending = Some(end);

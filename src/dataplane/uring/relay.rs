@@ -20,9 +20,9 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use super::bufs::{Chunk, Out};
 use super::io::{Reader, Writer, sleep};
 use crate::dataplane::io::MAX_BATCH;
-use crate::dataplane::reframe::{ABANDON_GRACE, DirEnd, TunnelStats};
+use crate::dataplane::reframe::{self, ABANDON_GRACE, DirEnd, TunnelStats};
 use crate::dataplane::stats::ActiveGuard;
-use crate::proto::frame::{self, Decoder, FrameError, MAX_HEADER_LEN, OpCode, Role, SliceItem, close_code};
+use crate::proto::frame::{self, Decoder, FrameError, MAX_HEADER_LEN, OpCode, Role, SliceItem};
 
 /// What is being written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,12 +36,8 @@ enum Writing {
 
 /// A Close frame to send before a direction ends.
 fn close_frame(code: u16, reason: &str) -> Out {
-    let payload = frame::close_payload(code, reason);
-    let mut hdr = [0u8; MAX_HEADER_LEN];
-    let h = frame::encode_header(true, OpCode::Close, None, payload.len() as u64, &mut hdr);
-    let mut bytes = hdr[..h].to_vec();
-    bytes.extend_from_slice(&payload);
-    Out::bytes(&bytes)
+    let (bytes, len) = reframe::close_frame(code, reason);
+    Out::bytes(&bytes[..len])
 }
 
 /// One direction of a relay tunnel: frames from `src` re-sent unmasked to `dst`.
@@ -97,16 +93,7 @@ impl Direction {
             return;
         }
         if !self.mid_frame {
-            let (code, reason) = match &end {
-                DirEnd::Stopped => (
-                    close_code::GOING_AWAY,
-                    "The hybrid connection was deleted or the relay is shutting down.",
-                ),
-                DirEnd::ProtocolError(..) => (close_code::GOING_AWAY, "The peer broke the WebSocket protocol."),
-                DirEnd::Cut(close_code::TOO_BIG) => (close_code::TOO_BIG, "Frame larger than the relay's limit."),
-                DirEnd::Cut(code) => (*code, "WebSocket protocol error."),
-                _ => (close_code::GOING_AWAY, "The peer went away."),
-            };
+            let (code, reason) = end.close_to_send();
             self.final_frame = Some(close_frame(code, reason));
         }
         self.ending = Some(end);
