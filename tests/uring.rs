@@ -60,36 +60,6 @@ async fn byte_exact_round_trips() {
     assert_eq!(uring::tunnels_run("echo"), 18, "tunnels ran on io_uring");
 }
 
-/// An endpoint that greets, closes its sending side at once, and reports what it later
-/// receives.
-fn greeter() -> (std::net::SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.set_nonblocking(true).unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let l = tokio::net::TcpListener::from_std(l).unwrap();
-            loop {
-                let (mut s, _) = l.accept().await.unwrap();
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    s.write_all(b"hello from the endpoint").await.unwrap();
-                    s.shutdown().await.unwrap();
-                    let mut got = Vec::new();
-                    s.read_to_end(&mut got).await.unwrap();
-                    tx.send(got).ok();
-                });
-            }
-        });
-    });
-    (addr, rx)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_close_from_either_side() {
     let rig = rig();

@@ -3,6 +3,10 @@
 
 #![allow(dead_code)]
 
+mod data;
+#[allow(unused_imports)] // not every test crate uses it
+pub use data::payload;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -152,17 +156,35 @@ pub fn echo() -> SocketAddr {
     hyrelay::echo::spawn("127.0.0.1:0".parse().unwrap()).unwrap()
 }
 
-/// Deterministic pseudo-random bytes.
-pub fn payload(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+/// An endpoint that greets, closes its sending side at once, and reports what it later
+/// receives: checks that a half-close from the endpoint's side travels through.
+pub fn greeter() -> (std::net::SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::from_std(l).unwrap();
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    s.write_all(b"hello from the endpoint").await.unwrap();
+                    s.shutdown().await.unwrap();
+                    let mut got = Vec::new();
+                    s.read_to_end(&mut got).await.unwrap();
+                    tx.send(got).ok();
+                });
+            }
+        });
+    });
+    (addr, rx)
 }
 
 /// Sends `data` through `addr`, half-closes, and returns everything read back.

@@ -12,6 +12,11 @@
 
 #![allow(dead_code)]
 
+#[path = "../common/data.rs"]
+mod data;
+#[allow(unused_imports)] // not every test crate uses it
+pub use data::payload;
+
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -53,19 +58,6 @@ where
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// Deterministic pseudo-random bytes.
-pub fn payload(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 // ---------------------------------------------------------------------------------------
