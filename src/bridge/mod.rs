@@ -294,14 +294,8 @@ impl BridgeHandle {
         );
         self.drain.cancel();
         let inflight = self.inflight.clone();
-        let report = crate::dataplane::drain::wait_idle(move || inflight.count(), self.drain_timeout, force);
-        tracing::info!(
-            event = "drain_finished",
-            role = "bridge",
-            remaining = report.remaining,
-            waited_ms = report.waited.as_millis() as u64,
-            "drain finished"
-        );
+        let report =
+            crate::dataplane::drain::wait_idle(move || inflight.count(), self.drain_timeout, force).logged("bridge");
         self.halt();
         report
     }

@@ -19,6 +19,20 @@ pub struct DrainReport {
     pub forced: bool,
 }
 
+impl DrainReport {
+    /// Logs the `drain_finished` event of `role` and hands the report on.
+    pub fn logged(self, role: &'static str) -> Self {
+        tracing::info!(
+            event = "drain_finished",
+            role,
+            remaining = self.remaining,
+            waited_ms = self.waited.as_millis() as u64,
+            "drain finished"
+        );
+        self
+    }
+}
+
 /// Lets another thread (a second Ctrl-C) cut a drain short.
 #[derive(Debug, Clone, Default)]
 pub struct Force(Arc<AtomicBool>);

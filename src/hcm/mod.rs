@@ -148,14 +148,8 @@ impl HcmHandle {
             t.join().ok();
         }
         let inflight = self.inflight.clone();
-        let report = crate::dataplane::drain::wait_idle(move || inflight.count(), self.drain_timeout, force);
-        tracing::info!(
-            event = "drain_finished",
-            role = "hcm",
-            remaining = report.remaining,
-            waited_ms = report.waited.as_millis() as u64,
-            "drain finished"
-        );
+        let report =
+            crate::dataplane::drain::wait_idle(move || inflight.count(), self.drain_timeout, force).logged("hcm");
         self.halt();
         report
     }

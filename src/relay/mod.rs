@@ -175,14 +175,8 @@ impl RelayHandle {
         );
         self.drain.cancel();
         let admission = self.admission.clone();
-        let report = crate::dataplane::drain::wait_idle(move || admission.counts().0, self.drain_timeout, force);
-        tracing::info!(
-            event = "drain_finished",
-            role = "relay",
-            remaining = report.remaining,
-            waited_ms = report.waited.as_millis() as u64,
-            "drain finished"
-        );
+        let report =
+            crate::dataplane::drain::wait_idle(move || admission.counts().0, self.drain_timeout, force).logged("relay");
         self.halt();
         report
     }
