@@ -148,7 +148,7 @@ impl Management {
         if !body.is_empty() {
             headers.push(("Content-Type", "application/json"));
         }
-        let target = format!("{}{path}", crate::relay::mgmt::API_PREFIX);
+        let target = format!("{}{path}", crate::proto::address::MGMT_API_PREFIX);
         let resp = crate::transport::http::request(
             &self.cs.endpoint,
             Some(&self.tls),

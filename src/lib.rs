@@ -5,6 +5,7 @@
 pub mod bridge;
 pub mod cli;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod dataplane;
 pub mod echo;

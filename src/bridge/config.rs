@@ -68,7 +68,7 @@ pub struct BridgeConfig {
 impl BridgeConfig {
     pub fn new(forwards: Vec<Forward>) -> Self {
         Self {
-            workers: crate::relay::config::default_workers(),
+            workers: crate::config::default_workers(),
             admin: None,
             ca_files: Vec::new(),
             relay_timeout: Duration::from_secs(40),
@@ -76,7 +76,7 @@ impl BridgeConfig {
             ping_interval: Duration::from_secs(30),
             max_frame: crate::proto::frame::DEFAULT_MAX_FRAME,
             drain_timeout: Duration::from_secs(30),
-            buffer_budget: crate::relay::config::default_workers() * crate::dataplane::pool::DEFAULT_BUDGET,
+            buffer_budget: crate::config::default_workers() * crate::dataplane::pool::DEFAULT_BUDGET,
             io_backend: Default::default(),
             hosts_file: default_hosts_file(),
             forwards,

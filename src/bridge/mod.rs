@@ -450,7 +450,7 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, fw: Arc<ForwardRt>, ctx: Arc<Br
     fw.status.lock().unwrap_or_else(|e| e.into_inner()).local_connections += 1;
     let hc = fw.hc.as_str();
     let token = client::token(&cs, hc, ctx.cfg.token_ttl);
-    let url = client::hc_url(&cs, hc, "connect", &crate::relay::control::new_id());
+    let url = client::hc_url(&cs, hc, "connect", &crate::proto::ids::new_id());
     let headers = [("ServiceBusAuthorization", token.as_str())];
     let conn = tokio::select! {
         c = ws::connect(&url, Some(&ctx.tls), &headers, ctx.cfg.relay_timeout) => c,

@@ -23,6 +23,11 @@ pub fn load_toml<T: DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
     parse_toml(&text, &path.display().to_string())
 }
 
+/// Default number of data-plane workers: one per core.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
 /// Deserializes a human duration such as `30s`, `5m`, `1h 30m`, `250ms`.
 pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;

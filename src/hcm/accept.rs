@@ -141,7 +141,7 @@ fn record_dial(hc: &HcRt, ok: bool, millis: u64, detail: String) {
     hc.update(|s| {
         s.last_dial = Some(DialStatus {
             ok,
-            at: crate::relay::store::now_rfc3339(),
+            at: crate::clock::now_rfc3339(),
             millis,
             detail,
         })

@@ -198,7 +198,7 @@ async fn serve_session(hc: &Arc<HcRt>, ctx: &Arc<HcmCtx>) -> Result<String, End>
     }
     let ttl = ctx.cfg.token_ttl;
     let token = client::token(cs, entry.name(), ttl);
-    let url = client::hc_url(cs, entry.name(), "listen", &crate::relay::control::new_id());
+    let url = client::hc_url(cs, entry.name(), "listen", &crate::proto::ids::new_id());
     let conn = match ws::connect(
         &url,
         Some(&ctx.tls),

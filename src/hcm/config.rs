@@ -104,7 +104,7 @@ impl HcmConfig {
     pub fn new(data_dir: PathBuf) -> Self {
         Self {
             data_dir,
-            workers: crate::relay::config::default_workers(),
+            workers: crate::config::default_workers(),
             admin: None,
             ca_files: Vec::new(),
             dial_timeout: Duration::from_secs(10),
@@ -116,7 +116,7 @@ impl HcmConfig {
             max_backoff: Duration::from_secs(30),
             max_frame: crate::proto::frame::DEFAULT_MAX_FRAME,
             drain_timeout: Duration::from_secs(30),
-            buffer_budget: crate::relay::config::default_workers() * crate::dataplane::pool::DEFAULT_BUDGET,
+            buffer_budget: crate::config::default_workers() * crate::dataplane::pool::DEFAULT_BUDGET,
             io_backend: Default::default(),
             allowed_endpoints: AllowList::default(),
             hybrid_connections: Vec::new(),

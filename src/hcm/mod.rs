@@ -50,7 +50,7 @@ impl HcRt {
         self.update(|s| {
             if s.state != state {
                 s.state = state;
-                s.since = crate::relay::store::now_rfc3339();
+                s.since = crate::clock::now_rfc3339();
             }
         });
     }

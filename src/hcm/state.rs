@@ -81,7 +81,7 @@ pub fn add(dir: &Path, entry: &HcEntry) -> anyhow::Result<bool> {
     added.push(Added {
         connection_string: entry.connection_string.expose(),
         endpoint: entry.endpoint.as_ref().map(|e| e.to_string()),
-        added_at: crate::relay::store::now_rfc3339(),
+        added_at: crate::clock::now_rfc3339(),
     });
     write_added(dir, &added)?;
     Ok(replaced)
@@ -155,7 +155,7 @@ impl HcStatus {
             relay: entry.connection_string.endpoint.authority(),
             endpoint: entry.endpoint.as_ref().map(|e| e.to_string()),
             state: ChannelState::Connecting,
-            since: crate::relay::store::now_rfc3339(),
+            since: crate::clock::now_rfc3339(),
             reconnects: 0,
             last_error: None,
             accepts: 0,

@@ -9,6 +9,9 @@ use percent_encoding::percent_decode_str;
 /// Query parameter carrying the relay's rendezvous secret in an `accept` address.
 pub const RENDEZVOUS_PARAM: &str = "sb-hc-rid";
 
+/// Path prefix of hyrelay's own management API (`/$hyrelay/v1/hybrid-connections`).
+pub const MGMT_API_PREFIX: &str = "/$hyrelay/v1/hybrid-connections";
+
 /// What a `$hc` request asks for (`sb-hc-action`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {

@@ -101,7 +101,7 @@ impl RelayConfig {
             data_dir,
             public_url: None,
             hostnames: Vec::new(),
-            workers: default_workers(),
+            workers: crate::config::default_workers(),
             tls,
             admin: None,
             max_listeners: 25,
@@ -120,7 +120,7 @@ impl RelayConfig {
             auth_failure_window: Duration::from_secs(60),
             auth_max_delay: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(30),
-            buffer_budget: default_workers() * crate::dataplane::pool::DEFAULT_BUDGET,
+            buffer_budget: crate::config::default_workers() * crate::dataplane::pool::DEFAULT_BUDGET,
             io_backend: Default::default(),
         }
     }
@@ -270,11 +270,6 @@ fn set(slot: &mut Duration, v: Option<Duration>, field: &str) -> anyhow::Result<
         *slot = d;
     }
     Ok(())
-}
-
-/// Default number of data-plane workers: one per core.
-pub fn default_workers() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
 /// `tls.mode`.

@@ -25,6 +25,7 @@ use super::config::{Balance, RelayConfig};
 use super::store::{Entity, SharedState, State, Store, StoreError};
 use crate::proto::address::RENDEZVOUS_PARAM;
 use crate::proto::control::Accept;
+use crate::proto::ids::{new_id, new_secret};
 use crate::proto::sas::URI_COMPONENT;
 use crate::transport::Stream;
 
@@ -441,7 +442,7 @@ impl Plane {
                             rule.clone().unwrap_or_default()
                         )));
                     }
-                    e.updated_at = super::store::now_rfc3339();
+                    e.updated_at = crate::clock::now_rfc3339();
                     Ok(e.clone())
                 })?;
                 Ok(MgmtReply::Entity(Box::new(self.view(&e))))
@@ -630,39 +631,9 @@ fn accept_address(cfg: &RelayConfig, listener_base: &str, req: &ConnectReq, id: 
     format!("{base}/$hc/{}?{}", req.raw_path, q.join("&"))
 }
 
-/// 128 random bits as hex: the rendezvous capability.
-fn new_secret() -> String {
-    rand::random::<[u8; 16]>().iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// A random GUID-formatted id (version 4 layout).
-pub fn new_id() -> String {
-    let mut b = rand::random::<[u8; 16]>();
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ids_and_secrets() {
-        let id = new_id();
-        assert_eq!(id.len(), 36);
-        assert_eq!(&id[14..15], "4");
-        assert_ne!(new_secret(), new_secret());
-        assert_eq!(new_secret().len(), 32);
-    }
 
     #[test]
     fn accept_address_keeps_app_query_and_hides_nothing_else() {

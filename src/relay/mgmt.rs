@@ -13,11 +13,9 @@
 //! | POST | `/$hyrelay/v1/hybrid-connections/{name}/regenerate-key` | `{"key": "primary"\|"secondary", "rule"?}` |
 //! | GET | `/$hyrelay/v1/hybrid-connections/{name}/connection-string?right=listen\|send&key=primary\|secondary` | |
 
-use std::sync::Arc;
-use std::time::SystemTime;
-
 use bytes::BytesMut;
 use serde_json::{Value, json};
+use std::sync::Arc;
 use tokio::io::AsyncReadExt;
 
 use super::Ctx;
@@ -25,6 +23,7 @@ use super::auth::{Demand, authorize};
 use super::conn::{Incoming, respond, send_and_close};
 use super::control::{EntityView, KeySlot, MgmtOp, MgmtReply};
 use super::store::{LISTEN_RULE, SEND_RULE, StoreError};
+use crate::clock::rfc3339;
 use crate::proto::address::PlainRequest;
 use crate::proto::connstr::{ConnectionString, Credential};
 use crate::proto::handshake::{self, RequestHead};
@@ -32,8 +31,7 @@ use crate::proto::metadata::{self, RuntimeInfo};
 use crate::proto::sas::{Rights, unix_now};
 use crate::transport::Stream;
 
-/// Path prefix of the management API.
-pub const API_PREFIX: &str = "/$hyrelay/v1/hybrid-connections";
+pub use crate::proto::address::MGMT_API_PREFIX as API_PREFIX;
 /// Largest request body the API reads. Default: 64 KiB.
 const MAX_BODY: usize = 64 * 1024;
 
@@ -319,10 +317,6 @@ async fn connection_string(ctx: &Ctx, head: &RequestHead, req: &PlainRequest, na
         entity_path: Some(entity.name.clone()),
     };
     (200, json!({ "connectionString": cs.expose() }))
-}
-
-fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 /// JSON for an entity; `with_keys` adds rules and keys (show only).

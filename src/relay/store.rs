@@ -233,14 +233,9 @@ pub enum StoreError {
     Io(String),
 }
 
-/// Current time as RFC 3339 UTC, seconds precision.
-pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
-}
-
 /// A new entity with `defaultListener` and `defaultSender` rules.
 pub fn new_entity(name: &str, endpoint: Option<&HostPort>, requires_client_authorization: bool) -> Entity {
-    let now = now_rfc3339();
+    let now = crate::clock::now_rfc3339();
     Entity {
         name: name.to_owned(),
         user_metadata: endpoint.map(metadata::user_metadata_for).unwrap_or_default(),

@@ -266,7 +266,7 @@ pub fn page(role: &str, r: &Report) -> String {
 
 /// `SystemTime` as RFC 3339, for status fields.
 pub fn rfc3339(t: std::time::SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
+    crate::clock::rfc3339(t)
 }
 
 /// Bytes in a short human form (KiB, MiB, GiB).

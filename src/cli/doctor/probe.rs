@@ -354,7 +354,7 @@ async fn close_at_once(conn: ClientWs, limit: Duration) {
 
 /// `sb-hc-id` of the test connections, so they can be told apart in the relay's log.
 fn test_id() -> String {
-    format!("hyrelay-doctor-{}", crate::relay::control::new_id())
+    format!("hyrelay-doctor-{}", crate::proto::ids::new_id())
 }
 
 /// Whole minutes (or seconds under two minutes), for expiry texts.
