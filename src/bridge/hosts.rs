@@ -76,8 +76,21 @@ pub fn render(text: &str, entries: &BTreeMap<String, IpAddr>) -> String {
     out
 }
 
-/// Writes the block for `entries` into the hosts file at `path`.
+/// Writes the block for `entries` into the hosts file at `path`. Every host must be a valid
+/// host name ([`crate::proto::host::validate`]): a name with whitespace or a line break
+/// would add lines the operator never chose, so the file is left untouched instead.
 pub fn apply(path: &Path, entries: &BTreeMap<String, IpAddr>) -> std::io::Result<()> {
+    for host in entries.keys() {
+        crate::proto::host::validate(host).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "refusing to write \"{}\" into the hosts file: {e}",
+                    crate::proto::host::escape(host)
+                ),
+            )
+        })?;
+    }
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
@@ -138,6 +151,19 @@ mod tests {
         apply(&p, &allocate(["db.local"])).unwrap();
         assert!(std::fs::read_to_string(&p).unwrap().contains("127.77.0.1\tdb.local"));
         remove(&p).unwrap();
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "127.0.0.1 localhost\n");
+        std::fs::remove_file(p).unwrap();
+    }
+
+    /// Issue 9 item 1: a host name carrying a line break or a tab never reaches the file.
+    #[test]
+    fn a_host_that_would_add_lines_is_refused_and_the_file_untouched() {
+        let p = std::env::temp_dir().join(format!("hyrelay-hosts-inject-{}", std::process::id()));
+        std::fs::write(&p, "127.0.0.1 localhost\n").unwrap();
+        let evil = allocate(["db.local\n6.6.6.6\tbank.example.com"]);
+        let e = apply(&p, &evil).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("db.local\\n6.6.6.6"), "{e}");
         assert_eq!(std::fs::read_to_string(&p).unwrap(), "127.0.0.1 localhost\n");
         std::fs::remove_file(p).unwrap();
     }

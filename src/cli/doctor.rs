@@ -15,7 +15,6 @@
 //! - No key or token is ever part of a finding; findings are scrubbed of the string's
 //!   secrets before anyone sees them, as a last line of defence.
 
-mod cert;
 mod listeners;
 mod net;
 mod probe;

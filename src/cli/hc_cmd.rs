@@ -109,7 +109,7 @@ pub fn run(args: HcArgs) -> anyhow::Result<()> {
 fn s(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
-        Value::String(s) => s.clone(),
+        Value::String(s) => crate::proto::host::escape_controls(s),
         other => other.to_string(),
     }
 }

@@ -167,15 +167,26 @@ pub(crate) fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output
         .block_on(f))
 }
 
-/// Prints rows as an aligned table with a header.
+/// Prints rows as an aligned table with a header ([`format_table`]).
 pub(crate) fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    print!("{}", format_table(header, rows));
+}
+
+/// Rows as an aligned table with a header, one line each. Control characters in cells
+/// (which may come from a relay or a peer) are written escaped, never raw.
+pub fn format_table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| crate::proto::host::escape_controls(c)).collect())
+        .collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for r in rows {
+    for r in &rows {
         for (i, c) in r.iter().enumerate() {
             widths[i] = widths[i].max(c.chars().count());
         }
     }
-    let line = |cells: Vec<&str>| {
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
         let parts: Vec<String> = cells
             .iter()
             .enumerate()
@@ -187,10 +198,12 @@ pub(crate) fn print_table(header: &[&str], rows: &[Vec<String>]) {
                 }
             })
             .collect();
-        println!("{}", parts.join("  ").trim_end());
+        out.push_str(parts.join("  ").trim_end());
+        out.push('\n');
     };
     line(header.to_vec());
-    for r in rows {
+    for r in &rows {
         line(r.iter().map(String::as_str).collect());
     }
+    out
 }

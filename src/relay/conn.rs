@@ -92,8 +92,12 @@ pub(crate) struct Incoming {
 
 impl Incoming {
     /// Counts a failed token check against the source address (see [`super::throttle`]).
-    pub fn auth_failed(&self, ctx: &Ctx) {
-        ctx.throttle.failed(self.peer.ip());
+    /// A request without any token guesses no secret (a probe, a health check, `doctor`'s
+    /// upgrade test) and is not counted.
+    pub fn auth_failed(&self, ctx: &Ctx, e: &super::auth::AuthError) {
+        if e.presented_a_credential() {
+            ctx.throttle.failed(self.peer.ip());
+        }
     }
 }
 

@@ -31,9 +31,6 @@ use crate::transport::Stream;
 
 /// Capacity of the worker → control plane channel.
 const REQUEST_QUEUE: usize = 4096;
-/// Commands queued per listener before it counts as busy. An `accept` is ~1 KiB of JSON,
-/// so this bounds a stalled listener's backlog at about 1 MiB. Default: 1024.
-const LISTENER_QUEUE: usize = 1024;
 
 /// A command for a listener's control-channel task.
 #[derive(Debug)]
@@ -55,11 +52,34 @@ pub struct ListenerInfo {
     pub connected_at: SystemTime,
 }
 
-/// A registered listener's end of the plane.
-#[derive(Debug)]
+/// A registered listener's end of the plane. Dropping it unregisters the listener, so the
+/// registration is released on every exit path of the task that holds it, a panic
+/// included (issue 9 item 4: a leaked registration counted against the listener quota
+/// until the relay restarted).
+#[must_use = "dropping the registration unregisters the listener"]
 pub struct Registration {
     pub key: u64,
     pub commands: mpsc::Receiver<ListenerCmd>,
+    entity: String,
+    reg: Arc<Mutex<Registry>>,
+}
+
+impl std::fmt::Debug for Registration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registration")
+            .field("key", &self.key)
+            .field("entity", &self.entity)
+            .finish()
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.reg
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .unregister(&self.entity, self.key);
+    }
 }
 
 /// A sender's connect request.
@@ -216,12 +236,15 @@ impl Ctl {
         self.reg.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Registers a listener; it stays registered until the returned guard is dropped.
     pub fn register(&self, entity: &str, info: ListenerInfo) -> Result<Registration, Refusal> {
-        self.reg().register(entity, info)
-    }
-
-    pub fn unregister(&self, entity: &str, key: u64) {
-        self.reg().unregister(entity, key);
+        let (key, commands) = self.reg().register(entity, info)?;
+        Ok(Registration {
+            key,
+            commands,
+            entity: entity.to_owned(),
+            reg: self.reg.clone(),
+        })
     }
 
     pub fn connect(&self, req: ConnectReq) -> Result<Connecting, Refusal> {
@@ -429,11 +452,7 @@ impl Plane {
                         .iter_mut()
                         .filter(|r| rule.as_ref().is_none_or(|n| *n == r.key_name))
                     {
-                        let k = crate::proto::Secret::random_key();
-                        match slot {
-                            KeySlot::Primary => r.primary_key = k,
-                            KeySlot::Secondary => r.secondary_key = k,
-                        }
+                        r.regenerate(slot == KeySlot::Secondary);
                         hit = true;
                     }
                     if !hit {
@@ -479,7 +498,7 @@ impl Registry {
         rt.last_connect = Some(record);
     }
 
-    pub fn register(&mut self, entity: &str, info: ListenerInfo) -> Result<Registration, Refusal> {
+    fn register(&mut self, entity: &str, info: ListenerInfo) -> Result<(u64, mpsc::Receiver<ListenerCmd>), Refusal> {
         let name = entity.to_lowercase();
         if self.state.load().entity(&name).is_none() {
             return Err(Refusal::NotFound);
@@ -488,7 +507,7 @@ impl Registry {
         if rt.listeners.len() >= self.cfg.max_listeners {
             return Err(Refusal::Quota(self.cfg.max_listeners));
         }
-        let (tx, commands) = mpsc::channel(LISTENER_QUEUE);
+        let (tx, commands) = mpsc::channel(self.cfg.max_pending_accepts);
         let key = self.next_key;
         self.next_key += 1;
         rt.listeners.push(ListenerRt {
@@ -499,7 +518,7 @@ impl Registry {
         });
         let n = rt.listeners.len();
         metrics::gauge!(crate::telemetry::metrics::RELAY_LISTENERS, "hc" => self.label(entity)).set(n as f64);
-        Ok(Registration { key, commands })
+        Ok((key, commands))
     }
 
     fn unregister(&mut self, entity: &str, key: u64) {

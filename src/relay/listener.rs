@@ -3,26 +3,43 @@
 //! Registration happens before the 101 leaves, so a listener that sees the upgrade
 //! complete is already eligible for senders. The task then multiplexes: frames from the
 //! listener (`renewToken`, pings, close), commands from the control plane (`accept`
-//! notifications, close), its own ping timer and the token's expiry (plus grace).
+//! notifications, close), its own ping timer, the token's expiry (plus grace) and changes
+//! of the relay's state (a regenerated key closes the channel after a grace, 1008).
+//!
+//! Invariants:
+//! - the registration is a guard ([`super::control::Registration`]): whatever way the task
+//!   ends, a panic included, the listener is unregistered;
+//! - every write to the listener is bounded in time: it must be done before the listener
+//!   would count as dead (two ping periods after it was last heard), else the listener is
+//!   dropped and its pending senders go to other listeners. A listener that stops reading
+//!   cannot keep a channel "connected" (issue 9 item 3);
+//! - no timer deadline is computed from a peer's number without saturating (a token that
+//!   expires in the year 500 billion is just "far away", issue 9 item 4).
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::io::{ReadHalf, WriteHalf};
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::time::Instant;
 
 use super::Ctx;
-use super::auth::{Demand, authorize};
+use super::auth::{Demand, Granted, authorize};
 use super::conn::{Incoming, describe, respond};
 use super::control::{ListenerCmd, ListenerInfo, Refusal};
 use crate::proto::address::HcRequest;
 use crate::proto::control::{self, Command};
-use crate::proto::frame::{OpCode, Role, close_code};
+use crate::proto::frame::{self, OpCode, Role, close_code};
 use crate::proto::handshake;
 use crate::proto::ids::new_id;
 use crate::proto::sas::{Rights, unix_now};
 use crate::transport::Stream;
-use crate::transport::ws::{Message, WsReader, WsWriter};
+use crate::transport::ws::{Message, WsReader};
+
+/// Most queued commands written with one write.
+const MAX_BATCH: usize = 64;
+/// Longest wait for anything: deadlines further out are capped here (about 30 years).
+const FAR: Duration = Duration::from_secs(30 * 365 * 86_400);
 
 /// Handles `sb-hc-action=listen`.
 pub(super) async fn serve(mut stream: Stream, mut inc: Incoming, req: HcRequest, ctx: Arc<Ctx>) {
@@ -38,7 +55,6 @@ pub(super) async fn serve(mut stream: Stream, mut inc: Incoming, req: HcRequest,
         _ => return respond(&mut stream, 404, &describe("Endpoint does not exist.", tracking), "").await,
     };
     let host = head.headers.get("Host");
-    let hosts = ctx.hosts(host);
     let tokens: Vec<&str> = req
         .token
         .as_deref()
@@ -48,14 +64,14 @@ pub(super) async fn serve(mut stream: Stream, mut inc: Incoming, req: HcRequest,
     let demand = Demand {
         entity: Some(&entity),
         path: &entity.name,
-        hosts: &hosts,
+        hosts: ctx.hosts(),
         right: Rights::LISTEN,
         now: unix_now(),
     };
     let granted = match authorize(&state, &tokens, &demand) {
         Ok(g) => g,
         Err(e) => {
-            inc.auth_failed(&ctx);
+            inc.auth_failed(&ctx, &e);
             tracing::info!(event = "listener_refused", hc = %entity.name, %peer, status = e.status(), reason = %e, "listener refused");
             return respond(&mut stream, e.status(), &describe(&e.to_string(), tracking), "").await;
         }
@@ -69,6 +85,8 @@ pub(super) async fn serve(mut stream: Stream, mut inc: Incoming, req: HcRequest,
         connected_at: SystemTime::now(),
     };
     let listener_id = info.id.clone();
+    // Subscribed before registering, so no change of the state can slip in between.
+    let changes = ctx.state.subscribe();
     let mut reg = match ctx.ctl.register(&entity.name, info) {
         Ok(r) => r,
         Err(e) => {
@@ -80,70 +98,144 @@ pub(super) async fn serve(mut stream: Stream, mut inc: Incoming, req: HcRequest,
             return respond(&mut stream, status, &describe(&e.to_string(), tracking), "").await;
         }
     };
-    if let Err(e) = super::conn::write_flush(&mut stream, &handshake::switching_protocols(&upgrade.key, None)).await {
-        tracing::debug!(%peer, error = %e, "listener went away during the upgrade");
-        ctx.ctl.unregister(&entity.name, reg.key);
-        return;
+    let upgrade_written = tokio::time::timeout(
+        ctx.cfg.handshake_timeout,
+        super::conn::write_flush(&mut stream, &handshake::switching_protocols(&upgrade.key, None)),
+    )
+    .await;
+    if !matches!(upgrade_written, Ok(Ok(()))) {
+        tracing::debug!(%peer, "listener went away during the upgrade");
+        return; // `reg` unregisters
     }
     tracing::info!(event = "listener_registered", hc = %entity.name, listener = %listener_id, %peer, "listener registered");
     let (r, w) = tokio::io::split(stream);
     let max_message = ctx.cfg.max_control_message;
+    let period = ctx.cfg.ping_interval;
     let mut chan = Channel {
         reader: WsReader::new(r, inc.buf, Role::Server, max_message as u64),
-        writer: WsWriter::new(w, Role::Server),
-        hosts,
+        writer: w,
         entity_name: entity.name.clone(),
         max_message,
+        period,
+        heard: Instant::now(),
+        granted,
+        revoked_at: None,
     };
-    let (why, end) = chan.run(&mut reg.commands, granted.expiry, &ctx).await;
+    let (why, end) = chan.run(&mut reg.commands, changes, &ctx).await;
     metrics::counter!(crate::telemetry::metrics::RELAY_CONTROL_CLOSED, "reason" => why).increment(1);
-    ctx.ctl.unregister(&entity.name, reg.key);
+    drop(reg);
     tracing::info!(event = "listener_unregistered", hc = %entity.name, listener = %listener_id, %peer, reason = %end, "listener unregistered");
 }
 
 struct Channel {
     reader: WsReader<ReadHalf<Stream>>,
-    writer: WsWriter<WriteHalf<Stream>>,
-    hosts: Vec<String>,
+    writer: WriteHalf<Stream>,
     entity_name: String,
     /// Largest message the listener may send (`limits.max_control_message_bytes`).
     max_message: usize,
+    period: Duration,
+    /// When a frame last came from the listener.
+    heard: Instant,
+    /// The token that holds the channel open (the first, or the last renewal).
+    granted: Granted,
+    /// Set when the key behind `granted` was regenerated: the channel closes then.
+    revoked_at: Option<(Instant, String)>,
+}
+
+/// `now + after`, or [`FAR`] from now if that is further (never overflows).
+fn deadline_in(after: Duration) -> Instant {
+    Instant::now() + after.min(FAR)
 }
 
 /// When a token that expires at `expiry` (Unix seconds) stops holding the channel open.
 fn expiry_deadline(expiry: u64, grace: Duration) -> Instant {
-    let left = expiry.saturating_sub(unix_now());
-    Instant::now() + Duration::from_secs(left) + grace
+    deadline_in(Duration::from_secs(expiry.saturating_sub(unix_now())).saturating_add(grace))
+}
+
+/// Why a write to the listener did not complete.
+#[derive(Debug)]
+enum WriteFailed {
+    Io(std::io::Error),
+    /// Not done before the listener would have counted as dead: it is not reading.
+    Stalled,
+}
+
+impl std::fmt::Display for WriteFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WriteFailed::Io(e) => write!(f, "write failed: {e}"),
+            WriteFailed::Stalled => {
+                f.write_str("the listener stopped reading (write not done within two ping periods)")
+            }
+        }
+    }
+}
+
+impl WriteFailed {
+    fn reason(&self) -> &'static str {
+        match self {
+            WriteFailed::Io(_) => "io_error",
+            WriteFailed::Stalled => "stalled",
+        }
+    }
 }
 
 impl Channel {
+    /// Two ping periods after the listener was last heard: silent until then means dead.
+    fn dead_at(&self) -> Instant {
+        self.heard + self.period * 2
+    }
+
+    /// Writes `bytes` (whole frames) and flushes, by [`Channel::dead_at`] at the latest.
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), WriteFailed> {
+        let deadline = self.dead_at();
+        let w = &mut self.writer;
+        let io = async move {
+            w.write_all(bytes).await?;
+            w.flush().await
+        };
+        bounded(deadline, io).await
+    }
+
+    async fn send(&mut self, opcode: OpCode, payload: &[u8]) -> Result<(), WriteFailed> {
+        let f = frame::encode_frame(true, opcode, None, payload);
+        self.write(&f).await
+    }
+
     async fn run(
         &mut self,
         commands: &mut tokio::sync::mpsc::Receiver<ListenerCmd>,
-        expiry: u64,
+        mut changes: tokio::sync::watch::Receiver<Arc<super::store::State>>,
         ctx: &Ctx,
     ) -> (&'static str, String) {
-        let period = ctx.cfg.ping_interval;
+        let period = self.period;
         let mut ping = tokio::time::interval_at(Instant::now() + period, period);
         // Dead after two ping periods without any frame: checked at exactly that moment.
-        let mut heard = Instant::now();
-        let dead = tokio::time::sleep_until(heard + period * 2);
+        let dead = tokio::time::sleep_until(self.dead_at());
         tokio::pin!(dead);
-        let mut expires = expiry_deadline(expiry, ctx.cfg.token_grace);
+        let mut expires = expiry_deadline(self.granted.expiry, ctx.cfg.token_grace);
+        let mut batch = Vec::new();
         loop {
+            let revoke = self
+                .revoked_at
+                .as_ref()
+                .map(|(at, _)| *at)
+                .unwrap_or_else(|| deadline_in(FAR));
             tokio::select! {
                 // Frames first, so that one that arrived counts before the dead-peer check.
                 biased;
                 // Cancel-safe: the reader keeps its state in the struct.
                 msg = self.reader.next_message(self.max_message) => {
-                    heard = Instant::now();
+                    self.heard = Instant::now();
                     match msg {
                         Ok(Some(Message::Text(t))) => match control::decode(&t) {
                             Ok(Command::RenewToken { token }) => match self.renew(&token, ctx) {
-                                Ok(exp) => {
+                                Ok(g) => {
                                     metrics::counter!(crate::telemetry::metrics::RELAY_TOKEN_RENEWALS, "result" => "ok").increment(1);
-                                    expires = expiry_deadline(exp, ctx.cfg.token_grace);
-                                    tracing::info!(event = "token_renewed", hc = %self.entity_name, expiry = exp, "listener token renewed");
+                                    expires = expiry_deadline(g.expiry, ctx.cfg.token_grace);
+                                    tracing::info!(event = "token_renewed", hc = %self.entity_name, expiry = g.expiry, "listener token renewed");
+                                    self.granted = g;
+                                    self.revoked_at = None;
                                 }
                                 Err(reason) => {
                                     metrics::counter!(crate::telemetry::metrics::RELAY_TOKEN_RENEWALS, "result" => "rejected").increment(1);
@@ -156,45 +248,80 @@ impl Channel {
                         },
                         Ok(Some(Message::Binary(_))) | Ok(Some(Message::Pong(_))) => {}
                         Ok(Some(Message::Ping(p))) => {
-                            if self.writer.send(true, OpCode::Pong, &p).await.is_err() {
-                                return ("io_error", "write failed".into());
+                            if let Err(e) = self.send(OpCode::Pong, &p).await {
+                                return (e.reason(), e.to_string());
                             }
                         }
                         Ok(Some(Message::Close(c))) => {
                             let code = c.code.unwrap_or(close_code::NORMAL);
-                            self.writer.send_close(code, "").await.ok();
+                            self.send(OpCode::Close, &frame::close_payload(code, "")).await.ok();
                             return ("listener_closed", format!("closed by listener ({code})"));
                         }
                         Ok(None) => return ("connection_lost", "connection closed without a close frame".into()),
                         Err(e) => {
-                            self.writer.send_close(e.close_code(), &e.to_string()).await.ok();
+                            self.send(OpCode::Close, &frame::close_payload(e.close_code(), &e.to_string())).await.ok();
                             return ("protocol_error", format!("protocol error: {e}"));
                         }
                     }
                 }
-                cmd = commands.recv() => match cmd {
-                    Some(ListenerCmd::Send(text)) => {
-                        if let Err(e) = self.writer.send_text(&text).await {
-                            return ("io_error", format!("write failed: {e}"));
+                cmd = commands.recv() => {
+                    let Some(cmd) = cmd else {
+                        return ("shutdown", self.close(close_code::GOING_AWAY, "The relay is shutting down.").await);
+                    };
+                    // Everything already queued goes out with one write.
+                    batch.clear();
+                    let mut close = None;
+                    let mut next = Some(cmd);
+                    let mut n = 0;
+                    while let Some(c) = next.take() {
+                        match c {
+                            ListenerCmd::Send(text) => batch.extend_from_slice(&frame::encode_frame(true, OpCode::Text, None, text.as_bytes())),
+                            ListenerCmd::Close(code, reason) => {
+                                close = Some((code, reason));
+                                break;
+                            }
+                        }
+                        n += 1;
+                        if n < MAX_BATCH {
+                            next = commands.try_recv().ok();
                         }
                     }
-                    Some(ListenerCmd::Close(code, reason)) => return ("closed_by_relay", self.close(code, &reason).await),
-                    None => return ("shutdown", self.close(close_code::GOING_AWAY, "The relay is shutting down.").await),
-                },
+                    if !batch.is_empty() {
+                        let bytes = std::mem::take(&mut batch);
+                        let written = self.write(&bytes).await;
+                        batch = bytes;
+                        if let Err(e) = written {
+                            tracing::info!(hc = %self.entity_name, error = %e, "dropping a listener that does not take its messages");
+                            return (e.reason(), e.to_string());
+                        }
+                    }
+                    if let Some((code, reason)) = close {
+                        return ("closed_by_relay", self.close(code, &reason).await);
+                    }
+                }
                 _ = ping.tick() => {
-                    if self.writer.send(true, OpCode::Ping, b"").await.is_err() {
-                        return ("io_error", "write failed".into());
+                    if let Err(e) = self.send(OpCode::Ping, b"").await {
+                        return (e.reason(), e.to_string());
                     }
                 }
                 _ = &mut dead => {
-                    if heard.elapsed() >= period * 2 {
+                    if self.heard.elapsed() >= period * 2 {
                         return ("dead", "silent for two ping periods".into());
                     }
-                    dead.as_mut().reset(heard + period * 2);
+                    dead.as_mut().reset(self.dead_at());
                 }
                 _ = tokio::time::sleep_until(expires) => {
                     tracing::info!(event = "token_expired", hc = %self.entity_name, "listener token expired; closing control channel");
                     return ("token_expired", self.close(close_code::POLICY, "The listener token expired.").await);
+                }
+                Ok(()) = changes.changed() => {
+                    let state = changes.borrow_and_update().clone();
+                    self.recheck_key(&state, ctx.cfg.revoked_key_grace);
+                }
+                _ = tokio::time::sleep_until(revoke), if self.revoked_at.is_some() => {
+                    let why = self.revoked_at.take().map(|(_, w)| w).unwrap_or_default();
+                    tracing::info!(event = "key_revoked", hc = %self.entity_name, reason = %why, "closing a control channel whose key was regenerated");
+                    return ("key_revoked", self.close(close_code::POLICY, &why).await);
                 }
                 _ = ctx.drain.cancelled() => {
                     return ("shutdown", self.close(close_code::GOING_AWAY, "The relay is shutting down.").await);
@@ -203,7 +330,20 @@ impl Channel {
         }
     }
 
-    fn renew(&self, token: &str, ctx: &Ctx) -> Result<u64, String> {
+    /// After a change of the relay's state: if the key this channel authenticated with is
+    /// gone, the channel closes `grace` from now (issue 9 item 10).
+    fn recheck_key(&mut self, state: &super::store::State, grace: Duration) {
+        match super::auth::still_valid(state, &self.entity_name, &self.granted) {
+            Ok(()) => self.revoked_at = None,
+            Err(why) if self.revoked_at.is_none() => {
+                tracing::info!(hc = %self.entity_name, reason = %why, grace_ms = grace.as_millis() as u64, "a listener's key was revoked; closing its control channel after the grace");
+                self.revoked_at = Some((deadline_in(grace), why));
+            }
+            Err(_) => {}
+        }
+    }
+
+    fn renew(&self, token: &str, ctx: &Ctx) -> Result<Granted, String> {
         let state = ctx.state.load();
         let entity = state
             .entity(&self.entity_name)
@@ -211,18 +351,25 @@ impl Channel {
         let demand = Demand {
             entity: Some(entity),
             path: &entity.name,
-            hosts: &self.hosts,
+            hosts: ctx.hosts(),
             right: Rights::LISTEN,
             now: unix_now(),
         };
-        authorize(&state, &[token], &demand)
-            .map(|g| g.expiry)
-            .map_err(|e| e.to_string())
+        authorize(&state, &[token], &demand).map_err(|e| e.to_string())
     }
 
     /// Sends Close, waits briefly for the echo, and reports why.
     async fn close(&mut self, code: u16, reason: &str) -> String {
-        if self.writer.send_close(code, reason).await.is_ok() {
+        let payload = frame::close_payload(code, reason);
+        // The close gets its own short bound: the channel is ending either way.
+        let f = frame::encode_frame(true, OpCode::Close, None, &payload);
+        let w = &mut self.writer;
+        let sent = tokio::time::timeout(Duration::from_secs(2), async move {
+            w.write_all(&f).await?;
+            w.flush().await
+        })
+        .await;
+        if matches!(sent, Ok(Ok(()))) {
             let _ = tokio::time::timeout(Duration::from_secs(2), async {
                 while let Ok(Some(m)) = self.reader.next_message(self.max_message).await {
                     if matches!(m, Message::Close(_)) {
@@ -233,5 +380,29 @@ impl Channel {
             .await;
         }
         format!("closed by relay ({code} {reason})")
+    }
+}
+
+/// Runs a write that must be done by `deadline`.
+async fn bounded(deadline: Instant, io: impl Future<Output = std::io::Result<()>>) -> Result<(), WriteFailed> {
+    match tokio::time::timeout_at(deadline, io).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(WriteFailed::Io(e)),
+        Err(_) => Err(WriteFailed::Stalled),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 9 item 4: `se` near 2^64 used to overflow `Instant + Duration` and panic.
+    #[test]
+    fn far_future_expiry_does_not_overflow() {
+        let d = expiry_deadline(u64::MAX, Duration::from_secs(300));
+        assert!(d > Instant::now() + Duration::from_secs(365 * 86_400));
+        let d = expiry_deadline(u64::MAX - 1, Duration::MAX);
+        assert!(d <= Instant::now() + FAR + Duration::from_secs(1));
+        assert!(expiry_deadline(0, Duration::ZERO) <= Instant::now());
     }
 }

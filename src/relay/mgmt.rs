@@ -56,17 +56,17 @@ pub(super) async fn serve(mut stream: Stream, mut inc: Incoming, req: PlainReque
     let resolved = state.resolve(&req.path).map(|(e, s)| (e.clone(), s.is_empty()));
     match resolved {
         Some((entity, true)) if head.method == "GET" && wants_info => {
-            let hosts = ctx.hosts(head.headers.get("Host"));
+            let hosts = ctx.hosts();
             let tokens = auth_headers(head);
             let demand = Demand {
                 entity: Some(&entity),
                 path: &entity.name,
-                hosts: &hosts,
+                hosts,
                 right: Rights::default(),
                 now: unix_now(),
             };
             if let Err(e) = authorize(&state, &tokens, &demand) {
-                inc.auth_failed(&ctx);
+                inc.auth_failed(&ctx, &e);
                 return xml_error(&mut stream, e.status(), &e.to_string()).await;
             }
             drop(state);
@@ -202,16 +202,16 @@ async fn api(inc: &mut Incoming, req: &PlainRequest, body: &[u8], ctx: &Ctx) -> 
     {
         let state = ctx.state.load();
         let entity = name.as_deref().and_then(|n| state.entity(n));
-        let hosts = ctx.hosts(head.headers.get("Host"));
+        let hosts = ctx.hosts();
         let demand = Demand {
             entity,
             path: name.as_deref().unwrap_or(""),
-            hosts: &hosts,
+            hosts,
             right: Rights::MANAGE,
             now: unix_now(),
         };
         if let Err(e) = authorize(&state, &auth_headers(head), &demand) {
-            inc.auth_failed(ctx);
+            inc.auth_failed(ctx, &e);
             return error(e.status(), e.to_string());
         }
     }

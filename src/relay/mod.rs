@@ -47,6 +47,8 @@ pub(crate) struct Ctx {
     pub drain: CancellationToken,
     pub admission: Arc<limits::Admission>,
     pub throttle: throttle::AuthThrottle,
+    /// The host names tokens must be scoped to ([`answers_to`]).
+    pub audience: auth::Audience,
 }
 
 impl Ctx {
@@ -54,16 +56,9 @@ impl Ctx {
         if self.tls.is_some() { "wss" } else { "ws" }
     }
 
-    /// Host names a token may be scoped to for a request that came with `host_header`.
-    fn hosts(&self, host_header: Option<&str>) -> Vec<String> {
-        let mut hosts = self.cfg.hostnames.clone();
-        if let Some(h) = host_header {
-            hosts.push(crate::proto::sas::strip_port(h).to_ascii_lowercase());
-        }
-        if let Some(p) = &self.cfg.public_url {
-            hosts.push(p.host.to_ascii_lowercase());
-        }
-        hosts
+    /// Host names a token's audience may name: fixed at start ([`answers_to`]).
+    fn hosts(&self) -> &auth::Audience {
+        &self.audience
     }
 
     /// The endpoint clients use, for connection strings: `public_url`, else the `Host`
@@ -203,6 +198,8 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
     let cfg = Arc::new(cfg);
     let store = Store::open(&cfg.data_dir)?;
     let state = store.shared();
+    let audience = answers_to(&cfg)?;
+    tracing::info!(names = ?audience.names(), "tokens are accepted for these host names (public_url, hostnames, the certificate's names, the listen address)");
     let (tls, ca_file) = match &cfg.tls {
         TlsSetting::Files { cert, key } => (Some(crate::transport::tls::server_config_from_files(cert, key)?), None),
         TlsSetting::SelfSigned { names } => {
@@ -262,6 +259,7 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
             window: cfg.auth_failure_window,
             max_delay: cfg.auth_max_delay,
         }),
+        audience,
     });
     let admission = ctx.admission.clone();
     crate::dataplane::serve(&workers, listeners, drain.clone(), move |tcp, peer| {
@@ -284,6 +282,62 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
     write_cli_file(&handle)?;
     tracing::info!(addr = %addr, workers = cfg.workers, tls = handle.tls, data_dir = %cfg.data_dir.display(), "relay started");
     Ok(handle)
+}
+
+/// The host names this relay answers to (issue 9 item 13): `public_url`'s host, the
+/// configured `hostnames`, the names of its certificate (the file's subjectAltNames, or
+/// localhost and the `tls.names` of a development certificate), and the listen address -
+/// for an unspecified one (`0.0.0.0`, `::`) the loopback names and this machine's name.
+pub fn answers_to(cfg: &RelayConfig) -> anyhow::Result<auth::Audience> {
+    let mut names: Vec<String> = cfg.hostnames.clone();
+    if let Some(p) = &cfg.public_url {
+        names.push(p.host.clone());
+    }
+    let loopback = || ["localhost", "127.0.0.1", "[::1]"].map(String::from);
+    match &cfg.tls {
+        TlsSetting::Files { cert, .. } => {
+            let certs = crate::transport::tls::read_certs(cert)?;
+            if let Some(leaf) = certs.first() {
+                names.extend(crate::transport::cert::subject_names(leaf));
+            }
+        }
+        TlsSetting::SelfSigned { names: extra } => {
+            names.extend(loopback());
+            names.extend(extra.iter().cloned());
+        }
+        TlsSetting::Plain => {}
+    }
+    let ip = cfg.listen.ip();
+    if ip.is_unspecified() {
+        names.extend(loopback());
+        names.extend(system_hostname());
+    } else {
+        names.push(match ip {
+            std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+            v4 => v4.to_string(),
+        });
+    }
+    Ok(auth::Audience::new(names))
+}
+
+/// This machine's host name, if it has one.
+fn system_hostname() -> Option<String> {
+    #[cfg(unix)]
+    {
+        let mut buf = [0u8; 256];
+        // SAFETY: gethostname(2) writes at most `buf.len()` bytes into `buf`, a live buffer.
+        let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+        if rc != 0 {
+            return None;
+        }
+        let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+        let name = std::str::from_utf8(&buf[..end]).ok()?.to_owned();
+        crate::proto::host::validate(&name).ok().map(|_| name)
+    }
+    #[cfg(not(unix))]
+    {
+        std::env::var("COMPUTERNAME").ok()
+    }
 }
 
 fn write_cli_file(h: &RelayHandle) -> anyhow::Result<()> {

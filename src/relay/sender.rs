@@ -41,7 +41,7 @@ pub(super) async fn serve_connect(mut stream: Stream, mut inc: Incoming, req: Hc
     };
     let entity_name = entity.name.clone();
     if entity.requires_client_authorization {
-        let hosts = ctx.hosts(head.headers.get("Host"));
+        let hosts = ctx.hosts();
         let tokens: Vec<&str> = req
             .token
             .as_deref()
@@ -51,12 +51,12 @@ pub(super) async fn serve_connect(mut stream: Stream, mut inc: Incoming, req: Hc
         let demand = Demand {
             entity: Some(entity),
             path: &req.path,
-            hosts: &hosts,
+            hosts,
             right: Rights::SEND,
             now: unix_now(),
         };
         if let Err(e) = authorize(&state, &tokens, &demand) {
-            inc.auth_failed(&ctx);
+            inc.auth_failed(&ctx, &e);
             count_connect(&ctx, Some(&entity_name), "auth_failed", &e.to_string());
             tracing::info!(event = "sender_refused", hc = %entity_name, %peer, status = e.status(), reason = %e, "sender refused");
             return respond(&mut stream, e.status(), &describe(&e.to_string(), tracking), "").await;

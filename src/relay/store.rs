@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
@@ -35,6 +35,22 @@ pub struct Rule {
     pub secondary_key: Secret,
     #[serde(with = "rights_names")]
     pub rights: Rights,
+    /// Keys replaced by `regenerate-key`, newest first, at most [`MAX_REVOKED`]: kept only to
+    /// tell a client why its token fails. They never grant anything.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked: Vec<RevokedKey>,
+}
+
+/// How many regenerated keys a rule remembers (for error messages).
+pub const MAX_REVOKED: usize = 4;
+
+/// A key that was regenerated, and when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RevokedKey {
+    pub key: Secret,
+    /// RFC 3339.
+    pub at: String,
 }
 
 impl Rule {
@@ -45,7 +61,26 @@ impl Rule {
             primary_key: Secret::random_key(),
             secondary_key: Secret::random_key(),
             rights,
+            revoked: Vec::new(),
         }
+    }
+
+    /// Replaces the key in `slot` with a fresh one, remembering the old one as revoked.
+    pub fn regenerate(&mut self, secondary: bool) {
+        let slot = if secondary {
+            &mut self.secondary_key
+        } else {
+            &mut self.primary_key
+        };
+        let old = std::mem::replace(slot, Secret::random_key());
+        self.revoked.insert(
+            0,
+            RevokedKey {
+                key: old,
+                at: crate::clock::now_rfc3339(),
+            },
+        );
+        self.revoked.truncate(MAX_REVOKED);
     }
 }
 
@@ -139,22 +174,30 @@ impl State {
     }
 }
 
-/// Snapshot cell shared between the control plane (writer) and workers (readers).
+/// Snapshot cell shared between the control plane (writer) and workers (readers). Holders
+/// of long-lived connections [`SharedState::subscribe`] to hear of every change (a key
+/// regenerated, a hybrid connection deleted) and re-check what they were granted.
 #[derive(Debug, Clone)]
-pub struct SharedState(Arc<RwLock<Arc<State>>>);
+pub struct SharedState(Arc<tokio::sync::watch::Sender<Arc<State>>>);
 
 impl SharedState {
     pub fn new(s: Arc<State>) -> Self {
-        Self(Arc::new(RwLock::new(s)))
+        Self(Arc::new(tokio::sync::watch::Sender::new(s)))
     }
 
     /// The current snapshot; cheap (one `Arc` clone).
     pub fn load(&self) -> Arc<State> {
-        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.0.borrow().clone()
     }
 
-    fn publish(&self, s: Arc<State>) {
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) = s;
+    /// Replaces the snapshot and wakes every subscriber.
+    pub(crate) fn publish(&self, s: Arc<State>) {
+        self.0.send_replace(s);
+    }
+
+    /// A receiver that sees every later [`SharedState::publish`].
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Arc<State>> {
+        self.0.subscribe()
     }
 }
 

@@ -245,7 +245,11 @@ pub fn page(role: &str, r: &Report) -> String {
         );
         for (i, c) in row.cells.iter().enumerate() {
             let class = if i == 1 { " class=\"state\"" } else { "" };
-            let _ = write!(h, "<td{class}>{}</td>", xml_escape(c));
+            let _ = write!(
+                h,
+                "<td{class}>{}</td>",
+                xml_escape(&crate::proto::host::escape_controls(c))
+            );
         }
         h.push_str("</tr>");
     }

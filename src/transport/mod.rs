@@ -1,6 +1,7 @@
 //! Sockets, TLS and WebSocket connections over them; everything that does I/O for the
 //! protocol layer.
 
+pub mod cert;
 pub mod http;
 pub mod sock;
 pub mod stream;

@@ -16,8 +16,8 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Server config from a PEM certificate chain and a PEM private key.
-pub fn server_config_from_files(cert: &Path, key: &Path) -> anyhow::Result<Arc<ServerConfig>> {
+/// The certificates of a PEM file (a chain, leaf first); an error if it holds none.
+pub fn read_certs(cert: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .with_context(|| format!("reading TLS certificate {}", cert.display()))?
         .collect::<Result<_, _>>()
@@ -25,6 +25,12 @@ pub fn server_config_from_files(cert: &Path, key: &Path) -> anyhow::Result<Arc<S
     if certs.is_empty() {
         bail!("TLS certificate file {} holds no certificate", cert.display());
     }
+    Ok(certs)
+}
+
+/// Server config from a PEM certificate chain and a PEM private key.
+pub fn server_config_from_files(cert: &Path, key: &Path) -> anyhow::Result<Arc<ServerConfig>> {
+    let certs = read_certs(cert)?;
     let key =
         PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading TLS private key {}", key.display()))?;
     server_config(certs, key)

@@ -118,7 +118,7 @@ async fn handshake(c: &Checkup<'_>, cfg: Arc<rustls::ClientConfig>, tcp: TcpStre
     let version = conn.protocol_version().map(version_name).unwrap_or("TLS ?");
     let trust = trust_text(c.opts.ca_files.len());
     let leaf = conn.peer_certificates().and_then(|chain| chain.first());
-    let Some(not_after) = leaf.and_then(|der| super::cert::not_after(der)) else {
+    let Some(not_after) = leaf.and_then(|der| crate::transport::cert::not_after(der)) else {
         return StepResult::ok(
             Step::Tls,
             format!("{version}, certificate verified for {host} ({trust}); expiry unreadable"),

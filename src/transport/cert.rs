@@ -1,9 +1,12 @@
-//! Just enough DER to read a certificate's `notAfter`, for the TLS step's expiry warning.
+//! Just enough DER to read two things from a certificate: its `notAfter` (doctor's expiry
+//! warning) and the names its subjectAltName covers (the host names a relay answers to by
+//! default).
 //!
 //! Walks `Certificate → tbsCertificate → validity → notAfter` (RFC 5280 §4.1) and converts
 //! a UTCTime (`YYMMDDHHMMSSZ`, years 1950–2049) or GeneralizedTime (`YYYYMMDDHHMMSSZ`) to
-//! Unix seconds. Anything unexpected gives `None`; the certificate itself has already been
-//! verified by rustls, so this never decides trust.
+//! Unix seconds; and `tbsCertificate → extensions → subjectAltName` for its dNSName and
+//! iPAddress entries. Anything unexpected gives `None` or nothing; rustls does the
+//! verifying, so this never decides trust.
 
 /// DER tags this walk meets.
 const SEQUENCE: u8 = 0x30;
@@ -11,15 +14,30 @@ const INTEGER: u8 = 0x02;
 const EXPLICIT_VERSION: u8 = 0xA0;
 const UTC_TIME: u8 = 0x17;
 const GENERALIZED_TIME: u8 = 0x18;
+const EXPLICIT_EXTENSIONS: u8 = 0xA3;
+const OID: u8 = 0x06;
+const BOOLEAN: u8 = 0x01;
+const OCTET_STRING: u8 = 0x04;
+/// subjectAltName, 2.5.29.17.
+const SAN_OID: &[u8] = &[0x55, 0x1D, 0x11];
+/// GeneralName choices: dNSName [2] and iPAddress [7], both implicit and primitive.
+const DNS_NAME: u8 = 0x82;
+const IP_ADDRESS: u8 = 0x87;
 
-/// `notAfter` of a DER certificate, in Unix seconds.
-pub fn not_after(der: &[u8]) -> Option<i64> {
+/// `tbsCertificate` from `serial` on (the optional version skipped).
+fn tbs_fields(der: &[u8]) -> Option<&[u8]> {
     let (cert, _) = expect(der, SEQUENCE)?;
     let (tbs, _) = expect(cert, SEQUENCE)?;
     let mut rest = tbs;
     if rest.first() == Some(&EXPLICIT_VERSION) {
         rest = tlv(rest)?.2;
     }
+    Some(rest)
+}
+
+/// `notAfter` of a DER certificate, in Unix seconds.
+pub fn not_after(der: &[u8]) -> Option<i64> {
+    let rest = tbs_fields(der)?;
     let (_serial, rest) = expect(rest, INTEGER)?;
     let (_signature, rest) = expect(rest, SEQUENCE)?;
     let (_issuer, rest) = expect(rest, SEQUENCE)?;
@@ -27,6 +45,60 @@ pub fn not_after(der: &[u8]) -> Option<i64> {
     let (_, _not_before, rest) = tlv(validity)?;
     let (tag, not_after, _) = tlv(rest)?;
     parse_time(tag, not_after)
+}
+
+/// The dNSName and iPAddress entries of a DER certificate's subjectAltName, lower-cased,
+/// IPv6 addresses in brackets (as a token's audience writes them). Empty if it has none or
+/// the certificate cannot be read.
+pub fn subject_names(der: &[u8]) -> Vec<String> {
+    san(der).unwrap_or_default()
+}
+
+fn san(der: &[u8]) -> Option<Vec<String>> {
+    let rest = tbs_fields(der)?;
+    // serial, signature, issuer, validity, subject, subjectPublicKeyInfo
+    let mut rest = rest;
+    for _ in 0..6 {
+        rest = tlv(rest)?.2;
+    }
+    // Optional issuerUniqueID [1] and subjectUniqueID [2], then extensions [3].
+    let extensions = loop {
+        let (tag, content, after) = tlv(rest)?;
+        if tag == EXPLICIT_EXTENSIONS {
+            break expect(content, SEQUENCE)?.0;
+        }
+        rest = after;
+    };
+    let mut list = extensions;
+    while !list.is_empty() {
+        let (ext, after) = expect(list, SEQUENCE)?;
+        list = after;
+        let (oid, mut fields) = expect(ext, OID)?;
+        if oid != SAN_OID {
+            continue;
+        }
+        if fields.first() == Some(&BOOLEAN) {
+            fields = tlv(fields)?.2;
+        }
+        let (value, _) = expect(fields, OCTET_STRING)?;
+        let (mut names, _) = expect(value, SEQUENCE)?;
+        let mut out = Vec::new();
+        while !names.is_empty() {
+            let (tag, content, after) = tlv(names)?;
+            names = after;
+            match (tag, content.len()) {
+                (DNS_NAME, _) => out.push(std::str::from_utf8(content).ok()?.to_ascii_lowercase()),
+                (IP_ADDRESS, 4) => out.push(std::net::Ipv4Addr::from(<[u8; 4]>::try_from(content).ok()?).to_string()),
+                (IP_ADDRESS, 16) => out.push(format!(
+                    "[{}]",
+                    std::net::Ipv6Addr::from(<[u8; 16]>::try_from(content).ok()?)
+                )),
+                _ => {}
+            }
+        }
+        return Some(out);
+    }
+    Some(Vec::new())
 }
 
 /// One TLV of `tag`: its content and what follows it.
@@ -121,6 +193,25 @@ mod tests {
         assert_eq!(parse_time(UTC_TIME, b"700101000000"), None);
         assert_eq!(parse_time(UTC_TIME, b"701301000000Z"), None);
         assert_eq!(parse_time(GENERALIZED_TIME, b"700101000000Z"), None);
+    }
+
+    #[test]
+    fn reads_subject_alt_names() {
+        let p = rcgen::CertificateParams::new(vec![
+            "Relay.Example.com".to_owned(),
+            "127.0.0.1".to_owned(),
+            "::1".to_owned(),
+            "*.nodes.example.com".to_owned(),
+        ])
+        .unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let der = p.self_signed(&key).unwrap().der().to_vec();
+        assert_eq!(
+            subject_names(&der),
+            ["relay.example.com", "127.0.0.1", "[::1]", "*.nodes.example.com"]
+        );
+        assert!(subject_names(b"").is_empty());
+        assert!(subject_names(&der[..60]).is_empty());
     }
 
     #[test]
