@@ -49,7 +49,12 @@ async fn relay_and_hcm_drain_while_tunnels_stream() {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // Both told to stop while the data is still flowing.
-    let relay = std::mem::replace(&mut rig.relay, hyrelay::relay::start(rig.cfg.clone()).unwrap());
+    // A stand-in takes the rig's place (with a data directory of its own: one relay per
+    // directory) so that this one can be moved to the drain thread.
+    let spare_dir = tempfile::tempdir().unwrap();
+    let mut spare = rig.cfg.clone();
+    spare.data_dir = spare_dir.path().join("relay");
+    let relay = std::mem::replace(&mut rig.relay, hyrelay::relay::start(spare).unwrap());
     let started = Instant::now();
     let hcm_drain = std::thread::spawn(move || hcm.drain(&Force::default()));
     let relay_drain = std::thread::spawn(move || relay.drain(&Force::default()));

@@ -441,6 +441,42 @@ fn resolve_endpoints(
     .map_err(|_| anyhow::anyhow!("endpoint resolution thread panicked"))?
 }
 
+/// Waits before each retry of a sender connect the relay refused with 503 (every
+/// listener's backlog full, or the relay busy): about 1.5 s in all, then the app's
+/// connection is reset (issue 9 item 9).
+const RETRY_503: [Duration; 5] = [
+    Duration::from_millis(50),
+    Duration::from_millis(100),
+    Duration::from_millis(200),
+    Duration::from_millis(400),
+    Duration::from_millis(800),
+];
+
+/// Opens the sender WebSocket for `hc`; a 503 is retried a few times (bounded, see
+/// [`RETRY_503`]) since it only says "not right now".
+async fn connect_with_retry(
+    cs: &ConnectionString,
+    hc: &str,
+    ctx: &BridgeCtx,
+) -> Result<ws::ClientWs, ws::ConnectError> {
+    let mut waits = RETRY_503.iter();
+    loop {
+        let token = client::token(cs, hc, ctx.cfg.token_ttl);
+        let url = client::hc_url(cs, hc, "connect", &crate::proto::ids::new_id());
+        let headers = [("ServiceBusAuthorization", token.as_str())];
+        match ws::connect(&url, Some(&ctx.tls), &headers, ctx.cfg.relay_timeout).await {
+            Err(e) if e.status() == Some(503) => match waits.next() {
+                Some(wait) => {
+                    tracing::debug!(hc, reason = %e, retry_in_ms = wait.as_millis() as u64, "relay busy; retrying the connect");
+                    tokio::time::sleep(*wait).await;
+                }
+                None => return Err(e),
+            },
+            other => return other,
+        }
+    }
+}
+
 /// One app connection: open the sender WebSocket and splice.
 async fn serve(tcp: TcpStream, peer: SocketAddr, fw: Arc<ForwardRt>, ctx: Arc<BridgeCtx>) {
     let inflight = ctx.inflight.enter();
@@ -449,11 +485,8 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, fw: Arc<ForwardRt>, ctx: Arc<Br
     metrics::counter!(crate::telemetry::metrics::BRIDGE_LOCAL_CONNECTIONS, "hc" => fw.hc.clone()).increment(1);
     fw.status.lock().unwrap_or_else(|e| e.into_inner()).local_connections += 1;
     let hc = fw.hc.as_str();
-    let token = client::token(&cs, hc, ctx.cfg.token_ttl);
-    let url = client::hc_url(&cs, hc, "connect", &crate::proto::ids::new_id());
-    let headers = [("ServiceBusAuthorization", token.as_str())];
     let conn = tokio::select! {
-        c = ws::connect(&url, Some(&ctx.tls), &headers, ctx.cfg.relay_timeout) => c,
+        c = connect_with_retry(&cs, hc, &ctx) => c,
         _ = ctx.shutdown.cancelled() => return,
     };
     let conn = match conn {

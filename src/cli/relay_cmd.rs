@@ -47,6 +47,10 @@ pub struct RelayArgs {
     /// Admin listener: /metrics, /healthz, /readyz, /status and a status page at /.
     #[arg(long, value_name = "IP:PORT")]
     admin: Option<SocketAddr>,
+    /// Create a new namespace (new keys) when state.json is missing from a data directory
+    /// that had one; without it the relay refuses to start then.
+    #[arg(long)]
+    new_namespace: bool,
 }
 
 impl RelayArgs {
@@ -91,6 +95,7 @@ impl RelayArgs {
             file.tls.mode = Some(crate::relay::config::TlsMode::None);
         }
         let mut cfg = RelayConfig::from_file(file)?;
+        cfg.new_namespace = self.new_namespace;
         if let Some(t) = tls_flag {
             cfg.tls = t;
         }

@@ -126,6 +126,94 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     write_atomic(path, bytes, true)
 }
 
+/// Like [`write_private`], keeping the file's previous version as `<name>.bak` (replaced
+/// atomically too): a bad write or a bad edit can be undone by hand.
+pub fn write_private_with_backup(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if path.exists() {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+        let bak = path.with_file_name(format!("{name}.bak"));
+        let tmp = path.with_file_name(format!(".{name}.bak.tmp{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        // A hard link costs no copy; a file system without them gets a copy.
+        if std::fs::hard_link(path, &tmp).is_err() {
+            std::fs::copy(path, &tmp)?;
+        }
+        std::fs::rename(&tmp, &bak)?;
+    }
+    write_atomic(path, bytes, true)
+}
+
+/// Removes the temporary files [`write_atomic`] leaves when a process dies mid-write
+/// (`.<name>.tmp<pid>`, `.<name>.bak.tmp<pid>`) from `dir`; returns how many. Call it while
+/// holding the directory's [`DirLock`], so no live writer's file is taken.
+pub fn remove_leftovers(dir: &Path) -> std::io::Result<usize> {
+    let mut n = 0;
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let leftover = name.starts_with('.')
+            && name
+                .rsplit_once(".tmp")
+                .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()));
+        if leftover && e.file_type().is_ok_and(|t| t.is_file()) {
+            std::fs::remove_file(e.path())?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// An exclusive lock on a role's data directory, held while the role runs: a second
+/// process on the same directory refuses to start instead of overwriting its files
+/// (issue 9 item 6). Released when dropped (or when the process dies).
+#[derive(Debug)]
+#[must_use = "the lock is released when this is dropped"]
+pub struct DirLock {
+    _file: std::fs::File,
+}
+
+/// Name of the lock file in a data directory.
+pub const LOCK_FILE: &str = "lock";
+
+/// Takes the exclusive lock of `dir` (created if missing), or says who holds it.
+pub fn lock_dir(dir: &Path) -> anyhow::Result<DirLock> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating data directory {}", dir.display()))?;
+    let path = dir.join(LOCK_FILE);
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            let holder = holder.trim();
+            let who = if holder.is_empty() {
+                String::new()
+            } else {
+                format!(" (pid {holder})")
+            };
+            anyhow::bail!(
+                "data directory {} is in use by another hyrelay process{who}; stop it, or give this one its own --data-dir",
+                dir.display()
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("locking {}", path.display()));
+        }
+    }
+    file.set_len(0).ok();
+    write!(file, "{}", std::process::id()).ok();
+    Ok(DirLock { _file: file })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,6 +235,39 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("wiat"), "{e}");
+    }
+
+    #[test]
+    fn dir_lock_is_exclusive_and_released_on_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = lock_dir(dir.path()).unwrap();
+        let e = lock_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("in use by another hyrelay process") && e.contains(&format!("pid {}", std::process::id())),
+            "{e}"
+        );
+        drop(held);
+        let _again = lock_dir(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn leftovers_go_and_backups_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.json");
+        write_private_with_backup(&p, b"one").unwrap();
+        write_private_with_backup(&p, b"two").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        assert_eq!(std::fs::read(dir.path().join("state.json.bak")).unwrap(), b"one");
+        std::fs::write(dir.path().join(".state.json.tmp4242"), b"1,200 revoked keys").unwrap();
+        std::fs::write(dir.path().join(".state.json.bak.tmp7"), b"x").unwrap();
+        std::fs::write(dir.path().join(".keep.tmpx"), b"not ours").unwrap();
+        assert_eq!(remove_leftovers(dir.path()).unwrap(), 2);
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, [".keep.tmpx", "state.json", "state.json.bak"]);
     }
 
     #[test]

@@ -52,10 +52,12 @@ impl Backoff {
     }
 }
 
-/// Why a session ended; `unreachable` when the relay could not be reached at all.
+/// Why a session ended; `unreachable` when the relay could not be reached at all;
+/// `connected` when the control channel was up, and since when.
 struct End {
     reason: String,
     unreachable: bool,
+    connected: Option<Instant>,
 }
 
 impl End {
@@ -88,6 +90,7 @@ impl From<String> for End {
         Self {
             reason,
             unreachable: false,
+            connected: None,
         }
     }
 }
@@ -102,7 +105,6 @@ pub(crate) async fn run(hc: Arc<HcRt>, ctx: Arc<HcmCtx>) {
     let name = hc.entry.name().to_owned();
     loop {
         hc.set_state(ChannelState::Connecting);
-        let started = Instant::now();
         let end = tokio::select! {
             e = session(&hc, &ctx) => e,
             _ = hc.stop.cancelled() => End::from(String::from("stopped")),
@@ -112,7 +114,10 @@ pub(crate) async fn run(hc: Arc<HcRt>, ctx: Arc<HcmCtx>) {
             tracing::info!(hc = %name, "control channel stopped");
             return;
         }
-        if started.elapsed() >= ctx.cfg.stable_after {
+        // A channel that was up for a while and then lost (a relay restart, a drain) is
+        // retried at once, however many times that happened before (issue 9 item 11); one
+        // dropped right after it opened keeps backing off.
+        if end.connected.is_some_and(|at| at.elapsed() >= ctx.cfg.stable_after) {
             backoff.reset();
         }
         let mut delay = backoff.next_delay();
@@ -153,6 +158,7 @@ async fn endpoint(hc: &HcRt, ctx: &HcmCtx) -> Result<HostPort, End> {
     .map_err(|e| End {
         unreachable: matches!(&e, client::InfoError::Unreachable(c) if c.is_unreachable()),
         reason: e.to_string(),
+        connected: None,
     })?;
     match metadata::endpoint_from_user_metadata(&info.user_metadata) {
         Ok(Some(ep)) => Ok(ep),
@@ -177,17 +183,29 @@ pub(crate) fn check_allowed(endpoint: &HostPort, ctx: &HcmCtx) -> Result<(), Str
 
 /// One connection of the control channel; returns why it ended.
 async fn session(hc: &Arc<HcRt>, ctx: &Arc<HcmCtx>) -> End {
-    match serve_session(hc, ctx).await {
-        Ok(reason)
-        | Err(End {
+    let mut connected = None;
+    match serve_session(hc, ctx, &mut connected).await {
+        Ok(reason) => End {
             reason,
             unreachable: false,
-        }) => End::from(reason),
+            connected,
+        },
         Err(e) => e,
     }
 }
 
-async fn serve_session(hc: &Arc<HcRt>, ctx: &Arc<HcmCtx>) -> Result<String, End> {
+/// Whether a write to the relay finished in time: it must be done before the relay would
+/// count as silent for two ping periods, or the relay is not reading and the channel is
+/// dropped (the relay-side twin of issue 9 item 3).
+async fn bounded(deadline: Instant, io: impl std::future::Future<Output = std::io::Result<()>>) -> Result<(), String> {
+    match tokio::time::timeout_at(deadline, io).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("write to the relay failed: {e}")),
+        Err(_) => Err("the relay stopped reading (write not done within two ping periods)".into()),
+    }
+}
+
+async fn serve_session(hc: &Arc<HcRt>, ctx: &Arc<HcmCtx>, connected: &mut Option<Instant>) -> Result<String, End> {
     let entry = &hc.entry;
     let cs = &entry.connection_string;
     let endpoint = endpoint(hc, ctx).await?;
@@ -212,9 +230,11 @@ async fn serve_session(hc: &Arc<HcRt>, ctx: &Arc<HcmCtx>) -> Result<String, End>
             return Err(End {
                 unreachable: e.is_unreachable(),
                 reason: format!("cannot open the control channel: {e}"),
+                connected: None,
             });
         }
     };
+    *connected = Some(Instant::now());
     hc.set_state(ChannelState::Connected);
     hc.update(|s| s.last_error = None);
     metrics::gauge!(crate::telemetry::metrics::HCM_CHANNEL_UP, "hc" => entry.name().to_owned()).set(1.0);
@@ -251,33 +271,33 @@ async fn serve_session(hc: &Arc<HcRt>, ctx: &Arc<HcmCtx>) -> Result<String, End>
                         Err(e) => tracing::warn!(hc = %entry.name(), error = %e, "ignoring malformed control message"),
                     },
                     Ok(Some(Message::Ping(p))) => {
-                        if writer.send(true, OpCode::Pong, &p).await.is_err() {
-                            return Ok("write to the relay failed".into());
+                        if let Err(e) = bounded(last_heard + period * 2, writer.send(true, OpCode::Pong, &p)).await {
+                            return Ok(e);
                         }
                     }
                     Ok(Some(Message::Pong(_) | Message::Binary(_))) => {}
                     Ok(Some(Message::Close(c))) => {
-                        writer.send_close(c.code.unwrap_or(close_code::NORMAL), "").await.ok();
+                        bounded(last_heard + period * 2, writer.send_close(c.code.unwrap_or(close_code::NORMAL), "")).await.ok();
                         return Ok(format!("relay closed the control channel ({} {})", c.code.unwrap_or(1005), c.reason));
                     }
                     Ok(None) => return Ok("relay closed the connection".into()),
                     Err(e) => {
-                        writer.send_close(e.close_code(), "").await.ok();
+                        bounded(last_heard + period * 2, writer.send_close(e.close_code(), "")).await.ok();
                         return Ok(format!("control channel error: {e}"));
                     }
                 }
             }
             _ = tokio::time::sleep_until(renew_at), if renew_on => {
                 let fresh = client::token(cs, entry.name(), ttl);
-                if let Err(e) = writer.send_text(&control::encode_renew_token(&fresh)).await {
+                if let Err(e) = bounded(last_heard + period * 2, writer.send_text(&control::encode_renew_token(&fresh))).await {
                     return Ok(format!("cannot renew the token: {e}"));
                 }
                 tracing::info!(event = "token_renewed", hc = %entry.name(), "listener token renewed");
                 renew_at = Instant::now() + renew_after;
             }
             _ = ping.tick() => {
-                if writer.send(true, OpCode::Ping, b"").await.is_err() {
-                    return Ok("write to the relay failed".into());
+                if let Err(e) = bounded(last_heard + period * 2, writer.send(true, OpCode::Ping, b"")).await {
+                    return Ok(e);
                 }
             }
             _ = &mut dead => {
@@ -287,7 +307,7 @@ async fn serve_session(hc: &Arc<HcRt>, ctx: &Arc<HcmCtx>) -> Result<String, End>
                 dead.as_mut().reset(last_heard + period * 2);
             }
             _ = hc.stop.cancelled() => {
-                writer.send_close(close_code::NORMAL, "hcm stopping").await.ok();
+                bounded(Instant::now() + Duration::from_secs(2), writer.send_close(close_code::NORMAL, "hcm stopping")).await.ok();
                 let _ = tokio::time::timeout(Duration::from_secs(2), async {
                     while let Ok(Some(m)) = reader.next_message(MAX_CONTROL_MESSAGE).await {
                         if matches!(m, Message::Close(_)) { break; }

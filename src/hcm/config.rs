@@ -76,7 +76,9 @@ pub struct HcmConfig {
     pub renew_tokens: bool,
     /// Ping period on control channels and tunnels. Default: 30 s.
     pub ping_interval: Duration,
-    /// A control channel that stayed up this long resets the reconnect backoff. Default: 60 s.
+    /// A control channel that stayed up this long resets the reconnect backoff, so the hcm is
+    /// back within about a second of every relay restart; shorter sessions (a relay that
+    /// accepts and drops at once) keep backing off. Default: 2 s.
     pub stable_after: Duration,
     /// Longest wait between reconnect attempts. Default: 30 s.
     pub max_backoff: Duration,
@@ -112,7 +114,7 @@ impl HcmConfig {
             token_ttl: Duration::from_secs(3600),
             renew_tokens: true,
             ping_interval: Duration::from_secs(30),
-            stable_after: Duration::from_secs(60),
+            stable_after: Duration::from_secs(2),
             max_backoff: Duration::from_secs(30),
             max_frame: crate::proto::frame::DEFAULT_MAX_FRAME,
             drain_timeout: Duration::from_secs(30),

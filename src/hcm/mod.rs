@@ -104,6 +104,8 @@ pub struct HcmHandle {
     inflight: crate::dataplane::drain::InFlight,
     drain_timeout: std::time::Duration,
     reload_tx: tokio::sync::mpsc::UnboundedSender<()>,
+    /// The data directory's lock, released by `halt`.
+    dir_lock: Option<crate::config::DirLock>,
 }
 
 impl std::fmt::Debug for HcmHandle {
@@ -161,6 +163,7 @@ impl HcmHandle {
             t.join().ok();
         }
         self.workers.stop();
+        self.dir_lock.take();
     }
 }
 
@@ -172,8 +175,11 @@ impl Drop for HcmHandle {
 
 /// Starts an hcm serving the config's hybrid connections plus those added with `hcm add`.
 pub fn start(cfg: HcmConfig) -> anyhow::Result<HcmHandle> {
-    std::fs::create_dir_all(&cfg.data_dir)
-        .map_err(|e| anyhow::anyhow!("creating data directory {}: {e}", cfg.data_dir.display()))?;
+    // One hcm per data directory (issue 9 item 6); `hcm add` and `remove` do not lock.
+    let dir_lock = crate::config::lock_dir(&cfg.data_dir)?;
+    if let Err(e) = crate::config::remove_leftovers(&cfg.data_dir) {
+        tracing::warn!(dir = %cfg.data_dir.display(), error = %e, "cannot remove temporary files left by an interrupted write");
+    }
     let cfg = Arc::new(cfg);
     let tls = crate::transport::tls::client_config(&cfg.ca_files)?;
     let workers = Workers::start_with("hyrelay-hcm", cfg.workers, cfg.buffer_budget, cfg.io_backend)?;
@@ -236,6 +242,7 @@ pub fn start(cfg: HcmConfig) -> anyhow::Result<HcmHandle> {
         inflight,
         drain_timeout: cfg.drain_timeout,
         reload_tx,
+        dir_lock: Some(dir_lock),
     })
 }
 

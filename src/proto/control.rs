@@ -70,6 +70,61 @@ impl Accept {
     }
 }
 
+/// Headers an `accept` keeps first when it must shrink: what a listener needs to open the
+/// rendezvous and answer the sender's upgrade (hyco-ws needs `Sec-WebSocket-Key`).
+const ESSENTIAL_HEADERS: &[&str] = &[
+    "Sec-WebSocket-Key",
+    "Sec-WebSocket-Version",
+    "Sec-WebSocket-Protocol",
+    "Host",
+    "Upgrade",
+    "Connection",
+];
+
+impl Accept {
+    /// The JSON text of this command in at most `limit` bytes: if the forwarded headers make
+    /// it larger (counted after JSON escaping, which can make a header six times longer),
+    /// headers are left out - the largest first, the essential ones last - until it fits.
+    /// Returns the text and the names of the headers left out; `Err` with the smallest
+    /// possible size if even the address and the essential headers do not fit.
+    pub fn encode_within(&self, limit: usize) -> Result<(String, Vec<String>), usize> {
+        let full = self.encode();
+        if full.len() <= limit {
+            return Ok((full, Vec::new()));
+        }
+        let essential = |n: &str| ESSENTIAL_HEADERS.iter().any(|e| e.eq_ignore_ascii_case(n));
+        let cost = |(k, v): &(String, String)| json!(k).to_string().len() + json!(v).to_string().len() + 2;
+        // Candidates to leave out: non-essential ones by size, largest first; then the rest.
+        let mut order: Vec<usize> = (0..self.connect_headers.len()).collect();
+        order.sort_by_key(|&i| {
+            let h = &self.connect_headers[i];
+            (essential(&h.0), std::cmp::Reverse(cost(h)))
+        });
+        let mut kept = self.clone();
+        let mut dropped = Vec::new();
+        let mut size = full.len();
+        for i in order {
+            if size <= limit {
+                break;
+            }
+            let h = &self.connect_headers[i];
+            size = size.saturating_sub(cost(h));
+            dropped.push(h.0.clone());
+        }
+        kept.connect_headers.retain(|(k, _)| !dropped.contains(k));
+        // The estimate above may be off by a separator; the real text decides.
+        let text = kept.encode();
+        if text.len() <= limit {
+            return Ok((text, dropped));
+        }
+        let bare = Accept {
+            connect_headers: Vec::new(),
+            ..self.clone()
+        };
+        Err(bare.encode().len())
+    }
+}
+
 /// `{"renewToken":{"token":...}}`.
 pub fn encode_renew_token(token: &str) -> String {
     json!({ "renewToken": { "token": token } }).to_string()
@@ -140,6 +195,41 @@ mod tests {
         let text = a.encode();
         assert!(text.starts_with("{\"accept\":{"));
         assert_eq!(decode(&text).unwrap(), Command::Accept(a));
+    }
+
+    /// Issue 9 item 8: headers that expand under JSON escaping never push an `accept` over
+    /// the limit; the essential headers stay.
+    #[test]
+    fn accept_fits_the_limit_after_escaping() {
+        let quotes = "\"".repeat(20_000); // 20,000 bytes, 40,000 once escaped
+        let a = Accept {
+            address: "ws://r/$hc/h?sb-hc-action=accept&sb-hc-id=1&sb-hc-rid=x".into(),
+            id: "1".into(),
+            connect_headers: vec![
+                ("Sec-WebSocket-Key".into(), "k==".into()),
+                ("X-A".into(), quotes.clone()),
+                ("X-B".into(), quotes.clone()),
+                ("X-Small".into(), "s".into()),
+            ],
+            remote_endpoint: None,
+        };
+        assert!(a.encode().len() > MAX_CONTROL_MESSAGE);
+        let (text, dropped) = a.encode_within(MAX_CONTROL_MESSAGE).unwrap();
+        assert!(text.len() <= MAX_CONTROL_MESSAGE, "{}", text.len());
+        assert_eq!(dropped, ["X-A"]);
+        let Command::Accept(back) = decode(&text).unwrap() else {
+            panic!()
+        };
+        let names: Vec<&str> = back.connect_headers.iter().map(|(k, _)| k.as_str()).collect();
+        assert!(names.contains(&"Sec-WebSocket-Key") && names.contains(&"X-Small") && names.contains(&"X-B"));
+        // Small enough already: unchanged.
+        assert_eq!(a.encode_within(1 << 20).unwrap(), (a.encode(), vec![]));
+        // An address that alone is too long cannot be sent.
+        let long = Accept {
+            address: "x".repeat(70_000),
+            ..a
+        };
+        assert!(long.encode_within(MAX_CONTROL_MESSAGE).is_err());
     }
 
     #[test]

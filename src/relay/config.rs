@@ -41,6 +41,10 @@ pub struct RelayConfig {
     pub listen: SocketAddr,
     /// Where `state.json` (entities, keys) and the development certificate live.
     pub data_dir: PathBuf,
+    /// Start a new namespace (new root key) even though the data directory's `cli.json`
+    /// shows one was created there and `state.json` is missing. Default: off, and the
+    /// relay refuses to start in that case.
+    pub new_namespace: bool,
     /// Base URL clients reach this relay at; used in rendezvous addresses and connection
     /// strings. Default: taken from each request's `Host` header.
     pub public_url: Option<RelayEndpoint>,
@@ -107,6 +111,7 @@ impl RelayConfig {
         Self {
             listen,
             data_dir,
+            new_namespace: false,
             public_url: None,
             hostnames: Vec::new(),
             workers: crate::config::default_workers(),

@@ -147,6 +147,9 @@ pub enum Refusal {
     ShuttingDown,
     #[error("Every listener of the endpoint has a full backlog of pending accepts; retry later.")]
     Busy,
+    /// The sender's address (path and query) alone makes an `accept` larger than 64 KiB.
+    #[error("The request target is too long to be passed to a listener.")]
+    TooLarge,
 }
 
 /// A listener as shown by management and status.
@@ -569,7 +572,17 @@ impl Registry {
                 connect_headers: req.headers.clone(),
                 remote_endpoint: req.remote.map(|a| (a.ip().to_string(), a.port())),
             };
-            let text = accept.encode();
+            // Never more than a listener may receive (issue 9 item 8): the .NET listener and
+            // ours read control messages into 64 KiB.
+            let text = match accept.encode_within(crate::proto::control::MAX_CONTROL_MESSAGE) {
+                Ok((text, dropped)) => {
+                    if !dropped.is_empty() {
+                        tracing::info!(hc = %req.entity, dropped = dropped.len(), "connect headers left out of the accept to keep it within 64 KiB");
+                    }
+                    text
+                }
+                Err(_) => return Err(Refusal::TooLarge),
+            };
             match l.tx.try_send(ListenerCmd::Send(text.clone())) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(_)) => {

@@ -94,6 +94,8 @@ pub struct RelayHandle {
     drain: CancellationToken,
     admission: Arc<limits::Admission>,
     drain_timeout: std::time::Duration,
+    /// The data directory's lock, released by [`RelayHandle::halt`].
+    dir_lock: Option<crate::config::DirLock>,
 }
 
 impl std::fmt::Debug for RelayHandle {
@@ -184,6 +186,8 @@ impl RelayHandle {
             t.join().ok();
         }
         self.workers.stop();
+        self.admin.take();
+        self.dir_lock.take();
     }
 }
 
@@ -196,7 +200,17 @@ impl Drop for RelayHandle {
 /// Starts a relay: opens the state, binds, spawns the control plane and the workers.
 pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
     let cfg = Arc::new(cfg);
-    let store = Store::open(&cfg.data_dir)?;
+    let dir_lock = crate::config::lock_dir(&cfg.data_dir)?;
+    match crate::config::remove_leftovers(&cfg.data_dir) {
+        Ok(0) => {}
+        Ok(n) => {
+            tracing::info!(dir = %cfg.data_dir.display(), removed = n, "removed temporary files left by an interrupted write")
+        }
+        Err(e) => {
+            tracing::warn!(dir = %cfg.data_dir.display(), error = %e, "cannot remove temporary files left by an interrupted write")
+        }
+    }
+    let store = Store::open(&cfg.data_dir, cfg.new_namespace)?;
     let state = store.shared();
     let audience = answers_to(&cfg)?;
     tracing::info!(names = ?audience.names(), "tokens are accepted for these host names (public_url, hostnames, the certificate's names, the listen address)");
@@ -278,6 +292,7 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
         drain,
         admission,
         drain_timeout: cfg.drain_timeout,
+        dir_lock: Some(dir_lock),
     };
     write_cli_file(&handle)?;
     tracing::info!(addr = %addr, workers = cfg.workers, tls = handle.tls, data_dir = %cfg.data_dir.display(), "relay started");

@@ -86,6 +86,7 @@ pub(super) async fn serve_connect(mut stream: Stream, mut inc: Incoming, req: Hc
         Err(e) => {
             let status = match e {
                 Refusal::ShuttingDown | Refusal::Busy => 503,
+                Refusal::TooLarge => 414,
                 _ => 404,
             };
             count_connect(&ctx, Some(&entity_name), "no_listener", &e.to_string());

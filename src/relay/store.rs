@@ -2,8 +2,13 @@
 //! their rules and keys, in `state.json` in the data directory.
 //!
 //! The file is rewritten atomically on every change, so a crash leaves the old or the new
-//! state. The control plane owns the [`Store`]; workers read immutable [`State`]
-//! snapshots through [`SharedState`].
+//! state, and the previous version is kept as `state.json.bak`. The control plane owns the
+//! [`Store`]; workers read immutable [`State`] snapshots through [`SharedState`].
+//!
+//! Opening is careful (issue 9 item 7): a file that does not parse, or parses but breaks
+//! an invariant (no root rule, an entity filed under another name, a rule without keys),
+//! is a clear error; and a missing `state.json` in a directory whose `cli.json` shows that
+//! a namespace was created there is not silently replaced by a new namespace with new keys.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -172,6 +177,49 @@ impl State {
     pub fn namespace_rule(&self, name: &str) -> Option<&Rule> {
         self.namespace_rules.iter().find(|r| r.key_name == name)
     }
+
+    /// Checks what the rest of the relay relies on; `Err` names the first thing wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.version != FORMAT_VERSION {
+            return Err(format!(
+                "format version {} (this hyrelay reads {FORMAT_VERSION})",
+                self.version
+            ));
+        }
+        let root = self
+            .namespace_rule(ROOT_RULE)
+            .ok_or_else(|| format!("the namespace rule {ROOT_RULE} is missing"))?;
+        if !root.rights.contains(Rights::MANAGE) {
+            return Err(format!("the namespace rule {ROOT_RULE} lacks the Manage right"));
+        }
+        check_rules(&self.namespace_rules, "the namespace")?;
+        for (key, e) in &self.hybrid_connections {
+            let what = format!("hybrid connection {:?}", e.name);
+            crate::proto::address::validate_entity_name(&e.name).map_err(|m| format!("{what}: {m}"))?;
+            if *key != e.name.to_lowercase() {
+                return Err(format!("{what} is filed under {key:?}"));
+            }
+            check_rules(&e.rules, &what)?;
+        }
+        Ok(())
+    }
+}
+
+/// Every rule named, with two keys, and no name twice.
+fn check_rules(rules: &[Rule], owner: &str) -> Result<(), String> {
+    let mut seen = std::collections::HashSet::new();
+    for r in rules {
+        if r.key_name.is_empty() || r.key_name.len() > 256 {
+            return Err(format!("{owner} has a rule without a valid name"));
+        }
+        if r.primary_key.expose().is_empty() || r.secondary_key.expose().is_empty() {
+            return Err(format!("rule {:?} of {owner} lacks a key", r.key_name));
+        }
+        if !seen.insert(r.key_name.as_str()) {
+            return Err(format!("{owner} has the rule {:?} twice", r.key_name));
+        }
+    }
+    Ok(())
 }
 
 /// Snapshot cell shared between the control plane (writer) and workers (readers). Holders
@@ -209,24 +257,43 @@ pub struct Store {
 }
 
 impl Store {
-    /// Loads `state.json` from `dir`, or creates it with a fresh root rule.
-    pub fn open(dir: &Path) -> anyhow::Result<Self> {
+    /// Loads `state.json` from `dir`, or creates it with a fresh root rule when the
+    /// directory never held a namespace (or `new_namespace` says to start one).
+    ///
+    /// The caller holds the directory's lock ([`crate::config::lock_dir`]).
+    pub fn open(dir: &Path, new_namespace: bool) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating data directory {}", dir.display()))?;
         let path = dir.join(STATE_FILE);
         let state = match std::fs::read(&path) {
             Ok(bytes) => {
                 let s: State = serde_json::from_slice(&bytes)
-                    .with_context(|| format!("state file {} is corrupt", path.display()))?;
-                if s.version != FORMAT_VERSION {
-                    anyhow::bail!(
-                        "state file {} has format version {}, expected {FORMAT_VERSION}",
-                        path.display(),
-                        s.version
-                    );
-                }
+                    .with_context(|| format!("state file {} is corrupt{}", path.display(), backup_hint(dir)))?;
+                s.validate().map_err(|why| {
+                    anyhow::anyhow!("state file {} is invalid: {why}{}", path.display(), backup_hint(dir))
+                })?;
+                warn_about_metadata(&s);
                 s
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let cli = dir.join(super::CLI_FILE);
+                if cli.exists() && !new_namespace {
+                    anyhow::bail!(
+                        "{} is missing, but {} shows that a namespace was created in {}: its keys are in the hcms and \
+                         bridges that use it, and a new namespace would have new ones. Restore state.json{}, or start \
+                         with --new-namespace to create a new namespace with new keys",
+                        path.display(),
+                        cli.display(),
+                        dir.display(),
+                        if dir.join(BACKUP_FILE).exists() {
+                            format!(
+                                " (a backup of the previous version is {})",
+                                dir.join(BACKUP_FILE).display()
+                            )
+                        } else {
+                            String::new()
+                        }
+                    );
+                }
                 let s = State::initial();
                 write(&path, &s)?;
                 s
@@ -260,7 +327,30 @@ impl Store {
 
 fn write(path: &Path, s: &State) -> anyhow::Result<()> {
     let bytes = serde_json::to_vec_pretty(s)?;
-    crate::config::write_private(path, &bytes).with_context(|| format!("writing {}", path.display()))
+    crate::config::write_private_with_backup(path, &bytes).with_context(|| format!("writing {}", path.display()))
+}
+
+/// The previous version of the state file, kept by every write.
+const BACKUP_FILE: &str = "state.json.bak";
+
+/// "; the previous version is …" when a backup exists.
+fn backup_hint(dir: &Path) -> String {
+    let bak = dir.join(BACKUP_FILE);
+    if bak.exists() {
+        format!(" (the previous version is kept in {})", bak.display())
+    } else {
+        String::new()
+    }
+}
+
+/// Logs hybrid connections whose stored endpoint metadata is not `HOST:PORT` (written by
+/// an older relay): hcms and bridges refuse it, so the operator should replace it.
+fn warn_about_metadata(s: &State) {
+    for e in s.hybrid_connections.values() {
+        if let Err(why) = metadata::endpoint_from_user_metadata(&e.user_metadata) {
+            tracing::warn!(hc = %e.name, reason = %crate::proto::host::escape(&why), "stored endpoint metadata is invalid; hcms and bridges will refuse it: delete and re-create this hybrid connection");
+        }
+    }
 }
 
 /// Why a state change was refused.
@@ -305,7 +395,7 @@ mod tests {
     #[test]
     fn survives_reopen_and_failed_updates_change_nothing() {
         let dir = temp_dir("reopen");
-        let mut s = Store::open(&dir).unwrap();
+        let mut s = Store::open(&dir, false).unwrap();
         let root = s.current().namespace_rule(ROOT_RULE).unwrap().clone();
         let ep: HostPort = "db:5432".parse().unwrap();
         s.update(|st| {
@@ -322,7 +412,7 @@ mod tests {
         assert!(r.is_err());
         assert_eq!(s.current(), before);
         drop(s);
-        let s = Store::open(&dir).unwrap();
+        let s = Store::open(&dir, false).unwrap();
         let st = s.current();
         assert_eq!(st.namespace_rule(ROOT_RULE), Some(&root));
         assert_eq!(st.entity("db").unwrap().endpoint(), Some(ep));
@@ -334,8 +424,73 @@ mod tests {
         let dir = temp_dir("corrupt");
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join(STATE_FILE), b"{not json").unwrap();
-        let e = format!("{:#}", Store::open(&dir).unwrap_err());
+        let e = format!("{:#}", Store::open(&dir, false).unwrap_err());
         assert!(e.contains("corrupt"), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Issue 9 item 7: a file that parses but breaks an invariant is a clear error (a file
+    /// without the root rule used to panic later).
+    #[test]
+    fn invalid_files_are_clear_errors() {
+        let cases: &[(&str, &str)] = &[
+            (
+                r#"{"version":1,"namespaceRules":[],"hybridConnections":{}}"#,
+                "RootManageSharedAccessKey is missing",
+            ),
+            (
+                r#"{"version":2,"namespaceRules":[],"hybridConnections":{}}"#,
+                "format version 2",
+            ),
+            (
+                r#"{"version":1,"namespaceRules":[{"keyName":"RootManageSharedAccessKey","primaryKey":"","secondaryKey":"k","rights":["Manage"]}],"hybridConnections":{}}"#,
+                "lacks a key",
+            ),
+            (
+                r#"{"version":1,"namespaceRules":[{"keyName":"RootManageSharedAccessKey","primaryKey":"a","secondaryKey":"k","rights":["Listen"]}],"hybridConnections":{}}"#,
+                "lacks the Manage right",
+            ),
+            (
+                r#"{"version":1,"namespaceRules":[{"keyName":"RootManageSharedAccessKey","primaryKey":"a","secondaryKey":"k","rights":["Manage"]}],"hybridConnections":{"x":{"name":"y","userMetadata":"","requiresClientAuthorization":true,"createdAt":"","updatedAt":"","rules":[]}}}"#,
+                "filed under",
+            ),
+            (r#"{"version":1}"#, "corrupt"),
+        ];
+        for (i, (text, want)) in cases.iter().enumerate() {
+            let dir = temp_dir(&format!("invalid{i}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join(STATE_FILE), text).unwrap();
+            let e = format!("{:#}", Store::open(&dir, false).unwrap_err());
+            assert!(e.contains(want), "case {i}: {e}");
+            std::fs::remove_dir_all(dir).unwrap();
+        }
+    }
+
+    /// Issue 9 item 7: a deleted state.json next to cli.json is not silently replaced by a
+    /// new namespace; `new_namespace` allows it; every write keeps the previous version.
+    #[test]
+    fn a_lost_state_file_is_not_replaced_unless_asked() {
+        let dir = temp_dir("lost");
+        let mut s = Store::open(&dir, false).unwrap();
+        let root = s.current().namespace_rule(ROOT_RULE).unwrap().clone();
+        s.update(|st| {
+            st.hybrid_connections.insert("db".into(), new_entity("db", None, true));
+            Ok(())
+        })
+        .unwrap();
+        drop(s);
+        std::fs::write(dir.join(crate::relay::CLI_FILE), b"{}").unwrap();
+        let bak: State = serde_json::from_slice(&std::fs::read(dir.join(BACKUP_FILE)).unwrap()).unwrap();
+        assert!(bak.hybrid_connections.is_empty(), "the backup is the previous version");
+        std::fs::remove_file(dir.join(STATE_FILE)).unwrap();
+        let e = format!("{:#}", Store::open(&dir, false).unwrap_err());
+        assert!(e.contains("--new-namespace") && e.contains("state.json.bak"), "{e}");
+        let fresh = Store::open(&dir, true).unwrap();
+        assert_ne!(
+            fresh.current().namespace_rule(ROOT_RULE),
+            Some(&root),
+            "a new namespace has new keys"
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -41,9 +41,17 @@ pub fn bind_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net:
 /// Binds `count` listeners on `addr` (port 0 picks one port for all of them). On Linux these
 /// are `SO_REUSEPORT` siblings; elsewhere there is one listener and the caller hands
 /// accepted sockets to workers.
+///
+/// `SO_REUSEPORT` would also let this process join another process's sockets on the same
+/// port, splitting the traffic between two daemons (issue 9 item 6). So a fixed port is
+/// first bound once without it: if anyone holds the port, that fails with `AddrInUse`
+/// and a message that says so.
 pub fn bind_listeners(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpListener>> {
     let reuse = cfg!(target_os = "linux") && count > 1;
-    let first = bind_listener(addr, reuse)?;
+    if reuse && addr.port() != 0 {
+        ensure_free(addr)?;
+    }
+    let first = bind_listener(addr, reuse).map_err(|e| in_use(addr, e))?;
     let actual = first.local_addr()?;
     let mut out = vec![first];
     if reuse {
@@ -52,6 +60,23 @@ pub fn bind_listeners(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net
         }
     }
     Ok(out)
+}
+
+/// Fails if some socket already listens on `addr` (with or without `SO_REUSEPORT`).
+fn ensure_free(addr: SocketAddr) -> io::Result<()> {
+    bind_listener(addr, false).map(drop).map_err(|e| in_use(addr, e))
+}
+
+/// `AddrInUse` said plainly.
+fn in_use(addr: SocketAddr, e: io::Error) -> io::Error {
+    if e.kind() == io::ErrorKind::AddrInUse {
+        io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("{addr} is already in use by another process (another hyrelay, or another service on that port)"),
+        )
+    } else {
+        e
+    }
 }
 
 /// Options every relayed TCP connection gets: no Nagle delay, keepalive probes.
@@ -171,5 +196,27 @@ impl AsyncWrite for Sock {
             Ok(t) => t.poll_shutdown(cx),
             Err(e) => Poll::Ready(Err(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 9 item 6: a second set of listeners on a port someone holds is refused, with
+    /// or without `SO_REUSEPORT` on either side.
+    #[test]
+    fn a_held_port_is_refused() {
+        let first = bind_listeners("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+        let addr = first[0].local_addr().unwrap();
+        for count in [1, 2] {
+            let e = bind_listeners(addr, count).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+            assert!(e.to_string().contains("already in use by another process"), "{e}");
+        }
+        drop(first);
+        let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let e = bind_listeners(plain.local_addr().unwrap(), 2).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
     }
 }
