@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 
 use crate::config::secrets;
-use crate::proto::connstr::{ConnStrError, ConnectionString};
+use crate::proto::connstr::ConnectionString;
 
 /// One connection string.
 #[derive(Debug, Clone, Default, Args)]
@@ -57,13 +57,7 @@ pub fn from_inline(value: &str) -> anyhow::Result<ConnectionString> {
     parse(s.expose(), "--connection-string")
 }
 
-/// Parses without ever echoing a part of the string (a malformed segment may be a key).
-pub fn parse(s: &str, what: &str) -> anyhow::Result<ConnectionString> {
-    ConnectionString::parse(s).map_err(|e| match e {
-        ConnStrError::BadSegment(_) => anyhow::anyhow!("{what}: a segment is not NAME=VALUE"),
-        e => anyhow::anyhow!("{what}: {e}"),
-    })
-}
+pub use crate::config::secrets::parse_connection_string as parse;
 
 #[cfg(test)]
 mod tests {

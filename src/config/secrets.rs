@@ -85,13 +85,16 @@ pub fn connection_string_field(inline: Option<&str>, file: Option<&Path>, field:
         (None, Some(f)) => read_file(f).map_err(|e| anyhow::anyhow!("field `{field}_file`: {e}"))?,
         (None, None) => return Ok(CsField::Absent),
     };
-    ConnectionString::parse(text.expose())
-        .map(CsField::Given)
-        .map_err(|e| match e {
-            // A malformed segment may be a key: never echo it.
-            ConnStrError::BadSegment(_) => anyhow::anyhow!("field `{field}`: a segment is not NAME=VALUE"),
-            e => anyhow::anyhow!("field `{field}`: {e}"),
-        })
+    parse_connection_string(text.expose(), &format!("field `{field}`")).map(CsField::Given)
+}
+
+/// Parses without ever echoing a part of the string (a malformed segment may be a key);
+/// errors start with `what`.
+pub fn parse_connection_string(s: &str, what: &str) -> anyhow::Result<ConnectionString> {
+    ConnectionString::parse(s).map_err(|e| match e {
+        ConnStrError::BadSegment(_) => anyhow::anyhow!("{what}: a segment is not NAME=VALUE"),
+        e => anyhow::anyhow!("{what}: {e}"),
+    })
 }
 
 thread_local! {
