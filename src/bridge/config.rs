@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
-use crate::config::opt_duration;
+use crate::config::{opt_duration, secrets};
 use crate::proto::connstr::ConnectionString;
 
 /// Where a forward listens.
@@ -87,24 +87,32 @@ impl BridgeConfig {
 
     /// Validates a parsed file.
     pub fn from_file(f: BridgeFile) -> anyhow::Result<Self> {
-        let default_cs = f
-            .connection_string
-            .as_deref()
-            .map(ConnectionString::parse)
-            .transpose()
-            .context("field `connection_string`")?;
+        let default_cs = secrets::connection_string_field(
+            f.connection_string.as_deref(),
+            f.connection_string_file.as_deref(),
+            "connection_string",
+        )?;
+        let default_deferred = matches!(default_cs, secrets::CsField::Deferred);
+        let default_cs = default_cs.given();
         let mut forwards = Vec::new();
+        let mut deferred = 0;
         for (i, fw) in f.forward.into_iter().enumerate() {
             let listen = parse_listen(&fw.listen).with_context(|| format!("field `forward[{i}].listen`"))?;
-            let cs = match fw.connection_string.as_deref() {
-                Some(s) => {
-                    ConnectionString::parse(s).with_context(|| format!("field `forward[{i}].connection_string`"))?
+            let own = secrets::connection_string_field(
+                fw.connection_string.as_deref(),
+                fw.connection_string_file.as_deref(),
+                &format!("forward[{i}].connection_string"),
+            )?;
+            let own_deferred = matches!(own, secrets::CsField::Deferred);
+            let cs = match own.given().or_else(|| default_cs.clone()) {
+                Some(cs) => cs,
+                None if own_deferred || default_deferred => {
+                    deferred += 1; // a systemd credential: only the unit reads it
+                    continue;
                 }
-                None => default_cs.clone().with_context(|| {
-                    format!(
-                        "field `forward[{i}].connection_string`: missing, and there is no top-level `connection_string`"
-                    )
-                })?,
+                None => bail!(
+                    "field `forward[{i}].connection_string`: missing, and there is no top-level `connection_string`"
+                ),
             };
             check_entity(&cs, &fw.hybrid_connection).with_context(|| format!("field `forward[{i}]`"))?;
             forwards.push(Forward {
@@ -113,7 +121,7 @@ impl BridgeConfig {
                 connection_string: cs,
             });
         }
-        if forwards.is_empty() {
+        if forwards.is_empty() && deferred == 0 {
             bail!("field `forward`: at least one [[forward]] is needed");
         }
         let mut c = Self::new(forwards);
@@ -218,6 +226,8 @@ pub struct BridgeFile {
     pub hosts_file: Option<PathBuf>,
     /// Default connection string for forwards without their own.
     pub connection_string: Option<String>,
+    /// The same, read from a file (a systemd credential: `${CREDENTIALS_DIRECTORY}/NAME`).
+    pub connection_string_file: Option<PathBuf>,
     #[serde(default, deserialize_with = "opt_duration")]
     pub relay_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "opt_duration")]
@@ -236,6 +246,7 @@ pub struct ForwardFile {
     /// `PORT`, `IP:PORT` or `"resolve"`.
     pub listen: String,
     pub connection_string: Option<String>,
+    pub connection_string_file: Option<PathBuf>,
 }
 
 #[cfg(test)]

@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::Args;
 
 use crate::bridge::config::{self, BridgeConfig, BridgeFile, Forward, Listen};
@@ -20,13 +19,24 @@ pub struct BridgeArgs {
     /// port and map the endpoint's host name there (repeatable).
     #[arg(long = "resolve", value_name = "HC_NAME")]
     resolve: Vec<String>,
-    /// Send connection string (repeatable: one per hybrid connection, or one namespace-wide).
+    /// Send connection string (repeatable: one per hybrid connection, or one namespace-wide);
+    /// `-` reads it from standard input. A value here shows in the process list: prefer
+    /// --connection-string-file or the environment.
     #[arg(
         long = "connection-string",
+        value_name = "STRING",
         env = "HYRELAY_CONNECTION_STRING",
         hide_env_values = true
     )]
     connection_strings: Vec<String>,
+    /// File holding a Send connection string (repeatable; `-` = standard input;
+    /// `${CREDENTIALS_DIRECTORY}/NAME` reads a systemd credential).
+    #[arg(
+        long = "connection-string-file",
+        value_name = "FILE",
+        env = "HYRELAY_CONNECTION_STRING_FILE"
+    )]
+    connection_string_files: Vec<PathBuf>,
     /// Hosts file for --resolve (default /etc/hosts).
     #[arg(long)]
     hosts_file: Option<PathBuf>,
@@ -46,11 +56,14 @@ pub struct BridgeArgs {
 }
 
 fn build(args: BridgeArgs) -> anyhow::Result<BridgeConfig> {
-    let list: Vec<ConnectionString> = args
-        .connection_strings
+    let mut list: Vec<ConnectionString> = args
+        .connection_string_files
         .iter()
-        .map(|s| ConnectionString::parse(s).context("--connection-string"))
+        .map(|f| super::secret_args::from_file(f))
         .collect::<anyhow::Result<_>>()?;
+    for s in &args.connection_strings {
+        list.push(super::secret_args::from_inline(s)?);
+    }
     let mut forwards = Vec::new();
     for spec in &args.forwards {
         let (listen, hc) = config::parse_forward_spec(spec)?;

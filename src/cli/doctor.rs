@@ -31,7 +31,7 @@ use clap::Args;
 use percent_encoding::percent_decode_str;
 use serde_json::json;
 
-use crate::proto::connstr::{ConnStrError, ConnectionString, Credential};
+use crate::proto::connstr::{ConnectionString, Credential};
 use crate::proto::metadata::{HostPort, RuntimeInfo};
 
 /// `hyrelay doctor` command line.
@@ -39,8 +39,8 @@ use crate::proto::metadata::{HostPort, RuntimeInfo};
 pub struct DoctorArgs {
     /// The connection string to check: a hybrid connection's Listen or Send string (with
     /// EntityPath), or a namespace-wide one.
-    #[arg(long, env = "HYRELAY_CONNECTION_STRING", hide_env_values = true)]
-    connection_string: String,
+    #[command(flatten)]
+    connection_string: super::secret_args::ConnStrArg,
     /// Check this endpoint instead of the one in the hybrid connection's metadata.
     #[arg(long, value_name = "HOST:PORT")]
     endpoint: Option<HostPort>,
@@ -350,7 +350,9 @@ fn count(n: usize, noun: &str) -> String {
 /// Runs the command: prints one line (or JSON object) per step; fails if any step failed.
 pub fn run(args: DoctorArgs) -> anyhow::Result<()> {
     let opts = Options {
-        connection_string: parse_connection_string(&args.connection_string)?,
+        connection_string: args.connection_string.read()?.ok_or_else(|| {
+            anyhow::anyhow!("no connection string: give --connection-string-file FILE, --connection-string - (standard input) or HYRELAY_CONNECTION_STRING")
+        })?,
         endpoint: args.endpoint,
         ca_files: args.ca_file,
         timeout: args.timeout,
@@ -371,14 +373,6 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<()> {
         bail!("{failed} of {} checks failed", Step::ALL.len());
     }
     Ok(())
-}
-
-/// Parses the string without ever echoing a part of it (a malformed segment may be a key).
-fn parse_connection_string(s: &str) -> anyhow::Result<ConnectionString> {
-    ConnectionString::parse(s).map_err(|e| match e {
-        ConnStrError::BadSegment(_) => anyhow::anyhow!("--connection-string: a segment is not NAME=VALUE"),
-        e => anyhow::anyhow!("--connection-string: {e}"),
-    })
 }
 
 /// `5s`, `500ms`, `1m`, or a bare number of seconds; more than zero.
@@ -430,7 +424,7 @@ mod tests {
 
     #[test]
     fn bad_segment_is_not_echoed() {
-        let e = parse_connection_string("c2VjcmV0a2V5MTIzNDU2Nzg5MAxx")
+        let e = crate::cli::secret_args::parse("c2VjcmV0a2V5MTIzNDU2Nzg5MAxx", "--connection-string")
             .unwrap_err()
             .to_string();
         assert!(!e.contains("c2VjcmV0"), "{e}");

@@ -13,13 +13,14 @@ use crate::proto::connstr::ConnectionString;
 pub struct HcArgs {
     /// A namespace-wide Manage connection string (RootManageSharedAccessKey). Default: read
     /// from the local relay's data directory (cli.json).
-    #[arg(long, env = "HYRELAY_CONNECTION_STRING", hide_env_values = true)]
-    connection_string: Option<String>,
-    /// The local relay's data directory, to find cli.json.
-    #[arg(long)]
+    #[command(flatten)]
+    cs: super::secret_args::ConnStrArg,
+    /// The local relay's data directory, to find cli.json (default: the relay's default
+    /// data directory).
+    #[arg(long, global = true, value_name = "DIR")]
     relay_data_dir: Option<PathBuf>,
     /// Extra CA certificate to trust (PEM), e.g. the relay's development CA.
-    #[arg(long, env = "HYRELAY_CA_FILE")]
+    #[arg(long, global = true, env = "HYRELAY_CA_FILE", value_name = "FILE")]
     ca_file: Option<PathBuf>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
@@ -73,8 +74,8 @@ enum HcCommand {
 /// Connection string and CA from flags, or from the local relay's cli.json.
 fn credentials(args: &HcArgs) -> anyhow::Result<(ConnectionString, Vec<PathBuf>)> {
     let mut ca: Vec<PathBuf> = args.ca_file.iter().cloned().collect();
-    if let Some(cs) = &args.connection_string {
-        return Ok((ConnectionString::parse(cs).context("--connection-string")?, ca));
+    if let Some(cs) = args.cs.read()? {
+        return Ok((cs, ca));
     }
     let dir = args
         .relay_data_dir

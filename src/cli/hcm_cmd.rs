@@ -2,12 +2,10 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::{Args, Subcommand};
 
 use crate::hcm::config::{HcEntry, HcmConfig, HcmFile};
 use crate::hcm::state;
-use crate::proto::connstr::ConnectionString;
 
 #[derive(Debug, Args)]
 pub struct HcmArgs {
@@ -41,8 +39,14 @@ enum HcmCommand {
     },
     /// Add a hybrid connection by its Listen connection string (a running hcm picks it up).
     Add {
-        /// `Endpoint=sb://...;SharedAccessKeyName=...;SharedAccessKey=...;EntityPath=...`
-        connection_string: String,
+        /// The Listen connection string,
+        /// `Endpoint=sb://...;SharedAccessKeyName=...;SharedAccessKey=...;EntityPath=...`;
+        /// `-` reads it from standard input. A string given here shows in the process list
+        /// and shell history: prefer `-`, --connection-string-file or HYRELAY_CONNECTION_STRING.
+        #[arg(value_name = "CONNECTION_STRING")]
+        string: Option<String>,
+        #[command(flatten)]
+        cs: super::secret_args::ConnStrArg,
         /// Override the endpoint from the hybrid connection's metadata.
         #[arg(long)]
         endpoint: Option<String>,
@@ -107,11 +111,15 @@ pub fn run(args: HcmArgs) -> anyhow::Result<()> {
             super::report_drain("hcm", &report);
             Ok(())
         }
-        HcmCommand::Add {
-            connection_string,
-            endpoint,
-        } => {
-            let cs = ConnectionString::parse(&connection_string).context("connection string")?;
+        HcmCommand::Add { string, cs, endpoint } => {
+            let cs = match string {
+                Some(s) => super::secret_args::from_inline(&s)?,
+                None => cs.read()?.ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "no connection string: give it as `-` (standard input), --connection-string-file FILE or HYRELAY_CONNECTION_STRING"
+                    )
+                })?,
+            };
             let ep = endpoint
                 .map(|e| e.parse())
                 .transpose()

@@ -6,6 +6,7 @@ pub mod doctor;
 mod hc_cmd;
 mod hcm_cmd;
 mod relay_cmd;
+pub mod secret_args;
 mod up;
 
 use std::path::PathBuf;
@@ -68,6 +69,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// Parses `file` as the config of `role` (or the role its name suggests).
 pub fn check_config(file: &std::path::Path, role: Option<&str>) -> anyhow::Result<()> {
+    anyhow::ensure!(file.exists(), "{}: no such file", file.display());
     let name = file
         .file_name()
         .and_then(|n| n.to_str())
@@ -81,18 +83,29 @@ pub fn check_config(file: &std::path::Path, role: Option<&str>) -> anyhow::Resul
             .map(str::to_owned)
             .ok_or_else(|| anyhow::anyhow!("cannot tell the role from {name:?}; pass --role relay|hcm|bridge"))?,
     };
-    match role.as_str() {
-        "relay" => {
-            crate::relay::config::RelayConfig::from_file(crate::config::load_toml(file)?)?;
+    // Systemd credentials named by the file exist only inside its unit: not read here.
+    crate::config::secrets::checking(|| -> anyhow::Result<()> {
+        match role.as_str() {
+            "relay" => {
+                crate::relay::config::RelayConfig::from_file(crate::config::load_toml(file)?)?;
+            }
+            "hcm" => {
+                crate::hcm::config::HcmConfig::from_file(crate::config::load_toml(file)?)?;
+            }
+            _ => {
+                crate::bridge::config::BridgeConfig::from_file(crate::config::load_toml(file)?)?;
+            }
         }
-        "hcm" => {
-            crate::hcm::config::HcmConfig::from_file(crate::config::load_toml(file)?)?;
-        }
-        _ => {
-            crate::bridge::config::BridgeConfig::from_file(crate::config::load_toml(file)?)?;
-        }
-    }
+        Ok(())
+    })?;
     println!("{}: valid {role} configuration", file.display());
+    let names_credentials = std::fs::read_to_string(file).is_ok_and(|t| {
+        t.lines()
+            .any(|l| !l.trim_start().starts_with('#') && l.contains("CREDENTIALS_DIRECTORY"))
+    });
+    if names_credentials && std::env::var_os(crate::config::secrets::CREDENTIALS_DIRECTORY).is_none() {
+        println!("note: systemd credentials ($CREDENTIALS_DIRECTORY) are read only inside the unit; not checked here");
+    }
     Ok(())
 }
 

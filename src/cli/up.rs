@@ -37,6 +37,21 @@ pub struct UpArgs {
     io_backend: crate::dataplane::backend::IoBackend,
 }
 
+/// Writes each connection string to `<dir>/<what>.connection-string` (owner-only).
+fn write_connection_strings(
+    dir: &std::path::Path,
+    list: &[(&str, &crate::proto::connstr::ConnectionString)],
+) -> anyhow::Result<Vec<PathBuf>> {
+    list.iter()
+        .map(|(what, cs)| {
+            let p = dir.join(format!("{what}.connection-string"));
+            crate::config::write_private(&p, format!("{}\n", cs.expose()).as_bytes())
+                .with_context(|| format!("writing {}", p.display()))?;
+            Ok(p)
+        })
+        .collect()
+}
+
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let temp = args.data_dir.is_none();
     let dir = args
@@ -129,12 +144,32 @@ fn run_in(args: &UpArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         println!("  relay CA certificate:    {}", c.display());
     }
     println!("  hybrid connection:       {name} -> {endpoint}");
+    let files = write_connection_strings(
+        dir,
+        &[
+            ("listen", &listen_cs),
+            ("send", &send_cs),
+            ("manage", &relay.manage_connection_string()),
+        ],
+    )?;
     println!("  listen connection string (for `hyrelay hcm add`):");
     println!("    {}", listen_cs.expose());
-    println!("  send connection string (for `hyrelay bridge --connection-string`):");
+    println!("  send connection string (for `hyrelay bridge --connection-string-file`):");
     println!("    {}", send_cs.expose());
-    println!("  manage connection string (for `hyrelay hc --connection-string`):");
+    println!("  manage connection string (for `hyrelay hc --connection-string-file`):");
     println!("    {}", relay.manage_connection_string().expose());
+    println!("  the same in owner-only files (kept while `up` runs), for commands that must not");
+    println!("  show keys in the process list:");
+    for f in &files {
+        println!("    {}", f.display());
+    }
+    if let Some(c) = relay.ca_file() {
+        println!(
+            "  try: hyrelay hc list --connection-string-file {} --ca-file {}",
+            files[2].display(),
+            c.display()
+        );
+    }
     println!();
     println!("Ctrl-C stops everything.");
     super::wait_for_signal()?;

@@ -4,6 +4,8 @@
 //! Each role parses its raw serde structs (`deny_unknown_fields`, so a typo is an error)
 //! and then validates them into types that cannot hold invalid values.
 
+pub mod secrets;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

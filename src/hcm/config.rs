@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use serde::Deserialize;
 
 use super::allow::AllowList;
-use crate::config::opt_duration;
+use crate::config::{opt_duration, secrets};
 use crate::proto::connstr::{ConnectionString, Credential};
 use crate::proto::metadata::HostPort;
 
@@ -162,8 +162,18 @@ impl HcmConfig {
         c.allowed_endpoints = AllowList::parse(&f.allowed_endpoints)
             .map_err(|(i, e)| anyhow::anyhow!("field `allowed_endpoints[{i}]`: {e}"))?;
         for (i, hc) in f.hybrid_connection.into_iter().enumerate() {
-            let cs = ConnectionString::parse(&hc.connection_string)
-                .with_context(|| format!("field `hybrid_connection[{i}].connection_string`"))?;
+            let cs = secrets::connection_string_field(
+                hc.connection_string.as_deref(),
+                hc.connection_string_file.as_deref(),
+                &format!("hybrid_connection[{i}].connection_string"),
+            )?;
+            let cs = match cs {
+                secrets::CsField::Given(cs) => cs,
+                secrets::CsField::Deferred => continue, // a systemd credential: only the unit reads it
+                secrets::CsField::Absent => {
+                    bail!("field `hybrid_connection[{i}]`: needs `connection_string` or `connection_string_file`")
+                }
+            };
             let endpoint = hc
                 .endpoint
                 .map(|e| e.parse::<HostPort>())
@@ -210,6 +220,8 @@ pub struct HcmFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HcFile {
-    pub connection_string: String,
+    pub connection_string: Option<String>,
+    /// The connection string in a file (a systemd credential: `${CREDENTIALS_DIRECTORY}/NAME`).
+    pub connection_string_file: Option<PathBuf>,
     pub endpoint: Option<String>,
 }
