@@ -2,7 +2,9 @@
 //! loopback address of its own, so an app can use the endpoint's real name and port.
 //!
 //! The block is added, replaced and removed as a unit; no other line of the file changes.
-//! Writes are atomic (temporary file and rename).
+//! Writes are atomic (temporary file and rename). The block names the process that wrote
+//! it (`# owner pid N`): a second bridge in hosts-file mode refuses to take over a block
+//! whose owner still runs, instead of silently dropping that bridge's names.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -57,6 +59,30 @@ pub fn strip(text: &str) -> String {
     out
 }
 
+/// Prefix of the block's line naming the process that wrote it.
+const OWNER: &str = "# owner pid ";
+
+/// The pid recorded in `text`'s hyrelay block, if it has one.
+pub fn owner(text: &str) -> Option<u32> {
+    let mut inside = false;
+    for line in text.lines() {
+        let l = line.trim_end_matches('\r');
+        if l == BEGIN {
+            inside = true;
+        } else if l == END {
+            inside = false;
+        } else if inside && let Some(pid) = l.strip_prefix(OWNER) {
+            return pid.trim().parse().ok();
+        }
+    }
+    None
+}
+
+/// Whether process `pid` runs (on systems without `/proc`, assumed so only for ourselves).
+fn alive(pid: u32) -> bool {
+    pid == std::process::id() || (cfg!(target_os = "linux") && Path::new(&format!("/proc/{pid}")).exists())
+}
+
 /// `text` with the hyrelay block replaced by one for `entries` (removed if empty).
 pub fn render(text: &str, entries: &BTreeMap<String, IpAddr>) -> String {
     let mut out = strip(text);
@@ -68,6 +94,7 @@ pub fn render(text: &str, entries: &BTreeMap<String, IpAddr>) -> String {
     }
     out.push_str(BEGIN);
     out.push('\n');
+    out.push_str(&format!("{OWNER}{}\n", std::process::id()));
     for (host, ip) in entries {
         out.push_str(&format!("{ip}\t{host}\n"));
     }
@@ -96,6 +123,15 @@ pub fn apply(path: &Path, entries: &BTreeMap<String, IpAddr>) -> std::io::Result
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(e),
     };
+    if let Some(pid) = owner(&text).filter(|p| *p != std::process::id() && alive(*p)) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            format!(
+                "the hyrelay block in {} belongs to another running bridge (pid {pid}); one bridge per host may use hosts-file mode",
+                path.display()
+            ),
+        ));
+    }
     let next = render(&text, entries);
     if next == text {
         return Ok(());
@@ -152,6 +188,25 @@ mod tests {
         assert!(std::fs::read_to_string(&p).unwrap().contains("127.77.0.1\tdb.local"));
         remove(&p).unwrap();
         assert_eq!(std::fs::read_to_string(&p).unwrap(), "127.0.0.1 localhost\n");
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn a_live_owner_keeps_its_block_and_a_dead_one_does_not() {
+        let p = std::env::temp_dir().join(format!("hyrelay-hosts-owner-{}", std::process::id()));
+        // pid 1 always runs; a pid far beyond pid_max never does.
+        let foreign =
+            |pid: u32| format!("127.0.0.1 localhost\n{BEGIN}\n{OWNER}{pid}\n127.77.0.1\tother.local\n{END}\n");
+        std::fs::write(&p, foreign(1)).unwrap();
+        assert_eq!(owner(&foreign(1)), Some(1));
+        let e = apply(&p, &allocate(["db.local"])).unwrap_err();
+        assert!(e.to_string().contains("another running bridge (pid 1)"), "{e}");
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), foreign(1), "left alone");
+        std::fs::write(&p, foreign(4_000_000_000)).unwrap();
+        apply(&p, &allocate(["db.local"])).unwrap();
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(text.contains("db.local") && !text.contains("other.local"), "{text}");
+        assert_eq!(owner(&text), Some(std::process::id()));
         std::fs::remove_file(p).unwrap();
     }
 
