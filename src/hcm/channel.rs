@@ -147,6 +147,7 @@ async fn endpoint(hc: &HcRt, ctx: &HcmCtx) -> Result<HostPort, End> {
         &hc.entry.connection_string,
         hc.entry.name(),
         &ctx.tls,
+        &ctx.cfg.proxy,
         ctx.cfg.relay_timeout,
     )
     .await
@@ -199,9 +200,10 @@ async fn serve_session(hc: &Arc<HcRt>, ctx: &Arc<HcmCtx>) -> Result<String, End>
     let ttl = ctx.cfg.token_ttl;
     let token = client::token(cs, entry.name(), ttl);
     let url = client::hc_url(cs, entry.name(), "listen", &crate::proto::ids::new_id());
-    let conn = match ws::connect(
+    let conn = match ws::connect_via(
         &url,
         Some(&ctx.tls),
+        &ctx.cfg.proxy,
         &[("ServiceBusAuthorization", &token)],
         ctx.cfg.relay_timeout,
     )
