@@ -29,22 +29,24 @@ pub enum ProxyError {
     /// No TCP connection to the proxy (DNS, refused, unreachable).
     #[error("cannot reach the proxy {proxy}: {detail}")]
     Unreachable { proxy: String, detail: String },
-    /// 407 and the proxy URL has no credentials.
+    /// 407 (or 401, as tinyproxy answers) and the proxy URL has no credentials.
     #[error(
-        "the proxy {proxy} requires authentication (407 {reason}; it offers {challenges}): put user:password@ in the proxy URL"
+        "the proxy {proxy} requires authentication ({status} {reason}; it offers {challenges}): put user:password@ in the proxy URL"
     )]
     AuthRequired {
         proxy: String,
+        status: u16,
         reason: String,
         challenges: String,
     },
-    /// 407 although credentials were sent: wrong user or password, or a scheme other than
-    /// Basic required.
+    /// 407 or 401 although credentials were sent: wrong user or password, or a scheme
+    /// other than Basic required.
     #[error(
-        "the proxy {proxy} refused the credentials (407 {reason}; it offers {challenges}): check the user and password, and that the proxy accepts Basic"
+        "the proxy {proxy} refused the credentials ({status} {reason}; it offers {challenges}): check the user and password, and that the proxy accepts Basic"
     )]
     AuthRejected {
         proxy: String,
+        status: u16,
         reason: String,
         challenges: String,
     },
@@ -81,7 +83,7 @@ impl ProxyError {
         }
     }
 
-    /// True for a 407 (with or without credentials).
+    /// True for a refusal of the credentials or their absence.
     pub fn is_auth(&self) -> bool {
         matches!(self, ProxyError::AuthRequired { .. } | ProxyError::AuthRejected { .. })
     }
@@ -126,7 +128,8 @@ pub async fn tunnel(proxy: &Proxy, host: &str, port: u16) -> Result<TcpStream, P
     Ok(tcp)
 }
 
-/// The verdict on the proxy's final answer.
+/// The verdict on the proxy's final answer. A 401 can only come from the proxy itself (no
+/// origin answers a `CONNECT`), so it counts as a 407.
 fn judge(reply: connect::Reply, extra: bool, proxy: String, had_auth: bool, target: String) -> Result<(), ProxyError> {
     let challenges = || match reply.challenges.is_empty() {
         true => "no scheme".to_owned(),
@@ -135,13 +138,15 @@ fn judge(reply: connect::Reply, extra: bool, proxy: String, had_auth: bool, targ
     match reply.status {
         200..=299 if extra => Err(ProxyError::EarlyBytes { proxy }),
         200..=299 => Ok(()),
-        407 if had_auth => Err(ProxyError::AuthRejected {
+        status @ (401 | 407) if had_auth => Err(ProxyError::AuthRejected {
             proxy,
+            status,
             challenges: challenges(),
             reason: reply.reason,
         }),
-        407 => Err(ProxyError::AuthRequired {
+        status @ (401 | 407) => Err(ProxyError::AuthRequired {
             proxy,
+            status,
             challenges: challenges(),
             reason: reply.reason,
         }),
@@ -187,9 +192,12 @@ mod tests {
         let req = String::from_utf8(t.await.unwrap()).unwrap();
         assert!(req.starts_with("CONNECT relay:443 HTTP/1.1\r\n") && req.contains("Proxy-Authorization: Basic "));
         type Check = fn(&ProxyError) -> bool;
-        let cases: [(&'static [u8], Check); 4] = [
+        let cases: [(&'static [u8], Check); 5] = [
             (b"HTTP/1.1 407 Auth\r\nProxy-Authenticate: Basic realm=x\r\n\r\n", |e| {
                 matches!(e, ProxyError::AuthRejected { .. })
+            }),
+            (b"HTTP/1.1 401 Unauthorized\r\n\r\n", |e| {
+                matches!(e, ProxyError::AuthRejected { status: 401, .. }) && e.is_auth()
             }),
             (b"HTTP/1.1 403 Access violation\r\n\r\n", |e| {
                 matches!(e, ProxyError::Refused { status: 403, .. }) && !e.is_unreachable()
