@@ -224,9 +224,9 @@ async fn proxy_refusals_are_told_apart() {
     hc.proxy = proxy.config(None);
     let hcm = hyrelay::hcm::start(hc).unwrap();
     let said = wait_for(Duration::from_secs(10), || async {
-        hcm.status()[0]
-            .last_error
-            .as_deref()
+        hcm.status()
+            .first()
+            .and_then(|s| s.last_error.as_deref())
             .is_some_and(|e| e.contains("requires authentication"))
     })
     .await;
