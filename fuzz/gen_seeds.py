@@ -372,6 +372,19 @@ listen = "resolve"
     write("config_bridge", "mismatch-and-empty", f'connection_string = "{cs_send}"\nrelay_timeout = "soon"\n[[forward]]\nhybrid_connection = "other"\nlisten = "1.2.3.4"\n')
 
 
+# --- proxy answers to CONNECT -------------------------------------------------------------
+
+def proxy_seeds():
+    write("proxy_reply", "established", "HTTP/1.1 200 Connection established\r\n\r\n")
+    write("proxy_reply", "squid-established", "HTTP/1.1 200 Connection established\r\nVia: 1.1 proxy (squid/5.7)\r\n\r\n")
+    write("proxy_reply", "tinyproxy-407", 'HTTP/1.0 407 Proxy Authentication Required\r\nServer: tinyproxy/1.11.1\r\nContent-Type: text/html\r\nProxy-Authenticate: Basic realm="Tinyproxy"\r\nConnection: close\r\n\r\n')
+    write("proxy_reply", "two-challenges", 'HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Negotiate\r\nProxy-Authenticate: Basic realm="corp"\r\nContent-Length: 0\r\n\r\n')
+    write("proxy_reply", "tinyproxy-403", "HTTP/1.1 403 Access violation\r\nServer: tinyproxy/1.11.1\r\nContent-Type: text/html\r\nConnection: close\r\n\r\n<?xml version=\"1.0\"?><html><body>denied</body></html>")
+    write("proxy_reply", "interim-then-502", "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 502 Bad Gateway\r\n\r\n")
+    write("proxy_reply", "early-bytes", "HTTP/1.1 200 OK\r\n\r\nSSH-2.0-OpenSSH_9.2\r\n")
+    write("proxy_reply", "not-http", "SSH-2.0-OpenSSH_9.2\r\n")
+
+
 if __name__ == "__main__":
     frame_seeds()
     mask_seeds()
@@ -382,3 +395,4 @@ if __name__ == "__main__":
     target_seeds()
     metadata_seeds()
     config_seeds()
+    proxy_seeds()

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Debian packages the tests use: sslscan (TLS versions and ciphers), slowhttptest
-# (slowloris), chromium (the status page in a real browser), and iproute2 (ip netns, veth,
+# (slowloris), chromium (the status page in a real browser), iproute2 (ip netns, veth,
 # tc tbf) and nftables (drop/reject rules) for the fault tests in namespaces
-# (tests/faults.rs). Idempotent: apt-get runs only when a package is missing.
+# (tests/faults.rs), and tinyproxy, the HTTP proxy tests/proxy.rs starts on ports of its
+# own. Idempotent: apt-get runs only when a package is missing.
 # Without root (or apt-get) it only reports; the tests that need a tool then fail with
 # a message naming it.
 set -euo pipefail
 
-packages=(sslscan slowhttptest chromium iproute2 nftables)
+packages=(sslscan slowhttptest chromium iproute2 nftables tinyproxy)
 missing=()
 for p in "${packages[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
@@ -30,3 +31,7 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 $sudo apt-get update -qq
 $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+# The package enables a system-wide tinyproxy on port 8888; the tests start their own.
+if [[ " ${missing[*]} " == *" tinyproxy "* ]] && command -v systemctl >/dev/null; then
+    $sudo systemctl disable --now tinyproxy >/dev/null 2>&1 || true
+fi

@@ -9,6 +9,8 @@ use percent_encoding::utf8_percent_encode;
 use crate::proto::connstr::{ConnectionString, Credential};
 use crate::proto::metadata::RuntimeInfo;
 use crate::proto::sas::{self, URI_COMPONENT};
+use crate::transport::http::Request;
+use crate::transport::proxy::ProxyConfig;
 use crate::transport::ws::WsUrl;
 
 /// A token for `entity` valid for `ttl` (or the connection string's own token).
@@ -63,6 +65,7 @@ pub async fn runtime_info(
     cs: &ConnectionString,
     entity: &str,
     tls: &Arc<rustls::ClientConfig>,
+    proxy: &ProxyConfig,
     timeout: Duration,
 ) -> Result<RuntimeInfo, InfoError> {
     let token = token(cs, entity, Duration::from_secs(600));
@@ -70,10 +73,13 @@ pub async fn runtime_info(
     let resp = crate::transport::http::request(
         &cs.endpoint,
         Some(tls),
-        "GET",
-        &target,
-        &[("Authorization", &token), ("X-PROCESS-AT", "ServiceBus")],
-        b"",
+        proxy,
+        Request {
+            method: "GET",
+            target: &target,
+            headers: &[("Authorization", &token), ("X-PROCESS-AT", "ServiceBus")],
+            body: b"",
+        },
         timeout,
     )
     .await?;
@@ -112,6 +118,7 @@ mod tests {
 pub struct Management {
     cs: ConnectionString,
     tls: Arc<rustls::ClientConfig>,
+    proxy: ProxyConfig,
     timeout: Duration,
 }
 
@@ -132,8 +139,15 @@ impl Management {
         Self {
             cs,
             tls,
+            proxy: ProxyConfig::default(),
             timeout: Duration::from_secs(20),
         }
+    }
+
+    /// Reaches the relay through `proxy` (default: directly).
+    pub fn with_proxy(mut self, proxy: ProxyConfig) -> Self {
+        self.proxy = proxy;
+        self
     }
 
     async fn call(
@@ -152,10 +166,13 @@ impl Management {
         let resp = crate::transport::http::request(
             &self.cs.endpoint,
             Some(&self.tls),
-            method,
-            &target,
-            &headers,
-            body.as_bytes(),
+            &self.proxy,
+            Request {
+                method,
+                target: &target,
+                headers: &headers,
+                body: body.as_bytes(),
+            },
             self.timeout,
         )
         .await?;

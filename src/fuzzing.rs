@@ -46,6 +46,7 @@ pub const TARGETS: &[(&str, FuzzFn)] = &[
     ("config_relay", config_relay),
     ("config_hcm", config_hcm),
     ("config_bridge", config_bridge),
+    ("proxy_reply", proxy_reply),
 ];
 
 // ---------------------------------------------------------------------------------------
@@ -353,6 +354,34 @@ pub fn http_response(data: &[u8]) {
         let _ = head.headers.merged();
     }
     check_response_writer(400, &String::from_utf8_lossy(data));
+}
+
+/// A proxy's answer to `CONNECT` ([`crate::transport::proxy::connect::parse_reply`]).
+///
+/// Invariants: the count stays within the input and [`MAX_REPLY_HEAD`]; the consumed bytes
+/// alone parse to the same reply; every shorter prefix of them is "need more bytes" or the
+/// same error the whole gives (checked at a cut picked by the first byte); a 2xx is
+/// exactly what `established()` says.
+///
+/// [`MAX_REPLY_HEAD`]: crate::transport::proxy::connect::MAX_REPLY_HEAD
+pub fn proxy_reply(data: &[u8]) {
+    use crate::transport::proxy::connect::{MAX_REPLY_HEAD, parse_reply};
+    let whole = parse_reply(data);
+    if let Ok(Some((reply, used))) = &whole {
+        assert!(*used <= data.len() && *used <= MAX_REPLY_HEAD);
+        assert_eq!(parse_reply(&data[..*used]), Ok(Some((reply.clone(), *used))));
+        assert_eq!(reply.established(), (200..300).contains(&reply.status));
+        assert!(!(100..200).contains(&reply.status), "interim heads are skipped");
+        let cut = data.first().map(|b| usize::from(*b) % *used).unwrap_or(0);
+        assert_eq!(
+            parse_reply(&data[..cut]),
+            Ok(None),
+            "a prefix of a complete answer needs more bytes"
+        );
+    }
+    if let Err(e) = &whole {
+        let _ = e.to_string();
+    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -57,6 +57,8 @@ fn broken_configs_name_the_field() {
             "hybrid_connection[0].endpoint",
         ),
         ("hcm", "token_ttl = \"5s\"", "token_ttl"),
+        ("hcm", "proxy = \"socks5://proxy:1080\"", "only http:// proxies"),
+        ("hcm", "no_proxy = [\"10.0.0.0/99\"]", "no_proxy"),
         (
             "relay",
             "[tls]\nmode = \"none\"\n[limits]\nmax_connections_per_ip = 0",

@@ -33,7 +33,7 @@ fn step(results: &[StepResult], step: Step) -> &StepResult {
 }
 
 /// Asserts the verdict of every step, in order, and shows all lines when one differs.
-fn assert_verdicts(results: &[StepResult], expected: [Verdict; 8]) {
+fn assert_verdicts(results: &[StepResult], expected: [Verdict; 9]) {
     let got: Vec<Verdict> = results.iter().map(|r| r.verdict).collect();
     let steps: Vec<Step> = results.iter().map(|r| r.step).collect();
     let lines: Vec<String> = results.iter().map(ToString::to_string).collect();
@@ -63,7 +63,7 @@ async fn all_ok_with_a_connected_hcm() {
     rig.wait_listeners("db", 1).await;
 
     let results = doctor(&options(&rig, listen)).await;
-    assert_verdicts(&results, [Pass; 8]);
+    assert_verdicts(&results, [Pass; 9]);
     let tls = step(&results, Step::Tls);
     assert!(
         tls.finding.contains("TLS 1.3") && tls.finding.contains("days left"),
@@ -84,7 +84,7 @@ async fn all_ok_with_a_connected_hcm() {
     );
 
     let results = doctor(&options(&rig, rig.send_cs("db").await)).await;
-    assert_verdicts(&results, [Pass; 8]);
+    assert_verdicts(&results, [Pass; 9]);
     let token = step(&results, Step::Token);
     assert!(token.finding.contains("accepted for connect"), "{token}");
 }
@@ -100,7 +100,7 @@ async fn wrong_key_fails_the_token_step() {
     };
 
     let results = doctor(&options(&rig, cs)).await;
-    assert_verdicts(&results, [Pass, Pass, Pass, Pass, Fail, Skip, Skip, Skip]);
+    assert_verdicts(&results, [Pass, Pass, Pass, Pass, Pass, Fail, Skip, Skip, Skip]);
     let token = step(&results, Step::Token);
     assert!(token.finding.contains("401"), "{token}");
     assert!(
@@ -123,7 +123,7 @@ async fn token_for_another_hybrid_connection_is_forbidden() {
         entity_path: Some("b".into()),
     };
     let results = doctor(&options(&rig, cs)).await;
-    assert_verdicts(&results, [Pass, Pass, Pass, Pass, Fail, Skip, Skip, Skip]);
+    assert_verdicts(&results, [Pass, Pass, Pass, Pass, Pass, Fail, Skip, Skip, Skip]);
     let token = step(&results, Step::Token);
     assert!(
         token.finding.contains("403") && token.finding.contains("given SharedAccessSignature"),
@@ -143,7 +143,7 @@ async fn no_listener_is_reported() {
     rig.create("db", echo()).await;
 
     let results = doctor(&options(&rig, rig.listen_cs("db").await)).await;
-    assert_verdicts(&results, [Pass, Pass, Pass, Pass, Pass, Fail, Pass, Pass]);
+    assert_verdicts(&results, [Pass, Pass, Pass, Pass, Pass, Pass, Fail, Pass, Pass]);
     let listeners = step(&results, Step::Listeners);
     assert!(listeners.finding.contains("no listener"), "{listeners}");
     assert!(
@@ -169,7 +169,7 @@ async fn unreachable_endpoint_fails_the_endpoint_step() {
     rig.wait_listeners("db", 1).await;
 
     let results = doctor(&options(&rig, listen)).await;
-    assert_verdicts(&results, [Pass, Pass, Pass, Pass, Pass, Pass, Pass, Fail]);
+    assert_verdicts(&results, [Pass, Pass, Pass, Pass, Pass, Pass, Pass, Pass, Fail]);
     let tcp = step(&results, Step::EndpointTcp);
     assert!(
         tcp.finding.contains(&dead.to_string()) && tcp.finding.contains("refused"),
@@ -179,7 +179,7 @@ async fn unreachable_endpoint_fails_the_endpoint_step() {
     // --endpoint overrides the metadata.
     let mut opts = options(&rig, rig.listen_cs("db").await);
     opts.endpoint = Some(echo().to_string().parse().unwrap());
-    assert_verdicts(&doctor(&opts).await, [Pass; 8]);
+    assert_verdicts(&doctor(&opts).await, [Pass; 9]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,13 +191,16 @@ async fn relay_down_fails_tcp_and_skips_the_rest() {
         Secret::random_key().expose()
     );
     let results = doctor(&Options::new(ConnectionString::parse(&cs).unwrap())).await;
-    assert_verdicts(&results, [Pass, Fail, Skip, Skip, Skip, Skip, Skip, Skip]);
+    assert_verdicts(&results, [Pass, Pass, Fail, Skip, Skip, Skip, Skip, Skip, Skip]);
     assert!(step(&results, Step::RelayTcp).finding.contains("refused"));
 
     // An endpoint given on the command line is still checked.
     let mut opts = Options::new(ConnectionString::parse(&cs).unwrap());
     opts.endpoint = Some(echo().to_string().parse().unwrap());
-    assert_verdicts(&doctor(&opts).await, [Pass, Fail, Skip, Skip, Skip, Skip, Pass, Pass]);
+    assert_verdicts(
+        &doctor(&opts).await,
+        [Pass, Pass, Fail, Skip, Skip, Skip, Skip, Pass, Pass],
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -207,7 +210,7 @@ async fn unresolvable_relay_host_fails_dns() {
         Secret::random_key().expose()
     );
     let results = doctor(&Options::new(ConnectionString::parse(&cs).unwrap())).await;
-    assert_verdicts(&results, [Fail, Skip, Skip, Skip, Skip, Skip, Skip, Skip]);
+    assert_verdicts(&results, [Pass, Fail, Skip, Skip, Skip, Skip, Skip, Skip, Skip]);
     assert!(step(&results, Step::RelayDns).finding.contains("nonexistent.invalid"));
 }
 
@@ -217,7 +220,7 @@ async fn untrusted_certificate_points_to_ca_file() {
     rig.create("db", echo()).await;
     let opts = Options::new(rig.listen_cs("db").await); // no --ca-file
     let results = doctor(&opts).await;
-    assert_verdicts(&results, [Pass, Pass, Fail, Skip, Skip, Skip, Skip, Skip]);
+    assert_verdicts(&results, [Pass, Pass, Pass, Fail, Skip, Skip, Skip, Skip, Skip]);
     assert!(step(&results, Step::Tls).fix.as_deref().unwrap().contains("--ca-file"));
 }
 
@@ -229,7 +232,7 @@ async fn plain_relay_skips_tls() {
     let _hcm = rig.hcm(&listen);
     rig.wait_listeners("db", 1).await;
     let results = doctor(&options(&rig, listen)).await;
-    assert_verdicts(&results, [Pass, Pass, Skip, Pass, Pass, Pass, Pass, Pass]);
+    assert_verdicts(&results, [Pass, Pass, Pass, Skip, Pass, Pass, Pass, Pass, Pass]);
     assert!(step(&results, Step::Tls).finding.contains("ws://"));
 }
 
@@ -294,7 +297,7 @@ async fn namespace_wide_manage_string_lists_listeners() {
     rig.wait_listeners("served", 1).await;
 
     let results = doctor(&options(&rig, rig.relay.manage_connection_string())).await;
-    assert_verdicts(&results, [Pass, Pass, Pass, Pass, Pass, Warn, Skip, Skip]);
+    assert_verdicts(&results, [Pass, Pass, Pass, Pass, Pass, Pass, Warn, Skip, Skip]);
     assert!(step(&results, Step::Token).finding.contains("Manage"));
     let listeners = step(&results, Step::Listeners);
     assert!(
@@ -312,6 +315,9 @@ async fn run_binary(cs: &ConnectionString, rig: &Rig, extra: &[&str]) -> (bool, 
         .env("HYRELAY_CONNECTION_STRING", cs.expose())
         .env("HYRELAY_LOG", "debug")
         .kill_on_drop(true);
+    for v in ["https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"] {
+        cmd.env_remove(v);
+    }
     for ca in rig.ca_files() {
         cmd.arg("--ca-file").arg(ca);
     }
@@ -340,7 +346,7 @@ async fn binary_exit_code_and_no_key_material() {
     // No listener yet: exit non-zero, one line per step.
     let (ok, stdout, stderr) = run_binary(&send, &rig, &[]).await;
     assert!(!ok, "{stdout}{stderr}");
-    assert_eq!(stdout.lines().count(), 8, "{stdout}");
+    assert_eq!(stdout.lines().count(), 9, "{stdout}");
     assert!(stdout.lines().any(|l| l.starts_with("FAIL  listeners")), "{stdout}");
     assert_clean(&stdout);
     assert_clean(&stderr);
@@ -350,9 +356,9 @@ async fn binary_exit_code_and_no_key_material() {
     let (ok, stdout, stderr) = run_binary(&listen, &rig, &["--json", "--timeout", "10s"]).await;
     assert!(ok, "{stdout}{stderr}");
     let steps: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(steps.len(), 8, "{stdout}");
+    assert_eq!(steps.len(), 9, "{stdout}");
     assert!(steps.iter().all(|s| s["verdict"] == "OK"), "{stdout}");
-    assert_eq!(steps[4]["step"], "token");
+    assert_eq!(steps[5]["step"], "token");
     assert_clean(&stdout);
     assert_clean(&stderr);
 }

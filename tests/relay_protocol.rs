@@ -9,6 +9,7 @@ use bytes::BytesMut;
 use common::*;
 use hyrelay::client;
 use hyrelay::proto::frame::Role;
+use hyrelay::transport::proxy::DIRECT;
 use hyrelay::transport::ws::{self, ConnectError, Message, WsReader, WsUrl};
 
 async fn sender(rig: &Rig, hc: &str) -> Result<ws::ClientWs, ConnectError> {
@@ -167,7 +168,7 @@ async fn runtime_information_get() {
     let rig = Rig::new(true);
     rig.create("info", "127.0.0.1:5432".parse().unwrap()).await;
     let cs = rig.listen_cs("info").await;
-    let info = client::runtime_info(&cs, "info", &rig.tls, Duration::from_secs(10))
+    let info = client::runtime_info(&cs, "info", &rig.tls, &DIRECT, Duration::from_secs(10))
         .await
         .unwrap();
     assert!(info.requires_client_authorization);
@@ -180,7 +181,7 @@ async fn runtime_information_get() {
         "127.0.0.1:5432"
     );
     assert!(matches!(
-        client::runtime_info(&cs, "missing", &rig.tls, Duration::from_secs(10)).await,
+        client::runtime_info(&cs, "missing", &rig.tls, &DIRECT, Duration::from_secs(10)).await,
         Err(client::InfoError::NotFound(_))
     ));
     let mut wrong = cs.clone();
@@ -189,7 +190,7 @@ async fn runtime_information_get() {
         key: hyrelay::proto::Secret::new("bm9wZQ=="),
     };
     assert!(matches!(
-        client::runtime_info(&wrong, "info", &rig.tls, Duration::from_secs(10)).await,
+        client::runtime_info(&wrong, "info", &rig.tls, &DIRECT, Duration::from_secs(10)).await,
         Err(client::InfoError::Auth { status: 401, .. })
     ));
 }

@@ -38,6 +38,10 @@ pub struct BridgeConfig {
     pub admin: Option<SocketAddr>,
     /// Extra CA certificates to trust for the relay.
     pub ca_files: Vec<PathBuf>,
+    /// How the relay is reached: through an HTTP proxy (`proxy`, `no_proxy`; unset parts
+    /// come from `HTTPS_PROXY`/`ALL_PROXY`/`NO_PROXY` when the command line starts the
+    /// role) or directly. Default: directly.
+    pub proxy: crate::transport::proxy::ProxyConfig,
     /// Timeout for reaching the relay and being accepted. Default: 40 s (the relay waits
     /// up to 30 s for a listener).
     pub relay_timeout: Duration,
@@ -71,6 +75,7 @@ impl BridgeConfig {
             workers: crate::config::default_workers(),
             admin: None,
             ca_files: Vec::new(),
+            proxy: Default::default(),
             relay_timeout: Duration::from_secs(40),
             token_ttl: Duration::from_secs(3600),
             ping_interval: Duration::from_secs(30),
@@ -137,6 +142,8 @@ impl BridgeConfig {
         }
         c.io_backend = f.io_backend.unwrap_or_default();
         c.ca_files = f.ca_files;
+        c.proxy = crate::transport::proxy::ProxyConfig::from_settings(f.proxy.as_deref(), f.no_proxy.as_deref())
+            .context("field `proxy` / `no_proxy`")?;
         c.admin = crate::config::admin_addr(f.admin.as_deref())?;
         if let Some(p) = f.hosts_file {
             c.hosts_file = p;
@@ -223,6 +230,9 @@ pub struct BridgeFile {
     pub io_backend: Option<crate::dataplane::backend::IoBackend>,
     #[serde(default)]
     pub ca_files: Vec<PathBuf>,
+    /// `http://[user:password@]host:port`.
+    pub proxy: Option<String>,
+    pub no_proxy: Option<Vec<String>>,
     pub hosts_file: Option<PathBuf>,
     /// Default connection string for forwards without their own.
     pub connection_string: Option<String>,

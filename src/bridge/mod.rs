@@ -128,7 +128,7 @@ impl Forwards {
         let running: Vec<Arc<ForwardRt>> = self.running.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let have = |k: &str| running.iter().find(|r| forward_key(&r.view().fwd) == k).cloned();
         let fresh: Vec<&Forward> = want.iter().filter(|f| have(&forward_key(f)).is_none()).collect();
-        let endpoints = resolve_endpoints(&fresh, &self.ctx.tls, self.ctx.cfg.relay_timeout)?;
+        let endpoints = resolve_endpoints(&fresh, &self.ctx.tls, &self.ctx.cfg.proxy, self.ctx.cfg.relay_timeout)?;
         let mut loopbacks = self.loopbacks.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for ep in endpoints.values() {
             let host = ep.host.to_ascii_lowercase();
@@ -353,7 +353,7 @@ pub fn start(cfg: BridgeConfig) -> anyhow::Result<BridgeHandle> {
     let admin = match cfg.admin {
         Some(a) => {
             let f = forwards.clone();
-            let source = status::BridgeStatus::new(Arc::new(move || f.views()), totals, tls);
+            let source = status::BridgeStatus::new(Arc::new(move || f.views()), totals, tls, cfg.proxy.clone());
             Some(
                 crate::telemetry::admin::spawn(a, Arc::new(source))
                     .with_context(|| format!("cannot listen on admin address {a}"))?,
@@ -405,6 +405,7 @@ fn spawn_watcher(
 fn resolve_endpoints(
     forwards: &[&Forward],
     tls: &Arc<rustls::ClientConfig>,
+    proxy: &crate::transport::proxy::ProxyConfig,
     relay_timeout: Duration,
 ) -> anyhow::Result<BTreeMap<usize, HostPort>> {
     let wanted: Vec<(usize, Forward)> = forwards
@@ -416,14 +417,14 @@ fn resolve_endpoints(
     if wanted.is_empty() {
         return Ok(BTreeMap::new());
     }
-    let (tls, timeout) = (tls.clone(), relay_timeout.min(Duration::from_secs(20)));
+    let (tls, proxy, timeout) = (tls.clone(), proxy.clone(), relay_timeout.min(Duration::from_secs(20)));
     std::thread::spawn(move || -> anyhow::Result<BTreeMap<usize, HostPort>> {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         rt.block_on(async {
             let mut out = BTreeMap::new();
             for (i, f) in wanted {
                 let hc = &f.hybrid_connection;
-                let info = client::runtime_info(&f.connection_string, hc, &tls, timeout)
+                let info = client::runtime_info(&f.connection_string, hc, &tls, &proxy, timeout)
                     .await
                     .with_context(|| format!("reading the endpoint of {hc:?} for hosts-file mode"))?;
                 let ep = metadata::endpoint_from_user_metadata(&info.user_metadata)
@@ -464,7 +465,7 @@ async fn connect_with_retry(
         let token = client::token(cs, hc, ctx.cfg.token_ttl);
         let url = client::hc_url(cs, hc, "connect", &crate::proto::ids::new_id());
         let headers = [("ServiceBusAuthorization", token.as_str())];
-        match ws::connect(&url, Some(&ctx.tls), &headers, ctx.cfg.relay_timeout).await {
+        match ws::connect_via(&url, Some(&ctx.tls), &ctx.cfg.proxy, &headers, ctx.cfg.relay_timeout).await {
             Err(e) if e.status() == Some(503) => match waits.next() {
                 Some(wait) => {
                     tracing::debug!(hc, reason = %e, retry_in_ms = wait.as_millis() as u64, "relay busy; retrying the connect");

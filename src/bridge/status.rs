@@ -53,6 +53,8 @@ pub(crate) struct BridgeStatus {
     forwards: ForwardList,
     totals: Arc<Totals>,
     tls: Arc<rustls::ClientConfig>,
+    /// The bridge's way to the relay, for the probe.
+    proxy: crate::transport::proxy::ProxyConfig,
     /// Last probe per hybrid connection and relay.
     probes: Mutex<std::collections::HashMap<String, Probe>>,
 }
@@ -61,11 +63,17 @@ pub(crate) struct BridgeStatus {
 const PROBE_TTL: Duration = Duration::from_secs(5);
 
 impl BridgeStatus {
-    pub fn new(forwards: ForwardList, totals: Arc<Totals>, tls: Arc<rustls::ClientConfig>) -> Self {
+    pub fn new(
+        forwards: ForwardList,
+        totals: Arc<Totals>,
+        tls: Arc<rustls::ClientConfig>,
+        proxy: crate::transport::proxy::ProxyConfig,
+    ) -> Self {
         Self {
             forwards,
             totals,
             tls,
+            proxy,
             probes: Mutex::new(Default::default()),
         }
     }
@@ -85,6 +93,7 @@ impl BridgeStatus {
             &f.connection_string,
             &f.hybrid_connection,
             &self.tls,
+            &self.proxy,
             Duration::from_secs(3),
         )
         .await;

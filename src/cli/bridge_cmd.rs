@@ -53,6 +53,11 @@ pub struct BridgeArgs {
     /// Admin listener: /metrics, /healthz, /readyz, /status and a status page at /.
     #[arg(long, value_name = "IP:PORT")]
     admin: Option<std::net::SocketAddr>,
+    /// HTTP proxy to reach the relay through: `http://[USER:PASSWORD@]HOST:PORT`. Default:
+    /// the config's `proxy`, else HTTPS_PROXY, else ALL_PROXY (NO_PROXY lists hosts reached
+    /// directly).
+    #[arg(long, value_name = "URL")]
+    proxy: Option<String>,
 }
 
 fn build(args: BridgeArgs) -> anyhow::Result<BridgeConfig> {
@@ -97,6 +102,7 @@ fn build(args: BridgeArgs) -> anyhow::Result<BridgeConfig> {
         }
     };
     cfg.ca_files.extend(args.ca_file);
+    cfg.proxy = super::proxy_setting(cfg.proxy, args.proxy.as_deref())?;
     if let Some(h) = args.hosts_file {
         cfg.hosts_file = h;
     }

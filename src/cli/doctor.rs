@@ -1,8 +1,9 @@
 //! `hyrelay doctor`: the hybrid-connection troubleshooting checklist as a command.
 //!
-//! Given a connection string (and optionally an endpoint) it runs eight steps in order and
-//! gives one verdict per step: relay DNS, relay TCP, TLS, the WebSocket upgrade on
-//! `/$hc/{entity}`, the token, the listener count, endpoint DNS and endpoint TCP.
+//! Given a connection string (and optionally an endpoint) it runs nine steps in order and
+//! gives one verdict per step: the outbound proxy, relay DNS, relay TCP, TLS, the WebSocket
+//! upgrade on `/$hc/{entity}`, the token, the listener count, endpoint DNS and endpoint TCP.
+//! With a proxy in effect for the relay, every relay step goes through it.
 //!
 //! Invariants:
 //! - Every network operation is bounded by [`Options::timeout`], so no step hangs (the
@@ -18,6 +19,7 @@
 mod listeners;
 mod net;
 mod probe;
+mod proxy;
 
 use std::fmt;
 use std::future::Future;
@@ -53,6 +55,10 @@ pub struct DoctorArgs {
     /// One JSON object per step instead of text lines.
     #[arg(long)]
     json: bool,
+    /// HTTP proxy to reach the relay through: `http://[USER:PASSWORD@]HOST:PORT`. Default:
+    /// HTTPS_PROXY, else ALL_PROXY (NO_PROXY lists hosts reached directly).
+    #[arg(long, value_name = "URL")]
+    proxy: Option<String>,
 }
 
 /// What to check.
@@ -65,6 +71,8 @@ pub struct Options {
     pub ca_files: Vec<PathBuf>,
     /// Time limit of each step. Default: 5 s.
     pub timeout: Duration,
+    /// How the relay is reached. Default: directly.
+    pub proxy: crate::transport::proxy::ProxyConfig,
 }
 
 impl Options {
@@ -75,6 +83,7 @@ impl Options {
             endpoint: None,
             ca_files: Vec::new(),
             timeout: Duration::from_secs(5),
+            proxy: Default::default(),
         }
     }
 }
@@ -82,6 +91,7 @@ impl Options {
 /// The checks, in the order they run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Step {
+    Proxy,
     RelayDns,
     RelayTcp,
     Tls,
@@ -94,7 +104,8 @@ pub enum Step {
 
 impl Step {
     /// Every step, in order.
-    pub const ALL: [Step; 8] = [
+    pub const ALL: [Step; 9] = [
+        Step::Proxy,
         Step::RelayDns,
         Step::RelayTcp,
         Step::Tls,
@@ -108,6 +119,7 @@ impl Step {
     /// The name printed in a verdict line.
     pub fn name(self) -> &'static str {
         match self {
+            Step::Proxy => "proxy",
             Step::RelayDns => "relay-dns",
             Step::RelayTcp => "relay-tcp",
             Step::Tls => "tls",
@@ -220,6 +232,7 @@ pub async fn check_each(opts: &Options, mut on_step: impl FnMut(&StepResult)) {
     let mut c = Checkup::new(opts);
     for step in Step::ALL {
         let mut r = match step {
+            Step::Proxy => proxy::proxy(&mut c).await,
             Step::RelayDns => net::relay_dns(&mut c).await,
             Step::RelayTcp => net::relay_tcp(&mut c).await,
             Step::Tls => net::tls(&mut c).await,
@@ -243,8 +256,10 @@ struct Checkup<'a> {
     /// Why the CA files could not be loaded.
     tls_error: Option<String>,
     relay_addrs: Vec<SocketAddr>,
-    /// The connection made by the TCP step, reused by the TLS step.
+    /// The connection made by the TCP step (or the proxy's tunnel), reused by the TLS step.
     relay_tcp: Option<tokio::net::TcpStream>,
+    /// The proxy (as shown) whose tunnel stands in for the relay TCP connection.
+    via_proxy: Option<String>,
     /// Why the relay cannot be talked to; later relay steps skip with this.
     relay_blocked: Option<String>,
     /// Why the token step did not pass; the listener step skips with this.
@@ -272,6 +287,7 @@ impl<'a> Checkup<'a> {
             tls_error,
             relay_addrs: Vec::new(),
             relay_tcp: None,
+            via_proxy: None,
             relay_blocked: None,
             token_blocked: None,
             info: None,
@@ -356,6 +372,7 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<()> {
         endpoint: args.endpoint,
         ca_files: args.ca_file,
         timeout: args.timeout,
+        proxy: crate::transport::proxy::ProxyConfig::from_flag(args.proxy.as_deref())?,
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let mut failed = 0;

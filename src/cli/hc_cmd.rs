@@ -22,6 +22,10 @@ pub struct HcArgs {
     /// Extra CA certificate to trust (PEM), e.g. the relay's development CA.
     #[arg(long, global = true, env = "HYRELAY_CA_FILE", value_name = "FILE")]
     ca_file: Option<PathBuf>,
+    /// HTTP proxy to reach the relay through: `http://[USER:PASSWORD@]HOST:PORT`. Default:
+    /// HTTPS_PROXY, else ALL_PROXY (NO_PROXY lists hosts reached directly).
+    #[arg(long, value_name = "URL")]
+    proxy: Option<String>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -103,7 +107,8 @@ fn credentials(args: &HcArgs) -> anyhow::Result<(ConnectionString, Vec<PathBuf>)
 pub fn run(args: HcArgs) -> anyhow::Result<()> {
     let (cs, ca) = credentials(&args)?;
     let tls = crate::transport::tls::client_config(&ca)?;
-    let m = Management::new(cs, tls);
+    let proxy = crate::transport::proxy::ProxyConfig::from_flag(args.proxy.as_deref())?;
+    let m = Management::new(cs, tls).with_proxy(proxy);
     super::block_on(async move { command(&m, args.command, args.json).await })?
 }
 

@@ -36,6 +36,11 @@ enum HcmCommand {
         /// Admin listener: /metrics, /healthz, /readyz, /status and a status page at /.
         #[arg(long, value_name = "IP:PORT")]
         admin: Option<std::net::SocketAddr>,
+        /// HTTP proxy to reach the relay through: `http://[USER:PASSWORD@]HOST:PORT`. Default:
+        /// the config's `proxy`, else HTTPS_PROXY, else ALL_PROXY (NO_PROXY lists hosts reached
+        /// directly).
+        #[arg(long, value_name = "URL")]
+        proxy: Option<String>,
     },
     /// Add a hybrid connection by its Listen connection string (a running hcm picks it up).
     Add {
@@ -86,11 +91,13 @@ pub fn run(args: HcmArgs) -> anyhow::Result<()> {
             workers,
             admin,
             io_backend,
+            proxy,
         } => {
             if admin.is_some() {
                 cfg.admin = admin;
             }
             cfg.ca_files.extend(ca_file);
+            cfg.proxy = super::proxy_setting(cfg.proxy, proxy.as_deref())?;
             if let Some(w) = workers {
                 anyhow::ensure!(w > 0, "--workers must be at least 1");
                 cfg.workers = w;

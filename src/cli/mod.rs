@@ -11,6 +11,7 @@ mod up;
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::telemetry::LogFormat;
@@ -107,6 +108,20 @@ pub fn check_config(file: &std::path::Path, role: Option<&str>) -> anyhow::Resul
         println!("note: systemd credentials ($CREDENTIALS_DIRECTORY) are read only inside the unit; not checked here");
     }
     Ok(())
+}
+
+/// A role's proxy setting: `--proxy` over the config file's, then the environment for
+/// whatever neither set.
+fn proxy_setting(
+    from_file: crate::transport::proxy::ProxyConfig,
+    flag: Option<&str>,
+) -> anyhow::Result<crate::transport::proxy::ProxyConfig> {
+    let mut p = from_file;
+    if let Some(url) = flag {
+        p.set_proxy(crate::transport::proxy::Proxy::parse(url).context("--proxy")?);
+    }
+    p.with_process_env()
+        .context("the proxy environment (HTTPS_PROXY, ALL_PROXY, NO_PROXY)")
 }
 
 /// Blocks until SIGINT or SIGTERM (Ctrl-C on Windows), calling `on_reload` for every

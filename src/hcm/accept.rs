@@ -41,7 +41,10 @@ pub(crate) async fn handle(a: Accept, hc: Arc<HcRt>, endpoint: HostPort, ctx: Ar
         let d = tokio::time::timeout(ctx.cfg.dial_timeout, ws::dial(&endpoint.host, endpoint.port)).await;
         (d, started.elapsed())
     };
-    let opening = tokio::time::timeout(ctx.cfg.relay_timeout, ws::open(&url, Some(&ctx.tls)));
+    let opening = tokio::time::timeout(
+        ctx.cfg.relay_timeout,
+        ws::open_via(&url, Some(&ctx.tls), &ctx.cfg.proxy),
+    );
     let ((dialed, took), opened) = tokio::join!(dialing, opening);
     let opened = opened.unwrap_or_else(|_| Err(ConnectError::Timeout(ctx.cfg.relay_timeout)));
     let millis = took.as_millis() as u64;
@@ -165,7 +168,7 @@ async fn reject_on(stream: Option<crate::transport::Stream>, a: &Accept, status:
         Some(s) => tokio::time::timeout(ctx.cfg.relay_timeout, ws::upgrade(s, &url, &[]))
             .await
             .unwrap_or_else(|_| Err(ConnectError::Timeout(ctx.cfg.relay_timeout))),
-        None => ws::connect(&url, Some(&ctx.tls), &[], ctx.cfg.relay_timeout).await,
+        None => ws::connect_via(&url, Some(&ctx.tls), &ctx.cfg.proxy, &[], ctx.cfg.relay_timeout).await,
     };
     match answer {
         Err(ConnectError::Rejected { status: 410, .. }) => {}

@@ -152,6 +152,7 @@ async fn endpoint(hc: &HcRt, ctx: &HcmCtx) -> Result<HostPort, End> {
         &hc.entry.connection_string,
         hc.entry.name(),
         &ctx.tls,
+        &ctx.cfg.proxy,
         ctx.cfg.relay_timeout,
     )
     .await
@@ -217,9 +218,10 @@ async fn serve_session(hc: &Arc<HcRt>, ctx: &Arc<HcmCtx>, connected: &mut Option
     let ttl = ctx.cfg.token_ttl;
     let token = client::token(cs, entry.name(), ttl);
     let url = client::hc_url(cs, entry.name(), "listen", &crate::proto::ids::new_id());
-    let conn = match ws::connect(
+    let conn = match ws::connect_via(
         &url,
         Some(&ctx.tls),
+        &ctx.cfg.proxy,
         &[("ServiceBusAuthorization", &token)],
         ctx.cfg.relay_timeout,
     )

@@ -66,6 +66,10 @@ pub struct HcmConfig {
     pub admin: Option<std::net::SocketAddr>,
     /// Extra CA certificates to trust for the relay (PEM files).
     pub ca_files: Vec<PathBuf>,
+    /// How the relay is reached: through an HTTP proxy (`proxy`, `no_proxy`; unset parts
+    /// come from `HTTPS_PROXY`/`ALL_PROXY`/`NO_PROXY` when the command line starts the
+    /// role) or directly. Default: directly.
+    pub proxy: crate::transport::proxy::ProxyConfig,
     /// Timeout for dialing an endpoint. Default: 10 s.
     pub dial_timeout: Duration,
     /// Timeout for reaching the relay (TCP, TLS, upgrade). Default: 20 s.
@@ -109,6 +113,7 @@ impl HcmConfig {
             workers: crate::config::default_workers(),
             admin: None,
             ca_files: Vec::new(),
+            proxy: Default::default(),
             dial_timeout: Duration::from_secs(10),
             relay_timeout: Duration::from_secs(20),
             token_ttl: Duration::from_secs(3600),
@@ -141,6 +146,8 @@ impl HcmConfig {
         }
         c.io_backend = f.io_backend.unwrap_or_default();
         c.ca_files = f.ca_files;
+        c.proxy = crate::transport::proxy::ProxyConfig::from_settings(f.proxy.as_deref(), f.no_proxy.as_deref())
+            .context("field `proxy` / `no_proxy`")?;
         c.admin = crate::config::admin_addr(f.admin.as_deref())?;
         for (field, slot, v) in [
             ("dial_timeout", &mut c.dial_timeout, f.dial_timeout),
@@ -200,6 +207,9 @@ pub struct HcmFile {
     pub io_backend: Option<crate::dataplane::backend::IoBackend>,
     #[serde(default)]
     pub ca_files: Vec<PathBuf>,
+    /// `http://[user:password@]host:port`.
+    pub proxy: Option<String>,
+    pub no_proxy: Option<Vec<String>>,
     #[serde(default, deserialize_with = "opt_duration")]
     pub dial_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "opt_duration")]

@@ -332,6 +332,7 @@ impl Manager {
             ("workers", new.workers != old.workers),
             ("admin", new.admin != old.admin),
             ("ca_files", new.ca_files != old.ca_files),
+            ("proxy", new.proxy.clone().with_process_env().as_ref() != Ok(&old.proxy)),
         ] {
             if changed {
                 tracing::warn!(file = %file.display(), field, "this setting changed; it takes effect after a restart");

@@ -14,6 +14,15 @@ use crate::proto::handshake::{self, ResponseHead};
 /// Largest response body accepted. Default: 4 MiB.
 pub const MAX_BODY: usize = 4 << 20;
 
+/// What to send: method, origin-form target, extra headers (values sanitized) and body.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub method: &'a str,
+    pub target: &'a str,
+    pub headers: &'a [(&'a str, &'a str)],
+    pub body: &'a [u8],
+}
+
 /// A response: head and body.
 #[derive(Debug)]
 pub struct Response {
@@ -21,19 +30,24 @@ pub struct Response {
     pub body: Vec<u8>,
 }
 
-/// Sends one request to the relay at `endpoint` and reads the whole response.
+/// Sends one request to the relay at `endpoint` (through `proxy`'s choice for its host)
+/// and reads the whole response.
 pub async fn request(
     endpoint: &RelayEndpoint,
     tls: Option<&Arc<rustls::ClientConfig>>,
-    method: &str,
-    target: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
+    proxy: &super::proxy::ProxyConfig,
+    req: Request<'_>,
     timeout: Duration,
 ) -> Result<Response, ConnectError> {
+    let Request {
+        method,
+        target,
+        headers,
+        body,
+    } = req;
     let fut = async {
         let tls = if endpoint.tls { tls } else { None };
-        let mut s = open_stream(&endpoint.host, endpoint.port, tls).await?;
+        let mut s = open_stream(&endpoint.host, endpoint.port, tls, proxy).await?;
         let mut req = format!(
             "{method} {target} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
             endpoint.authority(),

@@ -1,8 +1,9 @@
-//! Sockets, TLS and WebSocket connections over them; everything that does I/O for the
-//! protocol layer.
+//! Sockets, TLS, outbound proxies and WebSocket connections over them; everything that
+//! does I/O for the protocol layer.
 
 pub mod cert;
 pub mod http;
+pub mod proxy;
 pub mod sock;
 pub mod stream;
 pub mod tls;

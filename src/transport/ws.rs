@@ -11,6 +11,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::proxy::{DIRECT, ProxyConfig};
 use super::stream::Stream;
 use crate::proto::frame::{self, CloseFrame, Decoder, FrameError, Item, OpCode, Role};
 use crate::proto::handshake::{self, HandshakeError, RequestHead, ResponseHead};
@@ -347,16 +348,20 @@ pub enum ConnectError {
     Rejected { status: u16, reason: String },
     #[error("server sent a wrong Sec-WebSocket-Accept")]
     BadAccept,
+    /// The outbound proxy could not open a tunnel to the server.
+    #[error(transparent)]
+    Proxy(#[from] super::proxy::ProxyError),
 }
 
 impl ConnectError {
     /// True if the server could not be reached at all (DNS, TCP, timeout), as opposed to
     /// reached and refusing.
     pub fn is_unreachable(&self) -> bool {
-        matches!(
-            self,
-            ConnectError::Resolve { .. } | ConnectError::Connect { .. } | ConnectError::Timeout(_)
-        )
+        match self {
+            ConnectError::Resolve { .. } | ConnectError::Connect { .. } | ConnectError::Timeout(_) => true,
+            ConnectError::Proxy(p) => p.is_unreachable(),
+            _ => false,
+        }
     }
 
     /// HTTP status if the server answered with one.
@@ -453,13 +458,18 @@ mod dns_cache {
     }
 }
 
-/// Dials and, for `tls`, runs the TLS handshake with SNI = `host`.
+/// Dials (through the proxy `proxy` names for `host`, if any) and, for `tls`, runs the TLS
+/// handshake with SNI = `host`.
 pub async fn open_stream(
     host: &str,
     port: u16,
     tls: Option<&Arc<rustls::ClientConfig>>,
+    proxy: &ProxyConfig,
 ) -> Result<Stream, ConnectError> {
-    let tcp = dial(host, port).await?;
+    let tcp = match proxy.for_host(host) {
+        Some(p) => super::proxy::tunnel(p, host, port).await?,
+        None => dial(host, port).await?,
+    };
     let sock = super::sock::Sock::Live(tcp);
     let Some(cfg) = tls else {
         return Ok(Stream::Plain(sock));
@@ -488,30 +498,46 @@ pub struct ClientWs {
     pub response: ResponseHead,
 }
 
-/// Connects and upgrades; everything (DNS, TCP, TLS, handshake) within `timeout`.
+/// Connects directly and upgrades; everything (DNS, TCP, TLS, handshake) within `timeout`.
 pub async fn connect(
     url: &WsUrl,
     tls: Option<&Arc<rustls::ClientConfig>>,
     headers: &[(&str, &str)],
     timeout: Duration,
 ) -> Result<ClientWs, ConnectError> {
-    tokio::time::timeout(timeout, connect_inner(url, tls, headers))
-        .await
-        .map_err(|_| ConnectError::Timeout(timeout))?
+    connect_via(url, tls, &DIRECT, headers, timeout).await
 }
 
-async fn connect_inner(
+/// [`connect`] through the proxy `proxy` names for the URL's host (if any); the proxy's
+/// `CONNECT` counts against `timeout` too.
+pub async fn connect_via(
     url: &WsUrl,
     tls: Option<&Arc<rustls::ClientConfig>>,
+    proxy: &ProxyConfig,
     headers: &[(&str, &str)],
+    timeout: Duration,
 ) -> Result<ClientWs, ConnectError> {
-    let stream = open(url, tls).await?;
-    upgrade(stream, url, headers).await
+    let connecting = async {
+        let stream = open_via(url, tls, proxy).await?;
+        upgrade(stream, url, headers).await
+    };
+    tokio::time::timeout(timeout, connecting)
+        .await
+        .map_err(|_| ConnectError::Timeout(timeout))?
 }
 
 /// Opens the connection (TCP, and TLS for `wss`) a WebSocket to `url` will run on, without
 /// the upgrade: lets a caller overlap it with other work and choose the request later.
 pub async fn open(url: &WsUrl, tls: Option<&Arc<rustls::ClientConfig>>) -> Result<Stream, ConnectError> {
+    open_via(url, tls, &DIRECT).await
+}
+
+/// [`open`] through the proxy `proxy` names for the URL's host, if any.
+pub async fn open_via(
+    url: &WsUrl,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    proxy: &ProxyConfig,
+) -> Result<Stream, ConnectError> {
     let tls = if url.tls { tls } else { None };
     if url.tls && tls.is_none() {
         return Err(ConnectError::Tls {
@@ -519,7 +545,7 @@ pub async fn open(url: &WsUrl, tls: Option<&Arc<rustls::ClientConfig>>) -> Resul
             source: io::Error::new(io::ErrorKind::InvalidInput, "no TLS configuration"),
         });
     }
-    open_stream(&url.host, url.port, tls).await
+    open_stream(&url.host, url.port, tls, proxy).await
 }
 
 /// Sends the upgrade request for `url` on an open `stream` and reads the answer.

@@ -27,7 +27,7 @@ async fn entity_listeners(c: &mut Checkup<'_>, entity: &str) -> StepResult {
     let Some(tls) = c.tls.clone() else {
         return c.no_tls(Step::Listeners);
     };
-    let info = match client::runtime_info(c.cs(), entity, &tls, c.opts.timeout).await {
+    let info = match client::runtime_info(c.cs(), entity, &tls, &c.opts.proxy, c.opts.timeout).await {
         Ok(info) => info,
         Err(e) => return info_failure(c, entity, e),
     };

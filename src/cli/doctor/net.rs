@@ -21,6 +21,12 @@ const EXPIRY_WARNING_DAYS: i64 = 14;
 
 /// Step 1: the relay host resolves.
 pub(super) async fn relay_dns(c: &mut Checkup<'_>) -> StepResult {
+    if let Some(p) = &c.via_proxy {
+        return StepResult::skip(Step::RelayDns, format!("the proxy {p} resolves the relay's name"));
+    }
+    if let Some(why) = &c.relay_blocked {
+        return StepResult::skip(Step::RelayDns, format!("skipped: {why}"));
+    }
     let ep = &c.cs().endpoint;
     let (host, port) = (bare(&ep.host).to_owned(), ep.port);
     match resolve(c, &host, port).await {
@@ -40,6 +46,9 @@ pub(super) async fn relay_dns(c: &mut Checkup<'_>) -> StepResult {
 pub(super) async fn relay_tcp(c: &mut Checkup<'_>) -> StepResult {
     if let Some(why) = &c.relay_blocked {
         return StepResult::skip(Step::RelayTcp, format!("skipped: {why}"));
+    }
+    if let Some(p) = &c.via_proxy {
+        return StepResult::ok(Step::RelayTcp, format!("through the tunnel {p} opened (see proxy)"));
     }
     match connect_any(c, &c.relay_addrs).await {
         Ok((tcp, finding)) => {

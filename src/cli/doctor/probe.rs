@@ -79,7 +79,7 @@ pub(super) async fn upgrade(c: &mut Checkup<'_>) -> StepResult {
     } else {
         ""
     };
-    match ws::connect(&url, c.tls.as_ref(), &[], c.opts.timeout).await {
+    match ws::connect_via(&url, c.tls.as_ref(), &c.opts.proxy, &[], c.opts.timeout).await {
         Ok(conn) => {
             close_at_once(conn, c.opts.timeout).await;
             StepResult::ok(
@@ -214,7 +214,7 @@ async fn entity_token(c: &Checkup<'_>, entity: &str, facts: &Facts) -> StepResul
 async fn test_right(c: &Checkup<'_>, entity: &str, token: &str, right: Right) -> Result<&'static str, ConnectError> {
     let url = client::hc_url(c.cs(), entity, right.action(), &test_id());
     let headers = [("ServiceBusAuthorization", token)];
-    let conn = ws::connect(&url, c.tls.as_ref(), &headers, c.opts.timeout).await?;
+    let conn = ws::connect_via(&url, c.tls.as_ref(), &c.opts.proxy, &headers, c.opts.timeout).await?;
     close_at_once(conn, c.opts.timeout).await;
     Ok(match right {
         Right::Listen => "a control channel opened and was closed at once",
@@ -293,7 +293,7 @@ async fn namespace_token(c: &mut Checkup<'_>, facts: &Facts) -> StepResult {
         return c.no_tls(Step::Token);
     };
     let summary = format!("{} (namespace-wide string, no EntityPath)", facts.summary);
-    let listing = Management::new(c.cs().clone(), tls);
+    let listing = Management::new(c.cs().clone(), tls).with_proxy(c.opts.proxy.clone());
     let without_entity = "add ;EntityPath=NAME to test the string for one hybrid connection";
     match c.within(listing.list()).await {
         Some(Ok(v)) => {
