@@ -28,20 +28,33 @@ async fn output(args: &[&str]) -> (bool, String, String) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn up_runs_the_whole_chain_with_no_config() {
+async fn up_runs_the_whole_chain_serves_admin_and_drains_on_ctrl_c() {
     let mut child = bin()
-        .args(["up", "--relay-listen", "127.0.0.1:0", "--bridge-listen", "127.0.0.1:0"])
+        .args([
+            "up",
+            "--relay-listen",
+            "127.0.0.1:0",
+            "--bridge-listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--drain-timeout",
+            "20s",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut app = None;
+    let (mut app, mut admin) = (None, None);
     let mut listen_cs = false;
     tokio::time::timeout(Duration::from_secs(30), async {
         while let Some(l) = lines.next_line().await.unwrap() {
             if let Some(a) = l.trim().strip_prefix("connect your app to:") {
                 app = Some(a.trim().parse::<std::net::SocketAddr>().unwrap());
+            }
+            if let Some(a) = l.trim().strip_prefix("admin (metrics, health, status page): http://") {
+                admin = Some(a.trim_end_matches('/').parse::<std::net::SocketAddr>().unwrap());
             }
             listen_cs |= l.contains("SharedAccessKeyName=defaultListener") && l.contains("EntityPath=demo");
             if l.starts_with("Ctrl-C") {
@@ -52,16 +65,88 @@ async fn up_runs_the_whole_chain_with_no_config() {
     .await
     .expect("up printed its banner");
     assert!(listen_cs, "up prints the listen connection string");
+    let app = app.expect("app address printed");
     let data = payload(100_000, 1);
-    assert!(round_trip(app.expect("app address printed"), &data).await.unwrap() == data);
-    // SIGTERM stops it cleanly.
-    let pid = child.id().unwrap() as i32;
-    send_signal(pid, "TERM");
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+    assert!(round_trip(app, &data).await.unwrap() == data);
+
+    // One admin listener for all three roles.
+    let admin = admin.expect("admin address printed");
+    let (code, status) = http_get(admin, "/status").await;
+    assert_eq!(code, 200, "{status}");
+    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+    for role in ["relay", "hcm", "bridge"] {
+        assert_eq!(v[role]["role"], role, "{v}");
+    }
+    assert_eq!(http_get(admin, "/readyz").await.0, 200);
+    let (_, metrics) = http_get(admin, "/metrics").await;
+    for family in [
+        "hyrelay_relay_listeners",
+        "hyrelay_hcm_control_channel_up",
+        "hyrelay_bridge_relay_connects_total",
+    ] {
+        assert!(metrics.contains(family), "{family} missing");
+    }
+    let (_, page) = http_get(admin, "/").await;
+    assert!(page.contains("data-role=\"relay\"") && page.contains("data-role=\"bridge\""));
+
+    // A long transfer through `up`, then Ctrl-C (SIGINT) in the middle: it finishes
+    // byte-exact during the drain, and `up` exits 0 once it has.
+    let total = 3 << 20;
+    let transfer = tokio::spawn(slow_echo(app, total, Duration::from_secs(3)));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    send_signal(child.id().unwrap() as i32, "INT");
+    assert!(
+        transfer.await.unwrap() == payload(total, 7),
+        "the transfer survived Ctrl-C"
+    );
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
         .await
         .expect("exited")
         .unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// Sends `total` bytes to an echo through `addr` over about `over`; returns the echo.
+async fn slow_echo(addr: std::net::SocketAddr, total: usize, over: Duration) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let data = payload(total, 7);
+    let writer = tokio::spawn(async move {
+        for c in data.chunks(total / 30) {
+            w.write_all(c).await.unwrap();
+            tokio::time::sleep(over / 30).await;
+        }
+        w.shutdown().await.unwrap();
+    });
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), r.read_to_end(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    writer.await.unwrap();
+    back
+}
+
+/// GET `path`; status and body.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let code = out[9..12].parse().unwrap();
+    (
+        code,
+        out.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default(),
+    )
 }
 
 fn send_signal(pid: i32, sig: &str) {
