@@ -112,7 +112,7 @@ pub fn run(args: HcmArgs) -> anyhow::Result<()> {
             }
             let added = state::load_added(&cfg.data_dir)?.len();
             if cfg.hybrid_connections.is_empty() && added == 0 {
-                tracing::warn!(data_dir = %cfg.data_dir.display(), "no hybrid connections yet: add one with `hyrelay hcm add \"<connection string>\"`");
+                tracing::warn!(data_dir = %cfg.data_dir.display(), "no hybrid connections yet: add one with `hyrelay hcm add -` (paste the Listen connection string)");
             }
             let hcm = crate::hcm::start(cfg)?;
             if let Some(a) = hcm.admin_addr() {
@@ -237,24 +237,35 @@ fn entries(cfg: &HcmConfig) -> Vec<(HcEntry, &'static str)> {
 }
 
 fn show(cfg: &HcmConfig, name: &str, json: bool) -> anyhow::Result<()> {
-    let found: Vec<_> = entries(cfg)
-        .into_iter()
-        .filter(|(e, _)| e.name().eq_ignore_ascii_case(name))
+    let status = state::read_status(&cfg.data_dir);
+    let running: Vec<&state::HcStatus> = status
+        .iter()
+        .flat_map(|s| s.hybrid_connections.iter())
+        .filter(|h| h.name.eq_ignore_ascii_case(name))
         .collect();
+    let mut docs = Vec::new();
+    for (e, source) in entries(cfg).iter().filter(|(e, _)| e.name().eq_ignore_ascii_case(name)) {
+        let relay = e.connection_string.endpoint.authority();
+        let st = running.iter().copied().find(|h| h.relay == relay);
+        docs.push(show_doc(Some(e), source, st, &relay));
+    }
+    // Served by the hcm from a config this command was not given (known from its status
+    // file; the last one if it stopped).
+    let last = state::read_status_any(&cfg.data_dir);
+    for st in last.iter().flat_map(|s| s.hybrid_connections.iter()) {
+        if st.name.eq_ignore_ascii_case(name) && !docs.iter().any(|d| d["relay"] == st.relay.as_str()) {
+            let live = running.iter().copied().find(|h| h.relay == st.relay);
+            let mut d = show_doc(None, "the hcm's configuration", live, &st.relay);
+            d["name"] = serde_json::json!(st.name);
+            d["keyName"] = serde_json::json!(st.key_name);
+            d["endpoint"] = serde_json::json!(st.endpoint);
+            docs.push(d);
+        }
+    }
     anyhow::ensure!(
-        !found.is_empty(),
+        !docs.is_empty(),
         "{name} is not served by this hcm (see `hyrelay hcm list`)"
     );
-    let status = state::read_status(&cfg.data_dir);
-    let mut docs = Vec::new();
-    for (e, source) in &found {
-        let st = status.as_ref().and_then(|s| {
-            s.hybrid_connections
-                .iter()
-                .find(|h| h.name.eq_ignore_ascii_case(e.name()) && h.relay == e.connection_string.endpoint.authority())
-        });
-        docs.push(show_doc(e, source, st));
-    }
     if json {
         println!("{}", serde_json::to_string_pretty(&docs)?);
         return Ok(());
@@ -271,17 +282,29 @@ fn show(cfg: &HcmConfig, name: &str, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What `hcm show` prints for one entry (JSON; the key is never part of it).
-fn show_doc(e: &HcEntry, source: &str, st: Option<&state::HcStatus>) -> serde_json::Value {
-    let endpoint = st.and_then(|s| s.endpoint.clone());
+/// What `hcm show` prints for one hybrid connection (JSON; the key is never part of it).
+fn show_doc(e: Option<&HcEntry>, source: &str, st: Option<&state::HcStatus>, relay: &str) -> serde_json::Value {
+    let endpoint = st
+        .and_then(|s| s.endpoint.clone())
+        .or_else(|| e.and_then(|e| e.endpoint.as_ref()).map(|x| x.to_string()));
+    let key_name = e
+        .and_then(|e| e.connection_string.key_name().map(str::to_owned))
+        .or_else(|| st.and_then(|s| s.key_name.clone()));
     serde_json::json!({
-        "name": e.name(),
-        "relay": e.connection_string.endpoint.authority(),
+        "name": e.map(|e| e.name().to_owned()).or_else(|| st.map(|s| s.name.clone())),
+        "relay": relay,
         "source": source,
-        "endpoint": endpoint.or_else(|| e.endpoint.as_ref().map(|x| x.to_string())),
-        "endpointFrom": if e.endpoint.is_some() { "override" } else { "metadata" },
-        "keyName": e.connection_string.key_name(),
-        "credential": if e.has_key() { "key (tokens minted and renewed here)" } else { "SharedAccessSignature (not renewable)" },
+        "endpoint": endpoint,
+        "endpointFrom": match e {
+            Some(e) if e.endpoint.is_some() => "override",
+            Some(_) => "metadata",
+            None => "the running hcm",
+        },
+        "keyName": key_name,
+        "credential": match e {
+            Some(e) if !e.has_key() => "SharedAccessSignature (not renewable)",
+            _ => "key (tokens minted and renewed here)",
+        },
         "running": st.is_some(),
         "status": st,
     })
