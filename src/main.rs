@@ -5,7 +5,7 @@ fn main() -> std::process::ExitCode {
     match hyrelay::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", hyrelay::cli::error_chain(&e));
             std::process::ExitCode::FAILURE
         }
     }

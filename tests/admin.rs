@@ -86,6 +86,17 @@ async fn relay_hcm_and_bridge_report_truthfully() {
     }
     assert_eq!(get(relay_admin, "/readyz").await.0, 200);
     assert_eq!(get(bridge_admin, "/readyz").await.0, 200);
+    // A forward with no listener behind it is not ready, and says why (issue 14 item 8).
+    rig.create("nobody", echo()).await;
+    let mut lonely = rig.bridge_config("nobody", &rig.send_cs("nobody").await);
+    lonely.admin = admin_any();
+    let lonely = hyrelay::bridge::start(lonely).unwrap();
+    let (code, body) = get(lonely.admin_addr().unwrap(), "/readyz").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("No listener") && body.contains("\"listeners\": 0"),
+        "{body}"
+    );
     // Every control channel of the hcm is up, so it is ready, although one endpoint is down...
     assert_eq!(get(hcm_admin, "/readyz").await.0, 200);
     // ...and its status says which segment is broken.

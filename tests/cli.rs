@@ -28,20 +28,33 @@ async fn output(args: &[&str]) -> (bool, String, String) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn up_runs_the_whole_chain_with_no_config() {
+async fn up_runs_the_whole_chain_serves_admin_and_drains_on_ctrl_c() {
     let mut child = bin()
-        .args(["up", "--relay-listen", "127.0.0.1:0", "--bridge-listen", "127.0.0.1:0"])
+        .args([
+            "up",
+            "--relay-listen",
+            "127.0.0.1:0",
+            "--bridge-listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--drain-timeout",
+            "20s",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut app = None;
+    let (mut app, mut admin) = (None, None);
     let mut listen_cs = false;
     tokio::time::timeout(Duration::from_secs(30), async {
         while let Some(l) = lines.next_line().await.unwrap() {
             if let Some(a) = l.trim().strip_prefix("connect your app to:") {
                 app = Some(a.trim().parse::<std::net::SocketAddr>().unwrap());
+            }
+            if let Some(a) = l.trim().strip_prefix("admin (metrics, health, status page): http://") {
+                admin = Some(a.trim_end_matches('/').parse::<std::net::SocketAddr>().unwrap());
             }
             listen_cs |= l.contains("SharedAccessKeyName=defaultListener") && l.contains("EntityPath=demo");
             if l.starts_with("Ctrl-C") {
@@ -52,16 +65,88 @@ async fn up_runs_the_whole_chain_with_no_config() {
     .await
     .expect("up printed its banner");
     assert!(listen_cs, "up prints the listen connection string");
+    let app = app.expect("app address printed");
     let data = payload(100_000, 1);
-    assert!(round_trip(app.expect("app address printed"), &data).await.unwrap() == data);
-    // SIGTERM stops it cleanly.
-    let pid = child.id().unwrap() as i32;
-    send_signal(pid, "TERM");
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+    assert!(round_trip(app, &data).await.unwrap() == data);
+
+    // One admin listener for all three roles.
+    let admin = admin.expect("admin address printed");
+    let (code, status) = http_get(admin, "/status").await;
+    assert_eq!(code, 200, "{status}");
+    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+    for role in ["relay", "hcm", "bridge"] {
+        assert_eq!(v[role]["role"], role, "{v}");
+    }
+    assert_eq!(http_get(admin, "/readyz").await.0, 200);
+    let (_, metrics) = http_get(admin, "/metrics").await;
+    for family in [
+        "hyrelay_relay_listeners",
+        "hyrelay_hcm_control_channel_up",
+        "hyrelay_bridge_relay_connects_total",
+    ] {
+        assert!(metrics.contains(family), "{family} missing");
+    }
+    let (_, page) = http_get(admin, "/").await;
+    assert!(page.contains("data-role=\"relay\"") && page.contains("data-role=\"bridge\""));
+
+    // A long transfer through `up`, then Ctrl-C (SIGINT) in the middle: it finishes
+    // byte-exact during the drain, and `up` exits 0 once it has.
+    let total = 3 << 20;
+    let transfer = tokio::spawn(slow_echo(app, total, Duration::from_secs(3)));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    send_signal(child.id().unwrap() as i32, "INT");
+    assert!(
+        transfer.await.unwrap() == payload(total, 7),
+        "the transfer survived Ctrl-C"
+    );
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
         .await
         .expect("exited")
         .unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// Sends `total` bytes to an echo through `addr` over about `over`; returns the echo.
+async fn slow_echo(addr: std::net::SocketAddr, total: usize, over: Duration) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let data = payload(total, 7);
+    let writer = tokio::spawn(async move {
+        for c in data.chunks(total / 30) {
+            w.write_all(c).await.unwrap();
+            tokio::time::sleep(over / 30).await;
+        }
+        w.shutdown().await.unwrap();
+    });
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), r.read_to_end(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    writer.await.unwrap();
+    back
+}
+
+/// GET `path`; status and body.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let code = out[9..12].parse().unwrap();
+    (
+        code,
+        out.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default(),
+    )
 }
 
 fn send_signal(pid: i32, sig: &str) {
@@ -160,6 +245,159 @@ async fn check_config_and_version() {
     assert!(!ok && err.contains("dial_timeout"), "{err}");
     let (ok, out, _) = output(&["--version"]).await;
     assert!(ok && out.starts_with("hyrelay "), "{out}");
+    let (ok, _, err) = output(&["check-config", "/nonexistent/relay.toml"]).await;
+    assert!(!ok && err.contains("no such file"), "{err}");
+}
+
+/// Issue 14 item 3: plain logs off a terminal, `--log-level` over `HYRELAY_LOG`, each cause
+/// of an error once.
+#[tokio::test]
+async fn logs_are_plain_the_flag_wins_and_causes_print_once() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let out = bin()
+        .env("HYRELAY_LOG", "error")
+        .args([
+            "--log-level",
+            "info",
+            "relay",
+            "--plain",
+            "--listen",
+            &addr,
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        !err.contains('\x1b'),
+        "no ANSI codes when stderr is not a terminal: {err:?}"
+    );
+    assert!(
+        err.contains(" WARN ") && err.contains("TLS is off"),
+        "--log-level info wins: {err}"
+    );
+    let last = err.lines().last().unwrap();
+    assert!(last.starts_with("error: cannot listen on"), "{last}");
+    assert_eq!(last.matches("in use").count(), 1, "each cause once: {last}");
+}
+
+/// Issue 14 item 4: help on every flag and positional, both choices named, completions and
+/// man pages.
+#[tokio::test]
+async fn help_everywhere_choices_named_completions_and_man_pages() {
+    use clap::CommandFactory;
+    fn walk(c: &clap::Command, path: &str, missing: &mut Vec<String>) {
+        for a in c.get_arguments() {
+            let id = a.get_id().as_str();
+            if id != "help" && id != "version" && a.get_help().is_none() {
+                missing.push(format!("{path} {id}"));
+            }
+        }
+        for sub in c.get_subcommands() {
+            walk(sub, &format!("{path} {}", sub.get_name()), missing);
+        }
+    }
+    let mut missing = Vec::new();
+    walk(&hyrelay::cli::Cli::command(), "hyrelay", &mut missing);
+    assert!(missing.is_empty(), "arguments without help: {missing:?}");
+
+    let (ok, _, err) = output(&["hc", "regenerate-key", "db"]).await;
+    assert!(!ok && err.contains("--primary") && err.contains("--secondary"), "{err}");
+    let (ok, _, err) = output(&["hc", "connection-string", "db"]).await;
+    assert!(!ok && err.contains("--listen") && err.contains("--send"), "{err}");
+
+    for shell in ["bash", "zsh", "fish"] {
+        let (ok, out, err) = output(&["completions", shell]).await;
+        assert!(
+            ok && out.contains("hyrelay") && out.contains("connection-string-file"),
+            "{shell}: {err}"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, _, err) = output(&["manpages", dir.path().to_str().unwrap()]).await;
+    assert!(ok, "{err}");
+    for page in ["hyrelay.1", "hyrelay-hcm-show.1", "hyrelay-hc-regenerate-key.1"] {
+        let text = std::fs::read_to_string(dir.path().join(page)).unwrap();
+        assert!(text.contains(".TH"), "{page}");
+    }
+}
+
+/// Issue 14 item 4: the hints `relay` and `hc create` print work exactly as printed, with
+/// a data directory that is not the default; an unknown CA says to pass --ca-file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn printed_hints_work_as_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("relay-data");
+    let mut relay = bin()
+        .current_dir(dir.path())
+        .args([
+            "--log-level",
+            "warn",
+            "relay",
+            "--plain",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(&data)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(relay.stderr.take().unwrap()).lines();
+    let hint = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let l = lines.next_line().await.unwrap().expect("relay printed its hint");
+            if let Some(h) = l.strip_prefix("manage it on this machine with: ") {
+                break h.split("   (").next().unwrap().to_owned();
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(hint.contains("--relay-data-dir"), "{hint}");
+    let run = |cmd: String| {
+        let d = dir.path().to_owned();
+        async move {
+            let words: Vec<String> = cmd.split_whitespace().map(str::to_owned).collect();
+            assert_eq!(words[0], "hyrelay", "{cmd}");
+            let out = bin().current_dir(d).args(&words[1..]).output().await.unwrap();
+            assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+    };
+    run(hint.clone()).await;
+    let created = run(hint.replace(" list", " create sql --endpoint db.corp.local:1433")).await;
+    let next: Vec<String> = created
+        .lines()
+        .map(|l| l.trim().trim_start_matches("next:").trim())
+        .filter(|l| l.starts_with("hyrelay "))
+        .map(|l| l.split("   (").next().unwrap().trim().to_owned())
+        .collect();
+    assert_eq!(next.len(), 2, "{created}");
+    for cmd in next {
+        run(cmd).await;
+    }
+    let listen = std::fs::read_to_string(dir.path().join("sql.listen")).unwrap();
+    assert!(listen.contains("defaultListener") && listen.contains("EntityPath=sql"));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.path().join("sql.send"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "--output writes owner-only");
+    relay.kill().await.ok();
+
+    // A TLS relay whose CA is not given: the error says what to do.
+    let rig = Rig::new(true);
+    let manage = dir.path().join("manage.cs");
+    std::fs::write(&manage, rig.relay.manage_connection_string().expose()).unwrap();
+    let (ok, _, err) = output(&["hc", "list", "--connection-string-file", manage.to_str().unwrap()]).await;
+    assert!(!ok && err.contains("--ca-file"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -186,4 +424,32 @@ async fn hcm_status_shows_each_segment_and_hc_list_the_last_connect() {
         ok && out.contains("LAST SENDER CONNECT") && out.contains("accepted"),
         "{out}"
     );
+
+    // hcm show: everything about one hybrid connection, never the key (issue 14 item 4).
+    let key = match &rig.listen_cs("seg").await.credential {
+        hyrelay::proto::connstr::Credential::Key { key, .. } => key.expose().to_owned(),
+        _ => unreachable!(),
+    };
+    let (ok, out, err) = output(&["hcm", "--data-dir", &data_dir, "show", "seg"]).await;
+    assert!(ok, "{err}");
+    for needle in [
+        "key name",
+        "defaultListener",
+        "token expires",
+        "relay <-> hcm",
+        "hcm <-> endpoint",
+        "1 accepted",
+    ] {
+        assert!(out.contains(needle), "{needle:?} missing: {out}");
+    }
+    assert!(!out.contains(&key), "hcm show prints no key: {out}");
+    let (ok, _, err) = output(&["hcm", "--data-dir", &data_dir, "show", "nope"]).await;
+    assert!(!ok && err.contains("not served"), "{err}");
+
+    // After the hcm stopped, its status shows no tunnels (issue 14 item 8).
+    drop(_hcm);
+    let (ok, _, err) = output(&["hcm", "--data-dir", &data_dir, "status"]).await;
+    assert!(!ok && err.contains("not running") && err.contains("stopped"), "{err}");
+    let (_, out, _) = output(&["hcm", "--data-dir", &data_dir, "show", "seg"]).await;
+    assert!(out.contains("not running"), "{out}");
 }

@@ -157,3 +157,139 @@ async fn sigterm_drains_the_hcm_process() {
         "{err}"
     );
 }
+
+/// Collects a child's stderr lines into a shared string.
+fn collect(child: &mut tokio::process::Child) -> std::sync::Arc<std::sync::Mutex<String>> {
+    use tokio::io::AsyncBufReadExt;
+    let out = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let o = out.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(l)) = lines.next_line().await {
+            let mut s = o.lock().unwrap();
+            s.push_str(&l);
+            s.push('\n');
+        }
+    });
+    out
+}
+
+async fn wait_text(log: &std::sync::Arc<std::sync::Mutex<String>>, needle: &str, times: usize) {
+    let ok = wait_for(Duration::from_secs(20), || async {
+        log.lock().unwrap().matches(needle).count() >= times
+    })
+    .await;
+    assert!(ok, "never saw {needle:?} x{times}: {}", log.lock().unwrap());
+}
+
+/// Issue 14 item 3: a normal stop closes TLS properly (close_notify), so neither side logs
+/// "peer closed connection without sending TLS close_notify" or a protocol error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_normal_stop_closes_tls_properly_on_both_sides() {
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let bin = || {
+        let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_hyrelay"));
+        c.kill_on_drop(true).env_remove("HYRELAY_LOG").current_dir(dir.path());
+        c
+    };
+    let mut relay = bin()
+        .args([
+            "--log-level",
+            "info",
+            "relay",
+            "--self-signed",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            "relay",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let relay_log = collect(&mut relay);
+    wait_text(&relay_log, "hyrelay relay listening on", 1).await;
+    for args in [
+        vec![
+            "hc",
+            "--relay-data-dir",
+            "relay",
+            "create",
+            "t",
+            "--endpoint",
+            "127.0.0.1:9",
+        ],
+        vec![
+            "hc",
+            "--relay-data-dir",
+            "relay",
+            "connection-string",
+            "t",
+            "--listen",
+            "--output",
+            "t.listen",
+        ],
+        vec![
+            "hcm",
+            "--data-dir",
+            "hcm",
+            "add",
+            "--connection-string-file",
+            "t.listen",
+        ],
+    ] {
+        let out = bin().args(&args).output().await.unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let hcm_run = || {
+        bin()
+            .args([
+                "--log-level",
+                "info",
+                "hcm",
+                "--data-dir",
+                "hcm",
+                "run",
+                "--ca-file",
+                "relay/tls/ca.pem",
+            ])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // The hcm stops: the relay sees the listener leave normally.
+    let mut hcm = hcm_run();
+    let _hcm_log = collect(&mut hcm);
+    wait_text(&relay_log, "listener_registered", 1).await;
+    std::process::Command::new("kill")
+        .args(["-TERM", &hcm.id().unwrap().to_string()])
+        .status()
+        .unwrap();
+    wait_text(&relay_log, "listener_unregistered", 1).await;
+    assert!(hcm.wait().await.unwrap().success());
+    // The relay stops: the hcm sees the channel close normally.
+    let mut hcm = hcm_run();
+    let hcm_log = collect(&mut hcm);
+    wait_text(&relay_log, "listener_registered", 2).await;
+    std::process::Command::new("kill")
+        .args(["-TERM", &relay.id().unwrap().to_string()])
+        .status()
+        .unwrap();
+    assert!(relay.wait().await.unwrap().success());
+    wait_text(&hcm_log, "control_channel_down", 1).await;
+    hcm.kill().await.ok();
+    let (r, h) = (relay_log.lock().unwrap().clone(), hcm_log.lock().unwrap().clone());
+    for (who, log) in [("relay", &r), ("hcm", &h)] {
+        assert!(
+            !log.contains("close_notify"),
+            "{who} logged a TLS close without close_notify:\n{log}"
+        );
+        assert!(!log.contains("protocol error"), "{who}:\n{log}");
+    }
+    assert!(r.contains("closed by listener (1000)"), "{r}");
+    assert!(h.contains("relay closed the control channel (1001"), "{h}");
+}

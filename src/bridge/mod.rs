@@ -233,6 +233,8 @@ pub struct BridgeHandle {
     shutdown: CancellationToken,
     workers: Arc<Workers>,
     admin: Option<crate::telemetry::admin::AdminHandle>,
+    /// What the admin listener shows (also for `up`'s combined one).
+    source: Arc<dyn crate::telemetry::admin::StatusSource>,
     /// Graceful stop: accept loops end.
     drain: CancellationToken,
     inflight: crate::dataplane::drain::InFlight,
@@ -256,6 +258,11 @@ impl BridgeHandle {
     /// The admin listener's address, if one was configured.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.as_ref().map(|a| a.local_addr())
+    }
+
+    /// The status the admin listener serves, for a combined one (`hyrelay up --admin`).
+    pub fn status_source(&self) -> Arc<dyn crate::telemetry::admin::StatusSource> {
+        self.source.clone()
     }
 
     /// Address of the first forward of `hc`.
@@ -350,15 +357,19 @@ pub fn start(cfg: BridgeConfig) -> anyhow::Result<BridgeHandle> {
         fixed: cfg.fixed_forwards.clone(),
     });
     forwards.apply(&cfg.forwards)?;
+    let f = forwards.clone();
+    let source: Arc<dyn crate::telemetry::admin::StatusSource> =
+        Arc::new(status::BridgeStatus::new(
+            Arc::new(move || f.views()),
+            totals,
+            tls,
+            cfg.proxy.clone(),
+        ));
     let admin = match cfg.admin {
-        Some(a) => {
-            let f = forwards.clone();
-            let source = status::BridgeStatus::new(Arc::new(move || f.views()), totals, tls, cfg.proxy.clone());
-            Some(
-                crate::telemetry::admin::spawn(a, Arc::new(source))
-                    .with_context(|| format!("cannot listen on admin address {a}"))?,
-            )
-        }
+        Some(a) => Some(
+            crate::telemetry::admin::spawn(a, source.clone())
+                .with_context(|| format!("cannot listen on admin address {a}"))?,
+        ),
         None => None,
     };
     let watcher = match &cfg.config_file {
@@ -370,6 +381,7 @@ pub fn start(cfg: BridgeConfig) -> anyhow::Result<BridgeHandle> {
         shutdown,
         workers,
         admin,
+        source,
         drain,
         inflight,
         drain_timeout: cfg.drain_timeout,

@@ -10,13 +10,16 @@ use std::time::{Duration, Instant, SystemTime};
 use serde_json::json;
 
 use super::config::Forward;
-use crate::telemetry::admin::{Health, Report, Row, StatusSource, human_bytes, rfc3339};
+use crate::telemetry::admin::{Cell, Health, Report, Row, Section, StatusSource, human_bytes, rfc3339};
+use crate::telemetry::history::{History, Sample};
 use crate::telemetry::metrics::Totals;
 
 /// What a forward has seen lately.
 #[derive(Debug, Default)]
 pub struct ForwardStatus {
     pub last_connect: Option<(SystemTime, &'static str, String)>,
+    /// The latest relay connect that failed.
+    pub last_failure: Option<(SystemTime, &'static str, String)>,
     pub connects: Vec<(&'static str, u64)>,
     pub local_connections: u64,
 }
@@ -26,6 +29,9 @@ impl ForwardStatus {
         match self.connects.iter_mut().find(|(r, _)| *r == result) {
             Some((_, n)) => *n += 1,
             None => self.connects.push((result, 1)),
+        }
+        if result != "ok" {
+            self.last_failure = Some((SystemTime::now(), result, detail.clone()));
         }
         self.last_connect = Some((SystemTime::now(), result, detail));
     }
@@ -42,7 +48,10 @@ pub struct ForwardView {
 #[derive(Debug, Clone)]
 struct Probe {
     at: Instant,
+    /// The relay answered with these credentials.
     ok: bool,
+    /// Listeners (hcms) behind the hybrid connection, when the relay answered.
+    listeners: u64,
     detail: String,
 }
 
@@ -55,6 +64,7 @@ pub(crate) struct BridgeStatus {
     tls: Arc<rustls::ClientConfig>,
     /// The bridge's way to the relay, for the probe.
     proxy: crate::transport::proxy::ProxyConfig,
+    history: History,
     /// Last probe per hybrid connection and relay.
     probes: Mutex<std::collections::HashMap<String, Probe>>,
 }
@@ -74,6 +84,7 @@ impl BridgeStatus {
             totals,
             tls,
             proxy,
+            history: History::default(),
             probes: Mutex::new(Default::default()),
         }
     }
@@ -101,11 +112,13 @@ impl BridgeStatus {
             Ok(info) => Probe {
                 at: Instant::now(),
                 ok: true,
+                listeners: info.listener_count as u64,
                 detail: format!("relay answers; {} listener(s)", info.listener_count),
             },
             Err(e) => Probe {
                 at: Instant::now(),
                 ok: false,
+                listeners: 0,
                 detail: e.to_string(),
             },
         };
@@ -114,6 +127,38 @@ impl BridgeStatus {
             .unwrap_or_else(|e| e.into_inner())
             .insert(key, p.clone());
         p
+    }
+}
+
+fn sample_of(st: &ForwardStatus, t: crate::telemetry::metrics::HcTotal, at: SystemTime) -> Sample {
+    let (ok, failed) = st.connects.iter().fold(
+        (0, 0),
+        |(ok, failed), (r, n)| {
+            if *r == "ok" { (ok + n, failed) } else { (ok, failed + n) }
+        },
+    );
+    Sample {
+        at,
+        active: t.active,
+        bytes: t.bytes_up + t.bytes_down,
+        ok,
+        failed,
+    }
+}
+
+/// The status word and its colour. A forward is ready when its relay answers and at least
+/// one listener (hcm) serves the hybrid connection: with none, every app connection would
+/// be refused.
+fn health(probe: &Probe, st: &ForwardStatus) -> (Health, &'static str) {
+    let last_ok = st.last_connect.as_ref().is_none_or(|(_, r, _)| *r == "ok");
+    if !probe.ok {
+        (Health::Broken, "Relay unreachable")
+    } else if probe.listeners == 0 {
+        (Health::Broken, "No listener")
+    } else if !last_ok {
+        (Health::Degraded, "Connects failing")
+    } else {
+        (Health::Ok, "Ready")
     }
 }
 
@@ -129,42 +174,42 @@ impl StatusSource for BridgeStatus {
             let mut ready = true;
             for v in (self.forwards)() {
                 let probe = self.probe(&v.fwd).await;
-                ready &= probe.ok;
                 let st = v.status.lock().unwrap_or_else(|e| e.into_inner());
+                let (health, word) = health(&probe, &st);
+                ready &= health != Health::Broken;
                 let t = self.totals.get(&v.fwd.hybrid_connection);
-                let last = st
-                    .last_connect
-                    .as_ref()
-                    .map(|(at, r, d)| format!("{} {r} {d}", rfc3339(*at)).trim_end().to_owned())
-                    .unwrap_or_else(|| "-".into());
-                let last_ok = st.last_connect.as_ref().is_none_or(|(_, r, _)| *r == "ok");
                 rows.push(Row {
                     name: v.fwd.hybrid_connection.clone(),
+                    health,
+                    status: word.into(),
                     cells: vec![
-                        v.fwd.hybrid_connection.clone(),
-                        if probe.ok {
-                            "Relay answers".into()
-                        } else {
-                            "Relay unreachable".into()
+                        Cell::text(v.bound.to_string()),
+                        Cell::text(v.fwd.connection_string.endpoint.authority()),
+                        Cell::text(&probe.detail),
+                        match &st.last_connect {
+                            Some((at, r, _)) => Cell::Ago(*at, r.to_string()),
+                            None => Cell::text("-"),
                         },
-                        v.bound.to_string(),
-                        v.fwd.connection_string.endpoint.authority(),
-                        probe.detail.clone(),
-                        last,
-                        t.active.to_string(),
-                        format!("{} / {}", human_bytes(t.bytes_up), human_bytes(t.bytes_down)),
+                        Cell::text(t.active.max(0).to_string()),
+                        Cell::text(format!("{} / {}", human_bytes(t.bytes_up), human_bytes(t.bytes_down))),
                     ],
-                    health: if probe.ok && last_ok {
-                        Health::Ok
-                    } else {
-                        Health::Broken
-                    },
+                    last_error: st
+                        .last_failure
+                        .as_ref()
+                        .map(|(at, r, d)| (*at, format!("relay connect {r}: {d}")))
+                        .or_else(|| (!probe.ok).then(|| (SystemTime::now(), probe.detail.clone()))),
+                    history: self
+                        .history
+                        .series_with(&v.fwd.hybrid_connection, sample_of(&st, t, SystemTime::now())),
                 });
                 detail.push(json!({
                     "hybridConnection": v.fwd.hybrid_connection,
                     "listen": v.bound.to_string(),
                     "relay": v.fwd.connection_string.endpoint.authority(),
                     "relayAnswers": probe.ok,
+                    "listeners": probe.listeners,
+                    "health": word,
+                    "ready": health != Health::Broken,
                     "probe": probe.detail,
                     "localConnections": st.local_connections,
                     "lastRelayConnect": st.last_connect.as_ref().map(|(at, r, d)| json!({"at": rfc3339(*at), "result": r, "detail": d})),
@@ -177,18 +222,34 @@ impl StatusSource for BridgeStatus {
             Report {
                 ready,
                 status: json!({ "role": "bridge", "forwards": detail }),
-                columns: vec![
-                    "Hybrid connection",
-                    "Status",
-                    "Listening on",
-                    "Relay",
-                    "Relay probe",
-                    "Last relay connect",
-                    "Active tunnels",
-                    "Bytes up / down",
-                ],
-                rows,
+                sections: vec![Section {
+                    role: "bridge",
+                    columns: vec![
+                        "Listening on",
+                        "Relay",
+                        "Relay probe",
+                        "Last relay connect",
+                        "Active tunnels",
+                        "Bytes up / down",
+                    ],
+                    rows,
+                }],
             }
+        })
+    }
+
+    fn sample(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            let at = SystemTime::now();
+            let round = (self.forwards)()
+                .iter()
+                .map(|v| {
+                    let t = self.totals.get(&v.fwd.hybrid_connection);
+                    let st = v.status.lock().unwrap_or_else(|e| e.into_inner());
+                    (v.fwd.hybrid_connection.clone(), sample_of(&st, t, at))
+                })
+                .collect();
+            self.history.record(round);
         })
     }
 }

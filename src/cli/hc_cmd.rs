@@ -37,9 +37,10 @@ pub struct HcArgs {
 enum HcCommand {
     /// Create a hybrid connection for one endpoint.
     Create {
+        /// Name of the new hybrid connection (letters, digits, `-`, `_`, `.`, `/`).
         name: String,
         /// The endpoint HOST:PORT on the private network.
-        #[arg(long)]
+        #[arg(long, value_name = "HOST:PORT")]
         endpoint: String,
         /// Let senders connect without a token.
         #[arg(long)]
@@ -48,29 +49,48 @@ enum HcCommand {
     /// List hybrid connections with their status.
     List,
     /// Show one hybrid connection with its listeners, rules and keys.
-    Show { name: String },
-    /// Delete a hybrid connection (its listeners are disconnected).
-    Delete { name: String },
-    /// Print a connection string: --listen for an hcm, --send for a bridge.
-    ConnectionString {
+    Show {
+        /// The hybrid connection.
         name: String,
-        #[arg(long, conflicts_with = "send", required_unless_present = "send")]
+    },
+    /// Delete a hybrid connection (its listeners are disconnected).
+    Delete {
+        /// The hybrid connection.
+        name: String,
+    },
+    /// Print a connection string: --listen for an hcm, --send for a bridge.
+    #[command(group = clap::ArgGroup::new("right").required(true).args(["listen", "send"]))]
+    ConnectionString {
+        /// The hybrid connection.
+        name: String,
+        /// The Listen string (rule defaultListener), for an hcm: Azure's "gateway
+        /// connection string".
+        #[arg(long)]
         listen: bool,
+        /// The Send string (rule defaultSender), for a bridge.
         #[arg(long)]
         send: bool,
-        /// Use the secondary key.
+        /// Use the secondary key instead of the primary.
         #[arg(long)]
         secondary: bool,
+        /// Write the string to FILE (owner-only, 0600) instead of printing it.
+        #[arg(long, short = 'o', value_name = "FILE")]
+        output: Option<PathBuf>,
     },
     /// Replace a key of the hybrid connection's rules; tokens made with the old key stop working.
+    #[command(group = clap::ArgGroup::new("key").required(true).args(["primary", "secondary"]))]
     RegenerateKey {
+        /// The hybrid connection.
         name: String,
-        #[arg(long, conflicts_with = "secondary", required_unless_present = "secondary")]
+        /// Replace the primary key (connection strings printed by default use it).
+        #[arg(long)]
         primary: bool,
+        /// Replace the secondary key (for rotation: move clients to the secondary, then
+        /// regenerate the primary).
         #[arg(long)]
         secondary: bool,
         /// Only this rule (defaultListener or defaultSender); default: both.
-        #[arg(long)]
+        #[arg(long, value_name = "RULE")]
         rule: Option<String>,
     },
 }
@@ -109,7 +129,49 @@ pub fn run(args: HcArgs) -> anyhow::Result<()> {
     let tls = crate::transport::tls::client_config(&ca)?;
     let proxy = crate::transport::proxy::ProxyConfig::from_flag(args.proxy.as_deref())?;
     let m = Management::new(cs, tls).with_proxy(proxy);
-    super::block_on(async move { command(&m, args.command, args.json).await })?
+    let hint = Hint {
+        again: again(&args),
+        inline_cs: args.cs.connection_string_file.is_none()
+            && args.cs.connection_string.is_some()
+            && std::env::var_os("HYRELAY_CONNECTION_STRING").is_none(),
+    };
+    super::block_on(async move { command(&m, args.command, args.json, &hint).await })?
+}
+
+/// How to run `hyrelay hc` again against the same relay, for printed hints: the flags this
+/// command was given that locate the relay (never an inline key).
+struct Hint {
+    again: String,
+    /// The manage string came inline on the command line (not repeated in hints).
+    inline_cs: bool,
+}
+
+fn again(args: &HcArgs) -> String {
+    let mut out = String::from("hyrelay hc");
+    if let Some(d) = &args.relay_data_dir {
+        out.push_str(&format!(" --relay-data-dir {}", shell_word(&d.display().to_string())));
+    }
+    if let Some(f) = &args.cs.connection_string_file {
+        out.push_str(&format!(
+            " --connection-string-file {}",
+            shell_word(&f.display().to_string())
+        ));
+    }
+    if let Some(f) = &args.ca_file
+        && std::env::var_os("HYRELAY_CA_FILE").is_none()
+    {
+        out.push_str(&format!(" --ca-file {}", shell_word(&f.display().to_string())));
+    }
+    out
+}
+
+/// `s` quoted for a POSIX shell when it needs it.
+pub(crate) fn shell_word(s: &str) -> String {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:=@%+,".contains(c)) {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
 }
 
 fn s(v: &Value) -> String {
@@ -120,7 +182,8 @@ fn s(v: &Value) -> String {
     }
 }
 
-async fn command(m: &Management, cmd: HcCommand, json: bool) -> anyhow::Result<()> {
+async fn command(m: &Management, cmd: HcCommand, json: bool, hint: &Hint) -> anyhow::Result<()> {
+    let (again, inline_cs) = (&hint.again, hint.inline_cs);
     match cmd {
         HcCommand::Create {
             name,
@@ -135,8 +198,11 @@ async fn command(m: &Management, cmd: HcCommand, json: bool) -> anyhow::Result<(
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!("created {} -> {}", s(&v["name"]), s(&v["endpoint"]));
-                println!("next: hyrelay hc connection-string {name} --listen   (give it to an hcm)");
-                println!("      hyrelay hc connection-string {name} --send     (give it to a bridge)");
+                println!("next: {again} connection-string {name} --listen --output {name}.listen   (for an hcm)");
+                println!("      {again} connection-string {name} --send --output {name}.send       (for a bridge)");
+                if inline_cs {
+                    println!("      (with the same --connection-string as this command)");
+                }
             }
         }
         HcCommand::List => {
@@ -218,9 +284,21 @@ async fn command(m: &Management, cmd: HcCommand, json: bool) -> anyhow::Result<(
             println!("deleted {name}");
         }
         HcCommand::ConnectionString {
-            name, send, secondary, ..
+            name,
+            send,
+            secondary,
+            output,
+            ..
         } => {
-            println!("{}", m.connection_string(&name, send, secondary).await?.expose());
+            let cs = m.connection_string(&name, send, secondary).await?;
+            match output {
+                Some(f) => {
+                    crate::config::write_private(&f, format!("{}\n", cs.expose()).as_bytes())
+                        .with_context(|| format!("writing {}", f.display()))?;
+                    println!("wrote {} (owner-only)", f.display());
+                }
+                None => println!("{}", cs.expose()),
+            }
         }
         HcCommand::RegenerateKey {
             name, secondary, rule, ..

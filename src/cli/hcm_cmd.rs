@@ -64,8 +64,20 @@ enum HcmCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Everything about one hybrid connection: relay, endpoint, key name and token expiry
+    /// (never the key), each segment's state, tunnels, traffic and recent errors.
+    Show {
+        /// The hybrid connection (as in `hcm list`).
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove a hybrid connection added with `hcm add`.
-    Remove { name: String },
+    Remove {
+        /// The hybrid connection (as in `hcm list`).
+        name: String,
+    },
 }
 
 fn load_config(args: &HcmArgs) -> anyhow::Result<HcmConfig> {
@@ -107,7 +119,7 @@ pub fn run(args: HcmArgs) -> anyhow::Result<()> {
             }
             let added = state::load_added(&cfg.data_dir)?.len();
             if cfg.hybrid_connections.is_empty() && added == 0 {
-                tracing::warn!(data_dir = %cfg.data_dir.display(), "no hybrid connections yet: add one with `hyrelay hcm add \"<connection string>\"`");
+                tracing::warn!(data_dir = %cfg.data_dir.display(), "no hybrid connections yet: add one with `hyrelay hcm add -` (paste the Listen connection string)");
             }
             let hcm = crate::hcm::start(cfg)?;
             if let Some(a) = hcm.admin_addr() {
@@ -154,6 +166,7 @@ pub fn run(args: HcmArgs) -> anyhow::Result<()> {
             Ok(())
         }
         HcmCommand::Status { json } => status(&cfg, json),
+        HcmCommand::Show { name, json } => show(&cfg, &name, json),
         HcmCommand::Remove { name } => {
             let n = state::remove(&cfg.data_dir, &name)?;
             anyhow::ensure!(
@@ -166,9 +179,24 @@ pub fn run(args: HcmArgs) -> anyhow::Result<()> {
     }
 }
 
+/// Why there is no running status, for messages.
+fn not_running(cfg: &HcmConfig) -> String {
+    match state::read_status_any(&cfg.data_dir) {
+        Some(f) if f.stopped => format!(
+            "the hcm is not running (it stopped at {})",
+            crate::clock::rfc3339(std::time::UNIX_EPOCH + std::time::Duration::from_secs(f.updated))
+        ),
+        Some(_) => format!(
+            "the hcm is not running (its status in {} is stale: it was killed or hangs)",
+            cfg.data_dir.display()
+        ),
+        None => format!("the hcm is not running (no status in {})", cfg.data_dir.display()),
+    }
+}
+
 fn status(cfg: &HcmConfig, json: bool) -> anyhow::Result<()> {
     let Some(st) = state::read_status(&cfg.data_dir) else {
-        anyhow::bail!("the hcm is not running (no fresh status in {})", cfg.data_dir.display());
+        anyhow::bail!("{}", not_running(cfg));
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&st)?);
@@ -195,17 +223,152 @@ fn status(cfg: &HcmConfig, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn list(cfg: &HcmConfig) {
-    let mut entries = cfg.hybrid_connections.clone();
+/// Every hybrid connection this hcm serves: the config file's, then those from `hcm add`
+/// (which replace a configured one for the same relay and name). Marks where each came from.
+fn entries(cfg: &HcmConfig) -> Vec<(HcEntry, &'static str)> {
+    let mut out: Vec<(HcEntry, &'static str)> = cfg
+        .hybrid_connections
+        .iter()
+        .map(|e| (e.clone(), "config file"))
+        .collect();
     match state::load_added(&cfg.data_dir) {
         Ok(added) => {
             for a in added {
-                entries.retain(|e| e.key() != a.key());
-                entries.push(a);
+                out.retain(|(e, _)| e.key() != a.key());
+                out.push((a, "hcm add"));
             }
         }
         Err(e) => eprintln!("warning: {e:#}"),
     }
+    out
+}
+
+fn show(cfg: &HcmConfig, name: &str, json: bool) -> anyhow::Result<()> {
+    let status = state::read_status(&cfg.data_dir);
+    let running: Vec<&state::HcStatus> = status
+        .iter()
+        .flat_map(|s| s.hybrid_connections.iter())
+        .filter(|h| h.name.eq_ignore_ascii_case(name))
+        .collect();
+    let mut docs = Vec::new();
+    for (e, source) in entries(cfg).iter().filter(|(e, _)| e.name().eq_ignore_ascii_case(name)) {
+        let relay = e.connection_string.endpoint.authority();
+        let st = running.iter().copied().find(|h| h.relay == relay);
+        docs.push(show_doc(Some(e), source, st, &relay));
+    }
+    // Served by the hcm from a config this command was not given (known from its status
+    // file; the last one if it stopped).
+    let last = state::read_status_any(&cfg.data_dir);
+    for st in last.iter().flat_map(|s| s.hybrid_connections.iter()) {
+        if st.name.eq_ignore_ascii_case(name) && !docs.iter().any(|d| d["relay"] == st.relay.as_str()) {
+            let live = running.iter().copied().find(|h| h.relay == st.relay);
+            let mut d = show_doc(None, "the hcm's configuration", live, &st.relay);
+            d["name"] = serde_json::json!(st.name);
+            d["keyName"] = serde_json::json!(st.key_name);
+            d["endpoint"] = serde_json::json!(st.endpoint);
+            docs.push(d);
+        }
+    }
+    anyhow::ensure!(
+        !docs.is_empty(),
+        "{name} is not served by this hcm (see `hyrelay hcm list`)"
+    );
+    if json {
+        println!("{}", serde_json::to_string_pretty(&docs)?);
+        return Ok(());
+    }
+    if status.is_none() {
+        println!("({})", not_running(cfg));
+    }
+    for (i, d) in docs.iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        print_show(d);
+    }
+    Ok(())
+}
+
+/// What `hcm show` prints for one hybrid connection (JSON; the key is never part of it).
+fn show_doc(e: Option<&HcEntry>, source: &str, st: Option<&state::HcStatus>, relay: &str) -> serde_json::Value {
+    let endpoint = st
+        .and_then(|s| s.endpoint.clone())
+        .or_else(|| e.and_then(|e| e.endpoint.as_ref()).map(|x| x.to_string()));
+    let key_name = e
+        .and_then(|e| e.connection_string.key_name().map(str::to_owned))
+        .or_else(|| st.and_then(|s| s.key_name.clone()));
+    serde_json::json!({
+        "name": e.map(|e| e.name().to_owned()).or_else(|| st.map(|s| s.name.clone())),
+        "relay": relay,
+        "source": source,
+        "endpoint": endpoint,
+        "endpointFrom": match e {
+            Some(e) if e.endpoint.is_some() => "override",
+            Some(_) => "metadata",
+            None => "the running hcm",
+        },
+        "keyName": key_name,
+        "credential": match e {
+            Some(e) if !e.has_key() => "SharedAccessSignature (not renewable)",
+            _ => "key (tokens minted and renewed here)",
+        },
+        "running": st.is_some(),
+        "status": st,
+    })
+}
+
+fn print_show(d: &serde_json::Value) {
+    let s = |v: &serde_json::Value| match v {
+        serde_json::Value::Null => "-".to_owned(),
+        serde_json::Value::String(s) => s.clone(),
+        o => o.to_string(),
+    };
+    let st = &d["status"];
+    let line = |k: &str, v: String| println!("{k:<18} {v}");
+    line("name", s(&d["name"]));
+    line("relay", s(&d["relay"]));
+    line(
+        "endpoint",
+        format!("{} (from {})", s(&d["endpoint"]), s(&d["endpointFrom"])),
+    );
+    line("added by", s(&d["source"]));
+    line("key name", format!("{} ({})", s(&d["keyName"]), s(&d["credential"])));
+    if st.is_null() {
+        line("status", "not running".into());
+        return;
+    }
+    let hs: state::HcStatus = match serde_json::from_value(st.clone()) {
+        Ok(h) => h,
+        Err(_) => return,
+    };
+    let (channel, dial) = crate::hcm::status::segments(&hs);
+    line("token expires", hs.token_expires.clone().unwrap_or_else(|| "-".into()));
+    line("relay <-> hcm", channel);
+    line("hcm <-> endpoint", dial);
+    line(
+        "tunnels",
+        format!("{} active, {} accepted", hs.active_tunnels, hs.accepts),
+    );
+    line(
+        "bytes",
+        format!(
+            "{} to / {} from the endpoint",
+            crate::telemetry::admin::human_bytes(hs.bytes_to_endpoint),
+            crate::telemetry::admin::human_bytes(hs.bytes_from_endpoint)
+        ),
+    );
+    if hs.recent_errors.is_empty() {
+        line("recent errors", "none".into());
+    } else {
+        println!("recent errors (newest last):");
+        for e in &hs.recent_errors {
+            println!("  {} {:?}: {}", e.at, e.segment, e.detail);
+        }
+    }
+}
+
+fn list(cfg: &HcmConfig) {
+    let entries: Vec<HcEntry> = entries(cfg).into_iter().map(|(e, _)| e).collect();
     let status = state::read_status(&cfg.data_dir);
     if status.is_none() {
         println!("(the hcm is not running; status is unknown)");

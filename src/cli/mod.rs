@@ -2,6 +2,7 @@
 //! demo. Parsing is clap; every command returns `anyhow::Result` to `main`.
 
 mod bridge_cmd;
+mod docs;
 pub mod doctor;
 mod hc_cmd;
 mod hcm_cmd;
@@ -23,9 +24,10 @@ pub struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-    /// Log filter (`info`, `debug`, `hyrelay=trace`, …); the HYRELAY_LOG variable overrides it.
-    #[arg(long, global = true, default_value = "info")]
-    pub log_level: String,
+    /// Log filter (`info`, `debug`, `hyrelay=trace`, …). Default: the HYRELAY_LOG variable,
+    /// else `info`; this flag wins over the variable.
+    #[arg(long, global = true, value_name = "FILTER")]
+    pub log_level: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -44,11 +46,22 @@ pub enum Command {
     Up(up::UpArgs),
     /// Validate a config file and exit non-zero naming the field at fault.
     CheckConfig {
-        /// The config file.
+        /// The config file (TOML).
         file: PathBuf,
         /// Which role the file is for (default: guessed from the file name).
         #[arg(long, value_parser = ["relay", "hcm", "bridge"])]
         role: Option<String>,
+    },
+    /// Print a shell completion script: `hyrelay completions bash > /etc/bash_completion.d/hyrelay`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: docs::Shell,
+    },
+    /// Write man pages (hyrelay.1 and one per subcommand) into DIR.
+    Manpages {
+        /// Directory to write the pages into (created if missing).
+        dir: PathBuf,
     },
     /// Check a connection string step by step: DNS, TCP, TLS, WebSocket, token, listeners, endpoint.
     Doctor(doctor::DoctorArgs),
@@ -56,7 +69,7 @@ pub enum Command {
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    crate::telemetry::init(cli.log_format, &cli.log_level);
+    crate::telemetry::init(cli.log_format, cli.log_level.as_deref());
     match cli.command {
         Command::Relay(a) => relay_cmd::run(a),
         Command::Hc(a) => hc_cmd::run(a),
@@ -65,6 +78,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Up(a) => up::run(a),
         Command::CheckConfig { file, role } => check_config(&file, role.as_deref()),
         Command::Doctor(a) => doctor::run(a),
+        Command::Completions { shell } => docs::completions(shell),
+        Command::Manpages { dir } => docs::manpages(&dir),
     }
 }
 
@@ -122,6 +137,24 @@ fn proxy_setting(
     }
     p.with_process_env()
         .context("the proxy environment (HTTPS_PROXY, ALL_PROXY, NO_PROXY)")
+}
+
+/// An error and its causes as one line, `outer: cause: root`, each cause once: a cause whose
+/// text the message before it already contains (code that wrote `format!("…: {e}")` and
+/// kept `e` as the source) is not repeated.
+pub fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(text.trim()) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 /// Blocks until SIGINT or SIGTERM (Ctrl-C on Windows), calling `on_reload` for every
@@ -234,4 +267,22 @@ pub fn format_table(header: &[&str], rows: &[Vec<String>]) -> String {
         line(r.iter().map(String::as_str).collect());
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::AddrInUse, "Address in use (os error 98)");
+        let inner = anyhow::Error::new(io).context("cannot listen on 127.0.0.1:1: Address in use (os error 98)");
+        let e = inner.context("starting the relay");
+        assert_eq!(
+            error_chain(&e),
+            "starting the relay: cannot listen on 127.0.0.1:1: Address in use (os error 98)"
+        );
+        let plain = anyhow::anyhow!("root").context("middle").context("outer");
+        assert_eq!(error_chain(&plain), "outer: middle: root");
+    }
 }

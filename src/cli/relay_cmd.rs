@@ -116,8 +116,13 @@ pub fn run(args: RelayArgs) -> anyhow::Result<()> {
     if let Some(ca) = relay.ca_file() {
         eprintln!("development CA (trust it with --ca-file): {}", ca.display());
     }
+    let mut hc = String::from("hyrelay hc");
+    if relay.data_dir() != crate::config::default_data_dir("relay") {
+        let dir = relay.data_dir().display().to_string();
+        hc.push_str(&format!(" --relay-data-dir {}", super::hc_cmd::shell_word(&dir)));
+    }
     eprintln!(
-        "management credentials for `hyrelay hc`: {}",
+        "manage it on this machine with: {hc} list   (credentials: {})",
         relay.data_dir().join(crate::relay::CLI_FILE).display()
     );
     super::wait_for_stop(|| {

@@ -35,6 +35,14 @@ pub struct UpArgs {
     /// relay uses TLS, and tunnels with a TLS leg stay on epoll (README "I/O backends").
     #[arg(long, value_name = "BACKEND", env = "HYRELAY_IO_BACKEND", default_value_t)]
     io_backend: crate::dataplane::backend::IoBackend,
+    /// Admin listener for all three roles: /metrics, /healthz, /readyz, /status and a
+    /// status page at / (one table per role).
+    #[arg(long, value_name = "IP:PORT")]
+    admin: Option<SocketAddr>,
+    /// On Ctrl-C/SIGTERM, how long open tunnels get to finish (`30s`, `2m`); a second
+    /// signal stops at once.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    drain_timeout: std::time::Duration,
 }
 
 /// Writes each connection string to `<dir>/<what>.connection-string` (owner-only).
@@ -83,6 +91,7 @@ fn run_in(args: &UpArgs, dir: &std::path::Path) -> anyhow::Result<()> {
     );
     rc.workers = rc.workers.min(2);
     rc.io_backend = args.io_backend;
+    rc.drain_timeout = args.drain_timeout;
     let relay = crate::relay::start(rc).with_context(|| {
         format!(
             "starting the relay on {} (pick another with --relay-listen)",
@@ -107,6 +116,7 @@ fn run_in(args: &UpArgs, dir: &std::path::Path) -> anyhow::Result<()> {
     let mut hc = HcmConfig::new(dir.join("hcm"));
     hc.workers = 1;
     hc.io_backend = args.io_backend;
+    hc.drain_timeout = args.drain_timeout;
     hc.ca_files = ca.clone();
     hc.hybrid_connections = vec![HcEntry::new(listen_cs.clone(), None)?];
     let hcm = crate::hcm::start(hc)?;
@@ -117,6 +127,7 @@ fn run_in(args: &UpArgs, dir: &std::path::Path) -> anyhow::Result<()> {
     }]);
     bc.workers = 1;
     bc.io_backend = args.io_backend;
+    bc.drain_timeout = args.drain_timeout;
     bc.ca_files = ca.clone();
     let bridge = crate::bridge::start(bc).with_context(|| {
         format!(
@@ -170,11 +181,39 @@ fn run_in(args: &UpArgs, dir: &std::path::Path) -> anyhow::Result<()> {
             c.display()
         );
     }
+    let admin = match args.admin {
+        Some(a) => {
+            let all = crate::telemetry::admin::Composite::new(vec![
+                relay.status_source(),
+                hcm.status_source(),
+                bridge.status_source(),
+            ]);
+            let h = crate::telemetry::admin::spawn(a, std::sync::Arc::new(all))
+                .with_context(|| format!("cannot listen on admin address {a}"))?;
+            println!("  admin (metrics, health, status page): http://{}/", h.local_addr());
+            Some(h)
+        }
+        None => None,
+    };
     println!();
-    println!("Ctrl-C stops everything.");
+    println!(
+        "Ctrl-C stops everything (open tunnels get up to {} to finish; a second Ctrl-C stops at once).",
+        humantime::format_duration(args.drain_timeout)
+    );
     super::wait_for_signal()?;
-    bridge.stop();
-    hcm.stop();
-    relay.stop();
+    // All three drain at once: the bridge closes its port, the hcm its control channel,
+    // the relay stops accepting; tunnels that are open run on until they end or time out.
+    let force = super::force_on_second_signal();
+    let (f1, f2) = (force.clone(), force.clone());
+    let b = std::thread::spawn(move || bridge.drain(&f1));
+    let h = std::thread::spawn(move || hcm.drain(&f2));
+    let r = relay.drain(&force);
+    for (role, report) in [("bridge", b.join()), ("hcm", h.join())] {
+        if let Ok(report) = report {
+            super::report_drain(role, &report);
+        }
+    }
+    super::report_drain("relay", &r);
+    drop(admin);
     Ok(())
 }

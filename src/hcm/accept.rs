@@ -142,7 +142,7 @@ pub(crate) async fn handle(a: Accept, hc: Arc<HcRt>, endpoint: HostPort, ctx: Ar
 
 fn record_dial(hc: &HcRt, ok: bool, millis: u64, detail: String) {
     hc.update(|s| {
-        s.last_dial = Some(DialStatus {
+        s.set_dial(DialStatus {
             ok,
             at: crate::clock::now_rfc3339(),
             millis,

@@ -105,10 +105,9 @@ pub(crate) async fn run(hc: Arc<HcRt>, ctx: Arc<HcmCtx>) {
     let name = hc.entry.name().to_owned();
     loop {
         hc.set_state(ChannelState::Connecting);
-        let end = tokio::select! {
-            e = session(&hc, &ctx) => e,
-            _ = hc.stop.cancelled() => End::from(String::from("stopped")),
-        };
+        // Not raced against `stop`: the session watches it and, once connected, closes the
+        // channel properly (WebSocket Close, TLS close_notify) before it returns.
+        let end = session(&hc, &ctx).await;
         if hc.stop.is_cancelled() {
             hc.set_state(ChannelState::Stopped);
             tracing::info!(hc = %name, "control channel stopped");
@@ -131,6 +130,7 @@ pub(crate) async fn run(hc: Arc<HcRt>, ctx: Arc<HcmCtx>) {
         hc.update(|s| {
             s.reconnects += 1;
             s.last_error = Some(end.clone());
+            s.note_error(super::state::Segment::Relay, &end);
         });
         hc.set_state(ChannelState::Disconnected);
         tracing::warn!(event = "control_channel_down", hc = %name, reason = %end, retry_in_ms = delay.as_millis() as u64, "control channel down; reconnecting");
@@ -209,7 +209,10 @@ async fn bounded(deadline: Instant, io: impl std::future::Future<Output = std::i
 async fn serve_session(hc: &Arc<HcRt>, ctx: &Arc<HcmCtx>, connected: &mut Option<Instant>) -> Result<String, End> {
     let entry = &hc.entry;
     let cs = &entry.connection_string;
-    let endpoint = endpoint(hc, ctx).await?;
+    let endpoint = tokio::select! {
+        e = endpoint(hc, ctx) => e?,
+        _ = hc.stop.cancelled() => return Ok("stopped".into()),
+    };
     hc.update(|s| s.endpoint = Some(endpoint.to_string()));
     if let Err(why) = check_allowed(&endpoint, ctx) {
         tracing::warn!(event = "endpoint_not_allowed", hc = %entry.name(), %endpoint, "endpoint is not in allowed_endpoints; not opening the control channel");
@@ -218,15 +221,12 @@ async fn serve_session(hc: &Arc<HcRt>, ctx: &Arc<HcmCtx>, connected: &mut Option
     let ttl = ctx.cfg.token_ttl;
     let token = client::token(cs, entry.name(), ttl);
     let url = client::hc_url(cs, entry.name(), "listen", &crate::proto::ids::new_id());
-    let conn = match ws::connect_via(
-        &url,
-        Some(&ctx.tls),
-        &ctx.cfg.proxy,
-        &[("ServiceBusAuthorization", &token)],
-        ctx.cfg.relay_timeout,
-    )
-    .await
-    {
+    let auth = [("ServiceBusAuthorization", token.as_str())];
+    let connect = ws::connect_via(&url, Some(&ctx.tls), &ctx.cfg.proxy, &auth, ctx.cfg.relay_timeout);
+    let conn = match tokio::select! {
+        c = connect => c,
+        _ = hc.stop.cancelled() => return Ok("stopped".into()),
+    } {
         Ok(c) => c,
         Err(e) => {
             return Err(End {
@@ -238,7 +238,10 @@ async fn serve_session(hc: &Arc<HcRt>, ctx: &Arc<HcmCtx>, connected: &mut Option
     };
     *connected = Some(Instant::now());
     hc.set_state(ChannelState::Connected);
-    hc.update(|s| s.last_error = None);
+    hc.update(|s| {
+        s.last_error = None;
+        s.token_expires = super::state::token_expiry(entry, ttl);
+    });
     metrics::gauge!(crate::telemetry::metrics::HCM_CHANNEL_UP, "hc" => entry.name().to_owned()).set(1.0);
     tracing::info!(event = "control_channel_up", hc = %entry.name(), relay = %cs.endpoint.authority(), endpoint = %endpoint, "control channel connected");
     let (r, w) = tokio::io::split(conn.stream);
@@ -280,6 +283,7 @@ async fn serve_session(hc: &Arc<HcRt>, ctx: &Arc<HcmCtx>, connected: &mut Option
                     Ok(Some(Message::Pong(_) | Message::Binary(_))) => {}
                     Ok(Some(Message::Close(c))) => {
                         bounded(last_heard + period * 2, writer.send_close(c.code.unwrap_or(close_code::NORMAL), "")).await.ok();
+                        ws::close_tls(writer.get_mut()).await;
                         return Ok(format!("relay closed the control channel ({} {})", c.code.unwrap_or(1005), c.reason));
                     }
                     Ok(None) => return Ok("relay closed the connection".into()),
@@ -295,6 +299,7 @@ async fn serve_session(hc: &Arc<HcRt>, ctx: &Arc<HcmCtx>, connected: &mut Option
                     return Ok(format!("cannot renew the token: {e}"));
                 }
                 tracing::info!(event = "token_renewed", hc = %entry.name(), "listener token renewed");
+                hc.update(|s| s.token_expires = super::state::token_expiry(entry, ttl));
                 renew_at = Instant::now() + renew_after;
             }
             _ = ping.tick() => {
@@ -315,6 +320,7 @@ async fn serve_session(hc: &Arc<HcRt>, ctx: &Arc<HcmCtx>, connected: &mut Option
                         if matches!(m, Message::Close(_)) { break; }
                     }
                 }).await;
+                ws::close_tls(writer.get_mut()).await;
                 return Ok("stopped".into());
             }
         }

@@ -17,7 +17,7 @@ pub mod status;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
@@ -106,6 +106,11 @@ pub struct HcmHandle {
     reload_tx: tokio::sync::mpsc::UnboundedSender<()>,
     /// The data directory's lock, released by `halt`.
     dir_lock: Option<crate::config::DirLock>,
+    /// Where status.json goes; the last one says the hcm stopped.
+    data_dir: PathBuf,
+    halted: bool,
+    /// What the admin listener shows (also for `up`'s combined one).
+    source: Arc<dyn crate::telemetry::admin::StatusSource>,
 }
 
 impl std::fmt::Debug for HcmHandle {
@@ -128,6 +133,11 @@ impl HcmHandle {
     /// The admin listener's address, if one was configured.
     pub fn admin_addr(&self) -> Option<std::net::SocketAddr> {
         self.admin.as_ref().map(|a| a.local_addr())
+    }
+
+    /// The status the admin listener serves, for a combined one (`hyrelay up --admin`).
+    pub fn status_source(&self) -> Arc<dyn crate::telemetry::admin::StatusSource> {
+        self.source.clone()
     }
 
     /// Stops control channels and tunnels and waits for the threads.
@@ -163,6 +173,10 @@ impl HcmHandle {
             t.join().ok();
         }
         self.workers.stop();
+        if !std::mem::replace(&mut self.halted, true) {
+            // `hcm status` then says the hcm is not running, with no tunnels.
+            state::write_stopped(&self.data_dir, &self.shared.snapshot()).ok();
+        }
         self.dir_lock.take();
     }
 }
@@ -190,17 +204,16 @@ pub fn start(cfg: HcmConfig) -> anyhow::Result<HcmHandle> {
     crate::telemetry::metrics::announce("hcm", cfg.workers);
     let totals = Arc::new(crate::telemetry::metrics::Totals::default());
     crate::telemetry::metrics::spawn_worker_flush(&workers, "hcm", totals.clone());
+    let source: Arc<dyn crate::telemetry::admin::StatusSource> = Arc::new(status::HcmStatus {
+        shared: shared.clone(),
+        totals: totals.clone(),
+        history: Default::default(),
+    });
     let admin = match cfg.admin {
-        Some(a) => {
-            let source = status::HcmStatus {
-                shared: shared.clone(),
-                totals: totals.clone(),
-            };
-            Some(
-                crate::telemetry::admin::spawn(a, Arc::new(source))
-                    .map_err(|e| anyhow::anyhow!("cannot listen on admin address {a}: {e}"))?,
-            )
-        }
+        Some(a) => Some(
+            crate::telemetry::admin::spawn(a, source.clone())
+                .map_err(|e| anyhow::anyhow!("cannot listen on admin address {a}: {e}"))?,
+        ),
         None => None,
     };
     let ctx = Arc::new(HcmCtx {
@@ -243,6 +256,9 @@ pub fn start(cfg: HcmConfig) -> anyhow::Result<HcmHandle> {
         drain_timeout: cfg.drain_timeout,
         reload_tx,
         dir_lock: Some(dir_lock),
+        data_dir: cfg.data_dir.clone(),
+        halted: false,
+        source,
     })
 }
 
@@ -297,8 +313,17 @@ impl Manager {
         for hc in self.running.values() {
             hc.stop.cancel();
         }
-        // Give control channels a moment to send their Close.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Let control channels finish their close (WebSocket Close, its echo, TLS
+        // close_notify), bounded: each ends in at most about 3 s.
+        let closing = Instant::now();
+        while closing.elapsed() < Duration::from_secs(4)
+            && self
+                .running
+                .values()
+                .any(|h| h.snapshot().state != ChannelState::Stopped)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let list: Vec<HcStatus> = self
             .running
             .values()

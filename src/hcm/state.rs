@@ -146,6 +146,38 @@ pub struct HcStatus {
     pub bytes_to_endpoint: u64,
     #[serde(default)]
     pub bytes_from_endpoint: u64,
+    /// The SAS rule the hcm authenticates with (never its key).
+    #[serde(default)]
+    pub key_name: Option<String>,
+    /// When the control channel's current token expires (RFC 3339), once one was sent.
+    #[serde(default)]
+    pub token_expires: Option<String>,
+    /// The last few failures of either segment, newest last (at most [`RECENT_ERRORS`]).
+    #[serde(default)]
+    pub recent_errors: std::collections::VecDeque<SegmentError>,
+}
+
+/// How many failures [`HcStatus::recent_errors`] keeps.
+pub const RECENT_ERRORS: usize = 5;
+
+/// The segment a failure happened on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Segment {
+    /// relay ⇄ hcm: the control channel.
+    Relay,
+    /// hcm ⇄ endpoint: a dial.
+    Endpoint,
+}
+
+/// One failure of a segment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SegmentError {
+    /// RFC 3339.
+    pub at: String,
+    pub segment: Segment,
+    pub detail: String,
 }
 
 impl HcStatus {
@@ -163,8 +195,53 @@ impl HcStatus {
             last_dial: None,
             bytes_to_endpoint: 0,
             bytes_from_endpoint: 0,
+            key_name: entry.connection_string.key_name().map(str::to_owned),
+            token_expires: None,
+            recent_errors: Default::default(),
         }
     }
+
+    /// Remembers a failure of `segment` (bounded to the last [`RECENT_ERRORS`]).
+    pub fn note_error(&mut self, segment: Segment, detail: &str) {
+        if self.recent_errors.len() == RECENT_ERRORS {
+            self.recent_errors.pop_front();
+        }
+        self.recent_errors.push_back(SegmentError {
+            at: crate::clock::now_rfc3339(),
+            segment,
+            detail: detail.to_owned(),
+        });
+    }
+
+    /// Records an endpoint dial; a failed one is also a recent error.
+    pub fn set_dial(&mut self, d: DialStatus) {
+        if !d.ok {
+            self.note_error(Segment::Endpoint, &d.detail);
+        }
+        self.last_dial = Some(d);
+    }
+
+    /// The newest failure of any segment.
+    pub fn latest_error(&self) -> Option<&SegmentError> {
+        self.recent_errors.back()
+    }
+}
+
+/// When a token minted now for `entry` with lifetime `ttl` expires (RFC 3339); for a
+/// ready-made SharedAccessSignature, its own `se`.
+pub fn token_expiry(entry: &HcEntry, ttl: Duration) -> Option<String> {
+    use crate::proto::connstr::Credential;
+    let secs = match &entry.connection_string.credential {
+        Credential::Key { .. } => crate::proto::sas::unix_now().saturating_add(ttl.as_secs()),
+        Credential::Token(t) => t
+            .expose()
+            .split(['&', ' '])
+            .find_map(|kv| kv.strip_prefix("se="))
+            .and_then(|v| v.parse().ok())?,
+    };
+    Some(crate::clock::rfc3339(
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs.min(253_402_300_799)),
+    ))
 }
 
 /// Contents of `status.json`.
@@ -174,24 +251,51 @@ pub struct StatusFile {
     pub pid: u32,
     /// Seconds since the Unix epoch.
     pub updated: u64,
+    /// Written by a daemon that has stopped: nothing in it is running.
+    #[serde(default)]
+    pub stopped: bool,
     pub hybrid_connections: Vec<HcStatus>,
 }
 
+/// Writes the running daemon's status.
 pub fn write_status(dir: &Path, list: &[HcStatus]) -> anyhow::Result<()> {
+    write_status_file(dir, list, false)
+}
+
+/// Writes the last status of a daemon that stopped: every channel stopped, no tunnels.
+pub fn write_stopped(dir: &Path, list: &[HcStatus]) -> anyhow::Result<()> {
+    let list: Vec<HcStatus> = list
+        .iter()
+        .map(|s| HcStatus {
+            state: ChannelState::Stopped,
+            active_tunnels: 0,
+            ..s.clone()
+        })
+        .collect();
+    write_status_file(dir, &list, true)
+}
+
+fn write_status_file(dir: &Path, list: &[HcStatus], stopped: bool) -> anyhow::Result<()> {
     let f = StatusFile {
         pid: std::process::id(),
         updated: crate::proto::sas::unix_now(),
+        stopped,
         hybrid_connections: list.to_vec(),
     };
     crate::config::write_atomic(&dir.join(STATUS_FILE), &serde_json::to_vec_pretty(&f)?, false)?;
     Ok(())
 }
 
-/// The daemon's last status, if it is fresh (the daemon is running).
+/// The daemon's last status, if it is fresh and the daemon has not stopped (it is running).
 pub fn read_status(dir: &Path) -> Option<StatusFile> {
-    let f: StatusFile = serde_json::from_slice(&std::fs::read(dir.join(STATUS_FILE)).ok()?).ok()?;
+    let f = read_status_any(dir)?;
     let age = crate::proto::sas::unix_now().saturating_sub(f.updated);
-    (age <= STATUS_STALE.as_secs()).then_some(f)
+    (!f.stopped && age <= STATUS_STALE.as_secs()).then_some(f)
+}
+
+/// The last status written, running or not.
+pub fn read_status_any(dir: &Path) -> Option<StatusFile> {
+    serde_json::from_slice(&std::fs::read(dir.join(STATUS_FILE)).ok()?).ok()
 }
 
 /// Modification time of `connections.json`, to notice `add`/`remove`.

@@ -8,22 +8,26 @@ use std::sync::Arc;
 use serde_json::json;
 
 use super::Shared;
-use super::state::{ChannelState, HcStatus};
-use crate::telemetry::admin::{Health, Report, Row, StatusSource, human_bytes};
-use crate::telemetry::metrics::Totals;
+use super::state::{ChannelState, HcStatus, Segment};
+use crate::telemetry::admin::{Cell, Health, Report, Row, Section, StatusSource, human_bytes};
+use crate::telemetry::history::{History, Sample};
+use crate::telemetry::metrics::{HcTotal, Totals};
 
 pub(crate) struct HcmStatus {
     pub shared: Arc<Shared>,
     pub totals: Arc<Totals>,
+    pub history: Arc<History>,
 }
 
-/// Healthy when the control channel is up and the last endpoint dial (if any) worked.
-pub fn health(s: &HcStatus) -> Health {
+/// The status word and its colour: green only when the control channel is up and the last
+/// endpoint dial (if any) worked.
+pub fn health(s: &HcStatus) -> (Health, &'static str) {
     match (s.state, &s.last_dial) {
-        (ChannelState::Connected, Some(d)) if !d.ok => Health::Broken,
-        (ChannelState::Connected, _) => Health::Ok,
-        (ChannelState::Connecting, None) if s.reconnects == 0 => Health::Unknown,
-        _ => Health::Broken,
+        (ChannelState::Connected, Some(d)) if !d.ok => (Health::Degraded, "Endpoint failing"),
+        (ChannelState::Connected, _) => (Health::Ok, "Connected"),
+        (ChannelState::Connecting, _) if s.reconnects == 0 => (Health::Unknown, "Connecting"),
+        (ChannelState::Stopped, _) => (Health::Unknown, "Stopped"),
+        _ => (Health::Broken, "Disconnected"),
     }
 }
 
@@ -38,6 +42,52 @@ pub fn segments(s: &HcStatus) -> (String, String) {
     (channel, dial)
 }
 
+fn row(s: &HcStatus, t: HcTotal, history: &History) -> Row {
+    let (health, word) = health(s);
+    let dial = match &s.last_dial {
+        Some(d) if d.ok => Cell::ago_rfc3339(&d.at, format!("ok in {} ms", d.millis)),
+        Some(d) => Cell::ago_rfc3339(&d.at, format!("failed: {}", d.detail)),
+        None => Cell::text("no dial yet"),
+    };
+    Row {
+        name: s.name.clone(),
+        health,
+        status: word.into(),
+        cells: vec![
+            Cell::text(&s.relay),
+            Cell::text(s.endpoint.clone().unwrap_or_else(|| "-".into())),
+            Cell::ago_rfc3339(&s.since, format!("{:?} ({} reconnects)", s.state, s.reconnects)),
+            dial,
+            Cell::text(t.active.max(0).to_string()),
+            Cell::text(format!("{} / {}", human_bytes(t.bytes_up), human_bytes(t.bytes_down))),
+        ],
+        last_error: s.latest_error().and_then(|e| {
+            let at = humantime::parse_rfc3339(&e.at).ok()?;
+            let seg = match e.segment {
+                Segment::Relay => "relay ⇄ hcm",
+                Segment::Endpoint => "hcm ⇄ endpoint",
+            };
+            Some((at, format!("{seg}: {}", e.detail)))
+        }),
+        history: history.series_with(&s.name, sample_of(s, t, std::time::SystemTime::now())),
+    }
+}
+
+fn sample_of(s: &HcStatus, t: HcTotal, at: std::time::SystemTime) -> Sample {
+    let failed = s
+        .recent_errors
+        .iter()
+        .filter(|e| e.segment == Segment::Endpoint)
+        .count() as u64;
+    Sample {
+        at,
+        active: t.active,
+        bytes: t.bytes_up + t.bytes_down,
+        ok: s.accepts,
+        failed,
+    }
+}
+
 impl StatusSource for HcmStatus {
     fn role(&self) -> &'static str {
         "hcm"
@@ -49,25 +99,7 @@ impl StatusSource for HcmStatus {
             let ready = list.iter().all(|s| s.state == ChannelState::Connected);
             let rows = list
                 .iter()
-                .map(|s| {
-                    let t = self.totals.get(&s.name);
-                    let (channel, dial) = segments(s);
-                    Row {
-                        name: s.name.clone(),
-                        cells: vec![
-                            s.name.clone(),
-                            format!("{:?}", s.state),
-                            s.relay.clone(),
-                            s.endpoint.clone().unwrap_or_else(|| "-".into()),
-                            channel,
-                            dial,
-                            s.active_tunnels.to_string(),
-                            format!("{} / {}", human_bytes(t.bytes_up), human_bytes(t.bytes_down)),
-                            s.last_error.clone().unwrap_or_default(),
-                        ],
-                        health: health(s),
-                    }
-                })
+                .map(|s| row(s, self.totals.get(&s.name), &self.history))
                 .collect();
             let detail: Vec<_> = list
                 .iter()
@@ -76,25 +108,39 @@ impl StatusSource for HcmStatus {
                     let mut v = serde_json::to_value(s).unwrap_or_default();
                     v["bytesToEndpoint"] = json!(t.bytes_up);
                     v["bytesFromEndpoint"] = json!(t.bytes_down);
+                    v["health"] = json!(health(s).1);
                     v
                 })
                 .collect();
             Report {
                 ready,
                 status: json!({ "role": "hcm", "hybridConnections": detail }),
-                columns: vec![
-                    "Hybrid connection",
-                    "Status",
-                    "Relay",
-                    "Endpoint",
-                    "Relay ⇄ hcm",
-                    "hcm ⇄ endpoint",
-                    "Active tunnels",
-                    "Bytes to / from endpoint",
-                    "Last error",
-                ],
-                rows,
+                sections: vec![Section {
+                    role: "hcm",
+                    columns: vec![
+                        "Relay",
+                        "Endpoint",
+                        "Relay ⇄ hcm",
+                        "hcm ⇄ endpoint",
+                        "Active tunnels",
+                        "Bytes to / from endpoint",
+                    ],
+                    rows,
+                }],
             }
+        })
+    }
+
+    fn sample(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            let at = std::time::SystemTime::now();
+            let round = self
+                .shared
+                .snapshot()
+                .iter()
+                .map(|s| (s.name.clone(), sample_of(s, self.totals.get(&s.name), at)))
+                .collect();
+            self.history.record(round);
         })
     }
 }

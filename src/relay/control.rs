@@ -169,6 +169,8 @@ pub struct EntityView {
     pub active_tunnels: usize,
     /// The latest sender connect and its result.
     pub last_connect: Option<ConnectRecord>,
+    /// The latest sender connect that was not accepted (status page: last error).
+    pub last_failure: Option<ConnectRecord>,
     /// Sender connects per result since the relay started.
     pub connects: Vec<(&'static str, u64)>,
 }
@@ -300,6 +302,7 @@ struct EntityRt {
     tunnels: Arc<AtomicUsize>,
     gone: CancellationToken,
     last_connect: Option<ConnectRecord>,
+    last_failure: Option<ConnectRecord>,
     connects: Vec<(&'static str, u64)>,
 }
 
@@ -498,6 +501,9 @@ impl Registry {
             Some((_, n)) => *n += 1,
             None => rt.connects.push((record.result, 1)),
         }
+        if record.result != "accepted" {
+            rt.last_failure = Some(record.clone());
+        }
         rt.last_connect = Some(record);
     }
 
@@ -632,6 +638,7 @@ impl Registry {
                 .unwrap_or_default(),
             active_tunnels: rt.map(|rt| rt.tunnels.load(Ordering::Relaxed)).unwrap_or(0),
             last_connect: rt.and_then(|rt| rt.last_connect.clone()),
+            last_failure: rt.and_then(|rt| rt.last_failure.clone()),
             connects: rt.map(|rt| rt.connects.clone()).unwrap_or_default(),
         }
     }

@@ -255,9 +255,14 @@ impl Channel {
                         Ok(Some(Message::Close(c))) => {
                             let code = c.code.unwrap_or(close_code::NORMAL);
                             self.send(OpCode::Close, &frame::close_payload(code, "")).await.ok();
+                            crate::transport::ws::close_tls(&mut self.writer).await;
                             return ("listener_closed", format!("closed by listener ({code})"));
                         }
                         Ok(None) => return ("connection_lost", "connection closed without a close frame".into()),
+                        // The connection went away (no Close frame): not the peer's protocol fault.
+                        Err(crate::transport::ws::WsError::Io(e)) => {
+                            return ("connection_lost", format!("connection lost without a close frame: {e}"));
+                        }
                         Err(e) => {
                             self.send(OpCode::Close, &frame::close_payload(e.close_code(), &e.to_string())).await.ok();
                             return ("protocol_error", format!("protocol error: {e}"));
@@ -378,6 +383,7 @@ impl Channel {
                 }
             })
             .await;
+            crate::transport::ws::close_tls(&mut self.writer).await;
         }
         format!("closed by relay ({code} {reason})")
     }

@@ -91,6 +91,8 @@ pub struct RelayHandle {
     workers: Arc<Workers>,
     control: Option<std::thread::JoinHandle<()>>,
     admin: Option<crate::telemetry::admin::AdminHandle>,
+    /// What the admin listener shows (also for `up`'s combined one).
+    source: Arc<dyn crate::telemetry::admin::StatusSource>,
     drain: CancellationToken,
     admission: Arc<limits::Admission>,
     drain_timeout: std::time::Duration,
@@ -116,6 +118,11 @@ impl RelayHandle {
     /// The admin listener's address, if one was configured.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.as_ref().map(|a| a.local_addr())
+    }
+
+    /// The status the admin listener serves, for a combined one (`hyrelay up --admin`).
+    pub fn status_source(&self) -> Arc<dyn crate::telemetry::admin::StatusSource> {
+        self.source.clone()
     }
 
     /// The development CA certificate, in self-signed mode.
@@ -241,19 +248,18 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
     crate::telemetry::metrics::announce("relay", cfg.workers);
     let totals = Arc::new(crate::telemetry::metrics::Totals::default());
     crate::telemetry::metrics::spawn_worker_flush(&workers, "relay", totals.clone());
+    let source: Arc<dyn crate::telemetry::admin::StatusSource> = Arc::new(status::RelayStatus {
+        ctl: ctl.clone(),
+        totals,
+        history: Default::default(),
+        draining: drain.clone(),
+        listen: addr,
+    });
     let admin = match cfg.admin {
-        Some(a) => {
-            let source = status::RelayStatus {
-                ctl: ctl.clone(),
-                totals,
-                draining: drain.clone(),
-                listen: addr,
-            };
-            Some(
-                crate::telemetry::admin::spawn(a, Arc::new(source))
-                    .with_context(|| format!("cannot listen on admin address {a}"))?,
-            )
-        }
+        Some(a) => Some(
+            crate::telemetry::admin::spawn(a, source.clone())
+                .with_context(|| format!("cannot listen on admin address {a}"))?,
+        ),
         None => None,
     };
     let ctx = Arc::new(Ctx {
@@ -289,6 +295,7 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
         workers,
         control: Some(control),
         admin,
+        source,
         drain,
         admission,
         drain_timeout: cfg.drain_timeout,

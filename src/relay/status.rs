@@ -9,22 +9,28 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use super::control::{Ctl, EntityView, MgmtOp, MgmtReply};
-use crate::telemetry::admin::{Health, Report, Row, StatusSource, human_bytes, rfc3339};
+use crate::telemetry::admin::{Cell, Health, Report, Row, Section, StatusSource, human_bytes, rfc3339};
+use crate::telemetry::history::{History, Sample};
 use crate::telemetry::metrics::Totals;
 
 pub(crate) struct RelayStatus {
     pub ctl: Ctl,
     pub totals: Arc<Totals>,
+    pub history: Arc<History>,
     pub draining: CancellationToken,
     pub listen: std::net::SocketAddr,
 }
 
-fn entity_json(v: &EntityView, totals: &Totals) -> Value {
+fn entity_json(v: &EntityView, totals: &Totals, history: &History) -> Value {
     let t = totals.get(&v.entity.name);
     json!({
         "name": v.entity.name,
         "endpoint": v.entity.endpoint().map(|e| e.to_string()),
         "status": if v.listeners.is_empty() { "Not connected" } else { "Connected" },
+        "health": health(v, history).1,
+        "lastSenderFailure": v.last_failure.as_ref().map(|c| json!({
+            "at": rfc3339(c.at), "result": c.result, "detail": c.detail,
+        })),
         "listeners": v.listeners.iter().map(|l| json!({
             "id": l.id,
             "remoteAddress": l.remote.map(|a| a.to_string()),
@@ -41,6 +47,78 @@ fn entity_json(v: &EntityView, totals: &Totals) -> Value {
     })
 }
 
+/// How long "every sender fails" must have held for the status to say degraded.
+const FAILING_WINDOW: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// The status word and its colour: red with no listener, amber when listeners are there
+/// but every sender lately failed (rejected by the hcm, timed out, ...), else green.
+fn health(v: &EntityView, history: &History) -> (Health, &'static str) {
+    if v.listeners.is_empty() {
+        (Health::Broken, "No listener")
+    } else if history.failing(&v.entity.name, FAILING_WINDOW)
+        || v.last_connect.as_ref().is_some_and(|c| c.result != "accepted") && !history_has_success(v)
+    {
+        (Health::Degraded, "Senders failing")
+    } else {
+        (Health::Ok, "Connected")
+    }
+}
+
+/// True if any sender connect was ever accepted.
+fn history_has_success(v: &EntityView) -> bool {
+    v.connects.iter().any(|(r, n)| *r == "accepted" && *n > 0)
+}
+
+fn ok_failed(v: &EntityView) -> (u64, u64) {
+    v.connects.iter().fold((0, 0), |(ok, failed), (r, n)| {
+        if *r == "accepted" {
+            (ok + n, failed)
+        } else {
+            (ok, failed + n)
+        }
+    })
+}
+
+fn row(v: &EntityView, totals: &Totals, history: &History) -> Row {
+    let t = totals.get(&v.entity.name);
+    let (health, word) = health(v, history);
+    Row {
+        name: v.entity.name.clone(),
+        health,
+        status: word.into(),
+        cells: vec![
+            Cell::text(v.entity.endpoint().map(|e| e.to_string()).unwrap_or_else(|| "-".into())),
+            Cell::text(v.listeners.len().to_string()),
+            Cell::text(v.active_tunnels.to_string()),
+            Cell::text(format!("{} / {}", human_bytes(t.bytes_up), human_bytes(t.bytes_down))),
+            match &v.last_connect {
+                Some(c) => Cell::Ago(c.at, c.result.to_string()),
+                None => Cell::text("-"),
+            },
+        ],
+        last_error: v.last_failure.as_ref().map(|c| {
+            (
+                c.at,
+                format!("sender {}: {}", c.result, c.detail)
+                    .trim_end_matches(": ")
+                    .to_owned(),
+            )
+        }),
+        history: history.series_with(&v.entity.name, sample_of(v, t, std::time::SystemTime::now())),
+    }
+}
+
+fn sample_of(v: &EntityView, t: crate::telemetry::metrics::HcTotal, at: std::time::SystemTime) -> Sample {
+    let (ok, failed) = ok_failed(v);
+    Sample {
+        at,
+        active: v.active_tunnels as i64,
+        bytes: t.bytes_up + t.bytes_down,
+        ok,
+        failed,
+    }
+}
+
 impl StatusSource for RelayStatus {
     fn role(&self) -> &'static str {
         "relay"
@@ -48,66 +126,51 @@ impl StatusSource for RelayStatus {
 
     fn report(&self) -> Pin<Box<dyn Future<Output = Report> + Send + '_>> {
         Box::pin(async move {
-            let views = match self.ctl.manage(MgmtOp::List).await {
-                Ok(MgmtReply::List(v)) => v,
-                _ => Vec::new(),
-            };
+            let views = self.views().await;
             let accepting = !self.draining.is_cancelled();
-            let rows = views
-                .iter()
-                .map(|v| {
-                    let t = self.totals.get(&v.entity.name);
-                    let last = v
-                        .last_connect
-                        .as_ref()
-                        .map(|c| {
-                            format!("{} {} {}", rfc3339(c.at), c.result, c.detail)
-                                .trim_end()
-                                .to_owned()
-                        })
-                        .unwrap_or_else(|| "-".into());
-                    Row {
-                        name: v.entity.name.clone(),
-                        cells: vec![
-                            v.entity.name.clone(),
-                            if v.listeners.is_empty() {
-                                "Not connected".into()
-                            } else {
-                                "Connected".into()
-                            },
-                            v.entity.endpoint().map(|e| e.to_string()).unwrap_or_else(|| "-".into()),
-                            v.listeners.len().to_string(),
-                            v.active_tunnels.to_string(),
-                            format!("{} / {}", human_bytes(t.bytes_up), human_bytes(t.bytes_down)),
-                            last,
-                        ],
-                        health: if v.listeners.is_empty() {
-                            Health::Broken
-                        } else {
-                            Health::Ok
-                        },
-                    }
-                })
-                .collect();
+            let rows = views.iter().map(|v| row(v, &self.totals, &self.history)).collect();
             Report {
                 ready: accepting,
                 status: json!({
                     "role": "relay",
                     "listen": self.listen.to_string(),
                     "accepting": accepting,
-                    "hybridConnections": views.iter().map(|v| entity_json(v, &self.totals)).collect::<Vec<_>>(),
+                    "hybridConnections": views.iter().map(|v| entity_json(v, &self.totals, &self.history)).collect::<Vec<_>>(),
                 }),
-                columns: vec![
-                    "Hybrid connection",
-                    "Status",
-                    "Endpoint",
-                    "Listeners",
-                    "Active tunnels",
-                    "Bytes up / down",
-                    "Last sender connect",
-                ],
-                rows,
+                sections: vec![Section {
+                    role: "relay",
+                    columns: vec![
+                        "Endpoint",
+                        "Listeners",
+                        "Active tunnels",
+                        "Bytes up / down",
+                        "Last sender connect",
+                    ],
+                    rows,
+                }],
             }
         })
+    }
+
+    fn sample(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            let at = std::time::SystemTime::now();
+            let round = self
+                .views()
+                .await
+                .iter()
+                .map(|v| (v.entity.name.clone(), sample_of(v, self.totals.get(&v.entity.name), at)))
+                .collect();
+            self.history.record(round);
+        })
+    }
+}
+
+impl RelayStatus {
+    async fn views(&self) -> Vec<EntityView> {
+        match self.ctl.manage(MgmtOp::List).await {
+            Ok(MgmtReply::List(v)) => v,
+            _ => Vec::new(),
+        }
     }
 }

@@ -11,7 +11,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -21,11 +21,17 @@ use tokio_util::sync::CancellationToken;
 use crate::proto::handshake;
 use crate::proto::metadata::xml_escape;
 
-/// How a row of the status page is doing.
+/// How a row of the status page is doing; the status word and its colour both come from
+/// here, so they cannot disagree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Health {
+    /// Green.
     Ok,
+    /// Amber: up, but something on the way fails (an endpoint, every recent sender).
+    Degraded,
+    /// Red.
     Broken,
+    /// Grey: not known yet, or stopped.
     Unknown,
 }
 
@@ -33,8 +39,31 @@ impl Health {
     fn class(self) -> &'static str {
         match self {
             Health::Ok => "ok",
+            Health::Degraded => "degraded",
             Health::Broken => "broken",
             Health::Unknown => "unknown",
+        }
+    }
+}
+
+/// One cell of a status row.
+#[derive(Debug, Clone)]
+pub enum Cell {
+    Text(String),
+    /// A moment, shown relative ("12 s ago") with the absolute time on hover, and text after.
+    Ago(SystemTime, String),
+}
+
+impl Cell {
+    pub fn text(s: impl Into<String>) -> Self {
+        Cell::Text(s.into())
+    }
+
+    /// An RFC 3339 time as [`Cell::Ago`]; text that does not parse stays text.
+    pub fn ago_rfc3339(at: &str, after: impl Into<String>) -> Self {
+        match humantime::parse_rfc3339(at) {
+            Ok(t) => Cell::Ago(t, after.into()),
+            Err(_) => Cell::Text(format!("{at} {}", after.into()).trim_end().to_owned()),
         }
     }
 }
@@ -44,26 +73,89 @@ impl Health {
 pub struct Row {
     /// Identifies the row for scripts (`data-name`).
     pub name: String,
-    pub cells: Vec<String>,
     pub health: Health,
+    /// The status word shown in the health's colour ("Connected", "Endpoint failing", ...).
+    pub status: String,
+    /// The role's own columns.
+    pub cells: Vec<Cell>,
+    /// The newest failure on any segment, with its time.
+    pub last_error: Option<(SystemTime, String)>,
+    /// The last 15 minutes, for the charts.
+    pub history: Vec<super::history::Sample>,
 }
 
-/// What a role reports at one moment.
+/// One table: a role's hybrid connections (or forwards).
+#[derive(Debug, Clone)]
+pub struct Section {
+    pub role: &'static str,
+    /// Headers of [`Row::cells`]; the page adds name, status, last error and charts.
+    pub columns: Vec<&'static str>,
+    pub rows: Vec<Row>,
+}
+
+/// What a role (or `up`, three roles) reports at one moment.
 #[derive(Debug, Clone)]
 pub struct Report {
     /// Whether `/readyz` answers 200.
     pub ready: bool,
     /// Body of `/status` and detail of `/readyz`.
     pub status: Value,
-    /// Column headers of the status page table.
-    pub columns: Vec<&'static str>,
-    pub rows: Vec<Row>,
+    pub sections: Vec<Section>,
 }
+
+type Boxed<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// A role's source of status.
 pub trait StatusSource: Send + Sync + 'static {
     fn role(&self) -> &'static str;
-    fn report(&self) -> Pin<Box<dyn Future<Output = Report> + Send + '_>>;
+    fn report(&self) -> Boxed<'_, Report>;
+    /// Adds one round of samples to the role's history (called every
+    /// [`super::history::SAMPLE_EVERY`] by the admin thread).
+    fn sample(&self) -> Boxed<'_, ()> {
+        Box::pin(async {})
+    }
+}
+
+/// Several roles in one process (`hyrelay up`): ready when all are, one section each.
+pub struct Composite {
+    parts: Vec<Arc<dyn StatusSource>>,
+}
+
+impl Composite {
+    pub fn new(parts: Vec<Arc<dyn StatusSource>>) -> Self {
+        Self { parts }
+    }
+}
+
+impl StatusSource for Composite {
+    fn role(&self) -> &'static str {
+        "up"
+    }
+
+    fn report(&self) -> Boxed<'_, Report> {
+        Box::pin(async move {
+            let mut out = Report {
+                ready: true,
+                status: json!({ "role": "up" }),
+                sections: Vec::new(),
+            };
+            for p in &self.parts {
+                let r = p.report().await;
+                out.ready &= r.ready;
+                out.status[p.role()] = r.status;
+                out.sections.extend(r.sections);
+            }
+            out
+        })
+    }
+
+    fn sample(&self) -> Boxed<'_, ()> {
+        Box::pin(async move {
+            for p in &self.parts {
+                p.sample().await;
+            }
+        })
+    }
 }
 
 /// A running admin listener; dropping it stops it.
@@ -116,6 +208,14 @@ pub fn spawn(addr: SocketAddr, source: Arc<dyn StatusSource>) -> std::io::Result
                     Err(e) => return tracing::error!(error = %e, "cannot register the admin listener"),
                 };
                 tokio::spawn(super::metrics::upkeep_loop());
+                let sampled = source.clone();
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(super::history::SAMPLE_EVERY);
+                    loop {
+                        tick.tick().await;
+                        sampled.sample().await;
+                    }
+                });
                 let started = Instant::now();
                 loop {
                     let (s, _) = tokio::select! {
@@ -213,59 +313,195 @@ async fn write(s: &mut TcpStream, status: u16, content_type: &str, body: &[u8]) 
     s.shutdown().await
 }
 
-/// The status page: a table, one row per hybrid connection, refreshed every 2 s.
+const STYLE: &str = concat!(
+    "body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}",
+    "h1{font-size:1.4em}h2{font-size:1.1em;margin-top:1.5em}",
+    ".wrap{overflow-x:auto}table{border-collapse:collapse;min-width:100%}",
+    "th,td{border:1px solid #ddd;padding:.3em .6em;text-align:left;vertical-align:top}",
+    "th{background:#f2f2f2;font-weight:600}",
+    ".state{font-weight:bold;white-space:nowrap}",
+    "tr.ok .state{color:#0a7a0a}tr.degraded .state{color:#b36b00}",
+    "tr.broken .state{color:#c00}tr.unknown .state{color:#777}",
+    ".dot{display:inline-block;width:.7em;height:.7em;border-radius:50%;margin-right:.35em;background:currentColor}",
+    "time{border-bottom:1px dotted #999;cursor:help}",
+    ".err{color:#a00}.muted{color:#777}",
+    "svg.chart{display:block}.legend{font-size:.8em;color:#555;white-space:nowrap}",
+    "#summary.ready{color:#0a7a0a}#summary.notready{color:#c00}",
+    "@media (max-width:760px){table,thead,tbody,tr,td{display:block}thead{display:none}",
+    "tr{border:1px solid #ccc;margin-bottom:.8em}td{border:none;border-bottom:1px solid #eee}",
+    "td::before{content:attr(data-label);display:block;font-size:.75em;color:#666}}",
+);
+
+/// The status page: one table per role (one for a role, three for `up`), one row per
+/// hybrid connection, refreshed every 2 s; relative times with the absolute time on hover;
+/// 15-minute charts drawn inline as SVG. No external assets, no script.
 pub fn page(role: &str, r: &Report) -> String {
+    let now = SystemTime::now();
     let mut h = String::new();
     let _ = write!(
         h,
         concat!(
             "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">",
+            "<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">",
             "<meta http-equiv=\"refresh\" content=\"2\"><title>hyrelay {role} status</title>",
-            "<style>body{{font-family:system-ui,sans-serif;margin:2em}}table{{border-collapse:collapse}}",
-            "th,td{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}th{{background:#eee}}",
-            "tr.ok td.state{{color:#0a0;font-weight:bold}}tr.broken td.state{{color:#c00;font-weight:bold}}",
-            "tr.unknown td.state{{color:#888}}</style></head><body>",
-            "<h1>hyrelay {role}</h1><p id=\"summary\" data-ready=\"{ready}\">{summary}</p>",
-            "<table id=\"hybrid-connections\"><thead><tr>"
+            "<style>{style}</style></head><body>",
+            "<h1>hyrelay {role}</h1><p id=\"summary\" class=\"{cls}\" data-ready=\"{ready}\">{summary}</p>"
         ),
         role = xml_escape(role),
+        style = STYLE,
+        cls = if r.ready { "ready" } else { "notready" },
         ready = r.ready,
         summary = if r.ready { "Ready" } else { "Not ready" },
     );
-    for c in &r.columns {
-        let _ = write!(h, "<th>{}</th>", xml_escape(c));
-    }
-    h.push_str("</tr></thead><tbody>");
-    for row in &r.rows {
-        let _ = write!(
-            h,
-            "<tr class=\"{cls}\" data-name=\"{name}\" data-status=\"{cls}\">",
-            cls = row.health.class(),
-            name = xml_escape(&row.name)
-        );
-        for (i, c) in row.cells.iter().enumerate() {
-            let class = if i == 1 { " class=\"state\"" } else { "" };
-            let _ = write!(
-                h,
-                "<td{class}>{}</td>",
-                xml_escape(&crate::proto::host::escape_controls(c))
-            );
-        }
-        h.push_str("</tr>");
-    }
-    if r.rows.is_empty() {
-        let _ = write!(
-            h,
-            "<tr><td colspan=\"{}\">No hybrid connections.</td></tr>",
-            r.columns.len().max(1)
-        );
+    for sec in &r.sections {
+        section(&mut h, sec, r.sections.len() > 1, now);
     }
     let _ = write!(
         h,
-        "</tbody></table><p><small>Refreshes every 2 s. <a href=\"/status\">JSON</a> · <a href=\"/metrics\">metrics</a> · version {}</small></p></body></html>",
+        "<p class=\"muted\"><small>Refreshes every 2 s. Times are relative; hover for the exact time. Charts: the last 15 minutes, a sample every {} s. <a href=\"/status\">JSON</a> · <a href=\"/metrics\">metrics</a> · version {}</small></p></body></html>",
+        super::history::SAMPLE_EVERY.as_secs(),
         env!("CARGO_PKG_VERSION")
     );
     h
+}
+
+fn section(h: &mut String, sec: &Section, titled: bool, now: SystemTime) {
+    if titled {
+        let _ = write!(h, "<h2>{}</h2>", xml_escape(sec.role));
+    }
+    let mut headers = vec!["Hybrid connection", "Status"];
+    headers.extend(sec.columns.iter().copied());
+    headers.extend(["Last error", "Last 15 min"]);
+    let _ = write!(
+        h,
+        "<div class=\"wrap\"><table id=\"hybrid-connections{}\" data-role=\"{}\"><thead><tr>",
+        if titled {
+            format!("-{}", sec.role)
+        } else {
+            String::new()
+        },
+        sec.role
+    );
+    for c in &headers {
+        let _ = write!(h, "<th>{}</th>", xml_escape(c));
+    }
+    h.push_str("</tr></thead><tbody>");
+    for row in &sec.rows {
+        let _ = write!(
+            h,
+            "<tr class=\"{cls}\" data-name=\"{name}\" data-status=\"{cls}\" data-role=\"{role}\"><td data-label=\"{l0}\">{name}</td><td class=\"state\" data-label=\"{l1}\"><span class=\"dot\"></span>{word}</td>",
+            cls = row.health.class(),
+            name = xml_escape(&row.name),
+            role = sec.role,
+            l0 = headers[0],
+            l1 = headers[1],
+            word = xml_escape(&row.status),
+        );
+        for (i, c) in row.cells.iter().enumerate() {
+            let _ = write!(
+                h,
+                "<td data-label=\"{}\">{}</td>",
+                xml_escape(headers[i + 2]),
+                cell(c, now)
+            );
+        }
+        let err = match &row.last_error {
+            Some((at, e)) => format!("<span class=\"err\">{}</span> {}", xml_escape(e), ago(*at, now)),
+            None => "<span class=\"muted\">none</span>".into(),
+        };
+        let _ = write!(
+            h,
+            "<td class=\"last-error\" data-label=\"Last error\">{err}</td><td data-label=\"Last 15 min\">{}</td></tr>",
+            chart(&row.history)
+        );
+    }
+    if sec.rows.is_empty() {
+        let _ = write!(
+            h,
+            "<tr><td colspan=\"{}\">No hybrid connections.</td></tr>",
+            headers.len()
+        );
+    }
+    h.push_str("</tbody></table></div>");
+}
+
+fn cell(c: &Cell, now: SystemTime) -> String {
+    match c {
+        Cell::Text(t) => xml_escape(t),
+        Cell::Ago(at, after) if after.is_empty() => ago(*at, now),
+        Cell::Ago(at, after) => format!("{} {}", ago(*at, now), xml_escape(after)),
+    }
+}
+
+/// `<time>` with "12 s ago" and the RFC 3339 time as its title.
+pub fn ago(at: SystemTime, now: SystemTime) -> String {
+    let abs = rfc3339(at);
+    format!("<time datetime=\"{abs}\" title=\"{abs}\">{}</time>", relative(at, now))
+}
+
+/// "just now", "12 s ago", "5 min ago", "3 h ago", "2 d ago" (or "in 5 min" ahead).
+pub fn relative(at: SystemTime, now: SystemTime) -> String {
+    let (d, ahead) = match now.duration_since(at) {
+        Ok(d) => (d, false),
+        Err(e) => (e.duration(), true),
+    };
+    let s = d.as_secs();
+    let text = match s {
+        0 => return "just now".into(),
+        1..=59 => format!("{s} s"),
+        60..=3599 => format!("{} min", s / 60),
+        3600..=172_799 => format!("{} h", s / 3600),
+        _ => format!("{} d", s / 86_400),
+    };
+    if ahead {
+        format!("in {text}")
+    } else {
+        format!("{text} ago")
+    }
+}
+
+/// Active tunnels (line) and throughput (filled area) of the last 15 minutes as inline SVG,
+/// each scaled to its own maximum, with the numbers beside it.
+fn chart(samples: &[super::history::Sample]) -> String {
+    const W: f64 = 180.0;
+    const H: f64 = 36.0;
+    if samples.len() < 2 {
+        return "<span class=\"muted\">collecting…</span>".into();
+    }
+    let active: Vec<f64> = samples.iter().map(|s| s.active.max(0) as f64).collect();
+    let rates = super::history::rates(samples);
+    let span = super::history::KEEP as f64 - 1.0;
+    let x = |i: usize, n: usize| W - (n - 1 - i) as f64 * W / span;
+    let points = |v: &[f64]| -> String {
+        let max = v.iter().copied().fold(0.0, f64::max).max(1.0);
+        v.iter()
+            .enumerate()
+            .map(|(i, y)| format!("{:.1},{:.1}", x(i, v.len()), H - 2.0 - y / max * (H - 4.0)))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let area = format!("{:.1},{H} {} {W},{H}", x(0, rates.len()), points(&rates));
+    let (now_a, max_a) = (active[active.len() - 1], active.iter().copied().fold(0.0, f64::max));
+    let (now_r, max_r) = (rates[rates.len() - 1], rates.iter().copied().fold(0.0, f64::max));
+    format!(
+        concat!(
+            "<svg class=\"chart\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" role=\"img\">",
+            "<title>active tunnels now {na} (max {ma}); throughput now {nr}/s (max {mr}/s)</title>",
+            "<rect width=\"{w}\" height=\"{h}\" fill=\"#fafafa\" stroke=\"#e4e4e4\"/>",
+            "<polygon class=\"throughput\" points=\"{area}\" fill=\"#9fd49f\" fill-opacity=\".6\"/>",
+            "<polyline class=\"active\" points=\"{line}\" fill=\"none\" stroke=\"#2860c8\" stroke-width=\"1.5\"/></svg>",
+            "<span class=\"legend\"><span style=\"color:#2860c8\">■</span> {na} tunnels (max {ma}) ",
+            "<span style=\"color:#5cae5c\">■</span> {nr}/s (max {mr}/s)</span>"
+        ),
+        w = W,
+        h = H,
+        na = now_a,
+        ma = max_a,
+        nr = human_bytes(now_r as u64),
+        mr = human_bytes(max_r as u64),
+        area = area,
+        line = points(&active),
+    )
 }
 
 /// `SystemTime` as RFC 3339, for status fields.
@@ -295,29 +531,56 @@ mod tests {
 
     #[test]
     fn page_escapes_and_marks_rows() {
+        let row = |name: &str, health, status: &str| Row {
+            name: name.into(),
+            health,
+            status: status.into(),
+            cells: vec![Cell::text("x")],
+            last_error: None,
+            history: Vec::new(),
+        };
+        let now = SystemTime::now();
+        let mut broken = row("<x>", Health::Broken, "Not connected");
+        broken.last_error = Some((now - Duration::from_secs(12), "refused".into()));
         let r = Report {
             ready: false,
             status: json!({}),
-            columns: vec!["Hybrid connection", "Status"],
-            rows: vec![
-                Row {
-                    name: "db".into(),
-                    cells: vec!["db".into(), "Connected".into()],
-                    health: Health::Ok,
-                },
-                Row {
-                    name: "<x>".into(),
-                    cells: vec!["<x>".into(), "Not connected".into()],
-                    health: Health::Broken,
-                },
-            ],
+            sections: vec![Section {
+                role: "relay",
+                columns: vec!["Endpoint"],
+                rows: vec![row("db", Health::Ok, "Connected"), broken],
+            }],
         };
         let h = page("relay", &r);
         assert!(h.contains("data-name=\"db\" data-status=\"ok\""));
         assert!(h.contains("data-name=\"&lt;x&gt;\" data-status=\"broken\""));
         assert!(!h.contains("<x>"));
         assert!(h.contains("data-ready=\"false\""));
+        assert!(h.contains("12 s ago</time>") && h.contains("refused"), "{h}");
         assert_eq!(human_bytes(512), "512 B");
         assert_eq!(human_bytes(3 * 1024 * 1024), "3.0 MiB");
+    }
+
+    #[test]
+    fn relative_times_and_charts() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        assert_eq!(relative(t, t), "just now");
+        assert_eq!(relative(t, t + Duration::from_secs(12)), "12 s ago");
+        assert_eq!(relative(t, t + Duration::from_secs(300)), "5 min ago");
+        assert_eq!(relative(t + Duration::from_secs(7200), t), "in 2 h");
+        let s = |i: u64, active, bytes| super::super::history::Sample {
+            at: t + Duration::from_secs(i * 10),
+            active,
+            bytes,
+            ok: 0,
+            failed: 0,
+        };
+        let svg = chart(&[s(0, 0, 0), s(1, 3, 10_240), s(2, 1, 20_480)]);
+        assert!(
+            svg.contains("<polyline class=\"active\"") && svg.contains("1 tunnels (max 3)"),
+            "{svg}"
+        );
+        assert!(svg.contains("1.0 KiB/s"), "{svg}");
+        assert!(chart(&[]).contains("collecting"));
     }
 }

@@ -7,7 +7,10 @@
 //! stay inside the auth code.
 
 pub mod admin;
+pub mod history;
 pub mod metrics;
+
+use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
@@ -21,15 +24,49 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber. `level` is a filter such as `info` or
-/// `hyrelay=debug`; `HYRELAY_LOG` overrides it.
-pub fn init(format: LogFormat, level: &str) {
-    let filter = EnvFilter::try_from_env("HYRELAY_LOG").unwrap_or_else(|_| EnvFilter::new(level));
+/// The filter used when neither `--log-level` nor `HYRELAY_LOG` gives one.
+pub const DEFAULT_LEVEL: &str = "info";
+
+/// Installs the global subscriber. `level` (from `--log-level`) is a filter such as `info`
+/// or `hyrelay=debug`; when it is `None`, `HYRELAY_LOG` gives the filter, else `info`.
+/// Colours only when stderr is a terminal and `NO_COLOR` is unset (journald, files and
+/// pipes get plain text).
+pub fn init(format: LogFormat, level: Option<&str>) {
+    let env = std::env::var("HYRELAY_LOG").ok();
+    let filter = choose_filter(level, env.as_deref());
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(EnvFilter::new(filter))
+        .with_ansi(use_colour(
+            std::io::stderr().is_terminal(),
+            std::env::var_os("NO_COLOR").is_some(),
+        ))
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+/// The flag wins over the environment, which wins over the default.
+fn choose_filter<'a>(flag: Option<&'a str>, env: Option<&'a str>) -> &'a str {
+    flag.or(env.filter(|e| !e.trim().is_empty())).unwrap_or(DEFAULT_LEVEL)
+}
+
+fn use_colour(terminal: bool, no_colour: bool) -> bool {
+    terminal && !no_colour
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_wins_over_environment() {
+        assert_eq!(choose_filter(Some("debug"), Some("warn")), "debug");
+        assert_eq!(choose_filter(None, Some("warn")), "warn");
+        assert_eq!(choose_filter(None, Some(" ")), "info");
+        assert_eq!(choose_filter(None, None), "info");
+        assert!(use_colour(true, false));
+        assert!(!use_colour(false, false) && !use_colour(true, true));
+    }
 }

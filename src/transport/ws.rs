@@ -229,6 +229,13 @@ impl<W: AsyncWrite + Unpin> WsWriter<W> {
     }
 }
 
+/// Ends the stream after a WebSocket close handshake: TLS close_notify (for a TLS stream)
+/// and FIN, bounded to 1 s, best effort. A peer then sees a normal close, not a TLS
+/// "connection closed without close_notify" error.
+pub async fn close_tls<W: AsyncWrite + Unpin>(w: &mut W) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), w.shutdown()).await;
+}
+
 /// Writes `a` then `b` with as few vectored writes as the stream allows.
 pub async fn write_all_vectored<W: AsyncWrite + Unpin>(w: &mut W, mut a: &[u8], mut b: &[u8]) -> io::Result<()> {
     while !a.is_empty() || !b.is_empty() {
@@ -337,7 +344,7 @@ pub enum ConnectError {
     Connect { addr: String, source: io::Error },
     #[error("timed out after {0:?}")]
     Timeout(Duration),
-    #[error("TLS handshake with {host} failed: {source}")]
+    #[error("TLS handshake with {host} failed: {source}{}", tls_hint(source))]
     Tls { host: String, source: io::Error },
     #[error("I/O error during handshake: {0}")]
     Io(#[from] io::Error),
@@ -351,6 +358,17 @@ pub enum ConnectError {
     /// The outbound proxy could not open a tunnel to the server.
     #[error(transparent)]
     Proxy(#[from] super::proxy::ProxyError),
+}
+
+/// What to do about a TLS failure the operator can fix with a flag.
+fn tls_hint(e: &io::Error) -> &'static str {
+    use rustls::{CertificateError, Error};
+    match e.get_ref().and_then(|i| i.downcast_ref::<Error>()) {
+        Some(Error::InvalidCertificate(CertificateError::UnknownIssuer)) => {
+            " (the relay's certificate is not issued by a CA trusted here: pass that CA with --ca-file, HYRELAY_CA_FILE or ca_files; for a relay with --self-signed it is <relay data dir>/tls/ca.pem)"
+        }
+        _ => "",
+    }
 }
 
 impl ConnectError {
@@ -584,6 +602,18 @@ pub async fn upgrade(mut stream: Stream, url: &WsUrl, headers: &[(&str, &str)]) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unknown_issuer_names_the_flag() {
+        let e = ConnectError::Tls {
+            host: "relay".into(),
+            source: io::Error::new(
+                io::ErrorKind::InvalidData,
+                rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+            ),
+        };
+        assert!(e.to_string().contains("--ca-file"), "{e}");
+    }
 
     #[tokio::test]
     async fn names_are_cached_and_forgotten_when_unreachable() {
