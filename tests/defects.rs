@@ -135,8 +135,10 @@ async fn frozen_listener(rig: &Rig, hc: &str) -> hyrelay::transport::Stream {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn item3_a_listener_that_stops_reading_is_dropped_and_its_senders_served() {
     let rig = Rig::with(false, |c| {
-        c.ping_interval = Duration::from_secs(1);
-        c.accept_timeout = Duration::from_secs(10);
+        // Two periods of 2 s: short for the test, long enough that the live hcm is never
+        // taken for dead on a loaded machine.
+        c.ping_interval = Duration::from_secs(2);
+        c.accept_timeout = Duration::from_secs(20);
         c.max_head = 128 * 1024;
     });
     rig.create("frz", echo()).await;
@@ -159,7 +161,7 @@ async fn item3_a_listener_that_stops_reading_is_dropped_and_its_senders_served()
                 &url,
                 None,
                 &[("ServiceBusAuthorization", &token), ("X-Pad", &pad)],
-                Duration::from_secs(20),
+                Duration::from_secs(40),
             )
             .await
             .map(|_| ())
