@@ -168,15 +168,15 @@ async fn item3_a_listener_that_stops_reading_is_dropped_and_its_senders_served()
             .map_err(|e| e.to_string())
         }));
     }
-    let dropped = wait_for(Duration::from_secs(6), || async { rig.listeners("frz").await == 1 }).await;
+    let dropped = wait_for(Duration::from_secs(10), || async { rig.listeners("frz").await == 1 }).await;
     assert!(
         dropped,
         "the frozen listener is still registered after {:?}",
         frozen_at.elapsed()
     );
     assert!(
-        frozen_at.elapsed() < Duration::from_secs(4),
-        "dropped after {:?} (two ping periods are 2 s)",
+        frozen_at.elapsed() < Duration::from_secs(7),
+        "dropped after {:?} (two ping periods are 4 s)",
         frozen_at.elapsed()
     );
     for s in senders {
