@@ -8,7 +8,7 @@
 # a message naming it.
 set -euo pipefail
 
-packages=(sslscan slowhttptest chromium iproute2 nftables tinyproxy)
+packages=(sslscan slowhttptest chromium iproute2 nftables tinyproxy redis-server haproxy)
 missing=()
 for p in "${packages[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

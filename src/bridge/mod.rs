@@ -358,13 +358,12 @@ pub fn start(cfg: BridgeConfig) -> anyhow::Result<BridgeHandle> {
     });
     forwards.apply(&cfg.forwards)?;
     let f = forwards.clone();
-    let source: Arc<dyn crate::telemetry::admin::StatusSource> =
-        Arc::new(status::BridgeStatus::new(
-            Arc::new(move || f.views()),
-            totals,
-            tls,
-            cfg.proxy.clone(),
-        ));
+    let source: Arc<dyn crate::telemetry::admin::StatusSource> = Arc::new(status::BridgeStatus::new(
+        Arc::new(move || f.views()),
+        totals,
+        tls,
+        cfg.proxy.clone(),
+    ));
     let admin = match cfg.admin {
         Some(a) => Some(
             crate::telemetry::admin::spawn(a, source.clone())
@@ -454,9 +453,10 @@ fn resolve_endpoints(
     .map_err(|_| anyhow::anyhow!("endpoint resolution thread panicked"))?
 }
 
-/// Waits before each retry of a sender connect the relay refused with 503 (every
-/// listener's backlog full, or the relay busy): about 1.5 s in all, then the app's
-/// connection is reset (issue 9 item 9).
+/// Waits before each retry of a sender connect the relay refused for now: 503 (every
+/// listener's backlog full, the relay busy; issue 9 item 9) or 404 "no listeners
+/// connected" (an hcm reconnecting, after a relay node failed over). About 1.5 s in all,
+/// then the app's connection is reset.
 const RETRY_503: [Duration; 5] = [
     Duration::from_millis(50),
     Duration::from_millis(100),
@@ -465,8 +465,17 @@ const RETRY_503: [Duration; 5] = [
     Duration::from_millis(800),
 ];
 
-/// Opens the sender WebSocket for `hc`; a 503 is retried a few times (bounded, see
-/// [`RETRY_503`]) since it only says "not right now".
+/// Whether the relay's refusal says "not right now" rather than "no".
+fn transient(e: &ws::ConnectError) -> bool {
+    match e {
+        ws::ConnectError::Rejected { status: 503, .. } => true,
+        ws::ConnectError::Rejected { status: 404, reason } => reason.contains("no listeners connected"),
+        _ => false,
+    }
+}
+
+/// Opens the sender WebSocket for `hc`; a transient refusal is retried a few times
+/// (bounded, see [`RETRY_503`]).
 async fn connect_with_retry(
     cs: &ConnectionString,
     hc: &str,
@@ -478,7 +487,7 @@ async fn connect_with_retry(
         let url = client::hc_url(cs, hc, "connect", &crate::proto::ids::new_id());
         let headers = [("ServiceBusAuthorization", token.as_str())];
         match ws::connect_via(&url, Some(&ctx.tls), &ctx.cfg.proxy, &headers, ctx.cfg.relay_timeout).await {
-            Err(e) if e.status() == Some(503) => match waits.next() {
+            Err(e) if transient(&e) => match waits.next() {
                 Some(wait) => {
                     tracing::debug!(hc, reason = %e, retry_in_ms = wait.as_millis() as u64, "relay busy; retrying the connect");
                     tokio::time::sleep(*wait).await;

@@ -266,11 +266,15 @@ async fn command(m: &Management, cmd: HcCommand, json: bool, hint: &Hint) -> any
             }
             for l in v["listeners"].as_array().into_iter().flatten() {
                 println!(
-                    "listener {:<19} {} since {} ({} tunnels)",
+                    "listener {:<19} {} since {} ({} tunnels){}",
                     s(&l["id"]),
                     s(&l["remoteAddress"]),
                     s(&l["connectedAt"]),
-                    s(&l["activeTunnels"])
+                    s(&l["activeTunnels"]),
+                    l["node"]
+                        .as_str()
+                        .map(|n| format!(" on node {}", crate::proto::host::escape_controls(n)))
+                        .unwrap_or_default()
                 );
             }
             for r in v["rules"].as_array().into_iter().flatten() {

@@ -2,6 +2,7 @@
 //! demo. Parsing is clap; every command returns `anyhow::Result` to `main`.
 
 mod bridge_cmd;
+mod cluster_cmd;
 mod docs;
 pub mod doctor;
 mod hc_cmd;
@@ -38,6 +39,8 @@ pub enum Command {
     Relay(relay_cmd::RelayArgs),
     /// Manage hybrid connections on a relay (create, list, show, delete, keys).
     Hc(hc_cmd::HcArgs),
+    /// A relay cluster on Redis: its nodes and catalog, and importing a single node's state.
+    Cluster(cluster_cmd::ClusterArgs),
     /// The connection manager on the private network.
     Hcm(hcm_cmd::HcmArgs),
     /// Run the bridge: local TCP ports that lead to hybrid connections.
@@ -73,6 +76,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Relay(a) => relay_cmd::run(a),
         Command::Hc(a) => hc_cmd::run(a),
+        Command::Cluster(a) => cluster_cmd::run(a),
         Command::Hcm(a) => hcm_cmd::run(a),
         Command::Bridge(a) => bridge_cmd::run(a),
         Command::Up(a) => up::run(a),

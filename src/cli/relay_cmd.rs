@@ -51,6 +51,17 @@ pub struct RelayArgs {
     /// that had one; without it the relay refuses to start then.
     #[arg(long)]
     new_namespace: bool,
+    /// Join a relay cluster whose state lives in this Redis (redis://HOST:PORT[/DB] or
+    /// rediss://); needs --public-url naming this node. A password belongs in
+    /// HYRELAY_REDIS_PASSWORD or --redis-password-file, not in the URL on a command line.
+    #[arg(long, value_name = "URL", env = "HYRELAY_REDIS", hide_env_values = true)]
+    redis: Option<String>,
+    /// File holding the Redis password (a cluster node).
+    #[arg(long, value_name = "FILE")]
+    redis_password_file: Option<PathBuf>,
+    /// This node's name in the cluster (default: its public URL's host:port).
+    #[arg(long, value_name = "ID")]
+    node_id: Option<String>,
 }
 
 impl RelayArgs {
@@ -78,6 +89,15 @@ impl RelayArgs {
         }
         if let Some(a) = self.admin {
             file.admin = Some(a.to_string());
+        }
+        if self.redis.is_some() {
+            file.cluster.redis = self.redis;
+        }
+        if self.redis_password_file.is_some() {
+            file.cluster.redis_password_file = self.redis_password_file;
+        }
+        if self.node_id.is_some() {
+            file.cluster.node_id = self.node_id;
         }
         let tls_flag = if let (Some(cert), Some(key)) = (self.tls_cert, self.tls_key) {
             Some(TlsSetting::Files { cert, key })

@@ -89,19 +89,25 @@ fn is_root() -> bool {
     std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
 }
 
+/// A name for a temporary file that no other write of this process uses at the same time:
+/// `.<name>.tmp<pid>-<n>`.
+fn temp_name(name: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!(".{name}.tmp{}-{n}", std::process::id())
+}
+
 /// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync,
 /// rename over the target, fsync of the directory. A crash leaves the old or the new file.
+/// Concurrent writes (threads of one process included) each use a temporary of their own;
+/// the last rename wins.
 pub fn write_atomic(path: &Path, bytes: &[u8], private: bool) -> std::io::Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
-        std::process::id()
-    ));
+    let tmp = dir.join(temp_name(path.file_name().and_then(|n| n.to_str()).unwrap_or("file")));
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
     #[cfg(unix)]
@@ -134,7 +140,7 @@ pub fn write_private_with_backup(path: &Path, bytes: &[u8]) -> std::io::Result<(
     if path.exists() {
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
         let bak = path.with_file_name(format!("{name}.bak"));
-        let tmp = path.with_file_name(format!(".{name}.bak.tmp{}", std::process::id()));
+        let tmp = path.with_file_name(temp_name(&format!("{name}.bak")));
         let _ = std::fs::remove_file(&tmp);
         // A hard link costs no copy; a file system without them gets a copy.
         if std::fs::hard_link(path, &tmp).is_err() {
@@ -146,7 +152,8 @@ pub fn write_private_with_backup(path: &Path, bytes: &[u8]) -> std::io::Result<(
 }
 
 /// Removes the temporary files [`write_atomic`] leaves when a process dies mid-write
-/// (`.<name>.tmp<pid>`, `.<name>.bak.tmp<pid>`) from `dir`; returns how many. Call it while
+/// (`.<name>.tmp<pid>-<n>`, and `.<name>.tmp<pid>` of older versions) from `dir`; returns
+/// how many. Call it while
 /// holding the directory's [`DirLock`], so no live writer's file is taken.
 pub fn remove_leftovers(dir: &Path) -> std::io::Result<usize> {
     let mut n = 0;
@@ -160,7 +167,7 @@ pub fn remove_leftovers(dir: &Path) -> std::io::Result<usize> {
         let leftover = name.starts_with('.')
             && name
                 .rsplit_once(".tmp")
-                .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()));
+                .is_some_and(|(_, tag)| !tag.is_empty() && tag.bytes().all(|b| b.is_ascii_digit() || b == b'-'));
         if leftover && e.file_type().is_ok_and(|t| t.is_file()) {
             std::fs::remove_file(e.path())?;
             n += 1;
@@ -261,15 +268,38 @@ mod tests {
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         assert_eq!(std::fs::read(dir.path().join("state.json.bak")).unwrap(), b"one");
         std::fs::write(dir.path().join(".state.json.tmp4242"), b"1,200 revoked keys").unwrap();
+        std::fs::write(dir.path().join(".state.json.tmp4242-7"), b"x").unwrap();
         std::fs::write(dir.path().join(".state.json.bak.tmp7"), b"x").unwrap();
         std::fs::write(dir.path().join(".keep.tmpx"), b"not ours").unwrap();
-        assert_eq!(remove_leftovers(dir.path()).unwrap(), 2);
+        assert_eq!(remove_leftovers(dir.path()).unwrap(), 3);
         let mut names: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         names.sort();
         assert_eq!(names, [".keep.tmpx", "state.json", "state.json.bak"]);
+    }
+
+    /// Two threads writing the same file at once used to share one temporary name: one
+    /// rename then failed with "No such file or directory".
+    #[test]
+    fn concurrent_writes_in_one_process_all_succeed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.json");
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let p = p.clone();
+                std::thread::spawn(move || {
+                    for j in 0..50 {
+                        write_private(&p, format!("{i}-{j}").as_bytes()).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary left");
     }
 
     #[test]

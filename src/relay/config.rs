@@ -103,6 +103,9 @@ pub struct RelayConfig {
     pub buffer_budget: usize,
     /// Data-plane I/O backend (`epoll`, `uring`, `auto`). Default: epoll.
     pub io_backend: crate::dataplane::backend::IoBackend,
+    /// Membership of a relay cluster sharing its state through Redis (`[cluster]`,
+    /// `--redis`). Default: none, a single node with its own state file.
+    pub cluster: Option<super::cluster::ClusterConfig>,
 }
 
 impl RelayConfig {
@@ -137,6 +140,7 @@ impl RelayConfig {
             drain_timeout: Duration::from_secs(30),
             buffer_budget: crate::config::default_workers() * crate::dataplane::pool::DEFAULT_BUDGET,
             io_backend: Default::default(),
+            cluster: None,
         }
     }
 
@@ -209,6 +213,12 @@ impl RelayConfig {
             "senders.accept_timeout",
         )?;
         c.apply_limits(f.limits)?;
+        c.cluster = f.cluster.validate(c.public_url.as_ref())?;
+        if let Some(cl) = &c.cluster
+            && c.public_url.is_none()
+        {
+            c.public_url = Some(cl.public_url.clone());
+        }
         Ok(c)
     }
 
@@ -328,6 +338,8 @@ pub struct RelayFile {
     pub senders: SendersFile,
     #[serde(default)]
     pub limits: LimitsFile,
+    #[serde(default)]
+    pub cluster: super::cluster::config::ClusterFile,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -10,7 +10,7 @@
 //! request, on whatever worker it lands, takes that oneshot out of the table and sends its
 //! parked connection through it, so the later leg joins the earlier leg's worker.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,8 +21,10 @@ use percent_encoding::utf8_percent_encode;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::cluster::Cluster;
+use super::cluster::presence::{PresentListener, listener_ref};
 use super::config::{Balance, RelayConfig};
-use super::store::{Entity, SharedState, State, Store, StoreError};
+use super::store::{Catalog, Entity, SharedState, State, StoreError};
 use crate::proto::address::RENDEZVOUS_PARAM;
 use crate::proto::control::Accept;
 use crate::proto::ids::{new_id, new_secret};
@@ -152,9 +154,15 @@ pub enum Refusal {
     TooLarge,
 }
 
+/// This node's listeners, its open tunnels per hybrid connection, and its tunnels per
+/// listener they go to (`node/key`): its presence record in a cluster.
+pub type LocalPresence = (Vec<PresentListener>, BTreeMap<String, u64>, BTreeMap<String, u64>);
+
 /// A listener as shown by management and status.
 #[derive(Debug, Clone)]
 pub struct ListenerView {
+    /// The relay node holding its control channel (a cluster), `None` for this node.
+    pub node: Option<String>,
     pub id: String,
     pub remote: Option<SocketAddr>,
     pub connected_at: SystemTime,
@@ -234,6 +242,7 @@ pub enum Request {
 pub struct Ctl {
     tx: mpsc::Sender<Request>,
     reg: Arc<Mutex<Registry>>,
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl Ctl {
@@ -252,8 +261,94 @@ impl Ctl {
         })
     }
 
-    pub fn connect(&self, req: ConnectReq) -> Result<Connecting, Refusal> {
-        self.reg().connect(req)
+    /// Dispatches a sender to a listener: one of this node's if it has any that takes it,
+    /// else (in a cluster) one on another node, whose node is asked to hand it the `accept`
+    /// (the address names this node, where the sender waits).
+    pub async fn connect(&self, req: ConnectReq) -> Result<Connecting, Refusal> {
+        let local = self.reg().connect(&req);
+        let Some(cluster) = &self.cluster else { return local };
+        match local {
+            Err(Refusal::NoListener | Refusal::Busy) => {}
+            other => return other,
+        }
+        let hc = req.entity.to_lowercase();
+        let mut candidates = {
+            let reg = self.reg();
+            let own = |node: &str, key: u64| reg.remote_load_of(node, key);
+            cluster.presence().candidates(&hc, &own)
+        };
+        let busy = matches!(local, Err(Refusal::Busy));
+        while !candidates.is_empty() {
+            let i = pick_candidate(&candidates, self.reg().cfg.balance);
+            let c = candidates.swap_remove(i);
+            let (connecting, text) = self
+                .reg()
+                .prepare_remote(&req, &c.node, c.key, &cluster.public_base())?;
+            match cluster.deliver(&c.node, &hc, c.key, text, None).await {
+                Ok(()) => return Ok(connecting),
+                Err(why) => {
+                    tracing::debug!(hc = %req.entity, node = %c.node, reason = %why, "routing to a listener on another node failed; trying the next");
+                    self.reg().pending.remove(&connecting.secret);
+                }
+            }
+        }
+        Err(if busy { Refusal::Busy } else { Refusal::NoListener })
+    }
+
+    /// Hands listener `key` of `hc` on this node a command another node sent (cluster
+    /// routing). `Err` is the reason word for the answer.
+    pub fn deliver_local(&self, hc: &str, key: u64, text: String, body: Option<Vec<u8>>) -> Result<(), &'static str> {
+        if body.is_some() {
+            return Err("a message with a body is not supported by this node");
+        }
+        let reg = self.reg();
+        let l = reg
+            .live
+            .get(&hc.to_lowercase())
+            .and_then(|rt| rt.listeners.iter().find(|l| l.key == key))
+            .ok_or(super::cluster::route::WHY_GONE)?;
+        match l.tx.try_send(ListenerCmd::Send(text)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(super::cluster::route::WHY_BUSY),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(super::cluster::route::WHY_GONE),
+        }
+    }
+
+    /// This node's listeners, open tunnels per hybrid connection, and tunnels per listener
+    /// they go to, for its presence record.
+    pub fn local_presence(&self, node: &str) -> LocalPresence {
+        self.reg().local_presence(node)
+    }
+
+    /// Sends the pending rendezvous `secret`, whose listener went away, to another one
+    /// (this node's first, then other nodes'); with none left the sender gets "no listener".
+    async fn redispatch(&self, secret: String) {
+        let Some(cluster) = &self.cluster else { return };
+        let Some((hc, text, gone)) = self.reg().pending_for_redispatch(&secret) else {
+            return;
+        };
+        if self.reg().redispatch_local(&secret) {
+            return;
+        }
+        let mut candidates = {
+            let reg = self.reg();
+            let own = |node: &str, key: u64| reg.remote_load_of(node, key);
+            cluster.presence().candidates(&hc, &own)
+        };
+        candidates.retain(|c| (c.node.as_str(), c.key) != (gone.0.as_str(), gone.1));
+        for c in candidates {
+            if cluster.deliver(&c.node, &hc, c.key, text.clone(), None).await.is_ok() {
+                self.reg().retarget(
+                    &secret,
+                    Target::Remote {
+                        node: c.node,
+                        key: c.key,
+                    },
+                );
+                return;
+            }
+        }
+        self.reg().pending.remove(&secret);
     }
 
     /// Takes the rendezvous for `secret` out of the table (single use).
@@ -311,9 +406,18 @@ struct PendingRt {
     deadline: Instant,
     /// Lower-cased entity name and the listener the `accept` went to.
     entity: String,
-    listener: u64,
+    listener: Target,
     /// The `accept` JSON, to hand to another listener if this one goes away.
     accept: String,
+}
+
+/// The listener an `accept` went to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Target {
+    /// One of this node's, by key.
+    Local(u64),
+    /// One of another node's (a cluster).
+    Remote { node: String, key: u64 },
 }
 
 /// Listeners and pending rendezvous: what the setup of every tunnel consults. Shared by
@@ -326,6 +430,10 @@ pub struct Registry {
     live: HashMap<String, EntityRt>,
     pending: HashMap<String, PendingRt>,
     next_key: u64,
+    /// The cluster this node belongs to, if any.
+    cluster: Option<Arc<Cluster>>,
+    /// Tunnels open on this node per listener of another node (`node/key`).
+    remote_load: HashMap<String, Arc<AtomicUsize>>,
 }
 
 impl std::fmt::Debug for EntityRt {
@@ -345,26 +453,39 @@ impl std::fmt::Debug for PendingRt {
 /// The plane thread: owns the store; answers management requests; sweeps expired
 /// rendezvous; closes every control channel at shutdown.
 pub struct Plane {
-    store: Store,
+    store: Catalog,
     reg: Arc<Mutex<Registry>>,
+    ctl: Ctl,
 }
 
 impl Plane {
     /// A plane over `store`, and the handle workers use.
-    pub fn new(cfg: Arc<RelayConfig>, store: Store) -> (Self, Ctl, mpsc::Receiver<Request>) {
+    pub fn new(cfg: Arc<RelayConfig>, store: Catalog) -> (Self, Ctl, mpsc::Receiver<Request>) {
         let (tx, rx) = mpsc::channel(REQUEST_QUEUE);
+        let cluster = match &store {
+            Catalog::Cluster(c) => Some(c.clone()),
+            Catalog::File(_) => None,
+        };
         let reg = Arc::new(Mutex::new(Registry {
             cfg,
             state: store.shared(),
             live: HashMap::new(),
             pending: HashMap::new(),
             next_key: 1,
+            cluster: cluster.clone(),
+            remote_load: HashMap::new(),
         }));
+        let ctl = Ctl {
+            tx,
+            reg: reg.clone(),
+            cluster,
+        };
         let plane = Self {
             store,
-            reg: reg.clone(),
+            reg,
+            ctl: ctl.clone(),
         };
-        (plane, Ctl { tx, reg }, rx)
+        (plane, ctl, rx)
     }
 
     fn reg(&self) -> std::sync::MutexGuard<'_, Registry> {
@@ -374,13 +495,26 @@ impl Plane {
     /// Serves requests until `shutdown`, then closes every control channel with 1001.
     pub async fn run(mut self, mut rx: mpsc::Receiver<Request>, shutdown: CancellationToken) {
         let mut sweep = tokio::time::interval(Duration::from_secs(1));
+        let mut changes = self.store.shared().subscribe();
+        let mut known = self.store.current();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = sweep.tick() => self.reg().sweep(),
+                _ = sweep.tick() => {
+                    let orphans = self.reg().sweep();
+                    for secret in orphans {
+                        let ctl = self.ctl.clone();
+                        tokio::spawn(async move { ctl.redispatch(secret).await });
+                    }
+                }
+                Ok(()) = changes.changed() => {
+                    let now = changes.borrow_and_update().clone();
+                    self.reg().forget_deleted(&known, &now);
+                    known = now;
+                }
                 req = rx.recv() => match req {
                     Some(Request::Manage { op, reply }) => {
-                        reply.send(self.manage(op)).ok();
+                        reply.send(self.manage(op).await).ok();
                     }
                     None => break,
                 },
@@ -397,7 +531,7 @@ impl Plane {
     fn view(&self, e: &Entity) -> EntityView {
         self.reg().view(e)
     }
-    fn manage(&mut self, op: MgmtOp) -> Result<MgmtReply, StoreError> {
+    async fn manage(&mut self, op: MgmtOp) -> Result<MgmtReply, StoreError> {
         let state = self.store.current();
         let find = |state: &State, name: &str| {
             state
@@ -416,38 +550,36 @@ impl Plane {
                 requires_client_authorization,
             } => {
                 crate::proto::address::validate_entity_name(&name).map_err(StoreError::Invalid)?;
-                let e = self.store.update(|st| {
-                    let key = name.to_lowercase();
-                    if st.hybrid_connections.contains_key(&key) {
-                        return Err(StoreError::Exists(name.clone()));
-                    }
-                    let e = super::store::new_entity(&name, endpoint.as_ref(), requires_client_authorization);
-                    st.hybrid_connections.insert(key, e.clone());
-                    Ok(e)
-                })?;
+                let e = self
+                    .store
+                    .update(|st| {
+                        let key = name.to_lowercase();
+                        if st.hybrid_connections.contains_key(&key) {
+                            return Err(StoreError::Exists(name.clone()));
+                        }
+                        let e = super::store::new_entity(&name, endpoint.as_ref(), requires_client_authorization);
+                        st.hybrid_connections.insert(key, e.clone());
+                        Ok(e)
+                    })
+                    .await?;
                 Ok(MgmtReply::Entity(Box::new(self.view(&e))))
             }
             MgmtOp::Delete(name) => {
                 let key = name.to_lowercase();
-                self.store.update(|st| {
-                    st.hybrid_connections
-                        .remove(&key)
-                        .map(|_| ())
-                        .ok_or_else(|| StoreError::NotFound(name.clone()))
-                })?;
-                metrics::gauge!(crate::telemetry::metrics::RELAY_LISTENERS, "hc" => name.clone()).set(0.0);
-                let gone = self.reg().live.remove(&key);
-                if let Some(rt) = gone {
-                    rt.gone.cancel();
-                    for l in rt.listeners {
-                        l.tx.try_send(ListenerCmd::Close(1001, "The hybrid connection was deleted.".into()))
-                            .ok();
-                    }
-                }
+                self.store
+                    .update(|st| {
+                        st.hybrid_connections
+                            .remove(&key)
+                            .map(|_| ())
+                            .ok_or_else(|| StoreError::NotFound(name.clone()))
+                    })
+                    .await?;
+                // Its listeners are closed when the change reaches the state (`forget_deleted`),
+                // on this node and on every other node of a cluster alike.
                 Ok(MgmtReply::Deleted)
             }
             MgmtOp::RegenerateKey { name, slot, rule } => {
-                let e = self.store.update(|st| {
+                let e = self.store.update(|st: &mut State| {
                     let e = st
                         .hybrid_connections
                         .get_mut(&name.to_lowercase())
@@ -469,7 +601,8 @@ impl Plane {
                     }
                     e.updated_at = crate::clock::now_rfc3339();
                     Ok(e.clone())
-                })?;
+                });
+                let e = e.await?;
                 Ok(MgmtReply::Entity(Box::new(self.view(&e))))
             }
         }
@@ -486,9 +619,168 @@ impl Registry {
             .unwrap_or_else(|| name.to_lowercase())
     }
 
-    fn sweep(&mut self) {
+    /// Drops expired or abandoned rendezvous; returns those whose listener on another node
+    /// is no longer present (to send elsewhere).
+    fn sweep(&mut self) -> Vec<String> {
         let now = Instant::now();
         self.pending.retain(|_, p| p.deadline > now && !p.tx.is_closed());
+        self.remote_load.retain(|_, n| n.load(Ordering::Relaxed) > 0);
+        let Some(cluster) = &self.cluster else {
+            return Vec::new();
+        };
+        let presence = cluster.presence();
+        self.pending
+            .iter()
+            .filter(|(_, p)| matches!(&p.listener, Target::Remote { node, key } if !presence.holds(node, *key)))
+            .map(|(s, _)| s.clone())
+            .collect()
+    }
+
+    /// After a change of the state: hybrid connections that no longer exist lose their
+    /// listeners (1001) and their tunnels (`gone`), whichever node deleted them.
+    fn forget_deleted(&mut self, before: &State, now: &State) {
+        for (key, e) in &before.hybrid_connections {
+            if now.hybrid_connections.contains_key(key) {
+                continue;
+            }
+            metrics::gauge!(crate::telemetry::metrics::RELAY_LISTENERS, "hc" => e.name.clone()).set(0.0);
+            if let Some(rt) = self.live.remove(key) {
+                rt.gone.cancel();
+                for l in rt.listeners {
+                    l.tx.try_send(ListenerCmd::Close(1001, "The hybrid connection was deleted.".into()))
+                        .ok();
+                }
+            }
+            self.pending.retain(|_, p| p.entity != *key);
+        }
+    }
+
+    /// Tunnels this node runs to listener `key` of `node`.
+    fn remote_load_of(&self, node: &str, key: u64) -> u64 {
+        self.remote_load
+            .get(&listener_ref(node, key))
+            .map_or(0, |n| n.load(Ordering::Relaxed) as u64)
+    }
+
+    /// Registers a rendezvous for `req` with a listener of another node; returns it and the
+    /// `accept` text to send there (its address names this node, `base`).
+    fn prepare_remote(
+        &mut self,
+        req: &ConnectReq,
+        node: &str,
+        key: u64,
+        base: &str,
+    ) -> Result<(Connecting, String), Refusal> {
+        let name = req.entity.to_lowercase();
+        if self.state.load().entity(&name).is_none() {
+            return Err(Refusal::NotFound);
+        }
+        let tracking_id = req.id.clone().unwrap_or_else(new_id);
+        let secret = new_secret();
+        let text = encode_accept(req, accept_address(base, req, &tracking_id, &secret), &tracking_id)?;
+        let load = self
+            .remote_load
+            .entry(listener_ref(node, key))
+            .or_insert_with(|| Arc::new(AtomicUsize::new(0)))
+            .clone();
+        let rt = self.live.entry(name.clone()).or_default();
+        let (tx, outcome) = oneshot::channel();
+        self.pending.insert(
+            secret.clone(),
+            PendingRt {
+                tx,
+                deadline: Instant::now() + self.cfg.accept_timeout,
+                entity: name,
+                listener: Target::Remote {
+                    node: node.to_owned(),
+                    key,
+                },
+                accept: text.clone(),
+            },
+        );
+        Ok((
+            Connecting {
+                secret,
+                tracking_id,
+                outcome,
+                listener_load: load,
+                entity_tunnels: rt.tunnels.clone(),
+                entity_gone: rt.gone.clone(),
+            },
+            text,
+        ))
+    }
+
+    /// The hybrid connection, `accept` text and listener of pending rendezvous `secret`.
+    fn pending_for_redispatch(&self, secret: &str) -> Option<(String, String, (String, u64))> {
+        let p = self.pending.get(secret)?;
+        let gone = match &p.listener {
+            Target::Remote { node, key } => (node.clone(), *key),
+            Target::Local(k) => (String::new(), *k),
+        };
+        Some((p.entity.clone(), p.accept.clone(), gone))
+    }
+
+    /// Sends pending rendezvous `secret` to one of this node's listeners, if one takes it.
+    fn redispatch_local(&mut self, secret: &str) -> bool {
+        let Some(p) = self.pending.get_mut(secret) else {
+            return false;
+        };
+        let Some(rt) = self.live.get(&p.entity) else {
+            return false;
+        };
+        let next = rt
+            .listeners
+            .iter()
+            .find(|l| l.tx.try_send(ListenerCmd::Send(p.accept.clone())).is_ok())
+            .map(|l| l.key);
+        match next {
+            Some(k) => {
+                p.listener = Target::Local(k);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn retarget(&mut self, secret: &str, to: Target) {
+        if let Some(p) = self.pending.get_mut(secret) {
+            p.listener = to;
+        }
+    }
+
+    /// This node's presence: its listeners, tunnels per hybrid connection, tunnels per
+    /// listener (its own and other nodes').
+    fn local_presence(&self, node: &str) -> LocalPresence {
+        let mut listeners = Vec::new();
+        let mut tunnels = BTreeMap::new();
+        let mut load = BTreeMap::new();
+        for (hc, rt) in &self.live {
+            let n = rt.tunnels.load(Ordering::Relaxed) as u64;
+            if n > 0 {
+                tunnels.insert(hc.clone(), n);
+            }
+            for l in &rt.listeners {
+                listeners.push(PresentListener {
+                    hc: hc.clone(),
+                    key: l.key,
+                    id: l.info.id.clone(),
+                    since: crate::clock::rfc3339(l.info.connected_at),
+                    remote: l.info.remote.map(|a| a.to_string()),
+                });
+                let n = l.load.load(Ordering::Relaxed) as u64;
+                if n > 0 {
+                    load.insert(listener_ref(node, l.key), n);
+                }
+            }
+        }
+        for (r, n) in &self.remote_load {
+            let n = n.load(Ordering::Relaxed) as u64;
+            if n > 0 {
+                load.insert(r.clone(), n);
+            }
+        }
+        (listeners, tunnels, load)
     }
 
     fn record_connect(&mut self, entity: &str, record: ConnectRecord) {
@@ -512,8 +804,13 @@ impl Registry {
         if self.state.load().entity(&name).is_none() {
             return Err(Refusal::NotFound);
         }
+        // The limit is the cluster's: listeners on other nodes count (as of their last beat).
+        let elsewhere = self
+            .cluster
+            .as_ref()
+            .map_or(0, |c| c.presence().listeners_of(&name).count());
         let rt = self.live.entry(name).or_default();
-        if rt.listeners.len() >= self.cfg.max_listeners {
+        if rt.listeners.len() + elsewhere >= self.cfg.max_listeners {
             return Err(Refusal::Quota(self.cfg.max_listeners));
         }
         let (tx, commands) = mpsc::channel(self.cfg.max_pending_accepts);
@@ -541,7 +838,7 @@ impl Registry {
         let orphans: Vec<String> = self
             .pending
             .iter()
-            .filter(|(_, p)| p.listener == key && p.entity == name)
+            .filter(|(_, p)| p.listener == Target::Local(key) && p.entity == name)
             .map(|(s, _)| s.clone())
             .collect();
         for secret in orphans {
@@ -553,7 +850,9 @@ impl Registry {
                 .map(|l| l.key)
                 .next();
             match next {
-                Some(k) => p.listener = k,
+                Some(k) => p.listener = Target::Local(k),
+                // In a cluster the sweep sends it to another node's listener, if any.
+                None if self.cluster.is_some() => {}
                 None => {
                     self.pending.remove(&secret);
                 }
@@ -561,8 +860,9 @@ impl Registry {
         }
     }
 
-    fn connect(&mut self, req: ConnectReq) -> Result<Connecting, Refusal> {
+    fn connect(&mut self, req: &ConnectReq) -> Result<Connecting, Refusal> {
         let name = req.entity.to_lowercase();
+        let own_base = self.cluster.as_ref().map(|c| c.public_base());
         let rt = self.live.get_mut(&name).ok_or(Refusal::NoListener)?;
         let mut candidates: Vec<usize> = (0..rt.listeners.len()).collect();
         let mut busy = false;
@@ -572,23 +872,13 @@ impl Registry {
             let idx = candidates.swap_remove(pick);
             let l = &rt.listeners[idx];
             let secret = new_secret();
-            let accept = Accept {
-                address: accept_address(&self.cfg, &l.info.base_url, &req, &tracking_id, &secret),
-                id: tracking_id.clone(),
-                connect_headers: req.headers.clone(),
-                remote_endpoint: req.remote.map(|a| (a.ip().to_string(), a.port())),
-            };
-            // Never more than a listener may receive (issue 9 item 8): the .NET listener and
-            // ours read control messages into 64 KiB.
-            let text = match accept.encode_within(crate::proto::control::MAX_CONTROL_MESSAGE) {
-                Ok((text, dropped)) => {
-                    if !dropped.is_empty() {
-                        tracing::info!(hc = %req.entity, dropped = dropped.len(), "connect headers left out of the accept to keep it within 64 KiB");
-                    }
-                    text
-                }
-                Err(_) => return Err(Refusal::TooLarge),
-            };
+            // A cluster node's own public URL; a single node's `public_url`, else the Host
+            // the listener reached it by.
+            let base = own_base
+                .clone()
+                .or_else(|| self.cfg.public_url.as_ref().map(|u| u.ws_base()))
+                .unwrap_or_else(|| l.info.base_url.clone());
+            let text = encode_accept(req, accept_address(&base, req, &tracking_id, &secret), &tracking_id)?;
             match l.tx.try_send(ListenerCmd::Send(text.clone())) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(_)) => {
@@ -603,7 +893,7 @@ impl Registry {
                 tx,
                 deadline,
                 entity: name.clone(),
-                listener: l.key,
+                listener: Target::Local(l.key),
                 accept: text,
             };
             self.pending.insert(secret.clone(), pending);
@@ -619,27 +909,81 @@ impl Registry {
         Err(if busy { Refusal::Busy } else { Refusal::NoListener })
     }
 
+    /// An entity with its listeners and tunnels: this node's, and in a cluster every other
+    /// node's as of their last beat.
     fn view(&self, e: &Entity) -> EntityView {
-        let rt = self.live.get(&e.name.to_lowercase());
+        let key = e.name.to_lowercase();
+        let rt = self.live.get(&key);
+        let presence = self.cluster.as_ref().map(|c| c.presence());
+        let mut listeners: Vec<ListenerView> = rt
+            .map(|rt| {
+                rt.listeners
+                    .iter()
+                    .map(|l| ListenerView {
+                        node: None,
+                        id: l.info.id.clone(),
+                        remote: l.info.remote,
+                        connected_at: l.info.connected_at,
+                        active_tunnels: l.load.load(Ordering::Relaxed),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut elsewhere = 0;
+        if let Some(p) = &presence {
+            for (n, l) in p.listeners_of(&key) {
+                let r = listener_ref(&n.node, l.key);
+                let load: u64 =
+                    p.nodes.iter().filter_map(|m| m.load.get(&r)).sum::<u64>() + self.remote_load_of(&n.node, l.key);
+                listeners.push(ListenerView {
+                    node: Some(n.node.clone()),
+                    id: l.id.clone(),
+                    remote: l.remote.as_deref().and_then(|r| r.parse().ok()),
+                    connected_at: humantime::parse_rfc3339(&l.since).unwrap_or(std::time::UNIX_EPOCH),
+                    active_tunnels: load as usize,
+                });
+            }
+            elsewhere = p.tunnels_of(&key) as usize;
+        }
         EntityView {
             entity: e.clone(),
-            listeners: rt
-                .map(|rt| {
-                    rt.listeners
-                        .iter()
-                        .map(|l| ListenerView {
-                            id: l.info.id.clone(),
-                            remote: l.info.remote,
-                            connected_at: l.info.connected_at,
-                            active_tunnels: l.load.load(Ordering::Relaxed),
-                        })
-                        .collect()
-                })
-                .unwrap_or_default(),
-            active_tunnels: rt.map(|rt| rt.tunnels.load(Ordering::Relaxed)).unwrap_or(0),
+            listeners,
+            active_tunnels: rt.map(|rt| rt.tunnels.load(Ordering::Relaxed)).unwrap_or(0) + elsewhere,
             last_connect: rt.and_then(|rt| rt.last_connect.clone()),
             last_failure: rt.and_then(|rt| rt.last_failure.clone()),
             connects: rt.map(|rt| rt.connects.clone()).unwrap_or_default(),
+        }
+    }
+}
+
+/// Builds the `accept` for `req` with `address`, within what a listener may receive
+/// (issue 9 item 8: the .NET listener and ours read control messages into 64 KiB).
+fn encode_accept(req: &ConnectReq, address: String, tracking_id: &str) -> Result<String, Refusal> {
+    let accept = Accept {
+        address,
+        id: tracking_id.to_owned(),
+        connect_headers: req.headers.clone(),
+        remote_endpoint: req.remote.map(|a| (a.ip().to_string(), a.port())),
+    };
+    match accept.encode_within(crate::proto::control::MAX_CONTROL_MESSAGE) {
+        Ok((text, dropped)) => {
+            if !dropped.is_empty() {
+                tracing::info!(hc = %req.entity, dropped = dropped.len(), "connect headers left out of the accept to keep it within 64 KiB");
+            }
+            Ok(text)
+        }
+        Err(_) => Err(Refusal::TooLarge),
+    }
+}
+
+/// The candidate (a listener on another node) to try next, by the balance rule.
+fn pick_candidate(c: &[super::cluster::presence::Candidate], balance: Balance) -> usize {
+    match balance {
+        Balance::Random => rand::random_range(0..c.len()),
+        Balance::LeastLoaded => {
+            let min = c.iter().map(|x| x.load).min().unwrap_or(0);
+            let best: Vec<usize> = (0..c.len()).filter(|&i| c[i].load == min).collect();
+            best[rand::random_range(0..best.len())]
         }
     }
 }
@@ -657,12 +1001,7 @@ fn pick(listeners: &[ListenerRt], candidates: &[usize], balance: Balance) -> usi
 }
 
 /// `{base}/$hc/{path}?{app query&}sb-hc-action=accept&sb-hc-id={id}&sb-hc-rid={secret}`.
-fn accept_address(cfg: &RelayConfig, listener_base: &str, req: &ConnectReq, id: &str, secret: &str) -> String {
-    let base = cfg
-        .public_url
-        .as_ref()
-        .map(|u| u.ws_base())
-        .unwrap_or_else(|| listener_base.to_owned());
+fn accept_address(base: &str, req: &ConnectReq, id: &str, secret: &str) -> String {
     let mut q: Vec<String> = req.app_query.clone();
     q.push("sb-hc-action=accept".into());
     q.push(format!("sb-hc-id={}", utf8_percent_encode(id, URI_COMPONENT)));
@@ -676,11 +1015,6 @@ mod tests {
 
     #[test]
     fn accept_address_keeps_app_query_and_hides_nothing_else() {
-        let cfg = RelayConfig::new(
-            "127.0.0.1:0".parse().unwrap(),
-            "/tmp".into(),
-            super::super::config::TlsSetting::Plain,
-        );
         let req = ConnectReq {
             entity: "hc1".into(),
             raw_path: "hc1/sub%20x".into(),
@@ -689,7 +1023,7 @@ mod tests {
             headers: vec![],
             remote: None,
         };
-        let a = accept_address(&cfg, "ws://127.0.0.1:5", &req, "id 1", "s3");
+        let a = accept_address("ws://127.0.0.1:5", &req, "id 1", "s3");
         assert_eq!(
             a,
             "ws://127.0.0.1:5/$hc/hc1/sub%20x?a=1&sb-hc-action=accept&sb-hc-id=id%201&sb-hc-rid=s3"

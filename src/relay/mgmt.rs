@@ -145,6 +145,7 @@ async fn json_response(stream: &mut Stream, status: u16, v: &Value) {
         404 => "Not Found",
         405 => "Method Not Allowed",
         409 => "Conflict",
+        503 => "Service Unavailable",
         _ => "Error",
     };
     let body = if status == 204 {
@@ -180,6 +181,7 @@ fn store_error(e: StoreError) -> (u16, Value) {
         StoreError::Exists(_) => 409,
         StoreError::Invalid(_) => 400,
         StoreError::Io(_) => 500,
+        StoreError::Unavailable(_) => 503,
     };
     error(status, e.to_string())
 }
@@ -336,6 +338,7 @@ pub fn view_json(v: &EntityView, with_keys: bool) -> Value {
         })),
         "listeners": v.listeners.iter().map(|l| json!({
             "id": l.id,
+            "node": l.node,
             "remoteAddress": l.remote.map(|a| a.to_string()),
             "connectedAt": rfc3339(l.connected_at),
             "activeTunnels": l.active_tunnels,

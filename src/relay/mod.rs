@@ -10,6 +10,7 @@
 //! authentication failures are slowed down per source address by [`throttle`].
 
 pub mod auth;
+pub mod cluster;
 pub mod config;
 mod conn;
 pub mod control;
@@ -31,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::config::{RelayConfig, TlsSetting};
 use self::control::{Ctl, Plane};
-use self::store::{ROOT_RULE, SharedState, Store};
+use self::store::{Catalog, ROOT_RULE, SharedState, Store};
 use crate::dataplane::Workers;
 use crate::proto::connstr::{ConnectionString, Credential, RelayEndpoint};
 
@@ -64,8 +65,18 @@ impl Ctx {
     /// The endpoint clients use, for connection strings: `public_url`, else the `Host`
     /// the request came in on.
     fn public_endpoint(&self, host_header: Option<&str>) -> RelayEndpoint {
-        if let Some(p) = &self.cfg.public_url {
-            return p.clone();
+        match &self.cfg.cluster {
+            // A cluster's clients use its shared address, not one node's own URL.
+            Some(c) => {
+                if let Some(s) = &c.service_url {
+                    return s.clone();
+                }
+            }
+            None => {
+                if let Some(p) = &self.cfg.public_url {
+                    return p.clone();
+                }
+            }
         }
         let tls = self.tls.is_some();
         let authority = host_header.unwrap_or("localhost");
@@ -98,6 +109,8 @@ pub struct RelayHandle {
     drain_timeout: std::time::Duration,
     /// The data directory's lock, released by [`RelayHandle::halt`].
     dir_lock: Option<crate::config::DirLock>,
+    /// Cluster membership, if this node is one of several.
+    cluster: Option<Arc<cluster::Cluster>>,
 }
 
 impl std::fmt::Debug for RelayHandle {
@@ -149,17 +162,32 @@ impl RelayHandle {
     }
 
     /// The namespace-wide Manage connection string (RootManageSharedAccessKey).
+    ///
+    /// # Panics
+    /// On a cluster node that has no catalog yet (Redis away at its first start): see
+    /// [`RelayHandle::try_manage_connection_string`].
     pub fn manage_connection_string(&self) -> ConnectionString {
+        self.try_manage_connection_string()
+            .expect("the catalog has a root rule")
+    }
+
+    /// The namespace-wide Manage connection string, if the catalog has its root rule.
+    pub fn try_manage_connection_string(&self) -> Option<ConnectionString> {
         let st = self.state.load();
-        let rule = st.namespace_rule(ROOT_RULE).expect("root rule exists");
-        ConnectionString {
+        let rule = st.namespace_rule(ROOT_RULE)?;
+        Some(ConnectionString {
             endpoint: self.local_endpoint(),
             credential: Credential::Key {
                 name: rule.key_name.clone(),
                 key: rule.primary_key.clone(),
             },
             entity_path: None,
-        }
+        })
+    }
+
+    /// The cluster this node belongs to, if any.
+    pub fn cluster(&self) -> Option<&Arc<cluster::Cluster>> {
+        self.cluster.as_ref()
     }
 
     /// Stops accepting, closes every connection and waits for the threads.
@@ -177,6 +205,10 @@ impl RelayHandle {
             timeout_s = self.drain_timeout.as_secs(),
             "draining: no new connections, control channels closed"
         );
+        if let Some(c) = &self.cluster {
+            // Other nodes stop routing senders here at once.
+            c.drain();
+        }
         self.drain.cancel();
         let admission = self.admission.clone();
         let report =
@@ -194,6 +226,9 @@ impl RelayHandle {
         }
         self.workers.stop();
         self.admin.take();
+        if let Some(c) = self.cluster.take() {
+            c.stop();
+        }
         self.dir_lock.take();
     }
 }
@@ -217,8 +252,14 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
             tracing::warn!(dir = %cfg.data_dir.display(), error = %e, "cannot remove temporary files left by an interrupted write")
         }
     }
-    let store = Store::open(&cfg.data_dir, cfg.new_namespace)?;
-    let state = store.shared();
+    let (catalog, cluster) = match &cfg.cluster {
+        None => (Catalog::File(Store::open(&cfg.data_dir, cfg.new_namespace)?), None),
+        Some(cc) => {
+            let c = cluster::start(cc.clone(), &cfg.data_dir)?;
+            (Catalog::Cluster(c.clone()), Some(c))
+        }
+    };
+    let state = catalog.shared();
     let audience = answers_to(&cfg)?;
     tracing::info!(names = ?audience.names(), "tokens are accepted for these host names (public_url, hostnames, the certificate's names, the listen address)");
     let (tls, ca_file) = match &cfg.tls {
@@ -234,7 +275,7 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
     let addr = listeners[0].local_addr()?;
     let shutdown = CancellationToken::new();
     let drain = CancellationToken::new();
-    let (plane, ctl, rx) = Plane::new(cfg.clone(), store);
+    let (plane, ctl, rx) = Plane::new(cfg.clone(), catalog);
     let plane_stop = shutdown.clone();
     let control = std::thread::Builder::new()
         .name("hyrelay-relay-ctl".into())
@@ -248,12 +289,16 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
     crate::telemetry::metrics::announce("relay", cfg.workers);
     let totals = Arc::new(crate::telemetry::metrics::Totals::default());
     crate::telemetry::metrics::spawn_worker_flush(&workers, "relay", totals.clone());
+    if let Some(c) = &cluster {
+        c.attach(ctl.clone(), totals.clone());
+    }
     let source: Arc<dyn crate::telemetry::admin::StatusSource> = Arc::new(status::RelayStatus {
         ctl: ctl.clone(),
         totals,
         history: Default::default(),
         draining: drain.clone(),
         listen: addr,
+        cluster: cluster.clone(),
     });
     let admin = match cfg.admin {
         Some(a) => Some(
@@ -300,6 +345,7 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
         admission,
         drain_timeout: cfg.drain_timeout,
         dir_lock: Some(dir_lock),
+        cluster,
     };
     write_cli_file(&handle)?;
     tracing::info!(addr = %addr, workers = cfg.workers, tls = handle.tls, data_dir = %cfg.data_dir.display(), "relay started");
@@ -363,8 +409,14 @@ fn system_hostname() -> Option<String> {
 }
 
 fn write_cli_file(h: &RelayHandle) -> anyhow::Result<()> {
+    let Some(cs) = h.try_manage_connection_string() else {
+        tracing::warn!(
+            "no catalog yet (Redis unreachable and nothing cached): cli.json not written; pass --connection-string to `hyrelay hc`"
+        );
+        return Ok(());
+    };
     let body = serde_json::json!({
-        "connectionString": h.manage_connection_string().expose(),
+        "connectionString": cs.expose(),
         "caFile": h.ca_file().map(|p| p.display().to_string()),
     });
     crate::config::write_private(

@@ -81,7 +81,7 @@ pub(super) async fn serve_connect(mut stream: Stream, mut inc: Incoming, req: Hc
         headers,
         remote: Some(peer),
     };
-    let mut pending = match ctx.ctl.connect(connect) {
+    let mut pending = match ctx.ctl.connect(connect).await {
         Ok(p) => p,
         Err(e) => {
             let status = match e {

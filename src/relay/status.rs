@@ -19,6 +19,35 @@ pub(crate) struct RelayStatus {
     pub history: Arc<History>,
     pub draining: CancellationToken,
     pub listen: std::net::SocketAddr,
+    /// The cluster this node belongs to, if any: readiness and the `cluster` section.
+    pub cluster: Option<Arc<super::cluster::Cluster>>,
+}
+
+/// The `cluster` part of `/status`: this node, Redis, the catalog and every other node.
+fn cluster_json(h: &super::cluster::Health) -> Value {
+    json!({
+        "node": h.node_id,
+        "publicUrl": h.public_url,
+        "redis": h.redis,
+        "redisUp": h.redis_up,
+        "state": h.word(),
+        "reason": match &h.catalog {
+            super::cluster::CatalogState::Synced => None,
+            super::cluster::CatalogState::RedisDown(w)
+            | super::cluster::CatalogState::Lost(w)
+            | super::cluster::CatalogState::NoCatalog(w) => Some(w.clone()),
+        },
+        "clusterId": h.cluster_id,
+        "catalogVersion": h.catalog_version,
+        "nodes": h.nodes.iter().map(|n| json!({
+            "node": n.node,
+            "publicUrl": n.url,
+            "started": n.started,
+            "lastHeartbeatMs": n.at_ms,
+            "listeners": n.listeners.len(),
+            "tunnels": n.tunnels.values().sum::<u64>(),
+        })).collect::<Vec<_>>(),
+    })
 }
 
 fn entity_json(v: &EntityView, totals: &Totals, history: &History) -> Value {
@@ -33,6 +62,7 @@ fn entity_json(v: &EntityView, totals: &Totals, history: &History) -> Value {
         })),
         "listeners": v.listeners.iter().map(|l| json!({
             "id": l.id,
+            "node": l.node,
             "remoteAddress": l.remote.map(|a| a.to_string()),
             "connectedAt": rfc3339(l.connected_at),
             "activeTunnels": l.active_tunnels,
@@ -129,14 +159,23 @@ impl StatusSource for RelayStatus {
             let views = self.views().await;
             let accepting = !self.draining.is_cancelled();
             let rows = views.iter().map(|v| row(v, &self.totals, &self.history)).collect();
+            let cluster = self.cluster.as_ref().map(|c| c.health());
+            let cluster_ready = cluster.as_ref().map_or(Ok(()), |h| h.ready());
+            let mut status = json!({
+                "role": "relay",
+                "listen": self.listen.to_string(),
+                "accepting": accepting,
+                "hybridConnections": views.iter().map(|v| entity_json(v, &self.totals, &self.history)).collect::<Vec<_>>(),
+            });
+            if let Some(h) = &cluster {
+                status["cluster"] = cluster_json(h);
+            }
+            if let Err(why) = &cluster_ready {
+                status["notReadyBecause"] = why.as_str().into();
+            }
             Report {
-                ready: accepting,
-                status: json!({
-                    "role": "relay",
-                    "listen": self.listen.to_string(),
-                    "accepting": accepting,
-                    "hybridConnections": views.iter().map(|v| entity_json(v, &self.totals, &self.history)).collect::<Vec<_>>(),
-                }),
+                ready: accepting && cluster_ready.is_ok(),
+                status,
                 sections: vec![Section {
                     role: "relay",
                     columns: vec![

@@ -144,7 +144,8 @@ pub struct State {
 }
 
 impl State {
-    fn initial() -> Self {
+    /// A new namespace: the root rule with fresh keys, no hybrid connection.
+    pub fn initial() -> Self {
         Self {
             version: FORMAT_VERSION,
             namespace_rules: vec![Rule::generate(ROOT_RULE, Rights::ALL)],
@@ -364,6 +365,40 @@ pub enum StoreError {
     Invalid(String),
     #[error("cannot write the state file: {0}")]
     Io(String),
+    /// The cluster's catalog cannot take writes now (Redis unreachable, catalog lost).
+    #[error("the cluster catalog cannot be changed now: {0}")]
+    Unavailable(String),
+}
+
+/// Where the catalog lives: a node's own state file, or a cluster's Redis.
+#[derive(Debug)]
+pub enum Catalog {
+    File(Store),
+    Cluster(Arc<crate::relay::cluster::Cluster>),
+}
+
+impl Catalog {
+    /// The snapshot cell workers read.
+    pub fn shared(&self) -> SharedState {
+        match self {
+            Catalog::File(s) => s.shared(),
+            Catalog::Cluster(c) => c.shared_state(),
+        }
+    }
+
+    pub fn current(&self) -> Arc<State> {
+        self.shared().load()
+    }
+
+    /// Applies `f` to a copy of the catalog and makes the result the catalog, or changes
+    /// nothing. `f` may run more than once (a cluster write that lost a race is redone on
+    /// the fresh catalog).
+    pub async fn update<T>(&mut self, f: impl Fn(&mut State) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        match self {
+            Catalog::File(s) => s.update(f),
+            Catalog::Cluster(c) => c.update(f).await,
+        }
+    }
 }
 
 /// A new entity with `defaultListener` and `defaultSender` rules.

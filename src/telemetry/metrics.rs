@@ -148,17 +148,30 @@ impl Totals {
     /// The totals of `hc` (case as recorded), summed over workers.
     pub fn get(&self, hc: &str) -> HcTotal {
         let m = self.by_hc.lock().unwrap_or_else(|e| e.into_inner());
-        m.get(hc)
-            .map(|w| {
-                w.values().fold(HcTotal::default(), |a, t| HcTotal {
-                    bytes_up: a.bytes_up + t.bytes_up,
-                    bytes_down: a.bytes_down + t.bytes_down,
-                    active: a.active + t.active,
-                    opened: a.opened + t.opened,
-                })
-            })
-            .unwrap_or_default()
+        m.get(hc).map(sum).unwrap_or_default()
     }
+
+    /// Like [`Totals::get`], matching the name case-insensitively.
+    pub fn get_ci(&self, hc: &str) -> HcTotal {
+        let m = self.by_hc.lock().unwrap_or_else(|e| e.into_inner());
+        m.iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(hc))
+            .map(|(_, w)| sum(w))
+            .fold(HcTotal::default(), add)
+    }
+}
+
+fn add(a: HcTotal, t: HcTotal) -> HcTotal {
+    HcTotal {
+        bytes_up: a.bytes_up + t.bytes_up,
+        bytes_down: a.bytes_down + t.bytes_down,
+        active: a.active + t.active,
+        opened: a.opened + t.opened,
+    }
+}
+
+fn sum(per_worker: &HashMap<usize, HcTotal>) -> HcTotal {
+    per_worker.values().copied().fold(HcTotal::default(), add)
 }
 
 /// Metric handles and last published values of one hybrid connection on one worker.

@@ -1,0 +1,875 @@
+//! Issue 10: a relay cluster on Redis, with real processes: `redis-server` and `haproxy`
+//! (Debian packages, installed by `scripts/setup-debian.sh`) started by each test on
+//! loopback ports it picks, and relay nodes, hcms and bridges of the hyrelay binary.
+//!
+//! Every node gets its own data directory, listen port and admin port; its config file
+//! names Redis, its own public URL (which its rendezvous addresses carry) and, behind
+//! haproxy, the cluster's shared address for the connection strings it prints.
+
+mod fault_rig;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use fault_rig::*;
+use hyrelay::proto::connstr::ConnectionString;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+
+/// A loopback port nothing listens on now (for processes that must know their own URL
+/// before they start).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn tool(name: &str) -> &'static str {
+    let path = match name {
+        "redis-server" => "/usr/bin/redis-server",
+        _ => "/usr/sbin/haproxy",
+    };
+    assert!(
+        Path::new(path).exists(),
+        "{path} is missing: scripts/setup-debian.sh installs it (the cluster tests need redis-server and haproxy)"
+    );
+    path
+}
+
+/// A redis-server on a loopback port, with an append-only file in `dir` (so a SIGKILL
+/// and a restart keep the data, as a durable Redis does).
+struct Redis {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Redis {
+    async fn start(dir: &Path) -> Redis {
+        let mut r = Redis {
+            child: None,
+            port: free_port(),
+            dir: dir.to_owned(),
+        };
+        r.launch().await;
+        r
+    }
+
+    async fn launch(&mut self) {
+        std::fs::create_dir_all(&self.dir).unwrap();
+        let child = Command::new(tool("redis-server"))
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string(), "--save", ""])
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--protected-mode",
+                "no",
+            ])
+            .args(["--dir", self.dir.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server starts");
+        self.child = Some(child);
+        let addr: SocketAddr = format!("127.0.0.1:{}", self.port).parse().unwrap();
+        let up = wait_until(Duration::from_secs(10), || async {
+            match tokio::net::TcpStream::connect(addr).await {
+                Ok(mut s) => {
+                    let mut b = [0u8; 7];
+                    s.write_all(b"PING\r\n").await.is_ok() && s.read_exact(&mut b).await.is_ok() && &b == b"+PONG\r\n"
+                }
+                Err(_) => false,
+            }
+        })
+        .await;
+        assert!(up, "redis-server never answered on port {}", self.port);
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().await.ok();
+            c.wait().await.ok();
+        }
+    }
+
+    /// Kills Redis and throws its data away: a Redis that lost everything.
+    async fn wipe(&mut self) {
+        self.kill9().await;
+        std::fs::remove_dir_all(&self.dir).ok();
+    }
+}
+
+/// A relay node of the cluster.
+struct Node {
+    relay: Relay,
+    admin: SocketAddr,
+    url: String,
+}
+
+impl Node {
+    async fn start(dir: &Path, name: &str, redis: &Redis, service_url: Option<&str>) -> Node {
+        let port = free_port();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let url = format!("ws://127.0.0.1:{port}");
+        let mut toml = format!(
+            "[tls]\nmode = \"none\"\n[cluster]\nredis = \"{}\"\npublic_url = \"{url}\"\nnode_id = \"{name}\"\n",
+            redis.url()
+        );
+        if let Some(s) = service_url {
+            toml.push_str(&format!("service_url = \"{s}\"\n"));
+        }
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let relay = Relay::start(
+            None,
+            &d,
+            &format!("127.0.0.1:{port}"),
+            &toml,
+            &["--admin", &admin.to_string()],
+        )
+        .await;
+        Node { relay, admin, url }
+    }
+
+    /// The node's `/status` (JSON).
+    async fn status(&self) -> serde_json::Value {
+        let body = http_get(self.admin, "/status").await.1;
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("status of {}: {e}: {body}", self.url))
+    }
+
+    /// `/readyz`: the status code and body.
+    async fn readyz(&self) -> (u16, String) {
+        http_get(self.admin, "/readyz").await
+    }
+
+    /// The hybrid connection `hc` in this node's status.
+    async fn hc(&self, hc: &str) -> serde_json::Value {
+        let st = self.status().await;
+        st["hybridConnections"]
+            .as_array()
+            .and_then(|a| a.iter().find(|h| h["name"] == hc).cloned())
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Whether this node holds a listener of `hc` itself.
+    async fn holds_listener(&self, hc: &str) -> bool {
+        self.hc(hc).await["listeners"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|l| l["node"].is_null()))
+    }
+}
+
+/// A plain HTTP/1.1 GET to `addr`: (status, body).
+async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
+    )
+    .await
+}
+
+async fn http(addr: SocketAddr, request: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("an answer within 10 s")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The runtime-information GET of `hc` on `node` with a token from `cs`: 200 when the
+/// node has the hybrid connection and takes the key, 401 for a replaced key, 404 when gone.
+async fn info_status(node: &Node, cs: &ConnectionString, hc: &str) -> u16 {
+    let token = hyrelay::client::token(cs, hc, Duration::from_secs(600));
+    let addr = node.relay.addr;
+    http(
+        addr,
+        &format!("GET /{hc}?api-version=2016-07 HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {token}\r\nConnection: close\r\n\r\n"),
+    )
+    .await
+    .0
+}
+
+/// `cs` with its endpoint moved to `to` (`ws://host:port`): the same key, another node.
+fn pointed_at(cs: &str, to: &str) -> String {
+    let mut parsed = ConnectionString::parse(cs).unwrap();
+    parsed.endpoint = hyrelay::proto::connstr::RelayEndpoint::parse(to).unwrap();
+    parsed.expose()
+}
+
+/// Waits until `f` holds; returns how long that took, or fails naming `what`.
+async fn within<F, Fut>(limit: Duration, what: &str, f: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let t = Instant::now();
+    assert!(wait_until(limit, f).await, "{what}: not within {limit:?}");
+    t.elapsed()
+}
+
+async fn three(dir: &Path, redis: &Redis, service_url: Option<&str>) -> Vec<Node> {
+    let mut nodes = Vec::new();
+    for i in 1..=3 {
+        nodes.push(Node::start(dir, &format!("n{i}"), redis, service_url).await);
+    }
+    nodes
+}
+
+/// A change made on any node (create, regenerate a key, delete) holds on every other node
+/// within a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catalog_changes_reach_every_node_within_a_second() {
+    let _serial = serial().await;
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start(&dir.path().join("redis")).await;
+    let nodes = three(dir.path(), &redis, None).await;
+    let echo = Echo::local().await;
+
+    nodes[0].relay.create(None, "db", &echo.addr.to_string()).await;
+    let listen = ConnectionString::parse(&nodes[0].relay.connection_string(None, "db", false).await).unwrap();
+    for n in &nodes[1..] {
+        let took = within(
+            Duration::from_secs(1),
+            "created on n1, usable on the others",
+            || async { info_status(n, &listen, "db").await == 200 },
+        )
+        .await;
+        eprintln!("create reached {} in {} ms", n.url, ms(took));
+    }
+
+    run_ok(
+        None,
+        &[
+            "hc",
+            "--relay-data-dir",
+            nodes[1].relay.data_dir.to_str().unwrap(),
+            "regenerate-key",
+            "db",
+            "--primary",
+        ],
+    )
+    .await;
+    for n in [&nodes[0], &nodes[2]] {
+        within(
+            Duration::from_secs(1),
+            "a key regenerated on n2 stops working",
+            || async { info_status(n, &listen, "db").await == 401 },
+        )
+        .await;
+    }
+    let fresh = ConnectionString::parse(&nodes[1].relay.connection_string(None, "db", false).await).unwrap();
+    for n in &nodes {
+        assert_eq!(
+            info_status(n, &fresh, "db").await,
+            200,
+            "the new key works on {}",
+            n.url
+        );
+    }
+
+    run_ok(
+        None,
+        &[
+            "hc",
+            "--relay-data-dir",
+            nodes[2].relay.data_dir.to_str().unwrap(),
+            "delete",
+            "db",
+        ],
+    )
+    .await;
+    for n in &nodes[..2] {
+        within(Duration::from_secs(1), "deleted on n3, gone on the others", || async {
+            info_status(n, &fresh, "db").await == 404
+        })
+        .await;
+    }
+    let out = run_ok(None, &["cluster", "status", "--redis", &redis.url()]).await;
+    for n in &nodes {
+        assert!(out.contains(&n.url), "{out}");
+    }
+}
+
+/// A listener on node 1 and a sender on node 3: 16 MiB byte-exact each way, and node 1
+/// relays none of the tunnel's bytes (the hcm opened the rendezvous on node 3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_on_another_node_than_the_listener_keeps_its_bytes_local() {
+    let _serial = serial().await;
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start(&dir.path().join("redis")).await;
+    let nodes = three(dir.path(), &redis, None).await;
+    let echo = Echo::local().await;
+    nodes[0].relay.create(None, "db", &echo.addr.to_string()).await;
+    let listen = nodes[0].relay.connection_string(None, "db", false).await;
+    let send = nodes[2].relay.connection_string(None, "db", true).await;
+    assert!(listen.contains(&nodes[0].url[5..]) && send.contains(&nodes[2].url[5..]));
+    let _hcm = Hcm::start("hcm", None, &dir.path().join("hcm"), "", &[&listen], "hyrelay=info").await;
+    within(Duration::from_secs(10), "the hcm on n1", || async {
+        nodes[0].holds_listener("db").await
+    })
+    .await;
+    within(Duration::from_secs(5), "n3 sees the listener", || async {
+        nodes[2].hc("db").await["listeners"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
+    })
+    .await;
+    let bridge = Bridge::start(None, &dir.path().join("bridge"), "", &[("db", &send)], "hyrelay=info").await;
+    let data = payload(16 << 20, 7);
+    let back = exchange(
+        connect(None, bridge.addrs[0]).await.unwrap(),
+        &data,
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    assert!(back == data, "16 MiB byte-exact both ways through n3");
+    // Counters are published once a second; both directions once the tunnel is done.
+    within(Duration::from_secs(5), "n3 counts the bytes both ways", || async {
+        let h = nodes[2].hc("db").await;
+        h["bytesUp"].as_u64() == Some(16 << 20) && h["bytesDown"].as_u64() == Some(16 << 20)
+    })
+    .await;
+    let on_n1 = nodes[0].hc("db").await;
+    assert_eq!(
+        (on_n1["bytesUp"].as_u64(), on_n1["bytesDown"].as_u64()),
+        (Some(0), Some(0)),
+        "no tunnel byte crossed n1: {on_n1}"
+    );
+}
+
+/// 200 concurrent tunnels, senders spread over three nodes, two hcms on different nodes:
+/// all byte-exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_tunnels_over_three_nodes_and_two_hcms() {
+    let _serial = serial().await;
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start(&dir.path().join("redis")).await;
+    let nodes = three(dir.path(), &redis, None).await;
+    let echo = Echo::local().await;
+    nodes[0].relay.create(None, "db", &echo.addr.to_string()).await;
+    let l1 = nodes[0].relay.connection_string(None, "db", false).await;
+    let l2 = nodes[1].relay.connection_string(None, "db", false).await;
+    let _h1 = Hcm::start("hcm1", None, &dir.path().join("hcm1"), "", &[&l1], "hyrelay=info").await;
+    let _h2 = Hcm::start("hcm2", None, &dir.path().join("hcm2"), "", &[&l2], "hyrelay=info").await;
+    for n in &nodes {
+        within(Duration::from_secs(10), "every node sees both listeners", || async {
+            n.hc("db").await["listeners"].as_array().is_some_and(|a| a.len() == 2)
+        })
+        .await;
+    }
+    let mut bridges = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        let send = n.relay.connection_string(None, "db", true).await;
+        bridges.push(
+            Bridge::start(
+                None,
+                &dir.path().join(format!("bridge{i}")),
+                "",
+                &[("db", &send)],
+                "hyrelay=warn",
+            )
+            .await,
+        );
+    }
+    let mut tasks = Vec::new();
+    for i in 0..200u64 {
+        let app = bridges[i as usize % 3].addrs[0];
+        tasks.push(tokio::spawn(async move {
+            let data = payload(64 * 1024, i);
+            let back = exchange(connect(None, app).await?, &data, Duration::from_secs(60)).await?;
+            Ok::<bool, std::io::Error>(back == data)
+        }));
+    }
+    let mut bad = 0;
+    for t in tasks {
+        if !matches!(t.await.unwrap(), Ok(true)) {
+            bad += 1;
+        }
+    }
+    assert_eq!(bad, 0, "{bad} of 200 tunnels failed or came back wrong");
+}
+
+/// haproxy with `port` in front of `nodes` (TCP, health-checked every 200 ms, a refused
+/// connect re-dispatched to another node).
+struct Haproxy {
+    _child: Child,
+    port: u16,
+}
+
+impl Haproxy {
+    async fn start(dir: &Path, port: u16, nodes: &[&Node]) -> Haproxy {
+        let mut cfg = format!(
+            "global\n  maxconn 4000\ndefaults\n  mode tcp\n  timeout connect 2s\n  timeout client 1h\n  timeout server 1h\n  \
+             retries 3\n  option redispatch\nfrontend relay\n  bind 127.0.0.1:{port}\n  default_backend nodes\nbackend nodes\n  balance roundrobin\n"
+        );
+        for (i, n) in nodes.iter().enumerate() {
+            cfg.push_str(&format!(
+                "  server n{} {} check inter 200 fall 1 rise 1\n",
+                i + 1,
+                &n.url["ws://".len()..]
+            ));
+        }
+        let path = dir.join("haproxy.cfg");
+        std::fs::write(&path, cfg).unwrap();
+        let child = Command::new(tool("haproxy"))
+            .args(["-db", "-f", path.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("haproxy starts");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let up = wait_until(Duration::from_secs(10), || async {
+            tokio::net::TcpStream::connect(addr).await.is_ok()
+        })
+        .await;
+        assert!(up, "haproxy never listened on {addr}");
+        Haproxy { _child: child, port }
+    }
+}
+
+/// Echoes 16 KiB chunks on `s` until `stop`, counting each in `done`; returns (exchanges,
+/// whether every echo was right and the connection never failed).
+async fn echo_until(
+    mut s: tokio::net::TcpStream,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicUsize>,
+) -> (usize, bool) {
+    let mut n = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let chunk = payload(16 * 1024, seed * 1000 + n as u64);
+        if s.write_all(&chunk).await.is_err() {
+            return (n, false);
+        }
+        let mut back = vec![0u8; chunk.len()];
+        match tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut back)).await {
+            Ok(Ok(_)) if back == chunk => {
+                if n == 0 {
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                n += 1
+            }
+            _ => return (n, false),
+        }
+    }
+    (n, true)
+}
+
+/// Tunnels of `hc` open on the node itself (its `hyrelay_relay_active_tunnels` gauge).
+async fn local_tunnels(n: &Node, hc: &str) -> u64 {
+    let metrics = http_get(n.admin, "/metrics").await.1;
+    let prefix = format!("hyrelay_relay_active_tunnels{{hc=\"{hc}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0) as u64
+}
+
+/// Behind haproxy: SIGKILL the node holding the hcm's control channel. The hcm is back on
+/// another node within 2 s, no sender connect fails from 2 s after the kill on, and the
+/// tunnels on the other nodes carry on byte-exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_hcms_node_behind_haproxy() {
+    let _serial = serial().await;
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start(&dir.path().join("redis")).await;
+    let lb_port = free_port();
+    let lb = format!("ws://127.0.0.1:{lb_port}");
+    let mut nodes = three(dir.path(), &redis, Some(&lb)).await;
+    let _haproxy = Haproxy::start(dir.path(), lb_port, &nodes.iter().collect::<Vec<_>>()).await;
+    let echo = Echo::local().await;
+    nodes[0].relay.create(None, "db", &echo.addr.to_string()).await;
+    let listen = nodes[0].relay.connection_string(None, "db", false).await;
+    let send = nodes[0].relay.connection_string(None, "db", true).await;
+    assert!(
+        listen.contains(&format!("127.0.0.1:{}", _haproxy.port)),
+        "service_url names haproxy: {listen}"
+    );
+    let _hcm = Hcm::start("hcm", None, &dir.path().join("hcm"), "", &[&listen], "hyrelay=info").await;
+    let holder = Arc::new(std::sync::Mutex::new(None));
+    within(Duration::from_secs(10), "the hcm registers on some node", || async {
+        for (i, n) in nodes.iter().enumerate() {
+            if n.holds_listener("db").await {
+                *holder.lock().unwrap() = Some(i);
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    let holder = holder.lock().unwrap().unwrap();
+    let bridge = Bridge::start(None, &dir.path().join("bridge"), "", &[("db", &send)], "hyrelay=info").await;
+    let app = bridge.addrs[0];
+
+    // Long tunnels, spread over the nodes by haproxy; those whose sender landed on the
+    // killed node end with it, the others must not notice.
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Arc::new(AtomicUsize::new(0));
+    let mut streams = Vec::new();
+    for i in 0..9 {
+        let s = connect(None, app).await.unwrap();
+        streams.push(tokio::spawn(echo_until(s, i, stop.clone(), started.clone())));
+    }
+    within(Duration::from_secs(10), "every stream is flowing", || async {
+        started.load(Ordering::Relaxed) == 9
+    })
+    .await;
+    // Published once a second: wait for the counts to cover all nine.
+    let mut on_holder = 0;
+    within(Duration::from_secs(5), "the nodes count the nine tunnels", || async {
+        let mut total = 0;
+        for n in &nodes {
+            total += local_tunnels(n, "db").await;
+        }
+        total == 9
+    })
+    .await;
+    on_holder += local_tunnels(&nodes[holder], "db").await;
+    let killed_at = Instant::now();
+    nodes[holder].relay.proc.kill9().await;
+    let others: Vec<&Node> = nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != holder)
+        .map(|(_, n)| n)
+        .collect();
+    let back = within(Duration::from_secs(5), "the hcm is back on another node", || async {
+        for n in &others {
+            if n.holds_listener("db").await {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(2) + Duration::from_millis(500),
+        "back after {back:?}"
+    );
+
+    // From 2 s after the kill on, every new connection works.
+    let wait = Duration::from_secs(2).saturating_sub(killed_at.elapsed());
+    tokio::time::sleep(wait).await;
+    let failed = Arc::new(AtomicUsize::new(0));
+    let mut checks = Vec::new();
+    for i in 0..30u64 {
+        let failed = failed.clone();
+        checks.push(tokio::spawn(async move {
+            let data = payload(4096, 900 + i);
+            let ok = match connect(None, app).await {
+                Ok(s) => exchange(s, &data, Duration::from_secs(20))
+                    .await
+                    .is_ok_and(|b| b == data),
+                Err(_) => false,
+            };
+            if !ok {
+                failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for c in checks {
+        c.await.unwrap();
+    }
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "sender connects failed after the node was gone"
+    );
+    stop.store(true, Ordering::Relaxed);
+    let mut survived = 0;
+    for s in streams {
+        if s.await.unwrap().1 {
+            survived += 1;
+        }
+    }
+    // Every tunnel whose sender was on a surviving node ran on, byte-exact (checked per
+    // chunk); only those on the killed node ended.
+    assert_eq!(
+        survived,
+        9 - on_holder as usize,
+        "{on_holder} of 9 tunnels were on the killed node"
+    );
+    nodes.remove(holder);
+}
+
+/// Redis SIGKILLed for 10 s: open tunnels go on, new tunnels to a listener on the same node
+/// work, management writes get 503, and everything is consistent again within 2 s of Redis
+/// returning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_for_ten_seconds() {
+    let _serial = serial().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = Redis::start(&dir.path().join("redis")).await;
+    let nodes = [
+        Node::start(dir.path(), "n1", &redis, None).await,
+        Node::start(dir.path(), "n2", &redis, None).await,
+    ];
+    let echo = Echo::local().await;
+    nodes[0].relay.create(None, "db", &echo.addr.to_string()).await;
+    let listen = nodes[0].relay.connection_string(None, "db", false).await;
+    let send = nodes[0].relay.connection_string(None, "db", true).await;
+    let _hcm = Hcm::start("hcm", None, &dir.path().join("hcm"), "", &[&listen], "hyrelay=info").await;
+    within(Duration::from_secs(10), "the hcm on n1", || async {
+        nodes[0].holds_listener("db").await
+    })
+    .await;
+    let bridge = Bridge::start(None, &dir.path().join("bridge"), "", &[("db", &send)], "hyrelay=info").await;
+    let app = bridge.addrs[0];
+    let stop = Arc::new(AtomicBool::new(false));
+    let open = tokio::spawn(echo_until(
+        connect(None, app).await.unwrap(),
+        1,
+        stop.clone(),
+        Arc::new(AtomicUsize::new(0)),
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    redis.kill9().await;
+    let n1 = nodes[0].relay.data_dir.to_str().unwrap().to_owned();
+    within(Duration::from_secs(5), "n1 notices", || async {
+        nodes[0].status().await["cluster"]["redisUp"] == false
+    })
+    .await;
+    let (code, body) = nodes[0].readyz().await;
+    assert_eq!(code, 200, "a node without Redis still serves its listeners: {body}");
+    assert!(body.contains("degraded"), "{body}");
+    let (ok, out, err) = run(
+        None,
+        &[
+            "hc",
+            "--relay-data-dir",
+            &n1,
+            "create",
+            "new",
+            "--endpoint",
+            "10.0.0.1:1",
+        ],
+    )
+    .await;
+    assert!(
+        !ok && format!("{out}{err}").contains("503"),
+        "management writes are refused: {out}{err}"
+    );
+    for i in 0..5u64 {
+        let data = payload(32 * 1024, 500 + i);
+        let back = exchange(connect(None, app).await.unwrap(), &data, Duration::from_secs(20)).await;
+        assert!(
+            back.is_ok_and(|b| b == data),
+            "new tunnel {i} to the listener on the same node"
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(Duration::from_secs(2))).await;
+
+    redis.launch().await;
+    let back = Instant::now();
+    within(Duration::from_secs(2), "writes work again", || async {
+        run(
+            None,
+            &[
+                "hc",
+                "--relay-data-dir",
+                &n1,
+                "create",
+                "new",
+                "--endpoint",
+                "10.0.0.1:1",
+            ],
+        )
+        .await
+        .0
+    })
+    .await;
+    let listen_new = ConnectionString::parse(&nodes[0].relay.connection_string(None, "new", false).await).unwrap();
+    within(Duration::from_secs(1), "n2 has the new hybrid connection", || async {
+        info_status(&nodes[1], &listen_new, "new").await == 200
+    })
+    .await;
+    eprintln!("consistent {} ms after Redis returned", ms(back.elapsed()));
+    stop.store(true, Ordering::Relaxed);
+    let (n, ok) = open.await.unwrap();
+    assert!(
+        ok && n > 0,
+        "the open tunnel carried on byte-exact through the outage ({n} exchanges)"
+    );
+}
+
+/// Redis restarted empty: no node re-creates the catalog (which would re-key everything);
+/// `/readyz` says why; the old keys keep working; `cluster import --from-cache` restores it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emptied_redis_is_not_re_keyed() {
+    let _serial = serial().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = Redis::start(&dir.path().join("redis")).await;
+    let nodes = [
+        Node::start(dir.path(), "n1", &redis, None).await,
+        Node::start(dir.path(), "n2", &redis, None).await,
+    ];
+    let echo = Echo::local().await;
+    nodes[0].relay.create(None, "db", &echo.addr.to_string()).await;
+    let listen = nodes[0].relay.connection_string(None, "db", false).await;
+    let send = nodes[1].relay.connection_string(None, "db", true).await;
+    let _hcm = Hcm::start("hcm", None, &dir.path().join("hcm"), "", &[&listen], "hyrelay=info").await;
+    within(Duration::from_secs(10), "the hcm on n1", || async {
+        nodes[0].holds_listener("db").await
+    })
+    .await;
+
+    redis.wipe().await;
+    redis.launch().await;
+    for n in &nodes {
+        within(Duration::from_secs(5), "readyz fails with the reason", || async {
+            let (code, body) = n.readyz().await;
+            code == 503 && body.contains("Redis holds no catalog")
+        })
+        .await;
+    }
+    let out = run_ok(None, &["cluster", "status", "--redis", &redis.url()]).await;
+    assert!(out.contains("no catalog"), "nobody re-created it: {out}");
+    // The keys did not change: a bridge with the old send string is served through n2
+    // (once the nodes' presence is back in the emptied Redis, within a beat or two).
+    within(Duration::from_secs(5), "n2 sees n1's listener again", || async {
+        nodes[1].hc("db").await["listeners"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
+    })
+    .await;
+    let bridge = Bridge::start(None, &dir.path().join("bridge"), "", &[("db", &send)], "hyrelay=info").await;
+    let data = payload(100_000, 3);
+    let back = exchange(
+        connect(None, bridge.addrs[0]).await.unwrap(),
+        &data,
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    assert!(back == data);
+
+    let cache = nodes[0].relay.data_dir.join("cluster-cache.json");
+    run_ok(
+        None,
+        &[
+            "cluster",
+            "import",
+            "--redis",
+            &redis.url(),
+            "--from-cache",
+            cache.to_str().unwrap(),
+        ],
+    )
+    .await;
+    for n in &nodes {
+        within(Duration::from_secs(3), "ready again after the import", || async {
+            n.readyz().await.0 == 200
+        })
+        .await;
+    }
+}
+
+/// `cluster import` of a single relay's state: the hcm and bridge connection strings it
+/// handed out work against every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_node_grows_into_a_cluster_without_re_keying() {
+    let _serial = serial().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("single")).unwrap();
+    let single = Relay::start(
+        None,
+        &dir.path().join("single"),
+        "127.0.0.1:0",
+        "[tls]\nmode = \"none\"\n",
+        &[],
+    )
+    .await;
+    let echo = Echo::local().await;
+    single.create(None, "db", &echo.addr.to_string()).await;
+    let listen = single.connection_string(None, "db", false).await;
+    let send = single.connection_string(None, "db", true).await;
+    let data_dir = single.data_dir.clone();
+    drop(single);
+
+    let redis = Redis::start(&dir.path().join("redis")).await;
+    let out = run_ok(
+        None,
+        &[
+            "cluster",
+            "import",
+            "--redis",
+            &redis.url(),
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert!(out.contains("1 hybrid connections"), "{out}");
+    let nodes = three(dir.path(), &redis, None).await;
+    let _hcm = Hcm::start(
+        "hcm",
+        None,
+        &dir.path().join("hcm"),
+        "",
+        &[&pointed_at(&listen, &nodes[0].url)],
+        "hyrelay=info",
+    )
+    .await;
+    within(Duration::from_secs(10), "the old listen string works on n1", || async {
+        nodes[0].holds_listener("db").await
+    })
+    .await;
+    for (i, n) in nodes.iter().enumerate() {
+        let b = Bridge::start(
+            None,
+            &dir.path().join(format!("bridge{i}")),
+            "",
+            &[("db", &pointed_at(&send, &n.url))],
+            "hyrelay=info",
+        )
+        .await;
+        within(Duration::from_secs(5), "the node sees the listener", || async {
+            n.hc("db").await["listeners"].as_array().is_some_and(|a| !a.is_empty())
+        })
+        .await;
+        let data = payload(50_000, i as u64);
+        let back = exchange(connect(None, b.addrs[0]).await.unwrap(), &data, Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert!(back == data, "the old send string works through {}", n.url);
+    }
+}
+
+/// `configs/haproxy.cfg`, the README's load balancer for a cluster, is a valid haproxy
+/// configuration.
+#[test]
+fn the_example_haproxy_config_is_valid() {
+    let cfg = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/haproxy.cfg");
+    let out = std::process::Command::new(tool("haproxy"))
+        .args(["-c", "-f", cfg])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
