@@ -254,6 +254,8 @@ struct Up {
     ctl: Option<CtlFrame>,
     need_flush: bool,
     bytes: u64,
+    /// Our place in line while the pool's budget is spent.
+    acquire: pool::Acquire,
 }
 
 /// Why the writing side stopped.
@@ -333,22 +335,23 @@ impl Up {
         }
     }
 
-    /// Reads TCP data after the headroom; takes a buffer only once TCP is readable.
+    /// Reads TCP data after the headroom; takes a buffer only once TCP is readable, and
+    /// keeps it only if data came (not for EOF, an error or a spurious wake-up).
     fn poll_read_tcp(&mut self, cx: &mut Context<'_>, tcp: &mut TcpStream) -> Poll<io::Result<usize>> {
         if self.buf.is_none() {
             ready!(ReadySource::poll_ready(tcp, cx))?;
-            self.buf = Some(ready!(pool::poll_acquire(cx)));
+            self.buf = Some(ready!(self.acquire.poll(cx)));
         }
         let buf = self.buf.as_mut().expect("acquired above");
         let mut rb = ReadBuf::new(&mut buf[HEADROOM..]);
-        match Pin::new(tcp).poll_read(cx, &mut rb) {
+        let r = match Pin::new(tcp).poll_read(cx, &mut rb) {
             Poll::Ready(Ok(())) => Poll::Ready(Ok(rb.filled().len())),
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => {
-                self.buf = None;
-                Poll::Pending
-            }
+            other => other.map_ok(|()| 0),
+        };
+        if !matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.buf = None;
         }
+        r
     }
 
     /// Turns `buf[HEADROOM..HEADROOM + n]` into one masked binary frame, in place.
