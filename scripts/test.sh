@@ -15,4 +15,4 @@ scripts/setup-debian.sh
 # Formatting first: it takes a second and names the file at fault.
 cargo fmt --check
 cargo test --locked --all-targets
-cargo test --locked --features uring --test uring --test burst_close
+cargo test --locked --features uring --test uring --test burst_close --test truncation

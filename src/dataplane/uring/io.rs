@@ -211,6 +211,11 @@ impl Writer {
         Poll::Ready(r)
     }
 
+    /// Makes the socket's close a reset (RST) instead of a FIN.
+    pub fn reset_on_close(&self) {
+        crate::dataplane::splice::reset_on_close(&self.sock);
+    }
+
     /// Shuts down the write side, waiting at most `limit`.
     pub async fn shutdown_within(&mut self, limit: std::time::Duration) {
         let _ = compio::time::timeout(limit, std::future::poll_fn(|cx| self.poll_shutdown(cx))).await;
