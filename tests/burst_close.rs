@@ -69,20 +69,20 @@ async fn burst(backend: IoBackend) {
     let _one = ONE_AT_A_TIME.lock().await;
     let budget = 2 * BUDGET_PER_WORKER;
     let rig = Rig::with(false, |c| {
-        c.buffer_budget = budget;
-        c.io_backend = backend;
+        c.runtime.set_budget_bytes(budget).unwrap();
+        c.runtime.io_backend = backend;
     });
     rig.create("burst", echo()).await;
     let mut hc = rig.hcm_config(vec![
         hyrelay::hcm::config::HcEntry::new(rig.listen_cs("burst").await, None).unwrap(),
     ]);
-    hc.buffer_budget = budget;
-    hc.io_backend = backend;
+    hc.runtime.set_budget_bytes(budget).unwrap();
+    hc.runtime.io_backend = backend;
     let _hcm = hyrelay::hcm::start(hc).unwrap();
     rig.wait_listeners("burst", 1).await;
     let mut bc = rig.bridge_config("burst", &rig.send_cs("burst").await);
-    bc.buffer_budget = budget;
-    bc.io_backend = backend;
+    bc.runtime.set_budget_bytes(budget).unwrap();
+    bc.runtime.io_backend = backend;
     let bridge = hyrelay::bridge::start(bc).unwrap();
     let addr = bridge.addr_of("burst").unwrap();
 

@@ -148,10 +148,10 @@ fn bridge_to(relay: SocketAddr, backend: IoBackend) -> hyrelay::bridge::BridgeHa
         listen: hyrelay::bridge::config::Listen::Addr("127.0.0.1:0".parse().unwrap()),
         connection_string: cs,
     }]);
-    c.workers = 1;
+    c.runtime.set_workers(1).unwrap();
     c.ping_interval = PING;
     c.relay_timeout = Duration::from_secs(10);
-    c.io_backend = backend;
+    c.runtime.io_backend = backend;
     hyrelay::bridge::start(c).unwrap()
 }
 
@@ -217,14 +217,14 @@ async fn bridge_resets_the_app_when_the_tunnel_ends_abnormally() {
 /// A rig whose hcm serves `hc` with `backend` and a short ping; the endpoint is a listener
 /// the test accepts on.
 async fn hcm_rig(backend: IoBackend) -> (Rig, hyrelay::hcm::HcmHandle, TcpListener) {
-    let rig = Rig::with(false, |c| c.io_backend = backend);
+    let rig = Rig::with(false, |c| c.runtime.io_backend = backend);
     let endpoint = TcpListener::bind("127.0.0.1:0").await.unwrap();
     rig.create("t", endpoint.local_addr().unwrap()).await;
     let mut c = rig.hcm_config(vec![
         hyrelay::hcm::config::HcEntry::new(rig.listen_cs("t").await, None).unwrap(),
     ]);
     c.ping_interval = PING;
-    c.io_backend = backend;
+    c.runtime.io_backend = backend;
     let hcm = hyrelay::hcm::start(c).unwrap();
     rig.wait_listeners("t", 1).await;
     (rig, hcm, endpoint)
@@ -305,7 +305,7 @@ async fn an_hcm_stopped_mid_download_resets_the_app_and_a_complete_one_ends_clea
         hyrelay::hcm::config::HcEntry::new(rig.listen_cs("full").await, None).unwrap(),
         hyrelay::hcm::config::HcEntry::new(rig.listen_cs("cut").await, None).unwrap(),
     ]);
-    hc.workers = 1;
+    hc.runtime.set_workers(1).unwrap();
     let hcm = hyrelay::hcm::start(hc).unwrap();
     rig.wait_listeners("full", 1).await;
     rig.wait_listeners("cut", 1).await;

@@ -25,10 +25,11 @@ use std::ops::{Deref, DerefMut};
 use std::rc::{Rc, Weak};
 use std::task::{Context, Poll, Waker};
 
-/// Size of one buffer. Default: 64 KiB (a full TLS record plus WebSocket headers fits).
-pub const BUF_SIZE: usize = 64 * 1024;
+/// Size of one buffer: 64 KiB (a full TLS record plus WebSocket headers fits); the unit of
+/// the budget setting.
+pub const BUF_SIZE: usize = crate::config::runtime::BUFFER_SIZE;
 /// Default memory budget per worker. Default: 64 MiB (1024 buffers).
-pub const DEFAULT_BUDGET: usize = 64 << 20;
+pub const DEFAULT_BUDGET: usize = crate::config::runtime::DEFAULT_BUDGET_PER_WORKER;
 /// Freed buffers kept for reuse per worker.
 const RESERVE: usize = 32;
 

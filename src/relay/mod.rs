@@ -229,7 +229,7 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
         }
         TlsSetting::Plain => (None, None),
     };
-    let listeners = crate::transport::sock::bind_listeners(cfg.listen, cfg.workers)
+    let listeners = crate::transport::sock::bind_listeners(cfg.listen, cfg.runtime.worker_count())
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let addr = listeners[0].local_addr()?;
     let shutdown = CancellationToken::new();
@@ -244,8 +244,8 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
                 Err(e) => tracing::error!(error = %e, "cannot start the control plane runtime"),
             },
         )?;
-    let workers = Workers::start_with("hyrelay-relay", cfg.workers, cfg.buffer_budget, cfg.io_backend)?;
-    crate::telemetry::metrics::announce("relay", cfg.workers);
+    let workers = Workers::start_with("hyrelay-relay", &cfg.runtime)?;
+    crate::telemetry::metrics::announce("relay", cfg.runtime.worker_count());
     let totals = Arc::new(crate::telemetry::metrics::Totals::default());
     crate::telemetry::metrics::spawn_worker_flush(&workers, "relay", totals.clone());
     let source: Arc<dyn crate::telemetry::admin::StatusSource> = Arc::new(status::RelayStatus {
@@ -255,7 +255,7 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
         draining: drain.clone(),
         listen: addr,
     });
-    let admin = match cfg.admin {
+    let admin = match cfg.runtime.admin {
         Some(a) => Some(
             crate::telemetry::admin::spawn(a, source.clone())
                 .with_context(|| format!("cannot listen on admin address {a}"))?,
@@ -298,11 +298,11 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
         source,
         drain,
         admission,
-        drain_timeout: cfg.drain_timeout,
+        drain_timeout: cfg.runtime.drain_timeout,
         dir_lock: Some(dir_lock),
     };
     write_cli_file(&handle)?;
-    tracing::info!(addr = %addr, workers = cfg.workers, tls = handle.tls, data_dir = %cfg.data_dir.display(), "relay started");
+    tracing::info!(addr = %addr, workers = cfg.runtime.worker_count(), tls = handle.tls, data_dir = %cfg.data_dir.display(), "relay started");
     Ok(handle)
 }
 
