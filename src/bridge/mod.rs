@@ -345,8 +345,8 @@ pub fn start(cfg: BridgeConfig) -> anyhow::Result<BridgeHandle> {
         inflight: inflight.clone(),
     });
     crate::telemetry::metrics::announce("bridge", cfg.runtime.worker_count());
-    let totals = Arc::new(crate::telemetry::metrics::Totals::default());
-    crate::telemetry::metrics::spawn_worker_flush(&workers, "bridge", totals.clone());
+    let totals = Arc::new(crate::dataplane::flush::Totals::default());
+    crate::dataplane::flush::spawn(&workers, "bridge", totals.clone());
     let forwards = Arc::new(Forwards {
         ctx,
         workers: workers.clone(),

@@ -202,8 +202,8 @@ pub fn start(cfg: HcmConfig) -> anyhow::Result<HcmHandle> {
     let inflight = crate::dataplane::drain::InFlight::default();
     let shared = Arc::new(Shared::default());
     crate::telemetry::metrics::announce("hcm", cfg.runtime.worker_count());
-    let totals = Arc::new(crate::telemetry::metrics::Totals::default());
-    crate::telemetry::metrics::spawn_worker_flush(&workers, "hcm", totals.clone());
+    let totals = Arc::new(crate::dataplane::flush::Totals::default());
+    crate::dataplane::flush::spawn(&workers, "hcm", totals.clone());
     let source: Arc<dyn crate::telemetry::admin::StatusSource> = Arc::new(status::HcmStatus {
         shared: shared.clone(),
         totals: totals.clone(),

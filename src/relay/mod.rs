@@ -246,8 +246,8 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
         )?;
     let workers = Workers::start_with("hyrelay-relay", &cfg.runtime)?;
     crate::telemetry::metrics::announce("relay", cfg.runtime.worker_count());
-    let totals = Arc::new(crate::telemetry::metrics::Totals::default());
-    crate::telemetry::metrics::spawn_worker_flush(&workers, "relay", totals.clone());
+    let totals = Arc::new(crate::dataplane::flush::Totals::default());
+    crate::dataplane::flush::spawn(&workers, "relay", totals.clone());
     let source: Arc<dyn crate::telemetry::admin::StatusSource> = Arc::new(status::RelayStatus {
         ctl: ctl.clone(),
         totals,
