@@ -19,7 +19,7 @@
 //! frames are decoded in place and their payload runs written with one vectored write.
 //! Buffers go back to the pool as soon as their bytes are written, so an idle tunnel
 //! holds none. Control frames the reading side owes (pong, close) are handed to the
-//! writing side through [`Ctrl`] and written between data frames.
+//! writing side through `Ctrl` and written between data frames.
 
 use std::future::Future;
 use std::io;
