@@ -11,8 +11,15 @@ scripts/setup-python.sh
 # Debian packages: sslscan and slowhttptest for tests/security.rs, chromium for
 # tests/status_page.rs, iproute2 and nftables for the fault tests in network namespaces.
 scripts/setup-debian.sh
+# cargo-deny, for the dependency policy in deny.toml (Rust registry).
+scripts/setup-cargo-tools.sh
 
-# Formatting first: it takes a second and names the file at fault.
+# Formatting first: it takes a second and names the file at fault. Then lints (the
+# [lints] table in Cargo.toml, both feature sets) and the dependency policy (licenses, bans,
+# sources; the advisory database cannot be fetched here).
 cargo fmt --check
+cargo clippy --locked --all-targets -- -D warnings
+cargo clippy --locked --all-targets --features uring -- -D warnings
+cargo deny check licenses bans sources
 cargo test --locked --all-targets
-cargo test --locked --features uring --test uring
+cargo test --locked --features uring --test uring --test burst_close --test truncation

@@ -549,7 +549,7 @@ pub fn config_relay(data: &[u8]) {
     };
     match RelayConfig::from_file(file) {
         Ok(c) => {
-            assert!(c.workers >= 1 && c.max_listeners >= 1);
+            assert!(c.runtime.worker_count() >= 1 && c.max_listeners >= 1);
             assert!(!c.ping_interval.is_zero() && !c.accept_timeout.is_zero());
             assert!((1024..=1 << 20).contains(&c.max_head) && c.max_frame >= 1024);
         }
@@ -565,7 +565,7 @@ pub fn config_hcm(data: &[u8]) {
     };
     match HcmConfig::from_file(file) {
         Ok(c) => {
-            assert!(c.workers >= 1 && c.token_ttl.as_secs() >= 60);
+            assert!(c.runtime.worker_count() >= 1 && c.token_ttl.as_secs() >= 60);
             for hc in &c.hybrid_connections {
                 assert!(!hc.name().is_empty());
             }
@@ -582,7 +582,7 @@ pub fn config_bridge(data: &[u8]) {
     };
     match BridgeConfig::from_file(file) {
         Ok(c) => {
-            assert!(c.workers >= 1 && !c.forwards.is_empty());
+            assert!(c.runtime.worker_count() >= 1 && !c.forwards.is_empty());
             for f in &c.forwards {
                 if let Some(e) = &f.connection_string.entity_path {
                     assert!(e.eq_ignore_ascii_case(&f.hybrid_connection));

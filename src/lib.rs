@@ -1,7 +1,47 @@
-//! hyrelay: a self-hosted Hybrid Connections relay, connection manager and bridge.
+//! hyrelay: a self-hosted Azure Relay Hybrid Connections service — the relay, the
+//! connection manager (hcm) and the bridge — in one crate and one binary.
 //!
-//! Layout (see `../shared/docs/architecture.md` for the design):
-//! - [`proto`]: the Azure Relay Hybrid Connections wire protocol, sans-IO.
+//! ```text
+//!  app ──TCP──▶ bridge ──ws(s) connect──▶ relay ◀──ws(s) listen/accept── hcm ──TCP──▶ endpoint
+//! ```
+//!
+//! # Planes
+//!
+//! Each role runs a *control plane* (one thread, one single-threaded tokio runtime:
+//! listener control channels, registry, management API, admin HTTP, reloads, signals) and a
+//! *data plane* ([`dataplane::Workers`]: one thread per core with its own runtime, listening
+//! socket, buffer pool and counters) that moves tunnel bytes: WebSocket⇄TCP in the hcm and
+//! the bridge ([`dataplane::splice`]), WebSocket⇄WebSocket in the relay
+//! ([`dataplane::reframe`]). The planes share no mutable state on the copy path.
+//!
+//! # Layers, top to bottom (arrows point down only; a role never imports another role)
+//!
+//! | module | what lives there |
+//! |---|---|
+//! | [`cli`] | the `hyrelay` command: one subcommand per role, `hc` management, `doctor`, `up` |
+//! | [`relay`], [`hcm`], [`bridge`] | the three roles: their config, startup, control channels, status |
+//! | [`client`] | what the hcm, the bridge and the CLI need from a relay: tokens, URLs, the management API |
+//! | [`dataplane`] | workers and accept loops, the buffer pool, the splice and re-frame engines (epoll, and io_uring/IOCP behind the `uring` feature), counters and their flush, drain |
+//! | [`transport`] | sockets, TLS (rustls), HTTP CONNECT proxies, WebSocket client/server handshakes |
+//! | [`proto`] | the wire protocol, sans-IO: WebSocket frames and masking, HTTP heads and the upgrade, SAS tokens, connection strings, `$hc` addresses, control JSON, metadata |
+//! | [`config`] | parsing shared by the roles: TOML with field-named errors, durations, [`config::RuntimeSettings`] (workers, buffer budget, backend, admin, drain), secrets from files |
+//! | [`telemetry`] | metric names and the recorder, the admin listener (`/metrics`, health, status); it reads counters and owns none |
+//! | [`clock`], [`echo`] | RFC 3339 time; the echo endpoint of `hyrelay up` and the tests |
+//!
+//! # Where each rule lives
+//!
+//! - Frame limits, masking, close codes: [`proto::frame`]. Parsers return `Ok(None)` for
+//!   "need more bytes" and never perform I/O; each has a fuzz target (`fuzz/`).
+//! - How a tunnel ends (half-close, Close forwarding and echo, 1001/1009/1002 cuts, the
+//!   dead-peer check, reset versus FIN): [`dataplane::splice`] and [`dataplane::reframe`],
+//!   whose io_uring twins follow the same `splice::Ctrl` and
+//!   [`dataplane::reframe::DirEnd`] rules.
+//! - Buffer memory: [`dataplane::pool`] (a budget per worker; a connection holds a buffer
+//!   only while bytes in it are on their way).
+//! - Authentication, limits, throttling: [`relay`] (`auth`, `limits`, `throttle`).
+//!
+//! The design notes behind this are in the team's architecture document; the README says
+//! how to run and operate each role.
 pub mod bridge;
 pub mod cli;
 pub mod client;

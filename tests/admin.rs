@@ -45,7 +45,7 @@ fn admin_any() -> Option<SocketAddr> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_hcm_and_bridge_report_truthfully() {
-    let rig = Rig::with(false, |c| c.admin = admin_any());
+    let rig = Rig::with(false, |c| c.runtime.admin = admin_any());
     let relay_admin = rig.relay.admin_addr().unwrap();
     rig.create("good", echo()).await;
     let dead = std::net::TcpListener::bind("127.0.0.1:0")
@@ -58,14 +58,14 @@ async fn relay_hcm_and_bridge_report_truthfully() {
         HcEntry::new(rig.listen_cs("good").await, None).unwrap(),
         HcEntry::new(rig.listen_cs("broken").await, None).unwrap(),
     ]);
-    hc.admin = admin_any();
+    hc.runtime.admin = admin_any();
     let hcm = hyrelay::hcm::start(hc).unwrap();
     let hcm_admin = hcm.admin_addr().unwrap();
     rig.wait_listeners("good", 1).await;
     rig.wait_listeners("broken", 1).await;
 
     let mut bc = rig.bridge_config("good", &rig.send_cs("good").await);
-    bc.admin = admin_any();
+    bc.runtime.admin = admin_any();
     let bridge = hyrelay::bridge::start(bc).unwrap();
     let bridge_admin = bridge.admin_addr().unwrap();
     let data = payload(100_000, 1);
@@ -89,7 +89,7 @@ async fn relay_hcm_and_bridge_report_truthfully() {
     // A forward with no listener behind it is not ready, and says why (issue 14 item 8).
     rig.create("nobody", echo()).await;
     let mut lonely = rig.bridge_config("nobody", &rig.send_cs("nobody").await);
-    lonely.admin = admin_any();
+    lonely.runtime.admin = admin_any();
     let lonely = hyrelay::bridge::start(lonely).unwrap();
     let (code, body) = get(lonely.admin_addr().unwrap(), "/readyz").await;
     assert_eq!(code, 503, "{body}");

@@ -81,12 +81,12 @@ async fn relay_and_hcm_drain_while_tunnels_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_timeout_bounds_the_wait() {
-    let rig = Rig::with(false, |c| c.drain_timeout = Duration::from_secs(1));
+    let rig = Rig::with(false, |c| c.runtime.drain_timeout = Duration::from_secs(1));
     rig.create("t", echo()).await;
     let mut cfg = rig.hcm_config(vec![
         hyrelay::hcm::config::HcEntry::new(rig.listen_cs("t").await, None).unwrap(),
     ]);
-    cfg.drain_timeout = Duration::from_secs(1);
+    cfg.runtime.drain_timeout = Duration::from_secs(1);
     let hcm = hyrelay::hcm::start(cfg).unwrap();
     rig.wait_listeners("t", 1).await;
     let bridge = rig.bridge("t", &rig.send_cs("t").await);

@@ -50,7 +50,7 @@ async fn hcm_reload_adds_removes_and_rekeys_without_dropping_tunnels() {
     write_hcm_config(&file, &dir.path().join("data"), &rig.ca_files(), &[&a1]);
     let mut cfg = hyrelay::hcm::config::HcmConfig::from_file(hyrelay::config::load_toml(&file).unwrap()).unwrap();
     cfg.config_file = Some(file.clone());
-    cfg.workers = 2;
+    cfg.runtime.set_workers(2).unwrap();
     let hcm = hyrelay::hcm::start(cfg).unwrap();
     rig.wait_listeners("a", 1).await;
     let bridge_a = rig.bridge("a", &rig.send_cs("a").await);
@@ -137,7 +137,7 @@ async fn bridge_reload_adds_removes_and_rotates_forwards() {
     write_bridge_config(&file, &rig.ca_files(), &[(&pa, &sa)]);
     let mut cfg = hyrelay::bridge::config::BridgeConfig::from_file(hyrelay::config::load_toml(&file).unwrap()).unwrap();
     cfg.config_file = Some(file.clone());
-    cfg.workers = 2;
+    cfg.runtime.set_workers(2).unwrap();
     let bridge = hyrelay::bridge::start(cfg).unwrap();
     let mut held = tokio::net::TcpStream::connect(&pa).await.unwrap();
     still_flows(&mut held, 1).await;

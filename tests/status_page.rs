@@ -126,7 +126,7 @@ fn admin_any() -> Option<SocketAddr> {
 /// each row has a chart of the last 15 minutes, and the page fits a narrow window.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connected_degraded_and_broken_hybrid_connections_in_chromium() {
-    let rig = Rig::with(false, |c| c.admin = admin_any());
+    let rig = Rig::with(false, |c| c.runtime.admin = admin_any());
     rig.create("orders-db", echo()).await;
     rig.create("idle", echo()).await; // nobody listens: broken on the relay's page
     let dead = std::net::TcpListener::bind("127.0.0.1:0")
@@ -142,7 +142,7 @@ async fn connected_degraded_and_broken_hybrid_connections_in_chromium() {
         HcEntry::new(rig.listen_cs("refusing").await, None).unwrap(),
         HcEntry::new(ghost, None).unwrap(),
     ]);
-    cfg.admin = admin_any();
+    cfg.runtime.admin = admin_any();
     let hcm = hyrelay::hcm::start(cfg).unwrap();
     rig.wait_listeners("orders-db", 1).await;
     rig.wait_listeners("refusing", 1).await;
@@ -152,7 +152,7 @@ async fn connected_degraded_and_broken_hybrid_connections_in_chromium() {
     .await;
     assert!(ghost_down);
     let mut bc = rig.bridge_config("orders-db", &rig.send_cs("orders-db").await);
-    bc.admin = admin_any();
+    bc.runtime.admin = admin_any();
     let bridge = hyrelay::bridge::start(bc).unwrap();
     let refusing = rig.bridge("refusing", &rig.send_cs("refusing").await);
     let data = payload(400_000, 3);

@@ -17,18 +17,18 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A plain-ws relay with `backend`; hcm and bridge on `backend` too.
 fn rig() -> Rig {
-    Rig::with(false, |c| c.io_backend = IoBackend::Uring)
+    Rig::with(false, |c| c.runtime.io_backend = IoBackend::Uring)
 }
 
 fn hcm(rig: &Rig, cs: &hyrelay::proto::connstr::ConnectionString) -> hyrelay::hcm::HcmHandle {
     let mut c = rig.hcm_config(vec![hyrelay::hcm::config::HcEntry::new(cs.clone(), None).unwrap()]);
-    c.io_backend = IoBackend::Uring;
+    c.runtime.io_backend = IoBackend::Uring;
     hyrelay::hcm::start(c).unwrap()
 }
 
 fn bridge(rig: &Rig, hc: &str, cs: &hyrelay::proto::connstr::ConnectionString) -> hyrelay::bridge::BridgeHandle {
     let mut c = rig.bridge_config(hc, cs);
-    c.io_backend = IoBackend::Uring;
+    c.runtime.io_backend = IoBackend::Uring;
     hyrelay::bridge::start(c).unwrap()
 }
 
@@ -219,7 +219,7 @@ async fn relay_sends_1001_when_a_side_vanishes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_cuts_an_oversized_frame_with_1009() {
     let rig = Rig::with(false, |c| {
-        c.io_backend = IoBackend::Uring;
+        c.runtime.io_backend = IoBackend::Uring;
         c.max_frame = 4096;
     });
     let ((mut sr, mut sw), (mut lr, _lw), _control) = joined(&rig, "big").await;
@@ -233,16 +233,16 @@ async fn relay_cuts_an_oversized_frame_with_1009() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_relay_keeps_tunnels_on_epoll() {
-    let rig = Rig::with(true, |c| c.io_backend = IoBackend::Uring);
+    let rig = Rig::with(true, |c| c.runtime.io_backend = IoBackend::Uring);
     rig.create("tls", echo()).await;
     let mut hc = rig.hcm_config(vec![
         hyrelay::hcm::config::HcEntry::new(rig.listen_cs("tls").await, None).unwrap(),
     ]);
-    hc.io_backend = IoBackend::Uring;
+    hc.runtime.io_backend = IoBackend::Uring;
     let _h = hyrelay::hcm::start(hc).unwrap();
     rig.wait_listeners("tls", 1).await;
     let mut bc = rig.bridge_config("tls", &rig.send_cs("tls").await);
-    bc.io_backend = IoBackend::Uring;
+    bc.runtime.io_backend = IoBackend::Uring;
     let b = hyrelay::bridge::start(bc).unwrap();
     let data = payload(100_000, 3);
     assert!(round_trip(b.addr_of("tls").unwrap(), &data).await.unwrap() == data);
@@ -256,10 +256,15 @@ async fn uring_falls_back_or_refuses_as_configured() {
         hyrelay::dataplane::backend::probe().is_ok(),
         "io_uring is available to the test"
     );
-    let w = hyrelay::dataplane::Workers::start_with("t", 1, 1 << 20, IoBackend::Auto).unwrap();
+    let mut rt = hyrelay::config::RuntimeSettings::default();
+    rt.set_workers(1).unwrap();
+    rt.set_budget_mib(1).unwrap();
+    rt.io_backend = IoBackend::Auto;
+    let w = hyrelay::dataplane::Workers::start_with("t", &rt).unwrap();
     assert!(w.completion().is_some());
     w.stop();
-    let w = hyrelay::dataplane::Workers::start_with("t", 1, 1 << 20, IoBackend::Epoll).unwrap();
+    rt.io_backend = IoBackend::Epoll;
+    let w = hyrelay::dataplane::Workers::start_with("t", &rt).unwrap();
     assert!(w.completion().is_none());
     w.stop();
 }

@@ -32,10 +32,9 @@ pub struct Forward {
 /// The bridge's validated configuration.
 #[derive(Debug, Clone)]
 pub struct BridgeConfig {
-    /// Data-plane workers. Default: one per core.
-    pub workers: usize,
-    /// Admin listener (metrics, health, status page). Default: none.
-    pub admin: Option<SocketAddr>,
+    /// Workers, buffer budget, I/O backend, admin listener, drain timeout (shared by the
+    /// three roles; see [`crate::config::RuntimeSettings`]).
+    pub runtime: crate::config::RuntimeSettings,
     /// Extra CA certificates to trust for the relay.
     pub ca_files: Vec<PathBuf>,
     /// How the relay is reached: through an HTTP proxy (`proxy`, `no_proxy`; unset parts
@@ -51,13 +50,6 @@ pub struct BridgeConfig {
     pub ping_interval: Duration,
     /// Largest data frame accepted. Default: 1 MiB.
     pub max_frame: u64,
-    /// On SIGTERM/SIGINT, how long tunnels get to finish. Default: 30 s.
-    pub drain_timeout: Duration,
-    /// Memory the data plane may hold in pooled buffers, all workers together. Default:
-    /// 64 MiB per worker.
-    pub buffer_budget: usize,
-    /// Data-plane I/O backend (`epoll`, `uring`, `auto`). Default: epoll.
-    pub io_backend: crate::dataplane::backend::IoBackend,
     /// Hosts file for [`Listen::Resolve`] forwards. Default: `/etc/hosts`
     /// (`%SystemRoot%\System32\drivers\etc\hosts` on Windows).
     pub hosts_file: PathBuf,
@@ -72,17 +64,13 @@ pub struct BridgeConfig {
 impl BridgeConfig {
     pub fn new(forwards: Vec<Forward>) -> Self {
         Self {
-            workers: crate::config::default_workers(),
-            admin: None,
+            runtime: crate::config::RuntimeSettings::default(),
             ca_files: Vec::new(),
             proxy: Default::default(),
             relay_timeout: Duration::from_secs(40),
             token_ttl: Duration::from_secs(3600),
             ping_interval: Duration::from_secs(30),
             max_frame: crate::proto::frame::DEFAULT_MAX_FRAME,
-            drain_timeout: Duration::from_secs(30),
-            buffer_budget: crate::config::default_workers() * crate::dataplane::pool::DEFAULT_BUDGET,
-            io_backend: Default::default(),
             hosts_file: default_hosts_file(),
             forwards,
             fixed_forwards: Vec::new(),
@@ -130,28 +118,22 @@ impl BridgeConfig {
             bail!("field `forward`: at least one [[forward]] is needed");
         }
         let mut c = Self::new(forwards);
-        if let Some(w) = f.workers {
-            if w == 0 {
-                bail!("field `workers`: must be at least 1 (omit it for one per core)");
-            }
-            c.workers = w;
-            c.buffer_budget = w * crate::dataplane::pool::DEFAULT_BUDGET;
-        }
-        if let Some(m) = f.buffer_budget_mib {
-            c.buffer_budget = crate::config::budget_from_mib(m, c.workers).context("field `buffer_budget_mib`")?;
-        }
-        c.io_backend = f.io_backend.unwrap_or_default();
+        c.runtime = crate::config::RuntimeSettings::from_fields(crate::config::RuntimeFields {
+            workers: f.workers,
+            buffer_budget_mib: f.buffer_budget_mib,
+            io_backend: f.io_backend,
+            admin: f.admin.as_deref(),
+            drain_timeout: f.drain_timeout,
+        })?;
         c.ca_files = f.ca_files;
         c.proxy = crate::transport::proxy::ProxyConfig::from_settings(f.proxy.as_deref(), f.no_proxy.as_deref())
             .context("field `proxy` / `no_proxy`")?;
-        c.admin = crate::config::admin_addr(f.admin.as_deref())?;
         if let Some(p) = f.hosts_file {
             c.hosts_file = p;
         }
         for (field, slot, v) in [
             ("relay_timeout", &mut c.relay_timeout, f.relay_timeout),
             ("ping_interval", &mut c.ping_interval, f.ping_interval),
-            ("drain_timeout", &mut c.drain_timeout, f.drain_timeout),
         ] {
             if let Some(d) = v {
                 if d.is_zero() {
@@ -227,7 +209,7 @@ pub struct BridgeFile {
     pub workers: Option<usize>,
     pub admin: Option<String>,
     pub buffer_budget_mib: Option<usize>,
-    pub io_backend: Option<crate::dataplane::backend::IoBackend>,
+    pub io_backend: Option<crate::config::IoBackend>,
     #[serde(default)]
     pub ca_files: Vec<PathBuf>,
     /// `http://[user:password@]host:port`.

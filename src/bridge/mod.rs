@@ -334,7 +334,7 @@ impl Drop for BridgeHandle {
 pub fn start(cfg: BridgeConfig) -> anyhow::Result<BridgeHandle> {
     let cfg = Arc::new(cfg);
     let tls = crate::transport::tls::client_config(&cfg.ca_files)?;
-    let workers = Workers::start_with("hyrelay-bridge", cfg.workers, cfg.buffer_budget, cfg.io_backend)?;
+    let workers = Workers::start_with("hyrelay-bridge", &cfg.runtime)?;
     let shutdown = CancellationToken::new();
     let drain = CancellationToken::new();
     let inflight = crate::dataplane::drain::InFlight::default();
@@ -344,9 +344,9 @@ pub fn start(cfg: BridgeConfig) -> anyhow::Result<BridgeHandle> {
         shutdown: shutdown.clone(),
         inflight: inflight.clone(),
     });
-    crate::telemetry::metrics::announce("bridge", cfg.workers);
-    let totals = Arc::new(crate::telemetry::metrics::Totals::default());
-    crate::telemetry::metrics::spawn_worker_flush(&workers, "bridge", totals.clone());
+    crate::telemetry::metrics::announce("bridge", cfg.runtime.worker_count());
+    let totals = Arc::new(crate::dataplane::flush::Totals::default());
+    crate::dataplane::flush::spawn(&workers, "bridge", totals.clone());
     let forwards = Arc::new(Forwards {
         ctx,
         workers: workers.clone(),
@@ -364,7 +364,7 @@ pub fn start(cfg: BridgeConfig) -> anyhow::Result<BridgeHandle> {
         tls,
         cfg.proxy.clone(),
     ));
-    let admin = match cfg.admin {
+    let admin = match cfg.runtime.admin {
         Some(a) => Some(
             crate::telemetry::admin::spawn(a, source.clone())
                 .with_context(|| format!("cannot listen on admin address {a}"))?,
@@ -383,7 +383,7 @@ pub fn start(cfg: BridgeConfig) -> anyhow::Result<BridgeHandle> {
         source,
         drain,
         inflight,
-        drain_timeout: cfg.drain_timeout,
+        drain_timeout: cfg.runtime.drain_timeout,
         config_file: cfg.config_file.clone(),
         watcher,
     })

@@ -43,16 +43,8 @@ pub struct BridgeArgs {
     /// Extra CA certificate to trust for the relay (repeatable).
     #[arg(long, env = "HYRELAY_CA_FILE")]
     ca_file: Vec<PathBuf>,
-    /// Data-plane workers (default: one per core).
-    #[arg(long)]
-    workers: Option<usize>,
-    /// Data-plane I/O backend: epoll (default), uring (io_uring/IOCP; built with the `uring`
-    /// feature), or auto (uring if the kernel allows it, else epoll).
-    #[arg(long, value_name = "BACKEND", env = "HYRELAY_IO_BACKEND")]
-    io_backend: Option<crate::dataplane::backend::IoBackend>,
-    /// Admin listener: /metrics, /healthz, /readyz, /status and a status page at /.
-    #[arg(long, value_name = "IP:PORT")]
-    admin: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    runtime: crate::config::RuntimeArgs,
     /// HTTP proxy to reach the relay through: `http://[USER:PASSWORD@]HOST:PORT`. Default:
     /// the config's `proxy`, else HTTPS_PROXY, else ALL_PROXY (NO_PROXY lists hosts reached
     /// directly).
@@ -106,16 +98,7 @@ fn build(args: BridgeArgs) -> anyhow::Result<BridgeConfig> {
     if let Some(h) = args.hosts_file {
         cfg.hosts_file = h;
     }
-    if args.admin.is_some() {
-        cfg.admin = args.admin;
-    }
-    if let Some(w) = args.workers {
-        anyhow::ensure!(w > 0, "--workers must be at least 1");
-        cfg.workers = w;
-    }
-    if let Some(b) = args.io_backend {
-        cfg.io_backend = b;
-    }
+    args.runtime.apply(&mut cfg.runtime)?;
     Ok(cfg)
 }
 

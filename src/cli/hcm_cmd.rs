@@ -26,16 +26,8 @@ enum HcmCommand {
         /// Extra CA certificate to trust for the relay (repeatable).
         #[arg(long, env = "HYRELAY_CA_FILE")]
         ca_file: Vec<PathBuf>,
-        /// Data-plane workers (default: one per core).
-        #[arg(long)]
-        workers: Option<usize>,
-        /// Data-plane I/O backend: epoll (default), uring (io_uring/IOCP; built with the `uring`
-        /// feature), or auto (uring if the kernel allows it, else epoll).
-        #[arg(long, value_name = "BACKEND", env = "HYRELAY_IO_BACKEND")]
-        io_backend: Option<crate::dataplane::backend::IoBackend>,
-        /// Admin listener: /metrics, /healthz, /readyz, /status and a status page at /.
-        #[arg(long, value_name = "IP:PORT")]
-        admin: Option<std::net::SocketAddr>,
+        #[command(flatten)]
+        runtime: crate::config::RuntimeArgs,
         /// HTTP proxy to reach the relay through: `http://[USER:PASSWORD@]HOST:PORT`. Default:
         /// the config's `proxy`, else HTTPS_PROXY, else ALL_PROXY (NO_PROXY lists hosts reached
         /// directly).
@@ -100,23 +92,12 @@ pub fn run(args: HcmArgs) -> anyhow::Result<()> {
     match args.command {
         HcmCommand::Run {
             ca_file,
-            workers,
-            admin,
-            io_backend,
+            runtime,
             proxy,
         } => {
-            if admin.is_some() {
-                cfg.admin = admin;
-            }
+            runtime.apply(&mut cfg.runtime)?;
             cfg.ca_files.extend(ca_file);
             cfg.proxy = super::proxy_setting(cfg.proxy, proxy.as_deref())?;
-            if let Some(w) = workers {
-                anyhow::ensure!(w > 0, "--workers must be at least 1");
-                cfg.workers = w;
-            }
-            if let Some(b) = io_backend {
-                cfg.io_backend = b;
-            }
             let added = state::load_added(&cfg.data_dir)?.len();
             if cfg.hybrid_connections.is_empty() && added == 0 {
                 tracing::warn!(data_dir = %cfg.data_dir.display(), "no hybrid connections yet: add one with `hyrelay hcm add -` (paste the Listen connection string)");

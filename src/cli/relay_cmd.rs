@@ -37,16 +37,8 @@ pub struct RelayArgs {
     /// Extra host name tokens may be scoped to (repeatable).
     #[arg(long = "hostname")]
     hostnames: Vec<String>,
-    /// Data-plane workers (default: one per core).
-    #[arg(long)]
-    workers: Option<usize>,
-    /// Data-plane I/O backend: epoll (default), uring (io_uring/IOCP; built with the `uring`
-    /// feature), or auto (uring if the kernel allows it, else epoll).
-    #[arg(long, value_name = "BACKEND", env = "HYRELAY_IO_BACKEND")]
-    io_backend: Option<crate::dataplane::backend::IoBackend>,
-    /// Admin listener: /metrics, /healthz, /readyz, /status and a status page at /.
-    #[arg(long, value_name = "IP:PORT")]
-    admin: Option<SocketAddr>,
+    #[command(flatten)]
+    runtime: crate::config::RuntimeArgs,
     /// Create a new namespace (new keys) when state.json is missing from a data directory
     /// that had one; without it the relay refuses to start then.
     #[arg(long)]
@@ -81,13 +73,14 @@ impl RelayArgs {
             file.public_url = Some(u);
         }
         file.hostnames.extend(self.hostnames);
-        if self.workers.is_some() {
-            file.workers = self.workers;
+        // The runtime flags go to the file's fields too, so errors name the same fields.
+        if self.runtime.workers.is_some() {
+            file.workers = self.runtime.workers;
         }
-        if self.io_backend.is_some() {
-            file.io_backend = self.io_backend;
+        if self.runtime.io_backend.is_some() {
+            file.io_backend = self.runtime.io_backend;
         }
-        if let Some(a) = self.admin {
+        if let Some(a) = self.runtime.admin {
             file.admin = Some(a.to_string());
         }
         if self.redis.is_some() {

@@ -34,7 +34,7 @@ pub struct UpArgs {
     /// Data-plane I/O backend of all three roles: epoll (default), uring or auto. `up`'s
     /// relay uses TLS, and tunnels with a TLS leg stay on epoll (README "I/O backends").
     #[arg(long, value_name = "BACKEND", env = "HYRELAY_IO_BACKEND", default_value_t)]
-    io_backend: crate::dataplane::backend::IoBackend,
+    io_backend: crate::config::IoBackend,
     /// Admin listener for all three roles: /metrics, /healthz, /readyz, /status and a
     /// status page at / (one table per role).
     #[arg(long, value_name = "IP:PORT")]
@@ -89,9 +89,9 @@ fn run_in(args: &UpArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         dir.join("relay"),
         TlsSetting::SelfSigned { names: vec![] },
     );
-    rc.workers = rc.workers.min(2);
-    rc.io_backend = args.io_backend;
-    rc.drain_timeout = args.drain_timeout;
+    rc.runtime.set_workers(rc.runtime.worker_count().min(2))?;
+    rc.runtime.io_backend = args.io_backend;
+    rc.runtime.drain_timeout = args.drain_timeout;
     let relay = crate::relay::start(rc).with_context(|| {
         format!(
             "starting the relay on {} (pick another with --relay-listen)",
@@ -114,9 +114,9 @@ fn run_in(args: &UpArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         ))
     })??;
     let mut hc = HcmConfig::new(dir.join("hcm"));
-    hc.workers = 1;
-    hc.io_backend = args.io_backend;
-    hc.drain_timeout = args.drain_timeout;
+    hc.runtime.set_workers(1)?;
+    hc.runtime.io_backend = args.io_backend;
+    hc.runtime.drain_timeout = args.drain_timeout;
     hc.ca_files = ca.clone();
     hc.hybrid_connections = vec![HcEntry::new(listen_cs.clone(), None)?];
     let hcm = crate::hcm::start(hc)?;
@@ -125,9 +125,9 @@ fn run_in(args: &UpArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         listen: Listen::Addr(args.bridge_listen),
         connection_string: send_cs.clone(),
     }]);
-    bc.workers = 1;
-    bc.io_backend = args.io_backend;
-    bc.drain_timeout = args.drain_timeout;
+    bc.runtime.set_workers(1)?;
+    bc.runtime.io_backend = args.io_backend;
+    bc.runtime.drain_timeout = args.drain_timeout;
     bc.ca_files = ca.clone();
     let bridge = crate::bridge::start(bc).with_context(|| {
         format!(

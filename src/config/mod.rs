@@ -4,7 +4,10 @@
 //! Each role parses its raw serde structs (`deny_unknown_fields`, so a typo is an error)
 //! and then validates them into types that cannot hold invalid values.
 
+pub mod runtime;
 pub mod secrets;
+
+pub use runtime::{IoBackend, RuntimeArgs, RuntimeFields, RuntimeSettings};
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -40,26 +43,6 @@ pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
 /// Like [`duration`] for an optional field.
 pub fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     duration(d).map(Some)
-}
-
-/// A buffer budget given in MiB, checked to allow at least one 64 KiB buffer per worker.
-pub fn budget_from_mib(mib: usize, workers: usize) -> anyhow::Result<usize> {
-    let bytes = mib
-        .checked_mul(1 << 20)
-        .ok_or_else(|| anyhow::anyhow!("{mib} MiB is too large"))?;
-    if bytes < workers * crate::dataplane::pool::BUF_SIZE {
-        anyhow::bail!("{mib} MiB leaves less than one 64 KiB buffer per worker ({workers} workers)");
-    }
-    Ok(bytes)
-}
-
-/// The `admin` field of a role's file: the admin listener's `IP:PORT`, if any.
-pub fn admin_addr(field: Option<&str>) -> anyhow::Result<Option<std::net::SocketAddr>> {
-    use anyhow::Context;
-    field
-        .map(str::parse)
-        .transpose()
-        .context("field `admin`: expected IP:PORT")
 }
 
 /// Default data directory of a role: `$HYRELAY_DATA_DIR/<role>`, else

@@ -8,33 +8,9 @@
 //! once). `uring` when the feature is not built or the probe fails is an error; `auto`
 //! then logs why and uses `epoll`.
 
-use std::fmt;
 use std::path::Path;
 
-use serde::Deserialize;
-
-/// The `io_backend` setting / `--io-backend` flag.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum IoBackend {
-    /// The completion backend if it is built and the kernel allows it, else epoll.
-    Auto,
-    /// tokio's reactor (epoll on Linux, mio's IOCP polling on Windows). Default.
-    #[default]
-    Epoll,
-    /// The completion backend (io_uring / IOCP), or an error if it cannot run.
-    Uring,
-}
-
-impl fmt::Display for IoBackend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            IoBackend::Auto => "auto",
-            IoBackend::Epoll => "epoll",
-            IoBackend::Uring => "uring",
-        })
-    }
-}
+pub use crate::config::IoBackend;
 
 /// What a setting resolved to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,7 +135,7 @@ mod tests {
 
     #[test]
     fn parses_and_prints() {
-        #[derive(Deserialize)]
+        #[derive(serde::Deserialize)]
         struct T {
             b: IoBackend,
         }

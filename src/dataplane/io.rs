@@ -4,7 +4,9 @@
 //! `InBuf` takes a pooled buffer only once its source is readable and gives it back as
 //! soon as every byte in it has been used, so an idle connection holds none. A partial
 //! frame header (or control frame) left at the end is moved to the front before the next
-//! read; payload is never left behind, since engines stream it as it arrives.
+//! read; payload is never left behind, since engines stream it as it arrives. If the
+//! source has nothing more yet, those few bytes move to a small [`Stash`] inside the
+//! `InBuf` and the buffer goes back: a peer that stops mid-header holds no buffer.
 
 use std::io::{self, IoSlice};
 use std::ops::Range;
@@ -14,6 +16,7 @@ use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::pool::{self, PoolBuf};
+use crate::proto::frame;
 use crate::transport::Stream;
 
 /// Most runs written by one vectored write.
@@ -48,13 +51,64 @@ impl ReadySource for tokio::net::TcpStream {
 /// A buffer holding `bytes` (handshake leftovers): from the pool if it has room, else
 /// allocated outside it, since these bytes cannot wait.
 pub fn preloaded(bytes: &[u8]) -> PoolBuf {
-    let waker = std::task::Waker::noop();
-    let mut buf = match pool::poll_acquire(&mut Context::from_waker(waker)) {
-        Poll::Ready(b) if b.len() >= bytes.len() => b,
+    let mut buf = match pool::try_acquire() {
+        Some(b) if b.len() >= bytes.len() => b,
         _ => PoolBuf::unpooled(bytes.len().max(pool::BUF_SIZE)),
     };
     buf[..bytes.len()].copy_from_slice(bytes);
     buf
+}
+
+/// Most bytes a direction may keep between reads: a partial frame header or a partial
+/// control frame (14-byte header, 125-byte payload).
+pub const STASH_LEN: usize = frame::MAX_HEADER_LEN + frame::MAX_CONTROL_PAYLOAD;
+
+/// The unused tail of a read kept without a buffer while the source is quiet.
+#[derive(Debug, Clone, Copy)]
+pub struct Stash {
+    bytes: [u8; STASH_LEN],
+    len: u8,
+}
+
+impl Default for Stash {
+    fn default() -> Self {
+        Self {
+            bytes: [0; STASH_LEN],
+            len: 0,
+        }
+    }
+}
+
+impl Stash {
+    /// Keeps `bytes` if they fit; false (and nothing kept) if they do not.
+    pub fn keep(&mut self, bytes: &[u8]) -> bool {
+        if bytes.len() > STASH_LEN {
+            return false;
+        }
+        self.bytes[..bytes.len()].copy_from_slice(bytes);
+        self.len = bytes.len() as u8;
+        true
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &self.bytes[..self.len as usize]
+    }
+
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Copies the kept bytes to the front of `buf` and forgets them; returns their length.
+    pub fn restore(&mut self, buf: &mut [u8]) -> usize {
+        let n = self.len();
+        buf[..n].copy_from_slice(&self.bytes[..n]);
+        self.len = 0;
+        n
+    }
 }
 
 /// Input read from a source and not yet consumed: `buf[start..end]`.
@@ -63,6 +117,10 @@ pub struct InBuf {
     buf: Option<PoolBuf>,
     pub start: usize,
     pub end: usize,
+    /// Unconsumed bytes kept without a buffer while the source is quiet.
+    stash: Stash,
+    /// Our place in line while the pool's budget is spent.
+    acquire: pool::Acquire,
 }
 
 impl InBuf {
@@ -75,9 +133,14 @@ impl InBuf {
         }
     }
 
-    /// True if unconsumed bytes are waiting.
+    /// True if unconsumed bytes are waiting in the buffer.
     pub fn has_bytes(&self) -> bool {
         self.start < self.end
+    }
+
+    /// True if a pooled (or preloaded) buffer is held.
+    pub fn holds_buffer(&self) -> bool {
+        self.buf.is_some()
     }
 
     /// The whole buffer (unconsumed bytes at `start..end`). Panics without bytes.
@@ -97,16 +160,29 @@ impl InBuf {
         self.buf.as_deref().unwrap_or_default()
     }
 
-    /// Gives the buffer back (the direction ended).
+    /// Gives the buffer back (the direction ended), and any place in the pool's queue.
     pub fn release(&mut self) {
         *self = Self::default();
     }
 
-    /// Reads more input. `Ok(false)` on EOF. Holds no buffer while waiting for readiness.
+    /// Gives the buffer back, keeping the unconsumed bytes in the stash if they fit.
+    fn park(&mut self) {
+        let Some(buf) = &self.buf else { return };
+        if self.stash.keep(&buf[self.start..self.end]) {
+            self.buf = None;
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Reads more input. `Ok(false)` on EOF. Holds no buffer while waiting for readiness
+    /// or for the pool.
     pub fn poll_fill<S: ReadySource>(&mut self, cx: &mut Context<'_>, src: &mut S) -> Poll<io::Result<bool>> {
         // Keep a partial header or control frame; release the buffer when nothing is left.
         if self.start == self.end {
-            self.release();
+            self.buf = None;
+            self.start = 0;
+            self.end = 0;
         } else if self.start > 0 {
             let (start, end) = (self.start, self.end);
             self.buf_mut().copy_within(start..end, 0);
@@ -115,7 +191,9 @@ impl InBuf {
         }
         if self.buf.is_none() {
             ready!(src.poll_ready(cx))?;
-            self.buf = Some(ready!(pool::poll_acquire(cx)));
+            let mut buf = ready!(self.acquire.poll(cx));
+            self.end = self.stash.restore(&mut buf);
+            self.buf = Some(buf);
         }
         let end = self.end;
         let buf = self.buf_mut();
@@ -124,13 +202,18 @@ impl InBuf {
             Poll::Ready(Ok(())) => {
                 let n = rb.filled().len();
                 self.end += n;
+                if n == 0 {
+                    self.release(); // EOF: nothing more will be decoded
+                }
                 Poll::Ready(Ok(n > 0))
             }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Ready(Err(e)) => {
+                self.release();
+                Poll::Ready(Err(e))
+            }
             Poll::Pending => {
-                if self.end == 0 {
-                    self.buf = None; // spurious readiness: wait again without a buffer
-                }
+                // Spurious readiness, or the peer stopped mid-frame: wait without a buffer.
+                self.park();
                 Poll::Pending
             }
         }
@@ -205,7 +288,76 @@ impl Runs {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::VecDeque;
+
     use super::*;
+
+    /// A source that hands out scripted reads: `Some(bytes)` (empty = EOF) or `None`
+    /// (would block).
+    struct Script(VecDeque<Option<Vec<u8>>>);
+
+    impl ReadySource for Script {
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            match self.0.front() {
+                Some(Some(_)) => Poll::Ready(Ok(())),
+                Some(None) => {
+                    self.0.pop_front();
+                    Poll::Pending
+                }
+                None => Poll::Pending,
+            }
+        }
+
+        fn poll_read_into(&mut self, _: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            match self.0.pop_front() {
+                Some(Some(b)) => {
+                    buf.put_slice(&b);
+                    Poll::Ready(Ok(()))
+                }
+                _ => Poll::Pending,
+            }
+        }
+    }
+
+    fn fill(input: &mut InBuf, src: &mut Script) -> Poll<io::Result<bool>> {
+        input.poll_fill(&mut Context::from_waker(std::task::Waker::noop()), src)
+    }
+
+    #[test]
+    fn a_peer_that_stops_mid_header_holds_no_buffer() {
+        std::thread::spawn(|| {
+            let mut src = Script(VecDeque::from([
+                Some(vec![0x82, 0x7e, 0x01]),
+                None,
+                Some(vec![0x00, 7, 7]),
+            ]));
+            let mut input = InBuf::default();
+            assert!(matches!(fill(&mut input, &mut src), Poll::Ready(Ok(true))));
+            assert_eq!(pool::stats().in_use, 1);
+            // The decoder would use nothing of a 3-byte header; the source goes quiet.
+            assert!(fill(&mut input, &mut src).is_pending());
+            assert!(!input.holds_buffer() && !input.has_bytes());
+            assert_eq!(pool::stats().in_use, 0, "the buffer went back");
+            // More arrives: the kept bytes come first.
+            assert!(matches!(fill(&mut input, &mut src), Poll::Ready(Ok(true))));
+            assert_eq!(&input.buf()[input.start..input.end], &[0x82, 0x7e, 0x01, 0x00, 7, 7]);
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn eof_and_errors_give_the_buffer_back() {
+        std::thread::spawn(|| {
+            let mut src = Script(VecDeque::from([Some(vec![])]));
+            let mut input = InBuf::default();
+            assert!(matches!(fill(&mut input, &mut src), Poll::Ready(Ok(false))));
+            assert!(!input.holds_buffer());
+            assert_eq!(pool::stats().in_use, 0);
+        })
+        .join()
+        .unwrap();
+    }
 
     #[tokio::test]
     async fn runs_survive_partial_writes() {

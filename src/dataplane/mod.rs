@@ -8,6 +8,7 @@
 
 pub mod backend;
 pub mod drain;
+pub mod flush;
 pub mod io;
 pub mod offload;
 pub mod pool;
@@ -55,16 +56,13 @@ impl Workers {
         Self::start_threads(name, count, buffer_budget, None)
     }
 
-    /// Like [`Workers::start`] with the I/O backend resolved from `backend`. With the
-    /// completion backend, `count` completion workers run the plain-TCP tunnels and the
-    /// budget is split half and half between them and the tokio workers.
-    pub fn start_with(
-        name: &str,
-        count: usize,
-        buffer_budget: usize,
-        backend: backend::IoBackend,
-    ) -> anyhow::Result<Arc<Self>> {
-        if backend::resolve(backend, name)? == backend::Resolved::Epoll {
+    /// Starts a role's workers as `rt` says: their count, buffer budget and I/O backend
+    /// (resolved here). With the completion backend, as many completion workers run the
+    /// plain-TCP tunnels and the budget is split half and half between them and the tokio
+    /// workers.
+    pub fn start_with(name: &str, rt: &crate::config::RuntimeSettings) -> anyhow::Result<Arc<Self>> {
+        let (count, buffer_budget) = (rt.worker_count(), rt.buffer_budget_bytes());
+        if backend::resolve(rt.io_backend, name)? == backend::Resolved::Epoll {
             return Ok(Self::start(name, count, buffer_budget)?);
         }
         let per_worker = buffer_budget / count.max(1) / 2;

@@ -15,9 +15,9 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use super::Workers;
+use super::flush::Totals;
 use super::reframe::TunnelStats;
 use super::splice::{SpliceConfig, SpliceStats};
-use crate::telemetry::metrics::Totals;
 use crate::transport::Stream;
 
 #[cfg(all(feature = "uring", any(target_os = "linux", windows)))]
@@ -164,7 +164,7 @@ pub fn spawn_flush(workers: &Arc<Workers>, role: &'static str, totals: Arc<Total
         let totals = totals.clone();
         let index = workers.len() + i;
         c.spawn_on(i, move || {
-            let mut f = crate::telemetry::metrics::WorkerFlush::new(role, index, totals);
+            let mut f = super::flush::WorkerFlush::new(role, index, totals);
             super::uring::flush_every_second(move || f.flush(super::uring::buffer_stats()))
         });
     }

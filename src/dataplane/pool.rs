@@ -6,27 +6,47 @@
 //! taken and returned on the worker's own thread without locks.
 //!
 //! Budget: at most `budget / size` buffers are out at once per worker. When the budget is
-//! spent, [`poll_acquire`] parks the task until a buffer comes back — backpressure instead
-//! of unbounded growth. Freed buffers are kept for reuse up to a small reserve; beyond it
-//! they are released to the allocator.
+//! spent, [`Acquire::poll`] queues the task; each buffer that comes back is granted to
+//! the longest waiter, and only that one is woken (a burst of closing tunnels wakes each
+//! waiter once, not every waiter per buffer). A grant is a reservation under the budget:
+//! newcomers cannot take it, and an [`Acquire`] dropped with an unclaimed grant passes it
+//! on. Freed buffers are kept for reuse up to a small reserve; beyond it they are released
+//! to the allocator.
+//!
+//! Invariant the engines keep with it: a direction holds a buffer only while the buffer
+//! holds bytes it has yet to use (write on, or decode), never while it waits for input or
+//! for a second buffer. So every buffer out is on its way back, and a spent pool delays
+//! tunnels but cannot stall them (issue 9, item 2).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
+use std::rc::{Rc, Weak};
 use std::task::{Context, Poll, Waker};
 
-/// Size of one buffer. Default: 64 KiB (a full TLS record plus WebSocket headers fits).
-pub const BUF_SIZE: usize = 64 * 1024;
+/// Size of one buffer: 64 KiB (a full TLS record plus WebSocket headers fits); the unit of
+/// the budget setting.
+pub const BUF_SIZE: usize = crate::config::runtime::BUFFER_SIZE;
 /// Default memory budget per worker. Default: 64 MiB (1024 buffers).
-pub const DEFAULT_BUDGET: usize = 64 << 20;
+pub const DEFAULT_BUDGET: usize = crate::config::runtime::DEFAULT_BUDGET_PER_WORKER;
 /// Freed buffers kept for reuse per worker.
 const RESERVE: usize = 32;
 
 struct Pool {
     free: Vec<Box<[u8]>>,
+    /// Buffers out plus grants not yet claimed.
     out: usize,
     max_out: usize,
     high_water: usize,
-    waiters: Vec<Waker>,
+    /// Waiting tasks, oldest first (dead entries are skipped when met).
+    queue: VecDeque<Weak<Ticket>>,
+}
+
+/// A place in the queue of tasks waiting for a buffer.
+struct Ticket {
+    waker: RefCell<Waker>,
+    granted: Cell<bool>,
 }
 
 thread_local! {
@@ -36,9 +56,46 @@ thread_local! {
             out: 0,
             max_out: DEFAULT_BUDGET / BUF_SIZE,
             high_water: 0,
-            waiters: Vec::new(),
+            queue: VecDeque::new(),
         })
     };
+}
+
+impl Pool {
+    /// A buffer for a slot already counted in `out`.
+    fn take_counted(&mut self) -> PoolBuf {
+        self.high_water = self.high_water.max(self.out);
+        let mem = self
+            .free
+            .pop()
+            .unwrap_or_else(|| vec![0u8; BUF_SIZE].into_boxed_slice());
+        PoolBuf {
+            mem: Some(mem),
+            pooled: true,
+            _not_send: PhantomData,
+        }
+    }
+
+    /// Gives back one slot of the budget: to the longest waiter if there is one.
+    fn release_slot(&mut self) {
+        self.out -= 1;
+        while self.out < self.max_out {
+            let Some(w) = self.queue.pop_front() else { break };
+            if let Some(t) = w.upgrade() {
+                t.granted.set(true);
+                self.out += 1;
+                t.waker.borrow().wake_by_ref();
+            }
+        }
+    }
+
+    /// Queues a waiter; drops queue entries of waiters that went away if there are many.
+    fn enqueue(&mut self, t: &Rc<Ticket>) {
+        if self.queue.len() >= 64 && self.queue.len().is_power_of_two() {
+            self.queue.retain(|w| w.strong_count() > 0);
+        }
+        self.queue.push_back(Rc::downgrade(t));
+    }
 }
 
 /// Sets this thread's budget in bytes (at least one buffer). Call once at worker start.
@@ -49,7 +106,7 @@ pub fn set_budget(bytes: usize) {
 /// Counters of this thread's pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PoolStats {
-    /// Buffers handed out now.
+    /// Buffers handed out now (and granted to waiters, not yet claimed).
     pub in_use: usize,
     /// Most buffers ever out at once.
     pub high_water: usize,
@@ -72,10 +129,12 @@ pub fn stats() -> PoolStats {
     })
 }
 
-/// A buffer from this thread's pool; returns itself when dropped.
+/// A buffer from this thread's pool; returns itself when dropped. Stays on its thread.
 pub struct PoolBuf {
     mem: Option<Box<[u8]>>,
     pooled: bool,
+    /// A buffer counts against the pool of the thread it came from.
+    _not_send: PhantomData<Rc<()>>,
 }
 
 impl PoolBuf {
@@ -85,6 +144,7 @@ impl PoolBuf {
         Self {
             mem: Some(vec![0u8; len].into_boxed_slice()),
             pooled: false,
+            _not_send: PhantomData,
         }
     }
 }
@@ -95,29 +155,77 @@ impl std::fmt::Debug for PoolBuf {
     }
 }
 
-/// Takes a buffer, or registers the task to be woken when one is returned.
-pub fn poll_acquire(cx: &mut Context<'_>) -> Poll<PoolBuf> {
+/// Takes a buffer now if the budget allows and nobody is waiting.
+pub fn try_acquire() -> Option<PoolBuf> {
     POOL.with(|p| {
         let mut p = p.borrow_mut();
-        if p.out >= p.max_out {
-            if !p.waiters.iter().any(|w| w.will_wake(cx.waker())) {
-                p.waiters.push(cx.waker().clone());
-            }
-            return Poll::Pending;
-        }
-        p.out += 1;
-        p.high_water = p.high_water.max(p.out);
-        let mem = p.free.pop().unwrap_or_else(|| vec![0u8; BUF_SIZE].into_boxed_slice());
-        Poll::Ready(PoolBuf {
-            mem: Some(mem),
-            pooled: true,
+        (p.out < p.max_out).then(|| {
+            p.out += 1;
+            p.take_counted()
         })
     })
 }
 
-/// Takes a buffer, waiting while the budget is spent.
-pub async fn acquire() -> PoolBuf {
-    std::future::poll_fn(poll_acquire).await
+/// One task's claim on a buffer: polled until it yields one, it keeps the task's place in
+/// the queue. Keep it across polls (in the direction that wants the buffer); dropping it
+/// gives up the place, or passes on a grant it did not claim.
+#[derive(Default)]
+pub struct Acquire {
+    ticket: Option<Rc<Ticket>>,
+}
+
+impl std::fmt::Debug for Acquire {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Acquire")
+            .field("queued", &self.ticket.is_some())
+            .finish()
+    }
+}
+
+impl Acquire {
+    /// Takes a buffer, or waits in line for one (woken when it is granted).
+    pub fn poll(&mut self, cx: &mut Context<'_>) -> Poll<PoolBuf> {
+        POOL.with(|p| {
+            let mut p = p.borrow_mut();
+            if let Some(t) = &self.ticket {
+                if t.granted.get() {
+                    self.ticket = None;
+                    return Poll::Ready(p.take_counted());
+                }
+                let mut w = t.waker.borrow_mut();
+                if !w.will_wake(cx.waker()) {
+                    w.clone_from(cx.waker());
+                }
+                return Poll::Pending;
+            }
+            if p.out < p.max_out {
+                p.out += 1;
+                return Poll::Ready(p.take_counted());
+            }
+            let t = Rc::new(Ticket {
+                waker: RefCell::new(cx.waker().clone()),
+                granted: Cell::new(false),
+            });
+            p.enqueue(&t);
+            self.ticket = Some(t);
+            Poll::Pending
+        })
+    }
+
+    /// True while queued (or granted and not yet claimed).
+    pub fn is_waiting(&self) -> bool {
+        self.ticket.is_some()
+    }
+}
+
+impl Drop for Acquire {
+    fn drop(&mut self) {
+        if let Some(t) = self.ticket.take()
+            && t.granted.get()
+        {
+            let _ = POOL.try_with(|p| p.borrow_mut().release_slot());
+        }
+    }
 }
 
 impl Drop for PoolBuf {
@@ -129,14 +237,10 @@ impl Drop for PoolBuf {
         // `try_with`: a buffer dropped during thread teardown just goes to the allocator.
         let _ = POOL.try_with(|p| {
             let mut p = p.borrow_mut();
-            p.out -= 1;
             if p.free.len() < RESERVE {
                 p.free.push(mem);
             }
-            // Wake everyone waiting; the first to run gets the buffer, the rest re-register.
-            for w in p.waiters.drain(..) {
-                w.wake();
-            }
+            p.release_slot();
         });
     }
 }
@@ -156,32 +260,108 @@ impl DerefMut for PoolBuf {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::Wake;
+
     use super::*;
 
-    #[test]
-    fn budget_parks_and_release_wakes() {
-        std::thread::spawn(|| {
-            set_budget(2 * BUF_SIZE);
-            let waker = std::task::Waker::noop();
-            let mut cx = Context::from_waker(waker);
-            let a = match poll_acquire(&mut cx) {
-                Poll::Ready(b) => b,
-                Poll::Pending => panic!("first buffer"),
-            };
-            let b = match poll_acquire(&mut cx) {
-                Poll::Ready(b) => b,
-                Poll::Pending => panic!("second buffer"),
-            };
-            assert_eq!(a.len(), BUF_SIZE);
-            assert!(poll_acquire(&mut cx).is_pending(), "budget of two buffers");
-            assert_eq!(stats().in_use, 2);
-            drop(a);
-            assert!(poll_acquire(&mut cx).is_ready(), "a returned buffer is reused");
-            drop(b);
-            let s = stats();
-            assert_eq!((s.in_use, s.high_water, s.budget), (0, 2, 2));
+    /// A waker that counts its wake-ups.
+    struct Count(AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn counter() -> (Arc<Count>, Waker) {
+        let c = Arc::new(Count(AtomicUsize::new(0)));
+        (c.clone(), Waker::from(c))
+    }
+
+    fn woken(c: &Count) -> usize {
+        c.0.load(Ordering::Relaxed)
+    }
+
+    /// Runs `f` on a thread of its own, so each test has a fresh pool.
+    fn on_fresh_pool(budget: usize, f: impl FnOnce() + Send + 'static) {
+        std::thread::spawn(move || {
+            set_budget(budget * BUF_SIZE);
+            f();
         })
         .join()
         .unwrap();
+    }
+
+    #[test]
+    fn budget_parks_and_release_wakes() {
+        on_fresh_pool(2, || {
+            let a = try_acquire().expect("first buffer");
+            let b = try_acquire().expect("second buffer");
+            assert_eq!(a.len(), BUF_SIZE);
+            assert!(try_acquire().is_none(), "budget of two buffers");
+            let (count, waker) = counter();
+            let mut want = Acquire::default();
+            assert!(want.poll(&mut Context::from_waker(&waker)).is_pending());
+            assert_eq!(stats().in_use, 2);
+            drop(a);
+            assert_eq!(woken(&count), 1);
+            let c = want.poll(&mut Context::from_waker(&waker));
+            assert!(c.is_ready(), "granted");
+            drop(b);
+            let s = stats();
+            assert_eq!((s.in_use, s.high_water, s.budget), (1, 2, 2));
+            drop(c);
+            assert_eq!(stats().in_use, 0);
+        });
+    }
+
+    #[test]
+    fn each_returned_buffer_wakes_one_waiter_in_order() {
+        on_fresh_pool(1, || {
+            let held = try_acquire().unwrap();
+            let waiters: Vec<_> = (0..100).map(|_| (counter(), Acquire::default())).collect();
+            let mut waiters = waiters;
+            for ((_, w), a) in &mut waiters {
+                assert!(a.poll(&mut Context::from_waker(w)).is_pending());
+            }
+            drop(held);
+            let wakes: Vec<usize> = waiters.iter().map(|((c, _), _)| woken(c)).collect();
+            assert_eq!(wakes.iter().sum::<usize>(), 1, "one buffer, one wake-up");
+            assert_eq!(wakes[0], 1, "the longest waiter first");
+            // A newcomer cannot take the granted buffer.
+            assert!(try_acquire().is_none());
+            // The first waiter goes away without claiming it: the grant passes on.
+            let first = waiters.remove(0);
+            drop(first);
+            assert_eq!(woken(&waiters[0].0.0), 1);
+            let ((_, w), a) = &mut waiters[0];
+            let got = a.poll(&mut Context::from_waker(w));
+            assert!(got.is_ready());
+            drop(got);
+            assert_eq!(woken(&waiters[1].0.0), 1);
+            let total: usize = waiters.iter().map(|((c, _), _)| woken(c)).sum();
+            assert_eq!(total, 2, "two buffers returned, two wake-ups in all");
+        });
+    }
+
+    #[test]
+    fn waiters_that_left_are_skipped() {
+        on_fresh_pool(1, || {
+            let held = try_acquire().unwrap();
+            for _ in 0..1000 {
+                let (_, w) = counter();
+                let mut a = Acquire::default();
+                assert!(a.poll(&mut Context::from_waker(&w)).is_pending());
+            }
+            assert!(POOL.with(|p| p.borrow().queue.len()) < 1000, "pruned as it grows");
+            let (count, w) = counter();
+            let mut a = Acquire::default();
+            assert!(a.poll(&mut Context::from_waker(&w)).is_pending());
+            drop(held);
+            assert_eq!(woken(&count), 1);
+            assert!(a.poll(&mut Context::from_waker(&w)).is_ready());
+        });
     }
 }

@@ -3,10 +3,14 @@
 //!
 //! Mapping between the TCP and WebSocket ends:
 //! - TCP EOF from the local side → WebSocket Close(1000); we keep reading the WebSocket.
-//! - WebSocket Close from the peer → TCP shutdown(write); we keep reading TCP, and send our
-//!   Close (the echo) when TCP reaches EOF.
-//! - The WebSocket vanishing, a protocol error, a TCP error, two ping periods of silence,
-//!   or `stop` → Close with the matching code where possible, and both ends are dropped.
+//! - WebSocket Close(1000, or no code) from the peer → TCP shutdown(write); we keep reading
+//!   TCP, and send our Close (the echo) when TCP reaches EOF.
+//! - Any other end is abnormal: the peer's Close with another code (1001 going away, 1011,
+//!   1002, ...), the WebSocket vanishing, a protocol error, a TCP error, a failed WebSocket
+//!   write, two ping periods of silence, or `stop`. Then the WebSocket gets a Close with the
+//!   matching code where possible, and the TCP connection is *reset* (`SO_LINGER` 0, then
+//!   closed), so the app or endpoint sees an error, never a FIN it could take for the end
+//!   of a complete stream (issue 9, item 5). Only the clean sequence ends TCP with a FIN.
 //!
 //! Engine: one future polls both directions; no locks, no channels, no task per
 //! direction. TCP → WebSocket: once TCP is readable a pooled buffer is taken, data is
@@ -15,7 +19,7 @@
 //! frames are decoded in place and their payload runs written with one vectored write.
 //! Buffers go back to the pool as soon as their bytes are written, so an idle tunnel
 //! holds none. Control frames the reading side owes (pong, close) are handed to the
-//! writing side through [`Ctrl`] and written between data frames.
+//! writing side through `Ctrl` and written between data frames.
 
 use std::future::Future;
 use std::io;
@@ -90,9 +94,9 @@ pub struct SpliceStats {
 }
 
 impl SpliceStats {
-    /// True unless both sides closed normally.
+    /// True unless both sides closed normally (then the TCP connection was reset).
     pub fn abnormal(&self) -> bool {
-        self.end != "closed both ways"
+        self.end != CLEAN_END
     }
 }
 
@@ -110,8 +114,13 @@ pub async fn ws_tcp(
     let mut s = Splice::new(ws, &leftover, tcp, cfg, stop, active);
     drop(leftover);
     let stats = (&mut s).await;
-    let _ = tokio::time::timeout(Duration::from_secs(2), tokio::io::AsyncWriteExt::shutdown(&mut s.ws)).await;
+    close_ws(s.into_ws()).await;
     stats
+}
+
+/// Closes the WebSocket after a splice (TLS close_notify, FIN), waiting at most 2 s.
+async fn close_ws(mut ws: Stream) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), tokio::io::AsyncWriteExt::shutdown(&mut ws)).await;
 }
 
 /// Starts the splice on a task of its own, on this worker, and returns at once.
@@ -135,8 +144,7 @@ pub fn spawn<K: 'static>(
     tokio::task::spawn_local(async move {
         let _keep = keep;
         let stats = (&mut s).await;
-        let _ = tokio::time::timeout(Duration::from_secs(2), tokio::io::AsyncWriteExt::shutdown(&mut s.ws)).await;
-        drop(s);
+        close_ws(s.into_ws()).await;
         done(stats);
     });
 }
@@ -174,11 +182,21 @@ impl Ctrl {
 
     /// What the splice does when its WebSocket → TCP side stops: `Err(why)` ends it now
     /// (the WebSocket is gone); `Ok(Some(why))` stops reading TCP and closes the WebSocket
-    /// with the code for `e`, ending with `why` once that Close is out; `Ok(None)` carries
-    /// on (the peer's Close: TCP's output is shut, the other direction runs on).
+    /// with the code for `e` (the echo of an abnormal Close), ending with `why` once that
+    /// Close is out; `Ok(None)` carries on (the peer's clean Close: TCP's output is shut,
+    /// the other direction runs on).
     pub fn on_down_end(&mut self, e: &DownEnd) -> Result<Option<String>, String> {
         let (code, reason, why) = match e {
-            DownEnd::PeerClosed => return Ok(None),
+            DownEnd::PeerClosed if self.peer_closed_cleanly() => return Ok(None),
+            DownEnd::PeerClosed => {
+                let code = self.peer_closed.flatten().unwrap_or(close_code::NORMAL);
+                let echo = if frame::close_code_is_sendable(code) {
+                    code
+                } else {
+                    close_code::NORMAL
+                };
+                (echo, "", format!("the peer closed with {code}"))
+            }
             DownEnd::Vanished => return Err("WebSocket connection lost".into()),
             DownEnd::ProtocolError(code, msg) => (*code, "protocol error", format!("WebSocket protocol error: {msg}")),
             DownEnd::TcpWriteFailed => (
@@ -192,6 +210,28 @@ impl Ctrl {
         self.queue_close(code, reason);
         Ok(Some(why))
     }
+
+    /// True if the peer's Close (if one came) says the stream is complete: code 1000 or
+    /// none. Any other code means the far side ended abnormally.
+    pub fn peer_closed_cleanly(&self) -> bool {
+        matches!(self.peer_closed, Some(None | Some(close_code::NORMAL)))
+    }
+}
+
+/// The `end` of a splice whose both sides closed cleanly; any other is abnormal.
+pub const CLEAN_END: &str = "closed both ways";
+
+/// Makes the coming close of `tcp` a reset (RST) rather than a FIN: an abnormal end must
+/// not look like the end of a complete stream to the app or endpoint.
+#[cfg(unix)]
+pub(crate) fn reset_on_close<S: std::os::fd::AsFd>(tcp: &S) {
+    let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
+}
+
+/// See the Unix version.
+#[cfg(windows)]
+pub(crate) fn reset_on_close<S: std::os::windows::io::AsSocket>(tcp: &S) {
+    let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
 }
 
 /// Why the WebSocket → TCP side stopped.
@@ -254,6 +294,8 @@ struct Up {
     ctl: Option<CtlFrame>,
     need_flush: bool,
     bytes: u64,
+    /// Our place in line while the pool's budget is spent.
+    acquire: pool::Acquire,
 }
 
 /// Why the writing side stopped.
@@ -333,22 +375,23 @@ impl Up {
         }
     }
 
-    /// Reads TCP data after the headroom; takes a buffer only once TCP is readable.
+    /// Reads TCP data after the headroom; takes a buffer only once TCP is readable, and
+    /// keeps it only if data came (not for EOF, an error or a spurious wake-up).
     fn poll_read_tcp(&mut self, cx: &mut Context<'_>, tcp: &mut TcpStream) -> Poll<io::Result<usize>> {
         if self.buf.is_none() {
             ready!(ReadySource::poll_ready(tcp, cx))?;
-            self.buf = Some(ready!(pool::poll_acquire(cx)));
+            self.buf = Some(ready!(self.acquire.poll(cx)));
         }
         let buf = self.buf.as_mut().expect("acquired above");
         let mut rb = ReadBuf::new(&mut buf[HEADROOM..]);
-        match Pin::new(tcp).poll_read(cx, &mut rb) {
+        let r = match Pin::new(tcp).poll_read(cx, &mut rb) {
             Poll::Ready(Ok(())) => Poll::Ready(Ok(rb.filled().len())),
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => {
-                self.buf = None;
-                Poll::Pending
-            }
+            other => other.map_ok(|()| 0),
+        };
+        if !matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.buf = None;
         }
+        r
     }
 
     /// Turns `buf[HEADROOM..HEADROOM + n]` into one masked binary frame, in place.
@@ -404,7 +447,10 @@ impl Down {
                 continue;
             }
             if self.closing {
-                let _ = ready!(Pin::new(&mut *tcp).poll_shutdown(cx));
+                // A clean Close ends TCP's output with a FIN; any other is answered by a reset.
+                if ctrl.peer_closed_cleanly() {
+                    let _ = ready!(Pin::new(&mut *tcp).poll_shutdown(cx));
+                }
                 self.input.release();
                 return Poll::Ready(DownEnd::PeerClosed);
             }
@@ -518,6 +564,12 @@ impl Splice {
         }
     }
 
+    /// The WebSocket, for closing after the splice; the TCP connection is closed now (a
+    /// reset if the splice ended abnormally).
+    pub fn into_ws(self) -> Stream {
+        self.ws
+    }
+
     fn count(&mut self) {
         if let Some(a) = &self.active {
             let (to_ws, to_tcp) = (self.up.bytes - self.counted.0, self.down.bytes - self.counted.1);
@@ -526,8 +578,12 @@ impl Splice {
         self.counted = (self.up.bytes, self.down.bytes);
     }
 
+    /// The splice's result; an abnormal end also arms the TCP reset.
     fn stats(&mut self, why: String) -> SpliceStats {
         self.count();
+        if why != CLEAN_END {
+            reset_on_close(&self.tcp);
+        }
         SpliceStats {
             to_tcp: self.down.bytes,
             to_ws: self.up.bytes,
@@ -601,7 +657,7 @@ impl Future for Splice {
             _ => false,
         };
         if done {
-            let why = this.end.take().unwrap_or_else(|| "closed both ways".into());
+            let why = this.end.take().unwrap_or_else(|| CLEAN_END.into());
             return Poll::Ready(this.stats(why));
         }
         Poll::Pending

@@ -58,12 +58,11 @@ impl HcEntry {
 /// The hcm's validated configuration.
 #[derive(Debug, Clone)]
 pub struct HcmConfig {
+    /// Workers, buffer budget, I/O backend, admin listener, drain timeout (shared by the
+    /// three roles; see [`crate::config::RuntimeSettings`]).
+    pub runtime: crate::config::RuntimeSettings,
     /// Where `connections.json` (from `hcm add`) and `status.json` live.
     pub data_dir: PathBuf,
-    /// Data-plane workers. Default: one per core.
-    pub workers: usize,
-    /// Admin listener (metrics, health, status page). Default: none.
-    pub admin: Option<std::net::SocketAddr>,
     /// Extra CA certificates to trust for the relay (PEM files).
     pub ca_files: Vec<PathBuf>,
     /// How the relay is reached: through an HTTP proxy (`proxy`, `no_proxy`; unset parts
@@ -88,13 +87,6 @@ pub struct HcmConfig {
     pub max_backoff: Duration,
     /// Largest data frame accepted on a tunnel. Default: 1 MiB.
     pub max_frame: u64,
-    /// On SIGTERM/SIGINT, how long tunnels get to finish. Default: 30 s.
-    pub drain_timeout: Duration,
-    /// Memory the data plane may hold in pooled buffers, all workers together. Default:
-    /// 64 MiB per worker.
-    pub buffer_budget: usize,
-    /// Data-plane I/O backend (`epoll`, `uring`, `auto`). Default: epoll.
-    pub io_backend: crate::dataplane::backend::IoBackend,
     /// Endpoints this hcm may dial (see [`super::allow`] for the syntax). A hybrid
     /// connection whose endpoint is not allowed gets no control channel. Default: empty,
     /// which allows every endpoint (as Microsoft's HCM does).
@@ -110,8 +102,7 @@ impl HcmConfig {
     pub fn new(data_dir: PathBuf) -> Self {
         Self {
             data_dir,
-            workers: crate::config::default_workers(),
-            admin: None,
+            runtime: crate::config::RuntimeSettings::default(),
             ca_files: Vec::new(),
             proxy: Default::default(),
             dial_timeout: Duration::from_secs(10),
@@ -122,9 +113,6 @@ impl HcmConfig {
             stable_after: Duration::from_secs(2),
             max_backoff: Duration::from_secs(30),
             max_frame: crate::proto::frame::DEFAULT_MAX_FRAME,
-            drain_timeout: Duration::from_secs(30),
-            buffer_budget: crate::config::default_workers() * crate::dataplane::pool::DEFAULT_BUDGET,
-            io_backend: Default::default(),
             allowed_endpoints: AllowList::default(),
             hybrid_connections: Vec::new(),
             config_file: None,
@@ -134,27 +122,21 @@ impl HcmConfig {
     /// Validates a parsed file.
     pub fn from_file(f: HcmFile) -> anyhow::Result<Self> {
         let mut c = Self::new(f.data_dir.unwrap_or_else(|| crate::config::default_data_dir("hcm")));
-        if let Some(w) = f.workers {
-            if w == 0 {
-                bail!("field `workers`: must be at least 1 (omit it for one per core)");
-            }
-            c.workers = w;
-            c.buffer_budget = w * crate::dataplane::pool::DEFAULT_BUDGET;
-        }
-        if let Some(m) = f.buffer_budget_mib {
-            c.buffer_budget = crate::config::budget_from_mib(m, c.workers).context("field `buffer_budget_mib`")?;
-        }
-        c.io_backend = f.io_backend.unwrap_or_default();
+        c.runtime = crate::config::RuntimeSettings::from_fields(crate::config::RuntimeFields {
+            workers: f.workers,
+            buffer_budget_mib: f.buffer_budget_mib,
+            io_backend: f.io_backend,
+            admin: f.admin.as_deref(),
+            drain_timeout: f.drain_timeout,
+        })?;
         c.ca_files = f.ca_files;
         c.proxy = crate::transport::proxy::ProxyConfig::from_settings(f.proxy.as_deref(), f.no_proxy.as_deref())
             .context("field `proxy` / `no_proxy`")?;
-        c.admin = crate::config::admin_addr(f.admin.as_deref())?;
         for (field, slot, v) in [
             ("dial_timeout", &mut c.dial_timeout, f.dial_timeout),
             ("relay_timeout", &mut c.relay_timeout, f.relay_timeout),
             ("token_ttl", &mut c.token_ttl, f.token_ttl),
             ("ping_interval", &mut c.ping_interval, f.ping_interval),
-            ("drain_timeout", &mut c.drain_timeout, f.drain_timeout),
         ] {
             if let Some(d) = v {
                 if d.is_zero() {
@@ -204,7 +186,7 @@ pub struct HcmFile {
     pub admin: Option<String>,
     pub workers: Option<usize>,
     pub buffer_budget_mib: Option<usize>,
-    pub io_backend: Option<crate::dataplane::backend::IoBackend>,
+    pub io_backend: Option<crate::config::IoBackend>,
     #[serde(default)]
     pub ca_files: Vec<PathBuf>,
     /// `http://[user:password@]host:port`.

@@ -196,20 +196,20 @@ pub fn start(cfg: HcmConfig) -> anyhow::Result<HcmHandle> {
     }
     let cfg = Arc::new(cfg);
     let tls = crate::transport::tls::client_config(&cfg.ca_files)?;
-    let workers = Workers::start_with("hyrelay-hcm", cfg.workers, cfg.buffer_budget, cfg.io_backend)?;
+    let workers = Workers::start_with("hyrelay-hcm", &cfg.runtime)?;
     let shutdown = CancellationToken::new();
     let drain = CancellationToken::new();
     let inflight = crate::dataplane::drain::InFlight::default();
     let shared = Arc::new(Shared::default());
-    crate::telemetry::metrics::announce("hcm", cfg.workers);
-    let totals = Arc::new(crate::telemetry::metrics::Totals::default());
-    crate::telemetry::metrics::spawn_worker_flush(&workers, "hcm", totals.clone());
+    crate::telemetry::metrics::announce("hcm", cfg.runtime.worker_count());
+    let totals = Arc::new(crate::dataplane::flush::Totals::default());
+    crate::dataplane::flush::spawn(&workers, "hcm", totals.clone());
     let source: Arc<dyn crate::telemetry::admin::StatusSource> = Arc::new(status::HcmStatus {
         shared: shared.clone(),
         totals: totals.clone(),
         history: Default::default(),
     });
-    let admin = match cfg.admin {
+    let admin = match cfg.runtime.admin {
         Some(a) => Some(
             crate::telemetry::admin::spawn(a, source.clone())
                 .map_err(|e| anyhow::anyhow!("cannot listen on admin address {a}: {e}"))?,
@@ -253,7 +253,7 @@ pub fn start(cfg: HcmConfig) -> anyhow::Result<HcmHandle> {
         admin,
         drain,
         inflight,
-        drain_timeout: cfg.drain_timeout,
+        drain_timeout: cfg.runtime.drain_timeout,
         reload_tx,
         dir_lock: Some(dir_lock),
         data_dir: cfg.data_dir.clone(),
@@ -354,8 +354,8 @@ impl Manager {
         let old = &self.ctx.cfg;
         for (field, changed) in [
             ("data_dir", new.data_dir != old.data_dir),
-            ("workers", new.workers != old.workers),
-            ("admin", new.admin != old.admin),
+            ("workers", new.runtime.workers != old.runtime.workers),
+            ("admin", new.runtime.admin != old.runtime.admin),
             ("ca_files", new.ca_files != old.ca_files),
             ("proxy", new.proxy.clone().with_process_env().as_ref() != Ok(&old.proxy)),
         ] {

@@ -37,6 +37,9 @@ pub enum TlsSetting {
 /// The relay's validated configuration.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
+    /// Workers, buffer budget, I/O backend, admin listener, drain timeout (shared by the
+    /// three roles; see [`crate::config::RuntimeSettings`]).
+    pub runtime: crate::config::RuntimeSettings,
     /// Address to listen on. Default: `0.0.0.0:443`.
     pub listen: SocketAddr,
     /// Where `state.json` (entities, keys) and the development certificate live.
@@ -50,11 +53,7 @@ pub struct RelayConfig {
     pub public_url: Option<RelayEndpoint>,
     /// Extra host names tokens may be scoped to (besides the `Host` header and `public_url`).
     pub hostnames: Vec<String>,
-    /// Data-plane workers. Default: one per core.
-    pub workers: usize,
     pub tls: TlsSetting,
-    /// Admin listener (metrics, health, status page). Default: none.
-    pub admin: Option<SocketAddr>,
     /// Listeners allowed per hybrid connection. Default: 25.
     pub max_listeners: usize,
     /// `accept`s (and other commands) queued for one listener before further senders get
@@ -79,8 +78,6 @@ pub struct RelayConfig {
     pub max_head: usize,
     /// Largest data frame. Default: 1 MiB.
     pub max_frame: u64,
-    /// On SIGTERM/SIGINT, how long tunnels and pending senders get to finish. Default: 30 s.
-    pub drain_timeout: Duration,
     /// Largest message on a listener control channel (a bigger one gets Close 1009).
     /// Default: 64 KiB (what the .NET listener reads into).
     pub max_control_message: usize,
@@ -98,11 +95,6 @@ pub struct RelayConfig {
     pub auth_failure_window: Duration,
     /// Longest delay for an address that keeps failing (250 ms, doubling). Default: 5 s.
     pub auth_max_delay: Duration,
-    /// Memory the data plane may hold in pooled buffers, all workers together. Default:
-    /// 64 MiB per worker.
-    pub buffer_budget: usize,
-    /// Data-plane I/O backend (`epoll`, `uring`, `auto`). Default: epoll.
-    pub io_backend: crate::dataplane::backend::IoBackend,
     /// Membership of a relay cluster sharing its state through Redis (`[cluster]`,
     /// `--redis`). Default: none, a single node with its own state file.
     pub cluster: Option<super::cluster::ClusterConfig>,
@@ -117,9 +109,8 @@ impl RelayConfig {
             new_namespace: false,
             public_url: None,
             hostnames: Vec::new(),
-            workers: crate::config::default_workers(),
+            runtime: crate::config::RuntimeSettings::default(),
             tls,
-            admin: None,
             max_listeners: 25,
             max_pending_accepts: 4096,
             revoked_key_grace: Duration::from_secs(5),
@@ -137,9 +128,6 @@ impl RelayConfig {
             auth_failures_before_delay: 5,
             auth_failure_window: Duration::from_secs(60),
             auth_max_delay: Duration::from_secs(5),
-            drain_timeout: Duration::from_secs(30),
-            buffer_budget: crate::config::default_workers() * crate::dataplane::pool::DEFAULT_BUDGET,
-            io_backend: Default::default(),
             cluster: None,
         }
     }
@@ -172,22 +160,14 @@ impl RelayConfig {
             tls,
         );
         c.public_url = public_url;
-        if let Some(d) = f.drain_timeout {
-            c.drain_timeout = d;
-        }
-        c.admin = crate::config::admin_addr(f.admin.as_deref())?;
         c.hostnames = f.hostnames.iter().map(|h| h.to_ascii_lowercase()).collect();
-        if let Some(w) = f.workers {
-            if w == 0 {
-                bail!("field `workers`: must be at least 1 (omit it for one per core)");
-            }
-            c.workers = w;
-            c.buffer_budget = w * crate::dataplane::pool::DEFAULT_BUDGET;
-        }
-        if let Some(m) = f.buffer_budget_mib {
-            c.buffer_budget = crate::config::budget_from_mib(m, c.workers).context("field `buffer_budget_mib`")?;
-        }
-        c.io_backend = f.io_backend.unwrap_or_default();
+        c.runtime = crate::config::RuntimeSettings::from_fields(crate::config::RuntimeFields {
+            workers: f.workers,
+            buffer_budget_mib: f.buffer_budget_mib,
+            io_backend: f.io_backend,
+            admin: f.admin.as_deref(),
+            drain_timeout: f.drain_timeout,
+        })?;
         let l = f.listeners;
         if let Some(n) = l.max_per_hybrid_connection {
             if n == 0 {
@@ -329,7 +309,7 @@ pub struct RelayFile {
     pub hostnames: Vec<String>,
     pub workers: Option<usize>,
     pub buffer_budget_mib: Option<usize>,
-    pub io_backend: Option<crate::dataplane::backend::IoBackend>,
+    pub io_backend: Option<crate::config::IoBackend>,
     #[serde(default)]
     pub tls: TlsFile,
     #[serde(default)]

@@ -270,7 +270,7 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
         }
         TlsSetting::Plain => (None, None),
     };
-    let listeners = crate::transport::sock::bind_listeners(cfg.listen, cfg.workers)
+    let listeners = crate::transport::sock::bind_listeners(cfg.listen, cfg.runtime.worker_count())
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let addr = listeners[0].local_addr()?;
     let shutdown = CancellationToken::new();
@@ -285,10 +285,10 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
                 Err(e) => tracing::error!(error = %e, "cannot start the control plane runtime"),
             },
         )?;
-    let workers = Workers::start_with("hyrelay-relay", cfg.workers, cfg.buffer_budget, cfg.io_backend)?;
-    crate::telemetry::metrics::announce("relay", cfg.workers);
-    let totals = Arc::new(crate::telemetry::metrics::Totals::default());
-    crate::telemetry::metrics::spawn_worker_flush(&workers, "relay", totals.clone());
+    let workers = Workers::start_with("hyrelay-relay", &cfg.runtime)?;
+    crate::telemetry::metrics::announce("relay", cfg.runtime.worker_count());
+    let totals = Arc::new(crate::dataplane::flush::Totals::default());
+    crate::dataplane::flush::spawn(&workers, "relay", totals.clone());
     if let Some(c) = &cluster {
         c.attach(ctl.clone(), totals.clone());
     }
@@ -300,7 +300,7 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
         listen: addr,
         cluster: cluster.clone(),
     });
-    let admin = match cfg.admin {
+    let admin = match cfg.runtime.admin {
         Some(a) => Some(
             crate::telemetry::admin::spawn(a, source.clone())
                 .with_context(|| format!("cannot listen on admin address {a}"))?,
@@ -343,12 +343,12 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
         source,
         drain,
         admission,
-        drain_timeout: cfg.drain_timeout,
+        drain_timeout: cfg.runtime.drain_timeout,
         dir_lock: Some(dir_lock),
         cluster,
     };
     write_cli_file(&handle)?;
-    tracing::info!(addr = %addr, workers = cfg.workers, tls = handle.tls, data_dir = %cfg.data_dir.display(), "relay started");
+    tracing::info!(addr = %addr, workers = cfg.runtime.worker_count(), tls = handle.tls, data_dir = %cfg.data_dir.display(), "relay started");
     Ok(handle)
 }
 

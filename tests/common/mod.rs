@@ -51,7 +51,7 @@ impl Rig {
             TlsSetting::Plain
         };
         let mut cfg = RelayConfig::new("127.0.0.1:0".parse().unwrap(), dir.path().join("relay"), setting);
-        cfg.workers = 2;
+        cfg.runtime.set_workers(2).unwrap();
         tweak(&mut cfg);
         let relay = hyrelay::relay::start(cfg.clone()).unwrap();
         let ca: Vec<_> = relay.ca_file().map(|p| p.to_path_buf()).into_iter().collect();
@@ -93,7 +93,7 @@ impl Rig {
     /// An hcm config for `cs` with short timers, 2 workers, trusting the relay's CA.
     pub fn hcm_config(&self, entries: Vec<HcEntry>) -> HcmConfig {
         let mut c = HcmConfig::new(tempfile::tempdir().unwrap().keep());
-        c.workers = 2;
+        c.runtime.set_workers(2).unwrap();
         c.ca_files = self.ca_files();
         c.hybrid_connections = entries;
         c.max_backoff = Duration::from_secs(2);
@@ -110,7 +110,7 @@ impl Rig {
             listen: Listen::Addr("127.0.0.1:0".parse().unwrap()),
             connection_string: cs.clone(),
         }]);
-        c.workers = 2;
+        c.runtime.set_workers(2).unwrap();
         c.ca_files = self.ca_files();
         c.relay_timeout = Duration::from_secs(10);
         c

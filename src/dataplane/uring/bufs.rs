@@ -18,7 +18,7 @@ use std::ops::{Deref, DerefMut, Range};
 use compio::buf::{IoBuf, IoBufMut, IoVectoredBuf, SetLen};
 use compio::driver::BufferRef;
 
-use crate::dataplane::pool::{self, BUF_SIZE, PoolBuf};
+use crate::dataplane::pool::{BUF_SIZE, PoolBuf};
 use crate::proto::frame::MAX_HEADER_LEN;
 
 /// Most buffers in a worker's provided-buffer ring. Default: 64 (4 MiB).
@@ -95,6 +95,30 @@ impl Chunk {
         let mut v = Vec::with_capacity(bytes.len().max(BUF_SIZE));
         v.extend_from_slice(bytes);
         Chunk::Heap(v)
+    }
+
+    /// Puts `head` in front of the initialized bytes. There must be room for both.
+    pub fn prepend(&mut self, head: &[u8]) {
+        let (n, s) = (<Chunk as IoBuf>::as_init(self).len(), head.len());
+        if s == 0 {
+            return;
+        }
+        if let Chunk::Heap(v) = self {
+            v.splice(0..0, head.iter().copied());
+            return;
+        }
+        let room = self.as_uninit();
+        assert!(n + s <= room.len(), "no room to prepend {s} bytes to {n}");
+        let p = room.as_mut_ptr().cast::<u8>();
+        // SAFETY: `p` points to `room.len() >= n + s` bytes owned by this chunk, of which
+        // the first `n` are initialized; `copy` handles the overlap of moving them up by
+        // `s`, and `head` (a separate borrow) fills the first `s`. All `n + s` are then
+        // initialized, which is what `set_len` requires.
+        unsafe {
+            std::ptr::copy(p, p.add(s), n);
+            std::ptr::copy_nonoverlapping(head.as_ptr(), p, s);
+            self.set_len(n + s);
+        }
     }
 
     /// Keeps `[range]` of the initialized bytes, moved to the front.
@@ -222,12 +246,6 @@ impl IoVectoredBuf for Out {
     }
 }
 
-/// A pool buffer for a read that found the ring empty; `None` while the budget is spent
-/// (the task is woken when a buffer comes back).
-pub fn poll_pool(cx: &mut std::task::Context<'_>) -> std::task::Poll<Chunk> {
-    pool::poll_acquire(cx).map(Chunk::pool)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,6 +269,16 @@ mod tests {
         assert_eq!(rest, b"25678");
         assert!(o.advance(5));
         assert_eq!(o.iter_slice().count(), 0);
+    }
+
+    #[test]
+    fn prepend_puts_bytes_in_front() {
+        let mut c = Chunk::pool(crate::dataplane::pool::PoolBuf::unpooled(BUF_SIZE));
+        c.prepend(b"ab");
+        assert_eq!(&c[..], b"ab");
+        let mut h = Chunk::heap(b"cdef");
+        h.prepend(b"ab");
+        assert_eq!(&h[..], b"abcdef");
     }
 
     #[test]

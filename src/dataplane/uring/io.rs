@@ -13,11 +13,13 @@ use std::task::{Context, Poll, ready};
 
 use compio::BufResult;
 use compio::buf::{IntoInner, IoBuf, Slice};
-use compio::driver::BufferRef;
+use compio::driver::{BufferRef, ToSharedFd};
 use compio::io::{AsyncRead, AsyncReadManaged, AsyncWrite};
 use compio::net::TcpStream;
 
-use super::bufs::{Chunk, Out, RingBuf, poll_pool};
+use super::bufs::{Chunk, Out, RingBuf};
+use crate::dataplane::io::{STASH_LEN, Stash};
+use crate::dataplane::pool::{self, BUF_SIZE};
 
 type Fut<T> = Pin<Box<dyn Future<Output = T>>>;
 
@@ -25,7 +27,9 @@ enum ReadOp {
     Idle,
     /// Waiting for data with no buffer: the kernel picks one from the ring.
     Managed(Fut<io::Result<Option<BufferRef>>>),
-    /// The ring was empty: waiting for a pool buffer.
+    /// The ring was empty: waiting, with no buffer, until the socket is readable.
+    Readable(Fut<io::Result<()>>),
+    /// Readable, and the ring was empty: waiting for a pool buffer.
     WaitPool,
     /// Reading into a buffer we hold.
     Plain(Fut<BufResult<usize, Slice<Chunk>>>),
@@ -35,22 +39,37 @@ enum ReadOp {
 pub struct Reader {
     sock: TcpStream,
     op: ReadOp,
+    /// Bytes kept from the last read (a partial frame header or control frame) while the
+    /// next read waits without a buffer; they go in front of what it brings.
+    stash: Stash,
+    /// Our place in line for a pool buffer while the ring is empty and the budget spent.
+    acquire: pool::Acquire,
 }
 
 impl Reader {
     pub fn new(sock: TcpStream) -> Self {
-        Self { sock, op: ReadOp::Idle }
+        Self {
+            sock,
+            op: ReadOp::Idle,
+            stash: Stash::default(),
+            acquire: pool::Acquire::default(),
+        }
     }
 
-    /// Reads more bytes. With `held` set (bytes kept from the last read), reads after them
-    /// into the same buffer; otherwise into a ring buffer picked when data arrives. The
+    /// Reads more bytes. With `held` set (bytes kept from the last read), the new bytes
+    /// come after them; a few kept bytes wait in a stash rather than in a buffer, so the
+    /// read holds no buffer until data arrives (the kernel picks a ring buffer then). The
     /// buffer is in `held` again once this is ready; `Ok(0)` is EOF.
     pub fn poll_read(&mut self, cx: &mut Context<'_>, held: &mut Option<Chunk>) -> Poll<io::Result<usize>> {
         loop {
             match &mut self.op {
                 ReadOp::Idle => match held.take() {
+                    Some(c) if self.stash.keep(&c) => {
+                        drop(c);
+                        self.start_managed(BUF_SIZE - STASH_LEN);
+                    }
                     Some(c) => self.start_plain(c),
-                    None => self.start_managed(),
+                    None => self.start_managed(0),
                 },
                 ReadOp::Managed(f) => {
                     let r = ready!(f.as_mut().poll(cx));
@@ -58,16 +77,32 @@ impl Reader {
                     match r {
                         Ok(Some(b)) => {
                             let n = b.len();
-                            *held = Some(Chunk::Ring(RingBuf::new(b)));
+                            let mut c = Chunk::Ring(RingBuf::new(b));
+                            c.prepend(self.stash.as_slice());
+                            self.stash = Stash::default();
+                            *held = Some(c);
                             return Poll::Ready(Ok(n));
                         }
-                        Ok(None) => return Poll::Ready(Ok(0)),
-                        Err(e) if ring_empty(&e) => self.op = ReadOp::WaitPool,
+                        Ok(None) => {
+                            self.stash = Stash::default();
+                            return Poll::Ready(Ok(0));
+                        }
+                        // The kernel may refuse before any data is there: wait for data
+                        // first, so that no pool buffer waits on an idle socket.
+                        Err(e) if ring_empty(&e) => self.start_readable(),
                         Err(e) => return Poll::Ready(Err(e)),
                     }
                 }
+                ReadOp::Readable(f) => {
+                    let r = ready!(f.as_mut().poll(cx));
+                    self.op = ReadOp::Idle;
+                    r?;
+                    self.op = ReadOp::WaitPool;
+                }
                 ReadOp::WaitPool => {
-                    let c = ready!(poll_pool(cx));
+                    let mut c = Chunk::pool(ready!(self.acquire.poll(cx)));
+                    c.prepend(self.stash.as_slice());
+                    self.stash = Stash::default();
                     self.start_plain(c);
                 }
                 ReadOp::Plain(f) => {
@@ -80,11 +115,20 @@ impl Reader {
         }
     }
 
-    fn start_managed(&mut self) {
+    /// A read into a ring buffer of at most `len` bytes (0: a whole buffer).
+    fn start_managed(&mut self, len: usize) {
         let s = self.sock.clone();
         self.op = ReadOp::Managed(Box::pin(async move {
             let mut r = &s;
-            r.read_managed(0).await
+            r.read_managed(len).await
+        }));
+    }
+
+    fn start_readable(&mut self) {
+        let fd = self.sock.to_shared_fd();
+        self.op = ReadOp::Readable(Box::pin(async move {
+            let op = compio::driver::op::PollOnce::new(fd, compio::driver::op::Interest::Readable);
+            compio::runtime::submit(op).await.0.map(drop)
         }));
     }
 
@@ -165,6 +209,11 @@ impl Writer {
         let r = ready!(f.as_mut().poll(cx));
         self.shut = None;
         Poll::Ready(r)
+    }
+
+    /// Makes the socket's close a reset (RST) instead of a FIN.
+    pub fn reset_on_close(&self) {
+        crate::dataplane::splice::reset_on_close(&self.sock);
     }
 
     /// Shuts down the write side, waiting at most `limit`.

@@ -2,10 +2,11 @@
 //! [`crate::dataplane::splice`], with the same mapping between the two ends.
 //!
 //! - TCP EOF → Close(1000); we keep reading the WebSocket.
-//! - The peer's Close → TCP shutdown(write); we keep reading TCP and send our Close when
-//!   TCP reaches EOF.
-//! - The WebSocket vanishing, a protocol error, a TCP error, two ping periods of silence,
-//!   or `stop` → Close with the matching code where possible, and both ends are dropped.
+//! - The peer's Close(1000, or no code) → TCP shutdown(write); we keep reading TCP and send
+//!   our Close when TCP reaches EOF.
+//! - Any other end (another close code, the WebSocket vanishing, a protocol error, a TCP
+//!   error, a failed WebSocket write, two ping periods of silence, `stop`) → Close with the
+//!   matching code where possible, and the TCP connection is reset, not closed with a FIN.
 //!
 //! TCP → WebSocket: the kernel fills a ring buffer when TCP data arrives; the payload is
 //! masked in place and sent after its header with one vectored send. WebSocket → TCP:
@@ -23,7 +24,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use super::bufs::{Chunk, Out};
 use super::io::{Reader, Writer, sleep};
 use crate::dataplane::io::MAX_BATCH;
-use crate::dataplane::splice::{CloseState, Ctrl, DownEnd, SpliceConfig, SpliceStats, TcpSide};
+use crate::dataplane::splice::{CLEAN_END, CloseState, Ctrl, DownEnd, SpliceConfig, SpliceStats, TcpSide};
 use crate::dataplane::stats::ActiveGuard;
 use crate::proto::frame::{self, Decoder, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN, OpCode, Role, SliceItem, close_code};
 use crate::proto::mask::apply_mask;
@@ -192,7 +193,10 @@ impl Down {
                 continue;
             }
             if self.closing {
-                let _ = ready!(tcp.poll_shutdown(cx));
+                // A clean Close ends TCP's output with a FIN; any other is answered by a reset.
+                if ctrl.peer_closed_cleanly() {
+                    let _ = ready!(tcp.poll_shutdown(cx));
+                }
                 self.buf = None;
                 return Poll::Ready(DownEnd::PeerClosed);
             }
@@ -272,7 +276,7 @@ impl Down {
 /// The splice future: both directions, the keep-alive timers and the stop signal.
 pub struct Splice {
     ws_r: Reader,
-    pub ws_w: Writer,
+    ws_w: Writer,
     tcp_r: Reader,
     tcp_w: Writer,
     up: Up,
@@ -323,14 +327,24 @@ impl Splice {
         }
     }
 
+    /// The WebSocket's write side, for closing after the splice; everything else (the TCP
+    /// connection among it) is closed now.
+    pub fn into_ws_writer(self) -> Writer {
+        self.ws_w
+    }
+
     fn count(&mut self) {
         let (to_ws, to_tcp) = (self.up.bytes - self.counted.0, self.down.bytes - self.counted.1);
         self.tcp_side.count(self.active.counters(), to_ws, to_tcp);
         self.counted = (self.up.bytes, self.down.bytes);
     }
 
+    /// The splice's result; an abnormal end also arms the TCP reset.
     fn stats(&mut self, why: String) -> SpliceStats {
         self.count();
+        if why != CLEAN_END {
+            self.tcp_w.reset_on_close();
+        }
         SpliceStats {
             to_tcp: self.down.bytes,
             to_ws: self.up.bytes,
@@ -414,7 +428,7 @@ impl Future for Splice {
             _ => false,
         };
         if done {
-            let why = this.end.take().unwrap_or_else(|| "closed both ways".into());
+            let why = this.end.take().unwrap_or_else(|| CLEAN_END.into());
             return Poll::Ready(this.stats(why));
         }
         Poll::Pending

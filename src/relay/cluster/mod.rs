@@ -139,7 +139,7 @@ pub struct Cluster {
     acks: Mutex<HashMap<u64, AckSender>>,
     next_req: AtomicU64,
     ctl: OnceLock<Ctl>,
-    totals: OnceLock<Arc<crate::telemetry::metrics::Totals>>,
+    totals: OnceLock<Arc<crate::dataplane::flush::Totals>>,
     data_dir: PathBuf,
     started: String,
     draining: AtomicBool,
@@ -298,7 +298,7 @@ impl Cluster {
     }
 
     /// Starts the background work: catalog sync, presence, and answering other nodes.
-    pub fn attach(self: &Arc<Self>, ctl: Ctl, totals: Arc<crate::telemetry::metrics::Totals>) {
+    pub fn attach(self: &Arc<Self>, ctl: Ctl, totals: Arc<crate::dataplane::flush::Totals>) {
         self.ctl.set(ctl).ok();
         self.totals.set(totals).ok();
         let (a, b) = (self.clone(), self.clone());

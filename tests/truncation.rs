@@ -1,0 +1,372 @@
+//! Issue 9 item 5: silent truncation. A tunnel that ends abnormally must end the local TCP
+//! connection with a reset (ECONNRESET), on the bridge side (the app) and on the hcm side
+//! (the endpoint), so neither can take it for a complete stream; a clean close (Close 1000
+//! or a Close without a code) stays a FIN.
+//!
+//! Bridge side: the bridge's "relay" is a fake driven by this test, so it can end the
+//! WebSocket every way a relay can: a Close with any code, vanishing (FIN), a reset, a
+//! protocol error, or going silent. hcm side: a real relay, with the sender driven by this
+//! test. Both sides also run on io_uring (`--features uring`). And the whole chain: an hcm
+//! stopped mid-download resets the app; a complete download ends with a clean EOF.
+
+mod common;
+
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use hyrelay::dataplane::backend::IoBackend;
+use hyrelay::proto::connstr::ConnectionString;
+use hyrelay::proto::frame::{self, OpCode, close_code};
+use hyrelay::proto::handshake;
+use hyrelay::transport::ws;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Ping period of the bridges and hcms here: a silent peer is dead after two.
+const PING: Duration = Duration::from_millis(250);
+
+/// How the far end of the tunnel's WebSocket ends it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FarEnd {
+    Close(u16),
+    /// A Close frame with an empty payload.
+    CloseNoCode,
+    /// The connection ends without a Close (FIN).
+    Vanish,
+    /// The connection is reset.
+    Reset,
+    /// A frame no peer may send (an unmasked frame from a client, a masked one from a
+    /// server).
+    ProtocolError,
+    /// No more frames, pings unanswered.
+    Silent,
+}
+
+impl FarEnd {
+    fn is_clean(self) -> bool {
+        matches!(self, FarEnd::Close(close_code::NORMAL) | FarEnd::CloseNoCode)
+    }
+}
+
+/// Every way a tunnel can end, clean ones included.
+const ENDS: &[FarEnd] = &[
+    FarEnd::Close(1000),
+    FarEnd::CloseNoCode,
+    FarEnd::Close(1001),
+    FarEnd::Close(1011),
+    FarEnd::Close(1002),
+    FarEnd::Close(4000),
+    FarEnd::Vanish,
+    FarEnd::Reset,
+    FarEnd::ProtocolError,
+    FarEnd::Silent,
+];
+
+fn chunk(i: usize) -> Vec<u8> {
+    payload(20_000, i as u64)
+}
+
+const CHUNKS: usize = 3;
+
+/// Reads `s` to its end: the bytes and whether it ended with a clean EOF.
+async fn read_all(mut s: impl tokio::io::AsyncRead + Unpin) -> (Vec<u8>, std::io::Result<()>) {
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) => return Ok(()),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await
+    .expect("the local connection never ended");
+    (got, end)
+}
+
+/// Checks how a local connection ended after the far end ended the tunnel `how`.
+fn check(how: FarEnd, side: &str, got: &[u8], end: &std::io::Result<()>) {
+    if how.is_clean() {
+        assert!(end.is_ok(), "{side}, {how:?}: a clean end is a FIN, got {end:?}");
+        let want: Vec<u8> = (0..CHUNKS).flat_map(chunk).collect();
+        assert!(got == want, "{side}, {how:?}: every byte before the clean end");
+    } else {
+        let kind = end.as_ref().err().map(|e| e.kind());
+        assert_eq!(
+            kind,
+            Some(ErrorKind::ConnectionReset),
+            "{side}, {how:?}: an abnormal end must be a reset, not {end:?} after {} bytes",
+            got.len()
+        );
+    }
+}
+
+// ---- bridge side: app ⇄ bridge ⇄ (fake relay driven here)
+
+/// The server end of the bridge's WebSocket, accepted by the fake relay (what the bridge
+/// sends is never read: it stays in the socket).
+struct FakeRelayLeg {
+    _r: tokio::net::tcp::OwnedReadHalf,
+    w: tokio::net::tcp::OwnedWriteHalf,
+}
+
+/// Accepts the bridge's connection and answers its upgrade.
+async fn accept_upgrade(l: &TcpListener) -> FakeRelayLeg {
+    let (mut s, _) = tokio::time::timeout(Duration::from_secs(10), l.accept())
+        .await
+        .expect("the bridge connects")
+        .unwrap();
+    let mut head = Vec::new();
+    let (req, _) = loop {
+        let mut b = [0u8; 4096];
+        let n = s.read(&mut b).await.unwrap();
+        assert!(n > 0, "the bridge hung up during the upgrade");
+        head.extend_from_slice(&b[..n]);
+        if let Some(parsed) = handshake::parse_request(&head, 1 << 16).unwrap() {
+            break parsed;
+        }
+    };
+    let up = handshake::validate_upgrade(&req).unwrap();
+    s.write_all(&handshake::switching_protocols(&up.key, None))
+        .await
+        .unwrap();
+    let (_r, w) = s.into_split();
+    FakeRelayLeg { _r, w }
+}
+
+fn bridge_to(relay: SocketAddr, backend: IoBackend) -> hyrelay::bridge::BridgeHandle {
+    let cs = ConnectionString::parse(&format!(
+        "Endpoint=ws://{relay}/;SharedAccessKeyName=k;SharedAccessKey=a2V5;EntityPath=t"
+    ))
+    .unwrap();
+    let mut c = hyrelay::bridge::config::BridgeConfig::new(vec![hyrelay::bridge::config::Forward {
+        hybrid_connection: "t".into(),
+        listen: hyrelay::bridge::config::Listen::Addr("127.0.0.1:0".parse().unwrap()),
+        connection_string: cs,
+    }]);
+    c.runtime.set_workers(1).unwrap();
+    c.ping_interval = PING;
+    c.relay_timeout = Duration::from_secs(10);
+    c.runtime.io_backend = backend;
+    hyrelay::bridge::start(c).unwrap()
+}
+
+/// Writes one frame to `w`, masked if `masked`.
+async fn send(w: &mut (impl AsyncWriteExt + Unpin), opcode: OpCode, payload: &[u8], masked: bool) {
+    let key = masked.then_some([3, 1, 4, 1]);
+    w.write_all(&frame::encode_frame(true, opcode, key, payload))
+        .await
+        .unwrap();
+}
+
+/// Ends a WebSocket the way `how` says; `client` is the side we play (clients mask).
+async fn end_ws(how: FarEnd, w: &mut tokio::net::tcp::OwnedWriteHalf, client: bool) {
+    match how {
+        FarEnd::Close(code) => send(w, OpCode::Close, &frame::close_payload(code, "test"), client).await,
+        FarEnd::CloseNoCode => send(w, OpCode::Close, b"", client).await,
+        FarEnd::Vanish => w.shutdown().await.unwrap(),
+        FarEnd::Reset => {
+            socket2::SockRef::from(w.as_ref())
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+        }
+        FarEnd::ProtocolError => send(w, OpCode::Binary, b"wrongly masked", !client).await,
+        FarEnd::Silent => {}
+    }
+}
+
+/// The app downloads through the bridge; the fake relay sends three chunks, then ends the
+/// WebSocket `how`. Returns what the app saw.
+async fn bridge_side(how: FarEnd, backend: IoBackend) -> (Vec<u8>, std::io::Result<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let bridge = bridge_to(l.local_addr().unwrap(), backend);
+    let app = TcpStream::connect(bridge.addr_of("t").unwrap()).await.unwrap();
+    let mut leg = accept_upgrade(&l).await;
+    for i in 0..CHUNKS {
+        send(&mut leg.w, OpCode::Binary, &chunk(i), false).await;
+    }
+    end_ws(how, &mut leg.w, false).await;
+    let keep = if how == FarEnd::Reset {
+        drop(leg);
+        None
+    } else {
+        Some(leg)
+    };
+    let seen = read_all(app).await;
+    drop((keep, bridge));
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_resets_the_app_when_the_tunnel_ends_abnormally() {
+    init_tracing();
+    let runs = ENDS
+        .iter()
+        .map(|&how| async move { (how, bridge_side(how, IoBackend::Epoll).await) });
+    for (how, (got, end)) in futures_join(runs).await {
+        check(how, "bridge", &got, &end);
+    }
+}
+
+// ---- hcm side: (sender driven here) ⇄ relay ⇄ hcm ⇄ endpoint
+
+/// A rig whose hcm serves `hc` with `backend` and a short ping; the endpoint is a listener
+/// the test accepts on.
+async fn hcm_rig(backend: IoBackend) -> (Rig, hyrelay::hcm::HcmHandle, TcpListener) {
+    let rig = Rig::with(false, |c| c.runtime.io_backend = backend);
+    let endpoint = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    rig.create("t", endpoint.local_addr().unwrap()).await;
+    let mut c = rig.hcm_config(vec![
+        hyrelay::hcm::config::HcEntry::new(rig.listen_cs("t").await, None).unwrap(),
+    ]);
+    c.ping_interval = PING;
+    c.runtime.io_backend = backend;
+    let hcm = hyrelay::hcm::start(c).unwrap();
+    rig.wait_listeners("t", 1).await;
+    (rig, hcm, endpoint)
+}
+
+/// A sender uploads through the relay and the hcm; it sends three chunks, then ends its
+/// WebSocket `how`. Returns what the endpoint saw.
+async fn hcm_side(rig: &Rig, endpoint: &TcpListener, how: FarEnd) -> (Vec<u8>, std::io::Result<()>) {
+    let cs = rig.send_cs("t").await;
+    let token = hyrelay::client::token(&cs, "t", Duration::from_secs(600));
+    let url = hyrelay::client::hc_url(&cs, "t", "connect", &hyrelay::proto::ids::new_id());
+    let headers = [("ServiceBusAuthorization", token.as_str())];
+    let (sender, accepted) = tokio::join!(ws::connect(&url, None, &headers, Duration::from_secs(10)), async {
+        tokio::time::timeout(Duration::from_secs(10), endpoint.accept())
+            .await
+            .expect("the hcm dials the endpoint")
+            .unwrap()
+    });
+    let sender = sender.unwrap();
+    let Ok(mut w) = sender.stream.into_std().map(|s| {
+        s.set_nonblocking(true).unwrap();
+        TcpStream::from_std(s).unwrap()
+    }) else {
+        panic!("plain sender")
+    };
+    for i in 0..CHUNKS {
+        send(&mut w, OpCode::Binary, &chunk(i), true).await;
+    }
+    let (r, mut w) = w.into_split();
+    end_ws(how, &mut w, true).await;
+    let keep = (how != FarEnd::Reset).then_some((r, w));
+    let seen = read_all(accepted.0).await;
+    drop(keep);
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hcm_resets_the_endpoint_when_the_tunnel_ends_abnormally() {
+    let (rig, _hcm, endpoint) = hcm_rig(IoBackend::Epoll).await;
+    for &how in ENDS {
+        let (got, end) = hcm_side(&rig, &endpoint, how).await;
+        check(how, "hcm", &got, &end);
+    }
+}
+
+// ---- the whole chain
+
+/// An endpoint that streams `total` bytes (in 16 KiB writes, `pause` apart) to each
+/// connection, then closes it cleanly.
+fn streamer(total: usize, pause: Duration) -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let l = TcpListener::from_std(l).unwrap();
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let data = payload(total, 11);
+                for c in data.chunks(16 * 1024) {
+                    if s.write_all(c).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(pause).await;
+                }
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_hcm_stopped_mid_download_resets_the_app_and_a_complete_one_ends_clean() {
+    let rig = Rig::new(false);
+    rig.create("full", streamer(1 << 20, Duration::ZERO)).await;
+    rig.create("cut", streamer(64 << 20, Duration::from_millis(5))).await;
+    let mut hc = rig.hcm_config(vec![
+        hyrelay::hcm::config::HcEntry::new(rig.listen_cs("full").await, None).unwrap(),
+        hyrelay::hcm::config::HcEntry::new(rig.listen_cs("cut").await, None).unwrap(),
+    ]);
+    hc.runtime.set_workers(1).unwrap();
+    let hcm = hyrelay::hcm::start(hc).unwrap();
+    rig.wait_listeners("full", 1).await;
+    rig.wait_listeners("cut", 1).await;
+    let full = rig.bridge("full", &rig.send_cs("full").await);
+    let cut = rig.bridge("cut", &rig.send_cs("cut").await);
+
+    // A complete download ends with a clean EOF and every byte.
+    let (got, end) = read_all(TcpStream::connect(full.addr_of("full").unwrap()).await.unwrap()).await;
+    assert!(end.is_ok(), "{end:?}");
+    assert!(got == payload(1 << 20, 11));
+
+    // The hcm goes away in the middle of a download: the app sees a reset.
+    let mut app = TcpStream::connect(cut.addr_of("cut").unwrap()).await.unwrap();
+    let mut first = vec![0u8; 100_000];
+    tokio::time::timeout(Duration::from_secs(10), app.read_exact(&mut first))
+        .await
+        .unwrap()
+        .unwrap();
+    hcm.stop();
+    let (_, end) = read_all(app).await;
+    assert_eq!(end.map_err(|e| e.kind()), Err(ErrorKind::ConnectionReset));
+}
+
+// ---- io_uring
+
+#[cfg(all(feature = "uring", target_os = "linux"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_io_uring_the_bridge_resets_the_app_when_the_tunnel_ends_abnormally() {
+    let runs = ENDS
+        .iter()
+        .map(|&how| async move { (how, bridge_side(how, IoBackend::Uring).await) });
+    for (how, (got, end)) in futures_join(runs).await {
+        check(how, "bridge (io_uring)", &got, &end);
+    }
+}
+
+#[cfg(all(feature = "uring", target_os = "linux"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_io_uring_the_hcm_resets_the_endpoint_when_the_tunnel_ends_abnormally() {
+    let (rig, _hcm, endpoint) = hcm_rig(IoBackend::Uring).await;
+    for &how in ENDS {
+        let (got, end) = hcm_side(&rig, &endpoint, how).await;
+        check(how, "hcm (io_uring)", &got, &end);
+    }
+    let before = hyrelay::dataplane::uring::tunnels_run("t");
+    assert!(
+        before >= ENDS.len() as u64,
+        "the hcm's tunnels ran on io_uring ({before})"
+    );
+}
+
+/// Runs the futures at once (each is a task) and returns their results in order.
+async fn futures_join<F, T>(futs: impl Iterator<Item = F>) -> Vec<T>
+where
+    F: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let tasks: Vec<_> = futs.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
