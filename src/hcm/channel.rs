@@ -237,6 +237,8 @@ async fn serve_session(hc: &Arc<HcRt>, ctx: &Arc<HcmCtx>, connected: &mut Option
         }
     };
     *connected = Some(Instant::now());
+    // hyrelay extension: pooled rendezvous connections while this session lasts.
+    let _pool = super::pool::start_if_offered(hc, ctx, &endpoint, &conn.response);
     hc.set_state(ChannelState::Connected);
     hc.update(|s| {
         s.last_error = None;

@@ -70,6 +70,10 @@ pub struct HcmConfig {
     /// come from `HTTPS_PROXY`/`ALL_PROXY`/`NO_PROXY` when the command line starts the
     /// role) or directly. Default: directly.
     pub proxy: crate::transport::proxy::ProxyConfig,
+    /// Use the hyrelay extensions a relay advertises (a pool of pre-opened rendezvous
+    /// connections); off, or against a relay that does not offer them, the standard
+    /// protocol alone. Default: on.
+    pub extensions: bool,
     /// Timeout for dialing an endpoint. Default: 10 s.
     pub dial_timeout: Duration,
     /// Timeout for reaching the relay (TCP, TLS, upgrade). Default: 20 s.
@@ -114,6 +118,7 @@ impl HcmConfig {
             admin: None,
             ca_files: Vec::new(),
             proxy: Default::default(),
+            extensions: true,
             dial_timeout: Duration::from_secs(10),
             relay_timeout: Duration::from_secs(20),
             token_ttl: Duration::from_secs(3600),
@@ -146,6 +151,7 @@ impl HcmConfig {
         }
         c.io_backend = f.io_backend.unwrap_or_default();
         c.ca_files = f.ca_files;
+        c.extensions = f.extensions.unwrap_or(true);
         c.proxy = crate::transport::proxy::ProxyConfig::from_settings(f.proxy.as_deref(), f.no_proxy.as_deref())
             .context("field `proxy` / `no_proxy`")?;
         c.admin = crate::config::admin_addr(f.admin.as_deref())?;
@@ -210,6 +216,7 @@ pub struct HcmFile {
     /// `http://[user:password@]host:port`.
     pub proxy: Option<String>,
     pub no_proxy: Option<Vec<String>>,
+    pub extensions: Option<bool>,
     #[serde(default, deserialize_with = "opt_duration")]
     pub dial_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "opt_duration")]

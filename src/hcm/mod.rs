@@ -11,6 +11,7 @@ pub mod accept;
 pub mod allow;
 pub mod channel;
 pub mod config;
+pub mod pool;
 pub mod state;
 pub mod status;
 

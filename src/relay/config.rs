@@ -103,6 +103,9 @@ pub struct RelayConfig {
     pub buffer_budget: usize,
     /// Data-plane I/O backend (`epoll`, `uring`, `auto`). Default: epoll.
     pub io_backend: crate::dataplane::backend::IoBackend,
+    /// hyrelay-to-hyrelay extensions (README "Extensions"): advertised to clients and
+    /// honoured when our hcm and bridge opt in. Default: on.
+    pub extensions: bool,
 }
 
 impl RelayConfig {
@@ -137,6 +140,7 @@ impl RelayConfig {
             drain_timeout: Duration::from_secs(30),
             buffer_budget: crate::config::default_workers() * crate::dataplane::pool::DEFAULT_BUDGET,
             io_backend: Default::default(),
+            extensions: true,
         }
     }
 
@@ -184,6 +188,7 @@ impl RelayConfig {
             c.buffer_budget = crate::config::budget_from_mib(m, c.workers).context("field `buffer_budget_mib`")?;
         }
         c.io_backend = f.io_backend.unwrap_or_default();
+        c.extensions = f.extensions.unwrap_or(true);
         let l = f.listeners;
         if let Some(n) = l.max_per_hybrid_connection {
             if n == 0 {
@@ -320,6 +325,7 @@ pub struct RelayFile {
     pub workers: Option<usize>,
     pub buffer_budget_mib: Option<usize>,
     pub io_backend: Option<crate::dataplane::backend::IoBackend>,
+    pub extensions: Option<bool>,
     #[serde(default)]
     pub tls: TlsFile,
     #[serde(default)]

@@ -265,6 +265,14 @@ impl Ctl {
             .map(|p| p.tx)
     }
 
+    /// The active-tunnel counter and deletion token of `entity`, while it has live state
+    /// (for tunnels joined outside [`Ctl::connect`], like pooled rendezvous).
+    pub fn entity_handles(&self, entity: &str) -> Option<(Arc<AtomicUsize>, CancellationToken)> {
+        let reg = self.reg();
+        let rt = reg.live.get(&entity.to_lowercase())?;
+        Some((rt.tunnels.clone(), rt.gone.clone()))
+    }
+
     /// Records a sender connect's result for status.
     pub fn record_connect(&self, entity: &str, result: &'static str, detail: String) {
         let record = ConnectRecord {
