@@ -146,6 +146,13 @@ impl Warm {
             }
             let rate = served - window.front().copied().unwrap_or(served);
             let want = (rate as usize / 4 + 2).min(MAX_WARM);
+            // Shrink back as the rate falls: the oldest go first.
+            {
+                let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+                while idle.len() > want {
+                    idle.pop_front();
+                }
+            }
             let endpoint = relay();
             for _ in self.len()..want {
                 // Bounded: a relay that stopped answering must not stall the refresh.

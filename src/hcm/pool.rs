@@ -9,9 +9,9 @@
 //! is the tunnel ([`super::accept::handle_pooled`]). It is closed and replaced after
 //! [`RENEW_AFTER`], well before the relay's idle limit (120 s) and any token expiry.
 //!
-//! Size: one more than a quarter of the accepts of the last second, at least [`MIN`], at
-//! most [`MAX`]; re-evaluated every [`TICK`] and whenever a pooled connection is used (so
-//! it is replaced at once). A burst larger than the pool is served the standard way
+//! Size: two more than a quarter of the accepts of the last second, at most [`MAX`];
+//! re-evaluated every [`TICK`] and whenever a pooled connection is used (so it is replaced
+//! at once); surplus connections are closed as the rate falls. A burst larger than the pool is served the standard way
 //! meanwhile, and the pool refills behind it.
 
 use std::sync::Arc;
@@ -64,6 +64,7 @@ pub(crate) fn start_if_offered(
 async fn run(hc: Arc<HcRt>, ctx: Arc<HcmCtx>, endpoint: HostPort, stop: CancellationToken) {
     let open = Arc::new(AtomicUsize::new(0));
     let used = Arc::new(tokio::sync::Notify::new());
+    let retire = Arc::new(Retire::default());
     let name = hc.entry.name().to_owned();
     let mut tick = tokio::time::interval(TICK);
     let mut window = std::collections::VecDeque::with_capacity(8);
@@ -80,11 +81,15 @@ async fn run(hc: Arc<HcRt>, ctx: Arc<HcmCtx>, endpoint: HostPort, stop: Cancella
             window.pop_front();
         }
         let want = target(total - window.front().copied().unwrap_or(total));
+        let now_open = open.load(Ordering::Relaxed);
+        retire.ask(now_open.saturating_sub(want));
         while open.load(Ordering::Relaxed) < want {
             open.fetch_add(1, Ordering::Relaxed);
             let guard = Opened(open.clone(), used.clone());
-            let (hc, ctx, ep, stop) = (hc.clone(), ctx.clone(), endpoint.clone(), stop.clone());
-            ctx.workers.clone().spawn(move || pooled(hc, ctx, ep, stop, guard));
+            let (hc, ctx, ep, stop, retire) = (hc.clone(), ctx.clone(), endpoint.clone(), stop.clone(), retire.clone());
+            ctx.workers
+                .clone()
+                .spawn(move || pooled(hc, ctx, ep, stop, retire, guard));
         }
         gauge(&name, open.load(Ordering::Relaxed));
     }
@@ -93,6 +98,30 @@ async fn run(hc: Arc<HcRt>, ctx: Arc<HcmCtx>, endpoint: HostPort, stop: Cancella
 
 fn gauge(hc: &str, n: usize) {
     metrics::gauge!(crate::telemetry::metrics::warm_connections("hcm"), "hc" => hc.to_owned()).set(n as f64);
+}
+
+/// Surplus pooled connections to close: waiting ones take a ticket each and close.
+#[derive(Default)]
+struct Retire {
+    tickets: AtomicUsize,
+    wake: tokio::sync::Notify,
+}
+
+impl Retire {
+    /// Asks `n` waiting connections (none when 0) to close.
+    fn ask(&self, n: usize) {
+        self.tickets.store(n, Ordering::Relaxed);
+        if n > 0 {
+            self.wake.notify_waiters();
+        }
+    }
+
+    /// Takes a ticket if one is left.
+    fn take(&self) -> bool {
+        self.tickets
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| t.checked_sub(1))
+            .is_ok()
+    }
 }
 
 /// Counts a pooled connection as open until it is used or gone; then wakes the pool.
@@ -106,7 +135,14 @@ impl Drop for Opened {
 }
 
 /// One pooled connection: open it, wait for its `accept` (or renewal, or stop).
-async fn pooled(hc: Arc<HcRt>, ctx: Arc<HcmCtx>, endpoint: HostPort, stop: CancellationToken, opened: Opened) {
+async fn pooled(
+    hc: Arc<HcRt>,
+    ctx: Arc<HcmCtx>,
+    endpoint: HostPort,
+    stop: CancellationToken,
+    retire: Arc<Retire>,
+    opened: Opened,
+) {
     let entry = &hc.entry;
     let cs = &entry.connection_string;
     let token = client::token(cs, entry.name(), ctx.cfg.token_ttl);
@@ -126,28 +162,60 @@ async fn pooled(hc: Arc<HcRt>, ctx: Arc<HcmCtx>, endpoint: HostPort, stop: Cance
         }
     };
     let mut reader = WsReader::new(conn.stream, conn.leftover, Role::Client, MAX_CONTROL_MESSAGE as u64);
-    let accept = tokio::select! {
-        m = reader.next_message(MAX_CONTROL_MESSAGE) => match m {
-            Ok(Some(Message::Text(t))) => match control::decode(&t) {
-                Ok(Command::Accept(a)) => Some(a),
+    let renew = tokio::time::sleep(RENEW_AFTER);
+    tokio::pin!(renew);
+    let accept = loop {
+        tokio::select! {
+            // Cancel-safe: the reader keeps its state.
+            m = reader.next_message(MAX_CONTROL_MESSAGE) => break match m {
+                Ok(Some(Message::Text(t))) => match control::decode(&t) {
+                    Ok(Command::Accept(a)) => Some(a),
+                    _ => None,
+                },
                 _ => None,
             },
+            _ = retire.wake.notified() => {
+                if retire.take() {
+                    break None;
+                }
+            }
+            _ = &mut renew => break None,
+            _ = stop.cancelled() => break None,
+        }
+    };
+    let accept = match accept {
+        Some(a) => Some(a),
+        None => ask_to_retire(&mut reader, ctx.cfg.relay_timeout).await,
+    };
+    if let Some(a) = accept {
+        // In use: no longer counted as warm; the pool refills at once.
+        drop(opened);
+        let (stream, leftover) = reader.into_parts();
+        super::accept::handle_pooled(a, hc, endpoint, ctx, (stream, leftover)).await;
+    }
+}
+
+/// Asks the relay to retire a pooled connection (a ping, its only message) and reads on:
+/// the relay answers with a Close, or, if a sender took the connection meanwhile, with that
+/// sender's `accept`, which is then served as usual.
+async fn ask_to_retire(
+    reader: &mut WsReader<crate::transport::Stream>,
+    limit: Duration,
+) -> Option<crate::proto::control::Accept> {
+    let mut w = WsWriter::new(reader.get_mut(), Role::Client);
+    w.send(true, crate::proto::frame::OpCode::Ping, b"retire").await.ok()?;
+    let answer = tokio::time::timeout(limit, reader.next_message(MAX_CONTROL_MESSAGE)).await;
+    match answer {
+        Ok(Ok(Some(Message::Text(t)))) => match control::decode(&t) {
+            Ok(Command::Accept(a)) => Some(a),
             _ => None,
         },
-        _ = tokio::time::sleep(RENEW_AFTER) => None,
-        _ = stop.cancelled() => None,
-    };
-    let (mut stream, leftover) = reader.into_parts();
-    match accept {
-        Some(a) => {
-            // In use: no longer counted as warm; the pool refills on its next tick.
-            drop(opened);
-            super::accept::handle_pooled(a, hc, endpoint, ctx, (stream, leftover)).await;
+        Ok(Ok(Some(Message::Close(_)))) => {
+            let mut w = WsWriter::new(reader.get_mut(), Role::Client);
+            let _ = tokio::time::timeout(Duration::from_secs(2), w.send_close(close_code::NORMAL, "")).await;
+            None
         }
-        None => {
-            let mut w = WsWriter::new(&mut stream, Role::Client);
-            let _ = tokio::time::timeout(Duration::from_secs(2), w.send_close(close_code::NORMAL, "renewing")).await;
-        }
+        _ => None,
     }
 }
 

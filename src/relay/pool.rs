@@ -134,12 +134,16 @@ impl Pool {
         Some((id, rx))
     }
 
-    fn unregister(&self, hc: &str, id: u64) {
+    /// Removes entry `id`; false if it was no longer there (a sender took it).
+    fn unregister(&self, hc: &str, id: u64) -> bool {
         let mut map = self.lock();
-        if let Some(list) = map.get_mut(&hc.to_lowercase()) {
-            list.retain(|w| w.id != id);
-            gauge(hc, list.len());
-        }
+        let Some(list) = map.get_mut(&hc.to_lowercase()) else {
+            return false;
+        };
+        let before = list.len();
+        list.retain(|w| w.id != id);
+        gauge(hc, list.len());
+        list.len() < before
     }
 
     /// Removes one live pooled connection of `hc` from the table (the oldest first).
@@ -214,7 +218,7 @@ pub(super) async fn serve(mut stream: Stream, mut inc: Incoming, req: HcRequest,
     ) {
         return;
     }
-    wait_for_claim(stream, inc, claimed, &ctx).await;
+    wait_for_claim(stream, inc, claimed, (&hc, id), &ctx).await;
 }
 
 /// Removes a pooled connection from the table when its task ends, however it ends.
@@ -230,30 +234,46 @@ async fn wait_for_claim(
     mut stream: Stream,
     inc: Incoming,
     claimed: oneshot::Receiver<oneshot::Sender<PooledLeg>>,
+    (hc, id): (&str, u64),
     ctx: &Ctx,
 ) {
     let mut buf = inc.buf;
+    let slot = inc.slot;
     let expired = tokio::time::sleep(MAX_IDLE);
     tokio::pin!(claimed, expired);
     let close = tokio::select! {
-        c = &mut claimed => match c {
-            Ok(reply) => {
-                if stream.park().is_ok() {
-                    let leg = PooledLeg { stream, leftover: buf, slot: inc.slot };
-                    reply.send(leg).ok();
-                }
-                return;
+        c = &mut claimed => {
+            if let Ok(reply) = c {
+                hand_over(stream, buf, slot, reply);
             }
-            Err(_) => return,
+            return;
+        }
+        // A pooled connection stays silent until claimed; the listener's one message
+        // (a ping) asks to retire it, EOF means it is gone. Cancel-safe: bytes stay in `buf`.
+        r = stream.read_buf(&mut buf) => match r {
+            Ok(0) | Err(_) => return,
+            Ok(_) => (close_code::NORMAL, "retired"),
         },
-        // A pooled connection stays silent until claimed: any byte (a Close when the
-        // listener renews it) or EOF ends it. Cancel-safe: bytes stay in `buf`.
-        _ = stream.read_buf(&mut buf) => return,
         _ = &mut expired => (close_code::NORMAL, "pooled connection expired"),
         _ = ctx.drain.cancelled() => (close_code::GOING_AWAY, "The relay is shutting down."),
     };
+    if !ctx.pool.unregister(hc, id) {
+        // A sender took it meanwhile: it serves that sender after all (the listener keeps
+        // reading after its retire request). What it sent is not tunnel data.
+        buf.clear();
+        if let Ok(Ok(reply)) = tokio::time::timeout(HANDOVER, claimed).await {
+            hand_over(stream, buf, slot, reply);
+        }
+        return;
+    }
     let bytes = frame::encode_frame(true, OpCode::Close, None, &frame::close_payload(close.0, close.1));
     let _ = tokio::time::timeout(Duration::from_secs(2), write_flush(&mut stream, &bytes)).await;
+}
+
+fn hand_over(mut stream: Stream, leftover: BytesMut, slot: super::limits::ConnSlot, reply: oneshot::Sender<PooledLeg>) {
+    if stream.park().is_ok() {
+        reply.send(PooledLeg { stream, leftover, slot }).ok();
+    }
 }
 
 /// Claims a pooled connection of `hc` for a sender on this worker; `None` when none is
