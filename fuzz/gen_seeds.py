@@ -385,6 +385,13 @@ def proxy_seeds():
     write("proxy_reply", "not-http", "SSH-2.0-OpenSSH_9.2\r\n")
 
 
+def extension_seeds():
+    write("extensions", "relay", "rendezvous-pool, early-data, head-timeout=10")
+    write("extensions", "early-only", "early-data")
+    write("extensions", "odd", "Early-Data , future-thing=3,head-timeout=x,,")
+    write("extensions", "timeout-alone", "head-timeout=30")
+
+
 if __name__ == "__main__":
     frame_seeds()
     mask_seeds()
@@ -396,3 +403,4 @@ if __name__ == "__main__":
     metadata_seeds()
     config_seeds()
     proxy_seeds()
+    extension_seeds()

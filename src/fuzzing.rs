@@ -47,6 +47,7 @@ pub const TARGETS: &[(&str, FuzzFn)] = &[
     ("config_hcm", config_hcm),
     ("config_bridge", config_bridge),
     ("proxy_reply", proxy_reply),
+    ("extensions", extensions),
 ];
 
 // ---------------------------------------------------------------------------------------
@@ -381,6 +382,22 @@ pub fn proxy_reply(data: &[u8]) {
     }
     if let Err(e) = &whole {
         let _ = e.to_string();
+    }
+}
+
+/// The relay's extension advertisement ([`crate::proto::extensions::Advertised::parse`]).
+///
+/// Invariant: what we would advertise for the parsed offer parses back to it (head-timeout
+/// travels only with an extension, as the relay sends it).
+pub fn extensions(data: &[u8]) {
+    use crate::proto::extensions::Advertised;
+    let Ok(text) = from_utf8(data) else {
+        return;
+    };
+    let a = Advertised::parse(Some(text));
+    match a.header_value() {
+        Some(v) => assert_eq!(Advertised::parse(Some(&v)), a),
+        None => assert!(!a.rendezvous_pool && !a.early_data),
     }
 }
 

@@ -512,6 +512,17 @@ async fn silently_dead_path_is_detected_by_pings_within_two_periods() {
     .await;
     let app = bridge.addrs[0];
     let procs = [&relay.proc, &hcm.proc, &bridge.proc];
+    // One tunnel first: after it the bridge keeps its warm connections to the relay (hyrelay
+    // extensions), which belong in the baseline.
+    let d = payload(100, 3);
+    assert!(
+        exchange(rns.connect(app).await.unwrap(), &d, Duration::from_secs(10))
+            .await
+            .unwrap()
+            == d
+    );
+    assert!(wait_until(Duration::from_secs(5), || async { echo.ended().len() == 1 }).await);
+    echo.ended.lock().unwrap().clear();
     let base = settled_fds(&procs).await;
 
     // A tunnel, idle for 2.5 periods: the pings keep it (and the control channel) up.

@@ -41,6 +41,9 @@ pub struct BridgeConfig {
     /// come from `HTTPS_PROXY`/`ALL_PROXY`/`NO_PROXY` when the command line starts the
     /// role) or directly. Default: directly.
     pub proxy: crate::transport::proxy::ProxyConfig,
+    /// Use the hyrelay extensions a relay advertises (warm connections, early data); off,
+    /// or against a relay that does not offer them, the standard protocol alone. Default: on.
+    pub extensions: bool,
     /// Timeout for reaching the relay and being accepted. Default: 40 s (the relay waits
     /// up to 30 s for a listener).
     pub relay_timeout: Duration,
@@ -67,6 +70,7 @@ impl BridgeConfig {
             runtime: crate::config::RuntimeSettings::default(),
             ca_files: Vec::new(),
             proxy: Default::default(),
+            extensions: true,
             relay_timeout: Duration::from_secs(40),
             token_ttl: Duration::from_secs(3600),
             ping_interval: Duration::from_secs(30),
@@ -126,6 +130,7 @@ impl BridgeConfig {
             drain_timeout: f.drain_timeout,
         })?;
         c.ca_files = f.ca_files;
+        c.extensions = f.extensions.unwrap_or(true);
         c.proxy = crate::transport::proxy::ProxyConfig::from_settings(f.proxy.as_deref(), f.no_proxy.as_deref())
             .context("field `proxy` / `no_proxy`")?;
         if let Some(p) = f.hosts_file {
@@ -215,6 +220,7 @@ pub struct BridgeFile {
     /// `http://[user:password@]host:port`.
     pub proxy: Option<String>,
     pub no_proxy: Option<Vec<String>>,
+    pub extensions: Option<bool>,
     pub hosts_file: Option<PathBuf>,
     /// Default connection string for forwards without their own.
     pub connection_string: Option<String>,

@@ -9,6 +9,7 @@
 //! there on the endpoint's own port, so the app connects to `db.corp.local:5432` unchanged.
 
 pub mod config;
+mod early;
 pub mod hosts;
 mod status;
 
@@ -39,6 +40,8 @@ struct ForwardRt {
     bound: SocketAddr,
     /// Ends this forward's accept loops (reload removed it, or the bridge drains).
     stop: CancellationToken,
+    /// hyrelay extensions: what the relay offered, and warm connections to it.
+    warm: Arc<early::Warm>,
     status: Arc<Mutex<status::ForwardStatus>>,
 }
 
@@ -86,6 +89,8 @@ struct BridgeCtx {
     shutdown: CancellationToken,
     /// App connections being served, for the drain.
     inflight: crate::dataplane::drain::InFlight,
+    /// How warm connections to the relay are opened (TLS, proxy).
+    dialer: Arc<early::Dialer>,
 }
 
 /// The set of forwards, changed by reloads.
@@ -185,6 +190,7 @@ impl Forwards {
                 cs: RwLock::new(f.connection_string.clone()),
                 bound: actual,
                 stop: self.drain.child_token(),
+                warm: Default::default(),
                 status: Arc::new(Mutex::new(status::ForwardStatus::default())),
             });
             let (ctx, rt2) = (self.ctx.clone(), rt.clone());
@@ -343,6 +349,10 @@ pub fn start(cfg: BridgeConfig) -> anyhow::Result<BridgeHandle> {
         tls: tls.clone(),
         shutdown: shutdown.clone(),
         inflight: inflight.clone(),
+        dialer: Arc::new(early::Dialer {
+            tls: tls.clone(),
+            proxy: cfg.proxy.clone(),
+        }),
     });
     crate::telemetry::metrics::announce("bridge", cfg.runtime.worker_count());
     let totals = Arc::new(crate::dataplane::flush::Totals::default());
@@ -475,18 +485,22 @@ fn transient(e: &ws::ConnectError) -> bool {
 }
 
 /// Opens the sender WebSocket for `hc`; a transient refusal is retried a few times
-/// (bounded, see [`RETRY_503`]).
+/// (bounded, see [`RETRY_503`]). App bytes already sent early ride along with every
+/// retry.
 async fn connect_with_retry(
+    fw: &ForwardRt,
     cs: &ConnectionString,
-    hc: &str,
     ctx: &BridgeCtx,
+    tcp: &mut TcpStream,
 ) -> Result<ws::ClientWs, ws::ConnectError> {
+    let hc = fw.hc.as_str();
     let mut waits = RETRY_503.iter();
+    let mut early_sent = Vec::new();
     loop {
         let token = client::token(cs, hc, ctx.cfg.token_ttl);
         let url = client::hc_url(cs, hc, "connect", &crate::proto::ids::new_id());
         let headers = [("ServiceBusAuthorization", token.as_str())];
-        match ws::connect_via(&url, Some(&ctx.tls), &ctx.cfg.proxy, &headers, ctx.cfg.relay_timeout).await {
+        match connect(fw, ctx, &url, &headers, tcp, &mut early_sent).await {
             Err(e) if transient(&e) => match waits.next() {
                 Some(wait) => {
                     tracing::debug!(hc, reason = %e, retry_in_ms = wait.as_millis() as u64, "relay busy; retrying the connect");
@@ -499,16 +513,42 @@ async fn connect_with_retry(
     }
 }
 
+/// Opens the sender WebSocket within the relay timeout: with early data (on a warm
+/// connection if one is ready) once the relay offered it, else the standard way.
+async fn connect(
+    fw: &ForwardRt,
+    ctx: &BridgeCtx,
+    url: &ws::WsUrl,
+    headers: &[(&str, &str)],
+    tcp: &mut TcpStream,
+    early_sent: &mut Vec<u8>,
+) -> Result<ws::ClientWs, ws::ConnectError> {
+    let relay = fw.connection_string().endpoint;
+    if !(ctx.cfg.extensions && fw.warm.early(&relay)) {
+        return ws::connect_via(url, Some(&ctx.tls), &ctx.cfg.proxy, headers, ctx.cfg.relay_timeout).await;
+    }
+    let mut with_opt_in = headers.to_vec();
+    with_opt_in.push((crate::proto::extensions::EARLY_HEADER, "1"));
+    let warm = fw.warm.take(&relay);
+    tokio::time::timeout(
+        ctx.cfg.relay_timeout,
+        early::connect(warm, url, &with_opt_in, tcp, &ctx.dialer, early_sent),
+    )
+    .await
+    .unwrap_or(Err(ws::ConnectError::Timeout(ctx.cfg.relay_timeout)))
+}
+
 /// One app connection: open the sender WebSocket and splice.
-async fn serve(tcp: TcpStream, peer: SocketAddr, fw: Arc<ForwardRt>, ctx: Arc<BridgeCtx>) {
+async fn serve(mut tcp: TcpStream, peer: SocketAddr, fw: Arc<ForwardRt>, ctx: Arc<BridgeCtx>) {
     let inflight = ctx.inflight.enter();
     crate::transport::sock::tune(&tcp);
+    fw.warm.served();
     let cs = fw.connection_string();
     metrics::counter!(crate::telemetry::metrics::BRIDGE_LOCAL_CONNECTIONS, "hc" => fw.hc.clone()).increment(1);
     fw.status.lock().unwrap_or_else(|e| e.into_inner()).local_connections += 1;
     let hc = fw.hc.as_str();
     let conn = tokio::select! {
-        c = connect_with_retry(&cs, hc, &ctx) => c,
+        c = connect_with_retry(&fw, &cs, &ctx, &mut tcp) => c,
         _ = ctx.shutdown.cancelled() => return,
     };
     let conn = match conn {
@@ -529,6 +569,18 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, fw: Arc<ForwardRt>, ctx: Arc<Br
         }
     };
     fw.record("ok", String::new());
+    if ctx.cfg.extensions && fw.warm.learn(&cs.endpoint, &conn.response) {
+        tracing::info!(hc, relay = %cs.endpoint.authority(), "the relay offers early data: keeping warm connections to it");
+        let relay = {
+            let fw = fw.clone();
+            move || fw.connection_string().endpoint
+        };
+        let maintaining = fw
+            .warm
+            .clone()
+            .maintain(fw.hc.clone(), relay, ctx.dialer.clone(), fw.stop.clone());
+        tokio::spawn(maintaining);
+    }
     tracing::debug!(event = "tunnel_open", hc, %peer, "tunnel open");
     let cfg = SpliceConfig {
         ping_interval: ctx.cfg.ping_interval,

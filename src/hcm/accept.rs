@@ -10,6 +10,7 @@ use super::state::DialStatus;
 use super::{HcRt, HcmCtx};
 use crate::dataplane::splice::{self, SpliceConfig};
 use crate::proto::control::Accept;
+use crate::proto::frame::Role;
 use crate::proto::metadata::HostPort;
 use crate::proto::sas::URI_COMPONENT;
 use crate::transport::ws::{self, ConnectError, WsUrl};
@@ -18,12 +19,10 @@ use crate::transport::ws::{self, ConnectError, WsUrl};
 pub(crate) async fn handle(a: Accept, hc: Arc<HcRt>, endpoint: HostPort, ctx: Arc<HcmCtx>) {
     let inflight = ctx.inflight.enter();
     let name = hc.entry.name().to_owned();
-    hc.update(|s| s.accepts += 1);
-    metrics::counter!(crate::telemetry::metrics::HCM_ACCEPTS, "hc" => name.clone()).increment(1);
+    count_accept(&hc);
     // Checked again here: the list is the last word whatever endpoint reached this task.
     if let Err(why) = super::channel::check_allowed(&endpoint, &ctx) {
-        record_dial(&hc, false, 0, why.clone());
-        tracing::warn!(event = "endpoint_not_allowed", hc = %name, %endpoint, "endpoint is not in allowed_endpoints; rejecting the sender");
+        not_allowed(&hc, &endpoint, &why);
         reject(&a, 403, &format!("hyrelay hcm: {why}"), &ctx).await;
         return;
     }
@@ -36,51 +35,15 @@ pub(crate) async fn handle(a: Accept, hc: Arc<HcRt>, endpoint: HostPort, ctx: Ar
     };
     // The endpoint dial and the connection to the relay (TCP, TLS) overlap; which request
     // goes out on the latter, accept or reject, waits for the dial's result.
-    let started = Instant::now();
-    let dialing = async {
-        let d = tokio::time::timeout(ctx.cfg.dial_timeout, ws::dial(&endpoint.host, endpoint.port)).await;
-        (d, started.elapsed())
-    };
     let opening = tokio::time::timeout(
         ctx.cfg.relay_timeout,
         ws::open_via(&url, Some(&ctx.tls), &ctx.cfg.proxy),
     );
-    let ((dialed, took), opened) = tokio::join!(dialing, opening);
+    let (dialed, opened) = tokio::join!(dial(&hc, &endpoint, &ctx), opening);
     let opened = opened.unwrap_or_else(|_| Err(ConnectError::Timeout(ctx.cfg.relay_timeout)));
-    let millis = took.as_millis() as u64;
-    metrics::histogram!(crate::telemetry::metrics::HCM_DIAL_SECONDS, "hc" => name.clone()).record(took.as_secs_f64());
-    let dial_result = match &dialed {
-        Ok(Ok(_)) => "ok",
-        Ok(Err(ConnectError::Resolve { .. })) => "dns",
-        Ok(Err(ConnectError::Connect { source, .. })) if source.kind() == std::io::ErrorKind::ConnectionRefused => {
-            "refused"
-        }
-        Ok(Err(_)) => "error",
-        Err(_) => "timeout",
-    };
-    metrics::counter!(crate::telemetry::metrics::HCM_DIALS, "hc" => name.clone(), "result" => dial_result).increment(1);
     let tcp = match dialed {
-        Ok(Ok(tcp)) => {
-            record_dial(&hc, true, millis, String::from("connected"));
-            tcp
-        }
-        failure => {
-            let (status, detail) = match failure {
-                Ok(Err(ConnectError::Resolve { source, .. })) => {
-                    (502, format!("cannot resolve {}: {source}", endpoint.host))
-                }
-                Ok(Err(ConnectError::Connect { source, .. })) => {
-                    (502, format!("cannot connect to {endpoint}: {source}"))
-                }
-                Ok(Err(e)) => (502, format!("cannot connect to {endpoint}: {e}")),
-                Ok(Ok(_)) => unreachable!("handled above"),
-                Err(_) => (
-                    504,
-                    format!("{endpoint} did not answer within {:?}", ctx.cfg.dial_timeout),
-                ),
-            };
-            record_dial(&hc, false, millis, detail.clone());
-            tracing::warn!(event = "endpoint_dial_failed", hc = %name, %endpoint, status, reason = %detail, "endpoint dial failed; rejecting the sender");
+        Ok(tcp) => tcp,
+        Err((status, detail)) => {
             reject_on(
                 opened.ok(),
                 &a,
@@ -116,16 +79,106 @@ pub(crate) async fn handle(a: Accept, hc: Arc<HcRt>, endpoint: HostPort, ctx: Ar
             return;
         }
     };
-    tracing::debug!(event = "accept", hc = %name, id = %a.id, %endpoint, "tunnel open");
+    splice_tunnel(&hc, a.id, (conn.stream, conn.leftover), tcp, &ctx, inflight);
+}
+
+/// Serves an `accept` that came on a pooled rendezvous connection (`hcm::pool`): the
+/// relay has joined it to the sender already, so it only needs the endpoint. If that
+/// cannot be reached, the tunnel is closed with 4000 + the status a rendezvous reject
+/// would have carried (4502, 4504, 4403) and the same description.
+pub(crate) async fn handle_pooled(
+    a: Accept,
+    hc: Arc<HcRt>,
+    endpoint: HostPort,
+    ctx: Arc<HcmCtx>,
+    (mut stream, leftover): (crate::transport::Stream, bytes::BytesMut),
+) {
+    let inflight = ctx.inflight.enter();
+    count_accept(&hc);
+    let failed = match super::channel::check_allowed(&endpoint, &ctx) {
+        Err(why) => {
+            not_allowed(&hc, &endpoint, &why);
+            Err((403, format!("hyrelay hcm: {why}")))
+        }
+        Ok(()) => dial(&hc, &endpoint, &ctx)
+            .await
+            .map_err(|(status, detail)| (status, format!("hyrelay hcm: endpoint {detail}"))),
+    };
+    match failed {
+        Ok(tcp) => splice_tunnel(&hc, a.id, (stream, leftover), tcp, &ctx, inflight),
+        Err((status, description)) => {
+            let mut w = ws::WsWriter::new(&mut stream, Role::Client);
+            let reason: String = description.chars().take(100).collect();
+            let _ = tokio::time::timeout(ctx.cfg.relay_timeout, w.send_close(4000 + status, &reason)).await;
+        }
+    }
+}
+
+fn count_accept(hc: &HcRt) {
+    hc.update(|s| s.accepts += 1);
+    metrics::counter!(crate::telemetry::metrics::HCM_ACCEPTS, "hc" => hc.entry.name().to_owned()).increment(1);
+}
+
+fn not_allowed(hc: &HcRt, endpoint: &HostPort, why: &str) {
+    record_dial(hc, false, 0, why.to_owned());
+    tracing::warn!(event = "endpoint_not_allowed", hc = %hc.entry.name(), %endpoint, "endpoint is not in allowed_endpoints; rejecting the sender");
+}
+
+/// Dials the endpoint within the dial timeout and records the result (status, metrics,
+/// log); a failure comes back as the status and description the sender should get.
+async fn dial(hc: &HcRt, endpoint: &HostPort, ctx: &HcmCtx) -> Result<tokio::net::TcpStream, (u16, String)> {
+    let name = hc.entry.name().to_owned();
+    let started = Instant::now();
+    let dialed = tokio::time::timeout(ctx.cfg.dial_timeout, ws::dial(&endpoint.host, endpoint.port)).await;
+    let took = started.elapsed();
+    let millis = took.as_millis() as u64;
+    metrics::histogram!(crate::telemetry::metrics::HCM_DIAL_SECONDS, "hc" => name.clone()).record(took.as_secs_f64());
+    let dial_result = match &dialed {
+        Ok(Ok(_)) => "ok",
+        Ok(Err(ConnectError::Resolve { .. })) => "dns",
+        Ok(Err(ConnectError::Connect { source, .. })) if source.kind() == std::io::ErrorKind::ConnectionRefused => {
+            "refused"
+        }
+        Ok(Err(_)) => "error",
+        Err(_) => "timeout",
+    };
+    metrics::counter!(crate::telemetry::metrics::HCM_DIALS, "hc" => name.clone(), "result" => dial_result).increment(1);
+    let (status, detail) = match dialed {
+        Ok(Ok(tcp)) => {
+            record_dial(hc, true, millis, String::from("connected"));
+            return Ok(tcp);
+        }
+        Ok(Err(ConnectError::Resolve { source, .. })) => (502, format!("cannot resolve {}: {source}", endpoint.host)),
+        Ok(Err(ConnectError::Connect { source, .. })) => (502, format!("cannot connect to {endpoint}: {source}")),
+        Ok(Err(e)) => (502, format!("cannot connect to {endpoint}: {e}")),
+        Err(_) => (
+            504,
+            format!("{endpoint} did not answer within {:?}", ctx.cfg.dial_timeout),
+        ),
+    };
+    record_dial(hc, false, millis, detail.clone());
+    tracing::warn!(event = "endpoint_dial_failed", hc = %name, %endpoint, status, reason = %detail, "endpoint dial failed; rejecting the sender");
+    Err((status, detail))
+}
+
+/// Splices the relay side (`ws`: the stream and bytes read past its handshake) to the
+/// endpoint on this worker until the tunnel ends.
+fn splice_tunnel(
+    hc: &Arc<HcRt>,
+    id: String,
+    (stream, leftover): (crate::transport::Stream, bytes::BytesMut),
+    tcp: tokio::net::TcpStream,
+    ctx: &HcmCtx,
+    inflight: crate::dataplane::drain::InFlightGuard,
+) {
+    let name = hc.entry.name().to_owned();
+    tracing::debug!(event = "accept", hc = %name, id = %id, "tunnel open");
     hc.update(|s| s.active_tunnels += 1);
     let cfg = SpliceConfig {
         ping_interval: ctx.cfg.ping_interval,
         max_frame: ctx.cfg.max_frame,
         tcp_side: splice::TcpSide::Endpoint,
     };
-    let id = a.id;
-    let stream = conn.stream;
-    let leftover = conn.leftover;
     let done = {
         let (hc, name) = (hc.clone(), name.clone());
         move |stats: splice::SpliceStats| {

@@ -220,7 +220,7 @@ async fn serve_session(hc: &Arc<HcRt>, ctx: &Arc<HcmCtx>, connected: &mut Option
     }
     let ttl = ctx.cfg.token_ttl;
     let token = client::token(cs, entry.name(), ttl);
-    let url = client::hc_url(cs, entry.name(), "listen", &crate::proto::ids::new_id());
+    let url = client::hc_url(cs, entry.name(), "listen", &hc.listener_id);
     let auth = [("ServiceBusAuthorization", token.as_str())];
     let connect = ws::connect_via(&url, Some(&ctx.tls), &ctx.cfg.proxy, &auth, ctx.cfg.relay_timeout);
     let conn = match tokio::select! {
@@ -237,6 +237,8 @@ async fn serve_session(hc: &Arc<HcRt>, ctx: &Arc<HcmCtx>, connected: &mut Option
         }
     };
     *connected = Some(Instant::now());
+    // hyrelay extension: pooled rendezvous connections while this session lasts.
+    let _pool = super::pool::start_if_offered(hc, ctx, &endpoint, &conn.response);
     hc.set_state(ChannelState::Connected);
     hc.update(|s| {
         s.last_error = None;

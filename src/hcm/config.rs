@@ -69,6 +69,10 @@ pub struct HcmConfig {
     /// come from `HTTPS_PROXY`/`ALL_PROXY`/`NO_PROXY` when the command line starts the
     /// role) or directly. Default: directly.
     pub proxy: crate::transport::proxy::ProxyConfig,
+    /// Use the hyrelay extensions a relay advertises (a pool of pre-opened rendezvous
+    /// connections); off, or against a relay that does not offer them, the standard
+    /// protocol alone. Default: on.
+    pub extensions: bool,
     /// Timeout for dialing an endpoint. Default: 10 s.
     pub dial_timeout: Duration,
     /// Timeout for reaching the relay (TCP, TLS, upgrade). Default: 20 s.
@@ -105,6 +109,7 @@ impl HcmConfig {
             runtime: crate::config::RuntimeSettings::default(),
             ca_files: Vec::new(),
             proxy: Default::default(),
+            extensions: true,
             dial_timeout: Duration::from_secs(10),
             relay_timeout: Duration::from_secs(20),
             token_ttl: Duration::from_secs(3600),
@@ -130,6 +135,7 @@ impl HcmConfig {
             drain_timeout: f.drain_timeout,
         })?;
         c.ca_files = f.ca_files;
+        c.extensions = f.extensions.unwrap_or(true);
         c.proxy = crate::transport::proxy::ProxyConfig::from_settings(f.proxy.as_deref(), f.no_proxy.as_deref())
             .context("field `proxy` / `no_proxy`")?;
         for (field, slot, v) in [
@@ -192,6 +198,7 @@ pub struct HcmFile {
     /// `http://[user:password@]host:port`.
     pub proxy: Option<String>,
     pub no_proxy: Option<Vec<String>>,
+    pub extensions: Option<bool>,
     #[serde(default, deserialize_with = "opt_duration")]
     pub dial_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "opt_duration")]

@@ -11,6 +11,7 @@ pub mod accept;
 pub mod allow;
 pub mod channel;
 pub mod config;
+pub mod pool;
 pub mod state;
 pub mod status;
 
@@ -31,6 +32,10 @@ pub(crate) struct HcRt {
     pub status: Mutex<HcStatus>,
     /// Stops the control channel (tunnels keep running).
     pub stop: CancellationToken,
+    /// This listener's `sb-hc-id`, the same on every control channel it opens and on its
+    /// pooled rendezvous connections, so the relay knows which listener a pooled
+    /// connection belongs to (and balances senders over listeners, not connections).
+    pub listener_id: String,
 }
 
 impl HcRt {
@@ -39,6 +44,7 @@ impl HcRt {
             status: Mutex::new(HcStatus::new(&entry)),
             entry,
             stop: CancellationToken::new(),
+            listener_id: crate::proto::ids::new_id(),
         }
     }
 

@@ -6,6 +6,7 @@
 pub mod address;
 pub mod connstr;
 pub mod control;
+pub mod extensions;
 pub mod frame;
 pub mod handshake;
 pub mod host;

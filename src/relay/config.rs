@@ -98,6 +98,9 @@ pub struct RelayConfig {
     /// Membership of a relay cluster sharing its state through Redis (`[cluster]`,
     /// `--redis`). Default: none, a single node with its own state file.
     pub cluster: Option<super::cluster::ClusterConfig>,
+    /// hyrelay-to-hyrelay extensions (README "Extensions"): advertised to clients and
+    /// honoured when our hcm and bridge opt in. Default: on.
+    pub extensions: bool,
 }
 
 impl RelayConfig {
@@ -129,6 +132,7 @@ impl RelayConfig {
             auth_failure_window: Duration::from_secs(60),
             auth_max_delay: Duration::from_secs(5),
             cluster: None,
+            extensions: true,
         }
     }
 
@@ -168,6 +172,7 @@ impl RelayConfig {
             admin: f.admin.as_deref(),
             drain_timeout: f.drain_timeout,
         })?;
+        c.extensions = f.extensions.unwrap_or(true);
         let l = f.listeners;
         if let Some(n) = l.max_per_hybrid_connection {
             if n == 0 {
@@ -310,6 +315,7 @@ pub struct RelayFile {
     pub workers: Option<usize>,
     pub buffer_budget_mib: Option<usize>,
     pub io_backend: Option<crate::config::IoBackend>,
+    pub extensions: Option<bool>,
     #[serde(default)]
     pub tls: TlsFile,
     #[serde(default)]

@@ -118,6 +118,9 @@ async fn route(mut stream: Stream, inc: Incoming, ctx: Arc<Ctx>) {
                 return respond(&mut stream, 400, "A WebSocket upgrade is required on /$hc/", "").await;
             }
             match req.action {
+                Some(Action::Listen) if super::pool::is_pool_request(&inc.head) => {
+                    super::pool::serve(stream, inc, req, ctx).await
+                }
                 Some(Action::Listen) => super::listener::serve(stream, inc, req, ctx).await,
                 Some(Action::Connect) => super::sender::serve_connect(stream, inc, req, ctx).await,
                 Some(Action::Accept) => super::sender::serve_accept(stream, inc, req, ctx).await,

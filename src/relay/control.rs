@@ -295,6 +295,13 @@ impl Ctl {
         Err(if busy { Refusal::Busy } else { Refusal::NoListener })
     }
 
+    /// The tunnel count of the listener of `hc` on this node whose `sb-hc-id` is `id`.
+    pub fn listener_load(&self, hc: &str, id: &str) -> Option<Arc<AtomicUsize>> {
+        let reg = self.reg();
+        let rt = reg.live.get(&hc.to_lowercase())?;
+        rt.listeners.iter().find(|l| l.info.id == id).map(|l| l.load.clone())
+    }
+
     /// Hands listener `key` of `hc` on this node a command another node sent (cluster
     /// routing). `Err` is the reason word for the answer.
     pub fn deliver_local(&self, hc: &str, key: u64, text: String, body: Option<Vec<u8>>) -> Result<(), &'static str> {
@@ -358,6 +365,14 @@ impl Ctl {
             .remove(secret)
             .filter(|p| p.deadline > Instant::now())
             .map(|p| p.tx)
+    }
+
+    /// The active-tunnel counter and deletion token of `entity`, while it has live state
+    /// (for tunnels joined outside [`Ctl::connect`], like pooled rendezvous).
+    pub fn entity_handles(&self, entity: &str) -> Option<(Arc<AtomicUsize>, CancellationToken)> {
+        let reg = self.reg();
+        let rt = reg.live.get(&entity.to_lowercase())?;
+        Some((rt.tunnels.clone(), rt.gone.clone()))
     }
 
     /// Records a sender connect's result for status.
@@ -978,26 +993,30 @@ fn encode_accept(req: &ConnectReq, address: String, tracking_id: &str) -> Result
 
 /// The candidate (a listener on another node) to try next, by the balance rule.
 fn pick_candidate(c: &[super::cluster::presence::Candidate], balance: Balance) -> usize {
+    let loads: Vec<Option<usize>> = c.iter().map(|x| Some(x.load as usize)).collect();
+    choose_by(balance, &loads)
+}
+
+/// The index `balance` picks among items with these loads (`None`: not known here, counted
+/// as idle): random, or the least loaded with ties broken at random.
+pub(crate) fn choose_by(balance: Balance, loads: &[Option<usize>]) -> usize {
     match balance {
-        Balance::Random => rand::random_range(0..c.len()),
+        Balance::Random => rand::random_range(0..loads.len().max(1)),
         Balance::LeastLoaded => {
-            let min = c.iter().map(|x| x.load).min().unwrap_or(0);
-            let best: Vec<usize> = (0..c.len()).filter(|&i| c[i].load == min).collect();
-            best[rand::random_range(0..best.len())]
+            let load = |i: usize| loads[i].unwrap_or(0);
+            let min = (0..loads.len()).map(load).min().unwrap_or(0);
+            let best: Vec<usize> = (0..loads.len()).filter(|&i| load(i) == min).collect();
+            best.get(rand::random_range(0..best.len().max(1))).copied().unwrap_or(0)
         }
     }
 }
 
 fn pick(listeners: &[ListenerRt], candidates: &[usize], balance: Balance) -> usize {
-    match balance {
-        Balance::Random => rand::random_range(0..candidates.len()),
-        Balance::LeastLoaded => {
-            let load = |i: usize| listeners[candidates[i]].load.load(Ordering::Relaxed);
-            let min = (0..candidates.len()).map(load).min().unwrap_or(0);
-            let best: Vec<usize> = (0..candidates.len()).filter(|&i| load(i) == min).collect();
-            best[rand::random_range(0..best.len())]
-        }
-    }
+    let loads: Vec<Option<usize>> = candidates
+        .iter()
+        .map(|&i| Some(listeners[i].load.load(Ordering::Relaxed)))
+        .collect();
+    choose_by(balance, &loads)
 }
 
 /// `{base}/$hc/{path}?{app query&}sb-hc-action=accept&sb-hc-id={id}&sb-hc-rid={secret}`.

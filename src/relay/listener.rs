@@ -100,7 +100,10 @@ pub(super) async fn serve(mut stream: Stream, mut inc: Incoming, req: HcRequest,
     };
     let upgrade_written = tokio::time::timeout(
         ctx.cfg.handshake_timeout,
-        super::conn::write_flush(&mut stream, &handshake::switching_protocols(&upgrade.key, None)),
+        super::conn::write_flush(
+            &mut stream,
+            &ctx.pool.advertise(handshake::switching_protocols(&upgrade.key, None)),
+        ),
     )
     .await;
     if !matches!(upgrade_written, Ok(Ok(()))) {

@@ -17,6 +17,7 @@ pub mod control;
 pub mod limits;
 mod listener;
 pub mod mgmt;
+mod pool;
 mod sender;
 mod status;
 pub mod store;
@@ -50,6 +51,8 @@ pub(crate) struct Ctx {
     pub throttle: throttle::AuthThrottle,
     /// The host names tokens must be scoped to ([`answers_to`]).
     pub audience: auth::Audience,
+    /// Pooled rendezvous connections and the extensions advertised ([`pool`]).
+    pub pool: pool::Pool,
 }
 
 impl Ctx {
@@ -325,6 +328,7 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
             max_delay: cfg.auth_max_delay,
         }),
         audience,
+        pool: pool::Pool::new(cfg.extensions, cfg.handshake_timeout),
     });
     let admission = ctx.admission.clone();
     crate::dataplane::serve(&workers, listeners, drain.clone(), move |tcp, peer| {

@@ -21,7 +21,7 @@ use crate::proto::sas::{Rights, unix_now};
 use crate::transport::Stream;
 
 /// Headers never forwarded to a listener in `connectHeaders`.
-const STRIPPED: &[&str] = &["ServiceBusAuthorization"];
+const STRIPPED: &[&str] = &["ServiceBusAuthorization", crate::proto::extensions::EARLY_HEADER];
 
 /// Most bytes a sender may send before its upgrade is answered.
 const EARLY_BYTES_LIMIT: usize = 64 * 1024;
@@ -73,6 +73,15 @@ pub(super) async fn serve_connect(mut stream: Stream, mut inc: Incoming, req: Hc
             .collect(),
     )
     .merged();
+    // hyrelay extension: an opted-in sender (our bridge) gets a pooled rendezvous if one
+    // waits; everyone else, and everyone when none waits, goes the standard way.
+    if super::pool::sender_opted_in(&inc.head)
+        && ctx.pool.enabled()
+        && let Some((leg, listener_load)) = super::pool::take(&ctx, &entity_name).await
+    {
+        let accept = (req.id.clone().unwrap_or_else(crate::proto::ids::new_id), headers);
+        return join_pooled(stream, inc, upgrade, accept, (leg, listener_load), &entity_name, &ctx).await;
+    }
     let connect = ConnectReq {
         entity: entity_name.clone(),
         raw_path: req.raw_path.clone(),
@@ -146,6 +155,73 @@ pub(super) async fn serve_connect(mut stream: Stream, mut inc: Incoming, req: Hc
     }
 }
 
+/// Answers an opted-in sender from a pooled rendezvous connection (`relay::pool`): the
+/// `accept` goes to the pooled connection, the 101 to the sender, and the tunnel starts at
+/// once, so frames the sender sent early follow the `accept` without a wait.
+async fn join_pooled(
+    mut stream: Stream,
+    inc: Incoming,
+    upgrade: handshake::Upgrade,
+    (tracking_id, headers): (String, Vec<(String, String)>),
+    (mut leg, listener_load): (super::pool::PooledLeg, Option<Arc<std::sync::atomic::AtomicUsize>>),
+    entity: &str,
+    ctx: &Ctx,
+) {
+    let started = std::time::Instant::now();
+    let Some((tunnels, gone)) = ctx.ctl.entity_handles(entity) else {
+        count_connect(
+            ctx,
+            Some(entity),
+            "no_listener",
+            "the hybrid connection has no live state",
+        );
+        return respond(
+            &mut stream,
+            404,
+            "There are no listeners connected for the endpoint.",
+            "",
+        )
+        .await;
+    };
+    let side = super::pool::SenderSide {
+        stream: &mut stream,
+        upgrade: &upgrade,
+        tracking_id,
+        headers,
+        remote: inc.peer,
+    };
+    if super::pool::greet(side, &mut leg, ctx).await.is_err() {
+        count_connect(
+            ctx,
+            Some(entity),
+            "abandoned",
+            "the pooled rendezvous or the sender failed",
+        );
+        return;
+    }
+    count_connect(ctx, Some(entity), "accepted", "");
+    metrics::counter!(crate::telemetry::metrics::RELAY_POOLED, "hc" => entity.to_owned()).increment(1);
+    metrics::histogram!(crate::telemetry::metrics::RELAY_RENDEZVOUS_SECONDS, "hc" => entity.to_owned())
+        .record(started.elapsed().as_secs_f64());
+    tracing::debug!(event = "tunnel_open", hc = %entity, peer = %inc.peer, pooled = true, "tunnel open");
+    super::tunnel::spawn(
+        entity,
+        inc.peer,
+        (stream, inc.buf),
+        (leg.stream, leg.leftover),
+        ctx.cfg.max_frame,
+        &gone,
+        &ctx.shutdown,
+        // The tunnel counts against its listener's load, as a standard one does.
+        (
+            inc.slot,
+            leg.slot,
+            Counted::new(&tunnels),
+            listener_load.as_ref().map(Counted::new),
+        ),
+    );
+}
+
 /// Counts a sender connect's result (metric, and the hybrid connection's status).
 /// `hc` is `None` when the path named no hybrid connection: the peer's text is never a label.
 fn count_connect(ctx: &Ctx, hc: Option<&str>, result: &'static str, detail: &str) {
@@ -215,7 +291,8 @@ async fn join(
     }
     if let Err(e) = write_flush(
         &mut sender.stream,
-        &handshake::switching_protocols(&sender.key, protocol),
+        &ctx.pool
+            .advertise(handshake::switching_protocols(&sender.key, protocol)),
     )
     .await
     {

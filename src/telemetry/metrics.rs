@@ -32,6 +32,7 @@ pub const RELAY_SENDER_CONNECTS: &str = "hyrelay_relay_sender_connects_total";
 pub const RELAY_RENDEZVOUS_SECONDS: &str = "hyrelay_relay_rendezvous_seconds";
 pub const RELAY_CONTROL_CLOSED: &str = "hyrelay_relay_control_channels_closed_total";
 pub const RELAY_TOKEN_RENEWALS: &str = "hyrelay_relay_token_renewals_total";
+pub const RELAY_POOLED: &str = "hyrelay_relay_pooled_rendezvous_total";
 pub const HCM_CHANNEL_UP: &str = "hyrelay_hcm_control_channel_up";
 pub const HCM_RECONNECTS: &str = "hyrelay_hcm_reconnects_total";
 pub const HCM_ACCEPTS: &str = "hyrelay_hcm_accepts_total";
@@ -41,6 +42,12 @@ pub const BRIDGE_LOCAL_CONNECTIONS: &str = "hyrelay_bridge_local_connections_tot
 pub const BRIDGE_RELAY_CONNECTS: &str = "hyrelay_bridge_relay_connects_total";
 pub const WORKERS: &str = "hyrelay_workers";
 pub const BUILD_INFO: &str = "hyrelay_build_info";
+
+/// `hyrelay_{role}_warm_connections`: connections opened ahead of the tunnels that will
+/// use them (hyrelay extensions).
+pub fn warm_connections(role: &str) -> String {
+    format!("hyrelay_{role}_warm_connections")
+}
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -74,6 +81,10 @@ fn describe() {
     );
     describe_counter!(RELAY_CONTROL_CLOSED, "Listener control channels closed, by reason.");
     describe_counter!(RELAY_TOKEN_RENEWALS, "renewToken messages from listeners, by result.");
+    describe_counter!(
+        RELAY_POOLED,
+        "Senders joined to a pooled rendezvous connection (hyrelay extension), per hybrid connection."
+    );
     describe_gauge!(
         HCM_CHANNEL_UP,
         "1 while the hcm's control channel for the hybrid connection is up."
@@ -94,6 +105,10 @@ fn describe() {
             "Payload bytes relayed, per hybrid connection and direction (up = towards the endpoint)."
         );
         describe_counter!(tunnels_total(role), "Tunnels opened, per hybrid connection.");
+        describe_gauge!(
+            warm_connections(role),
+            "Connections opened ahead of their tunnels, per hybrid connection (relay: pooled rendezvous waiting; hcm: pooled rendezvous open; bridge: relay connections with TCP and TLS done)."
+        );
     }
     describe_gauge!(POOL_IN_USE, "Bytes of pooled data-plane buffers in use, per worker.");
     describe_gauge!(POOL_BUDGET, "Budget of pooled data-plane buffers in bytes, per worker.");

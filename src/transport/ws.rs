@@ -159,6 +159,12 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
     pub fn has_buffered(&self) -> bool {
         !self.buf.is_empty()
     }
+
+    /// The stream and the bytes read past the last item, for a caller that takes over the
+    /// connection (a partial message in progress is dropped).
+    pub fn into_parts(self) -> (R, BytesMut) {
+        (self.io, self.buf)
+    }
 }
 
 /// Checks `buf[valid..]` as UTF-8 and returns the new count of valid bytes. A sequence cut
@@ -568,13 +574,10 @@ pub async fn open_via(
 
 /// Sends the upgrade request for `url` on an open `stream` and reads the answer.
 pub async fn upgrade(mut stream: Stream, url: &WsUrl, headers: &[(&str, &str)]) -> Result<ClientWs, ConnectError> {
-    let key = handshake::new_key();
-    let req = handshake::client_request(&url.host_header(), &url.target, &key, headers);
-    stream.write_all(&req).await?;
-    stream.flush().await?;
+    let key = send_upgrade(&mut stream, url, headers).await?;
     let mut buf = BytesMut::with_capacity(4096);
     let (response, used) = loop {
-        if let Some(r) = handshake::parse_response(&buf, handshake::DEFAULT_MAX_HEAD)? {
+        if let Some(r) = parse_answer(&buf)? {
             break r;
         }
         buf.reserve(4096);
@@ -582,6 +585,32 @@ pub async fn upgrade(mut stream: Stream, url: &WsUrl, headers: &[(&str, &str)]) 
             return Err(ConnectError::Io(io::ErrorKind::UnexpectedEof.into()));
         }
     };
+    finish_upgrade(stream, buf, response, used, &key)
+}
+
+/// Writes the upgrade request for `url`; returns its `Sec-WebSocket-Key`.
+pub async fn send_upgrade(stream: &mut Stream, url: &WsUrl, headers: &[(&str, &str)]) -> Result<String, ConnectError> {
+    let key = handshake::new_key();
+    let req = handshake::client_request(&url.host_header(), &url.target, &key, headers);
+    stream.write_all(&req).await?;
+    stream.flush().await?;
+    Ok(key)
+}
+
+/// The server's answer head in `buf`, if complete.
+pub fn parse_answer(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, ConnectError> {
+    Ok(handshake::parse_response(buf, handshake::DEFAULT_MAX_HEAD)?)
+}
+
+/// Checks the answer (`used` bytes of `buf`) to the request with `key`: 101 and the right
+/// `Sec-WebSocket-Accept`.
+pub fn finish_upgrade(
+    stream: Stream,
+    mut buf: BytesMut,
+    response: ResponseHead,
+    used: usize,
+    key: &str,
+) -> Result<ClientWs, ConnectError> {
     let _ = buf.split_to(used);
     if response.status != 101 {
         return Err(ConnectError::Rejected {
@@ -589,7 +618,7 @@ pub async fn upgrade(mut stream: Stream, url: &WsUrl, headers: &[(&str, &str)]) 
             reason: response.reason.clone(),
         });
     }
-    if response.headers.get("Sec-WebSocket-Accept").map(str::trim) != Some(handshake::accept_key(&key).as_str()) {
+    if response.headers.get("Sec-WebSocket-Accept").map(str::trim) != Some(handshake::accept_key(key).as_str()) {
         return Err(ConnectError::BadAccept);
     }
     Ok(ClientWs {

@@ -1,0 +1,233 @@
+//! The hcm's side of the rendezvous-pool extension (`proto::extensions`): per hybrid
+//! connection, a few pre-opened, authenticated rendezvous connections, so a sender the
+//! relay hands to one of them does not wait for the hcm's TCP and TLS to the relay.
+//!
+//! The pool runs only while the control channel is up and its 101 advertised
+//! `rendezvous-pool` (and the config's `extensions` is on); against any other relay the hcm
+//! uses the standard protocol alone. Each pooled connection is a `listen` upgrade with
+//! `X-Hyrelay-Pool: 1` and a fresh Listen token; it waits for one `accept` text frame, then
+//! is the tunnel ([`super::accept::handle_pooled`]). It is closed and replaced after
+//! [`RENEW_AFTER`], well before the relay's idle limit (120 s) and any token expiry.
+//!
+//! Size: two more than a quarter of the accepts of the last second, at most [`MAX`];
+//! re-evaluated every [`TICK`] and whenever a pooled connection is used (so it is replaced
+//! at once); surplus connections are closed as the rate falls. A burst larger than the pool is served the standard way
+//! meanwhile, and the pool refills behind it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::{HcRt, HcmCtx};
+use crate::client;
+use crate::proto::control::{self, Command, MAX_CONTROL_MESSAGE};
+use crate::proto::extensions::{ADVERTISE_HEADER, Advertised, POOL_HEADER};
+use crate::proto::frame::{Role, close_code};
+use crate::proto::metadata::HostPort;
+use crate::transport::ws::{self, Message, WsReader, WsWriter};
+
+/// Pooled connections kept at least (while the pool runs): two, so one is ready while the
+/// other's replacement is being opened.
+pub const MIN: usize = 2;
+/// Pooled connections kept at most per hybrid connection.
+pub const MAX: usize = 32;
+/// A pooled connection is replaced after this long unused.
+pub const RENEW_AFTER: Duration = Duration::from_secs(60);
+/// How often the size is re-evaluated and the pool refilled.
+pub const TICK: Duration = Duration::from_millis(250);
+
+/// The pool size for `per_second` accepts in the last second.
+pub fn target(per_second: u64) -> usize {
+    (per_second as usize / 4 + 1).clamp(MIN, MAX)
+}
+
+/// Starts the pool of `hc` on this (control) runtime if the relay's control-channel 101
+/// (`answer`) advertised it and the config allows; it runs until the guard drops.
+pub(crate) fn start_if_offered(
+    hc: &Arc<HcRt>,
+    ctx: &Arc<HcmCtx>,
+    endpoint: &HostPort,
+    answer: &crate::proto::handshake::ResponseHead,
+) -> Option<tokio_util::sync::DropGuard> {
+    let offered = Advertised::parse(answer.headers.get(ADVERTISE_HEADER));
+    if !(ctx.cfg.extensions && offered.rendezvous_pool) {
+        return None;
+    }
+    let stop = CancellationToken::new();
+    tokio::spawn(run(hc.clone(), ctx.clone(), endpoint.clone(), stop.clone()));
+    Some(stop.drop_guard())
+}
+
+/// Keeps the pool of `hc` filled until `stop` (the control channel's session ended).
+async fn run(hc: Arc<HcRt>, ctx: Arc<HcmCtx>, endpoint: HostPort, stop: CancellationToken) {
+    let open = Arc::new(AtomicUsize::new(0));
+    let used = Arc::new(tokio::sync::Notify::new());
+    let retire = Arc::new(Retire::default());
+    let name = hc.entry.name().to_owned();
+    let mut tick = tokio::time::interval(TICK);
+    let mut window = std::collections::VecDeque::with_capacity(8);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = used.notified() => {}
+            _ = stop.cancelled() => break,
+        }
+        // Accepts in the last second, from the counter's value one second ago.
+        let total = hc.snapshot().accepts;
+        window.push_back(total);
+        if window.len() > (Duration::from_secs(1).as_millis() / TICK.as_millis()) as usize {
+            window.pop_front();
+        }
+        let want = target(total - window.front().copied().unwrap_or(total));
+        let now_open = open.load(Ordering::Relaxed);
+        retire.ask(now_open.saturating_sub(want));
+        while open.load(Ordering::Relaxed) < want {
+            open.fetch_add(1, Ordering::Relaxed);
+            let guard = Opened(open.clone(), used.clone());
+            let (hc, ctx, ep, stop, retire) = (hc.clone(), ctx.clone(), endpoint.clone(), stop.clone(), retire.clone());
+            ctx.workers
+                .clone()
+                .spawn(move || pooled(hc, ctx, ep, stop, retire, guard));
+        }
+        gauge(&name, open.load(Ordering::Relaxed));
+    }
+    gauge(&name, 0);
+}
+
+fn gauge(hc: &str, n: usize) {
+    metrics::gauge!(crate::telemetry::metrics::warm_connections("hcm"), "hc" => hc.to_owned()).set(n as f64);
+}
+
+/// Surplus pooled connections to close: waiting ones take a ticket each and close.
+#[derive(Default)]
+struct Retire {
+    tickets: AtomicUsize,
+    wake: tokio::sync::Notify,
+}
+
+impl Retire {
+    /// Asks `n` waiting connections (none when 0) to close.
+    fn ask(&self, n: usize) {
+        self.tickets.store(n, Ordering::Relaxed);
+        if n > 0 {
+            self.wake.notify_waiters();
+        }
+    }
+
+    /// Takes a ticket if one is left.
+    fn take(&self) -> bool {
+        self.tickets
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| t.checked_sub(1))
+            .is_ok()
+    }
+}
+
+/// Counts a pooled connection as open until it is used or gone; then wakes the pool.
+struct Opened(Arc<AtomicUsize>, Arc<tokio::sync::Notify>);
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.1.notify_one();
+    }
+}
+
+/// One pooled connection: open it, wait for its `accept` (or renewal, or stop).
+async fn pooled(
+    hc: Arc<HcRt>,
+    ctx: Arc<HcmCtx>,
+    endpoint: HostPort,
+    stop: CancellationToken,
+    retire: Arc<Retire>,
+    opened: Opened,
+) {
+    let entry = &hc.entry;
+    let cs = &entry.connection_string;
+    let token = client::token(cs, entry.name(), ctx.cfg.token_ttl);
+    let url = client::hc_url(cs, entry.name(), "listen", &hc.listener_id);
+    let headers = [("ServiceBusAuthorization", token.as_str()), (POOL_HEADER, "1")];
+    let conn = tokio::select! {
+        c = ws::connect_via(&url, Some(&ctx.tls), &ctx.cfg.proxy, &headers, ctx.cfg.relay_timeout) => c,
+        _ = stop.cancelled() => return,
+    };
+    let conn = match conn {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(hc = %entry.name(), error = %e, "cannot open a pooled rendezvous connection");
+            // Do not spin against a relay that refuses: the next tick retries.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            return;
+        }
+    };
+    let mut reader = WsReader::new(conn.stream, conn.leftover, Role::Client, MAX_CONTROL_MESSAGE as u64);
+    let renew = tokio::time::sleep(RENEW_AFTER);
+    tokio::pin!(renew);
+    let accept = loop {
+        tokio::select! {
+            // Cancel-safe: the reader keeps its state.
+            m = reader.next_message(MAX_CONTROL_MESSAGE) => break match m {
+                Ok(Some(Message::Text(t))) => match control::decode(&t) {
+                    Ok(Command::Accept(a)) => Some(a),
+                    _ => None,
+                },
+                _ => None,
+            },
+            _ = retire.wake.notified() => {
+                if retire.take() {
+                    break None;
+                }
+            }
+            _ = &mut renew => break None,
+            _ = stop.cancelled() => break None,
+        }
+    };
+    let accept = match accept {
+        Some(a) => Some(a),
+        None => ask_to_retire(&mut reader, ctx.cfg.relay_timeout).await,
+    };
+    if let Some(a) = accept {
+        // In use: no longer counted as warm; the pool refills at once.
+        drop(opened);
+        let (stream, leftover) = reader.into_parts();
+        super::accept::handle_pooled(a, hc, endpoint, ctx, (stream, leftover)).await;
+    }
+}
+
+/// Asks the relay to retire a pooled connection (a ping, its only message) and reads on:
+/// the relay answers with a Close, or, if a sender took the connection meanwhile, with that
+/// sender's `accept`, which is then served as usual.
+async fn ask_to_retire(
+    reader: &mut WsReader<crate::transport::Stream>,
+    limit: Duration,
+) -> Option<crate::proto::control::Accept> {
+    let mut w = WsWriter::new(reader.get_mut(), Role::Client);
+    w.send(true, crate::proto::frame::OpCode::Ping, b"retire").await.ok()?;
+    let answer = tokio::time::timeout(limit, reader.next_message(MAX_CONTROL_MESSAGE)).await;
+    match answer {
+        Ok(Ok(Some(Message::Text(t)))) => match control::decode(&t) {
+            Ok(Command::Accept(a)) => Some(a),
+            _ => None,
+        },
+        Ok(Ok(Some(Message::Close(_)))) => {
+            let mut w = WsWriter::new(reader.get_mut(), Role::Client);
+            let _ = tokio::time::timeout(Duration::from_secs(2), w.send_close(close_code::NORMAL, "")).await;
+            None
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_follows_the_accept_rate_within_bounds() {
+        assert_eq!(target(0), 2);
+        assert_eq!(target(3), 2);
+        assert_eq!(target(40), 11);
+        assert_eq!(target(10_000), MAX);
+    }
+}

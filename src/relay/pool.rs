@@ -1,0 +1,452 @@
+//! The relay's side of the hyrelay extensions (`proto::extensions`): pooled rendezvous
+//! connections and early data, advertised on every 101 this relay sends.
+//!
+//! A pooled connection is a `listen` upgrade with `X-Hyrelay-Pool: 1`: authenticated with a
+//! Listen token for its hybrid connection exactly like a control channel, answered with
+//! 101, then held silent ([`serve`]). A sender that opted in (`X-Hyrelay-Early: 1`, our
+//! bridge) takes one ([`take`]); the relay writes the `accept` JSON to it as one text
+//! frame, answers the sender's upgrade and joins the two into a tunnel at once, so the
+//! sender's early frames go out right behind the `accept` ([`greet`]; `sender.rs` then
+//! starts the tunnel).
+//!
+//! Invariants:
+//! - a pooled connection serves at most once: [`take`] removes it from the table under
+//!   the lock before it is claimed, and its task hands the stream over exactly once;
+//! - its Listen token is checked when it opens and again when it is taken, so a key
+//!   regenerated meanwhile retires it;
+//! - it serves only senders of the hybrid connection it authenticated for, on this relay
+//!   node (the table is per process: in a cluster a node uses its own pool);
+//! - it never causes an `accept` by itself: only a sender's connect does, so the endpoint
+//!   sees a connection only when an app opened one;
+//! - it counts against the connection caps like any connection (its slot moves into the
+//!   tunnel) and shows in `hyrelay_relay_warm_connections{hc}`; at most
+//!   [`MAX_PER_HC`] wait per hybrid connection, each at most [`MAX_IDLE`].
+//! - Microsoft's clients never send the opt-in headers, so they get the standard protocol.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::AsyncReadExt;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::Ctx;
+use super::auth::{Demand, authorize};
+use super::conn::{Incoming, describe, respond, write_flush};
+use crate::proto::address::HcRequest;
+use crate::proto::control::Accept;
+use crate::proto::extensions::{self, Advertised};
+use crate::proto::frame::{self, OpCode, close_code};
+use crate::proto::handshake::{self, RequestHead, Upgrade};
+use crate::proto::sas::{Rights, unix_now};
+use crate::transport::Stream;
+
+/// Pooled connections waiting per hybrid connection at most; more are refused (503).
+pub const MAX_PER_HC: usize = 64;
+/// How long a pooled connection may wait; then the relay closes it (1000). Listeners
+/// renew theirs well before.
+pub const MAX_IDLE: Duration = Duration::from_secs(120);
+/// How long a sender waits for a claimed pooled connection to be handed over.
+const HANDOVER: Duration = Duration::from_secs(1);
+
+/// A pooled connection handed to a sender: its stream (parked), bytes read past its
+/// upgrade, and its connection slot.
+pub(super) struct PooledLeg {
+    pub stream: Stream,
+    pub leftover: BytesMut,
+    pub slot: super::limits::ConnSlot,
+}
+
+struct Waiting {
+    id: u64,
+    /// The `sb-hc-id` of the listener (hcm) it belongs to.
+    listener: Option<String>,
+    tx: oneshot::Sender<oneshot::Sender<PooledLeg>>,
+    expires: Instant,
+    /// The tokens it authenticated with, checked again when it is taken (a key
+    /// regenerated meanwhile retires it).
+    tokens: Vec<crate::proto::Secret>,
+}
+
+/// The table of pooled connections and what this relay advertises.
+pub(crate) struct Pool {
+    advertised: Advertised,
+    waiting: Mutex<HashMap<String, Vec<Waiting>>>,
+    next_id: AtomicU64,
+}
+
+impl Pool {
+    /// `enabled` turns both extensions on; `head_timeout` is advertised for warm senders.
+    pub fn new(enabled: bool, head_timeout: Duration) -> Self {
+        let advertised = Advertised {
+            rendezvous_pool: enabled,
+            early_data: enabled,
+            head_timeout_secs: Some(head_timeout.as_secs().clamp(1, u64::from(u32::MAX)) as u32),
+        };
+        Self {
+            advertised,
+            waiting: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.advertised.rendezvous_pool
+    }
+
+    /// `response` (a complete 101 head) with the advertisement added, if any.
+    pub fn advertise(&self, mut response: Vec<u8>) -> Vec<u8> {
+        if let Some(v) = self.advertised.header_value()
+            && response.ends_with(b"\r\n\r\n")
+        {
+            response.truncate(response.len() - 2);
+            response.extend_from_slice(format!("{}: {v}\r\n\r\n", extensions::ADVERTISE_HEADER).as_bytes());
+        }
+        response
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Waiting>>> {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn register(
+        &self,
+        hc: &str,
+        listener: Option<String>,
+        expires: Instant,
+        tokens: Vec<crate::proto::Secret>,
+    ) -> Option<(u64, oneshot::Receiver<oneshot::Sender<PooledLeg>>)> {
+        let mut map = self.lock();
+        let list = map.entry(hc.to_lowercase()).or_default();
+        if list.len() >= MAX_PER_HC {
+            return None;
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        list.push(Waiting {
+            id,
+            listener,
+            tx,
+            expires,
+            tokens,
+        });
+        gauge(hc, list.len());
+        Some((id, rx))
+    }
+
+    /// Removes entry `id`; false if it was no longer there (a sender took it).
+    fn unregister(&self, hc: &str, id: u64) -> bool {
+        let mut map = self.lock();
+        let Some(list) = map.get_mut(&hc.to_lowercase()) else {
+            return false;
+        };
+        let before = list.len();
+        list.retain(|w| w.id != id);
+        gauge(hc, list.len());
+        list.len() < before
+    }
+
+    /// Removes one live pooled connection of `hc` from the table: the oldest of the
+    /// listener `choose` picks among those that have one (the relay's balance rule, applied
+    /// to listeners, not to connections: an hcm with a bigger pool gets no bigger share).
+    fn pop(&self, hc: &str, choose: impl FnOnce(&[Option<String>]) -> usize) -> Option<Waiting> {
+        let mut map = self.lock();
+        let list = map.get_mut(&hc.to_lowercase())?;
+        let now = Instant::now();
+        list.retain(|w| w.expires > now && !w.tx.is_closed());
+        let mut listeners: Vec<Option<String>> = list.iter().map(|w| w.listener.clone()).collect();
+        listeners.sort();
+        listeners.dedup();
+        let w = (!listeners.is_empty()).then(|| {
+            let pick = &listeners[choose(&listeners).min(listeners.len() - 1)];
+            let i = list.iter().position(|w| &w.listener == pick).unwrap_or(0);
+            list.remove(i)
+        });
+        gauge(hc, list.len());
+        w
+    }
+}
+
+fn gauge(hc: &str, n: usize) {
+    metrics::gauge!(crate::telemetry::metrics::warm_connections("relay"), "hc" => hc.to_owned()).set(n as f64);
+}
+
+/// True if the request is a pooled rendezvous connection (`listen` + `X-Hyrelay-Pool: 1`).
+pub(super) fn is_pool_request(head: &RequestHead) -> bool {
+    head.headers.get(extensions::POOL_HEADER).map(str::trim) == Some("1")
+}
+
+/// True if a sender opted in to early data and pooled rendezvous.
+pub(super) fn sender_opted_in(head: &RequestHead) -> bool {
+    head.headers.get(extensions::EARLY_HEADER).map(str::trim) == Some("1")
+}
+
+/// Serves a pooled rendezvous connection: authenticate as a listener, answer 101, wait to
+/// be claimed (or closed, or expired).
+pub(super) async fn serve(mut stream: Stream, mut inc: Incoming, req: HcRequest, ctx: Arc<Ctx>) {
+    let tracking = req.id.as_deref();
+    if !ctx.pool.enabled() {
+        return respond(
+            &mut stream,
+            403,
+            "The rendezvous pool extension is off on this relay.",
+            "",
+        )
+        .await;
+    }
+    let upgrade = match handshake::validate_upgrade(&inc.head) {
+        Ok(u) => u,
+        Err(e) => return respond(&mut stream, 400, &e.to_string(), "").await,
+    };
+    let state = ctx.state.load();
+    let Some((entity, "")) = state.resolve(&req.path) else {
+        return respond(&mut stream, 404, &describe("Endpoint does not exist.", tracking), "").await;
+    };
+    let tokens: Vec<&str> = req
+        .token
+        .as_deref()
+        .into_iter()
+        .chain(inc.head.headers.get("ServiceBusAuthorization"))
+        .collect();
+    if let Err(e) = listen_authorized(ctx.as_ref(), &state, entity, &tokens) {
+        inc.auth_failed(&ctx, &e);
+        return respond(&mut stream, e.status(), &describe(&e.to_string(), tracking), "").await;
+    }
+    let hc = entity.name.clone();
+    let tokens = tokens.iter().map(|t| crate::proto::Secret::new(*t)).collect();
+    drop(state);
+    inc.pending.done();
+    let Some((id, claimed)) = ctx
+        .pool
+        .register(&hc, req.id.clone(), Instant::now() + MAX_IDLE, tokens)
+    else {
+        return respond(&mut stream, 503, "The hybrid connection's rendezvous pool is full.", "").await;
+    };
+    let _registered = Unregister(&ctx.pool, &hc, id);
+    let answer = ctx.pool.advertise(handshake::switching_protocols(&upgrade.key, None));
+    if !matches!(
+        tokio::time::timeout(ctx.cfg.handshake_timeout, write_flush(&mut stream, &answer)).await,
+        Ok(Ok(()))
+    ) {
+        return;
+    }
+    wait_for_claim(stream, inc, claimed, (&hc, id), &ctx).await;
+}
+
+/// Removes a pooled connection from the table when its task ends, however it ends.
+struct Unregister<'a>(&'a Pool, &'a str, u64);
+
+impl Drop for Unregister<'_> {
+    fn drop(&mut self) {
+        self.0.unregister(self.1, self.2);
+    }
+}
+
+async fn wait_for_claim(
+    mut stream: Stream,
+    inc: Incoming,
+    claimed: oneshot::Receiver<oneshot::Sender<PooledLeg>>,
+    (hc, id): (&str, u64),
+    ctx: &Ctx,
+) {
+    let mut buf = inc.buf;
+    let slot = inc.slot;
+    let expired = tokio::time::sleep(MAX_IDLE);
+    tokio::pin!(claimed, expired);
+    let close = tokio::select! {
+        c = &mut claimed => {
+            if let Ok(reply) = c {
+                hand_over(stream, buf, slot, reply);
+            }
+            return;
+        }
+        // A pooled connection stays silent until claimed; the listener's one message
+        // (a ping) asks to retire it, EOF means it is gone. Cancel-safe: bytes stay in `buf`.
+        r = stream.read_buf(&mut buf) => match r {
+            Ok(0) | Err(_) => return,
+            Ok(_) => (close_code::NORMAL, "retired"),
+        },
+        _ = &mut expired => (close_code::NORMAL, "pooled connection expired"),
+        _ = ctx.drain.cancelled() => (close_code::GOING_AWAY, "The relay is shutting down."),
+    };
+    if !ctx.pool.unregister(hc, id) {
+        // A sender took it meanwhile: it serves that sender after all (the listener keeps
+        // reading after its retire request). What it sent is not tunnel data.
+        buf.clear();
+        if let Ok(Ok(reply)) = tokio::time::timeout(HANDOVER, claimed).await {
+            hand_over(stream, buf, slot, reply);
+        }
+        return;
+    }
+    let bytes = frame::encode_frame(true, OpCode::Close, None, &frame::close_payload(close.0, close.1));
+    let _ = tokio::time::timeout(Duration::from_secs(2), write_flush(&mut stream, &bytes)).await;
+}
+
+fn hand_over(mut stream: Stream, leftover: BytesMut, slot: super::limits::ConnSlot, reply: oneshot::Sender<PooledLeg>) {
+    if stream.park().is_ok() {
+        reply.send(PooledLeg { stream, leftover, slot }).ok();
+    }
+}
+
+/// Claims a pooled connection of `hc` for a sender on this worker, choosing the listener
+/// by the relay's balance rule; `None` when none is waiting (or none could be handed over
+/// in time): the sender then goes the standard way. The returned load counter is the
+/// chosen listener's (if it is registered here), to be held while the tunnel lives.
+pub(super) async fn take(ctx: &Ctx, hc: &str) -> Option<(PooledLeg, Option<Arc<std::sync::atomic::AtomicUsize>>)> {
+    // Bounded: every try removes one entry from the table.
+    for _ in 0..MAX_PER_HC {
+        let choose = |listeners: &[Option<String>]| {
+            let loads: Vec<Option<usize>> = listeners
+                .iter()
+                .map(|l| l.as_deref().and_then(|id| ctx.ctl.listener_load(hc, id)))
+                .map(|l| l.map(|n| n.load(Ordering::Relaxed)))
+                .collect();
+            super::control::choose_by(ctx.cfg.balance, &loads)
+        };
+        let w = ctx.pool.pop(hc, choose)?;
+        let load = w.listener.as_deref().and_then(|id| ctx.ctl.listener_load(hc, id));
+        if !still_authorized(ctx, hc, &w.tokens) {
+            continue; // dropping `w` ends its task, which closes the connection
+        }
+        let (reply, handed) = oneshot::channel();
+        if w.tx.send(reply).is_err() {
+            continue;
+        }
+        if let Ok(Ok(mut leg)) = tokio::time::timeout(HANDOVER, handed).await
+            && leg.stream.unpark().is_ok()
+        {
+            return Some((leg, load));
+        }
+    }
+    None
+}
+
+/// The Listen authorization of a pooled connection, checked again against the current keys.
+fn still_authorized(ctx: &Ctx, hc: &str, tokens: &[crate::proto::Secret]) -> bool {
+    let state = ctx.state.load();
+    let Some(entity) = state.entity(hc) else {
+        return false;
+    };
+    let tokens: Vec<&str> = tokens.iter().map(|t| t.expose()).collect();
+    listen_authorized(ctx, &state, entity, &tokens).is_ok()
+}
+
+/// Whether one of `tokens` grants Listen on `entity` now, as for a control channel.
+fn listen_authorized(
+    ctx: &Ctx,
+    state: &super::store::State,
+    entity: &super::store::Entity,
+    tokens: &[&str],
+) -> Result<(), super::auth::AuthError> {
+    let demand = Demand {
+        entity: Some(entity),
+        path: &entity.name,
+        hosts: &ctx.audience,
+        right: Rights::LISTEN,
+        now: unix_now(),
+    };
+    authorize(state, tokens, &demand).map(|_| ())
+}
+
+/// What the sender's side brings to [`greet`].
+pub(super) struct SenderSide<'a> {
+    pub stream: &'a mut Stream,
+    pub upgrade: &'a Upgrade,
+    pub tracking_id: String,
+    pub headers: Vec<(String, String)>,
+    pub remote: std::net::SocketAddr,
+}
+
+/// Writes the `accept` to the pooled connection and the 101 to the sender. On `Err` the
+/// sender has been answered with an error already.
+pub(super) async fn greet(s: SenderSide<'_>, leg: &mut PooledLeg, ctx: &Ctx) -> Result<(), ()> {
+    let accept = Accept {
+        address: String::new(),
+        id: s.tracking_id,
+        connect_headers: s.headers,
+        remote_endpoint: Some((s.remote.ip().to_string(), s.remote.port())),
+    };
+    let frame = frame::encode_frame(true, OpCode::Text, None, accept.encode().as_bytes());
+    if write_flush(&mut leg.stream, &frame).await.is_err() {
+        respond(s.stream, 502, "The listener's connection was lost.", "").await;
+        return Err(());
+    }
+    // The listener answers as the standard rendezvous would: the first offered protocol.
+    let protocol = s.upgrade.protocols.first().map(String::as_str);
+    let answer = ctx
+        .pool
+        .advertise(handshake::switching_protocols(&s.upgrade.key, protocol));
+    write_flush(s.stream, &answer).await.map_err(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advertisement_goes_into_the_head() {
+        let p = Pool::new(true, Duration::from_secs(10));
+        let r = String::from_utf8(p.advertise(handshake::switching_protocols("k", None))).unwrap();
+        assert!(
+            r.ends_with("X-Hyrelay-Extensions: rendezvous-pool, early-data, head-timeout=10\r\n\r\n"),
+            "{r}"
+        );
+        let off = Pool::new(false, Duration::from_secs(10));
+        let plain = handshake::switching_protocols("k", None);
+        assert_eq!(off.advertise(plain.clone()), plain);
+    }
+
+    #[tokio::test]
+    async fn a_pooled_connection_is_taken_once() {
+        let first = |_: &[Option<String>]| 0;
+        let p = Pool::new(true, Duration::from_secs(10));
+        let (a, _rx_a) = p.register("HC", None, Instant::now() + MAX_IDLE, vec![]).unwrap();
+        let (_b, rx_b) = p.register("hc", None, Instant::now() + MAX_IDLE, vec![]).unwrap();
+        assert!(p.pop("other", first).is_none(), "never another hybrid connection's");
+        assert_eq!(p.pop("hc", first).map(|w| w.id), Some(a));
+        drop(rx_b); // its task ended
+        assert!(
+            p.pop("hc", first).is_none(),
+            "a closed one is skipped, and nothing is served twice"
+        );
+        p.unregister("hc", a);
+        let (_, _rx) = p
+            .register("hc", None, Instant::now() - Duration::from_secs(1), vec![])
+            .unwrap();
+        assert!(p.pop("hc", first).is_none(), "an expired one is skipped");
+    }
+
+    /// The balance rule picks a listener, then that listener's oldest pooled connection:
+    /// an hcm with more pooled connections gets no bigger share.
+    #[tokio::test]
+    async fn the_listener_is_chosen_not_the_connection() {
+        let p = Pool::new(true, Duration::from_secs(10));
+        let mut keep = Vec::new();
+        for _ in 0..5 {
+            keep.push(
+                p.register("hc", Some("big".into()), Instant::now() + MAX_IDLE, vec![])
+                    .unwrap(),
+            );
+        }
+        let (small, _rx) = p
+            .register("hc", Some("small".into()), Instant::now() + MAX_IDLE, vec![])
+            .unwrap();
+        let seen = std::sync::Mutex::new(Vec::new());
+        let w = p
+            .pop("hc", |ls| {
+                seen.lock().unwrap().extend_from_slice(ls);
+                ls.iter().position(|l| l.as_deref() == Some("small")).unwrap()
+            })
+            .unwrap();
+        assert_eq!(w.id, small);
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [Some("big".to_owned()), Some("small".to_owned())],
+            "one choice per listener"
+        );
+    }
+}
