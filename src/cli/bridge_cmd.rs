@@ -110,7 +110,12 @@ pub fn run(args: BridgeArgs) -> anyhow::Result<()> {
     if let Some(a) = bridge.admin_addr() {
         eprintln!("admin (metrics, health, status page) on http://{a}/");
     }
+    super::serving(
+        &format!("bridge serving {} forward(s)", bridge.bound().len()),
+        bridge.status_source(),
+    );
     super::wait_for_stop(|| bridge.reload())?;
+    crate::telemetry::systemd::stopping();
     let report = bridge.drain(&super::force_on_second_signal());
     super::report_drain("bridge", &report);
     Ok(())

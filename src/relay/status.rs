@@ -203,9 +203,22 @@ impl StatusSource for RelayStatus {
             self.history.record(round);
         })
     }
+
+    fn hybrid_connections(&self) -> Pin<Box<dyn Future<Output = Vec<(&'static str, String)>> + Send + '_>> {
+        Box::pin(self.names())
+    }
 }
 
 impl RelayStatus {
+    /// The hybrid connections in the relay's state (a round trip through its control plane).
+    async fn names(&self) -> Vec<(&'static str, String)> {
+        self.views()
+            .await
+            .into_iter()
+            .map(|v| ("relay", v.entity.name))
+            .collect()
+    }
+
     async fn views(&self) -> Vec<EntityView> {
         match self.ctl.manage(MgmtOp::List).await {
             Ok(MgmtReply::List(v)) => v,
