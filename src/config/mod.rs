@@ -85,6 +85,13 @@ fn temp_name(name: &str) -> String {
 /// Concurrent writes (threads of one process included) each use a temporary of their own;
 /// the last rename wins.
 pub fn write_atomic(path: &Path, bytes: &[u8], private: bool) -> std::io::Result<()> {
+    write_atomic_owned(path, bytes, private, None)
+}
+
+/// [`write_atomic`], giving the file `owner` (uid, gid; Unix, needs root) before it replaces
+/// the old one, so no reader ever sees it with another owner (`hyrelay hcm add` run as root
+/// for an hcm that runs as another user).
+pub fn write_atomic_owned(path: &Path, bytes: &[u8], private: bool, owner: Option<(u32, u32)>) -> std::io::Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -102,6 +109,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8], private: bool) -> std::io::Result
     let _ = private;
     let mut f = opts.open(&tmp)?;
     f.write_all(bytes)?;
+    #[cfg(unix)]
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
+    }
+    #[cfg(not(unix))]
+    let _ = owner;
     f.sync_all()?;
     drop(f);
     std::fs::rename(&tmp, path)?;
