@@ -17,6 +17,8 @@ scripts/setup-cargo-tools.sh
 # promtool (from Debian's prometheus package, only that binary) for `promtool check metrics`
 # in tests/admin.rs.
 scripts/setup-promtool.sh
+# cargo-deb (crates.io; compiled once, a few minutes) for tests/package.rs.
+scripts/setup-cargo-deb.sh
 
 # Formatting first: it takes a second and names the file at fault. Then lints (the
 # [lints] table in Cargo.toml, both feature sets) and the dependency policy (licenses, bans,

@@ -27,8 +27,13 @@ fn units_pass_systemd_analyze_verify() {
         ] {
             assert!(text.contains(needle), "{}: no {needle}", path.display());
         }
-        // verify checks that ExecStart's binary exists: point it at the one under test.
-        let text = text.replace("/usr/local/bin/hyrelay", env!("CARGO_BIN_EXE_hyrelay"));
+        // ExecStart= names `hyrelay` without a path (systemd finds /usr/local/bin or
+        // /usr/bin); verify checks that the binary exists: point it at the one under test.
+        assert!(text.contains("\nExecStart=hyrelay "), "{}", path.display());
+        let text = text.replace(
+            "\nExecStart=hyrelay ",
+            &format!("\nExecStart={} ", env!("CARGO_BIN_EXE_hyrelay")),
+        );
         let name = path.file_name().unwrap().to_owned();
         std::fs::write(dir.path().join(&name), text).unwrap();
         names.push(name);
