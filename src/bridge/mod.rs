@@ -485,7 +485,10 @@ async fn connect_with_retry(
     loop {
         let token = client::token(cs, hc, ctx.cfg.token_ttl);
         let url = client::hc_url(cs, hc, "connect", &crate::proto::ids::new_id());
-        let headers = [("ServiceBusAuthorization", token.as_str())];
+        let headers = [
+            ("ServiceBusAuthorization", token.as_str()),
+            (crate::relay::usage::CLIENT_ID_HEADER, ctx.cfg.client_id.as_str()),
+        ];
         match ws::connect_via(&url, Some(&ctx.tls), &ctx.cfg.proxy, &headers, ctx.cfg.relay_timeout).await {
             Err(e) if transient(&e) => match waits.next() {
                 Some(wait) => {

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::Args;
 
 use crate::bridge::config::{self, BridgeConfig, BridgeFile, Forward, Listen};
@@ -45,6 +46,10 @@ pub struct BridgeArgs {
     ca_file: Vec<PathBuf>,
     #[command(flatten)]
     runtime: crate::config::RuntimeArgs,
+    /// What this bridge calls itself to the relay, shown in the relay's usage (`hc show`,
+    /// its status page). Default: the config's `client_id`, else the host name.
+    #[arg(long, value_name = "ID")]
+    client_id: Option<String>,
     /// HTTP proxy to reach the relay through: `http://[USER:PASSWORD@]HOST:PORT`. Default:
     /// the config's `proxy`, else HTTPS_PROXY, else ALL_PROXY (NO_PROXY lists hosts reached
     /// directly).
@@ -99,6 +104,9 @@ fn build(args: BridgeArgs) -> anyhow::Result<BridgeConfig> {
         cfg.hosts_file = h;
     }
     args.runtime.apply(&mut cfg.runtime)?;
+    if let Some(id) = &args.client_id {
+        cfg.client_id = config::checked_client_id(id).context("--client-id")?;
+    }
     Ok(cfg)
 }
 

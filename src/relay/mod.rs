@@ -22,6 +22,7 @@ mod status;
 pub mod store;
 pub mod throttle;
 mod tunnel;
+pub mod usage;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -50,6 +51,8 @@ pub(crate) struct Ctx {
     pub throttle: throttle::AuthThrottle,
     /// The host names tokens must be scoped to ([`answers_to`]).
     pub audience: auth::Audience,
+    /// Recent senders per hybrid connection (issue 14 item 10).
+    pub usage: Arc<usage::Usage>,
 }
 
 impl Ctx {
@@ -292,8 +295,10 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
     if let Some(c) = &cluster {
         c.attach(ctl.clone(), totals.clone());
     }
+    let usage = Arc::new(usage::Usage::default());
     let source: Arc<dyn crate::telemetry::admin::StatusSource> = Arc::new(status::RelayStatus {
         ctl: ctl.clone(),
+        usage: usage.clone(),
         totals,
         history: Default::default(),
         draining: drain.clone(),
@@ -325,6 +330,7 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
             max_delay: cfg.auth_max_delay,
         }),
         audience,
+        usage,
     });
     let admission = ctx.admission.clone();
     crate::dataplane::serve(&workers, listeners, drain.clone(), move |tcp, peer| {
@@ -389,7 +395,7 @@ pub fn answers_to(cfg: &RelayConfig) -> anyhow::Result<auth::Audience> {
 }
 
 /// This machine's host name, if it has one.
-fn system_hostname() -> Option<String> {
+pub(crate) fn system_hostname() -> Option<String> {
     #[cfg(unix)]
     {
         let mut buf = [0u8; 256];

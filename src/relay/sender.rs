@@ -40,6 +40,7 @@ pub(super) async fn serve_connect(mut stream: Stream, mut inc: Incoming, req: Hc
         return respond(&mut stream, 404, &describe("Endpoint does not exist.", tracking), "").await;
     };
     let entity_name = entity.name.clone();
+    let mut key_name = None;
     if entity.requires_client_authorization {
         let hosts = ctx.hosts();
         let tokens: Vec<&str> = req
@@ -55,13 +56,22 @@ pub(super) async fn serve_connect(mut stream: Stream, mut inc: Incoming, req: Hc
             right: Rights::SEND,
             now: unix_now(),
         };
-        if let Err(e) = authorize(&state, &tokens, &demand) {
-            inc.auth_failed(&ctx, &e);
-            count_connect(&ctx, Some(&entity_name), "auth_failed", &e.to_string());
-            tracing::info!(event = "sender_refused", hc = %entity_name, %peer, status = e.status(), reason = %e, "sender refused");
-            return respond(&mut stream, e.status(), &describe(&e.to_string(), tracking), "").await;
+        match authorize(&state, &tokens, &demand) {
+            Ok(granted) => key_name = Some(granted.key_name),
+            Err(e) => {
+                inc.auth_failed(&ctx, &e);
+                count_connect(&ctx, Some(&entity_name), "auth_failed", &e.to_string());
+                tracing::info!(event = "sender_refused", hc = %entity_name, %peer, status = e.status(), reason = %e, "sender refused");
+                return respond(&mut stream, e.status(), &describe(&e.to_string(), tracking), "").await;
+            }
         }
     }
+    // Who this sender is, for the hybrid connection's usage (issue 14 item 10).
+    let who = super::usage::SenderKey {
+        remote: peer.ip(),
+        key_name,
+        client_id: super::usage::client_id(head.headers.get(super::usage::CLIENT_ID_HEADER)),
+    };
     drop(state);
     inc.pending.done();
     let headers = handshake::Headers(
@@ -122,7 +132,8 @@ pub(super) async fn serve_connect(mut stream: Stream, mut inc: Incoming, req: Hc
                 slot: inc.slot,
                 peer,
             };
-            join(sender, leg, &entity_name, counted, &pending.entity_gone, &ctx).await;
+            let usage = ctx.usage.opened(&entity_name, who);
+            join(sender, leg, &entity_name, (counted, usage), &pending.entity_gone, &ctx).await;
         }
         Ok(Ok(Outcome::Rejected { status, description })) => {
             count_connect(&ctx, Some(&entity_name), "rejected", &format!("{status} {description}"));
@@ -199,7 +210,7 @@ async fn join(
     mut sender: Sender,
     mut leg: Leg,
     entity: &str,
-    counted: (Counted, Counted),
+    (counted, usage): ((Counted, Counted), super::usage::Ticket),
     gone: &tokio_util::sync::CancellationToken,
     ctx: &Ctx,
 ) {
@@ -232,6 +243,7 @@ async fn join(
         gone,
         &ctx.shutdown,
         (sender.slot, leg.slot, counted),
+        usage,
     );
 }
 
