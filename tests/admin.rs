@@ -8,26 +8,6 @@ use std::time::Duration;
 use common::*;
 use hyrelay::hcm::config::HcEntry;
 
-/// GET `path` from `addr`; returns status and body.
-async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    let status = out[9..12].parse().unwrap();
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
-
 /// Sends `HEAD path`; returns the response head and whatever came after it.
 async fn head_request(addr: SocketAddr, path: &str) -> (String, Vec<u8>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -159,27 +139,27 @@ async fn relay_hcm_and_bridge_report_truthfully() {
     );
 
     for a in [relay_admin, hcm_admin, bridge_admin] {
-        let (s, body) = get(a, "/healthz").await;
+        let (s, body) = http_get(a, "/healthz").await;
         assert_eq!(s, 200);
         assert!(body.contains("\"status\": \"ok\""), "{body}");
     }
-    assert_eq!(get(relay_admin, "/readyz").await.0, 200);
-    assert_eq!(get(bridge_admin, "/readyz").await.0, 200);
+    assert_eq!(http_get(relay_admin, "/readyz").await.0, 200);
+    assert_eq!(http_get(bridge_admin, "/readyz").await.0, 200);
     // A forward with no listener behind it is not ready, and says why (issue 14 item 8).
     rig.create("nobody", echo()).await;
     let mut lonely = rig.bridge_config("nobody", &rig.send_cs("nobody").await);
     lonely.runtime.admin = admin_any();
     let lonely = hyrelay::bridge::start(lonely).unwrap();
-    let (code, body) = get(lonely.admin_addr().unwrap(), "/readyz").await;
+    let (code, body) = http_get(lonely.admin_addr().unwrap(), "/readyz").await;
     assert_eq!(code, 503, "{body}");
     assert!(
         body.contains("No listener") && body.contains("\"listeners\": 0"),
         "{body}"
     );
     // Every control channel of the hcm is up, so it is ready, although one endpoint is down...
-    assert_eq!(get(hcm_admin, "/readyz").await.0, 200);
+    assert_eq!(http_get(hcm_admin, "/readyz").await.0, 200);
     // ...and its status says which segment is broken.
-    let (_, st) = get(hcm_admin, "/status").await;
+    let (_, st) = http_get(hcm_admin, "/status").await;
     let v: serde_json::Value = serde_json::from_str(&st).unwrap();
     let broken = hc_entry(&v, "broken");
     assert_eq!(broken["state"], "Connected");
@@ -190,7 +170,7 @@ async fn relay_hcm_and_bridge_report_truthfully() {
     // Relay status: sender connects per result, bytes once the workers flushed (1 s).
     assert!(
         wait_for(Duration::from_secs(5), || async {
-            let (_, st) = get(relay_admin, "/status").await;
+            let (_, st) = http_get(relay_admin, "/status").await;
             let v: serde_json::Value = serde_json::from_str(&st).unwrap();
             let g = hc_entry(&v, "good");
             g["bytesUp"].as_u64() == Some(100_000) && g["bytesDown"].as_u64() == Some(100_000)
@@ -198,7 +178,7 @@ async fn relay_hcm_and_bridge_report_truthfully() {
         .await,
         "relay counted the tunnel's bytes"
     );
-    let (_, st) = get(relay_admin, "/status").await;
+    let (_, st) = http_get(relay_admin, "/status").await;
     let v: serde_json::Value = serde_json::from_str(&st).unwrap();
     let b = hc_entry(&v, "broken");
     assert_eq!(b["lastSenderConnect"]["result"], "rejected", "{b}");
@@ -206,9 +186,9 @@ async fn relay_hcm_and_bridge_report_truthfully() {
     // Metrics: HELP lines, bounded labels, the relay's and hcm's families.
     // In one test process the three roles share a registry: each admin's scrape makes
     // its own role's idle series exist; the last scrape shows them all.
-    get(hcm_admin, "/metrics").await;
-    get(lonely.admin_addr().unwrap(), "/metrics").await;
-    let (s, m) = get(relay_admin, "/metrics").await;
+    http_get(hcm_admin, "/metrics").await;
+    http_get(lonely.admin_addr().unwrap(), "/metrics").await;
+    let (s, m) = http_get(relay_admin, "/metrics").await;
     assert_eq!(s, 200);
     for needle in [
         "# HELP hyrelay_relay_listeners",
@@ -254,16 +234,16 @@ async fn relay_hcm_and_bridge_report_truthfully() {
     drop(rig);
     assert!(
         wait_for(Duration::from_secs(15), || async {
-            get(bridge_admin, "/readyz").await.0 == 503
+            http_get(bridge_admin, "/readyz").await.0 == 503
         })
         .await
     );
     assert!(
         wait_for(Duration::from_secs(15), || async {
-            get(hcm_admin, "/readyz").await.0 == 503
+            http_get(hcm_admin, "/readyz").await.0 == 503
         })
         .await
     );
-    let (_, page) = get(hcm_admin, "/").await;
+    let (_, page) = http_get(hcm_admin, "/").await;
     assert!(page.contains("data-name=\"good\" data-status=\"broken\""), "{page}");
 }

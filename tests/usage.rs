@@ -23,22 +23,6 @@ async fn hyrelay(args: &[&str]) -> (bool, String, String) {
     )
 }
 
-async fn get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    out.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn senders_are_listed_and_the_quota_holds() {
     let rig = Rig::with(false, |c| {
@@ -123,7 +107,7 @@ async fn senders_are_listed_and_the_quota_holds() {
         "{table}"
     );
     let admin = rig.relay.admin_addr().unwrap();
-    let status: serde_json::Value = serde_json::from_str(&get(admin, "/status").await).unwrap();
+    let status: serde_json::Value = serde_json::from_str(&http_get(admin, "/status").await.1).unwrap();
     let db = status["hybridConnections"]
         .as_array()
         .unwrap()
@@ -132,6 +116,6 @@ async fn senders_are_listed_and_the_quota_holds() {
         .unwrap()
         .clone();
     assert_eq!(db["senders"].as_array().unwrap().len(), 2, "{db}");
-    let page = get(admin, "/").await;
+    let page = http_get(admin, "/").await.1;
     assert!(page.contains("Recent senders") && page.contains("(+1 more)"), "{page}");
 }
