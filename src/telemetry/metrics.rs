@@ -171,6 +171,35 @@ fn describe() {
     describe_gauge!(POOL_BUDGET, "Budget of pooled data-plane buffers in bytes, per worker.");
     describe_gauge!(WORKERS, "Data-plane worker threads.");
     describe_gauge!(BUILD_INFO, "Always 1; labels carry the version and the role.");
+    describe_cluster();
+}
+
+/// The relay cluster's families (`relay::cluster::metric`), which only a clustered relay has.
+fn describe_cluster() {
+    use crate::relay::cluster::metric;
+    describe_gauge!(metric::REDIS_UP, "1 while this relay node reaches the cluster's Redis.");
+    describe_gauge!(
+        metric::CATALOG_VERSION,
+        "Version of the cluster catalog (hybrid connections, rules, keys) this node serves."
+    );
+    describe_gauge!(metric::NODES, "Relay nodes in the cluster, this one included.");
+    describe_counter!(
+        metric::ROUTED,
+        help_with(
+            help_with(
+                "Listener commands routed to or from another node",
+                "direction",
+                &["to", "from"]
+            )
+            .trim_end_matches('.'),
+            "result",
+            &["ok", "failed"]
+        )
+    );
+    describe_histogram!(
+        metric::ROUTE_SECONDS,
+        "Time to hand a command to a listener on another node."
+    );
 }
 
 /// Makes every per-hybrid-connection series of `role` exist for `hc` (at zero when it had
@@ -255,5 +284,26 @@ pub async fn upkeep_loop() {
     loop {
         tick.tick().await;
         h.run_upkeep();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Families registered outside this file (the relay cluster's) have HELP too, naming
+    /// their label values.
+    #[test]
+    fn cluster_families_have_help() {
+        let h = handle().expect("the recorder installs");
+        use crate::relay::cluster::metric;
+        counter!(metric::ROUTED, "direction" => "from", "result" => "failed").increment(1);
+        gauge!(metric::REDIS_UP).set(1.0);
+        let text = h.render();
+        assert!(
+            text.contains("# HELP hyrelay_cluster_accepts_routed_total Listener commands routed to or from another node, by direction: to, from, by result: ok, failed.\n"),
+            "{text}"
+        );
+        assert!(text.contains("# HELP hyrelay_cluster_redis_up 1 while"), "{text}");
     }
 }
