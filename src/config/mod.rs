@@ -164,12 +164,36 @@ pub fn remove_leftovers(dir: &Path) -> std::io::Result<usize> {
             && name
                 .rsplit_once(".tmp")
                 .is_some_and(|(_, tag)| !tag.is_empty() && tag.bytes().all(|b| b.is_ascii_digit() || b == b'-'));
-        if leftover && e.file_type().is_ok_and(|t| t.is_file()) {
+        // A live writer's file is not a leftover: `hcm add` (no lock) may be writing
+        // connections.json while the hcm starts.
+        let writer = name
+            .rsplit_once(".tmp")
+            .and_then(|(_, tag)| tag.split('-').next()?.parse::<u32>().ok());
+        if leftover && e.file_type().is_ok_and(|t| t.is_file()) && !writer.is_some_and(process_alive) {
             std::fs::remove_file(e.path())?;
             n += 1;
         }
     }
     Ok(n)
+}
+
+/// Whether process `pid` exists (a signal 0 reaches it, or exists but is not ours to
+/// signal). Not through /proc, which `ProtectProc=invisible` hides from a unit.
+fn process_alive(pid: u32) -> bool {
+    #[cfg(unix)]
+    {
+        let Ok(pid) = libc::pid_t::try_from(pid) else {
+            return false;
+        };
+        // SAFETY: kill with signal 0 only checks that the process exists and may be signalled.
+        let rc = unsafe { libc::kill(pid, 0) };
+        rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        false
+    }
 }
 
 /// An exclusive lock on a role's data directory, held while the role runs: a second
@@ -263,11 +287,15 @@ mod tests {
         write_private_with_backup(&p, b"two").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         assert_eq!(std::fs::read(dir.path().join("state.json.bak")).unwrap(), b"one");
-        std::fs::write(dir.path().join(".state.json.tmp4242"), b"1,200 revoked keys").unwrap();
-        std::fs::write(dir.path().join(".state.json.tmp4242-7"), b"x").unwrap();
-        std::fs::write(dir.path().join(".state.json.bak.tmp7"), b"x").unwrap();
+        // Writers that are gone (pids above any this machine hands out), and a live one.
+        std::fs::write(dir.path().join(".state.json.tmp4194401"), b"1,200 revoked keys").unwrap();
+        std::fs::write(dir.path().join(".state.json.tmp4194402-7"), b"x").unwrap();
+        std::fs::write(dir.path().join(".state.json.bak.tmp4194403"), b"x").unwrap();
         std::fs::write(dir.path().join(".keep.tmpx"), b"not ours").unwrap();
+        let live = format!(".connections.json.tmp{}-0", std::process::id());
+        std::fs::write(dir.path().join(&live), b"being written").unwrap();
         assert_eq!(remove_leftovers(dir.path()).unwrap(), 3);
+        std::fs::remove_file(dir.path().join(&live)).expect("a live writer's file stays");
         let mut names: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
