@@ -5,7 +5,7 @@
 #                                          the debug binary `cargo test` already built)
 # Generates the shell completions and man pages from the binary into the profile's target
 # directory (cargo-deb's assets name them there), then runs `cargo deb`. Needs cargo-deb
-# (scripts/setup-cargo-deb.sh installs it).
+# (scripts/setup-cargo-tools.sh installs it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

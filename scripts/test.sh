@@ -12,13 +12,12 @@ scripts/setup-python.sh
 # tests/status_page.rs, iproute2 and nftables for the fault tests in network namespaces,
 # tinyproxy for tests/proxy.rs, systemd (systemd-analyze) for tests/units.rs.
 scripts/setup-debian.sh
-# cargo-deny, for the dependency policy in deny.toml (Rust registry).
+# cargo-deny, for the dependency policy in deny.toml, and cargo-deb, for tests/package.rs
+# (Rust registry; each compiled once).
 scripts/setup-cargo-tools.sh
 # promtool (from Debian's prometheus package, only that binary) for `promtool check metrics`
 # in tests/admin.rs.
 scripts/setup-promtool.sh
-# cargo-deb (crates.io; compiled once, a few minutes) for tests/package.rs.
-scripts/setup-cargo-deb.sh
 
 # Formatting first: it takes a second and names the file at fault. Then lints (the
 # [lints] table in Cargo.toml, both feature sets) and the dependency policy (licenses, bans,

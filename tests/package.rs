@@ -30,7 +30,7 @@ fn debian_package_contents() {
     let have_cargo_deb = Command::new("cargo").args(["deb", "--version"]).output();
     assert!(
         have_cargo_deb.is_ok_and(|o| o.status.success()),
-        "cargo-deb is missing: run scripts/setup-cargo-deb.sh"
+        "cargo-deb is missing: run scripts/setup-cargo-tools.sh"
     );
     run(Command::new(root.join("scripts/build-deb.sh"))
         .args(["--profile", "dev", "--no-build", "--fast", "--out"])
