@@ -452,6 +452,13 @@ async fn hcm_add_and_remove_reach_an_hcm_running_as_another_user() {
     std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let d = data.display().to_string();
+    // The binary under test may sit where nobody cannot reach it (a clone under /root):
+    // run a link to it (or a copy) from the test's own directory.
+    let exe = dir.path().join("hyrelay");
+    if std::fs::hard_link(env!("CARGO_BIN_EXE_hyrelay"), &exe).is_err() {
+        std::fs::copy(env!("CARGO_BIN_EXE_hyrelay"), &exe).unwrap();
+    }
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
     let mut hcm = Command::new("setpriv")
         .args([
             "--reuid",
@@ -460,7 +467,7 @@ async fn hcm_add_and_remove_reach_an_hcm_running_as_another_user() {
             &gid.to_string(),
             "--clear-groups",
         ])
-        .arg(env!("CARGO_BIN_EXE_hyrelay"))
+        .arg(&exe)
         .args(["hcm", "--data-dir", &d, "run"])
         .env("HYRELAY_LOG", "warn")
         .kill_on_drop(true)
