@@ -2,13 +2,15 @@
 # Debian packages the tests use: sslscan (TLS versions and ciphers), slowhttptest
 # (slowloris), chromium (the status page in a real browser), iproute2 (ip netns, veth,
 # tc tbf) and nftables (drop/reject rules) for the fault tests in namespaces
-# (tests/faults.rs), and tinyproxy, the HTTP proxy tests/proxy.rs starts on ports of its
-# own. Idempotent: apt-get runs only when a package is missing.
+# (tests/faults.rs), tinyproxy, the HTTP proxy tests/proxy.rs starts on ports of its
+# own, redis-server and haproxy for the relay cluster's tests, and systemd for
+# `systemd-analyze verify` of the units (tests/units.rs; systemd is not started, the
+# containers have no init). Idempotent: apt-get runs only when a package is missing.
 # Without root (or apt-get) it only reports; the tests that need a tool then fail with
 # a message naming it.
 set -euo pipefail
 
-packages=(sslscan slowhttptest chromium iproute2 nftables tinyproxy redis-server haproxy)
+packages=(sslscan slowhttptest chromium iproute2 nftables tinyproxy redis-server haproxy systemd)
 missing=()
 for p in "${packages[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

@@ -9,10 +9,15 @@ scripts/setup-node.sh
 # kosoku (the Autobahn WebSocket test suite) in a venv, for tests/autobahn.rs (PyPI).
 scripts/setup-python.sh
 # Debian packages: sslscan and slowhttptest for tests/security.rs, chromium for
-# tests/status_page.rs, iproute2 and nftables for the fault tests in network namespaces.
+# tests/status_page.rs, iproute2 and nftables for the fault tests in network namespaces,
+# tinyproxy for tests/proxy.rs, systemd (systemd-analyze) for tests/units.rs.
 scripts/setup-debian.sh
-# cargo-deny, for the dependency policy in deny.toml (Rust registry).
+# cargo-deny, for the dependency policy in deny.toml, and cargo-deb, for tests/package.rs
+# (Rust registry; each compiled once).
 scripts/setup-cargo-tools.sh
+# promtool (from Debian's prometheus package, only that binary) for `promtool check metrics`
+# in tests/admin.rs.
+scripts/setup-promtool.sh
 
 # Formatting first: it takes a second and names the file at fault. Then lints (the
 # [lints] table in Cargo.toml, both feature sets) and the dependency policy (licenses, bans,

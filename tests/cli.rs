@@ -128,27 +128,6 @@ async fn slow_echo(addr: std::net::SocketAddr, total: usize, over: Duration) -> 
     back
 }
 
-/// GET `path`; status and body.
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    let code = out[9..12].parse().unwrap();
-    (
-        code,
-        out.split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default(),
-    )
-}
-
 fn send_signal(pid: i32, sig: &str) {
     std::process::Command::new("kill")
         .args([&format!("-{sig}"), &pid.to_string()])
@@ -452,4 +431,82 @@ async fn hcm_status_shows_each_segment_and_hc_list_the_last_connect() {
     assert!(!ok && err.contains("not running") && err.contains("stopped"), "{err}");
     let (_, out, _) = output(&["hcm", "--data-dir", &data_dir, "show", "seg"]).await;
     assert!(out.contains("not running"), "{out}");
+}
+
+/// Issue 14 item 2: `hcm add`/`remove` run as root reach an hcm that runs as another user
+/// (the unit's `DynamicUser=`; here `nobody`, through setpriv) and owns its data directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hcm_add_and_remove_reach_an_hcm_running_as_another_user() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!("this test needs root (it runs the hcm as nobody)");
+    }
+    let (uid, gid) = (65534u32, 65534u32);
+    let rig = Rig::new(false);
+    rig.create("db", echo()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("hcm");
+    std::fs::create_dir(&data).unwrap();
+    std::os::unix::fs::chown(&data, Some(uid), Some(gid)).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let d = data.display().to_string();
+    // The binary under test may sit where nobody cannot reach it (a clone under /root):
+    // run a link to it (or a copy) from the test's own directory.
+    let exe = dir.path().join("hyrelay");
+    if std::fs::hard_link(env!("CARGO_BIN_EXE_hyrelay"), &exe).is_err() {
+        std::fs::copy(env!("CARGO_BIN_EXE_hyrelay"), &exe).unwrap();
+    }
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut hcm = Command::new("setpriv")
+        .args([
+            "--reuid",
+            &uid.to_string(),
+            "--regid",
+            &gid.to_string(),
+            "--clear-groups",
+        ])
+        .arg(&exe)
+        .args(["hcm", "--data-dir", &d, "run"])
+        .env("HYRELAY_LOG", "warn")
+        .kill_on_drop(true)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Once it runs (its status file is there; at start it sweeps temporary files),
+    // root adds a hybrid connection from a root-only file.
+    assert!(
+        wait_for(Duration::from_secs(15), || async { data.join("status.json").exists() }).await,
+        "the hcm started as nobody"
+    );
+    let cs_file = dir.path().join("db.listen");
+    std::fs::write(&cs_file, rig.listen_cs("db").await.expose()).unwrap();
+    std::fs::set_permissions(&cs_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (ok, _, err) = output(&[
+        "hcm",
+        "--data-dir",
+        &d,
+        "add",
+        "--connection-string-file",
+        cs_file.to_str().unwrap(),
+    ])
+    .await;
+    assert!(ok, "{err}");
+    let meta = std::fs::metadata(data.join("connections.json")).unwrap();
+    assert_eq!((meta.uid(), meta.gid(), meta.mode() & 0o777), (uid, gid, 0o600));
+    assert!(
+        wait_for(Duration::from_secs(15), || async { rig.listeners("db").await == 1 }).await,
+        "the hcm running as nobody picked up `hcm add`"
+    );
+    let bridge = rig.bridge("db", &rig.send_cs("db").await);
+    assert_eq!(round_trip(bridge.addr_of("db").unwrap(), b"hi").await.unwrap(), b"hi");
+    let (ok, out, err) = output(&["hcm", "--data-dir", &d, "remove", "db"]).await;
+    assert!(ok && out.contains("removed db"), "{err}");
+    assert_eq!(std::fs::metadata(data.join("connections.json")).unwrap().uid(), uid);
+    assert!(
+        wait_for(Duration::from_secs(15), || async { rig.listeners("db").await == 0 }).await,
+        "the hcm running as nobody picked up `hcm remove`"
+    );
+    hcm.kill().await.ok();
 }

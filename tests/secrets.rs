@@ -207,3 +207,50 @@ fn config_files_take_files_and_credentials_but_not_both() {
     // A credential only the unit can read: check-config accepts the file without it.
     check("[[hybrid_connection]]\nconnection_string_file = \"${CREDENTIALS_DIRECTORY}/db\"\n".into()).unwrap();
 }
+
+/// The relay's TLS key can be a systemd credential (`LoadCredential=relay.key:...` and
+/// `key = "${CREDENTIALS_DIRECTORY}/relay.key"`): the unit's dynamic user cannot read a
+/// root-only key in /etc, but it can read its credentials.
+#[tokio::test]
+async fn the_relay_reads_its_tls_key_from_a_systemd_credential() {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("creds");
+    std::fs::create_dir(&creds).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    std::fs::write(dir.path().join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(creds.join("relay.key"), key.serialize_pem()).unwrap();
+    let toml = format!(
+        "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[tls]\nmode = \"files\"\ncert = \"{}\"\nkey = \"${{CREDENTIALS_DIRECTORY}}/relay.key\"\n",
+        dir.path().join("data").display(),
+        dir.path().join("cert.pem").display()
+    );
+    let config = dir.path().join("relay.toml");
+    std::fs::write(&config, toml).unwrap();
+    let mut relay = bin()
+        .args(["relay", "--config"])
+        .arg(&config)
+        .env("CREDENTIALS_DIRECTORY", &creds)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(relay.stderr.take().unwrap()).lines();
+    let started = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(l) = lines.next_line().await.unwrap() {
+            if l.starts_with("hyrelay relay listening on") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    relay.kill().await.ok();
+    assert_eq!(
+        started.ok(),
+        Some(true),
+        "the relay started with the key from $CREDENTIALS_DIRECTORY"
+    );
+}

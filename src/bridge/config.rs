@@ -62,6 +62,9 @@ pub struct BridgeConfig {
     pub fixed_forwards: Vec<Forward>,
     /// The config file, watched and re-read on change or SIGHUP. Default: none.
     pub config_file: Option<PathBuf>,
+    /// What the bridge calls itself to the relay ([`crate::relay::usage::CLIENT_ID_HEADER`]
+    /// on every connect), so the relay's usage tells bridges apart. Default: the host name.
+    pub client_id: String,
 }
 
 impl BridgeConfig {
@@ -79,6 +82,7 @@ impl BridgeConfig {
             forwards,
             fixed_forwards: Vec::new(),
             config_file: None,
+            client_id: default_client_id(),
         }
     }
 
@@ -135,6 +139,9 @@ impl BridgeConfig {
             .context("field `proxy` / `no_proxy`")?;
         if let Some(p) = f.hosts_file {
             c.hosts_file = p;
+        }
+        if let Some(id) = f.client_id {
+            c.client_id = checked_client_id(&id).context("field `client_id`")?;
         }
         for (field, slot, v) in [
             ("relay_timeout", &mut c.relay_timeout, f.relay_timeout),
@@ -222,6 +229,7 @@ pub struct BridgeFile {
     pub no_proxy: Option<Vec<String>>,
     pub extensions: Option<bool>,
     pub hosts_file: Option<PathBuf>,
+    pub client_id: Option<String>,
     /// Default connection string for forwards without their own.
     pub connection_string: Option<String>,
     /// The same, read from a file (a systemd credential: `${CREDENTIALS_DIRECTORY}/NAME`).
@@ -245,6 +253,25 @@ pub struct ForwardFile {
     pub listen: String,
     pub connection_string: Option<String>,
     pub connection_string_file: Option<PathBuf>,
+}
+
+/// The host name, else `bridge`: the default client id.
+fn default_client_id() -> String {
+    crate::relay::system_hostname()
+        .and_then(|h| checked_client_id(&h).ok())
+        .unwrap_or_else(|| "bridge".into())
+}
+
+/// A client id as the relay records it, or why it would not be.
+pub fn checked_client_id(id: &str) -> anyhow::Result<String> {
+    use crate::relay::usage;
+    match usage::client_id(Some(id)) {
+        Some(v) if v != usage::INVALID_CLIENT_ID => Ok(v),
+        _ => bail!(
+            "{id:?}: a client id is 1 to {} letters, digits and . _ - : @",
+            usage::MAX_CLIENT_ID
+        ),
+    }
 }
 
 #[cfg(test)]

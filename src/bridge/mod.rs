@@ -499,7 +499,10 @@ async fn connect_with_retry(
     loop {
         let token = client::token(cs, hc, ctx.cfg.token_ttl);
         let url = client::hc_url(cs, hc, "connect", &crate::proto::ids::new_id());
-        let headers = [("ServiceBusAuthorization", token.as_str())];
+        let headers = [
+            ("ServiceBusAuthorization", token.as_str()),
+            (crate::relay::usage::CLIENT_ID_HEADER, ctx.cfg.client_id.as_str()),
+        ];
         match connect(fw, ctx, &url, &headers, tcp, &mut early_sent).await {
             Err(e) if transient(&e) => match waits.next() {
                 Some(wait) => {

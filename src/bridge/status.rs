@@ -252,4 +252,12 @@ impl StatusSource for BridgeStatus {
             self.history.record(round);
         })
     }
+
+    fn hybrid_connections(&self) -> Pin<Box<dyn Future<Output = Vec<(&'static str, String)>> + Send + '_>> {
+        let names = (self.forwards)()
+            .into_iter()
+            .map(|v| ("bridge", v.fwd.hybrid_connection))
+            .collect();
+        Box::pin(std::future::ready(names))
+    }
 }

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::Args;
 
 use crate::bridge::config::{self, BridgeConfig, BridgeFile, Forward, Listen};
@@ -45,6 +46,10 @@ pub struct BridgeArgs {
     ca_file: Vec<PathBuf>,
     #[command(flatten)]
     runtime: crate::config::RuntimeArgs,
+    /// What this bridge calls itself to the relay, shown in the relay's usage (`hc show`,
+    /// its status page). Default: the config's `client_id`, else the host name.
+    #[arg(long, value_name = "ID")]
+    client_id: Option<String>,
     /// HTTP proxy to reach the relay through: `http://[USER:PASSWORD@]HOST:PORT`. Default:
     /// the config's `proxy`, else HTTPS_PROXY, else ALL_PROXY (NO_PROXY lists hosts reached
     /// directly).
@@ -99,6 +104,9 @@ fn build(args: BridgeArgs) -> anyhow::Result<BridgeConfig> {
         cfg.hosts_file = h;
     }
     args.runtime.apply(&mut cfg.runtime)?;
+    if let Some(id) = &args.client_id {
+        cfg.client_id = config::checked_client_id(id).context("--client-id")?;
+    }
     Ok(cfg)
 }
 
@@ -110,7 +118,12 @@ pub fn run(args: BridgeArgs) -> anyhow::Result<()> {
     if let Some(a) = bridge.admin_addr() {
         eprintln!("admin (metrics, health, status page) on http://{a}/");
     }
+    super::serving(
+        &format!("bridge serving {} forward(s)", bridge.bound().len()),
+        bridge.status_source(),
+    );
     super::wait_for_stop(|| bridge.reload())?;
+    crate::telemetry::systemd::stopping();
     let report = bridge.drain(&super::force_on_second_signal());
     super::report_drain("bridge", &report);
     Ok(())

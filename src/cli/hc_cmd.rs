@@ -282,6 +282,7 @@ async fn command(m: &Management, cmd: HcCommand, json: bool, hint: &Hint) -> any
                 println!("  primaryKey   {}", s(&r["primaryKey"]));
                 println!("  secondaryKey {}", s(&r["secondaryKey"]));
             }
+            print_senders(&v["senders"]);
         }
         HcCommand::Delete { name } => {
             m.delete(&name).await?;
@@ -316,4 +317,49 @@ async fn command(m: &Management, cmd: HcCommand, json: bool, hint: &Hint) -> any
         }
     }
     Ok(())
+}
+
+/// The "recent senders" table of `hc show` (the relay's usage, issue 14 item 10).
+fn print_senders(senders: &serde_json::Value) {
+    let s = |v: &serde_json::Value| match v {
+        serde_json::Value::Null => "-".to_owned(),
+        serde_json::Value::String(s) => s.clone(),
+        o => o.to_string(),
+    };
+    let list = senders.as_array().map(Vec::as_slice).unwrap_or_default();
+    if list.is_empty() {
+        println!("recent senders               none (since the relay started)");
+        return;
+    }
+    println!("recent senders (newest first; kept per relay node, in memory):");
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|x| {
+            vec![
+                s(&x["remoteAddress"]),
+                s(&x["keyName"]),
+                s(&x["clientId"]),
+                s(&x["firstSeen"]),
+                s(&x["lastSeen"]),
+                format!("{} ({} open)", s(&x["tunnels"]), s(&x["activeTunnels"])),
+                format!(
+                    "{} / {}",
+                    crate::telemetry::admin::human_bytes(x["bytesSent"].as_u64().unwrap_or(0)),
+                    crate::telemetry::admin::human_bytes(x["bytesReceived"].as_u64().unwrap_or(0))
+                ),
+            ]
+        })
+        .collect();
+    super::print_table(
+        &[
+            "ADDRESS",
+            "KEY NAME",
+            "CLIENT ID",
+            "FIRST SEEN",
+            "LAST SEEN",
+            "TUNNELS",
+            "BYTES SENT / RECEIVED",
+        ],
+        &rows,
+    );
 }

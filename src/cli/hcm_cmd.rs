@@ -106,7 +106,9 @@ pub fn run(args: HcmArgs) -> anyhow::Result<()> {
             if let Some(a) = hcm.admin_addr() {
                 eprintln!("admin (metrics, health, status page) on http://{a}/");
             }
+            super::serving("hcm serving its hybrid connections", hcm.status_source());
             super::wait_for_stop(|| hcm.reload())?;
+            crate::telemetry::systemd::stopping();
             let report = hcm.drain(&super::force_on_second_signal());
             super::report_drain("hcm", &report);
             Ok(())

@@ -161,6 +161,13 @@ pub fn error_chain(e: &anyhow::Error) -> String {
     out
 }
 
+/// A role started and serves: tells systemd (`READY=1`, `Type=notify` units) and starts
+/// the watchdog pings if the unit has `WatchdogSec=`.
+fn serving(status: &str, source: std::sync::Arc<dyn crate::telemetry::admin::StatusSource>) {
+    crate::telemetry::systemd::ready(status);
+    crate::telemetry::systemd::spawn_watchdog(source);
+}
+
 /// Blocks until SIGINT or SIGTERM (Ctrl-C on Windows), calling `on_reload` for every
 /// SIGHUP meanwhile.
 pub(crate) fn wait_for_stop(mut on_reload: impl FnMut()) -> anyhow::Result<()> {

@@ -138,9 +138,14 @@ pub fn run(args: RelayArgs) -> anyhow::Result<()> {
         "manage it on this machine with: {hc} list   (credentials: {})",
         relay.data_dir().join(crate::relay::CLI_FILE).display()
     );
+    super::serving(
+        &format!("relay serving on {}", relay.local_addr()),
+        relay.status_source(),
+    );
     super::wait_for_stop(|| {
         tracing::info!("SIGHUP: the relay keeps its state in the data directory; nothing to reload")
     })?;
+    crate::telemetry::systemd::stopping();
     let report = relay.drain(&super::force_on_second_signal());
     super::report_drain("relay", &report);
     Ok(())

@@ -85,6 +85,13 @@ fn temp_name(name: &str) -> String {
 /// Concurrent writes (threads of one process included) each use a temporary of their own;
 /// the last rename wins.
 pub fn write_atomic(path: &Path, bytes: &[u8], private: bool) -> std::io::Result<()> {
+    write_atomic_owned(path, bytes, private, None)
+}
+
+/// [`write_atomic`], giving the file `owner` (uid, gid; Unix, needs root) before it replaces
+/// the old one, so no reader ever sees it with another owner (`hyrelay hcm add` run as root
+/// for an hcm that runs as another user).
+pub fn write_atomic_owned(path: &Path, bytes: &[u8], private: bool, owner: Option<(u32, u32)>) -> std::io::Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -102,6 +109,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8], private: bool) -> std::io::Result
     let _ = private;
     let mut f = opts.open(&tmp)?;
     f.write_all(bytes)?;
+    #[cfg(unix)]
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
+    }
+    #[cfg(not(unix))]
+    let _ = owner;
     f.sync_all()?;
     drop(f);
     std::fs::rename(&tmp, path)?;
@@ -151,12 +164,36 @@ pub fn remove_leftovers(dir: &Path) -> std::io::Result<usize> {
             && name
                 .rsplit_once(".tmp")
                 .is_some_and(|(_, tag)| !tag.is_empty() && tag.bytes().all(|b| b.is_ascii_digit() || b == b'-'));
-        if leftover && e.file_type().is_ok_and(|t| t.is_file()) {
+        // A live writer's file is not a leftover: `hcm add` (no lock) may be writing
+        // connections.json while the hcm starts.
+        let writer = name
+            .rsplit_once(".tmp")
+            .and_then(|(_, tag)| tag.split('-').next()?.parse::<u32>().ok());
+        if leftover && e.file_type().is_ok_and(|t| t.is_file()) && !writer.is_some_and(process_alive) {
             std::fs::remove_file(e.path())?;
             n += 1;
         }
     }
     Ok(n)
+}
+
+/// Whether process `pid` exists (a signal 0 reaches it, or exists but is not ours to
+/// signal). Not through /proc, which `ProtectProc=invisible` hides from a unit.
+fn process_alive(pid: u32) -> bool {
+    #[cfg(unix)]
+    {
+        let Ok(pid) = libc::pid_t::try_from(pid) else {
+            return false;
+        };
+        // SAFETY: kill with signal 0 only checks that the process exists and may be signalled.
+        let rc = unsafe { libc::kill(pid, 0) };
+        rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        false
+    }
 }
 
 /// An exclusive lock on a role's data directory, held while the role runs: a second
@@ -250,11 +287,15 @@ mod tests {
         write_private_with_backup(&p, b"two").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         assert_eq!(std::fs::read(dir.path().join("state.json.bak")).unwrap(), b"one");
-        std::fs::write(dir.path().join(".state.json.tmp4242"), b"1,200 revoked keys").unwrap();
-        std::fs::write(dir.path().join(".state.json.tmp4242-7"), b"x").unwrap();
-        std::fs::write(dir.path().join(".state.json.bak.tmp7"), b"x").unwrap();
+        // Writers that are gone (pids above any this machine hands out), and a live one.
+        std::fs::write(dir.path().join(".state.json.tmp4194401"), b"1,200 revoked keys").unwrap();
+        std::fs::write(dir.path().join(".state.json.tmp4194402-7"), b"x").unwrap();
+        std::fs::write(dir.path().join(".state.json.bak.tmp4194403"), b"x").unwrap();
         std::fs::write(dir.path().join(".keep.tmpx"), b"not ours").unwrap();
+        let live = format!(".connections.json.tmp{}-0", std::process::id());
+        std::fs::write(dir.path().join(&live), b"being written").unwrap();
         assert_eq!(remove_leftovers(dir.path()).unwrap(), 3);
+        std::fs::remove_file(dir.path().join(&live)).expect("a live writer's file stays");
         let mut names: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -1,7 +1,9 @@
 //! The hcm's files in its data directory.
 //!
-//! - `connections.json` (owner-only): hybrid connections added with `hyrelay hcm add`.
-//!   The daemon watches it, so `add` and `remove` take effect without a restart.
+//! - `connections.json` (owner-only, owned by the data directory's owner): hybrid
+//!   connections added with `hyrelay hcm add`. The daemon watches it, so `add` and `remove`
+//!   take effect without a restart, also when they run as root and the daemon as the
+//!   unit's dynamic user.
 //! - `status.json`: written by the running daemon every few seconds and on every change,
 //!   read by `hyrelay hcm list` / `status`.
 
@@ -41,10 +43,29 @@ fn read_added(dir: &Path) -> anyhow::Result<Vec<Added>> {
     }
 }
 
+/// Writes `connections.json` atomically, owner-only, and owned by whoever owns the data
+/// directory: `hcm add` runs as root while the hcm runs as another user (systemd's
+/// `DynamicUser=`, which owns `/var/lib/hyrelay/hcm`), which must be able to read it.
 fn write_added(dir: &Path, added: &[Added]) -> anyhow::Result<()> {
     let path = connections_path(dir);
-    crate::config::write_private(&path, &serde_json::to_vec_pretty(added)?)
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    crate::config::write_atomic_owned(&path, &serde_json::to_vec_pretty(added)?, true, owner_to_give(dir))
         .with_context(|| format!("writing {}", path.display()))
+}
+
+/// The data directory's owner when it is not us and we may give files away (root).
+#[cfg(unix)]
+fn owner_to_give(dir: &Path) -> Option<(u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(dir).ok()?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    (me == 0 && m.uid() != me).then_some((m.uid(), m.gid()))
+}
+
+#[cfg(not(unix))]
+fn owner_to_give(_dir: &Path) -> Option<(u32, u32)> {
+    None
 }
 
 /// The hybrid connections added with `hcm add`.

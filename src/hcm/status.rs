@@ -143,4 +143,9 @@ impl StatusSource for HcmStatus {
             self.history.record(round);
         })
     }
+
+    fn hybrid_connections(&self) -> Pin<Box<dyn Future<Output = Vec<(&'static str, String)>> + Send + '_>> {
+        let names = self.shared.snapshot().into_iter().map(|s| ("hcm", s.name)).collect();
+        Box::pin(std::future::ready(names))
+    }
 }

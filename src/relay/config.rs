@@ -56,6 +56,9 @@ pub struct RelayConfig {
     pub tls: TlsSetting,
     /// Listeners allowed per hybrid connection. Default: 25.
     pub max_listeners: usize,
+    /// Hybrid connections the namespace may hold (`limits.max_hybrid_connections`; the
+    /// management API refuses to create more). Default: unlimited.
+    pub max_hybrid_connections: Option<std::num::NonZeroUsize>,
     /// `accept`s (and other commands) queued for one listener before further senders get
     /// 503 "full backlog". An `accept` is about 1 KiB of JSON, so a listener that stops
     /// reading holds at most this many KiB until it is dropped (two ping periods). Sized so
@@ -115,6 +118,7 @@ impl RelayConfig {
             runtime: crate::config::RuntimeSettings::default(),
             tls,
             max_listeners: 25,
+            max_hybrid_connections: None,
             max_pending_accepts: 4096,
             revoked_key_grace: Duration::from_secs(5),
             balance: Balance::Random,
@@ -209,6 +213,11 @@ impl RelayConfig {
 
     /// The `[limits]` table.
     fn apply_limits(&mut self, l: LimitsFile) -> anyhow::Result<()> {
+        if let Some(n) = l.max_hybrid_connections {
+            self.max_hybrid_connections = Some(std::num::NonZeroUsize::new(n).ok_or_else(|| {
+                anyhow::anyhow!("field `limits.max_hybrid_connections`: must be at least 1 (omit it for no limit)")
+            })?);
+        }
         set(
             &mut self.handshake_timeout,
             l.handshake_timeout,
@@ -362,6 +371,7 @@ pub struct SendersFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsFile {
+    pub max_hybrid_connections: Option<usize>,
     #[serde(default, deserialize_with = "opt_duration")]
     pub handshake_timeout: Option<Duration>,
     pub max_head_bytes: Option<usize>,

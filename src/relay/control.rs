@@ -565,6 +565,7 @@ impl Plane {
                 requires_client_authorization,
             } => {
                 crate::proto::address::validate_entity_name(&name).map_err(StoreError::Invalid)?;
+                let quota = self.reg().cfg.max_hybrid_connections;
                 let e = self
                     .store
                     .update(|st| {
@@ -572,6 +573,7 @@ impl Plane {
                         if st.hybrid_connections.contains_key(&key) {
                             return Err(StoreError::Exists(name.clone()));
                         }
+                        super::usage::check_quota(st.hybrid_connections.len(), quota).map_err(StoreError::Quota)?;
                         let e = super::store::new_entity(&name, endpoint.as_ref(), requires_client_authorization);
                         st.hybrid_connections.insert(key, e.clone());
                         Ok(e)

@@ -180,6 +180,7 @@ fn store_error(e: StoreError) -> (u16, Value) {
         StoreError::NotFound(_) => 404,
         StoreError::Exists(_) => 409,
         StoreError::Invalid(_) => 400,
+        StoreError::Quota(_) => 403,
         StoreError::Io(_) => 500,
         StoreError::Unavailable(_) => 503,
     };
@@ -241,9 +242,14 @@ async fn api(inc: &mut Incoming, req: &PlainRequest, body: &[u8], ctx: &Ctx) -> 
         Ok(MgmtReply::List(views)) => (200, Value::Array(views.iter().map(|v| view_json(v, false)).collect())),
         Ok(MgmtReply::Entity(v)) => (
             if method == "POST" && segs.is_empty() { 201 } else { 200 },
-            view_json(&v, true),
+            with_senders(view_json(&v, true), ctx),
         ),
-        Ok(MgmtReply::Deleted) => (204, Value::Null),
+        Ok(MgmtReply::Deleted) => {
+            if let Some(n) = segs.first() {
+                ctx.usage.forget(&crate::proto::address::decode(n).unwrap_or_default());
+            }
+            (204, Value::Null)
+        }
         Err(e) => store_error(e),
     }
 }
@@ -319,6 +325,13 @@ async fn connection_string(ctx: &Ctx, head: &RequestHead, req: &PlainRequest, na
         entity_path: Some(entity.name.clone()),
     };
     (200, json!({ "connectionString": cs.expose() }))
+}
+
+/// Adds the hybrid connection's recent senders (this relay node's; issue 14 item 10).
+fn with_senders(mut v: Value, ctx: &Ctx) -> Value {
+    let name = v["name"].as_str().unwrap_or_default().to_owned();
+    v["senders"] = ctx.usage.senders(&name).iter().map(|s| s.to_json()).collect();
+    v
 }
 
 /// JSON for an entity; `with_keys` adds rules and keys (show only).

@@ -23,6 +23,7 @@ mod status;
 pub mod store;
 pub mod throttle;
 mod tunnel;
+pub mod usage;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -53,6 +54,8 @@ pub(crate) struct Ctx {
     pub audience: auth::Audience,
     /// Pooled rendezvous connections and the extensions advertised ([`pool`]).
     pub pool: pool::Pool,
+    /// Recent senders per hybrid connection (issue 14 item 10).
+    pub usage: Arc<usage::Usage>,
 }
 
 impl Ctx {
@@ -295,8 +298,10 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
     if let Some(c) = &cluster {
         c.attach(ctl.clone(), totals.clone());
     }
+    let usage = Arc::new(usage::Usage::default());
     let source: Arc<dyn crate::telemetry::admin::StatusSource> = Arc::new(status::RelayStatus {
         ctl: ctl.clone(),
+        usage: usage.clone(),
         totals,
         history: Default::default(),
         draining: drain.clone(),
@@ -329,6 +334,7 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
         }),
         audience,
         pool: pool::Pool::new(cfg.extensions, cfg.handshake_timeout),
+        usage,
     });
     let admission = ctx.admission.clone();
     crate::dataplane::serve(&workers, listeners, drain.clone(), move |tcp, peer| {
@@ -393,7 +399,7 @@ pub fn answers_to(cfg: &RelayConfig) -> anyhow::Result<auth::Audience> {
 }
 
 /// This machine's host name, if it has one.
-fn system_hostname() -> Option<String> {
+pub(crate) fn system_hostname() -> Option<String> {
     #[cfg(unix)]
     {
         let mut buf = [0u8; 256];

@@ -40,6 +40,7 @@ pub(super) async fn serve_connect(mut stream: Stream, mut inc: Incoming, req: Hc
         return respond(&mut stream, 404, &describe("Endpoint does not exist.", tracking), "").await;
     };
     let entity_name = entity.name.clone();
+    let mut key_name = None;
     if entity.requires_client_authorization {
         let hosts = ctx.hosts();
         let tokens: Vec<&str> = req
@@ -55,13 +56,22 @@ pub(super) async fn serve_connect(mut stream: Stream, mut inc: Incoming, req: Hc
             right: Rights::SEND,
             now: unix_now(),
         };
-        if let Err(e) = authorize(&state, &tokens, &demand) {
-            inc.auth_failed(&ctx, &e);
-            count_connect(&ctx, Some(&entity_name), "auth_failed", &e.to_string());
-            tracing::info!(event = "sender_refused", hc = %entity_name, %peer, status = e.status(), reason = %e, "sender refused");
-            return respond(&mut stream, e.status(), &describe(&e.to_string(), tracking), "").await;
+        match authorize(&state, &tokens, &demand) {
+            Ok(granted) => key_name = Some(granted.key_name),
+            Err(e) => {
+                inc.auth_failed(&ctx, &e);
+                count_connect(&ctx, Some(&entity_name), "auth_failed", &e.to_string());
+                tracing::info!(event = "sender_refused", hc = %entity_name, %peer, status = e.status(), reason = %e, "sender refused");
+                return respond(&mut stream, e.status(), &describe(&e.to_string(), tracking), "").await;
+            }
         }
     }
+    // Who this sender is, for the hybrid connection's usage (issue 14 item 10).
+    let who = super::usage::SenderKey {
+        remote: peer.ip(),
+        key_name,
+        client_id: super::usage::client_id(head.headers.get(super::usage::CLIENT_ID_HEADER)),
+    };
     drop(state);
     inc.pending.done();
     let headers = handshake::Headers(
@@ -79,7 +89,7 @@ pub(super) async fn serve_connect(mut stream: Stream, mut inc: Incoming, req: Hc
         && ctx.pool.enabled()
         && let Some((leg, listener_load)) = super::pool::take(&ctx, &entity_name).await
     {
-        let accept = (req.id.clone().unwrap_or_else(crate::proto::ids::new_id), headers);
+        let accept = (req.id.clone().unwrap_or_else(crate::proto::ids::new_id), headers, who);
         return join_pooled(stream, inc, upgrade, accept, (leg, listener_load), &entity_name, &ctx).await;
     }
     let connect = ConnectReq {
@@ -131,7 +141,8 @@ pub(super) async fn serve_connect(mut stream: Stream, mut inc: Incoming, req: Hc
                 slot: inc.slot,
                 peer,
             };
-            join(sender, leg, &entity_name, counted, &pending.entity_gone, &ctx).await;
+            let usage = ctx.usage.opened(&entity_name, who);
+            join(sender, leg, &entity_name, (counted, usage), &pending.entity_gone, &ctx).await;
         }
         Ok(Ok(Outcome::Rejected { status, description })) => {
             count_connect(&ctx, Some(&entity_name), "rejected", &format!("{status} {description}"));
@@ -162,7 +173,7 @@ async fn join_pooled(
     mut stream: Stream,
     inc: Incoming,
     upgrade: handshake::Upgrade,
-    (tracking_id, headers): (String, Vec<(String, String)>),
+    (tracking_id, headers, who): (String, Vec<(String, String)>, super::usage::SenderKey),
     (mut leg, listener_load): (super::pool::PooledLeg, Option<Arc<std::sync::atomic::AtomicUsize>>),
     entity: &str,
     ctx: &Ctx,
@@ -219,6 +230,7 @@ async fn join_pooled(
             Counted::new(&tunnels),
             listener_load.as_ref().map(Counted::new),
         ),
+        ctx.usage.opened(entity, who),
     );
 }
 
@@ -275,7 +287,7 @@ async fn join(
     mut sender: Sender,
     mut leg: Leg,
     entity: &str,
-    counted: (Counted, Counted),
+    (counted, usage): ((Counted, Counted), super::usage::Ticket),
     gone: &tokio_util::sync::CancellationToken,
     ctx: &Ctx,
 ) {
@@ -309,6 +321,7 @@ async fn join(
         gone,
         &ctx.shutdown,
         (sender.slot, leg.slot, counted),
+        usage,
     );
 }
 

@@ -9,12 +9,15 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use super::control::{Ctl, EntityView, MgmtOp, MgmtReply};
+use super::usage::{SenderUsage, Usage};
 use crate::telemetry::admin::{Cell, Health, Report, Row, Section, StatusSource, human_bytes, rfc3339};
 use crate::telemetry::history::{History, Sample};
 use crate::telemetry::metrics::Totals;
 
 pub(crate) struct RelayStatus {
     pub ctl: Ctl,
+    /// Recent senders per hybrid connection (this node's).
+    pub usage: Arc<super::usage::Usage>,
     pub totals: Arc<Totals>,
     pub history: Arc<History>,
     pub draining: CancellationToken,
@@ -50,7 +53,7 @@ fn cluster_json(h: &super::cluster::Health) -> Value {
     })
 }
 
-fn entity_json(v: &EntityView, totals: &Totals, history: &History) -> Value {
+fn entity_json(v: &EntityView, totals: &Totals, history: &History, usage: &Usage) -> Value {
     let t = totals.get(&v.entity.name);
     json!({
         "name": v.entity.name,
@@ -74,6 +77,7 @@ fn entity_json(v: &EntityView, totals: &Totals, history: &History) -> Value {
             "at": rfc3339(c.at), "result": c.result, "detail": c.detail,
         })),
         "senderConnects": v.connects.iter().map(|(r, n)| (r.to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
+        "senders": usage.senders(&v.entity.name).iter().map(SenderUsage::to_json).collect::<Vec<_>>(),
     })
 }
 
@@ -109,7 +113,29 @@ fn ok_failed(v: &EntityView) -> (u64, u64) {
     })
 }
 
-fn row(v: &EntityView, totals: &Totals, history: &History) -> Row {
+/// The relay page's "Recent senders" cell: the newest sender (client id, else key name,
+/// and address) with when it was last seen, and how many there were.
+fn senders_cell(senders: &[SenderUsage]) -> Cell {
+    let Some(s) = senders.first() else {
+        return Cell::text("-");
+    };
+    let who = s
+        .key
+        .client_id
+        .clone()
+        .or_else(|| s.key.key_name.clone())
+        .unwrap_or_else(|| "anonymous".into());
+    let more = match senders.len() {
+        1 => String::new(),
+        n => format!(" (+{} more)", n - 1),
+    };
+    Cell::Ago(
+        s.last_seen,
+        format!("{who} from {}, {} tunnels{more}", s.key.remote, s.tunnels),
+    )
+}
+
+fn row(v: &EntityView, totals: &Totals, history: &History, usage: &Usage) -> Row {
     let t = totals.get(&v.entity.name);
     let (health, word) = health(v, history);
     Row {
@@ -125,6 +151,7 @@ fn row(v: &EntityView, totals: &Totals, history: &History) -> Row {
                 Some(c) => Cell::Ago(c.at, c.result.to_string()),
                 None => Cell::text("-"),
             },
+            senders_cell(&usage.senders(&v.entity.name)),
         ],
         last_error: v.last_failure.as_ref().map(|c| {
             (
@@ -158,14 +185,17 @@ impl StatusSource for RelayStatus {
         Box::pin(async move {
             let views = self.views().await;
             let accepting = !self.draining.is_cancelled();
-            let rows = views.iter().map(|v| row(v, &self.totals, &self.history)).collect();
+            let rows = views
+                .iter()
+                .map(|v| row(v, &self.totals, &self.history, &self.usage))
+                .collect();
             let cluster = self.cluster.as_ref().map(|c| c.health());
             let cluster_ready = cluster.as_ref().map_or(Ok(()), |h| h.ready());
             let mut status = json!({
                 "role": "relay",
                 "listen": self.listen.to_string(),
                 "accepting": accepting,
-                "hybridConnections": views.iter().map(|v| entity_json(v, &self.totals, &self.history)).collect::<Vec<_>>(),
+                "hybridConnections": views.iter().map(|v| entity_json(v, &self.totals, &self.history, &self.usage)).collect::<Vec<_>>(),
             });
             if let Some(h) = &cluster {
                 status["cluster"] = cluster_json(h);
@@ -184,6 +214,7 @@ impl StatusSource for RelayStatus {
                         "Active tunnels",
                         "Bytes up / down",
                         "Last sender connect",
+                        "Recent senders",
                     ],
                     rows,
                 }],
@@ -203,9 +234,22 @@ impl StatusSource for RelayStatus {
             self.history.record(round);
         })
     }
+
+    fn hybrid_connections(&self) -> Pin<Box<dyn Future<Output = Vec<(&'static str, String)>> + Send + '_>> {
+        Box::pin(self.names())
+    }
 }
 
 impl RelayStatus {
+    /// The hybrid connections in the relay's state (a round trip through its control plane).
+    async fn names(&self) -> Vec<(&'static str, String)> {
+        self.views()
+            .await
+            .into_iter()
+            .map(|v| ("relay", v.entity.name))
+            .collect()
+    }
+
     async fn views(&self) -> Vec<EntityView> {
         match self.ctl.manage(MgmtOp::List).await {
             Ok(MgmtReply::List(v)) => v,

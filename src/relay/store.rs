@@ -363,6 +363,9 @@ pub enum StoreError {
     Exists(String),
     #[error("{0}")]
     Invalid(String),
+    /// The namespace holds `limits.max_hybrid_connections` already.
+    #[error("{0}")]
+    Quota(String),
     #[error("cannot write the state file: {0}")]
     Io(String),
     /// The cluster's catalog cannot take writes now (Redis unreachable, catalog lost).

@@ -25,7 +25,8 @@ use crate::transport::Stream;
 /// The task holds only the two connections and `keep` (connection slots, load counters),
 /// so the memory of the handshake that led here is freed. It relays until both sides have
 /// closed, one side failed and the other had its grace, or `gone`/`shutdown` fires, and
-/// counts into the worker's counters for hybrid connection `hc`.
+/// counts into the worker's counters for hybrid connection `hc`; at the end, `usage` gets
+/// the tunnel's bytes (the sender's usage, issue 14 item 10).
 #[allow(clippy::too_many_arguments)]
 pub fn spawn<K: 'static>(
     hc: &str,
@@ -36,10 +37,12 @@ pub fn spawn<K: 'static>(
     gone: &CancellationToken,
     shutdown: &CancellationToken,
     keep: K,
+    usage: super::usage::Ticket,
 ) {
     let hc_name: std::sync::Arc<str> = hc.into();
     let log_end = move |s: TunnelStats| {
         tracing::debug!(event = "tunnel_closed", hc = %hc_name, %peer, up = s.up, down = s.down, end = %s.end, "tunnel closed");
+        usage.closed(s.up, s.down);
     };
     // Both legs plain TCP and the completion backend chosen: the tunnel runs there.
     let (sender, listener) = match offload::relay(hc, sender, listener, max_frame, gone, shutdown) {

@@ -109,6 +109,17 @@ type Boxed<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub trait StatusSource: Send + Sync + 'static {
     fn role(&self) -> &'static str;
     fn report(&self) -> Boxed<'_, Report>;
+    /// The hybrid connections (or forwards) the role serves, as `(role, name)`: cheap and
+    /// local (never a network probe), for `/metrics` and the systemd watchdog.
+    fn hybrid_connections(&self) -> Boxed<'_, Vec<(&'static str, String)>> {
+        Box::pin(async move {
+            let r = self.report().await;
+            r.sections
+                .iter()
+                .flat_map(|sec| sec.rows.iter().map(move |row| (sec.role, row.name.clone())))
+                .collect()
+        })
+    }
     /// Adds one round of samples to the role's history (called every
     /// [`super::history::SAMPLE_EVERY`] by the admin thread).
     fn sample(&self) -> Boxed<'_, ()> {
@@ -154,6 +165,16 @@ impl StatusSource for Composite {
             for p in &self.parts {
                 p.sample().await;
             }
+        })
+    }
+
+    fn hybrid_connections(&self) -> Boxed<'_, Vec<(&'static str, String)>> {
+        Box::pin(async move {
+            let mut out = Vec::new();
+            for p in &self.parts {
+                out.extend(p.hybrid_connections().await);
+            }
+            out
         })
     }
 }
@@ -255,52 +276,84 @@ async fn serve(mut s: TcpStream, source: Arc<dyn StatusSource>, started: Instant
         match handshake::parse_request(&buf, 8192) {
             Ok(Some((h, _))) => break h,
             Ok(None) => continue,
-            Err(_) => return write(&mut s, 400, "text/plain", b"bad request").await,
+            Err(_) => return write(&mut s, false, Reply::text(400, "bad request")).await,
         }
     };
-    if head.method != "GET" && head.method != "HEAD" {
-        return write(&mut s, 405, "text/plain", b"only GET").await;
+    let head_only = head.method == "HEAD";
+    let reply = if head.method != "GET" && !head_only {
+        Reply::text(405, "only GET and HEAD")
+    } else {
+        answer(head.target.split('?').next().unwrap_or(""), &source, started).await
+    };
+    write(&mut s, head_only, reply).await
+}
+
+/// One admin response.
+struct Reply {
+    status: u16,
+    content_type: &'static str,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn text(status: u16, body: &str) -> Self {
+        Self {
+            status,
+            content_type: "text/plain",
+            body: body.as_bytes().to_vec(),
+        }
     }
-    let path = head.target.split('?').next().unwrap_or("");
+
+    fn json(status: u16, v: &Value) -> Self {
+        Self {
+            status,
+            content_type: "application/json",
+            body: serde_json::to_vec_pretty(v).unwrap_or_default(),
+        }
+    }
+}
+
+/// The response for `path` (the same for GET and HEAD; HEAD sends only its head).
+async fn answer(path: &str, source: &Arc<dyn StatusSource>, started: Instant) -> Reply {
     match path {
         "/metrics" => {
-            let body = super::metrics::handle().map(|h| h.render()).unwrap_or_default();
-            write(&mut s, 200, "text/plain; version=0.0.4; charset=utf-8", body.as_bytes()).await
+            let hcs = source.hybrid_connections().await;
+            Reply {
+                status: 200,
+                content_type: "text/plain; version=0.0.4; charset=utf-8",
+                body: super::metrics::render(&hcs).into_bytes(),
+            }
         }
-        "/healthz" => {
-            let body = json!({
+        "/healthz" => Reply::json(
+            200,
+            &json!({
                 "status": "ok",
                 "role": source.role(),
                 "version": env!("CARGO_PKG_VERSION"),
                 "uptimeSeconds": started.elapsed().as_secs(),
-            });
-            write_json(&mut s, 200, &body).await
-        }
+            }),
+        ),
         "/readyz" => {
             let r = source.report().await;
             let body = json!({ "ready": r.ready, "role": source.role(), "detail": r.status });
-            write_json(&mut s, if r.ready { 200 } else { 503 }, &body).await
+            Reply::json(if r.ready { 200 } else { 503 }, &body)
         }
-        "/status" => {
-            let r = source.report().await;
-            write_json(&mut s, 200, &r.status).await
-        }
+        "/status" => Reply::json(200, &source.report().await.status),
         "/" | "/index.html" => {
             let r = source.report().await;
-            let html = page(source.role(), &r);
-            write(&mut s, 200, "text/html; charset=utf-8", html.as_bytes()).await
+            Reply {
+                status: 200,
+                content_type: "text/html; charset=utf-8",
+                body: page(source.role(), &r).into_bytes(),
+            }
         }
-        _ => write(&mut s, 404, "text/plain", b"not found").await,
+        _ => Reply::text(404, "not found"),
     }
 }
 
-async fn write_json(s: &mut TcpStream, status: u16, v: &Value) -> std::io::Result<()> {
-    let body = serde_json::to_vec_pretty(v).unwrap_or_default();
-    write(s, status, "application/json", &body).await
-}
-
-async fn write(s: &mut TcpStream, status: u16, content_type: &str, body: &[u8]) -> std::io::Result<()> {
-    let reason = match status {
+/// Writes `reply`; for a HEAD request the head alone, with the Content-Length a GET gets.
+async fn write(s: &mut TcpStream, head_only: bool, reply: Reply) -> std::io::Result<()> {
+    let reason = match reply.status {
         200 => "OK",
         400 => "Bad Request",
         404 => "Not Found",
@@ -308,7 +361,10 @@ async fn write(s: &mut TcpStream, status: u16, content_type: &str, body: &[u8]) 
         503 => "Service Unavailable",
         _ => "Status",
     };
-    let bytes = handshake::response(status, reason, content_type, body);
+    let mut bytes = handshake::response(reply.status, reason, reply.content_type, &reply.body);
+    if head_only {
+        bytes.truncate(bytes.len() - reply.body.len());
+    }
     s.write_all(&bytes).await?;
     s.shutdown().await
 }

@@ -11,7 +11,7 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use metrics::{describe_counter, describe_gauge, describe_histogram, gauge};
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 // The data plane's metrics are its own; these names are re-exported for readers.
@@ -48,6 +48,48 @@ pub const BUILD_INFO: &str = "hyrelay_build_info";
 pub fn warm_connections(role: &str) -> String {
     format!("hyrelay_{role}_warm_connections")
 }
+/// `result` of [`RELAY_SENDER_CONNECTS`] (`relay/sender.rs`).
+pub const SENDER_RESULTS: &[&str] = &[
+    "accepted",
+    "rejected",
+    "no_listener",
+    "auth_failed",
+    "timeout",
+    "not_found",
+    "abandoned",
+];
+/// `reason` of [`RELAY_CONTROL_CLOSED`] (`relay/listener.rs`).
+pub const CONTROL_CLOSED_REASONS: &[&str] = &[
+    "listener_closed",
+    "connection_lost",
+    "protocol_error",
+    "closed_by_relay",
+    "shutdown",
+    "dead",
+    "token_expired",
+    "token_rejected",
+    "key_revoked",
+    "io_error",
+    "stalled",
+];
+/// `result` of [`RELAY_TOKEN_RENEWALS`].
+pub const RENEWAL_RESULTS: &[&str] = &["ok", "rejected"];
+/// `reason` of [`HCM_RECONNECTS`] (`hcm/channel.rs`).
+pub const RECONNECT_REASONS: &[&str] = &[
+    "unreachable",
+    "auth_failed",
+    "token_expired",
+    "closed_by_relay",
+    "dead",
+    "configuration",
+    "error",
+];
+/// `result` of [`HCM_DIALS`] (`hcm/accept.rs`).
+pub const DIAL_RESULTS: &[&str] = &["ok", "refused", "timeout", "dns", "error"];
+/// `result` of [`BRIDGE_RELAY_CONNECTS`] (`bridge/mod.rs`).
+pub const BRIDGE_RESULTS: &[&str] = &["ok", "no_listener", "auth_failed", "rejected", "unreachable", "error"];
+/// `direction` of `hyrelay_{role}_bytes_total`: `up` is towards the endpoint.
+pub const DIRECTIONS: &[&str] = &["up", "down"];
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -66,6 +108,11 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
         .as_ref()
 }
 
+/// A HELP text that ends by naming every value of its label: `"{text}, by {label}: a, b, c."`.
+pub fn help_with(text: &str, label: &str, values: &[&str]) -> String {
+    format!("{text}, by {label}: {}.", values.join(", "))
+}
+
 fn describe() {
     describe_gauge!(
         RELAY_LISTENERS,
@@ -73,14 +120,20 @@ fn describe() {
     );
     describe_counter!(
         RELAY_SENDER_CONNECTS,
-        "Sender connects by result: accepted, rejected, no_listener, auth_failed, timeout, not_found."
+        help_with("Sender connects per hybrid connection", "result", SENDER_RESULTS)
     );
     describe_histogram!(
         RELAY_RENDEZVOUS_SECONDS,
         "Time from a sender's connect to the listener's rendezvous, per tunnel."
     );
-    describe_counter!(RELAY_CONTROL_CLOSED, "Listener control channels closed, by reason.");
-    describe_counter!(RELAY_TOKEN_RENEWALS, "renewToken messages from listeners, by result.");
+    describe_counter!(
+        RELAY_CONTROL_CLOSED,
+        help_with("Listener control channels closed", "reason", CONTROL_CLOSED_REASONS)
+    );
+    describe_counter!(
+        RELAY_TOKEN_RENEWALS,
+        help_with("renewToken messages from listeners", "result", RENEWAL_RESULTS)
+    );
     describe_counter!(
         RELAY_POOLED,
         "Senders joined to a pooled rendezvous connection (hyrelay extension), per hybrid connection."
@@ -89,20 +142,38 @@ fn describe() {
         HCM_CHANNEL_UP,
         "1 while the hcm's control channel for the hybrid connection is up."
     );
-    describe_counter!(HCM_RECONNECTS, "Control channel reconnects, by reason.");
+    describe_counter!(
+        HCM_RECONNECTS,
+        help_with(
+            "Control channel reconnects per hybrid connection",
+            "reason",
+            RECONNECT_REASONS
+        )
+    );
     describe_counter!(HCM_ACCEPTS, "accept notifications received from the relay.");
-    describe_counter!(HCM_DIALS, "Endpoint dials by result: ok, refused, timeout, dns, error.");
+    describe_counter!(
+        HCM_DIALS,
+        help_with("Endpoint dials per hybrid connection", "result", DIAL_RESULTS)
+    );
     describe_histogram!(HCM_DIAL_SECONDS, "Time to connect to the endpoint, per tunnel.");
     describe_counter!(BRIDGE_LOCAL_CONNECTIONS, "App connections accepted by the bridge.");
     describe_counter!(
         BRIDGE_RELAY_CONNECTS,
-        "Bridge connects to the relay by result: ok, no_listener, auth_failed, rejected, unreachable, error."
+        help_with(
+            "Bridge connects to the relay per hybrid connection",
+            "result",
+            BRIDGE_RESULTS
+        )
     );
     for role in ["relay", "hcm", "bridge"] {
         describe_gauge!(active_tunnels(role), "Tunnels open now, per hybrid connection.");
         describe_counter!(
             bytes_total(role),
-            "Payload bytes relayed, per hybrid connection and direction (up = towards the endpoint)."
+            help_with(
+                "Payload bytes relayed per hybrid connection (up = towards the endpoint)",
+                "direction",
+                DIRECTIONS
+            )
         );
         describe_counter!(tunnels_total(role), "Tunnels opened, per hybrid connection.");
         describe_gauge!(
@@ -114,6 +185,98 @@ fn describe() {
     describe_gauge!(POOL_BUDGET, "Budget of pooled data-plane buffers in bytes, per worker.");
     describe_gauge!(WORKERS, "Data-plane worker threads.");
     describe_gauge!(BUILD_INFO, "Always 1; labels carry the version and the role.");
+    describe_cluster();
+}
+
+/// The relay cluster's families (`relay::cluster::metric`), which only a clustered relay has.
+fn describe_cluster() {
+    use crate::relay::cluster::metric;
+    describe_gauge!(metric::REDIS_UP, "1 while this relay node reaches the cluster's Redis.");
+    describe_gauge!(
+        metric::CATALOG_VERSION,
+        "Version of the cluster catalog (hybrid connections, rules, keys) this node serves."
+    );
+    describe_gauge!(metric::NODES, "Relay nodes in the cluster, this one included.");
+    describe_counter!(
+        metric::ROUTED,
+        help_with(
+            help_with(
+                "Listener commands routed to or from another node",
+                "direction",
+                &["to", "from"]
+            )
+            .trim_end_matches('.'),
+            "result",
+            &["ok", "failed"]
+        )
+    );
+    describe_histogram!(
+        metric::ROUTE_SECONDS,
+        "Time to hand a command to a listener on another node."
+    );
+}
+
+/// Makes every per-hybrid-connection series of `role` exist for `hc` (at zero when it had
+/// none): a configured but idle hybrid connection then shows in `/metrics` with zeros, so
+/// rates and alerts see it before its first tunnel. Only registers; a value already
+/// counted is not touched. Histograms are left out (they show once something was timed).
+pub fn register_hc(role: &str, hc: &str) {
+    if handle().is_none() {
+        return;
+    }
+    let hc = hc.to_owned();
+    let each = |name: &'static str, label: &'static str, values: &[&'static str]| {
+        for v in values {
+            counter!(name, "hc" => hc.clone(), label => *v).increment(0);
+        }
+    };
+    for d in DIRECTIONS {
+        counter!(bytes_total(role), "hc" => hc.clone(), "direction" => *d).increment(0);
+    }
+    counter!(tunnels_total(role), "hc" => hc.clone()).increment(0);
+    gauge!(active_tunnels(role), "hc" => hc.clone()).increment(0.0);
+    match role {
+        "relay" => {
+            gauge!(RELAY_LISTENERS, "hc" => hc.clone()).increment(0.0);
+            each(RELAY_SENDER_CONNECTS, "result", SENDER_RESULTS);
+        }
+        "hcm" => {
+            gauge!(HCM_CHANNEL_UP, "hc" => hc.clone()).increment(0.0);
+            counter!(HCM_ACCEPTS, "hc" => hc.clone()).increment(0);
+            each(HCM_DIALS, "result", DIAL_RESULTS);
+            each(HCM_RECONNECTS, "reason", RECONNECT_REASONS);
+        }
+        "bridge" => {
+            counter!(BRIDGE_LOCAL_CONNECTIONS, "hc" => hc.clone()).increment(0);
+            each(BRIDGE_RELAY_CONNECTS, "result", BRIDGE_RESULTS);
+        }
+        _ => {}
+    }
+}
+
+/// Makes the process-wide series exist at zero: control channels closed by every reason,
+/// token renewals by every result.
+fn register_process_wide() {
+    for r in CONTROL_CLOSED_REASONS {
+        counter!(RELAY_CONTROL_CLOSED, "reason" => *r).increment(0);
+    }
+    for r in RENEWAL_RESULTS {
+        counter!(RELAY_TOKEN_RENEWALS, "result" => *r).increment(0);
+    }
+}
+
+/// The `/metrics` page: the recorder's families (after making `hcs`' series exist, as
+/// `(role, hybrid connection)`) followed by the standard process metrics.
+pub fn render(hcs: &[(&'static str, String)]) -> String {
+    let Some(h) = handle() else {
+        return super::process::render();
+    };
+    for (role, hc) in hcs {
+        register_hc(role, hc);
+    }
+    let mut out = h.render();
+    out.push_str(&super::process::render());
+    out
 }
 
 /// Sets the static gauges of a role: build info and worker count.
@@ -123,6 +286,9 @@ pub fn announce(role: &'static str, workers: usize) {
     }
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "role" => role).set(1.0);
     gauge!(WORKERS, "role" => role).set(workers as f64);
+    if role == "relay" {
+        register_process_wide();
+    }
 }
 
 /// Runs the exporter's upkeep (drains histogram buffers) every 5 s; call on a control runtime.
@@ -132,5 +298,26 @@ pub async fn upkeep_loop() {
     loop {
         tick.tick().await;
         h.run_upkeep();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Families registered outside this file (the relay cluster's) have HELP too, naming
+    /// their label values.
+    #[test]
+    fn cluster_families_have_help() {
+        let h = handle().expect("the recorder installs");
+        use crate::relay::cluster::metric;
+        counter!(metric::ROUTED, "direction" => "from", "result" => "failed").increment(1);
+        gauge!(metric::REDIS_UP).set(1.0);
+        let text = h.render();
+        assert!(
+            text.contains("# HELP hyrelay_cluster_accepts_routed_total Listener commands routed to or from another node, by direction: to, from, by result: ok, failed.\n"),
+            "{text}"
+        );
+        assert!(text.contains("# HELP hyrelay_cluster_redis_up 1 while"), "{text}");
     }
 }

@@ -9,6 +9,8 @@
 pub mod admin;
 pub mod history;
 pub mod metrics;
+pub mod process;
+pub mod systemd;
 
 use std::io::IsTerminal;
 

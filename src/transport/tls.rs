@@ -30,6 +30,11 @@ pub fn read_certs(cert: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
 
 /// Server config from a PEM certificate chain and a PEM private key.
 pub fn server_config_from_files(cert: &Path, key: &Path) -> anyhow::Result<Arc<ServerConfig>> {
+    // A key (or certificate) handed over by systemd: `${CREDENTIALS_DIRECTORY}/relay.key`.
+    let (cert, key) = (
+        &crate::config::secrets::expand_path(cert)?,
+        &crate::config::secrets::expand_path(key)?,
+    );
     let certs = read_certs(cert)?;
     let key =
         PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading TLS private key {}", key.display()))?;
