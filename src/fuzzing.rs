@@ -473,6 +473,23 @@ pub fn control_json(data: &[u8]) {
                 assert_eq!(control::decode(&encoded), Ok(Command::RenewToken { token }));
             }
         }
+        Ok(Command::Request(r)) => {
+            let encoded = r.encode();
+            if encoded.len() <= MAX_CONTROL_MESSAGE {
+                assert_eq!(control::decode(&encoded), Ok(Command::Request(r)), "request round trip");
+            }
+        }
+        Ok(Command::Response(r)) => {
+            assert!((100..=999).contains(&r.status_code));
+            let encoded = r.encode();
+            if encoded.len() <= MAX_CONTROL_MESSAGE {
+                assert_eq!(
+                    control::decode(&encoded),
+                    Ok(Command::Response(r)),
+                    "response round trip"
+                );
+            }
+        }
         Ok(Command::Unknown(name)) => assert!(name.chars().count() <= 64),
         Err(_) => {}
     }
