@@ -8,6 +8,7 @@ pub mod connstr;
 pub mod control;
 pub mod frame;
 pub mod handshake;
+pub mod hop;
 pub mod host;
 pub mod ids;
 pub mod mask;

@@ -106,6 +106,8 @@ pub struct RelayConfig {
     /// Membership of a relay cluster sharing its state through Redis (`[cluster]`,
     /// `--redis`). Default: none, a single node with its own state file.
     pub cluster: Option<super::cluster::ClusterConfig>,
+    /// HTTP request/response mode (`[http]`).
+    pub http: super::http::config::HttpSettings,
 }
 
 impl RelayConfig {
@@ -141,6 +143,7 @@ impl RelayConfig {
             buffer_budget: crate::config::default_workers() * crate::dataplane::pool::DEFAULT_BUDGET,
             io_backend: Default::default(),
             cluster: None,
+            http: Default::default(),
         }
     }
 
@@ -219,6 +222,7 @@ impl RelayConfig {
         {
             c.public_url = Some(cl.public_url.clone());
         }
+        c.http = super::http::config::HttpSettings::from_file(f.http)?;
         Ok(c)
     }
 
@@ -340,6 +344,7 @@ pub struct RelayFile {
     pub limits: LimitsFile,
     #[serde(default)]
     pub cluster: super::cluster::config::ClusterFile,
+    pub http: super::http::config::HttpFile,
 }
 
 #[derive(Debug, Default, Deserialize)]

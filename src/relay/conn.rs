@@ -106,7 +106,7 @@ async fn route(mut stream: Stream, inc: Incoming, ctx: Arc<Ctx>) {
         Ok(t) => t,
         Err(e) => return respond(&mut stream, 400, &e.to_string(), "").await,
     };
-    let rendezvous = matches!(&target, Target::Hc(r) if r.action == Some(Action::Accept));
+    let rendezvous = matches!(&target, Target::Hc(r) if matches!(r.action, Some(Action::Accept | Action::Request)));
     if !rendezvous {
         // Rendezvous addresses carry their own capability and are never throttled, so a
         // listener behind the same NAT as a guesser still completes its accepts.
@@ -121,15 +121,7 @@ async fn route(mut stream: Stream, inc: Incoming, ctx: Arc<Ctx>) {
                 Some(Action::Listen) => super::listener::serve(stream, inc, req, ctx).await,
                 Some(Action::Connect) => super::sender::serve_connect(stream, inc, req, ctx).await,
                 Some(Action::Accept) => super::sender::serve_accept(stream, inc, req, ctx).await,
-                Some(Action::Request) => {
-                    respond(
-                        &mut stream,
-                        400,
-                        "HTTP request rendezvous is not supported by this relay",
-                        "",
-                    )
-                    .await
-                }
+                Some(Action::Request) => super::http::serve_rendezvous(stream, inc, req, ctx).await,
                 None => respond(&mut stream, 400, "Missing sb-hc-action", "").await,
             }
         }

@@ -89,13 +89,8 @@ pub(super) async fn serve(mut stream: Stream, mut inc: Incoming, req: PlainReque
             send_and_close(&mut stream, &bytes).await;
         }
         Some(_) => {
-            respond(
-                &mut stream,
-                501,
-                "HTTP request/response mode is not supported by this relay",
-                "",
-            )
-            .await;
+            drop(state);
+            super::http::serve(stream, inc, ctx).await;
         }
         None if wants_info => xml_error(&mut stream, 404, "Endpoint does not exist.").await,
         None => respond(&mut stream, 404, "Endpoint does not exist.", "").await,

@@ -4,7 +4,7 @@
 //! accepts TCP on its own socket, runs TLS and the HTTP head, then serves one of: a
 //! listener control channel ([`listener`]), a sender connect or a listener's rendezvous
 //! ([`sender`], joined into a [`tunnel`]), or a plain HTTP request ([`mgmt`]: the
-//! runtime-information GET and the management API).
+//! runtime-information GET and the management API; [`http`]: HTTP request/response mode).
 //!
 //! Limits: every connection is admitted against the caps in [`limits`] before TLS, and
 //! authentication failures are slowed down per source address by [`throttle`].
@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod config;
 mod conn;
 pub mod control;
+pub mod http;
 pub mod limits;
 mod listener;
 pub mod mgmt;
@@ -50,6 +51,8 @@ pub(crate) struct Ctx {
     pub throttle: throttle::AuthThrottle,
     /// The host names tokens must be scoped to ([`answers_to`]).
     pub audience: auth::Audience,
+    /// HTTP-mode requests waiting for a listener.
+    pub http: Arc<http::HttpRt>,
 }
 
 impl Ctx {
@@ -325,6 +328,7 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
             max_delay: cfg.auth_max_delay,
         }),
         audience,
+        http: Arc::default(),
     });
     let admission = ctx.admission.clone();
     crate::dataplane::serve(&workers, listeners, drain.clone(), move |tcp, peer| {

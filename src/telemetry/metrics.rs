@@ -29,6 +29,10 @@ pub const RELAY_SENDER_CONNECTS: &str = "hyrelay_relay_sender_connects_total";
 pub const RELAY_RENDEZVOUS_SECONDS: &str = "hyrelay_relay_rendezvous_seconds";
 pub const RELAY_CONTROL_CLOSED: &str = "hyrelay_relay_control_channels_closed_total";
 pub const RELAY_TOKEN_RENEWALS: &str = "hyrelay_relay_token_renewals_total";
+pub const RELAY_HTTP_REQUESTS: &str = "hyrelay_relay_http_requests_total";
+pub const RELAY_HTTP_SECONDS: &str = "hyrelay_relay_http_request_seconds";
+pub const HCM_HTTP_REQUESTS: &str = "hyrelay_hcm_http_requests_total";
+pub const HCM_HTTP_SECONDS: &str = "hyrelay_hcm_http_request_seconds";
 pub const HCM_CHANNEL_UP: &str = "hyrelay_hcm_control_channel_up";
 pub const HCM_RECONNECTS: &str = "hyrelay_hcm_reconnects_total";
 pub const HCM_ACCEPTS: &str = "hyrelay_hcm_accepts_total";
@@ -85,6 +89,22 @@ fn describe() {
     describe_histogram!(
         RELAY_RENDEZVOUS_SECONDS,
         "Time from a sender's connect to the listener's rendezvous, per tunnel."
+    );
+    describe_counter!(
+        RELAY_HTTP_REQUESTS,
+        "HTTP-mode requests by hybrid connection and status (common codes by number, others by class)."
+    );
+    describe_histogram!(
+        RELAY_HTTP_SECONDS,
+        "HTTP-mode requests: arrival to the response head, per hybrid connection."
+    );
+    describe_counter!(
+        HCM_HTTP_REQUESTS,
+        "HTTP-mode requests forwarded to the endpoint, by hybrid connection and status."
+    );
+    describe_histogram!(
+        HCM_HTTP_SECONDS,
+        "HTTP-mode requests: request to the endpoint's response head."
     );
     describe_counter!(RELAY_CONTROL_CLOSED, "Listener control channels closed, by reason.");
     describe_counter!(RELAY_TOKEN_RENEWALS, "renewToken messages from listeners, by result.");
