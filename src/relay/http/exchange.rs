@@ -133,6 +133,7 @@ pub async fn run(ctx: &Arc<Ctx>, mut out: Outbound, body: Incoming) -> Result<An
         Err(Refusal::ShuttingDown) => return Err(Refused::new(503, "The relay is shutting down.")),
         Err(_) => return Err(Refused::new(404, "There are no listeners connected for the endpoint.")),
     };
+    tracing::debug!(event = "http_request_dispatched", hc = %out.entity, request = %id, inline = sent_inline, "HTTP request sent to a listener");
     let deadline = Instant::now() + cfg.response_timeout;
     let push = (!sent_inline).then(|| Push {
         text: Request {
@@ -236,6 +237,11 @@ async fn rendezvous(ctx: &Arc<Ctx>, leg: Leg, push: Option<Push>, deadline: Inst
     crate::relay::conn::write_flush(&mut stream, &handshake::switching_protocols(&key, None))
         .await
         .map_err(|_| lost())?;
+    tracing::debug!(
+        event = "http_rendezvous",
+        pushed = push.is_some(),
+        "listener opened the request's rendezvous"
+    );
     let (r, w) = tokio::io::split(stream);
     let mut reader = WsReader::new(r, leftover, Role::Server, ctx.cfg.max_frame);
     let writer = WsWriter::new(w, Role::Server);

@@ -1,0 +1,433 @@
+//! HTTP request/response mode (hc-protocol.md §6): plain HTTP senders → relay → our hcm →
+//! a local HTTP server, and the relay's own answers (no listener, auth, deadlines, a
+//! listener that dies) with a listener driven by the test.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use hyrelay::proto::connstr::ConnectionString;
+
+const STEP: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------------------------------
+// A local HTTP server (the endpoint) that reports what it received.
+
+/// Starts the endpoint; returns its address.
+///
+/// - `/echo…`: 200, the request body back; `x-got-*` headers say what arrived.
+/// - `/size/N`: N bytes of `payload(N, 9)`.
+/// - `/status/N`: status N, no body.
+fn endpoint() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    let addr = l.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::from_std(l).unwrap();
+            loop {
+                let (s, _) = l.accept().await.unwrap();
+                let id = conns.fetch_add(1, Ordering::Relaxed) + 1;
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| serve_endpoint(req, id));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+    });
+    addr
+}
+
+async fn serve_endpoint(req: Request<Incoming>, conn: usize) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path().to_owned();
+    let names: Vec<String> = parts.headers.keys().map(|k| k.as_str().to_owned()).collect();
+    let got = |n: &str| {
+        parts
+            .headers
+            .get(n)
+            .map(|v| v.to_str().unwrap_or("").to_owned())
+            .unwrap_or_default()
+    };
+    let chunked = got("transfer-encoding").contains("chunked");
+    let data = body.collect().await?.to_bytes();
+    let mut resp = if let Some(n) = path.strip_prefix("/size/") {
+        Response::new(Full::new(Bytes::from(payload(n.parse().unwrap(), 9))))
+    } else if let Some(code) = path.strip_prefix("/status/") {
+        let mut r = Response::new(Full::new(Bytes::new()));
+        *r.status_mut() = code.parse::<u16>().unwrap().try_into().unwrap();
+        r
+    } else {
+        Response::new(Full::new(data.clone()))
+    };
+    let h = resp.headers_mut();
+    for (k, v) in [
+        ("x-got-method", parts.method.to_string()),
+        ("x-got-target", parts.uri.to_string()),
+        ("x-got-host", got("host")),
+        ("x-got-xff", got("x-forwarded-for")),
+        ("x-got-forwarded", got("forwarded")),
+        ("x-got-via", got("via")),
+        ("x-got-headers", names.join(",")),
+        ("x-got-len", data.len().to_string()),
+        ("x-got-chunked", chunked.to_string()),
+        ("x-conn", conn.to_string()),
+    ] {
+        h.insert(k, v.parse().unwrap());
+    }
+    Ok(resp)
+}
+
+// ---------------------------------------------------------------------------------------
+// A sender: hyper's HTTP/1.1 client on one keep-alive connection.
+
+struct Sender {
+    tx: hyper::client::conn::http1::SendRequest<http_body_util::combinators::BoxBody<Bytes, std::io::Error>>,
+    host: String,
+}
+
+/// What came back.
+struct Got {
+    status: u16,
+    reason: String,
+    headers: hyper::HeaderMap,
+    body: Bytes,
+}
+
+impl Got {
+    fn h(&self, n: &str) -> &str {
+        self.headers.get(n).map(|v| v.to_str().unwrap()).unwrap_or("")
+    }
+}
+
+impl Sender {
+    async fn connect(addr: SocketAddr) -> Self {
+        let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await.unwrap();
+        tokio::spawn(conn);
+        Self {
+            tx,
+            host: format!("127.0.0.1:{}", addr.port()),
+        }
+    }
+
+    async fn send(&mut self, method: &str, target: &str, headers: &[(&str, &str)], body: Body) -> Got {
+        let mut b = Request::builder().method(method).uri(target).header("host", &self.host);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let body = match body {
+            Body::Bytes(v) => Full::new(Bytes::from(v)).map_err(|e| match e {}).boxed(),
+            Body::Chunked(v) => Chunks(v.chunks(40_000).map(Bytes::copy_from_slice).collect()).boxed(),
+        };
+        let req = b.body(body).unwrap();
+        let fut = async {
+            self.tx.ready().await.unwrap();
+            let resp = self.tx.send_request(req).await.unwrap();
+            let (parts, body) = resp.into_parts();
+            let reason = parts
+                .extensions
+                .get::<hyper::ext::ReasonPhrase>()
+                .map(|r| String::from_utf8_lossy(r.as_bytes()).into_owned())
+                .unwrap_or_else(|| parts.status.canonical_reason().unwrap_or("").to_owned());
+            Got {
+                status: parts.status.as_u16(),
+                reason,
+                headers: parts.headers,
+                body: body.collect().await.unwrap().to_bytes(),
+            }
+        };
+        tokio::time::timeout(STEP, fut).await.expect("no answer in time")
+    }
+}
+
+enum Body {
+    Bytes(Vec<u8>),
+    /// Sent with chunked transfer-encoding, in 40 000-byte pieces.
+    Chunked(Vec<u8>),
+}
+
+/// A body of unknown length (so sent chunked), one piece per poll.
+struct Chunks(std::collections::VecDeque<Bytes>);
+
+impl hyper::body::Body for Chunks {
+    type Data = Bytes;
+    type Error = std::io::Error;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        std::task::Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
+    }
+}
+
+fn token(cs: &ConnectionString, hc: &str) -> String {
+    hyrelay::client::token(cs, hc, Duration::from_secs(600))
+}
+
+/// A relay, an endpoint, an hcm serving `hc` for it; a sender token.
+async fn published(hc: &str) -> (Rig, hyrelay::hcm::HcmHandle, String, SocketAddr) {
+    let rig = Rig::new(false);
+    let ep = endpoint();
+    rig.create(hc, ep).await;
+    let hcm = rig.hcm(&rig.listen_cs(hc).await);
+    rig.wait_listeners(hc, 1).await;
+    let tok = token(&rig.send_cs(hc).await, hc);
+    (rig, hcm, tok, ep)
+}
+
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_size_matrix_both_ways_through_relay_and_hcm() {
+    let (rig, _hcm, tok, _) = published("api").await;
+    let mut s = Sender::connect(rig.relay.local_addr()).await;
+    let auth = [("ServiceBusAuthorization", tok.as_str())];
+    for (i, len) in [0usize, 1024, 65_535, 65_536, 65_537, 10 << 20].into_iter().enumerate() {
+        let data = payload(len, 50 + i as u64);
+        // Request body of `len` echoed back: both directions at once.
+        let g = s.send("POST", "/api/echo", &auth, Body::Bytes(data.clone())).await;
+        assert_eq!(g.status, 200, "{len}: {}", String::from_utf8_lossy(&g.body));
+        assert_eq!(g.h("x-got-len"), len.to_string(), "endpoint got {len}");
+        assert_eq!(g.body.len(), len, "echo length for {len}");
+        assert!(g.body[..] == data[..], "echo bytes for {len}");
+        // Response of `len` to a GET.
+        let g = s
+            .send("GET", &format!("/api/size/{len}"), &auth, Body::Bytes(vec![]))
+            .await;
+        assert_eq!(g.status, 200);
+        assert!(g.body[..] == payload(len, 9)[..], "GET of {len}");
+        // Chunked request body of unknown size.
+        let g = s.send("PUT", "/api/echo", &auth, Body::Chunked(data.clone())).await;
+        assert_eq!((g.status, g.body.len()), (200, len), "chunked {len}");
+        assert!(g.body[..] == data[..], "chunked echo bytes for {len}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_endpoint_and_the_sender_see() {
+    let (rig, _hcm, tok, ep) = published("shop").await;
+    let mut s = Sender::connect(rig.relay.local_addr()).await;
+    let q = format!("/shop/items/7?a=1&sb-hc-token={}&b=%2f%3a&sb-hc-id=x", urlenc(&tok));
+    let g = s
+        .send(
+            "POST",
+            &q,
+            &[
+                ("x-app", "v"),
+                ("connection", "x-hop"),
+                ("x-hop", "1"),
+                ("authorization", "Bearer app"),
+            ],
+            Body::Bytes(b"hi".to_vec()),
+        )
+        .await;
+    assert_eq!(g.status, 200, "{}", String::from_utf8_lossy(&g.body));
+    // The entity name is gone, sb-hc-* too, the rest of the query is byte-exact.
+    assert_eq!(g.h("x-got-target"), "/items/7?a=1&b=%2f%3a");
+    assert_eq!(g.h("x-got-method"), "POST");
+    // The endpoint's own Host; the sender's address forwarded; Via from the relay.
+    assert_eq!(g.h("x-got-host"), ep.to_string());
+    assert_eq!(g.h("x-got-xff"), "127.0.0.1");
+    assert_eq!(g.h("x-got-forwarded"), "for=127.0.0.1");
+    assert!(g.h("x-got-via").starts_with("1.1 127.0.0.1"), "{}", g.h("x-got-via"));
+    let names = g.h("x-got-headers");
+    assert!(names.contains("x-app"), "{names}");
+    // The token was in the query, so Authorization is the app's and passes through.
+    assert!(names.contains("authorization"), "{names}");
+    for gone in ["x-hop", "servicebusauthorization", "connection", "keep-alive"] {
+        assert!(
+            !names.split(',').any(|n| n == gone),
+            "{gone} reached the endpoint: {names}"
+        );
+    }
+    // The answer came from the listener: Via present.
+    assert!(g.h("via").contains("1.1 "), "via on the response: {:?}", g.headers);
+
+    // HEAD: headers, no body; 204: no body.
+    let auth = [("ServiceBusAuthorization", tok.as_str())];
+    let g = s.send("HEAD", "/shop/size/5000", &auth, Body::Bytes(vec![])).await;
+    assert_eq!((g.status, g.body.len()), (200, 0));
+    let g = s.send("GET", "/shop/status/204", &auth, Body::Bytes(vec![])).await;
+    assert_eq!((g.status, g.body.len()), (204, 0));
+    let g = s.send("GET", "/shop/status/404", &auth, Body::Bytes(vec![])).await;
+    assert_eq!(g.status, 404);
+    assert!(!g.h("via").is_empty(), "a listener's 404 carries Via");
+
+    // Keep-alive: the relay connection and the endpoint connection are both reused.
+    let mut conns = HashMap::new();
+    for _ in 0..5 {
+        let g = s.send("GET", "/shop/echo", &auth, Body::Bytes(vec![])).await;
+        assert_eq!(g.status, 200);
+        *conns.entry(g.h("x-conn").to_owned()).or_insert(0) += 1;
+    }
+    assert!(conns.len() <= 2, "endpoint connections not reused: {conns:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_parallel_requests() {
+    let (rig, _hcm, tok, _) = published("par").await;
+    let addr = rig.relay.local_addr();
+    let mut tasks = Vec::new();
+    for i in 0..100usize {
+        let tok = tok.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut s = Sender::connect(addr).await;
+            let data = payload(100 + i * 997, i as u64);
+            let g = s
+                .send(
+                    "POST",
+                    "/par/echo",
+                    &[("ServiceBusAuthorization", &tok)],
+                    Body::Bytes(data.clone()),
+                )
+                .await;
+            assert_eq!(g.status, 200);
+            assert!(g.body[..] == data[..], "request {i}");
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_refuses_what_it_must() {
+    let rig = Rig::new(false);
+    rig.create("lonely", endpoint()).await;
+    let addr = rig.relay.local_addr();
+    let send_tok = token(&rig.send_cs("lonely").await, "lonely");
+    let listen_tok = token(&rig.listen_cs("lonely").await, "lonely");
+    let mut s = Sender::connect(addr).await;
+    // No listener: Azure's 404 (see README, "What differs from Azure").
+    let g = s
+        .send(
+            "GET",
+            "/lonely/x",
+            &[("ServiceBusAuthorization", &send_tok)],
+            Body::Bytes(vec![]),
+        )
+        .await;
+    assert_eq!(g.status, 404, "{}", g.reason);
+    assert_eq!(g.reason, "There are no listeners connected for the endpoint.");
+    assert!(g.headers.get("via").is_none(), "the relay's own answers carry no Via");
+    // Unknown hybrid connection.
+    let g = s.send("GET", "/nosuch/x", &[], Body::Bytes(vec![])).await;
+    assert_eq!(g.status, 404);
+    // Wrong token: 401, and the body (unread) does not turn into a reset.
+    let mut s = Sender::connect(addr).await;
+    let bad = send_tok.replace("sig=", "sig=AAAA");
+    let g = s
+        .send(
+            "POST",
+            "/lonely/x",
+            &[("ServiceBusAuthorization", &bad)],
+            Body::Bytes(payload(300_000, 1)),
+        )
+        .await;
+    assert_eq!(g.status, 401);
+    // A Listen-only token cannot send: 403.
+    let mut s = Sender::connect(addr).await;
+    let g = s
+        .send(
+            "GET",
+            "/lonely/x",
+            &[("ServiceBusAuthorization", &listen_tok)],
+            Body::Bytes(vec![]),
+        )
+        .await;
+    assert_eq!(g.status, 403);
+    // No token at all.
+    let mut s = Sender::connect(addr).await;
+    let g = s.send("GET", "/lonely/x", &[], Body::Bytes(vec![])).await;
+    assert_eq!(g.status, 401);
+    // HEAD of a refusal: no body.
+    let mut s = Sender::connect(addr).await;
+    let g = s.send("HEAD", "/lonely/x", &[], Body::Bytes(vec![])).await;
+    assert_eq!((g.status, g.body.len()), (401, 0));
+}
+
+/// A listener driven by the test: answers nothing (504 at the deadline), or drops its
+/// control channel after the request arrived (502); the relay serves on afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_vanishing_listeners() {
+    let rig = Rig::with(false, |c| c.http.response_timeout = Duration::from_secs(2));
+    rig.create("flaky", endpoint()).await;
+    let tok = token(&rig.send_cs("flaky").await, "flaky");
+    let addr = rig.relay.local_addr();
+    let auth = [("ServiceBusAuthorization", tok.as_str())];
+
+    let (mut r, w) = raw_listener(&rig, "flaky").await;
+    rig.wait_listeners("flaky", 1).await;
+    let mut s = Sender::connect(addr).await;
+    let t0 = std::time::Instant::now();
+    let g = s.send("GET", "/flaky/slow", &auth, Body::Bytes(vec![])).await;
+    assert_eq!(g.status, 504, "{}", g.reason);
+    assert!(t0.elapsed() >= Duration::from_secs(2), "504 before the deadline");
+    assert!(
+        next_request(&mut r).await.http.is_some(),
+        "the listener got the request"
+    );
+
+    // The listener goes away while the sender waits: 502 at once.
+    let mut s2 = Sender::connect(addr).await;
+    let tok2 = tok.clone();
+    let pending = tokio::spawn(async move {
+        s2.send(
+            "GET",
+            "/flaky/x",
+            &[("ServiceBusAuthorization", &tok2)],
+            Body::Bytes(vec![]),
+        )
+        .await
+    });
+    next_request(&mut r).await;
+    drop((r, w));
+    let g = pending.await.unwrap();
+    assert_eq!(g.status, 502, "{}", g.reason);
+    rig.wait_listeners("flaky", 0).await;
+
+    // The relay is fine afterwards: an hcm serves the same hybrid connection.
+    let _hcm = rig.hcm(&rig.listen_cs("flaky").await);
+    rig.wait_listeners("flaky", 1).await;
+    let g = s.send("GET", "/flaky/echo", &auth, Body::Bytes(vec![])).await;
+    assert_eq!(g.status, 200);
+}
+
+async fn next_request(r: &mut RawReader) -> hyrelay::proto::control::Request {
+    use hyrelay::proto::control::{self, Command};
+    use hyrelay::transport::ws::Message;
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), r.next_message(1 << 17))
+            .await
+            .expect("no request within 10 s")
+            .expect("control channel read")
+            .expect("control channel closed");
+        if let Message::Text(t) = m
+            && let Command::Request(req) = control::decode(&t).unwrap()
+        {
+            return req;
+        }
+    }
+}
+
+fn urlenc(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
