@@ -3,6 +3,7 @@
 //! listener that dies) with a listener driven by the test.
 
 mod common;
+mod http_mode_client;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -13,12 +14,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use http_body_util::{BodyExt, Full};
-use hyper::body::{Frame, Incoming};
+use http_mode_client::{Body, Sender};
+use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use hyrelay::proto::connstr::ConnectionString;
-
-const STEP: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------------------
 // A local HTTP server (the endpoint) that reports what it received.
@@ -93,89 +93,6 @@ async fn serve_endpoint(req: Request<Incoming>, conn: usize) -> Result<Response<
         h.insert(k, v.parse().unwrap());
     }
     Ok(resp)
-}
-
-// ---------------------------------------------------------------------------------------
-// A sender: hyper's HTTP/1.1 client on one keep-alive connection.
-
-struct Sender {
-    tx: hyper::client::conn::http1::SendRequest<http_body_util::combinators::BoxBody<Bytes, std::io::Error>>,
-    host: String,
-}
-
-/// What came back.
-struct Got {
-    status: u16,
-    reason: String,
-    headers: hyper::HeaderMap,
-    body: Bytes,
-}
-
-impl Got {
-    fn h(&self, n: &str) -> &str {
-        self.headers.get(n).map(|v| v.to_str().unwrap()).unwrap_or("")
-    }
-}
-
-impl Sender {
-    async fn connect(addr: SocketAddr) -> Self {
-        let s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await.unwrap();
-        tokio::spawn(conn);
-        Self {
-            tx,
-            host: format!("127.0.0.1:{}", addr.port()),
-        }
-    }
-
-    async fn send(&mut self, method: &str, target: &str, headers: &[(&str, &str)], body: Body) -> Got {
-        let mut b = Request::builder().method(method).uri(target).header("host", &self.host);
-        for (k, v) in headers {
-            b = b.header(*k, *v);
-        }
-        let body = match body {
-            Body::Bytes(v) => Full::new(Bytes::from(v)).map_err(|e| match e {}).boxed(),
-            Body::Chunked(v) => Chunks(v.chunks(40_000).map(Bytes::copy_from_slice).collect()).boxed(),
-        };
-        let req = b.body(body).unwrap();
-        let fut = async {
-            self.tx.ready().await.unwrap();
-            let resp = self.tx.send_request(req).await.unwrap();
-            let (parts, body) = resp.into_parts();
-            let reason = parts
-                .extensions
-                .get::<hyper::ext::ReasonPhrase>()
-                .map(|r| String::from_utf8_lossy(r.as_bytes()).into_owned())
-                .unwrap_or_else(|| parts.status.canonical_reason().unwrap_or("").to_owned());
-            Got {
-                status: parts.status.as_u16(),
-                reason,
-                headers: parts.headers,
-                body: body.collect().await.unwrap().to_bytes(),
-            }
-        };
-        tokio::time::timeout(STEP, fut).await.expect("no answer in time")
-    }
-}
-
-enum Body {
-    Bytes(Vec<u8>),
-    /// Sent with chunked transfer-encoding, in 40 000-byte pieces.
-    Chunked(Vec<u8>),
-}
-
-/// A body of unknown length (so sent chunked), one piece per poll.
-struct Chunks(std::collections::VecDeque<Bytes>);
-
-impl hyper::body::Body for Chunks {
-    type Data = Bytes;
-    type Error = std::io::Error;
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
-        std::task::Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
-    }
 }
 
 fn token(cs: &ConnectionString, hc: &str) -> String {

@@ -395,7 +395,8 @@ async fn open_rendezvous(address: &str, ctx: &HcmCtx) -> Result<(RvReader, RvWri
         .map_err(|e| e.to_string())?;
     let (r, w) = tokio::io::split(c.stream);
     Ok((
-        WsReader::new(r, c.leftover, Role::Client, ctx.cfg.max_frame),
+        // Frames are streamed in pieces, never held whole: the body limit is the frame limit.
+        WsReader::new(r, c.leftover, Role::Client, MAX_BODY),
         WsWriter::new(w, Role::Client),
     ))
 }

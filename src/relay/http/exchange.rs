@@ -243,7 +243,9 @@ async fn rendezvous(ctx: &Arc<Ctx>, leg: Leg, push: Option<Push>, deadline: Inst
         "listener opened the request's rendezvous"
     );
     let (r, w) = tokio::io::split(stream);
-    let mut reader = WsReader::new(r, leftover, Role::Server, ctx.cfg.max_frame);
+    // Frames are streamed in pieces, never held whole: a body may come as one frame
+    // (hyco-https sends a 10 MiB response so), so the body limit is the frame limit.
+    let mut reader = WsReader::new(r, leftover, Role::Server, ctx.cfg.http.max_body);
     let writer = WsWriter::new(w, Role::Server);
     let cfg = ctx.cfg.http.clone();
     let mut upload = tokio::spawn(upload(writer, push, cfg.max_body, cfg.body_idle_timeout));
