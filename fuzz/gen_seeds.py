@@ -265,6 +265,20 @@ def target_seeds():
         write("hc_target", name, s)
 
 
+def http_mode_seeds():
+    for name, s in [
+        ("target-token-and-app-query", "api\n/api/items/7?a=1&sb-hc-token=SharedAccessSignature%20sr%3Dx&b=%2f%3a&SB-HC-ID=1&flag"),
+        ("target-nested-entity", "a/b\n/A/B/c/d?x"),
+        ("target-encoded-entity", "my hc\n/my%20hc/x"),
+        ("target-outside-entity", "hc1\n/other/x?sb-hc-action=listen"),
+        ("target-absolute-form", "hc1\nhttp://ns/hc1/x"),
+        ("reason-controls", "hc1\nMade\r\nSet-Cookie: x\tgr\u00fc\u00dfe"),
+        ("response-headers", 'hc1\n{"response":{"requestId":"r","statusCode":200,"responseHeaders":{"Connection":"x-a, keep-alive","x-a":"1","Content-Length":"9","Transfer-Encoding":"chunked","Via":"1.0 app","ServiceBusAuthorization":"t","x-ok":["a","b"]},"body":true}}'),
+        ("response-head", 'ns\n{"response":{"requestId":"r","statusCode":"204","responseHeaders":{"content-length":5},"body":false}}'),
+    ]:
+        write("http_mode", name, s)
+
+
 # --- metadata ---------------------------------------------------------------------------
 
 def metadata_seeds():
@@ -397,6 +411,7 @@ if __name__ == "__main__":
     connstr_seeds()
     control_seeds()
     target_seeds()
+    http_mode_seeds()
     metadata_seeds()
     config_seeds()
     proxy_seeds()

@@ -25,7 +25,7 @@ pub const HOP_BY_HOP: &[&str] = &[
 /// in `connection_tokens`.
 pub fn is_hop_by_hop(name: &str, connection_tokens: &[String]) -> bool {
     let lower = name.to_ascii_lowercase();
-    HOP_BY_HOP.contains(&lower.as_str()) || connection_tokens.iter().any(|t| *t == lower)
+    HOP_BY_HOP.contains(&lower.as_str()) || connection_tokens.contains(&lower)
 }
 
 /// The lower-cased tokens of the `Connection` header values.
@@ -53,27 +53,32 @@ pub fn reason_phrase(desc: &str) -> String {
 /// The `code` label of the request metrics: a bounded set (common statuses by number,
 /// the rest by class).
 pub fn code_label(status: u16) -> &'static str {
+    const COMMON: [(u16, &str); 20] = [
+        (200, "200"),
+        (201, "201"),
+        (204, "204"),
+        (206, "206"),
+        (301, "301"),
+        (302, "302"),
+        (304, "304"),
+        (400, "400"),
+        (401, "401"),
+        (403, "403"),
+        (404, "404"),
+        (405, "405"),
+        (408, "408"),
+        (413, "413"),
+        (429, "429"),
+        (431, "431"),
+        (500, "500"),
+        (502, "502"),
+        (503, "503"),
+        (504, "504"),
+    ];
+    if let Some((_, l)) = COMMON.iter().find(|(c, _)| *c == status) {
+        return l;
+    }
     match status {
-        200 => "200",
-        201 => "201",
-        204 => "204",
-        206 => "206",
-        301 => "301",
-        302 => "302",
-        304 => "304",
-        400 => "400",
-        401 => "401",
-        403 => "403",
-        404 => "404",
-        405 => "405",
-        408 => "408",
-        413 => "413",
-        429 => "429",
-        431 => "431",
-        500 => "500",
-        502 => "502",
-        503 => "503",
-        504 => "504",
         100..=199 => "1xx",
         200..=299 => "2xx",
         300..=399 => "3xx",

@@ -306,29 +306,12 @@ fn to_sender(answer: exchange::Answer, via_host: &str, head_request: bool) -> Re
     let body = if no_body { RelayBody::Empty } else { answer.body };
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
-    let conn_tokens = wire::connection_tokens(
-        r.response_headers
-            .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
-            .map(|(_, v)| v.as_str()),
-    );
-    let mut via_in: Option<String> = None;
     let headers = resp.headers_mut();
-    for (n, v) in &r.response_headers {
-        let keep_length = no_body && n.eq_ignore_ascii_case("content-length");
-        if n.eq_ignore_ascii_case("via") {
-            via_in = Some(v.clone());
-            continue;
-        }
-        if wire::is_stripped(n, &conn_tokens) && !keep_length {
-            continue;
-        }
-        if let (Ok(name), Ok(value)) = (HeaderName::from_bytes(n.as_bytes()), HeaderValue::from_str(v)) {
+    for (n, v) in wire::sender_headers(&r.response_headers, no_body, via_host) {
+        // A name or value that is not valid HTTP is dropped.
+        if let (Ok(name), Ok(value)) = (HeaderName::from_bytes(n.as_bytes()), HeaderValue::from_str(&v)) {
             headers.append(name, value);
         }
-    }
-    if let Ok(v) = HeaderValue::from_str(&wire::via(via_in.as_deref(), via_host)) {
-        headers.insert(hyper::header::VIA, v);
     }
     set_reason(&mut resp, r.status_description.as_deref());
     resp

@@ -71,6 +71,33 @@ pub fn rendezvous_address(base: &str, raw_path: &str, app_query: &[String], id: 
     format!("{base}/$hc/{raw_path}?{}", q.join("&"))
 }
 
+/// A listener's `responseHeaders` as the sender gets them: hop-by-hop headers dropped
+/// (`content-length` kept when the answer has no body, as for HEAD), the listener's `Via`
+/// (if any) annotated with this relay, last.
+pub fn sender_headers(headers: &[(String, String)], no_body: bool, via_host: &str) -> Vec<(String, String)> {
+    let conn_tokens = connection_tokens(
+        headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
+            .map(|(_, v)| v.as_str()),
+    );
+    let mut via_in: Option<&str> = None;
+    let mut out = Vec::with_capacity(headers.len() + 1);
+    for (n, v) in headers {
+        if n.eq_ignore_ascii_case("via") {
+            via_in = Some(v);
+            continue;
+        }
+        let keep_length = no_body && n.eq_ignore_ascii_case("content-length");
+        if is_stripped(n, &conn_tokens) && !keep_length {
+            continue;
+        }
+        out.push((n.clone(), v.clone()));
+    }
+    out.push(("via".into(), via(via_in, via_host)));
+    out
+}
+
 /// Which credentials a request presents, and which headers they take with them.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Credentials {
@@ -146,6 +173,29 @@ mod tests {
         };
         assert_eq!(r.action, Some(crate::proto::address::Action::Request));
         assert_eq!((r.id.as_deref(), r.rendezvous.as_deref()), (Some("id-1"), Some("00ff")));
+    }
+
+    #[test]
+    fn sender_headers_drop_hops_and_add_via() {
+        let h = |v: &[(&str, &str)]| {
+            v.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect::<Vec<_>>()
+        };
+        let got = sender_headers(
+            &h(&[
+                ("Content-Length", "5"),
+                ("connection", "x-a"),
+                ("x-a", "1"),
+                ("x-b", "2"),
+                ("Via", "1.0 app"),
+            ]),
+            false,
+            "ns",
+        );
+        assert_eq!(got, h(&[("x-b", "2"), ("via", "1.0 app, 1.1 ns")]));
+        let head = sender_headers(&h(&[("content-length", "5")]), true, "ns");
+        assert_eq!(head, h(&[("content-length", "5"), ("via", "1.1 ns")]));
     }
 
     #[test]
