@@ -348,3 +348,109 @@ async fn next_request(r: &mut RawReader) -> hyrelay::proto::control::Request {
 fn urlenc(s: &str) -> String {
     percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
+
+/// Sends `head` and then `body` on a fresh connection (write errors ignored, as a client
+/// that streams a body does), and returns everything read back until EOF.
+async fn raw_exchange(addr: SocketAddr, head: &str, body: Vec<u8>) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let head = head.to_owned();
+    let writer = tokio::spawn(async move {
+        let _ = w.write_all(head.as_bytes()).await;
+        let _ = w.write_all(&body).await;
+        w
+    });
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), r.read_to_end(&mut out)).await;
+    let read = read.expect("the relay did not close the connection");
+    let _w = writer.await.unwrap();
+    read.unwrap_or_else(|e| {
+        panic!(
+            "reading the answer failed ({e}); got {:?}",
+            String::from_utf8_lossy(&out)
+        )
+    });
+    out
+}
+
+/// Issue 12 item 6: the answer to a HEAD has no body, and a refused request whose body is
+/// still on its way gets its status, not a reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_answers_head_and_refused_bodies() {
+    let rig = Rig::new(false);
+    rig.create("guarded", endpoint()).await;
+    let addr = rig.relay.local_addr();
+    for target in ["/nosuch/x", "/guarded/x", "/$hyrelay/v1/hybrid-connections"] {
+        let got = raw_exchange(
+            addr,
+            &format!("HEAD {target} HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"),
+            vec![],
+        )
+        .await;
+        let text = String::from_utf8_lossy(&got);
+        let (head, rest) = text.split_once("\r\n\r\n").expect("a complete head");
+        assert!(head.starts_with("HTTP/1.1 4"), "{target}: {head}");
+        assert_eq!(rest, "", "HEAD {target}: the answer carries a body");
+    }
+    let body = payload(512 * 1024, 3);
+    for target in ["/guarded/x", "/nosuch/x", "/$hc/guarded"] {
+        let head = format!(
+            "POST {target} HTTP/1.1\r\nHost: h\r\nServiceBusAuthorization: SharedAccessSignature sr=x&sig=y&se=1&skn=z\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let got = raw_exchange(addr, &head, body.clone()).await;
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 40"), "{target}: {text:?}");
+    }
+}
+
+/// curl streaming a body without `Expect` to a request the relay refuses: curl must report
+/// the status, not a send failure (issue 12 item 6).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_sees_the_refusal_of_a_body_it_is_still_sending() {
+    for tls in [false, true] {
+        curl_refused(tls).await;
+    }
+}
+
+async fn curl_refused(tls: bool) {
+    let rig = Rig::new(tls);
+    let scheme = if tls { "https://localhost" } else { "http://127.0.0.1" };
+    rig.create("guarded", endpoint()).await;
+    let port = rig.relay.local_addr().port();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("body");
+    std::fs::write(&file, payload(8 << 20, 4)).unwrap();
+    for target in ["guarded/x", "$hc/guarded"] {
+        let o = tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio::process::Command::new("curl")
+                .args([
+                    "-sS",
+                    "-k",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "-H",
+                    "Expect:",
+                    "--data-binary",
+                ])
+                .arg(format!("@{}", file.display()))
+                .arg(format!("{scheme}:{port}/{target}"))
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let code = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success() && code.starts_with('4'),
+            "{target}: curl exit {:?}, code {code}, {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}

@@ -176,13 +176,25 @@ async fn route(req: Request<Incoming>, conn: &Conn, ctx: &Arc<Ctx>) -> (Response
             return (refuse(body, 400, msg, true).await, None);
         }
     };
+    if plain
+        .raw_path
+        .get(..9)
+        .is_some_and(|p| p.eq_ignore_ascii_case("/$hyrelay"))
+        || plain
+            .raw_path
+            .get(..11)
+            .is_some_and(|p| p.eq_ignore_ascii_case("/%24hyrelay"))
+    {
+        let msg = format!("{} is not allowed on the management API.", parts.method);
+        return (refuse(body, 405, &msg, true).await, None);
+    }
     let delay = ctx.throttle.delay(conn.peer.ip());
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
     let state = ctx.state.load();
     let Some((entity, _)) = state.resolve(&plain.path) else {
-        return (refuse(body, 404, "Endpoint does not exist.", false).await, None);
+        return (refuse(body, 404, "Endpoint does not exist.", true).await, None);
     };
     let entity = entity.clone();
     let name = Some(entity.name.clone());
