@@ -454,3 +454,76 @@ async fn curl_refused(tls: bool) {
         );
     }
 }
+
+/// `hyrelay hc token NAME --send|--listen [--ttl]`: a token plain HTTP senders can use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hc_token_command_makes_working_tokens() {
+    let (rig, _hcm, _, _) = published("tokapi").await;
+    let data_dir = rig.cfg.data_dir.display().to_string();
+    let cli = |args: Vec<String>| async move {
+        let o = tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_hyrelay"))
+                .args(&args)
+                .env_remove("HYRELAY_CONNECTION_STRING")
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap().trim().to_owned()
+    };
+    let local = |extra: &[&str]| {
+        let mut v: Vec<String> = ["hc", "--relay-data-dir", &data_dir, "token", "tokapi"]
+            .map(String::from)
+            .to_vec();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let send = cli(local(&["--send", "--ttl", "10m"])).await;
+    let listen = cli(local(&["--listen"])).await;
+    let cs = rig.send_cs("tokapi").await.expose().to_owned();
+    let offline = cli(vec![
+        "hc".into(),
+        "--connection-string".into(),
+        cs,
+        "token".into(),
+        "tokapi".into(),
+        "--send".into(),
+    ])
+    .await;
+    assert!(
+        send.starts_with("SharedAccessSignature ") && send.contains("skn=defaultSender"),
+        "{send}"
+    );
+    assert!(listen.contains("skn=defaultListener"), "{listen}");
+    let mut s = Sender::connect(rig.relay.local_addr()).await;
+    for tok in [&send, &offline] {
+        let g = s
+            .send(
+                "GET",
+                "/tokapi/echo",
+                &[("ServiceBusAuthorization", tok)],
+                Body::Bytes(vec![]),
+            )
+            .await;
+        assert_eq!(g.status, 200, "{tok}: {}", g.reason);
+    }
+    // The token also works as `Authorization` (§6.1), and a Listen token cannot send.
+    let g = s
+        .send("GET", "/tokapi/echo", &[("Authorization", &send)], Body::Bytes(vec![]))
+        .await;
+    assert_eq!(g.status, 200);
+    let mut s = Sender::connect(rig.relay.local_addr()).await;
+    let g = s
+        .send(
+            "GET",
+            "/tokapi/echo",
+            &[("ServiceBusAuthorization", &listen)],
+            Body::Bytes(vec![]),
+        )
+        .await;
+    assert_eq!(g.status, 403);
+}
