@@ -50,10 +50,12 @@ use crate::telemetry::metrics as m;
 use crate::transport::Stream;
 use crate::transport::http_body::{RelayBody, Rewind};
 
-/// A refused request's body is read up to this much before the answer. Default: 1 MiB.
-const DRAIN_BYTES: usize = 1 << 20;
-/// … and for at most this long. Default: 2 s.
-const DRAIN_TIME: Duration = Duration::from_secs(2);
+/// A refused request's body is read up to this much before the answer, and a closing
+/// connection up to this much after it: clients such as curl send a whole body before
+/// they read, and a close with unread bytes resets the connection. Default: 16 MiB.
+const DRAIN_BYTES: usize = 16 << 20;
+/// … each for at most this long. Default: 5 s.
+const DRAIN_TIME: Duration = Duration::from_secs(5);
 
 /// HTTP-mode state shared by every worker: the requests in flight.
 pub(crate) type HttpRt = pending::Table;
