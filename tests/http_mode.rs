@@ -527,3 +527,38 @@ async fn hc_token_command_makes_working_tokens() {
         .await;
     assert_eq!(g.status, 403);
 }
+
+/// `hyrelay doctor --http PATH`: one HTTP-mode round trip, told apart by who answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_checks_an_http_round_trip_when_asked() {
+    use hyrelay::cli::doctor::{Options, Step, Verdict, run_checks};
+    let (rig, hcm, _, _) = published("doc").await;
+    let opts = |cs: ConnectionString, path: Option<&str>| Options {
+        ca_files: rig.ca_files(),
+        http_path: path.map(str::to_owned),
+        ..Options::new(cs)
+    };
+    let http_step = |r: &[hyrelay::cli::doctor::StepResult]| r.iter().find(|s| s.step == Step::Http).cloned();
+    // Not asked: no HTTP step.
+    let r = run_checks(&opts(rig.send_cs("doc").await, None)).await;
+    assert!(http_step(&r).is_none());
+    let r = run_checks(&opts(rig.send_cs("doc").await, Some("/echo?x=1"))).await;
+    let s = http_step(&r).expect("an http step");
+    assert_eq!(s.verdict, Verdict::Ok, "{s}");
+    assert!(s.finding.contains("200") && s.finding.contains("listener"), "{s}");
+    // A Listen string cannot send: the relay refuses the token.
+    let r = run_checks(&opts(rig.listen_cs("doc").await, Some("/echo"))).await;
+    let s = http_step(&r).unwrap();
+    assert_eq!(s.verdict, Verdict::Fail, "{s}");
+    assert!(s.finding.contains("403"), "{s}");
+    // The endpoint's own error status comes from the listener: a warning.
+    let r = run_checks(&opts(rig.send_cs("doc").await, Some("/status/500"))).await;
+    assert_eq!(http_step(&r).unwrap().verdict, Verdict::Warn);
+    // No listener: the relay's 404.
+    drop(hcm);
+    rig.wait_listeners("doc", 0).await;
+    let r = run_checks(&opts(rig.send_cs("doc").await, Some("/echo"))).await;
+    let s = http_step(&r).unwrap();
+    assert_eq!(s.verdict, Verdict::Fail, "{s}");
+    assert!(s.finding.contains("404"), "{s}");
+}
