@@ -562,3 +562,66 @@ async fn doctor_checks_an_http_round_trip_when_asked() {
     assert_eq!(s.verdict, Verdict::Fail, "{s}");
     assert!(s.finding.contains("404"), "{s}");
 }
+
+/// GET on an admin listener; the body.
+async fn admin_get(addr: SocketAddr, path: &str) -> String {
+    let mut s = Sender::connect(addr).await;
+    let g = s.send("GET", path, &[], Body::Bytes(vec![])).await;
+    assert_eq!(g.status, 200, "{path}");
+    String::from_utf8(g.body.to_vec()).unwrap()
+}
+
+/// The status pages and metrics of relay and hcm count HTTP-mode requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_pages_and_metrics_count_http_requests() {
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let rig = Rig::with(false, |c| c.admin = Some(any));
+    rig.create("seen", endpoint()).await;
+    let mut cfg = rig.hcm_config(vec![
+        hyrelay::hcm::config::HcEntry::new(rig.listen_cs("seen").await, None).unwrap(),
+    ]);
+    cfg.admin = Some(any);
+    let hcm = hyrelay::hcm::start(cfg).unwrap();
+    rig.wait_listeners("seen", 1).await;
+    let tok = token(&rig.send_cs("seen").await, "seen");
+    let mut s = Sender::connect(rig.relay.local_addr()).await;
+    let auth = [("ServiceBusAuthorization", tok.as_str())];
+    assert_eq!(
+        s.send("GET", "/seen/echo", &auth, Body::Bytes(vec![])).await.status,
+        200
+    );
+    assert_eq!(
+        s.send("GET", "/seen/status/503", &auth, Body::Bytes(vec![]))
+            .await
+            .status,
+        503
+    );
+    let relay_admin = rig.relay.admin_addr().unwrap();
+    let v: serde_json::Value = serde_json::from_str(&admin_get(relay_admin, "/status").await).unwrap();
+    let hc = &v["hybridConnections"][0];
+    assert_eq!(hc["httpRequests"]["total"], 2, "{hc}");
+    assert_eq!(hc["httpRequests"]["answeredByRelay"], 0, "{hc}");
+    assert_eq!(hc["httpRequests"]["last"]["status"], 503, "{hc}");
+    let page = admin_get(relay_admin, "/").await;
+    assert!(page.contains("HTTP requests") && page.contains("last 503"), "{page}");
+    let metrics = admin_get(relay_admin, "/metrics").await;
+    assert!(
+        metrics.contains("hyrelay_relay_http_requests_total{hc=\"seen\",code=\"200\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("hyrelay_relay_http_request_seconds"), "{metrics}");
+    let hcm_admin = hcm.admin_addr().unwrap();
+    let ok = wait_for(Duration::from_secs(5), || async {
+        let v: serde_json::Value = serde_json::from_str(&admin_get(hcm_admin, "/status").await).unwrap();
+        v["hybridConnections"][0]["httpRequests"] == 2
+    })
+    .await;
+    assert!(ok, "{}", admin_get(hcm_admin, "/status").await);
+    let page = admin_get(hcm_admin, "/").await;
+    assert!(page.contains("HTTP requests") && page.contains("2, last 503"), "{page}");
+    let metrics = admin_get(hcm_admin, "/metrics").await;
+    assert!(
+        metrics.contains("hyrelay_hcm_http_requests_total{hc=\"seen\",code=\"503\"} 1"),
+        "{metrics}"
+    );
+}

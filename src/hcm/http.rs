@@ -161,6 +161,14 @@ pub(crate) async fn handle(
         }
         None => serve_rendezvous(&req, &hc, &endpoint, &ctx).await,
     };
+    let last = match code {
+        Some(c) => format!("{c} at {}", crate::clock::now_rfc3339()),
+        None => format!("no answer (relay connection failed) at {}", crate::clock::now_rfc3339()),
+    };
+    hc.update(|s| {
+        s.http_requests += 1;
+        s.last_http = Some(last);
+    });
     let label = code.map_or("error", crate::proto::hop::code_label);
     metrics::counter!(m::HCM_HTTP_REQUESTS, "hc" => name.clone(), "code" => label).increment(1);
     metrics::histogram!(m::HCM_HTTP_SECONDS, "hc" => name).record(started.elapsed().as_secs_f64());

@@ -295,6 +295,7 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
     if let Some(c) = &cluster {
         c.attach(ctl.clone(), totals.clone());
     }
+    let http_rt = Arc::new(http::HttpRt::default());
     let source: Arc<dyn crate::telemetry::admin::StatusSource> = Arc::new(status::RelayStatus {
         ctl: ctl.clone(),
         totals,
@@ -302,6 +303,7 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
         draining: drain.clone(),
         listen: addr,
         cluster: cluster.clone(),
+        http: http_rt.stats.clone(),
     });
     let admin = match cfg.admin {
         Some(a) => Some(
@@ -328,7 +330,7 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
             max_delay: cfg.auth_max_delay,
         }),
         audience,
-        http: Arc::default(),
+        http: http_rt,
     });
     let admission = ctx.admission.clone();
     crate::dataplane::serve(&workers, listeners, drain.clone(), move |tcp, peer| {

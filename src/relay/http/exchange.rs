@@ -98,7 +98,7 @@ struct Push {
 pub async fn run(ctx: &Arc<Ctx>, mut out: Outbound, body: Incoming) -> Result<Answer, Refused> {
     let cfg = &ctx.cfg.http;
     let plan = plan(body, cfg.body_idle_timeout).await?;
-    let mut ticket = ctx.http.open();
+    let mut ticket = ctx.http.table.open();
     let (id, secret) = (ticket.id.clone(), ticket.secret.clone());
     let (inline_body, prefix, rest) = match plan {
         Plan::Inline(b) => (Some(b.clone()), b, None),
@@ -108,7 +108,7 @@ pub async fn run(ctx: &Arc<Ctx>, mut out: Outbound, body: Incoming) -> Result<An
     let mut sent_inline = false;
     let mut sent_address = String::new();
     let delivered = ctx.ctl.deliver(&out.entity, cfg.max_requests_per_listener, |d| {
-        ctx.http.bind(&id, d.key);
+        ctx.http.table.bind(&id, d.key);
         let address = wire::rendezvous_address(d.base_url, &out.raw_path, &out.app_query, &id, &secret);
         sent_inline = inline_body.is_some() && d.inline_ok;
         sent_address.clone_from(&address);

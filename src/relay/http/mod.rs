@@ -22,6 +22,7 @@ pub mod config;
 mod exchange;
 pub mod pending;
 mod rendezvous;
+pub mod stats;
 pub mod wire;
 
 use std::convert::Infallible;
@@ -57,8 +58,20 @@ const DRAIN_BYTES: usize = 16 << 20;
 /// … each for at most this long. Default: 5 s.
 const DRAIN_TIME: Duration = Duration::from_secs(5);
 
-/// HTTP-mode state shared by every worker: the requests in flight.
-pub(crate) type HttpRt = pending::Table;
+/// HTTP-mode state shared by every worker: the requests in flight and the counts.
+#[derive(Debug, Default)]
+pub(crate) struct HttpRt {
+    pub table: Arc<pending::Table>,
+    pub stats: Arc<stats::Stats>,
+}
+
+impl HttpRt {
+    /// Hands an inline `response` from listener `listener` to its request (see
+    /// [`pending::Table::respond`]).
+    pub fn respond(&self, listener: u64, inline: pending::Inline) -> bool {
+        self.table.respond(listener, inline)
+    }
+}
 
 /// What every request of one connection shares.
 struct Conn {
@@ -153,6 +166,10 @@ async fn close_gracefully(mut s: Stream) {
 async fn handle(req: Request<Incoming>, conn: &Conn, ctx: &Arc<Ctx>) -> Response<RelayBody> {
     let started = std::time::Instant::now();
     let (resp, hc) = route(req, conn, ctx).await;
+    if let Some(hc) = &hc {
+        let by_relay = !resp.headers().contains_key(hyper::header::VIA);
+        ctx.http.stats.answered(hc, resp.status().as_u16(), by_relay);
+    }
     let code = wire::code_label(resp.status().as_u16());
     let label = hc.unwrap_or_else(|| m::UNKNOWN_HC.to_owned());
     metrics::counter!(m::RELAY_HTTP_REQUESTS, "hc" => label.clone(), "code" => code).increment(1);
@@ -263,6 +280,7 @@ async fn route(req: Request<Incoming>, conn: &Conn, ctx: &Arc<Ctx>) -> (Response
         head: parts.method == hyper::Method::HEAD,
     };
     let head = out.head;
+    let _in_flight = ctx.http.stats.enter(&entity.name);
     let resp = match exchange::run(ctx, out, body).await {
         Ok(answer) => to_sender(answer, &via_host, head),
         Err(r) => {

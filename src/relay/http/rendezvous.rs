@@ -18,7 +18,7 @@ pub(crate) async fn serve(mut stream: Stream, mut inc: Incoming, req: HcRequest,
     let (Some(id), Some(secret)) = (req.id.as_deref(), req.rendezvous.as_deref()) else {
         return respond(&mut stream, 403, "The rendezvous address is invalid.", "").await;
     };
-    let Some(tx) = ctx.http.take_leg(id, secret) else {
+    let Some(tx) = ctx.http.table.take_leg(id, secret) else {
         return respond(
             &mut stream,
             403,
