@@ -48,7 +48,11 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     println!(
         "| workload | target | req/s | p50 ms | p99 ms | CPU µs/req: {} |",
-        rig.procs.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(" / ")
+        rig.procs
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect::<Vec<_>>()
+            .join(" / ")
     );
     println!("|---|---|---|---|---|---|");
     for round in 0..rounds {
@@ -77,7 +81,12 @@ fn main() -> anyhow::Result<()> {
                 let per_req: Vec<String> = rig
                     .procs
                     .iter()
-                    .map(|(n, _)| format!("{:.0}", cpu.get(n).copied().unwrap_or(0.0) * 1e6 / r.count.max(1) as f64))
+                    .map(|(n, _)| {
+                        format!(
+                            "{:.0}",
+                            cpu.get(n).copied().unwrap_or(0.0) * 1e6 / r.count.max(1) as f64
+                        )
+                    })
                     .collect();
                 println!(
                     "| {workload} | {target} (round {}) | {:.0} | {:.2} | {:.2} | {} |",
@@ -179,7 +188,11 @@ async fn load(
     }
     let elapsed = started.elapsed();
     all.sort_by(|a, b| a.total_cmp(b));
-    let pct = |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0.0);
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0.0)
+    };
     Ok(Result {
         count: all.len() as u64,
         errors,
@@ -220,7 +233,11 @@ fn hyrelay() -> PathBuf {
 /// Runs a hyrelay command to completion; its trimmed stdout.
 fn run(args: &[&str]) -> anyhow::Result<String> {
     let o = Command::new(hyrelay()).args(args).stdin(Stdio::null()).output()?;
-    anyhow::ensure!(o.status.success(), "hyrelay {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    anyhow::ensure!(
+        o.status.success(),
+        "hyrelay {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     Ok(String::from_utf8(o.stdout)?.trim().to_owned())
 }
 
@@ -254,7 +271,11 @@ impl Rig {
         // The endpoint: this binary, re-executed.
         let ep = free_port()?;
         rig.endpoint = format!("127.0.0.1:{ep}").parse()?;
-        spawn(&mut rig, "endpoint", Command::new(std::env::current_exe()?).args(["endpoint", &ep.to_string()]))?;
+        spawn(
+            &mut rig,
+            "endpoint",
+            Command::new(std::env::current_exe()?).args(["endpoint", &ep.to_string()]),
+        )?;
         wait_port(rig.endpoint)?;
         // haproxy, one hop in HTTP mode.
         let hp = free_port()?;
@@ -266,7 +287,11 @@ impl Rig {
                 "global\n  maxconn 4096\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  option http-keep-alive\nfrontend f\n  bind 127.0.0.1:{hp}\n  default_backend b\nbackend b\n  http-reuse always\n  server e 127.0.0.1:{ep}\n"
             ),
         )?;
-        spawn(&mut rig, "haproxy", Command::new("haproxy").arg("-f").arg(&cfg).arg("-db"))?;
+        spawn(
+            &mut rig,
+            "haproxy",
+            Command::new("haproxy").arg("-f").arg(&cfg).arg("-db"),
+        )?;
         wait_port(rig.haproxy)?;
         // relay + hcm.
         let rp = free_port()?;
@@ -277,22 +302,51 @@ impl Rig {
         spawn(
             &mut rig,
             "relay",
-            Command::new(hyrelay()).args(["--log-level", "warn", "relay", "--plain", "--listen", &listen, "--data-dir", rd]),
+            Command::new(hyrelay()).args([
+                "--log-level",
+                "warn",
+                "relay",
+                "--plain",
+                "--listen",
+                &listen,
+                "--data-dir",
+                rd,
+            ]),
         )?;
         wait_port(rig.relay)?;
         std::thread::sleep(Duration::from_millis(300));
-        run(&["hc", "--relay-data-dir", rd, "create", "bench", "--endpoint", &rig.endpoint.to_string()])?;
+        run(&[
+            "hc",
+            "--relay-data-dir",
+            rd,
+            "create",
+            "bench",
+            "--endpoint",
+            &rig.endpoint.to_string(),
+        ])?;
         let listen = run(&["hc", "--relay-data-dir", rd, "connection-string", "bench", "--listen"])?;
         rig.token = run(&["hc", "--relay-data-dir", rd, "token", "bench", "--send", "--ttl", "2h"])?;
         let hcm_dir = dir.join("hcm");
         let hd = hcm_dir.to_str().unwrap();
         run(&["hcm", "--data-dir", hd, "add", &listen])?;
-        spawn(&mut rig, "hcm", Command::new(hyrelay()).args(["--log-level", "warn", "hcm", "--data-dir", hd, "run"]))?;
+        spawn(
+            &mut rig,
+            "hcm",
+            Command::new(hyrelay()).args(["--log-level", "warn", "hcm", "--data-dir", hd, "run"]),
+        )?;
         // Up when a request goes through.
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let end = Instant::now() + Duration::from_secs(20);
         loop {
-            let r = rt.block_on(load(rig.relay, "GET", "/bench/small", Bytes::new(), Some(rig.token.clone()), 1, Duration::from_millis(50)));
+            let r = rt.block_on(load(
+                rig.relay,
+                "GET",
+                "/bench/small",
+                Bytes::new(),
+                Some(rig.token.clone()),
+                1,
+                Duration::from_millis(50),
+            ));
             if r.is_ok_and(|r| r.count > 0) {
                 break;
             }
@@ -326,7 +380,11 @@ fn endpoint() -> anyhow::Result<()> {
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
                     let body = req.into_body().collect().await?.to_bytes();
-                    let text = if body.is_empty() { "x".repeat(100) } else { body.len().to_string() };
+                    let text = if body.is_empty() {
+                        "x".repeat(100)
+                    } else {
+                        body.len().to_string()
+                    };
                     Ok::<_, hyper::Error>(hyper::Response::new(Full::new(Bytes::from(text))))
                 });
                 let _ = hyper::server::conn::http1::Builder::new()

@@ -101,7 +101,14 @@ fn token(cs: &ConnectionString, hc: &str) -> String {
 
 /// A relay, an endpoint, an hcm serving `hc` for it; a sender token.
 async fn published(hc: &str) -> (Rig, hyrelay::hcm::HcmHandle, String, SocketAddr) {
-    let rig = Rig::new(false);
+    published_with(hc, |_| {}).await
+}
+
+async fn published_with(
+    hc: &str,
+    tweak: impl FnOnce(&mut hyrelay::relay::config::RelayConfig),
+) -> (Rig, hyrelay::hcm::HcmHandle, String, SocketAddr) {
+    let rig = Rig::with(false, tweak);
     let ep = endpoint();
     rig.create(hc, ep).await;
     let hcm = rig.hcm(&rig.listen_cs(hc).await);
@@ -624,4 +631,26 @@ async fn status_pages_and_metrics_count_http_requests() {
         metrics.contains("hyrelay_hcm_http_requests_total{hc=\"seen\",code=\"503\"} 1"),
         "{metrics}"
     );
+}
+
+/// The rendezvous-only `request` form for every request (what a listener on another relay
+/// node gets in a cluster): small and empty requests too, HEAD and 204 included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_through_a_rendezvous() {
+    let (rig, _hcm, tok, _) = published_with("rv", |c| c.http.inline_max = 0).await;
+    let mut s = Sender::connect(rig.relay.local_addr()).await;
+    let auth = [("ServiceBusAuthorization", tok.as_str())];
+    for len in [0usize, 1, 1024, 70_000] {
+        let data = payload(len, 5);
+        let g = s.send("POST", "/rv/echo?q=1", &auth, Body::Bytes(data.clone())).await;
+        assert_eq!((g.status, g.body.len()), (200, len), "{}", g.reason);
+        assert!(g.body[..] == data[..]);
+        assert_eq!(g.h("x-got-target"), "/echo?q=1");
+        let g = s.send("PUT", "/rv/echo", &auth, Body::Chunked(data.clone())).await;
+        assert_eq!((g.status, g.body.len()), (200, len));
+    }
+    let g = s.send("HEAD", "/rv/size/10", &auth, Body::Bytes(vec![])).await;
+    assert_eq!((g.status, g.body.len()), (200, 0));
+    let g = s.send("GET", "/rv/status/204", &auth, Body::Bytes(vec![])).await;
+    assert_eq!((g.status, g.body.len()), (204, 0));
 }

@@ -103,7 +103,14 @@ fn sized(n: usize) -> Vec<u8> {
 }
 
 async fn setup(hc: &str) -> (Rig, Listener, String) {
-    let rig = Rig::with(false, |c| c.http.response_timeout = Duration::from_secs(3));
+    setup_with(hc, 64 * 1024).await
+}
+
+async fn setup_with(hc: &str, inline_max: usize) -> (Rig, Listener, String) {
+    let rig = Rig::with(false, |c| {
+        c.http.response_timeout = Duration::from_secs(3);
+        c.http.inline_max = inline_max;
+    });
     rig.create(hc, echo()).await;
     let l = Listener::start(&rig, hc, 1).await;
     let tok = hyrelay::client::token(&rig.send_cs(hc).await, hc, Duration::from_secs(600));
@@ -295,4 +302,25 @@ async fn hyco_https_slow_then_killed_listener() {
         .send("POST", "/dying/echo", &auth, Body::Bytes(b"again".to_vec()))
         .await;
     assert_eq!((g.status, &g.body[..]), (200, &b"again"[..]));
+}
+
+/// hyco-https serves rendezvous-only requests for small and empty bodies too (the form a
+/// listener gets from another relay node in a cluster).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hyco_https_takes_every_request_from_a_rendezvous() {
+    let (rig, _l, tok) = setup_with("rv", 0).await;
+    let mut s = Sender::connect(rig.relay.local_addr()).await;
+    let auth = [("ServiceBusAuthorization", tok.as_str())];
+    for len in [0usize, 1024, 70_000] {
+        let data = payload(len, 6);
+        let g = s.send("POST", "/rv/echo", &auth, Body::Bytes(data.clone())).await;
+        assert_eq!((g.status, g.body.len()), (200, len), "{}", g.reason);
+        assert!(g.body[..] == data[..]);
+        let g = s
+            .send("GET", &format!("/rv/size/{len}"), &auth, Body::Bytes(vec![]))
+            .await;
+        assert!(g.status == 200 && g.body[..] == sized(len)[..], "GET {len}");
+    }
+    let g = s.send("GET", "/rv/status/204", &auth, Body::Bytes(vec![])).await;
+    assert_eq!((g.status, g.body.len()), (204, 0));
 }

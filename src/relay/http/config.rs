@@ -22,6 +22,10 @@ pub struct HttpSettings {
     /// HTTP requests in flight per listener; with every listener at the limit a sender
     /// gets 503. Default: 1000.
     pub max_requests_per_listener: usize,
+    /// Largest request body sent inline on the control channel; larger (or slower) ones go
+    /// through a rendezvous. 0 sends every request through a rendezvous (the form a
+    /// listener on another relay node gets). Default: 64 KiB, at most 64 KiB.
+    pub inline_max: usize,
 }
 
 impl Default for HttpSettings {
@@ -31,6 +35,7 @@ impl Default for HttpSettings {
             body_idle_timeout: Duration::from_secs(60),
             max_body: 1 << 30,
             max_requests_per_listener: 1000,
+            inline_max: 64 * 1024,
         }
     }
 }
@@ -45,6 +50,7 @@ pub struct HttpFile {
     pub body_idle_timeout: Option<Duration>,
     pub max_body_bytes: Option<u64>,
     pub max_requests_per_listener: Option<usize>,
+    pub inline_max_bytes: Option<usize>,
 }
 
 impl HttpSettings {
@@ -73,6 +79,12 @@ impl HttpSettings {
                 bail!("field `http.max_requests_per_listener`: must be at least 1");
             }
             s.max_requests_per_listener = n;
+        }
+        if let Some(n) = f.inline_max_bytes {
+            if n > 64 * 1024 {
+                bail!("field `http.inline_max_bytes`: at most 65536 (what listeners read in one control message)");
+            }
+            s.inline_max = n;
         }
         Ok(s)
     }

@@ -1,10 +1,10 @@
 //! One HTTP request's trip to a listener and back (hc-protocol.md §6.3, §6.4, §12 "HTTP
 //! request").
 //!
-//! 1. Plan: a body known to fit in 64 KiB (by `Content-Length`, or a chunked body that
-//!    ends within [`INLINE_WAIT`]) goes inline; anything larger or slower goes through a
-//!    rendezvous, with what was read so far sent first. A body is never buffered beyond
-//!    64 KiB.
+//! 1. Plan: a body known to fit in `[http] inline_max_bytes` (64 KiB; by `Content-Length`,
+//!    or a chunked body that ends within [`INLINE_WAIT`]) goes inline; anything larger or
+//!    slower goes through a rendezvous, with what was read so far sent first. A body is
+//!    never buffered beyond that limit.
 //! 2. Deliver: one registry call picks the listener (the same rule as `connect`) and queues
 //!    the `request` and its body as one unit; a listener reached through another relay
 //!    node gets the rendezvous-only form.
@@ -34,10 +34,6 @@ use crate::relay::control::{ListenerCmd, Refusal};
 use crate::transport::Stream;
 use crate::transport::http_body::{self, BodyError, RelayBody, write_body_message};
 use crate::transport::ws::{Message, WsReader, WsWriter};
-
-/// Largest body sent inline on the control channel. Default: 64 KiB (what Azure and the
-/// .NET listener use).
-pub const INLINE_MAX: usize = 64 * 1024;
 
 /// How long a chunked body of unknown size may take to end before it goes through a
 /// rendezvous instead. Default: 100 ms.
@@ -97,11 +93,13 @@ struct Push {
 /// Sends the request to a listener of `out.entity` and waits for its answer.
 pub async fn run(ctx: &Arc<Ctx>, mut out: Outbound, body: Incoming) -> Result<Answer, Refused> {
     let cfg = &ctx.cfg.http;
-    let plan = plan(body, cfg.body_idle_timeout).await?;
+    let plan = plan(body, cfg.inline_max, cfg.body_idle_timeout).await?;
     let mut ticket = ctx.http.table.open();
     let (id, secret) = (ticket.id.clone(), ticket.secret.clone());
     let (inline_body, prefix, rest) = match plan {
-        Plan::Inline(b) => (Some(b.clone()), b, None),
+        // With inline requests off, even a body-less request takes the rendezvous-only form.
+        Plan::Inline(b) if cfg.inline_max > 0 => (Some(b.clone()), b, None),
+        Plan::Inline(b) => (None, b, None),
         Plan::Rendezvous { prefix, rest } => (None, prefix, rest),
     };
     out.http.body = !prefix.is_empty() || rest.is_some();
@@ -166,13 +164,13 @@ pub async fn run(ctx: &Arc<Ctx>, mut out: Outbound, body: Incoming) -> Result<An
     }
 }
 
-/// Decides how the body travels, reading at most [`INLINE_MAX`] bytes of it.
-async fn plan(mut body: Incoming, idle: Duration) -> Result<Plan, Refused> {
+/// Decides how the body travels, reading at most `inline_max` bytes of it.
+async fn plan(mut body: Incoming, inline_max: usize, idle: Duration) -> Result<Plan, Refused> {
     if body.is_end_stream() {
         return Ok(Plan::Inline(Bytes::new()));
     }
     let known = body.size_hint().exact();
-    if known.is_some_and(|n| n > INLINE_MAX as u64) {
+    if known.is_some_and(|n| n > inline_max as u64) {
         return Ok(Plan::Rendezvous {
             prefix: Bytes::new(),
             rest: Some(body),
@@ -201,7 +199,7 @@ async fn plan(mut body: Incoming, idle: Duration) -> Result<Plan, Refused> {
                 }
             }
         }
-        if buf.len() > INLINE_MAX {
+        if buf.len() > inline_max {
             return Ok(Plan::Rendezvous {
                 prefix: buf.freeze(),
                 rest: Some(body),
