@@ -654,3 +654,44 @@ async fn every_request_through_a_rendezvous() {
     let g = s.send("GET", "/rv/status/204", &auth, Body::Bytes(vec![])).await;
     assert_eq!((g.status, g.body.len()), (204, 0));
 }
+
+/// Over TLS: curl (trusting the development CA) through relay and hcm, inline and
+/// rendezvous, with `Expect: 100-continue` on the large body (curl's default past 1 MiB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_senders_with_curl() {
+    let rig = Rig::new(true);
+    rig.create("secure", endpoint()).await;
+    let _hcm = rig.hcm(&rig.listen_cs("secure").await);
+    rig.wait_listeners("secure", 1).await;
+    let tok = token(&rig.send_cs("secure").await, "secure");
+    let ca = rig.relay.ca_file().unwrap().to_path_buf();
+    let dir = tempfile::tempdir().unwrap();
+    let port = rig.relay.local_addr().port();
+    for len in [10usize, 70_000, 2 << 20] {
+        let data = payload(len, 8);
+        let input = dir.path().join("in");
+        std::fs::write(&input, &data).unwrap();
+        let out = dir.path().join("out");
+        let o = tokio::time::timeout(
+            Duration::from_secs(60),
+            tokio::process::Command::new("curl")
+                .args(["-sS", "--cacert"])
+                .arg(&ca)
+                .args(["-o"])
+                .arg(&out)
+                .args(["-w", "%{http_code}", "-H"])
+                .arg(format!("ServiceBusAuthorization: {tok}"))
+                .arg("--data-binary")
+                .arg(format!("@{}", input.display()))
+                .arg(format!("https://localhost:{port}/secure/echo"))
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert!(o.status.success(), "{len}: {}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(String::from_utf8_lossy(&o.stdout), "200", "{len}");
+        assert!(std::fs::read(&out).unwrap() == data, "echo over TLS, {len} bytes");
+    }
+}
