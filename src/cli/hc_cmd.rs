@@ -82,9 +82,12 @@ enum HcCommand {
     /// or for a listener (--listen). Signed with the hybrid connection's own rule; with an
     /// entity connection string for NAME (--connection-string) no relay is contacted.
     Token {
+        /// The hybrid connection.
         name: String,
+        /// A Listen token (rule defaultListener), for a listener such as hyco-https.
         #[arg(long, conflicts_with = "send", required_unless_present = "send")]
         listen: bool,
+        /// A Send token (rule defaultSender), for plain HTTP senders.
         #[arg(long)]
         send: bool,
         /// Lifetime, e.g. 1h, 30m, 7d.
