@@ -344,6 +344,7 @@ pub struct RelayFile {
     pub limits: LimitsFile,
     #[serde(default)]
     pub cluster: super::cluster::config::ClusterFile,
+    #[serde(default)]
     pub http: super::http::config::HttpFile,
 }
 
