@@ -237,6 +237,10 @@ def control_seeds():
     write("control_json", "renew-token", '{"renewToken":{"token":"%s"}}' % token(f"http://{NS}/hc1", "defaultListener", 1767225600))
     write("control_json", "request-http-mode", '{"request":{"address":"wss://ns/$hc/hc1?sb-hc-action=request&sb-hc-id=9","id":"9","requestTarget":"/hc1/sub?x=1","method":"POST","remoteEndpoint":{"address":"1.2.3.4","port":0},"requestHeaders":{"Content-Type":"text/plain","Via":"1.1 ns"},"body":true}}')
     write("control_json", "response", '{"response":{"requestId":"9","statusCode":"200","statusDescription":"OK","responseHeaders":{"content-type":"text/html"},"body":true}}')
+    write("control_json", "request-rendezvous-only", '{"request":{"address":"wss://ns/$hc/hc1?sb-hc-action=request&sb-hc-id=9&sb-hc-rid=00ff","id":"9"}}')
+    write("control_json", "request-inline-get", '{"request":{"address":"ws://127.0.0.1:1/$hc/hc1?sb-hc-action=request","id":"a","requestTarget":"/hc1","method":"GET","requestHeaders":{"Accept":"*/*","N":5,"L":["a","b"]},"body":false}}')
+    write("control_json", "response-hyco-numbers", '{"response":{"requestId":"a","statusCode":204,"statusDescription":null,"responseHeaders":{"content-length":0,"x-list":["1",2]},"body":false}}')
+    write("control_json", "response-bad-status", '{"response":{"requestId":"a","statusCode":"abc","body":true}}')
     write("control_json", "inject-fault", '{"injectFault":{}}')
     write("control_json", "two-keys", '{"a":1,"b":2}')
     write("control_json", "not-json", "nope")
@@ -259,6 +263,20 @@ def target_seeds():
         ("entity-with-dots", "/$hc/microsoft.hybridcompute/machines/x/v2?sb-hc-action=listen"),
     ]:
         write("hc_target", name, s)
+
+
+def http_mode_seeds():
+    for name, s in [
+        ("target-token-and-app-query", "api\n/api/items/7?a=1&sb-hc-token=SharedAccessSignature%20sr%3Dx&b=%2f%3a&SB-HC-ID=1&flag"),
+        ("target-nested-entity", "a/b\n/A/B/c/d?x"),
+        ("target-encoded-entity", "my hc\n/my%20hc/x"),
+        ("target-outside-entity", "hc1\n/other/x?sb-hc-action=listen"),
+        ("target-absolute-form", "hc1\nhttp://ns/hc1/x"),
+        ("reason-controls", "hc1\nMade\r\nSet-Cookie: x\tgr\u00fc\u00dfe"),
+        ("response-headers", 'hc1\n{"response":{"requestId":"r","statusCode":200,"responseHeaders":{"Connection":"x-a, keep-alive","x-a":"1","Content-Length":"9","Transfer-Encoding":"chunked","Via":"1.0 app","ServiceBusAuthorization":"t","x-ok":["a","b"]},"body":true}}'),
+        ("response-head", 'ns\n{"response":{"requestId":"r","statusCode":"204","responseHeaders":{"content-length":5},"body":false}}'),
+    ]:
+        write("http_mode", name, s)
 
 
 # --- metadata ---------------------------------------------------------------------------
@@ -400,6 +418,7 @@ if __name__ == "__main__":
     connstr_seeds()
     control_seeds()
     target_seeds()
+    http_mode_seeds()
     metadata_seeds()
     config_seeds()
     proxy_seeds()

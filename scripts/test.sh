@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Microsoft's hyco-ws client for the compatibility tests (npm registry).
+# Microsoft's hyco-ws and hyco-https clients for the compatibility tests (npm registry).
 scripts/setup-node.sh
 # kosoku (the Autobahn WebSocket test suite) in a venv, for tests/autobahn.rs (PyPI).
 scripts/setup-python.sh

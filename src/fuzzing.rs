@@ -42,6 +42,7 @@ pub const TARGETS: &[(&str, FuzzFn)] = &[
     ("connection_string", connection_string),
     ("control_json", control_json),
     ("hc_target", hc_target),
+    ("http_mode", http_mode),
     ("metadata", metadata),
     ("config_relay", config_relay),
     ("config_hcm", config_hcm),
@@ -490,6 +491,23 @@ pub fn control_json(data: &[u8]) {
                 assert_eq!(control::decode(&encoded), Ok(Command::RenewToken { token }));
             }
         }
+        Ok(Command::Request(r)) => {
+            let encoded = r.encode();
+            if encoded.len() <= MAX_CONTROL_MESSAGE {
+                assert_eq!(control::decode(&encoded), Ok(Command::Request(r)), "request round trip");
+            }
+        }
+        Ok(Command::Response(r)) => {
+            assert!((100..=999).contains(&r.status_code));
+            let encoded = r.encode();
+            if encoded.len() <= MAX_CONTROL_MESSAGE {
+                assert_eq!(
+                    control::decode(&encoded),
+                    Ok(Command::Response(r)),
+                    "response round trip"
+                );
+            }
+        }
         Ok(Command::Unknown(name)) => assert!(name.chars().count() <= 64),
         Err(_) => {}
     }
@@ -519,6 +537,43 @@ pub fn hc_target(data: &[u8]) {
         Ok(Target::Plain(p)) => assert!(p.raw_path.starts_with('/') && p.path.starts_with('/')),
         Err(AddressError::NotOriginForm) => assert!(!text.starts_with('/')),
         Err(_) => {}
+    }
+}
+
+/// HTTP mode: what of a sender's request target reaches a listener (relay), what of it
+/// reaches the endpoint (hcm), reason phrases, and a listener's response headers as the
+/// sender gets them. Input: the first line is a hybrid connection name, the rest a request
+/// target or a control message.
+pub fn http_mode(data: &[u8]) {
+    use crate::relay::http::wire;
+    let Ok(text) = from_utf8(data) else {
+        return;
+    };
+    let (entity, rest) = text.split_once('\n').unwrap_or(("hc", text));
+    if let Some(t) = wire::split_target(rest) {
+        assert!(t.request_target.starts_with('/'));
+        let query = t.request_target.split_once('?').map_or("", |(_, q)| q);
+        for pair in query.split('&') {
+            assert!(
+                !pair.to_ascii_lowercase().starts_with("sb-hc-"),
+                "{pair:?} reached the listener"
+            );
+        }
+        let stripped = crate::hcm::http::strip_entity(&t.request_target, entity);
+        assert!(stripped.starts_with('/'), "{stripped:?}");
+    }
+    let reason = wire::reason_phrase(rest);
+    assert!(reason.len() <= 256 && reason.bytes().all(|b| (0x20..0x7f).contains(&b)));
+    let _ = wire::code_label(rest.len() as u16);
+    if let Ok(Command::Response(r)) = control::decode(rest) {
+        for no_body in [false, true] {
+            let out = wire::sender_headers(&r.response_headers, no_body, entity);
+            assert_eq!(out.iter().filter(|(n, _)| n == "via").count(), 1);
+            for (n, _) in &out[..out.len() - 1] {
+                let length_kept = no_body && n.eq_ignore_ascii_case("content-length");
+                assert!(!wire::is_stripped(n, &[]) || length_kept, "{n} crossed the relay");
+            }
+        }
     }
 }
 

@@ -3,7 +3,8 @@
 //! Given a connection string (and optionally an endpoint) it runs nine steps in order and
 //! gives one verdict per step: the outbound proxy, relay DNS, relay TCP, TLS, the WebSocket
 //! upgrade on `/$hc/{entity}`, the token, the listener count, endpoint DNS and endpoint TCP.
-//! With a proxy in effect for the relay, every relay step goes through it.
+//! With a proxy in effect for the relay, every relay step goes through it. With
+//! `--http PATH` a tenth step sends one plain HTTP request through the relay to the listener.
 //!
 //! Invariants:
 //! - Every network operation is bounded by [`Options::timeout`], so no step hangs (the
@@ -16,6 +17,7 @@
 //! - No key or token is ever part of a finding; findings are scrubbed of the string's
 //!   secrets before anyone sees them, as a last line of defence.
 
+mod http;
 mod listeners;
 mod net;
 mod probe;
@@ -59,6 +61,10 @@ pub struct DoctorArgs {
     /// HTTPS_PROXY, else ALL_PROXY (NO_PROXY lists hosts reached directly).
     #[arg(long, value_name = "URL")]
     proxy: Option<String>,
+    /// Also send `GET /{hybrid connection}PATH` through the relay (HTTP request/response
+    /// mode) and check that the listener answers; needs a Send connection string.
+    #[arg(long, value_name = "PATH", value_parser = parse_http_path)]
+    http: Option<String>,
 }
 
 /// What to check.
@@ -73,6 +79,8 @@ pub struct Options {
     pub timeout: Duration,
     /// How the relay is reached. Default: directly.
     pub proxy: crate::transport::proxy::ProxyConfig,
+    /// `--http PATH`: send one HTTP-mode request to this path. Default: none.
+    pub http_path: Option<String>,
 }
 
 impl Options {
@@ -84,6 +92,7 @@ impl Options {
             ca_files: Vec::new(),
             timeout: Duration::from_secs(5),
             proxy: Default::default(),
+            http_path: None,
         }
     }
 }
@@ -100,6 +109,8 @@ pub enum Step {
     Listeners,
     EndpointDns,
     EndpointTcp,
+    /// Only with `--http PATH`, after the others.
+    Http,
 }
 
 impl Step {
@@ -128,6 +139,7 @@ impl Step {
             Step::Listeners => "listeners",
             Step::EndpointDns => "endpoint-dns",
             Step::EndpointTcp => "endpoint-tcp",
+            Step::Http => "http",
         }
     }
 }
@@ -241,7 +253,13 @@ pub async fn check_each(opts: &Options, mut on_step: impl FnMut(&StepResult)) {
             Step::Listeners => listeners::listeners(&mut c).await,
             Step::EndpointDns => net::endpoint_dns(&mut c).await,
             Step::EndpointTcp => net::endpoint_tcp(&mut c).await,
+            Step::Http => unreachable!("not in Step::ALL"),
         };
+        c.redact(&mut r);
+        on_step(&r);
+    }
+    if let Some(path) = &opts.http_path {
+        let mut r = http::http(&mut c, path).await;
         c.redact(&mut r);
         on_step(&r);
     }
@@ -373,7 +391,9 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<()> {
         ca_files: args.ca_file,
         timeout: args.timeout,
         proxy: crate::transport::proxy::ProxyConfig::from_flag(args.proxy.as_deref())?,
+        http_path: args.http,
     };
+    let steps = Step::ALL.len() + usize::from(opts.http_path.is_some());
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let mut failed = 0;
     rt.block_on(check_each(&opts, |r| {
@@ -387,9 +407,17 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<()> {
     // A DNS lookup that timed out may still sit in a blocking thread; do not wait for it.
     rt.shutdown_background();
     if failed > 0 {
-        bail!("{failed} of {} checks failed", Step::ALL.len());
+        bail!("{failed} of {steps} checks failed");
     }
     Ok(())
+}
+
+/// `--http`: a path starting with `/` (a query may follow), no spaces or control characters.
+fn parse_http_path(s: &str) -> Result<String, String> {
+    if !s.starts_with('/') || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("{s:?}: expected a path like /health or /api/v1?x=1"));
+    }
+    Ok(s.to_owned())
 }
 
 /// `5s`, `500ms`, `1m`, or a bare number of seconds; more than zero.

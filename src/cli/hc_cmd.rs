@@ -77,6 +77,26 @@ enum HcCommand {
         #[arg(long, short = 'o', value_name = "FILE")]
         output: Option<PathBuf>,
     },
+    /// Print a SAS token for plain HTTP senders (--send, e.g.
+    /// `curl -H "ServiceBusAuthorization: $(hyrelay hc token api --send)" https://relay/api/x`)
+    /// or for a listener (--listen). Signed with the hybrid connection's own rule; with an
+    /// entity connection string for NAME (--connection-string) no relay is contacted.
+    Token {
+        /// The hybrid connection.
+        name: String,
+        /// A Listen token (rule defaultListener), for a listener such as hyco-https.
+        #[arg(long, conflicts_with = "send", required_unless_present = "send")]
+        listen: bool,
+        /// A Send token (rule defaultSender), for plain HTTP senders.
+        #[arg(long)]
+        send: bool,
+        /// Lifetime, e.g. 1h, 30m, 7d.
+        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+        ttl: std::time::Duration,
+        /// Sign with the secondary key.
+        #[arg(long)]
+        secondary: bool,
+    },
     /// Replace a key of the hybrid connection's rules; tokens made with the old key stop working.
     #[command(group = clap::ArgGroup::new("key").required(true).args(["primary", "secondary"]))]
     RegenerateKey {
@@ -124,8 +144,24 @@ fn credentials(args: &HcArgs) -> anyhow::Result<(ConnectionString, Vec<PathBuf>)
     Ok((ConnectionString::parse(cs)?, ca))
 }
 
+/// `--ttl`: a humantime duration of at least one minute and at most a year.
+fn parse_ttl(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < std::time::Duration::from_secs(60) || d > std::time::Duration::from_secs(366 * 86_400) {
+        return Err("a token lives between 1m and 366d".into());
+    }
+    Ok(d)
+}
+
 pub fn run(args: HcArgs) -> anyhow::Result<()> {
     let (cs, ca) = credentials(&args)?;
+    // An entity connection string for the hybrid connection itself signs without the relay.
+    if let HcCommand::Token { name, ttl, .. } = &args.command
+        && cs.entity_path.as_deref().is_some_and(|e| e.eq_ignore_ascii_case(name))
+    {
+        println!("{}", crate::client::token(&cs, name, *ttl));
+        return Ok(());
+    }
     let tls = crate::transport::tls::client_config(&ca)?;
     let proxy = crate::transport::proxy::ProxyConfig::from_flag(args.proxy.as_deref())?;
     let m = Management::new(cs, tls).with_proxy(proxy);
@@ -304,6 +340,16 @@ async fn command(m: &Management, cmd: HcCommand, json: bool, hint: &Hint) -> any
                 }
                 None => println!("{}", cs.expose()),
             }
+        }
+        HcCommand::Token {
+            name,
+            send,
+            ttl,
+            secondary,
+            ..
+        } => {
+            let cs = m.connection_string(&name, send, secondary).await?;
+            println!("{}", crate::client::token(&cs, &name, ttl));
         }
         HcCommand::RegenerateKey {
             name, secondary, rule, ..

@@ -249,6 +249,9 @@ async fn serve_session(hc: &Arc<HcRt>, ctx: &Arc<HcmCtx>, connected: &mut Option
     let (r, w) = tokio::io::split(conn.stream);
     let mut reader = WsReader::new(r, conn.leftover, Role::Client, MAX_CONTROL_MESSAGE as u64);
     let mut writer = WsWriter::new(w, Role::Client);
+    // HTTP mode: answers to write back, and an inline request waiting for its body.
+    let (reply_tx, mut replies) = tokio::sync::mpsc::channel::<super::http::Reply>(64);
+    let mut awaiting_body: Option<control::Request> = None;
     let renew_after = ttl.mul_f64(0.8);
     let renew_on = ctx.cfg.renew_tokens && entry.has_key();
     let mut renew_at = Instant::now() + renew_after;
@@ -271,8 +274,15 @@ async fn serve_session(hc: &Arc<HcRt>, ctx: &Arc<HcmCtx>, connected: &mut Option
                             let (hc, ctx, ep) = (hc.clone(), ctx.clone(), endpoint.clone());
                             ctx.workers.clone().spawn(move || super::accept::handle(a, hc, ep, ctx));
                         }
+                        Ok(Command::Request(r)) => {
+                            if r.http.as_ref().is_some_and(|h| h.body) {
+                                awaiting_body = Some(r);
+                            } else {
+                                spawn_request(r, None, &reply_tx, hc, ctx, &endpoint);
+                            }
+                        }
                         Ok(Command::Unknown(name)) => {
-                            tracing::debug!(hc = %entry.name(), command = %name, "ignoring control command (HTTP request mode is not served by the hcm)");
+                            tracing::debug!(hc = %entry.name(), command = %name, "ignoring unknown control command");
                         }
                         Ok(_) => {}
                         Err(e) => tracing::warn!(hc = %entry.name(), error = %e, "ignoring malformed control message"),
@@ -282,7 +292,13 @@ async fn serve_session(hc: &Arc<HcRt>, ctx: &Arc<HcmCtx>, connected: &mut Option
                             return Ok(e);
                         }
                     }
-                    Ok(Some(Message::Pong(_) | Message::Binary(_))) => {}
+                    // The body of an inline request; other binary messages are ignored.
+                    Ok(Some(Message::Binary(b))) => {
+                        if let Some(r) = awaiting_body.take() {
+                            spawn_request(r, Some(b), &reply_tx, hc, ctx, &endpoint);
+                        }
+                    }
+                    Ok(Some(Message::Pong(_))) => {}
                     Ok(Some(Message::Close(c))) => {
                         bounded(last_heard + period * 2, writer.send_close(c.code.unwrap_or(close_code::NORMAL), "")).await.ok();
                         ws::close_tls(writer.get_mut()).await;
@@ -293,6 +309,19 @@ async fn serve_session(hc: &Arc<HcRt>, ctx: &Arc<HcmCtx>, connected: &mut Option
                         bounded(last_heard + period * 2, writer.send_close(e.close_code(), "")).await.ok();
                         return Ok(format!("control channel error: {e}"));
                     }
+                }
+            }
+            // Cancel-safe: a reply stays queued until received.
+            Some(reply) = replies.recv() => {
+                let sent = async {
+                    writer.send_text(&reply.text).await?;
+                    if let Some(b) = &reply.body {
+                        writer.send(true, OpCode::Binary, b).await?;
+                    }
+                    Ok::<_, std::io::Error>(())
+                };
+                if let Err(e) = sent.await {
+                    return Ok(format!("write to the relay failed: {e}"));
                 }
             }
             _ = tokio::time::sleep_until(renew_at), if renew_on => {
@@ -327,6 +356,21 @@ async fn serve_session(hc: &Arc<HcRt>, ctx: &Arc<HcmCtx>, connected: &mut Option
             }
         }
     }
+}
+
+/// Serves an HTTP-mode request on a data-plane worker.
+fn spawn_request(
+    r: control::Request,
+    body: Option<bytes::Bytes>,
+    replies: &super::http::ReplyTx,
+    hc: &Arc<HcRt>,
+    ctx: &Arc<HcmCtx>,
+    endpoint: &HostPort,
+) {
+    let (replies, hc, ctx2, ep) = (replies.clone(), hc.clone(), ctx.clone(), endpoint.clone());
+    ctx.workers
+        .clone()
+        .spawn(move || super::http::handle(r, body, replies, hc, ep, ctx2));
 }
 
 #[cfg(test)]

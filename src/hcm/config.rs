@@ -19,6 +19,9 @@ pub struct HcEntry {
     pub connection_string: ConnectionString,
     /// Overrides the entity's `endpoint` metadata.
     pub endpoint: Option<HostPort>,
+    /// `Host` header for HTTP-mode requests forwarded to the endpoint. Default: the
+    /// endpoint's `host:port`.
+    pub http_host: Option<String>,
 }
 
 impl HcEntry {
@@ -32,6 +35,7 @@ impl HcEntry {
         Ok(Self {
             connection_string,
             endpoint,
+            http_host: None,
         })
     }
 
@@ -75,6 +79,10 @@ pub struct HcmConfig {
     pub extensions: bool,
     /// Timeout for dialing an endpoint. Default: 10 s.
     pub dial_timeout: Duration,
+    /// HTTP mode: how long the endpoint may take to send a response head (then 504), and
+    /// the longest pause inside a body. Default: 55 s (inside the relay's 60 s, so the
+    /// sender learns the endpoint's reason rather than the relay's).
+    pub http_timeout: Duration,
     /// Timeout for reaching the relay (TCP, TLS, upgrade). Default: 20 s.
     pub relay_timeout: Duration,
     /// Lifetime of the tokens the hcm mints. Default: 1 h.
@@ -111,6 +119,7 @@ impl HcmConfig {
             proxy: Default::default(),
             extensions: true,
             dial_timeout: Duration::from_secs(10),
+            http_timeout: Duration::from_secs(55),
             relay_timeout: Duration::from_secs(20),
             token_ttl: Duration::from_secs(3600),
             renew_tokens: true,
@@ -141,6 +150,7 @@ impl HcmConfig {
         for (field, slot, v) in [
             ("dial_timeout", &mut c.dial_timeout, f.dial_timeout),
             ("relay_timeout", &mut c.relay_timeout, f.relay_timeout),
+            ("http_timeout", &mut c.http_timeout, f.http_timeout),
             ("token_ttl", &mut c.token_ttl, f.token_ttl),
             ("ping_interval", &mut c.ping_interval, f.ping_interval),
         ] {
@@ -174,7 +184,13 @@ impl HcmConfig {
                 .map(|e| e.parse::<HostPort>())
                 .transpose()
                 .map_err(|e| anyhow::anyhow!("field `hybrid_connection[{i}].endpoint`: {e}"))?;
-            let entry = HcEntry::new(cs, endpoint).with_context(|| format!("field `hybrid_connection[{i}]`"))?;
+            let mut entry = HcEntry::new(cs, endpoint).with_context(|| format!("field `hybrid_connection[{i}]`"))?;
+            if let Some(h) = hc.http_host {
+                if h.is_empty() || h.chars().any(|c| c.is_control() || c == ' ') {
+                    bail!("field `hybrid_connection[{i}].http_host`: expected a host name, optionally with :PORT");
+                }
+                entry.http_host = Some(h);
+            }
             if c.hybrid_connections.iter().any(|e| e.key() == entry.key()) {
                 bail!("field `hybrid_connection[{i}]`: {} is listed twice", entry.name());
             }
@@ -204,6 +220,8 @@ pub struct HcmFile {
     #[serde(default, deserialize_with = "opt_duration")]
     pub relay_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "opt_duration")]
+    pub http_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
     pub token_ttl: Option<Duration>,
     #[serde(default, deserialize_with = "opt_duration")]
     pub ping_interval: Option<Duration>,
@@ -223,4 +241,5 @@ pub struct HcFile {
     /// The connection string in a file (a systemd credential: `${CREDENTIALS_DIRECTORY}/NAME`).
     pub connection_string_file: Option<PathBuf>,
     pub endpoint: Option<String>,
+    pub http_host: Option<String>,
 }

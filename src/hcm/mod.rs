@@ -11,6 +11,7 @@ pub mod accept;
 pub mod allow;
 pub mod channel;
 pub mod config;
+pub mod http;
 pub mod pool;
 pub mod state;
 pub mod status;
@@ -79,6 +80,8 @@ pub(crate) struct HcmCtx {
     pub inflight: crate::dataplane::drain::InFlight,
     /// `allowed_endpoints` in effect (replaced by reloads).
     pub allowed: std::sync::RwLock<allow::AllowList>,
+    /// Keep-alive connections to endpoints for HTTP-mode requests.
+    pub http_pool: http::Pool,
 }
 
 #[derive(Default)]
@@ -230,6 +233,7 @@ pub fn start(cfg: HcmConfig) -> anyhow::Result<HcmHandle> {
         totals,
         inflight: inflight.clone(),
         allowed: std::sync::RwLock::new(cfg.allowed_endpoints.clone()),
+        http_pool: http::Pool::default(),
     });
     // Fail early on a corrupt connections file rather than serving a partial set.
     state::load_added(&cfg.data_dir)?;

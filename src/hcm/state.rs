@@ -176,6 +176,12 @@ pub struct HcStatus {
     /// The last few failures of either segment, newest last (at most [`RECENT_ERRORS`]).
     #[serde(default)]
     pub recent_errors: std::collections::VecDeque<SegmentError>,
+    /// HTTP-mode requests forwarded to the endpoint.
+    #[serde(default)]
+    pub http_requests: u64,
+    /// The latest one: `"200 at <time>"`, or why it failed.
+    #[serde(default)]
+    pub last_http: Option<String>,
 }
 
 /// How many failures [`HcStatus::recent_errors`] keeps.
@@ -219,6 +225,8 @@ impl HcStatus {
             key_name: entry.connection_string.key_name().map(str::to_owned),
             token_expires: None,
             recent_errors: Default::default(),
+            http_requests: 0,
+            last_http: None,
         }
     }
 

@@ -60,6 +60,10 @@ fn row(s: &HcStatus, t: HcTotal, history: &History) -> Row {
             dial,
             Cell::text(t.active.max(0).to_string()),
             Cell::text(format!("{} / {}", human_bytes(t.bytes_up), human_bytes(t.bytes_down))),
+            match &s.last_http {
+                Some(l) => Cell::text(format!("{}, last {l}", s.http_requests)),
+                None => Cell::text("-"),
+            },
         ],
         last_error: s.latest_error().and_then(|e| {
             let at = humantime::parse_rfc3339(&e.at).ok()?;
@@ -124,6 +128,7 @@ impl StatusSource for HcmStatus {
                         "hcm ⇄ endpoint",
                         "Active tunnels",
                         "Bytes to / from endpoint",
+                        "HTTP requests",
                     ],
                     rows,
                 }],

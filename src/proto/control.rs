@@ -3,6 +3,14 @@
 //! One JSON object per text message, the top-level key naming the command. Encoding is
 //! written out field by field (never a serialized Rust enum) so that the wire format is
 //! visible here; unknown commands decode to [`Command::Unknown`] and are ignored by callers.
+//!
+//! HTTP mode (§6): a [`Request`] is either *inline* (it carries `method` and `body`, and a
+//! body, if any, follows as the next binary message) or *rendezvous-only* (just `address`
+//! and `id`: the listener dials the address and the full request arrives there). The two
+//! forms are told apart by `method`, as hyco-https does; the inline form always carries
+//! both `method` and `body` so that .NET (which looks at `body`) agrees. Header values
+//! that are not strings (hyco-https may send numbers) decode to their JSON text; arrays
+//! are joined with `", "`.
 
 use serde_json::{Map, Value, json};
 
@@ -21,6 +29,44 @@ pub struct Accept {
     pub remote_endpoint: Option<(String, u16)>,
 }
 
+/// `request`: the relay hands a listener an HTTP request (§4.2, §6.2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// Complete `ws(s)://` URL with `sb-hc-action=request`: where the listener fetches a
+    /// rendezvous-only request, or upgrades a response to (a single-use capability).
+    pub address: String,
+    /// Unique among the listener's requests in flight; echoed as `response.requestId`.
+    pub id: String,
+    /// The request itself; `None` for the rendezvous-only form.
+    pub http: Option<HttpRequest>,
+}
+
+/// The HTTP part of a [`Request`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpRequest {
+    /// Origin-form path and query, entity included, every `sb-hc-*` parameter removed.
+    pub request_target: String,
+    pub method: String,
+    /// End-to-end headers, merged by name (repeats joined with `", "`).
+    pub request_headers: Vec<(String, String)>,
+    /// The sender's address, if known.
+    pub remote_endpoint: Option<(String, u16)>,
+    /// True if a body message follows.
+    pub body: bool,
+}
+
+/// `response`: a listener answers a request (§6.4).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub request_id: String,
+    /// 100..=999 (a JSON number, or a string holding one, as the doc's example has it).
+    pub status_code: u16,
+    pub status_description: Option<String>,
+    pub response_headers: Vec<(String, String)>,
+    /// True if a body message follows.
+    pub body: bool,
+}
+
 /// A decoded control-channel command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
@@ -29,7 +75,9 @@ pub enum Command {
     RenewToken {
         token: String,
     },
-    /// An HTTP-mode `request` or `response`, or anything else: the name, for logging.
+    Request(Request),
+    Response(Response),
+    /// Anything else: the name, for logging.
     Unknown(String),
 }
 
@@ -125,6 +173,52 @@ impl Accept {
     }
 }
 
+fn header_map(headers: &[(String, String)]) -> Map<String, Value> {
+    headers
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect()
+}
+
+fn remote_json(remote: &Option<(String, u16)>) -> Option<Value> {
+    remote
+        .as_ref()
+        .map(|(addr, port)| json!({ "address": addr, "port": port }))
+}
+
+impl Request {
+    /// The JSON text of this command.
+    pub fn encode(&self) -> String {
+        let mut body = json!({ "address": self.address, "id": self.id });
+        if let Some(h) = &self.http {
+            body["requestTarget"] = Value::String(h.request_target.clone());
+            body["method"] = Value::String(h.method.clone());
+            body["requestHeaders"] = Value::Object(header_map(&h.request_headers));
+            if let Some(r) = remote_json(&h.remote_endpoint) {
+                body["remoteEndpoint"] = r;
+            }
+            body["body"] = Value::Bool(h.body);
+        }
+        json!({ "request": body }).to_string()
+    }
+}
+
+impl Response {
+    /// The JSON text of this command.
+    pub fn encode(&self) -> String {
+        let mut body = json!({
+            "requestId": self.request_id,
+            "statusCode": self.status_code,
+            "responseHeaders": header_map(&self.response_headers),
+            "body": self.body,
+        });
+        if let Some(d) = &self.status_description {
+            body["statusDescription"] = Value::String(d.clone());
+        }
+        json!({ "response": body }).to_string()
+    }
+}
+
 /// `{"renewToken":{"token":...}}`.
 pub fn encode_renew_token(token: &str) -> String {
     json!({ "renewToken": { "token": token } }).to_string()
@@ -135,6 +229,98 @@ fn str_field(obj: &Value, command: &'static str, field: &'static str) -> Result<
         .and_then(Value::as_str)
         .map(str::to_owned)
         .ok_or(ControlError::BadField { command, field })
+}
+
+/// A header value as text: strings as they are, arrays joined with `", "`, anything
+/// else as its JSON text.
+fn header_value(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Array(items) => items.iter().map(header_value).collect::<Vec<_>>().join(", "),
+        other => other.to_string(),
+    }
+}
+
+/// An optional object of headers; missing or `null` is empty.
+fn headers_field(
+    obj: &Value,
+    command: &'static str,
+    field: &'static str,
+) -> Result<Vec<(String, String)>, ControlError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Object(m)) => Ok(m.iter().map(|(k, v)| (k.clone(), header_value(v))).collect()),
+        Some(_) => Err(ControlError::BadField { command, field }),
+    }
+}
+
+fn remote_field(obj: &Value) -> Option<(String, u16)> {
+    let r = obj.get("remoteEndpoint")?;
+    let addr = r.get("address")?.as_str()?.to_owned();
+    let port = r.get("port")?.as_u64().and_then(|p| u16::try_from(p).ok())?;
+    Some((addr, port))
+}
+
+fn bool_field(obj: &Value, command: &'static str, field: &'static str) -> Result<bool, ControlError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(ControlError::BadField { command, field }),
+    }
+}
+
+fn decode_request(body: &Value) -> Result<Request, ControlError> {
+    const C: &str = "request";
+    let address = str_field(body, C, "address")?;
+    let id = body.get("id").and_then(Value::as_str).unwrap_or_default().to_owned();
+    // hyco-https's rule: a truthy `method` makes the request inline.
+    let method = match body.get("method") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(m)) if m.is_empty() => None,
+        Some(Value::String(m)) => Some(m.clone()),
+        Some(_) => {
+            return Err(ControlError::BadField {
+                command: C,
+                field: "method",
+            });
+        }
+    };
+    let http = match method {
+        None => None,
+        Some(method) => Some(HttpRequest {
+            request_target: str_field(body, C, "requestTarget")?,
+            method,
+            request_headers: headers_field(body, C, "requestHeaders")?,
+            remote_endpoint: remote_field(body),
+            body: bool_field(body, C, "body")?,
+        }),
+    };
+    Ok(Request { address, id, http })
+}
+
+fn decode_response(body: &Value) -> Result<Response, ControlError> {
+    const C: &str = "response";
+    let bad = |field| ControlError::BadField { command: C, field };
+    let status_code = match body.get("statusCode") {
+        Some(Value::Number(n)) => n.as_u64(),
+        Some(Value::String(s)) => s.trim().parse::<u64>().ok(),
+        _ => None,
+    }
+    .and_then(|c| u16::try_from(c).ok())
+    .filter(|c| (100..=999).contains(c))
+    .ok_or(bad("statusCode"))?;
+    let status_description = match body.get("statusDescription") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => return Err(bad("statusDescription")),
+    };
+    Ok(Response {
+        request_id: str_field(body, C, "requestId")?,
+        status_code,
+        status_description,
+        response_headers: headers_field(body, C, "responseHeaders")?,
+        body: bool_field(body, C, "body")?,
+    })
 }
 
 /// Decodes one text message.
@@ -176,6 +362,8 @@ pub fn decode(text: &str) -> Result<Command, ControlError> {
         "renewToken" => Ok(Command::RenewToken {
             token: str_field(body, "renewToken", "token")?,
         }),
+        "request" => decode_request(body).map(Command::Request),
+        "response" => decode_response(body).map(Command::Response),
         other => Ok(Command::Unknown(other.chars().take(64).collect())),
     }
 }
@@ -245,6 +433,63 @@ mod tests {
             decode(r#"{"injectFault":{}}"#).unwrap(),
             Command::Unknown("injectFault".into())
         );
+    }
+
+    #[test]
+    fn request_forms_round_trip() {
+        let inline = Request {
+            address: "ws://h:1/$hc/hc1?sb-hc-action=request&sb-hc-id=i&sb-hc-rid=s".into(),
+            id: "i".into(),
+            http: Some(HttpRequest {
+                request_target: "/hc1/x?a=1".into(),
+                method: "POST".into(),
+                request_headers: vec![("Content-Type".into(), "text/plain".into())],
+                remote_endpoint: Some(("10.0.0.1".into(), 4000)),
+                body: true,
+            }),
+        };
+        let text = inline.encode();
+        assert!(text.contains("\"method\":\"POST\"") && text.contains("\"body\":true"));
+        assert_eq!(decode(&text).unwrap(), Command::Request(inline));
+        let bare = Request {
+            address: "ws://h:1/x?sb-hc-action=request".into(),
+            id: "j".into(),
+            http: None,
+        };
+        let text = bare.encode();
+        // Neither `method` nor `body`: .NET and hyco-https both see the rendezvous form.
+        assert!(!text.contains("method") && !text.contains("body"));
+        assert_eq!(decode(&text).unwrap(), Command::Request(bare));
+    }
+
+    #[test]
+    fn responses_as_listeners_send_them() {
+        // hyco-https: lower-case names, numeric values; the doc's example: a string status.
+        let r = decode(
+            r#"{"response":{"requestId":"r1","statusCode":"201","statusDescription":"Made","responseHeaders":{"content-length":5,"x":["a","b"]},"body":true}}"#,
+        )
+        .unwrap();
+        let Command::Response(r) = r else { panic!() };
+        assert_eq!(r.status_code, 201);
+        assert_eq!(r.status_description.as_deref(), Some("Made"));
+        assert_eq!(
+            r.response_headers,
+            vec![("content-length".into(), "5".into()), ("x".into(), "a, b".into())]
+        );
+        assert!(r.body);
+        assert_eq!(decode(&r.encode()).unwrap(), Command::Response(r));
+        let minimal = decode(r#"{"response":{"requestId":"r","statusCode":204}}"#).unwrap();
+        let Command::Response(m) = minimal else { panic!() };
+        assert!(!m.body && m.response_headers.is_empty() && m.status_description.is_none());
+        for bad in [
+            r#"{"response":{"requestId":"r","statusCode":99}}"#,
+            r#"{"response":{"requestId":"r","statusCode":70000}}"#,
+            r#"{"response":{"requestId":"r"}}"#,
+            r#"{"response":{"statusCode":200}}"#,
+            r#"{"response":{"requestId":"r","statusCode":200,"body":"yes"}}"#,
+        ] {
+            assert!(matches!(decode(bad), Err(ControlError::BadField { .. })), "{bad}");
+        }
     }
 
     #[test]

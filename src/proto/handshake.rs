@@ -74,6 +74,8 @@ impl Headers {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestHead {
     pub method: String,
+    /// The minor HTTP version: 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub version: u8,
     /// The request target exactly as sent (origin-form, still percent-encoded).
     pub target: String,
     pub headers: Headers,
@@ -113,6 +115,7 @@ pub fn parse_request(buf: &[u8], max_head: usize) -> Result<Option<(RequestHead,
         httparse::Status::Complete(n) => {
             let head = RequestHead {
                 method: req.method.unwrap_or_default().to_owned(),
+                version: req.version.unwrap_or(1),
                 target: req.path.unwrap_or_default().to_owned(),
                 headers: header_list(req.headers),
             };

@@ -9,6 +9,7 @@ pub mod control;
 pub mod extensions;
 pub mod frame;
 pub mod handshake;
+pub mod hop;
 pub mod host;
 pub mod ids;
 pub mod mask;

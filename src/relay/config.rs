@@ -104,6 +104,8 @@ pub struct RelayConfig {
     /// hyrelay-to-hyrelay extensions (README "Extensions"): advertised to clients and
     /// honoured when our hcm and bridge opt in. Default: on.
     pub extensions: bool,
+    /// HTTP request/response mode (`[http]`).
+    pub http: super::http::config::HttpSettings,
 }
 
 impl RelayConfig {
@@ -137,6 +139,7 @@ impl RelayConfig {
             auth_max_delay: Duration::from_secs(5),
             cluster: None,
             extensions: true,
+            http: Default::default(),
         }
     }
 
@@ -208,6 +211,7 @@ impl RelayConfig {
         {
             c.public_url = Some(cl.public_url.clone());
         }
+        c.http = super::http::config::HttpSettings::from_file(f.http)?;
         Ok(c)
     }
 
@@ -335,6 +339,8 @@ pub struct RelayFile {
     pub limits: LimitsFile,
     #[serde(default)]
     pub cluster: super::cluster::config::ClusterFile,
+    #[serde(default)]
+    pub http: super::http::config::HttpFile,
 }
 
 #[derive(Debug, Default, Deserialize)]

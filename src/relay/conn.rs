@@ -106,7 +106,7 @@ async fn route(mut stream: Stream, inc: Incoming, ctx: Arc<Ctx>) {
         Ok(t) => t,
         Err(e) => return respond(&mut stream, 400, &e.to_string(), "").await,
     };
-    let rendezvous = matches!(&target, Target::Hc(r) if r.action == Some(Action::Accept));
+    let rendezvous = matches!(&target, Target::Hc(r) if matches!(r.action, Some(Action::Accept | Action::Request)));
     if !rendezvous {
         // Rendezvous addresses carry their own capability and are never throttled, so a
         // listener behind the same NAT as a guesser still completes its accepts.
@@ -124,15 +124,7 @@ async fn route(mut stream: Stream, inc: Incoming, ctx: Arc<Ctx>) {
                 Some(Action::Listen) => super::listener::serve(stream, inc, req, ctx).await,
                 Some(Action::Connect) => super::sender::serve_connect(stream, inc, req, ctx).await,
                 Some(Action::Accept) => super::sender::serve_accept(stream, inc, req, ctx).await,
-                Some(Action::Request) => {
-                    respond(
-                        &mut stream,
-                        400,
-                        "HTTP request rendezvous is not supported by this relay",
-                        "",
-                    )
-                    .await
-                }
+                Some(Action::Request) => super::http::serve_rendezvous(stream, inc, req, ctx).await,
                 None => respond(&mut stream, 400, "Missing sb-hc-action", "").await,
             }
         }
@@ -159,14 +151,30 @@ pub(crate) async fn respond(stream: &mut Stream, status: u16, reason: &str, body
     send_and_close(stream, &bytes).await;
 }
 
-/// Writes `bytes`, flushes and shuts the stream down, all within 5 s.
+/// Writes `bytes`, flushes and shuts the stream down, all within 5 s; then reads what the
+/// client still sends (at most 16 MiB, 5 s: curl sends a whole body before it reads) so
+/// that closing with unread request bytes does not reset the connection before the client
+/// has read the answer (issue 12 item 6).
 pub(crate) async fn send_and_close(stream: &mut Stream, bytes: &[u8]) {
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+    let sent = tokio::time::timeout(Duration::from_secs(5), async {
         stream.write_all(bytes).await?;
         stream.flush().await?;
         stream.shutdown().await
     })
     .await;
+    if matches!(sent, Ok(Ok(()))) {
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut sink = [0u8; 8192];
+            let mut left = 16usize << 20;
+            while left > 0 {
+                match tokio::io::AsyncReadExt::read(stream, &mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        })
+        .await;
+    }
 }
 
 /// `msg` with Azure's tracking suffix when the client sent an id.

@@ -39,8 +39,44 @@ const REQUEST_QUEUE: usize = 4096;
 pub enum ListenerCmd {
     /// Send this JSON text.
     Send(String),
+    /// An HTTP-mode `request` and its body: the JSON text, then (if any) the body as one
+    /// binary message, with nothing in between (hc-protocol.md §4.3).
+    Request { text: String, body: Option<bytes::Bytes> },
     /// Close the channel with this code and reason.
     Close(u16, String),
+}
+
+/// The listener an HTTP-mode request is about to be sent to ([`Ctl::deliver`]).
+#[derive(Debug)]
+pub struct Delivery<'a> {
+    /// The listener's registration key.
+    pub key: u64,
+    /// `ws(s)://host[:port]` of this relay as the listener can reach it, for rendezvous
+    /// addresses.
+    pub base_url: &'a str,
+    /// False if the request must take the rendezvous-only form (a listener served by
+    /// another relay node, which only relays the command).
+    pub inline_ok: bool,
+}
+
+/// An HTTP-mode request handed to a listener.
+#[derive(Debug)]
+#[must_use = "dropping it stops counting the request against the listener"]
+pub struct Delivered {
+    /// Cancelled when that listener's control channel goes away.
+    pub gone: CancellationToken,
+    /// Counts the request against the listener's limit while it lives.
+    _inflight: InflightGuard,
+}
+
+/// Counts one HTTP request in flight on a listener.
+#[derive(Debug)]
+struct InflightGuard(Arc<AtomicUsize>);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// What the relay knows about a connected listener.
@@ -358,6 +394,18 @@ impl Ctl {
         self.reg().pending.remove(&secret);
     }
 
+    /// Picks a listener of `entity` with the same rule as [`Ctl::connect`], skipping those
+    /// with `max_inflight` HTTP requests in flight, and queues the command `make` builds
+    /// for it. `make` may be called again for another listener if a queue is full.
+    pub fn deliver(
+        &self,
+        entity: &str,
+        max_inflight: usize,
+        make: impl FnMut(&Delivery<'_>) -> ListenerCmd,
+    ) -> Result<Delivered, Refusal> {
+        self.reg().deliver(entity, max_inflight, make)
+    }
+
     /// Takes the rendezvous for `secret` out of the table (single use).
     pub fn rendezvous(&self, secret: &str) -> Option<oneshot::Sender<Outcome>> {
         self.reg()
@@ -404,6 +452,16 @@ struct ListenerRt {
     info: ListenerInfo,
     tx: mpsc::Sender<ListenerCmd>,
     load: Arc<AtomicUsize>,
+    /// HTTP-mode requests in flight.
+    http: Arc<AtomicUsize>,
+    /// Cancelled when the listener leaves the registry (HTTP requests waiting on it fail).
+    gone: CancellationToken,
+}
+
+impl Drop for ListenerRt {
+    fn drop(&mut self) {
+        self.gone.cancel();
+    }
 }
 
 #[derive(Default)]
@@ -838,6 +896,8 @@ impl Registry {
             info,
             tx,
             load: Arc::new(AtomicUsize::new(0)),
+            http: Arc::new(AtomicUsize::new(0)),
+            gone: CancellationToken::new(),
         });
         let n = rt.listeners.len();
         metrics::gauge!(crate::telemetry::metrics::RELAY_LISTENERS, "hc" => self.label(entity)).set(n as f64);
@@ -922,6 +982,43 @@ impl Registry {
                 entity_tunnels: rt.tunnels.clone(),
                 entity_gone: rt.gone.clone(),
             });
+        }
+        Err(if busy { Refusal::Busy } else { Refusal::NoListener })
+    }
+
+    fn deliver(
+        &mut self,
+        entity: &str,
+        max_inflight: usize,
+        mut make: impl FnMut(&Delivery<'_>) -> ListenerCmd,
+    ) -> Result<Delivered, Refusal> {
+        let rt = self.live.get(&entity.to_lowercase()).ok_or(Refusal::NoListener)?;
+        let mut candidates: Vec<usize> = (0..rt.listeners.len()).collect();
+        let mut busy = false;
+        while !candidates.is_empty() {
+            let idx = candidates.swap_remove(pick(&rt.listeners, &candidates, self.cfg.balance));
+            let l = &rt.listeners[idx];
+            if l.http.load(Ordering::Relaxed) >= max_inflight {
+                busy = true;
+                continue;
+            }
+            let base = self.cfg.public_url.as_ref().map(|u| u.ws_base());
+            let d = Delivery {
+                key: l.key,
+                base_url: base.as_deref().unwrap_or(&l.info.base_url),
+                inline_ok: true,
+            };
+            match l.tx.try_send(make(&d)) {
+                Ok(()) => {
+                    l.http.fetch_add(1, Ordering::Relaxed);
+                    return Ok(Delivered {
+                        gone: l.gone.clone(),
+                        _inflight: InflightGuard(l.http.clone()),
+                    });
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => busy = true,
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
         }
         Err(if busy { Refusal::Busy } else { Refusal::NoListener })
     }

@@ -123,6 +123,8 @@ pub(super) async fn serve(mut stream: Stream, mut inc: Incoming, req: HcRequest,
         heard: Instant::now(),
         granted,
         revoked_at: None,
+        key: reg.key,
+        awaiting_body: None,
     };
     let (why, end) = chan.run(&mut reg.commands, changes, &ctx).await;
     metrics::counter!(crate::telemetry::metrics::RELAY_CONTROL_CLOSED, "reason" => why).increment(1);
@@ -143,6 +145,11 @@ struct Channel {
     granted: Granted,
     /// Set when the key behind `granted` was regenerated: the channel closes then.
     revoked_at: Option<(Instant, String)>,
+    /// This listener's registration key (HTTP-mode responses must come from the listener
+    /// their request went to).
+    key: u64,
+    /// An HTTP-mode `response` whose body message comes next.
+    awaiting_body: Option<control::Response>,
 }
 
 /// `now + after`, or [`FAR`] from now if that is further (never overflows).
@@ -246,10 +253,18 @@ impl Channel {
                                     return ("token_rejected", self.close(close_code::POLICY, &reason).await);
                                 }
                             },
-                            Ok(_) => {} // other commands (HTTP-mode responses, injectFault) are ignored
+                            Ok(Command::Response(r)) => self.response(r, ctx),
+                            Ok(_) => {} // other commands (injectFault, …) are ignored
                             Err(e) => tracing::debug!(hc = %self.entity_name, error = %e, "ignoring malformed control message"),
                         },
-                        Ok(Some(Message::Binary(_))) | Ok(Some(Message::Pong(_))) => {}
+                        // A response's body; any other binary message (hyco-https sends an
+                        // empty one after every body-less response) is ignored.
+                        Ok(Some(Message::Binary(b))) => {
+                            if let Some(r) = self.awaiting_body.take() {
+                                self.deliver(r, b, ctx);
+                            }
+                        }
+                        Ok(Some(Message::Pong(_))) => {}
                         Ok(Some(Message::Ping(p))) => {
                             if let Err(e) = self.send(OpCode::Pong, &p).await {
                                 return (e.reason(), e.to_string());
@@ -284,6 +299,13 @@ impl Channel {
                     while let Some(c) = next.take() {
                         match c {
                             ListenerCmd::Send(text) => batch.extend_from_slice(&frame::encode_frame(true, OpCode::Text, None, text.as_bytes())),
+                            // A request and its body back to back, in the same write.
+                            ListenerCmd::Request { text, body } => {
+                                batch.extend_from_slice(&frame::encode_frame(true, OpCode::Text, None, text.as_bytes()));
+                                if let Some(b) = body {
+                                    batch.extend_from_slice(&frame::encode_frame(true, OpCode::Binary, None, &b));
+                                }
+                            }
                             ListenerCmd::Close(code, reason) => {
                                 close = Some((code, reason));
                                 break;
@@ -335,6 +357,28 @@ impl Channel {
                     return ("shutdown", self.close(close_code::GOING_AWAY, "The relay is shutting down.").await);
                 }
             }
+        }
+    }
+
+    /// An HTTP-mode `response` on the control channel; with `body:true` its body is the
+    /// next binary message.
+    fn response(&mut self, r: control::Response, ctx: &Ctx) {
+        // A response announced with a body but followed by another text message: empty.
+        if let Some(prev) = self.awaiting_body.take() {
+            self.deliver(prev, bytes::Bytes::new(), ctx);
+        }
+        if r.body {
+            self.awaiting_body = Some(r);
+        } else {
+            self.deliver(r, bytes::Bytes::new(), ctx);
+        }
+    }
+
+    fn deliver(&self, response: control::Response, body: bytes::Bytes, ctx: &Ctx) {
+        let id = response.request_id.clone();
+        let inline = super::http::pending::Inline { response, body };
+        if !ctx.http.respond(self.key, inline) {
+            tracing::debug!(hc = %self.entity_name, request = %id, "response for no request of this listener (late or unknown); ignored");
         }
     }
 

@@ -40,6 +40,11 @@ pub(super) async fn serve(mut stream: Stream, mut inc: Incoming, req: PlainReque
     let raw = req.raw_path.as_str();
     let lower = raw.to_ascii_lowercase();
     let is_api = lower.starts_with("/$hyrelay/") || lower.starts_with("/%24hyrelay/");
+    // HEAD anywhere, and every plain request that is not the API or the runtime-information
+    // GET, is served by hyper (HTTP mode): its answers to HEAD never carry a body.
+    if inc.head.method == "HEAD" {
+        return super::http::serve(stream, inc, ctx).await;
+    }
     if is_api {
         let body = match read_body(&mut stream, &mut inc.buf, &inc.head).await {
             Ok(b) => b,
@@ -88,17 +93,11 @@ pub(super) async fn serve(mut stream: Stream, mut inc: Incoming, req: PlainReque
             let bytes = handshake::response(200, "OK", metadata::ATOM_ENTRY_CONTENT_TYPE, body.as_bytes());
             send_and_close(&mut stream, &bytes).await;
         }
-        Some(_) => {
-            respond(
-                &mut stream,
-                501,
-                "HTTP request/response mode is not supported by this relay",
-                "",
-            )
-            .await;
+        None if wants_info && head.method == "GET" => xml_error(&mut stream, 404, "Endpoint does not exist.").await,
+        _ => {
+            drop(state);
+            super::http::serve(stream, inc, ctx).await;
         }
-        None if wants_info => xml_error(&mut stream, 404, "Endpoint does not exist.").await,
-        None => respond(&mut stream, 404, "Endpoint does not exist.", "").await,
     }
 }
 

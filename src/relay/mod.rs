@@ -4,7 +4,7 @@
 //! accepts TCP on its own socket, runs TLS and the HTTP head, then serves one of: a
 //! listener control channel ([`listener`]), a sender connect or a listener's rendezvous
 //! ([`sender`], joined into a [`tunnel`]), or a plain HTTP request ([`mgmt`]: the
-//! runtime-information GET and the management API).
+//! runtime-information GET and the management API; [`http`]: HTTP request/response mode).
 //!
 //! Limits: every connection is admitted against the caps in [`limits`] before TLS, and
 //! authentication failures are slowed down per source address by [`throttle`].
@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod config;
 mod conn;
 pub mod control;
+pub mod http;
 pub mod limits;
 mod listener;
 pub mod mgmt;
@@ -56,6 +57,8 @@ pub(crate) struct Ctx {
     pub pool: pool::Pool,
     /// Recent senders per hybrid connection (issue 14 item 10).
     pub usage: Arc<usage::Usage>,
+    /// HTTP-mode requests waiting for a listener.
+    pub http: Arc<http::HttpRt>,
 }
 
 impl Ctx {
@@ -299,6 +302,7 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
         c.attach(ctl.clone(), totals.clone());
     }
     let usage = Arc::new(usage::Usage::default());
+    let http_rt = Arc::new(http::HttpRt::default());
     let source: Arc<dyn crate::telemetry::admin::StatusSource> = Arc::new(status::RelayStatus {
         ctl: ctl.clone(),
         usage: usage.clone(),
@@ -307,6 +311,7 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
         draining: drain.clone(),
         listen: addr,
         cluster: cluster.clone(),
+        http: http_rt.stats.clone(),
     });
     let admin = match cfg.runtime.admin {
         Some(a) => Some(
@@ -335,6 +340,7 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
         audience,
         pool: pool::Pool::new(cfg.extensions, cfg.handshake_timeout),
         usage,
+        http: http_rt,
     });
     let admission = ctx.admission.clone();
     crate::dataplane::serve(&workers, listeners, drain.clone(), move |tcp, peer| {

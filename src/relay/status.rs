@@ -24,6 +24,8 @@ pub(crate) struct RelayStatus {
     pub listen: std::net::SocketAddr,
     /// The cluster this node belongs to, if any: readiness and the `cluster` section.
     pub cluster: Option<Arc<super::cluster::Cluster>>,
+    /// HTTP-mode counts.
+    pub http: Arc<super::http::stats::Stats>,
 }
 
 /// The `cluster` part of `/status`: this node, Redis, the catalog and every other node.
@@ -53,8 +55,30 @@ fn cluster_json(h: &super::cluster::Health) -> Value {
     })
 }
 
-fn entity_json(v: &EntityView, totals: &Totals, history: &History, usage: &Usage) -> Value {
+/// "12 (1 in flight), last 200 at …" for the HTTP requests column.
+fn http_cell(h: &super::http::stats::HcHttp) -> String {
+    match h.last {
+        None if h.in_flight == 0 => "-".into(),
+        None => format!("{} in flight", h.in_flight),
+        Some((at, status)) => format!(
+            "{} ({} in flight, {} by the relay), last {status} at {}",
+            h.requests,
+            h.in_flight,
+            h.by_relay,
+            rfc3339(at)
+        ),
+    }
+}
+
+fn entity_json(
+    v: &EntityView,
+    totals: &Totals,
+    history: &History,
+    usage: &Usage,
+    http: &super::http::stats::Stats,
+) -> Value {
     let t = totals.get(&v.entity.name);
+    let h = http.get(&v.entity.name);
     json!({
         "name": v.entity.name,
         "endpoint": v.entity.endpoint().map(|e| e.to_string()),
@@ -76,6 +100,12 @@ fn entity_json(v: &EntityView, totals: &Totals, history: &History, usage: &Usage
         "lastSenderConnect": v.last_connect.as_ref().map(|c| json!({
             "at": rfc3339(c.at), "result": c.result, "detail": c.detail,
         })),
+        "httpRequests": json!({
+            "total": h.requests,
+            "answeredByRelay": h.by_relay,
+            "inFlight": h.in_flight,
+            "last": h.last.map(|(at, status)| json!({ "at": rfc3339(at), "status": status })),
+        }),
         "senderConnects": v.connects.iter().map(|(r, n)| (r.to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
         "senders": usage.senders(&v.entity.name).iter().map(SenderUsage::to_json).collect::<Vec<_>>(),
     })
@@ -135,7 +165,7 @@ fn senders_cell(senders: &[SenderUsage]) -> Cell {
     )
 }
 
-fn row(v: &EntityView, totals: &Totals, history: &History, usage: &Usage) -> Row {
+fn row(v: &EntityView, totals: &Totals, history: &History, usage: &Usage, http: &super::http::stats::Stats) -> Row {
     let t = totals.get(&v.entity.name);
     let (health, word) = health(v, history);
     Row {
@@ -147,6 +177,7 @@ fn row(v: &EntityView, totals: &Totals, history: &History, usage: &Usage) -> Row
             Cell::text(v.listeners.len().to_string()),
             Cell::text(v.active_tunnels.to_string()),
             Cell::text(format!("{} / {}", human_bytes(t.bytes_up), human_bytes(t.bytes_down))),
+            Cell::text(http_cell(&http.get(&v.entity.name))),
             match &v.last_connect {
                 Some(c) => Cell::Ago(c.at, c.result.to_string()),
                 None => Cell::text("-"),
@@ -187,7 +218,7 @@ impl StatusSource for RelayStatus {
             let accepting = !self.draining.is_cancelled();
             let rows = views
                 .iter()
-                .map(|v| row(v, &self.totals, &self.history, &self.usage))
+                .map(|v| row(v, &self.totals, &self.history, &self.usage, &self.http))
                 .collect();
             let cluster = self.cluster.as_ref().map(|c| c.health());
             let cluster_ready = cluster.as_ref().map_or(Ok(()), |h| h.ready());
@@ -195,7 +226,7 @@ impl StatusSource for RelayStatus {
                 "role": "relay",
                 "listen": self.listen.to_string(),
                 "accepting": accepting,
-                "hybridConnections": views.iter().map(|v| entity_json(v, &self.totals, &self.history, &self.usage)).collect::<Vec<_>>(),
+                "hybridConnections": views.iter().map(|v| entity_json(v, &self.totals, &self.history, &self.usage, &self.http)).collect::<Vec<_>>(),
             });
             if let Some(h) = &cluster {
                 status["cluster"] = cluster_json(h);
@@ -213,6 +244,7 @@ impl StatusSource for RelayStatus {
                         "Listeners",
                         "Active tunnels",
                         "Bytes up / down",
+                        "HTTP requests",
                         "Last sender connect",
                         "Recent senders",
                     ],

@@ -33,6 +33,10 @@ pub const RELAY_RENDEZVOUS_SECONDS: &str = "hyrelay_relay_rendezvous_seconds";
 pub const RELAY_CONTROL_CLOSED: &str = "hyrelay_relay_control_channels_closed_total";
 pub const RELAY_TOKEN_RENEWALS: &str = "hyrelay_relay_token_renewals_total";
 pub const RELAY_POOLED: &str = "hyrelay_relay_pooled_rendezvous_total";
+pub const RELAY_HTTP_REQUESTS: &str = "hyrelay_relay_http_requests_total";
+pub const RELAY_HTTP_SECONDS: &str = "hyrelay_relay_http_request_seconds";
+pub const HCM_HTTP_REQUESTS: &str = "hyrelay_hcm_http_requests_total";
+pub const HCM_HTTP_SECONDS: &str = "hyrelay_hcm_http_request_seconds";
 pub const HCM_CHANNEL_UP: &str = "hyrelay_hcm_control_channel_up";
 pub const HCM_RECONNECTS: &str = "hyrelay_hcm_reconnects_total";
 pub const HCM_ACCEPTS: &str = "hyrelay_hcm_accepts_total";
@@ -137,6 +141,22 @@ fn describe() {
     describe_counter!(
         RELAY_POOLED,
         "Senders joined to a pooled rendezvous connection (hyrelay extension), per hybrid connection."
+    );
+    describe_counter!(
+        RELAY_HTTP_REQUESTS,
+        "HTTP-mode requests by hybrid connection and status (common codes by number, others by class)."
+    );
+    describe_histogram!(
+        RELAY_HTTP_SECONDS,
+        "HTTP-mode requests: arrival to the response head, per hybrid connection."
+    );
+    describe_counter!(
+        HCM_HTTP_REQUESTS,
+        "HTTP-mode requests forwarded to the endpoint, by hybrid connection and status."
+    );
+    describe_histogram!(
+        HCM_HTTP_SECONDS,
+        "HTTP-mode requests: request to the endpoint's response head."
     );
     describe_gauge!(
         HCM_CHANNEL_UP,

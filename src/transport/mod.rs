@@ -3,6 +3,7 @@
 
 pub mod cert;
 pub mod http;
+pub mod http_body;
 pub mod proxy;
 pub mod sock;
 pub mod stream;

@@ -39,13 +39,14 @@ function deadline(what) {
   }, ms);
 }
 
-// Loads hyco-ws from the rig installed by scripts/setup-node.sh.
-function loadHyco() {
+// Loads hyco-ws (or `name`, e.g. hyco-https) from the rig installed by scripts/setup-node.sh.
+function loadHyco(name) {
+  name = name || 'hyco-ws';
   const candidates = [];
   if (process.env.HYRELAY_NODE_RIG) {
-    candidates.push(path.join(process.env.HYRELAY_NODE_RIG, 'node_modules', 'hyco-ws'));
+    candidates.push(path.join(process.env.HYRELAY_NODE_RIG, 'node_modules', name));
   }
-  candidates.push(path.join(__dirname, '..', '..', 'target', 'node-rig', 'node_modules', 'hyco-ws'));
+  candidates.push(path.join(__dirname, '..', '..', 'target', 'node-rig', 'node_modules', name));
   let last = null;
   for (const c of candidates) {
     try {
@@ -55,7 +56,7 @@ function loadHyco() {
       last = e;
     }
   }
-  fail('cannot load hyco-ws (looked in ' + candidates.join(', ') + '): ' +
+  fail('cannot load ' + name + ' (looked in ' + candidates.join(', ') + '): ' +
        (last && last.message.split('\n')[0]) + '; run scripts/setup-node.sh', 65);
 }
 
