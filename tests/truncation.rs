@@ -329,6 +329,67 @@ async fn an_hcm_stopped_mid_download_resets_the_app_and_a_complete_one_ends_clea
     assert_eq!(end.map_err(|e| e.kind()), Err(ErrorKind::ConnectionReset));
 }
 
+/// The app is done sending (FIN) while the download goes on: the bridge sends its
+/// Close(1000) and then nothing at all — no ping, no pong — for three ping periods, though
+/// it hears from the relay only every half period. (A relay stops reading a direction once
+/// it has forwarded its Close; frames after it lay unread there, and a socket closed with
+/// unread input is reset.) The download then ends clean.
+async fn nothing_after_the_bridges_close(backend: IoBackend) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let bridge = bridge_to(l.local_addr().unwrap(), backend);
+    let mut app = TcpStream::connect(bridge.addr_of("t").unwrap()).await.unwrap();
+    app.write_all(b"request").await.unwrap();
+    app.shutdown().await.unwrap();
+    let leg = accept_upgrade(&l).await;
+    let (r, mut w) = (leg._r, leg.w);
+    let mut r = ws::WsReader::new(r, bytes::BytesMut::new(), hyrelay::proto::frame::Role::Server, 1 << 20);
+    let mut frames = Vec::new();
+    let watch = async {
+        while let Ok(Some(m)) = r.next_message(1 << 20).await {
+            frames.push(m);
+        }
+    };
+    let drive = async {
+        // Chunks every half period (the bridge hears from us), for three periods.
+        for i in 0..6 {
+            tokio::time::sleep(PING / 2).await;
+            send(&mut w, OpCode::Binary, &chunk(i), false).await;
+        }
+    };
+    tokio::select! {
+        _ = watch => panic!("the bridge ended the WebSocket while the download ran"),
+        _ = drive => {}
+    }
+    let after_close: Vec<_> = frames
+        .iter()
+        .skip_while(|m| !matches!(m, ws::Message::Close(_)))
+        .collect();
+    assert!(
+        matches!(frames.first(), Some(ws::Message::Binary(b)) if &b[..] == b"request"),
+        "{frames:?}"
+    );
+    assert!(
+        matches!(after_close.as_slice(), [ws::Message::Close(c)] if c.code == Some(close_code::NORMAL)),
+        "after its Close the bridge sent {after_close:?} (all: {frames:?})"
+    );
+    send(
+        &mut w,
+        OpCode::Close,
+        &frame::close_payload(close_code::NORMAL, ""),
+        false,
+    )
+    .await;
+    let (got, end) = read_all(app).await;
+    assert!(end.is_ok(), "a clean end: {end:?}");
+    assert_eq!(got.len(), (0..6).map(|i| chunk(i).len()).sum::<usize>());
+    drop(bridge);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bridge_sends_nothing_after_its_close() {
+    nothing_after_the_bridges_close(IoBackend::Epoll).await;
+}
+
 // ---- io_uring
 
 #[cfg(all(feature = "uring", target_os = "linux"))]
@@ -355,6 +416,12 @@ async fn on_io_uring_the_hcm_resets_the_endpoint_when_the_tunnel_ends_abnormally
         before >= ENDS.len() as u64,
         "the hcm's tunnels ran on io_uring ({before})"
     );
+}
+
+#[cfg(all(feature = "uring", target_os = "linux"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_io_uring_the_bridge_sends_nothing_after_its_close() {
+    nothing_after_the_bridges_close(IoBackend::Uring).await;
 }
 
 /// Runs the futures at once (each is a task) and returns their results in order.

@@ -268,3 +268,11 @@ async fn uring_falls_back_or_refuses_as_configured() {
     assert!(w.completion().is_none());
     w.stop();
 }
+
+/// The io_uring relay engine closes its legs lingering too (see relay_protocol.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_frame_after_close_keeps_the_download_whole_on_io_uring() {
+    let rig = rig();
+    late_frame_after_close_keeps_the_download_whole(&rig).await;
+    assert_eq!(uring::tunnels_run("tail"), 1, "the relay's tunnel ran on io_uring");
+}

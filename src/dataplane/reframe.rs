@@ -32,9 +32,14 @@ pub use super::io::{ReadySource, preloaded};
 use super::stats::ActiveGuard;
 use crate::proto::frame::{self, Decoder, FrameError, MAX_HEADER_LEN, OpCode, Role, SliceItem, close_code};
 use crate::transport::Stream;
+use crate::transport::stream::linger_close;
 
 /// How long the surviving side gets to answer after its peer vanished. Default: 5 s.
 pub const ABANDON_GRACE: Duration = Duration::from_secs(5);
+/// How long a tunnel's legs are read to their peers' EOF when the tunnel ends, and how
+/// many bytes at most (shared by the epoll and io_uring engines).
+pub(crate) const LINGER: Duration = Duration::from_secs(2);
+pub(crate) const LINGER_MAX: usize = 1 << 20;
 
 /// How one direction ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -359,14 +364,15 @@ impl RelayTunnel {
         self.counted = (self.up.bytes, self.down.bytes);
     }
 
-    /// Closes both legs (TLS close_notify, FIN), best effort, within 2 s.
+    /// Closes both legs (TLS close_notify, FIN) lingering, within 2 s: each is read to its
+    /// peer's EOF first, so a frame that arrived after the last one forwarded (a ping sent
+    /// just after a Close) cannot turn the close into a reset that destroys the tail of
+    /// what this leg was sent ([`linger_close`]).
     pub async fn shutdown_legs(mut self) -> TunnelStats {
-        use tokio::io::AsyncWriteExt;
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            let _ = self.sender.shutdown().await;
-            let _ = self.listener.shutdown().await;
-        })
-        .await;
+        tokio::join!(
+            linger_close(&mut self.sender, LINGER, LINGER_MAX),
+            linger_close(&mut self.listener, LINGER, LINGER_MAX)
+        );
         self.stats()
     }
 

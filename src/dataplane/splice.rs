@@ -174,6 +174,21 @@ pub(crate) enum CloseState {
 }
 
 impl Ctrl {
+    /// The pong owed, if any. None once our Close is out: nothing follows a Close
+    /// (RFC 6455 §5.5.1), and the relay stops reading a direction once it has forwarded that
+    /// direction's Close, so a frame sent after it would lie unread there — and a socket
+    /// closed with unread input is reset, which can destroy the tail of the other
+    /// direction's data on its way to us.
+    pub fn take_pong(&mut self) -> Option<([u8; MAX_CONTROL_PAYLOAD], usize)> {
+        let p = self.pong.take();
+        p.filter(|_| self.close != CloseState::Sent)
+    }
+
+    /// True if a ping is due now; never once our Close is out (see [`Ctrl::take_pong`]).
+    pub fn take_ping(&mut self) -> bool {
+        std::mem::take(&mut self.ping_due) && self.close != CloseState::Sent
+    }
+
     pub fn queue_close(&mut self, code: u16, reason: &'static str) {
         if self.close == CloseState::None {
             self.close = CloseState::Queued(code, reason);
@@ -344,11 +359,11 @@ impl Up {
                 return Poll::Ready(UpEnd::Done);
             }
             // Control frames go out between data frames, which is always here.
-            if let Some((p, n)) = ctrl.pong.take() {
+            if let Some((p, n)) = ctrl.take_pong() {
                 self.ctl = Some(CtlFrame::new(OpCode::Pong, &p[..n]));
                 continue;
             }
-            if std::mem::take(&mut ctrl.ping_due) {
+            if ctrl.take_ping() {
                 self.ctl = Some(CtlFrame::new(OpCode::Ping, b""));
                 continue;
             }

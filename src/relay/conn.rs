@@ -151,29 +151,14 @@ pub(crate) async fn respond(stream: &mut Stream, status: u16, reason: &str, body
     send_and_close(stream, &bytes).await;
 }
 
-/// Writes `bytes`, flushes and shuts the stream down, all within 5 s; then reads what the
-/// client still sends (at most 16 MiB, 5 s: curl sends a whole body before it reads) so
-/// that closing with unread request bytes does not reset the connection before the client
-/// has read the answer (issue 12 item 6).
+/// Writes `bytes` and flushes within 5 s, then closes lingering
+/// ([`crate::transport::stream::linger_close`]: at most 16 MiB, 5 s — curl sends a whole
+/// body before it reads) so that closing with unread request bytes does not reset the
+/// connection before the client has read the answer (issue 12 item 6).
 pub(crate) async fn send_and_close(stream: &mut Stream, bytes: &[u8]) {
-    let sent = tokio::time::timeout(Duration::from_secs(5), async {
-        stream.write_all(bytes).await?;
-        stream.flush().await?;
-        stream.shutdown().await
-    })
-    .await;
+    let sent = tokio::time::timeout(Duration::from_secs(5), write_flush(stream, bytes)).await;
     if matches!(sent, Ok(Ok(()))) {
-        let _ = tokio::time::timeout(Duration::from_secs(5), async {
-            let mut sink = [0u8; 8192];
-            let mut left = 16usize << 20;
-            while left > 0 {
-                match tokio::io::AsyncReadExt::read(stream, &mut sink).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => left = left.saturating_sub(n),
-                }
-            }
-        })
-        .await;
+        crate::transport::stream::linger_close(stream, Duration::from_secs(5), 16 << 20).await;
     }
 }
 

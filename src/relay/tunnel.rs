@@ -6,7 +6,9 @@
 //! one side goes to the other, whose own Close later comes back the same way. That gives
 //! half-close semantics (one side may keep sending after the other said it is done). A
 //! side that vanishes without a Close gets 1001 sent to the survivor, which then has a few
-//! seconds to answer before both connections are closed.
+//! seconds to answer before both connections are closed. Both legs are closed lingering
+//! (read to the peer's EOF, bounded), so input that arrived after the last frame forwarded
+//! cannot make the close a reset that loses the tail of the other direction.
 //!
 //! With the completion backend and two plain-TCP legs the tunnel runs on a completion
 //! worker instead ([`crate::dataplane::offload`]), with the same rules.

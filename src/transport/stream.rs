@@ -159,3 +159,27 @@ impl AsyncWrite for Stream {
         delegate!(self, s => s.poll_shutdown(cx))
     }
 }
+
+/// Shuts our side down (TLS close_notify, FIN), then reads and discards what the peer
+/// still sends until its EOF, at most `max` bytes and `limit` in all: a lingering close.
+///
+/// Closing a socket that has unread input makes the kernel reset the connection, and the
+/// reset throws away whatever of our output is still in flight or unread at the peer, so
+/// the tail of a response or of a tunnel's data would be lost. Reading to the peer's EOF
+/// (or for a bounded while) before the socket is dropped avoids that.
+pub async fn linger_close<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, limit: std::time::Duration, max: usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tokio::time::timeout(limit, async {
+        s.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        let mut left = max;
+        while left > 0 {
+            match s.read(&mut sink).await? {
+                0 => break,
+                n => left = left.saturating_sub(n),
+            }
+        }
+        io::Result::Ok(())
+    })
+    .await;
+}

@@ -269,3 +269,92 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .unwrap_or_default();
     (code, body)
 }
+
+/// One tunnel through `rig` where the sender sends Close, then (200 ms later, out of
+/// order) a ping, and the listener then sends 8 MiB and its Close to a slow reader: the
+/// sender must get all of it and the Close (relay_protocol.rs and uring.rs).
+#[allow(dead_code)]
+pub async fn late_frame_after_close_keeps_the_download_whole(rig: &Rig) {
+    use bytes::BytesMut;
+    use hyrelay::proto::frame::Role;
+    use hyrelay::proto::frame::{OpCode, encode_frame};
+    use hyrelay::transport::ws::{self, Message, WsReader, WsUrl};
+    use tokio::io::AsyncWriteExt;
+    const TOTAL: usize = 8 << 20;
+    const CHUNK: usize = 64 << 10;
+    rig.create("tail", echo()).await;
+    let (mut lr, _lw) = raw_listener(rig, "tail").await;
+    rig.wait_listeners("tail", 1).await;
+    let cs = rig.send_cs("tail").await;
+    let token = hyrelay::client::token(&cs, "tail", Duration::from_secs(600));
+    let url = hyrelay::client::hc_url(&cs, "tail", "connect", "late-1");
+    let auth = [("ServiceBusAuthorization", token.as_str())];
+    let (s, leg) = tokio::join!(ws::connect(&url, None, &auth, Duration::from_secs(20)), async {
+        let a = next_accept(&mut lr).await;
+        let url = WsUrl::parse(&a.address).unwrap();
+        ws::connect(&url, None, &[], Duration::from_secs(10)).await.unwrap()
+    });
+    let mut s = s.expect("sender accepted");
+    let mut leg = leg;
+    // The sender is done sending: Close(1000), then (out of order) a ping.
+    // (Apart, so that the relay has read the Close, and stopped reading, before the ping.)
+    let bye = encode_frame(true, OpCode::Close, Some([9, 8, 7, 6]), &1000u16.to_be_bytes());
+    s.stream.write_all(&bye).await.unwrap();
+    s.stream.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let late = encode_frame(true, OpCode::Ping, Some([1, 2, 3, 4]), b"late");
+    s.stream.write_all(&late).await.unwrap();
+    s.stream.flush().await.unwrap();
+    // The listener sends more than the sockets buffer, then its Close.
+    let download = tokio::spawn(async move {
+        let data = payload(CHUNK, 7);
+        for _ in 0..TOTAL / CHUNK {
+            let f = encode_frame(true, OpCode::Binary, Some([5, 6, 7, 8]), &data);
+            leg.stream.write_all(&f).await?;
+        }
+        let f = encode_frame(true, OpCode::Close, Some([5, 6, 7, 8]), &1000u16.to_be_bytes());
+        leg.stream.write_all(&f).await?;
+        leg.stream.flush().await?;
+        // Keep the leg open until the relay closes it.
+        let mut sink = vec![0u8; 4096];
+        while tokio::io::AsyncReadExt::read(&mut leg.stream, &mut sink).await? > 0 {}
+        std::io::Result::Ok(())
+    });
+    // The sender reads late and slowly, so the relay's last writes are still queued when
+    // it ends.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut r = WsReader::new(
+        &mut s.stream,
+        std::mem::replace(&mut s.leftover, BytesMut::new()),
+        Role::Client,
+        1 << 20,
+    );
+    let mut got = 0usize;
+    let ended = loop {
+        let m = tokio::time::timeout(Duration::from_secs(20), r.next_message(1 << 20))
+            .await
+            .expect("the download stalled");
+        match m {
+            Ok(Some(Message::Binary(b))) => {
+                got += b.len();
+                // A slow reader, so the relay's output queue is full when it ends.
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Ok(Some(Message::Close(c))) => break Ok(c),
+            Ok(Some(_)) => {}
+            Ok(None) => break Err("EOF before the Close".to_owned()),
+            Err(e) => break Err(format!("{e}")),
+        }
+    };
+    assert!(
+        ended.is_ok() && got == TOTAL,
+        "the sender got {got} of {TOTAL} bytes, then {ended:?}"
+    );
+    drop(r);
+    drop(s);
+    tokio::time::timeout(Duration::from_secs(10), download)
+        .await
+        .expect("the relay closed the listener's leg")
+        .unwrap()
+        .unwrap();
+}

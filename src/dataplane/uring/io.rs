@@ -220,6 +220,30 @@ impl Writer {
     pub async fn shutdown_within(&mut self, limit: std::time::Duration) {
         let _ = compio::time::timeout(limit, std::future::poll_fn(|cx| self.poll_shutdown(cx))).await;
     }
+
+    /// Shuts down the write side, then reads and discards the peer's input until its EOF,
+    /// `max` bytes or `limit` in all: the lingering close of
+    /// [`crate::transport::stream::linger_close`], for the same reason.
+    pub async fn linger_within(&mut self, limit: std::time::Duration, max: usize) {
+        let s = self.sock.clone();
+        let _ = compio::time::timeout(limit, async {
+            std::future::poll_fn(|cx| self.poll_shutdown(cx)).await?;
+            let mut buf = Vec::with_capacity(4096);
+            let mut left = max;
+            while left > 0 {
+                let mut r = &s;
+                let BufResult(n, b) = r.read(buf).await;
+                buf = b;
+                buf.clear();
+                match n? {
+                    0 => break,
+                    n => left = left.saturating_sub(n),
+                }
+            }
+            io::Result::Ok(())
+        })
+        .await;
+    }
 }
 
 /// A timer as a boxed future (the runtime's sleep is an `async fn`).

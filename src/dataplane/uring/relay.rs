@@ -293,11 +293,15 @@ impl RelayTunnel {
         self.counted = (self.up.bytes, self.down.bytes);
     }
 
-    /// Shuts down both legs' write sides (FIN), best effort, within 2 s.
+    /// Closes both legs (FIN) lingering, within 2 s: the epoll engine's
+    /// [`crate::dataplane::reframe::RelayTunnel::shutdown_legs`] rule.
     pub async fn shutdown_legs(mut self) -> TunnelStats {
-        let limit = std::time::Duration::from_secs(2);
-        self.sender.w.shutdown_within(limit).await;
-        self.listener.w.shutdown_within(limit).await;
+        use crate::dataplane::reframe::{LINGER, LINGER_MAX};
+        futures_util::future::join(
+            self.sender.w.linger_within(LINGER, LINGER_MAX),
+            self.listener.w.linger_within(LINGER, LINGER_MAX),
+        )
+        .await;
         TunnelStats {
             up: self.up.bytes,
             down: self.down.bytes,

@@ -107,10 +107,10 @@ impl Up {
 
     /// A control frame owed now, if any; they go out between data frames.
     fn next_ctl(&mut self, ctrl: &mut Ctrl) -> Option<Out> {
-        if let Some((p, n)) = ctrl.pong.take() {
+        if let Some((p, n)) = ctrl.take_pong() {
             return Some(ctl_frame(OpCode::Pong, &p[..n]));
         }
-        if std::mem::take(&mut ctrl.ping_due) {
+        if ctrl.take_ping() {
             return Some(ctl_frame(OpCode::Ping, b""));
         }
         if let CloseState::Queued(code, reason) = ctrl.close {
