@@ -873,3 +873,112 @@ fn the_example_haproxy_config_is_valid() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// An HTTP endpoint on loopback: answers every request 200 with its method, path and body
+/// echoed (`<METHOD> <path>\n<body>`).
+fn http_echo_endpoint() -> SocketAddr {
+    use http_body_util::{BodyExt, Full};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let l = tokio::net::TcpListener::from_std(l).unwrap();
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                    let head = format!("{} {}\n", req.method(), req.uri().path());
+                    let body = req.into_body().collect().await?.to_bytes();
+                    let mut out = head.into_bytes();
+                    out.extend_from_slice(&body);
+                    Ok::<_, hyper::Error>(hyper::Response::new(Full::new(bytes::Bytes::from(out))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A chunked HTTP/1.1 body decoded (as it is when it holds no chunk-size line).
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    loop {
+        let Some((size, after)) = rest.split_once("\r\n") else {
+            return body.to_owned();
+        };
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            return body.to_owned();
+        };
+        if n == 0 {
+            return out;
+        }
+        if after.len() < n + 2 {
+            return body.to_owned();
+        }
+        out.push_str(&after[..n]);
+        rest = &after[n + 2..];
+    }
+}
+
+/// HTTP mode across nodes: a plain HTTP sender on n2, the only listener (an hcm) on n1.
+/// The request command goes to n1 through Redis in the rendezvous-only form; the hcm
+/// fetches the request (and a body above the inline limit) from n2 and answers there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_request_on_another_node_than_the_listener() {
+    let _serial = serial().await;
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start(&dir.path().join("redis")).await;
+    let n1 = Node::start(dir.path(), "n1", &redis, None).await;
+    let n2 = Node::start(dir.path(), "n2", &redis, None).await;
+    let ep = http_echo_endpoint();
+    n1.relay.create(None, "api", &ep.to_string()).await;
+    let listen = n1.relay.connection_string(None, "api", false).await;
+    let send = ConnectionString::parse(&n2.relay.connection_string(None, "api", true).await).unwrap();
+    let _hcm = Hcm::start("hcm", None, &dir.path().join("hcm"), "", &[&listen], "hyrelay=info").await;
+    within(Duration::from_secs(10), "the hcm on n1", || async {
+        n1.holds_listener("api").await
+    })
+    .await;
+    within(Duration::from_secs(5), "n2 sees the listener", || async {
+        n2.hc("api").await["listeners"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
+    })
+    .await;
+    assert!(!n2.holds_listener("api").await);
+    let token = hyrelay::client::token(&send, "api", Duration::from_secs(600));
+    let addr = n2.relay.addr;
+    let request = |method: &str, path: &str, body: &str| {
+        format!(
+            "{method} /api{path} HTTP/1.1\r\nHost: {addr}\r\nServiceBusAuthorization: {token}\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let (status, body) = http(addr, &request("GET", "/v1/orders", "")).await;
+    assert_eq!((status, dechunk(&body).as_str()), (200, "GET /v1/orders\n"));
+    let (status, body) = http(addr, &request("POST", "/small", "hello")).await;
+    assert_eq!((status, dechunk(&body).as_str()), (200, "POST /small\nhello"));
+    // Above the 64 KiB inline limit: the body travels on the rendezvous.
+    let big: String = (0..(1 << 20)).map(|i| (b'a' + (i % 26) as u8) as char).collect();
+    let (status, body) = http(addr, &request("PUT", "/big", &big)).await;
+    assert_eq!(status, 200);
+    assert!(
+        dechunk(&body).strip_prefix("PUT /big\n") == Some(big.as_str()),
+        "1 MiB echoed whole"
+    );
+    let metrics = http_get(n2.admin, "/metrics").await.1;
+    let routed = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("hyrelay_cluster_accepts_routed_total")
+                && l.contains("direction=\"to\"")
+                && l.contains("result=\"ok\"")
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok());
+    assert_eq!(routed, Some(3.0), "three requests routed from n2 to n1");
+}

@@ -49,7 +49,8 @@ pub enum ListenerCmd {
 /// The listener an HTTP-mode request is about to be sent to ([`Ctl::deliver`]).
 #[derive(Debug)]
 pub struct Delivery<'a> {
-    /// The listener's registration key.
+    /// The listener's registration key; 0 for a listener on another node (no inline
+    /// answer is taken for the request then).
     pub key: u64,
     /// `ws(s)://host[:port]` of this relay as the listener can reach it, for rendezvous
     /// addresses.
@@ -308,11 +309,7 @@ impl Ctl {
             other => return other,
         }
         let hc = req.entity.to_lowercase();
-        let mut candidates = {
-            let reg = self.reg();
-            let own = |node: &str, key: u64| reg.remote_load_of(node, key);
-            cluster.presence().candidates(&hc, &own)
-        };
+        let mut candidates = self.remote_candidates(cluster, &hc);
         let busy = matches!(local, Err(Refusal::Busy));
         while !candidates.is_empty() {
             let i = pick_candidate(&candidates, self.reg().cfg.balance);
@@ -329,6 +326,14 @@ impl Ctl {
             }
         }
         Err(if busy { Refusal::Busy } else { Refusal::NoListener })
+    }
+
+    /// The listeners of `hc` (lower case) on other nodes, as of their last beats, with
+    /// their loads.
+    fn remote_candidates(&self, cluster: &Cluster, hc: &str) -> Vec<super::cluster::presence::Candidate> {
+        let reg = self.reg();
+        let own = |node: &str, key: u64| reg.remote_load_of(node, key);
+        cluster.presence().candidates(hc, &own)
     }
 
     /// The tunnel count of the listener of `hc` on this node whose `sb-hc-id` is `id`.
@@ -373,11 +378,7 @@ impl Ctl {
         if self.reg().redispatch_local(&secret) {
             return;
         }
-        let mut candidates = {
-            let reg = self.reg();
-            let own = |node: &str, key: u64| reg.remote_load_of(node, key);
-            cluster.presence().candidates(&hc, &own)
-        };
+        let mut candidates = self.remote_candidates(cluster, &hc);
         candidates.retain(|c| (c.node.as_str(), c.key) != (gone.0.as_str(), gone.1));
         for c in candidates {
             if cluster.deliver(&c.node, &hc, c.key, text.clone(), None).await.is_ok() {
@@ -397,13 +398,55 @@ impl Ctl {
     /// Picks a listener of `entity` with the same rule as [`Ctl::connect`], skipping those
     /// with `max_inflight` HTTP requests in flight, and queues the command `make` builds
     /// for it. `make` may be called again for another listener if a queue is full.
-    pub fn deliver(
+    ///
+    /// In a cluster, with no local listener that takes it, the request goes to a listener
+    /// on another node in the rendezvous-only form (`inline_ok` false: only the command
+    /// travels, through Redis; the listener then opens its rendezvous to this node, where
+    /// the request and its body wait). Such a request is not counted against that
+    /// listener's `max_inflight` (its node counts only its own), and its `gone` never
+    /// fires: the response deadline bounds it.
+    pub async fn deliver(
         &self,
         entity: &str,
         max_inflight: usize,
-        make: impl FnMut(&Delivery<'_>) -> ListenerCmd,
+        mut make: impl FnMut(&Delivery<'_>) -> ListenerCmd,
     ) -> Result<Delivered, Refusal> {
-        self.reg().deliver(entity, max_inflight, make)
+        let local = self.reg().deliver(entity, max_inflight, &mut make);
+        let Some(cluster) = &self.cluster else { return local };
+        let busy = match local {
+            Err(Refusal::NoListener) => false,
+            Err(Refusal::Busy) => true,
+            other => return other,
+        };
+        let hc = entity.to_lowercase();
+        let base = cluster.public_base();
+        let mut candidates = self.remote_candidates(cluster, &hc);
+        while !candidates.is_empty() {
+            let i = pick_candidate(&candidates, self.reg().cfg.balance);
+            let c = candidates.swap_remove(i);
+            // Key 0 is no listener of this node: no inline answer is taken for it.
+            let d = Delivery {
+                key: 0,
+                base_url: &base,
+                inline_ok: false,
+            };
+            let text = match make(&d) {
+                ListenerCmd::Request { text, .. } | ListenerCmd::Send(text) => text,
+                ListenerCmd::Close(..) => continue,
+            };
+            match cluster.deliver(&c.node, &hc, c.key, text, None).await {
+                Ok(()) => {
+                    return Ok(Delivered {
+                        gone: CancellationToken::new(),
+                        _inflight: InflightGuard(Arc::new(AtomicUsize::new(1))),
+                    });
+                }
+                Err(why) => {
+                    tracing::debug!(hc = %entity, node = %c.node, reason = %why, "routing an HTTP request to a listener on another node failed; trying the next");
+                }
+            }
+        }
+        Err(if busy { Refusal::Busy } else { Refusal::NoListener })
     }
 
     /// Takes the rendezvous for `secret` out of the table (single use).

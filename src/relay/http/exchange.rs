@@ -105,21 +105,24 @@ pub async fn run(ctx: &Arc<Ctx>, mut out: Outbound, body: Incoming) -> Result<An
     out.http.body = !prefix.is_empty() || rest.is_some();
     let mut sent_inline = false;
     let mut sent_address = String::new();
-    let delivered = ctx.ctl.deliver(&out.entity, cfg.max_requests_per_listener, |d| {
-        ctx.http.table.bind(&id, d.key);
-        let address = wire::rendezvous_address(d.base_url, &out.raw_path, &out.app_query, &id, &secret);
-        sent_inline = inline_body.is_some() && d.inline_ok;
-        sent_address.clone_from(&address);
-        let req = Request {
-            address,
-            id: id.clone(),
-            http: sent_inline.then(|| out.http.clone()),
-        };
-        ListenerCmd::Request {
-            text: req.encode(),
-            body: inline_body.clone().filter(|b| sent_inline && !b.is_empty()),
-        }
-    });
+    let delivered = ctx
+        .ctl
+        .deliver(&out.entity, cfg.max_requests_per_listener, |d| {
+            ctx.http.table.bind(&id, d.key);
+            let address = wire::rendezvous_address(d.base_url, &out.raw_path, &out.app_query, &id, &secret);
+            sent_inline = inline_body.is_some() && d.inline_ok;
+            sent_address.clone_from(&address);
+            let req = Request {
+                address,
+                id: id.clone(),
+                http: sent_inline.then(|| out.http.clone()),
+            };
+            ListenerCmd::Request {
+                text: req.encode(),
+                body: inline_body.clone().filter(|b| sent_inline && !b.is_empty()),
+            }
+        })
+        .await;
     let delivered = match delivered {
         Ok(d) => d,
         Err(Refusal::Busy) => {
