@@ -26,5 +26,7 @@ cargo fmt --check
 cargo clippy --locked --all-targets -- -D warnings
 cargo clippy --locked --all-targets --features uring -- -D warnings
 cargo deny check licenses bans sources
+# Intra-doc links must resolve (module docs name the code they describe).
+RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps --quiet
 cargo test --locked --all-targets
 cargo test --locked --features uring --test uring --test burst_close --test truncation

@@ -14,7 +14,7 @@
 //! - An endpoint that refuses, fails or is slow gives the sender 502 or 504 with the
 //!   reason (logged); one outside `allowed_endpoints`, 403.
 //!
-//! Connections to endpoints are kept alive in a small [`Pool`] per endpoint, usable from
+//! Connections to endpoints are kept alive in a small `Pool` per endpoint, usable from
 //! every worker.
 
 use std::collections::HashMap;

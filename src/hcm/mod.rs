@@ -2,7 +2,7 @@
 //! channel per configured hybrid connection and answers each `accept` by dialing the
 //! endpoint and splicing it to a rendezvous WebSocket.
 //!
-//! Threads: a control thread runs the [`Manager`] (the set of hybrid connections, file
+//! Threads: a control thread runs the `Manager` (the set of hybrid connections, file
 //! watching, the status file) and every control channel ([`channel`]); accepted tunnels
 //! run on the data-plane workers ([`accept`]). Several hcm processes may serve the same
 //! hybrid connection; the relay spreads senders over them.

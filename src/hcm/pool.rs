@@ -6,7 +6,7 @@
 //! `rendezvous-pool` (and the config's `extensions` is on); against any other relay the hcm
 //! uses the standard protocol alone. Each pooled connection is a `listen` upgrade with
 //! `X-Hyrelay-Pool: 1` and a fresh Listen token; it waits for one `accept` text frame, then
-//! is the tunnel ([`super::accept::handle_pooled`]). It is closed and replaced after
+//! is the tunnel (`super::accept::handle_pooled`). It is closed and replaced after
 //! [`RENEW_AFTER`], well before the relay's idle limit (120 s) and any token expiry.
 //!
 //! Size: two more than a quarter of the accepts of the last second, at most [`MAX`];

@@ -151,7 +151,7 @@ pub struct DialStatus {
 #[serde(rename_all = "camelCase")]
 pub struct HcStatus {
     pub name: String,
-    /// Relay host[:port].
+    /// Relay `host[:port]`.
     pub relay: String,
     /// The endpoint in use (metadata or override), once known.
     pub endpoint: Option<String>,

@@ -1,14 +1,22 @@
-//! The relay's control plane: one task, on its own thread, that owns the entity store, the
-//! listener registry and the rendezvous table.
+//! The relay's control plane: the listener registry, the rendezvous table and the entity
+//! store, behind one cloneable handle ([`Ctl`]).
 //!
-//! Workers never share mutable state with it: they send a [`Request`] over a bounded
-//! channel through [`Ctl`] and get an answer on a oneshot. Listener I/O stays on the worker
-//! that accepted the control channel; the plane only holds a command sender per listener.
+//! Two parts, split by how hot they are:
+//! - The **registry** (listeners per hybrid connection, pending rendezvous, tunnel counts)
+//!   is a `Mutex<Registry>` shared by every worker. Register, connect, rendezvous and HTTP
+//!   delivery run on the calling worker under a short lock, so a new tunnel costs no round
+//!   trip to another thread. Listener I/O stays on the worker that accepted the control
+//!   channel; the registry holds only a bounded command queue per listener.
+//! - The **store** (entities, keys, the state file or, in a cluster, the Redis catalog) is
+//!   owned by the plane task on its own thread ([`Plane::run`]): management requests reach
+//!   it over a bounded channel and are answered on a oneshot; it also sweeps expired
+//!   rendezvous once a second and re-dispatches those whose listener went away.
 //!
 //! Rendezvous: `connect` creates a single-use 128-bit secret, records a oneshot to the
-//! sender's task and queues an `accept` on a chosen listener. The listener's rendezvous
-//! request, on whatever worker it lands, takes that oneshot out of the table and sends its
-//! parked connection through it, so the later leg joins the earlier leg's worker.
+//! sender's task and queues an `accept` on a chosen listener (this node's, else in a
+//! cluster one on another node, reached through Redis: [`Ctl::connect`]). The listener's
+//! rendezvous request, on whatever worker it lands, takes that oneshot out of the table and
+//! sends its parked connection through it, so the later leg joins the earlier leg's worker.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;

@@ -2,8 +2,8 @@
 //!
 //! Threads: one control plane ([`control::Plane`]) and N data-plane workers. Each worker
 //! accepts TCP on its own socket, runs TLS and the HTTP head, then serves one of: a
-//! listener control channel ([`listener`]), a sender connect or a listener's rendezvous
-//! ([`sender`], joined into a [`tunnel`]), or a plain HTTP request ([`mgmt`]: the
+//! listener control channel (`listener`), a sender connect or a listener's rendezvous
+//! (`sender`, joined into a `tunnel`), or a plain HTTP request (`mgmt`: the
 //! runtime-information GET and the management API; [`http`]: HTTP request/response mode).
 //!
 //! Limits: every connection is admitted against the caps in [`limits`] before TLS, and

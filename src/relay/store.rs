@@ -244,7 +244,7 @@ impl SharedState {
         self.0.send_replace(s);
     }
 
-    /// A receiver that sees every later [`SharedState::publish`].
+    /// A receiver that sees every later `SharedState::publish`.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Arc<State>> {
         self.0.subscribe()
     }

@@ -202,7 +202,7 @@ async fn bounded<T>(f: impl std::future::Future<Output = redis::RedisResult<T>>)
 }
 
 /// Joins this node to the cluster: connects to Redis (or falls back to the cached catalog),
-/// and returns with the catalog loaded into [`Cluster::state`]. Background work starts with
+/// and returns with the catalog loaded into `Cluster::state`. Background work starts with
 /// [`Cluster::attach`].
 pub fn start(cfg: ClusterConfig, data_dir: &Path) -> anyhow::Result<Arc<Cluster>> {
     // rustls picks the process's provider for the Redis TLS connection: ring, as everywhere.

@@ -7,7 +7,7 @@
 //! with that head and whatever followed it replayed in front. Each request is
 //! authenticated on its own (Send right, §6.1 token rules), stripped of `sb-hc-*`
 //! parameters, credentials and hop-by-hop headers, and sent to a listener by
-//! [`exchange`]. Requests the relay answers itself carry no `Via`; listener answers do.
+//! `exchange`. Requests the relay answers itself carry no `Via`; listener answers do.
 //!
 //! A refused request's unread body is drained (bounded) before the answer, and a closing
 //! connection is shut down for writing and drained, so a client still sending sees the
@@ -15,8 +15,8 @@
 //!
 //! - [`wire`]: what crosses the relay (sans-IO);
 //! - [`pending`]: requests waiting for a listener;
-//! - [`exchange`]: one request's trip;
-//! - [`rendezvous`]: the listener's `sb-hc-action=request` connections.
+//! - `exchange`: one request's trip;
+//! - `rendezvous`: the listener's `sb-hc-action=request` connections.
 
 pub mod config;
 mod exchange;
