@@ -22,6 +22,7 @@
 //! | [`relay`], [`hcm`], [`bridge`] | the three roles: their config, startup, control channels, status |
 //! | [`client`] | what the hcm, the bridge and the CLI need from a relay: tokens, URLs, the management API |
 //! | [`dataplane`] | workers and accept loops, the buffer pool, the splice and re-frame engines (epoll, and io_uring/IOCP behind the `uring` feature), counters and their flush, drain |
+//! | [`session`] | session rules as sans-IO state machines (keep-alive so far), driven by the data plane |
 //! | [`transport`] | sockets, TLS (rustls), HTTP CONNECT proxies, WebSocket client/server handshakes |
 //! | [`proto`] | the wire protocol, sans-IO: WebSocket frames and masking, HTTP heads and the upgrade, SAS tokens, connection strings, `$hc` addresses, control JSON, metadata |
 //! | [`config`] | parsing shared by the roles: TOML with field-named errors, durations, [`config::RuntimeSettings`] (workers, buffer budget, backend, admin, drain), secrets from files |
@@ -54,5 +55,6 @@ pub mod fuzzing;
 pub mod hcm;
 pub mod proto;
 pub mod relay;
+pub mod session;
 pub mod telemetry;
 pub mod transport;

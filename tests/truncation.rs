@@ -212,6 +212,38 @@ async fn bridge_resets_the_app_when_the_tunnel_ends_abnormally() {
     }
 }
 
+/// The keep-alive rules (`session::Keepalive`) as the splice drives them: a ping every
+/// period, and a peer that answers is never taken for dead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bridge_pings_each_period_and_a_peer_that_answers_stays_alive() {
+    use hyrelay::transport::ws::{Message, WsReader};
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let bridge = bridge_to(l.local_addr().unwrap(), IoBackend::Epoll);
+    let mut app = TcpStream::connect(bridge.addr_of("t").unwrap()).await.unwrap();
+    let FakeRelayLeg { _r: r, mut w } = accept_upgrade(&l).await;
+    let mut r = WsReader::new(r, bytes::BytesMut::new(), hyrelay::proto::frame::Role::Server, 1 << 20);
+    let mut pings = 0;
+    let until = tokio::time::Instant::now() + PING * 6;
+    while let Ok(m) = tokio::time::timeout_at(until, r.next_message(1 << 16)).await {
+        if let Ok(Some(Message::Ping(p))) = m {
+            pings += 1;
+            send(&mut w, OpCode::Pong, &p, false).await;
+        }
+    }
+    assert!(
+        (3..=7).contains(&pings),
+        "{pings} pings in six periods (one per period)"
+    );
+    // Still alive: data flows both ways.
+    send(&mut w, OpCode::Binary, b"still here", false).await;
+    let mut got = [0u8; 10];
+    tokio::time::timeout(Duration::from_secs(5), app.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&got, b"still here");
+}
+
 // ---- hcm side: (sender driven here) ⇄ relay ⇄ hcm ⇄ endpoint
 
 /// A rig whose hcm serves `hc` with `backend` and a short ping; the endpoint is a listener

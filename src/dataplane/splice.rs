@@ -39,6 +39,7 @@ use super::pool::{self, PoolBuf};
 use super::stats::ActiveGuard;
 use crate::proto::frame::{self, Decoder, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN, OpCode, Role, SliceItem, close_code};
 use crate::proto::mask::apply_mask;
+use crate::session::Keepalive;
 use crate::transport::Stream;
 
 /// Bytes kept free in front of the payload for the frame header.
@@ -273,6 +274,70 @@ impl TcpSide {
     }
 }
 
+/// A driver's one keep-alive timer (tokio's or the completion runtime's).
+pub(crate) trait Timer {
+    /// The clock the timer runs on.
+    fn now(&self) -> std::time::Instant;
+    /// Ready once `at` has passed; re-arms itself when `at` changes.
+    fn poll_until(&mut self, cx: &mut Context<'_>, at: std::time::Instant) -> Poll<()>;
+}
+
+/// One poll's worth of the keep-alive rules ([`Keepalive`]) for a splice: records that the
+/// peer was `heard`, fires what is due, hands a ping to the writing side. Shared by both
+/// engines. True if the peer is dead (silent for two periods).
+pub(crate) fn poll_keepalive(
+    keep: &mut Keepalive,
+    timer: &mut impl Timer,
+    cx: &mut Context<'_>,
+    heard: bool,
+    ctrl: &mut Ctrl,
+) -> bool {
+    // After the peer's Close nothing more is read, so silence means nothing then.
+    if ctrl.peer_closed.is_some() {
+        keep.stop();
+    }
+    if heard {
+        keep.handle_heard(timer.now());
+    }
+    while let Some(at) = keep.poll_timeout() {
+        if timer.poll_until(cx, at).is_pending() {
+            break;
+        }
+        keep.handle_timeout(timer.now());
+    }
+    ctrl.ping_due |= keep.poll_ping();
+    keep.is_dead()
+}
+
+/// tokio's timer for [`poll_keepalive`].
+struct TokioTimer {
+    sleep: Pin<Box<Sleep>>,
+    at: Option<std::time::Instant>,
+}
+
+impl TokioTimer {
+    fn new() -> Self {
+        Self {
+            sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            at: None,
+        }
+    }
+}
+
+impl Timer for TokioTimer {
+    fn now(&self) -> std::time::Instant {
+        Instant::now().into_std()
+    }
+
+    fn poll_until(&mut self, cx: &mut Context<'_>, at: std::time::Instant) -> Poll<()> {
+        if self.at != Some(at) {
+            self.sleep.as_mut().reset(Instant::from_std(at));
+            self.at = Some(at);
+        }
+        self.sleep.as_mut().poll(cx)
+    }
+}
+
 /// A small masked control frame being written.
 #[derive(Debug)]
 struct CtlFrame {
@@ -452,7 +517,7 @@ impl Down {
         ws: &mut Stream,
         tcp: &mut TcpStream,
         ctrl: &mut Ctrl,
-        heard: &mut Instant,
+        heard: &mut bool,
     ) -> Poll<DownEnd> {
         loop {
             if self.out.pending() {
@@ -478,7 +543,7 @@ impl Down {
                 }
             }
             match ready!(self.input.poll_fill(cx, ws)) {
-                Ok(true) => *heard = Instant::now(),
+                Ok(true) => *heard = true,
                 Ok(false) | Err(_) => return Poll::Ready(DownEnd::Vanished),
             }
         }
@@ -534,11 +599,9 @@ pub struct Splice {
     ctrl: Ctrl,
     up_end: Option<UpEnd>,
     down_end: Option<DownEnd>,
-    period: Duration,
-    ping: Pin<Box<Sleep>>,
-    /// Fires two ping periods after the peer was last heard (re-armed lazily).
-    dead: Pin<Box<Sleep>>,
-    heard: Instant,
+    keep: Keepalive,
+    /// One timer for the keep-alive rules.
+    timer: TokioTimer,
     stop: Pin<Box<WaitForCancellationFutureOwned>>,
     stopping: bool,
     active: Option<ActiveGuard>,
@@ -566,10 +629,8 @@ impl Splice {
             ctrl: Ctrl::default(),
             up_end: None,
             down_end: None,
-            period: cfg.ping_interval,
-            ping: Box::pin(tokio::time::sleep(cfg.ping_interval)),
-            dead: Box::pin(tokio::time::sleep(cfg.ping_interval * 2)),
-            heard: Instant::now(),
+            keep: Keepalive::new(Instant::now().into_std(), cfg.ping_interval),
+            timer: TokioTimer::new(),
             stop: Box::pin(stop.clone().cancelled_owned()),
             stopping: false,
             active,
@@ -631,17 +692,11 @@ impl Future for Splice {
             this.ctrl.queue_close(close_code::GOING_AWAY, "Shutting down.");
             this.end.get_or_insert_with(|| "stopped".into());
         }
-        while this.ping.as_mut().poll(cx).is_ready() {
-            // After the peer's Close nothing more is read, so silence means nothing then.
-            if this.ctrl.peer_closed.is_none() {
-                this.ctrl.ping_due = true;
-            }
-            this.ping.as_mut().reset(Instant::now() + this.period);
-        }
+        let mut heard = false;
         if this.down_end.is_none()
             && let Poll::Ready(e) = this
                 .down
-                .poll(cx, &mut this.ws, &mut this.tcp, &mut this.ctrl, &mut this.heard)
+                .poll(cx, &mut this.ws, &mut this.tcp, &mut this.ctrl, &mut heard)
         {
             if let Some(fatal) = this.on_down_end(&e) {
                 this.down_end = Some(e);
@@ -650,12 +705,8 @@ impl Future for Splice {
             this.down_end = Some(e);
         }
         // After reading, so that a frame that just arrived counts.
-        while this.ctrl.peer_closed.is_none() && this.dead.as_mut().poll(cx).is_ready() {
-            if this.heard.elapsed() >= this.period * 2 {
-                return Poll::Ready(this.stats("peer silent for two ping periods".into()));
-            }
-            let at = this.heard + this.period * 2;
-            this.dead.as_mut().reset(at);
+        if poll_keepalive(&mut this.keep, &mut this.timer, cx, heard, &mut this.ctrl) {
+            return Poll::Ready(this.stats("peer silent for two ping periods".into()));
         }
         if this.up_end.is_none()
             && let Poll::Ready(e) = this.up.poll(cx, &mut this.tcp, &mut this.ws, &mut this.ctrl)

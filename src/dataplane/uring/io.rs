@@ -246,6 +246,36 @@ impl Writer {
     }
 }
 
+/// The completion runtime's timer for the keep-alive rules
+/// ([`crate::dataplane::splice::poll_keepalive`]).
+#[derive(Default)]
+pub struct CompioTimer {
+    fut: Option<Fut<()>>,
+    at: Option<std::time::Instant>,
+}
+
+impl crate::dataplane::splice::Timer for CompioTimer {
+    fn now(&self) -> std::time::Instant {
+        std::time::Instant::now()
+    }
+
+    fn poll_until(&mut self, cx: &mut Context<'_>, at: std::time::Instant) -> Poll<()> {
+        loop {
+            if self.at != Some(at) || self.fut.is_none() {
+                self.fut = Some(sleep(at.saturating_duration_since(self.now())));
+                self.at = Some(at);
+            }
+            let fut = self.fut.as_mut().expect("armed above");
+            ready!(fut.as_mut().poll(cx));
+            self.fut = None;
+            // Never report a deadline as passed before the clock says so.
+            if self.now() >= at {
+                return Poll::Ready(());
+            }
+        }
+    }
+}
+
 /// A timer as a boxed future (the runtime's sleep is an `async fn`).
 pub fn sleep(d: std::time::Duration) -> Fut<()> {
     Box::pin(compio::time::sleep(d))

@@ -17,19 +17,20 @@ use std::future::Future;
 use std::ops::Range;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::bufs::{Chunk, Out};
-use super::io::{Reader, Writer, sleep};
+use super::io::{CompioTimer, Reader, Writer};
 use crate::dataplane::io::MAX_BATCH;
-use crate::dataplane::splice::{CLEAN_END, CloseState, Ctrl, DownEnd, SpliceConfig, SpliceStats, TcpSide};
+use crate::dataplane::splice::{
+    CLEAN_END, CloseState, Ctrl, DownEnd, SpliceConfig, SpliceStats, TcpSide, poll_keepalive,
+};
 use crate::dataplane::stats::ActiveGuard;
 use crate::proto::frame::{self, Decoder, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN, OpCode, Role, SliceItem, close_code};
 use crate::proto::mask::apply_mask;
-
-type Timer = Pin<Box<dyn Future<Output = ()>>>;
+use crate::session::Keepalive;
 
 fn ctl_frame(opcode: OpCode, payload: &[u8]) -> Out {
     let key = rand::random::<[u8; 4]>();
@@ -170,7 +171,7 @@ impl Down {
         ws: &mut Reader,
         tcp: &mut Writer,
         ctrl: &mut Ctrl,
-        heard: &mut Instant,
+        heard: &mut bool,
     ) -> Poll<DownEnd> {
         loop {
             if self.writing {
@@ -209,7 +210,7 @@ impl Down {
                 }
             }
             match ready!(self.poll_fill(cx, ws)) {
-                Ok(true) => *heard = Instant::now(),
+                Ok(true) => *heard = true,
                 Ok(false) | Err(_) => return Poll::Ready(DownEnd::Vanished),
             }
         }
@@ -284,10 +285,8 @@ pub struct Splice {
     ctrl: Ctrl,
     up_end: Option<UpEnd>,
     down_end: Option<DownEnd>,
-    period: Duration,
-    ping: Timer,
-    dead: Timer,
-    heard: Instant,
+    keep: Keepalive,
+    timer: CompioTimer,
     stop: Pin<Box<WaitForCancellationFutureOwned>>,
     stopping: bool,
     active: ActiveGuard,
@@ -314,10 +313,8 @@ impl Splice {
             ctrl: Ctrl::default(),
             up_end: None,
             down_end: None,
-            period: cfg.ping_interval,
-            ping: sleep(cfg.ping_interval),
-            dead: sleep(cfg.ping_interval * 2),
-            heard: Instant::now(),
+            keep: Keepalive::new(Instant::now(), cfg.ping_interval),
+            timer: CompioTimer::default(),
             stop: Box::pin(stop.clone().cancelled_owned()),
             stopping: false,
             active,
@@ -363,27 +360,6 @@ impl Splice {
             Err(fatal) => Some(fatal),
         }
     }
-
-    /// Fires the keep-alive timer; true if the peer has been silent for two periods.
-    fn poll_timers(&mut self, cx: &mut Context<'_>, after_read: bool) -> bool {
-        if !after_read {
-            while self.ping.as_mut().poll(cx).is_ready() {
-                if self.ctrl.peer_closed.is_none() {
-                    self.ctrl.ping_due = true;
-                }
-                self.ping = sleep(self.period);
-            }
-            return false;
-        }
-        while self.ctrl.peer_closed.is_none() && self.dead.as_mut().poll(cx).is_ready() {
-            let silent = self.heard.elapsed();
-            if silent >= self.period * 2 {
-                return true;
-            }
-            self.dead = sleep(self.period * 2 - silent);
-        }
-        false
-    }
 }
 
 impl Future for Splice {
@@ -398,11 +374,11 @@ impl Future for Splice {
             this.ctrl.queue_close(close_code::GOING_AWAY, "Shutting down.");
             this.end.get_or_insert_with(|| "stopped".into());
         }
-        this.poll_timers(cx, false);
+        let mut heard = false;
         if this.down_end.is_none()
             && let Poll::Ready(e) = this
                 .down
-                .poll(cx, &mut this.ws_r, &mut this.tcp_w, &mut this.ctrl, &mut this.heard)
+                .poll(cx, &mut this.ws_r, &mut this.tcp_w, &mut this.ctrl, &mut heard)
         {
             let fatal = this.on_down_end(&e);
             this.down_end = Some(e);
@@ -410,7 +386,7 @@ impl Future for Splice {
                 return Poll::Ready(this.stats(fatal));
             }
         }
-        if this.poll_timers(cx, true) {
+        if poll_keepalive(&mut this.keep, &mut this.timer, cx, heard, &mut this.ctrl) {
             return Poll::Ready(this.stats("peer silent for two ping periods".into()));
         }
         if this.up_end.is_none()

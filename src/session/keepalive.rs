@@ -1,0 +1,154 @@
+//! Keep-alive of a WebSocket, sans-IO: ping every period, and the peer is dead after two
+//! periods in which nothing at all was heard from it.
+//!
+//! The driver owns one timer. It arms it at [`Keepalive::poll_timeout`], reports what it
+//! read with [`Keepalive::handle_heard`] and a fired timer with
+//! [`Keepalive::handle_timeout`], then asks [`Keepalive::poll_ping`] (write a Ping now)
+//! and [`Keepalive::is_dead`]. Time is passed in, never read here, so tests drive it with
+//! made-up instants. After the peer's Close nothing more is read, so
+//! [`Keepalive::stop`] turns the rules off.
+
+use std::time::{Duration, Instant};
+
+/// The keep-alive rules of one WebSocket.
+#[derive(Debug, Clone)]
+pub struct Keepalive {
+    period: Duration,
+    next_ping: Instant,
+    heard: Instant,
+    ping_due: bool,
+    dead: bool,
+    stopped: bool,
+}
+
+impl Keepalive {
+    /// Starts at `now` with a ping every `period`.
+    pub fn new(now: Instant, period: Duration) -> Self {
+        Self {
+            period,
+            next_ping: now + period,
+            heard: now,
+            ping_due: false,
+            dead: false,
+            stopped: false,
+        }
+    }
+
+    /// Something (any frame, or any bytes) came from the peer at `now`.
+    pub fn handle_heard(&mut self, now: Instant) {
+        self.heard = now;
+    }
+
+    /// The timer fired (or the driver polls anyway) at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.stopped || self.dead {
+            return;
+        }
+        if now.saturating_duration_since(self.heard) >= self.period * 2 {
+            self.dead = true;
+            return;
+        }
+        if now >= self.next_ping {
+            self.ping_due = true;
+            // One ping per period even if the driver was late.
+            while self.next_ping <= now {
+                self.next_ping += self.period;
+            }
+        }
+    }
+
+    /// The rules no longer apply (the peer's Close arrived, or the session ends).
+    pub fn stop(&mut self) {
+        self.stopped = true;
+        self.ping_due = false;
+    }
+
+    /// When the driver's timer must fire next; `None` once stopped or dead.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.stopped || self.dead {
+            return None;
+        }
+        Some(self.next_ping.min(self.heard + self.period * 2))
+    }
+
+    /// True once per period: write a Ping now.
+    pub fn poll_ping(&mut self) -> bool {
+        std::mem::take(&mut self.ping_due)
+    }
+
+    /// True if the peer was silent for two periods.
+    pub fn is_dead(&self) -> bool {
+        self.dead
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: Duration = Duration::from_secs(30);
+
+    #[test]
+    fn pings_each_period_while_the_peer_talks() {
+        let t0 = Instant::now();
+        let mut k = Keepalive::new(t0, P);
+        assert_eq!(k.poll_timeout(), Some(t0 + P));
+        k.handle_timeout(t0 + P / 2);
+        assert!(!k.poll_ping());
+        for i in 1..=5u32 {
+            let now = t0 + P * i;
+            k.handle_heard(now - Duration::from_secs(1));
+            k.handle_timeout(now);
+            assert!(k.poll_ping(), "ping {i}");
+            assert!(!k.poll_ping(), "once");
+            assert!(!k.is_dead());
+        }
+    }
+
+    #[test]
+    fn two_silent_periods_are_death_and_one_is_not() {
+        let t0 = Instant::now();
+        let mut k = Keepalive::new(t0, P);
+        k.handle_timeout(t0 + P);
+        assert!(k.poll_ping() && !k.is_dead());
+        k.handle_timeout(t0 + P * 2 - Duration::from_millis(1));
+        assert!(!k.is_dead());
+        assert_eq!(k.poll_timeout(), Some(t0 + P * 2));
+        k.handle_timeout(t0 + P * 2);
+        assert!(k.is_dead());
+        assert_eq!(k.poll_timeout(), None);
+    }
+
+    #[test]
+    fn hearing_anything_moves_the_deadline() {
+        let t0 = Instant::now();
+        let mut k = Keepalive::new(t0, P);
+        k.handle_heard(t0 + P + P / 2);
+        k.handle_timeout(t0 + P * 2);
+        assert!(!k.is_dead());
+        assert_eq!(k.poll_timeout(), Some(t0 + P * 3));
+        k.handle_timeout(t0 + P * 3 + P / 2);
+        assert!(k.is_dead());
+    }
+
+    #[test]
+    fn a_late_driver_gets_one_ping_not_a_burst() {
+        let t0 = Instant::now();
+        let mut k = Keepalive::new(t0, P);
+        k.handle_heard(t0 + P * 5);
+        k.handle_timeout(t0 + P * 5);
+        assert!(k.poll_ping());
+        assert!(!k.poll_ping());
+        assert_eq!(k.poll_timeout(), Some(t0 + P * 6));
+    }
+
+    #[test]
+    fn stopped_rules_never_fire() {
+        let t0 = Instant::now();
+        let mut k = Keepalive::new(t0, P);
+        k.stop();
+        k.handle_timeout(t0 + P * 10);
+        assert!(!k.poll_ping() && !k.is_dead());
+        assert_eq!(k.poll_timeout(), None);
+    }
+}
