@@ -410,6 +410,25 @@ def extension_seeds():
     write("extensions", "timeout-alone", "head-timeout=30")
 
 
+# --- session rules (sans-IO) ---------------------------------------------------------------
+
+def keepalive_seeds():
+    import struct
+
+    def ev(kind, ms):
+        return bytes([kind]) + struct.pack("<H", ms)
+
+    HEARD, TIMER, STOP = 0, 1, 2
+    # period 30 ms (byte 29): a talking peer, pinged each period
+    write("keepalive", "talking", bytes([29]) + b"".join(ev(HEARD, 10) + ev(TIMER, 20) for _ in range(8)))
+    # a silent peer: timers until it is dead, then more timers
+    write("keepalive", "silent", bytes([29]) + b"".join(ev(TIMER, 15) for _ in range(10)))
+    # a driver late by many periods, then stopped
+    write("keepalive", "late-then-stop", bytes([9]) + ev(HEARD, 5) + ev(TIMER, 65000) + ev(STOP, 1) + ev(TIMER, 100))
+    # the shortest period, timers exactly on the boundaries
+    write("keepalive", "boundaries", bytes([0]) + b"".join(ev(TIMER, 1) for _ in range(5)))
+
+
 if __name__ == "__main__":
     frame_seeds()
     mask_seeds()
@@ -423,3 +442,4 @@ if __name__ == "__main__":
     config_seeds()
     proxy_seeds()
     extension_seeds()
+    keepalive_seeds()

@@ -49,6 +49,7 @@ pub const TARGETS: &[(&str, FuzzFn)] = &[
     ("config_bridge", config_bridge),
     ("proxy_reply", proxy_reply),
     ("extensions", extensions),
+    ("keepalive", keepalive),
 ];
 
 // ---------------------------------------------------------------------------------------
@@ -399,6 +400,69 @@ pub fn extensions(data: &[u8]) {
     match a.header_value() {
         Some(v) => assert_eq!(Advertised::parse(Some(&v)), a),
         None => assert!(!a.rendezvous_pool && !a.early_data),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Session rules (sans-IO)
+
+/// The keep-alive machine ([`crate::session::Keepalive`]) driven by a made-up event stream.
+///
+/// Input: byte 0 sets the period (`b + 1` ms), then 3-byte records: an event (`& 3`:
+/// heard, timer, stop, nothing) and how many ms pass before it (`u16`, little-endian).
+/// Invariants: after a timer the next deadline lies ahead (a driver never spins); the peer
+/// is dead exactly when a timer finds two silent periods, and stays dead; at most one
+/// ping per period; nothing after `stop`.
+pub fn keepalive(data: &[u8]) {
+    use std::time::{Duration, Instant};
+
+    use crate::session::Keepalive;
+    let Some((&p, events)) = data.split_first() else {
+        return;
+    };
+    let period = Duration::from_millis(u64::from(p) + 1);
+    let t0 = Instant::now();
+    let mut now = t0;
+    let mut k = Keepalive::new(t0, period);
+    let (mut heard, mut pings, mut dead, mut stopped) = (t0, 0u128, false, false);
+    for e in events.chunks_exact(3) {
+        now += Duration::from_millis(u64::from(u16::from_le_bytes([e[1], e[2]])));
+        match e[0] & 3 {
+            0 => {
+                k.handle_heard(now);
+                heard = now;
+            }
+            1 => {
+                k.handle_timeout(now);
+                let silent = now - heard >= period * 2;
+                if !stopped && !dead {
+                    assert_eq!(k.is_dead(), silent, "dead exactly after two silent periods");
+                    dead = silent;
+                }
+                if !stopped && !dead {
+                    let next = k.poll_timeout().expect("a live machine has a deadline");
+                    assert!(next > now, "the next deadline lies ahead");
+                    assert!(next <= now + period, "and within a period");
+                }
+            }
+            2 => {
+                k.stop();
+                stopped = true;
+            }
+            _ => {}
+        }
+        assert_eq!(k.is_dead(), dead, "dead is sticky, and only from a timer");
+        if k.poll_ping() {
+            assert!(!stopped && !dead, "no ping after stop or death");
+            pings += 1;
+        }
+        assert!(
+            pings <= (now - t0).as_nanos() / period.as_nanos(),
+            "at most one ping per period"
+        );
+        if stopped || dead {
+            assert_eq!(k.poll_timeout(), None);
+        }
     }
 }
 

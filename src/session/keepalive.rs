@@ -10,6 +10,9 @@
 
 use std::time::{Duration, Instant};
 
+/// The shortest ping period; shorter ones are raised to it (configs refuse 0 already).
+pub const MIN_PERIOD: Duration = Duration::from_millis(1);
+
 /// The keep-alive rules of one WebSocket.
 #[derive(Debug, Clone)]
 pub struct Keepalive {
@@ -22,8 +25,9 @@ pub struct Keepalive {
 }
 
 impl Keepalive {
-    /// Starts at `now` with a ping every `period`.
+    /// Starts at `now` with a ping every `period` (at least [`MIN_PERIOD`]).
     pub fn new(now: Instant, period: Duration) -> Self {
+        let period = period.max(MIN_PERIOD);
         Self {
             period,
             next_ping: now + period,
@@ -50,10 +54,12 @@ impl Keepalive {
         }
         if now >= self.next_ping {
             self.ping_due = true;
-            // One ping per period even if the driver was late.
-            while self.next_ping <= now {
-                self.next_ping += self.period;
-            }
+            // One ping per period even if the driver was late: the next one is the first
+            // period boundary after `now` (computed, not stepped to, however late it is).
+            let late = now.duration_since(self.next_ping).as_nanos();
+            let step = self.period.as_nanos();
+            let ahead = step - late % step;
+            self.next_ping = now + Duration::from_nanos(u64::try_from(ahead).unwrap_or(u64::MAX));
         }
     }
 
@@ -150,5 +156,18 @@ mod tests {
         k.handle_timeout(t0 + P * 10);
         assert!(!k.poll_ping() && !k.is_dead());
         assert_eq!(k.poll_timeout(), None);
+    }
+
+    #[test]
+    fn a_driver_late_by_a_million_periods_costs_one_step() {
+        let t0 = Instant::now();
+        // A zero period is raised to the minimum; the next ping is computed, not stepped to.
+        let mut k = Keepalive::new(t0, Duration::ZERO);
+        let late = t0 + Duration::from_secs(1_000) + Duration::from_micros(300);
+        k.handle_heard(late);
+        k.handle_timeout(late);
+        assert!(k.poll_ping() && !k.is_dead());
+        let next = k.poll_timeout().unwrap();
+        assert_eq!(next - late, MIN_PERIOD - Duration::from_micros(300));
     }
 }
