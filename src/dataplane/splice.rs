@@ -150,92 +150,7 @@ pub fn spawn<K: 'static>(
     });
 }
 
-/// Control work handed from the reading side to the writing side. Shared by the epoll
-/// and the io_uring splice engines, with [`DownEnd`] and [`TcpSide::count`]: the rules for
-/// how a splice ends and what it counts live here once.
-#[derive(Debug, Default)]
-pub(crate) struct Ctrl {
-    pub pong: Option<([u8; MAX_CONTROL_PAYLOAD], usize)>,
-    pub ping_due: bool,
-    pub close: CloseState,
-    /// End as soon as our Close is out (errors, stop), without waiting for the peer's.
-    pub abort: bool,
-    /// The peer's Close arrived (its code, if any).
-    pub peer_closed: Option<Option<u16>>,
-    /// No more reading from TCP (EOF, error or stopping).
-    pub tcp_done: bool,
-}
-
-#[derive(Debug, Default, PartialEq, Eq)]
-pub(crate) enum CloseState {
-    #[default]
-    None,
-    Queued(u16, &'static str),
-    Sent,
-}
-
-impl Ctrl {
-    /// The pong owed, if any. None once our Close is out: nothing follows a Close
-    /// (RFC 6455 §5.5.1), and the relay stops reading a direction once it has forwarded that
-    /// direction's Close, so a frame sent after it would lie unread there — and a socket
-    /// closed with unread input is reset, which can destroy the tail of the other
-    /// direction's data on its way to us.
-    pub fn take_pong(&mut self) -> Option<([u8; MAX_CONTROL_PAYLOAD], usize)> {
-        let p = self.pong.take();
-        p.filter(|_| self.close != CloseState::Sent)
-    }
-
-    /// True if a ping is due now; never once our Close is out (see [`Ctrl::take_pong`]).
-    pub fn take_ping(&mut self) -> bool {
-        std::mem::take(&mut self.ping_due) && self.close != CloseState::Sent
-    }
-
-    pub fn queue_close(&mut self, code: u16, reason: &'static str) {
-        if self.close == CloseState::None {
-            self.close = CloseState::Queued(code, reason);
-        }
-    }
-
-    /// What the splice does when its WebSocket → TCP side stops: `Err(why)` ends it now
-    /// (the WebSocket is gone); `Ok(Some(why))` stops reading TCP and closes the WebSocket
-    /// with the code for `e` (the echo of an abnormal Close), ending with `why` once that
-    /// Close is out; `Ok(None)` carries on (the peer's clean Close: TCP's output is shut,
-    /// the other direction runs on).
-    pub fn on_down_end(&mut self, e: &DownEnd) -> Result<Option<String>, String> {
-        let (code, reason, why) = match e {
-            DownEnd::PeerClosed if self.peer_closed_cleanly() => return Ok(None),
-            DownEnd::PeerClosed => {
-                let code = self.peer_closed.flatten().unwrap_or(close_code::NORMAL);
-                let echo = if frame::close_code_is_sendable(code) {
-                    code
-                } else {
-                    close_code::NORMAL
-                };
-                (echo, "", format!("the peer closed with {code}"))
-            }
-            DownEnd::Vanished => return Err("WebSocket connection lost".into()),
-            DownEnd::ProtocolError(code, msg) => (*code, "protocol error", format!("WebSocket protocol error: {msg}")),
-            DownEnd::TcpWriteFailed => (
-                close_code::GOING_AWAY,
-                "The endpoint connection failed.",
-                "TCP write failed".into(),
-            ),
-        };
-        self.abort = true;
-        self.tcp_done = true;
-        self.queue_close(code, reason);
-        Ok(Some(why))
-    }
-
-    /// True if the peer's Close (if one came) says the stream is complete: code 1000 or
-    /// none. Any other code means the far side ended abnormally.
-    pub fn peer_closed_cleanly(&self) -> bool {
-        matches!(self.peer_closed, Some(None | Some(close_code::NORMAL)))
-    }
-}
-
-/// The `end` of a splice whose both sides closed cleanly; any other is abnormal.
-pub const CLEAN_END: &str = "closed both ways";
+pub(crate) use crate::session::close::{CLEAN_END, CloseState, Ctrl, DownEnd};
 
 /// Makes the coming close of `tcp` a reset (RST) rather than a FIN: an abnormal end must
 /// not look like the end of a complete stream to the app or endpoint.
@@ -248,17 +163,6 @@ pub(crate) fn reset_on_close<S: std::os::fd::AsFd>(tcp: &S) {
 #[cfg(windows)]
 pub(crate) fn reset_on_close<S: std::os::windows::io::AsSocket>(tcp: &S) {
     let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
-}
-
-/// Why the WebSocket → TCP side stopped.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum DownEnd {
-    PeerClosed,
-    /// The WebSocket ended without a Close.
-    Vanished,
-    /// The peer broke the protocol (close code to answer with).
-    ProtocolError(u16, String),
-    TcpWriteFailed,
 }
 
 impl TcpSide {

@@ -5,7 +5,9 @@
 //! each rule exists once and is tested without I/O.
 //!
 //! - [`keepalive`]: ping each period; the peer is dead after two silent periods.
+//! - `close` (crate-internal): a splice's close handshake, half-close and abnormal ends.
 
+pub(crate) mod close;
 pub mod keepalive;
 
 pub use keepalive::Keepalive;
