@@ -338,28 +338,15 @@ async fn raw_early_sender_pending(rig: &Rig, hc: &str) -> hyrelay::transport::St
 
 /// An echo endpoint counting the connections it accepted.
 fn counting_echo() -> (SocketAddr, Arc<AtomicUsize>) {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.set_nonblocking(true).unwrap();
-    let addr = l.local_addr().unwrap();
     let n = Arc::new(AtomicUsize::new(0));
     let count = n.clone();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let l = tokio::net::TcpListener::from_std(l).unwrap();
-            loop {
-                let (mut s, _) = l.accept().await.unwrap();
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let (mut r, mut w) = s.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                    let _ = w.shutdown().await;
-                });
-            }
-        });
+    let addr = serve_on_thread(move |mut s, _| {
+        count.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let (mut r, mut w) = s.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+            let _ = w.shutdown().await;
+        }
     });
     (addr, n)
 }

@@ -7,8 +7,6 @@ mod http_mode_client;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -29,30 +27,12 @@ use hyrelay::proto::connstr::ConnectionString;
 /// - `/size/N`: N bytes of `payload(N, 9)`.
 /// - `/status/N`: status N, no body.
 fn endpoint() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.set_nonblocking(true).unwrap();
-    let addr = l.local_addr().unwrap();
-    let conns = Arc::new(AtomicUsize::new(0));
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let l = tokio::net::TcpListener::from_std(l).unwrap();
-            loop {
-                let (s, _) = l.accept().await.unwrap();
-                let id = conns.fetch_add(1, Ordering::Relaxed) + 1;
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| serve_endpoint(req, id));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(s), svc)
-                        .await;
-                });
-            }
-        });
-    });
-    addr
+    serve_on_thread(|s, id| async move {
+        let svc = hyper::service::service_fn(move |req| serve_endpoint(req, id));
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(s), svc)
+            .await;
+    })
 }
 
 async fn serve_endpoint(req: Request<Incoming>, conn: usize) -> Result<Response<Full<Bytes>>, hyper::Error> {
@@ -208,28 +188,7 @@ async fn what_the_endpoint_and_the_sender_see() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_parallel_requests() {
     let (rig, _hcm, tok, _) = published("par").await;
-    let addr = rig.relay.local_addr();
-    let mut tasks = Vec::new();
-    for i in 0..100usize {
-        let tok = tok.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut s = Sender::connect(addr).await;
-            let data = payload(100 + i * 997, i as u64);
-            let g = s
-                .send(
-                    "POST",
-                    "/par/echo",
-                    &[("ServiceBusAuthorization", &tok)],
-                    Body::Bytes(data.clone()),
-                )
-                .await;
-            assert_eq!(g.status, 200);
-            assert!(g.body[..] == data[..], "request {i}");
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
+    http_mode_client::parallel_echoes(rig.relay.local_addr(), "par", &tok, 100, |i| 100 + i * 997).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -336,20 +295,12 @@ async fn slow_and_vanishing_listeners() {
 }
 
 async fn next_request(r: &mut RawReader) -> hyrelay::proto::control::Request {
-    use hyrelay::proto::control::{self, Command};
-    use hyrelay::transport::ws::Message;
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(10), r.next_message(1 << 17))
-            .await
-            .expect("no request within 10 s")
-            .expect("control channel read")
-            .expect("control channel closed");
-        if let Message::Text(t) = m
-            && let Command::Request(req) = control::decode(&t).unwrap()
-        {
-            return req;
-        }
-    }
+    use hyrelay::proto::control::Command;
+    next_command(r, "request", |c| match c {
+        Command::Request(req) => Some(req),
+        _ => None,
+    })
+    .await
 }
 
 fn urlenc(s: &str) -> String {

@@ -240,30 +240,9 @@ async fn hyco_https_statuses_heads_and_streams() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hyco_https_hundred_parallel_requests() {
     let (rig, _l, tok) = setup("many").await;
-    let addr = rig.relay.local_addr();
-    let mut tasks = Vec::new();
-    for i in 0..100usize {
-        let tok = tok.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut s = Sender::connect(addr).await;
-            // Every fifth one over 64 KiB: inline and rendezvous at once, out of order.
-            let len = if i % 5 == 0 { 70_000 + i } else { 10 * i };
-            let data = payload(len, i as u64);
-            let g = s
-                .send(
-                    "POST",
-                    "/many/echo",
-                    &[("ServiceBusAuthorization", &tok)],
-                    Body::Bytes(data.clone()),
-                )
-                .await;
-            assert_eq!(g.status, 200, "request {i}: {}", g.reason);
-            assert!(g.body[..] == data[..], "request {i}");
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
+    // Every fifth one over 64 KiB: inline and rendezvous at once, out of order.
+    let len = |i: usize| if i.is_multiple_of(5) { 70_000 + i } else { 10 * i };
+    http_mode_client::parallel_echoes(rig.relay.local_addr(), "many", &tok, 100, len).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

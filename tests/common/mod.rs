@@ -156,11 +156,14 @@ pub fn echo() -> SocketAddr {
     hyrelay::echo::spawn("127.0.0.1:0".parse().unwrap()).unwrap()
 }
 
-/// An endpoint that greets, closes its sending side at once, and reports what it later
-/// receives: checks that a half-close from the endpoint's side travels through.
-pub fn greeter() -> (std::net::SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+/// A loopback endpoint served on a thread of its own (a current-thread runtime, so a busy
+/// or finished test runtime never stalls it): `serve(connection, n)` runs on a task per
+/// accepted connection, `n` counting them from 1. Returns its address.
+pub fn serve_on_thread<F, Fut>(serve: F) -> SocketAddr
+where
+    F: Fn(tokio::net::TcpStream, usize) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + 'static,
+{
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.set_nonblocking(true).unwrap();
     let addr = l.local_addr().unwrap();
@@ -169,20 +172,33 @@ pub fn greeter() -> (std::net::SocketAddr, tokio::sync::mpsc::UnboundedReceiver<
             .enable_all()
             .build()
             .unwrap();
-        rt.block_on(async move {
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, async move {
             let l = tokio::net::TcpListener::from_std(l).unwrap();
-            loop {
-                let (mut s, _) = l.accept().await.unwrap();
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    s.write_all(b"hello from the endpoint").await.unwrap();
-                    s.shutdown().await.unwrap();
-                    let mut got = Vec::new();
-                    s.read_to_end(&mut got).await.unwrap();
-                    tx.send(got).ok();
-                });
+            let mut n = 0;
+            while let Ok((s, _)) = l.accept().await {
+                n += 1;
+                tokio::task::spawn_local(serve(s, n));
             }
         });
+    });
+    addr
+}
+
+/// An endpoint that greets, closes its sending side at once, and reports what it later
+/// receives: checks that a half-close from the endpoint's side travels through.
+pub fn greeter() -> (std::net::SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let addr = serve_on_thread(move |mut s, _| {
+        let tx = tx.clone();
+        async move {
+            s.write_all(b"hello from the endpoint").await.unwrap();
+            s.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).await.unwrap();
+            tx.send(got).ok();
+        }
     });
     (addr, rx)
 }
@@ -230,22 +246,37 @@ pub async fn raw_listener(rig: &Rig, hc: &str) -> (RawReader, RawWriter) {
     (ws::WsReader::new(r, c.leftover, Role::Client, 1 << 20), w)
 }
 
-/// The next `accept` on a control channel, skipping other messages; fails after 10 s.
-pub async fn next_accept(r: &mut RawReader) -> hyrelay::proto::control::Accept {
-    use hyrelay::proto::control::{self, Command};
+/// The next control command `pick` takes (named `what` in failures) on a control channel,
+/// skipping other messages; fails after 10 s.
+pub async fn next_command<T>(
+    r: &mut RawReader,
+    what: &str,
+    pick: impl Fn(hyrelay::proto::control::Command) -> Option<T>,
+) -> T {
+    use hyrelay::proto::control;
     use hyrelay::transport::ws::Message;
     loop {
-        let m = tokio::time::timeout(Duration::from_secs(10), r.next_message(1 << 16))
+        let m = tokio::time::timeout(Duration::from_secs(10), r.next_message(1 << 17))
             .await
-            .expect("no accept within 10 s")
+            .unwrap_or_else(|_| panic!("no {what} within 10 s"))
             .expect("control channel read")
             .expect("control channel closed");
         if let Message::Text(t) = m
-            && let Command::Accept(a) = control::decode(&t).unwrap()
+            && let Some(c) = pick(control::decode(&t).unwrap())
         {
-            return a;
+            return c;
         }
     }
+}
+
+/// The next `accept` on a control channel, skipping other messages; fails after 10 s.
+pub async fn next_accept(r: &mut RawReader) -> hyrelay::proto::control::Accept {
+    use hyrelay::proto::control::Command;
+    next_command(r, "accept", |c| match c {
+        Command::Accept(a) => Some(a),
+        _ => None,
+    })
+    .await
 }
 
 /// GET `path` from an admin listener at `addr` (one HTTP/1.1 exchange, `Connection:

@@ -93,3 +93,25 @@ impl hyper::body::Body for Chunks {
         std::task::Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
     }
 }
+
+/// `n` senders at once, each on its own connection, POST a body of `len(i)` bytes (test
+/// data seeded with `i`) to `/{hc}/echo` with the Send token `tok`; each must get 200 and
+/// its own body back.
+#[allow(dead_code)]
+pub async fn parallel_echoes(addr: SocketAddr, hc: &str, tok: &str, n: usize, len: fn(usize) -> usize) {
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let (tok, path) = (tok.to_owned(), format!("/{hc}/echo"));
+        tasks.push(tokio::spawn(async move {
+            let mut s = Sender::connect(addr).await;
+            let data = super::common::payload(len(i), i as u64);
+            let auth = [("ServiceBusAuthorization", tok.as_str())];
+            let g = s.send("POST", &path, &auth, Body::Bytes(data.clone())).await;
+            assert_eq!(g.status, 200, "request {i}: {}", g.reason);
+            assert!(g.body[..] == data[..], "request {i}");
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
