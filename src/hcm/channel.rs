@@ -21,6 +21,7 @@ use crate::client;
 use crate::proto::control::{self, Command, MAX_CONTROL_MESSAGE};
 use crate::proto::frame::{OpCode, Role, close_code};
 use crate::proto::metadata::{self, HostPort};
+use crate::session::{Keepalive, Renewal};
 use crate::transport::ws::{self, Message, WsReader, WsWriter};
 
 /// Reconnect delays: the first retry within 1 s, then doubling with jitter up to a cap;
@@ -252,22 +253,31 @@ async fn serve_session(hc: &Arc<HcRt>, ctx: &Arc<HcmCtx>, connected: &mut Option
     // HTTP mode: answers to write back, and an inline request waiting for its body.
     let (reply_tx, mut replies) = tokio::sync::mpsc::channel::<super::http::Reply>(64);
     let mut awaiting_body: Option<control::Request> = None;
-    let renew_after = ttl.mul_f64(0.8);
-    let renew_on = ctx.cfg.renew_tokens && entry.has_key();
-    let mut renew_at = Instant::now() + renew_after;
-    let period = ctx.cfg.ping_interval;
-    let mut ping = tokio::time::interval_at(Instant::now() + period, period);
-    // Dead after two ping periods without any frame: checked at exactly that moment.
-    let mut last_heard = Instant::now();
-    let dead = tokio::time::sleep_until(last_heard + period * 2);
-    tokio::pin!(dead);
+    // The session rules (sans-IO): ping each period, the relay dead after two silent
+    // periods, and the token renewed at 80 % of its lifetime. Each write is bounded by the
+    // dead-peer deadline, so a relay that stops reading cannot hold the channel.
+    let now = || Instant::now().into_std();
+    let mut keep = Keepalive::new(now(), ctx.cfg.ping_interval);
+    let mut renewal = Renewal::new(now(), ttl, ctx.cfg.renew_tokens && entry.has_key());
+    let mut timer_at = keep.poll_timeout().unwrap_or(keep.dead_at());
+    let timer = tokio::time::sleep_until(timer_at.into());
+    tokio::pin!(timer);
     loop {
+        if let Some(at) = keep.poll_timeout()
+            && at != timer_at
+        {
+            timer_at = at;
+            timer.as_mut().reset(at.into());
+        }
+        let limit = Instant::from_std(keep.dead_at());
+        let renew_at = renewal.poll_timeout().map(Instant::from_std);
         tokio::select! {
             // Frames first, so that one that arrived counts before the dead-peer check.
             biased;
             // Cancel-safe: the reader keeps its state.
             m = reader.next_message(MAX_CONTROL_MESSAGE) => {
-                last_heard = Instant::now();
+                keep.handle_heard(now());
+                let limit = Instant::from_std(keep.dead_at());
                 match m {
                     Ok(Some(Message::Text(t))) => match control::decode(&t) {
                         Ok(Command::Accept(a)) => {
@@ -288,7 +298,7 @@ async fn serve_session(hc: &Arc<HcRt>, ctx: &Arc<HcmCtx>, connected: &mut Option
                         Err(e) => tracing::warn!(hc = %entry.name(), error = %e, "ignoring malformed control message"),
                     },
                     Ok(Some(Message::Ping(p))) => {
-                        if let Err(e) = bounded(last_heard + period * 2, writer.send(true, OpCode::Pong, &p)).await {
+                        if let Err(e) = bounded(limit, writer.send(true, OpCode::Pong, &p)).await {
                             return Ok(e);
                         }
                     }
@@ -300,13 +310,13 @@ async fn serve_session(hc: &Arc<HcRt>, ctx: &Arc<HcmCtx>, connected: &mut Option
                     }
                     Ok(Some(Message::Pong(_))) => {}
                     Ok(Some(Message::Close(c))) => {
-                        bounded(last_heard + period * 2, writer.send_close(c.code.unwrap_or(close_code::NORMAL), "")).await.ok();
+                        bounded(limit, writer.send_close(c.code.unwrap_or(close_code::NORMAL), "")).await.ok();
                         ws::close_tls(writer.get_mut()).await;
                         return Ok(format!("relay closed the control channel ({} {})", c.code.unwrap_or(1005), c.reason));
                     }
                     Ok(None) => return Ok("relay closed the connection".into()),
                     Err(e) => {
-                        bounded(last_heard + period * 2, writer.send_close(e.close_code(), "")).await.ok();
+                        bounded(limit, writer.send_close(e.close_code(), "")).await.ok();
                         return Ok(format!("control channel error: {e}"));
                     }
                 }
@@ -324,25 +334,27 @@ async fn serve_session(hc: &Arc<HcRt>, ctx: &Arc<HcmCtx>, connected: &mut Option
                     return Ok(format!("write to the relay failed: {e}"));
                 }
             }
-            _ = tokio::time::sleep_until(renew_at), if renew_on => {
-                let fresh = client::token(cs, entry.name(), ttl);
-                if let Err(e) = bounded(last_heard + period * 2, writer.send_text(&control::encode_renew_token(&fresh))).await {
-                    return Ok(format!("cannot renew the token: {e}"));
-                }
-                tracing::info!(event = "token_renewed", hc = %entry.name(), "listener token renewed");
-                hc.update(|s| s.token_expires = super::state::token_expiry(entry, ttl));
-                renew_at = Instant::now() + renew_after;
-            }
-            _ = ping.tick() => {
-                if let Err(e) = bounded(last_heard + period * 2, writer.send(true, OpCode::Ping, b"")).await {
-                    return Ok(e);
+            _ = tokio::time::sleep_until(renew_at.unwrap_or(limit)), if renew_at.is_some() => {
+                if renewal.handle_timeout(now()) {
+                    let fresh = client::token(cs, entry.name(), ttl);
+                    if let Err(e) = bounded(limit, writer.send_text(&control::encode_renew_token(&fresh))).await {
+                        return Ok(format!("cannot renew the token: {e}"));
+                    }
+                    tracing::info!(event = "token_renewed", hc = %entry.name(), "listener token renewed");
+                    hc.update(|s| s.token_expires = super::state::token_expiry(entry, ttl));
+                    renewal.handle_renewed(now());
                 }
             }
-            _ = &mut dead => {
-                if last_heard.elapsed() >= period * 2 {
+            () = &mut timer => {
+                keep.handle_timeout(now());
+                if keep.is_dead() {
                     return Ok("relay silent for two ping periods".into());
                 }
-                dead.as_mut().reset(last_heard + period * 2);
+                if keep.poll_ping()
+                    && let Err(e) = bounded(limit, writer.send(true, OpCode::Ping, b"")).await
+                {
+                    return Ok(e);
+                }
             }
             _ = hc.stop.cancelled() => {
                 bounded(Instant::now() + Duration::from_secs(2), writer.send_close(close_code::NORMAL, "hcm stopping")).await.ok();

@@ -82,6 +82,12 @@ impl Keepalive {
         std::mem::take(&mut self.ping_due)
     }
 
+    /// When the peer counts as dead if nothing is heard before: two periods after it was
+    /// last heard (also the limit for a write to it, whose peer may have stopped reading).
+    pub fn dead_at(&self) -> Instant {
+        self.heard + self.period * 2
+    }
+
     /// True if the peer was silent for two periods.
     pub fn is_dead(&self) -> bool {
         self.dead

@@ -6,8 +6,11 @@
 //!
 //! - [`keepalive`]: ping each period; the peer is dead after two silent periods.
 //! - `close` (crate-internal): a splice's close handshake, half-close and abnormal ends.
+//! - [`renewal`]: a listener's token is renewed at 80 % of its lifetime.
 
 pub(crate) mod close;
 pub mod keepalive;
+pub mod renewal;
 
 pub use keepalive::Keepalive;
+pub use renewal::Renewal;
