@@ -3,7 +3,7 @@
 //! Registration happens before the 101 leaves, so a listener that sees the upgrade
 //! complete is already eligible for senders. The task then multiplexes: frames from the
 //! listener (`renewToken`, pings, close), commands from the control plane (`accept`
-//! notifications, close), its own ping timer, the token's expiry (plus grace) and changes
+//! notifications, close), its keep-alive timer (`session::Keepalive`), the token's expiry (plus grace) and changes
 //! of the relay's state (a regenerated key closes the channel after a grace, 1008).
 //!
 //! Invariants:
@@ -33,6 +33,7 @@ use crate::proto::frame::{self, OpCode, Role, close_code};
 use crate::proto::handshake;
 use crate::proto::ids::new_id;
 use crate::proto::sas::{Rights, unix_now};
+use crate::session::Keepalive;
 use crate::transport::Stream;
 use crate::transport::ws::{Message, WsReader};
 
@@ -113,14 +114,12 @@ pub(super) async fn serve(mut stream: Stream, mut inc: Incoming, req: HcRequest,
     tracing::info!(event = "listener_registered", hc = %entity.name, listener = %listener_id, %peer, "listener registered");
     let (r, w) = tokio::io::split(stream);
     let max_message = ctx.cfg.max_control_message;
-    let period = ctx.cfg.ping_interval;
     let mut chan = Channel {
         reader: WsReader::new(r, inc.buf, Role::Server, max_message as u64),
         writer: w,
         entity_name: entity.name.clone(),
         max_message,
-        period,
-        heard: Instant::now(),
+        keep: Keepalive::new(Instant::now().into_std(), ctx.cfg.ping_interval),
         granted,
         revoked_at: None,
         key: reg.key,
@@ -138,9 +137,8 @@ struct Channel {
     entity_name: String,
     /// Largest message the listener may send (`limits.max_control_message_bytes`).
     max_message: usize,
-    period: Duration,
-    /// When a frame last came from the listener.
-    heard: Instant,
+    /// Ping each period; the listener is dead after two silent periods (sans-IO).
+    keep: Keepalive,
     /// The token that holds the channel open (the first, or the last renewal).
     granted: Granted,
     /// Set when the key behind `granted` was regenerated: the channel closes then.
@@ -193,7 +191,7 @@ impl WriteFailed {
 impl Channel {
     /// Two ping periods after the listener was last heard: silent until then means dead.
     fn dead_at(&self) -> Instant {
-        self.heard + self.period * 2
+        Instant::from_std(self.keep.dead_at())
     }
 
     /// Writes `bytes` (whole frames) and flushes, by [`Channel::dead_at`] at the latest.
@@ -218,14 +216,19 @@ impl Channel {
         mut changes: tokio::sync::watch::Receiver<Arc<super::store::State>>,
         ctx: &Ctx,
     ) -> (&'static str, String) {
-        let period = self.period;
-        let mut ping = tokio::time::interval_at(Instant::now() + period, period);
-        // Dead after two ping periods without any frame: checked at exactly that moment.
-        let dead = tokio::time::sleep_until(self.dead_at());
-        tokio::pin!(dead);
+        // One timer for the keep-alive rules: the next ping or the dead-peer check.
+        let mut timer_at = self.keep.poll_timeout().unwrap_or(self.keep.dead_at());
+        let timer = tokio::time::sleep_until(timer_at.into());
+        tokio::pin!(timer);
         let mut expires = expiry_deadline(self.granted.expiry, ctx.cfg.token_grace);
         let mut batch = Vec::new();
         loop {
+            if let Some(at) = self.keep.poll_timeout()
+                && at != timer_at
+            {
+                timer_at = at;
+                timer.as_mut().reset(at.into());
+            }
             let revoke = self
                 .revoked_at
                 .as_ref()
@@ -236,7 +239,7 @@ impl Channel {
                 biased;
                 // Cancel-safe: the reader keeps its state in the struct.
                 msg = self.reader.next_message(self.max_message) => {
-                    self.heard = Instant::now();
+                    self.keep.handle_heard(Instant::now().into_std());
                     match msg {
                         Ok(Some(Message::Text(t))) => match control::decode(&t) {
                             Ok(Command::RenewToken { token }) => match self.renew(&token, ctx) {
@@ -329,16 +332,16 @@ impl Channel {
                         return ("closed_by_relay", self.close(code, &reason).await);
                     }
                 }
-                _ = ping.tick() => {
-                    if let Err(e) = self.send(OpCode::Ping, b"").await {
-                        return (e.reason(), e.to_string());
-                    }
-                }
-                _ = &mut dead => {
-                    if self.heard.elapsed() >= period * 2 {
+                () = &mut timer => {
+                    self.keep.handle_timeout(Instant::now().into_std());
+                    if self.keep.is_dead() {
                         return ("dead", "silent for two ping periods".into());
                     }
-                    dead.as_mut().reset(self.dead_at());
+                    if self.keep.poll_ping()
+                        && let Err(e) = self.send(OpCode::Ping, b"").await
+                    {
+                        return (e.reason(), e.to_string());
+                    }
                 }
                 _ = tokio::time::sleep_until(expires) => {
                     tracing::info!(event = "token_expired", hc = %self.entity_name, "listener token expired; closing control channel");
