@@ -319,7 +319,7 @@ pub fn render(env: &Env, order: &[String], runs: &[BTreeMap<String, Figures>]) -
         w(&mut s, format!("| {t} | {} |", cells.join(" | ")));
     }
     per_process(&mut s, order, &med);
-    checks(&mut s, order, &med);
+    checks(&mut s, order, &env.clusters, &med);
     cluster(&mut s, &env.clusters, &med);
     problems(&mut s, order, runs);
     s
@@ -352,8 +352,9 @@ fn per_process(s: &mut String, order: &[String], med: &Medians<'_>) {
     }
 }
 
-/// The data-plane issue's targets, for every hyrelay target.
-fn checks(s: &mut String, order: &[String], med: &Medians<'_>) {
+/// The data-plane issue's targets, for every single-node hyrelay target; peers are the
+/// targets that are neither direct, hyrelay nor one of `clusters`.
+fn checks(s: &mut String, order: &[String], clusters: &[ClusterTarget], med: &Medians<'_>) {
     let get = |t: &str, k: &str| {
         med.iter()
             .find(|(n, _)| n.as_str() == t)
@@ -361,7 +362,7 @@ fn checks(s: &mut String, order: &[String], med: &Medians<'_>) {
     };
     let peers: Vec<&String> = order
         .iter()
-        .filter(|t| *t != "direct" && !t.starts_with("hyrelay"))
+        .filter(|t| *t != "direct" && !t.starts_with("hyrelay") && !clusters.iter().any(|c| c.name == **t))
         .collect();
     for t in order.iter().filter(|t| t.starts_with("hyrelay")) {
         s.push_str(&format!("\nTargets for {t} (ratios to direct TCP):\n"));
