@@ -4,11 +4,14 @@
 //! ```sh
 //! cargo build --release                                   # the hyrelay under test
 //! cargo bench --bench load -- --hyrelay target/release/hyrelay [--hyrelay old=/tmp/hyrelay-old] \
-//!     [--tls] [--targets-file peers.json] [--runs 3] [--json out.json]
+//!     [--tls] [--cluster] [--targets-file peers.json] [--runs 3] [--json out.json]
 //! ```
 //!
 //! Targets: `direct` (client -> endpoint), one `hyrelay` chain (bridge -> relay -> hcm,
-//! separate processes) per `--hyrelay` binary, `<name>-tls` with `--tls`, and whatever
+//! separate processes) per `--hyrelay` binary, `<name>-tls` with `--tls`, with `--cluster`
+//! `cluster-same` and `cluster-cross` (two relay nodes on a Redis of their own, the hcm on
+//! node A, the bridge on node A or B; Redis commands per new tunnel are counted around the
+//! setup workload and reported against the single-node chain), and whatever
 //! `--targets-file` lists (see `load/target.rs`; `scripts/bench-peers.sh` writes one for
 //! rathole, bore, haproxy, socat and websocat). Per run each target is started twice: once
 //! for the idle-memory workload on fresh processes, once for bulk, RTT, ping-pong (32
@@ -21,6 +24,8 @@
 mod endpoint;
 #[path = "load/procs.rs"]
 mod procs;
+#[path = "load/redis.rs"]
+mod redis;
 #[path = "load/report.rs"]
 mod report;
 #[path = "load/target.rs"]
@@ -35,7 +40,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 
-use report::Figures;
+use report::{ClusterTarget, Figures};
 use target::TargetSpec;
 
 #[derive(Debug, Parser)]
@@ -52,6 +57,11 @@ pub struct Args {
     /// Only the TLS variant of hyrelay (implies --tls).
     #[arg(long)]
     tls_only: bool,
+    /// Also run each hyrelay binary as a relay cluster: two relay nodes sharing a
+    /// `redis-server` (from PATH) that the target starts on a free port, with the hcm on
+    /// node A and the bridge on node A (`cluster-same`) or node B (`cluster-cross`).
+    #[arg(long)]
+    cluster: bool,
     /// More targets (JSON list; see benches/load/target.rs).
     #[arg(long)]
     targets_file: Option<PathBuf>,
@@ -124,7 +134,7 @@ fn main() -> anyhow::Result<()> {
             "/dev/cpu_dma_latency cannot be held at 0 ({e}); RTT runs without it"
         )),
     }
-    let targets = targets(&args)?;
+    let (targets, clusters) = targets(&args)?;
     let ep = endpoint::Endpoint::start()?;
     let base = match &args.work_dir {
         Some(d) => d.clone(),
@@ -141,7 +151,7 @@ fn main() -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let env = report::Env::capture(&args, &notes);
+    let env = report::Env::capture(&args, &notes, clusters);
     let mut runs: Vec<BTreeMap<String, Figures>> = vec![];
     for r in 0..args.runs {
         let mut this = BTreeMap::new();
@@ -168,9 +178,13 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The targets to run, each with its own placeholder values.
-fn targets(args: &Args) -> anyhow::Result<Vec<(TargetSpec, BTreeMap<String, String>)>> {
+/// A target to run with its own placeholder values.
+type Planned = (TargetSpec, BTreeMap<String, String>);
+
+/// The targets to run, and which of them are cluster targets.
+fn targets(args: &Args) -> anyhow::Result<(Vec<Planned>, Vec<ClusterTarget>)> {
     let mut out = vec![(TargetSpec::direct(), BTreeMap::new())];
+    let mut clusters = vec![];
     let bins = if args.hyrelay.is_empty() {
         vec!["target/release/hyrelay".to_string()]
     } else {
@@ -180,11 +194,12 @@ fn targets(args: &Args) -> anyhow::Result<Vec<(TargetSpec, BTreeMap<String, Stri
         let mut words = spec.split_whitespace();
         let b = words.next().context("empty --hyrelay")?;
         let extra: Vec<String> = words.map(str::to_string).collect();
-        let (name, path) = match b.split_once('=') {
-            Some((n, p)) => (format!("hyrelay[{n}]"), p),
-            None if bins.len() == 1 => ("hyrelay".to_string(), b),
-            None => (format!("hyrelay[{b}]"), b),
+        let (tag, path) = match b.split_once('=') {
+            Some((n, p)) => (format!("[{n}]"), p),
+            None if bins.len() == 1 => (String::new(), b),
+            None => (format!("[{b}]"), b),
         };
+        let name = format!("hyrelay{tag}");
         let path = std::fs::canonicalize(path)
             .with_context(|| format!("hyrelay binary {path} (build it with cargo build --release)"))?;
         let vars = BTreeMap::from([("hyrelay".to_string(), path.display().to_string())]);
@@ -204,8 +219,24 @@ fn targets(args: &Args) -> anyhow::Result<Vec<(TargetSpec, BTreeMap<String, Stri
         if args.tls || args.tls_only {
             out.push((
                 TargetSpec::hyrelay(&format!("{name}-tls"), true, args.workers, toml.as_deref(), &extra),
-                vars,
+                vars.clone(),
             ));
+        }
+        if args.cluster {
+            // Issue 10's targets: no Redis command for a tunnel whose listener is on the
+            // sender's node, at most two (a request and its answer) when it is on another.
+            for (kind, cross, max_redis) in [("same", false, 0.0), ("cross", true, 2.0)] {
+                let c = format!("cluster-{kind}{tag}");
+                out.push((
+                    TargetSpec::hyrelay_cluster(&c, cross, args.workers, toml.as_deref(), &extra),
+                    vars.clone(),
+                ));
+                clusters.push(ClusterTarget {
+                    name: c,
+                    single: name.clone(),
+                    max_redis,
+                });
+            }
         }
     }
     if let Some(f) = &args.targets_file {
@@ -215,9 +246,10 @@ fn targets(args: &Args) -> anyhow::Result<Vec<(TargetSpec, BTreeMap<String, Stri
     }
     if !args.only.is_empty() {
         out.retain(|(t, _)| args.only.contains(&t.name));
+        clusters.retain(|c| args.only.contains(&c.name));
     }
     anyhow::ensure!(!out.is_empty(), "no target left to run");
-    Ok(out)
+    Ok((out, clusters))
 }
 
 /// All workloads for one target; failures are recorded in `f.errors`, never abort the run.
@@ -278,8 +310,16 @@ fn run_target(
         }
     }
     if !skip("setup") {
+        let probe = t.redis.map(redis::Probe::start);
         match workloads::setup(t.entry, &pids, args.setup_count, args.setup_concurrency) {
-            Ok(s) => f.add_setup(&s),
+            Ok(s) => {
+                f.add_setup(&s);
+                match probe.map(|p| p.and_then(redis::Probe::finish)) {
+                    Some(Ok(traffic)) => f.add_redis(&traffic, args.setup_count),
+                    Some(Err(e)) => f.errors.push(format!("Redis commands: {e:#}")),
+                    None => {}
+                }
+            }
             Err(e) => f.errors.push(format!("setup: {e:#}")),
         }
     }

@@ -8,9 +8,12 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::procs::Cpu;
+use crate::redis::Traffic;
 use crate::workloads::{Bulk, PingPong, Rtt, Setup};
 
 type Map = BTreeMap<String, f64>;
+/// Per target: medians of its figures, of its per-process figures, and its runs without error.
+type Medians<'a> = BTreeMap<&'a String, (Map, BTreeMap<String, Map>, usize)>;
 
 /// What one run measured for one target.
 #[derive(Debug, Default, Clone, Serialize)]
@@ -68,6 +71,21 @@ impl Figures {
         self.set_per("cpu_us_per_conn", s.cpu.clone());
     }
 
+    /// Redis commands per new tunnel of the setup workload (`tunnels` of them): during it,
+    /// over the idle interval after it, and the difference (net), also per command.
+    pub fn add_redis(&mut self, t: &Traffic, tunnels: usize) {
+        let n = tunnels as f64;
+        let total = |c: &crate::redis::Calls| c.values().sum::<u64>() as f64 / n;
+        self.m.insert("redis_cmds_per_conn".into(), total(&t.busy));
+        self.m.insert("redis_idle_cmds_per_conn".into(), total(&t.idle));
+        let net = t.net();
+        self.m
+            .insert("redis_net_cmds_per_conn".into(), net.values().sum::<i64>() as f64 / n);
+        for (cmd, d) in net {
+            self.m.insert(format!("{REDIS_NET_CMD}{cmd}"), d as f64 / n);
+        }
+    }
+
     /// RSS (KiB) per process at a point of the idle workload ("start", "1000", ...).
     pub fn set_rss(&mut self, label: &str, rss: &Map) {
         self.set_per(&format!("rss_{label}_kib"), rss.clone());
@@ -97,6 +115,18 @@ impl Figures {
     }
 }
 
+/// Prefix of the per-command figures of [`Figures::add_redis`].
+const REDIS_NET_CMD: &str = "redis_net_per_conn_";
+
+/// A cluster target and what it is held to: the single-node target of the same binary
+/// (ratios) and the most Redis commands per new tunnel issue 10 allows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterTarget {
+    pub name: String,
+    pub single: String,
+    pub max_redis: f64,
+}
+
 /// Where and how the figures were taken.
 #[derive(Debug, Clone, Serialize)]
 pub struct Env {
@@ -110,10 +140,11 @@ pub struct Env {
     /// The ping-pong workload's shape: connections at once, round trips each.
     pub pingpong: (usize, usize),
     pub notes: Vec<String>,
+    pub clusters: Vec<ClusterTarget>,
 }
 
 impl Env {
-    pub fn capture(args: &crate::Args, notes: &[String]) -> Self {
+    pub fn capture(args: &crate::Args, notes: &[String], clusters: Vec<ClusterTarget>) -> Self {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         let cpu = cpuinfo
             .lines()
@@ -139,6 +170,7 @@ impl Env {
             runs: args.runs,
             pingpong: (args.pingpong_conns, args.pingpong_count),
             notes: notes.to_vec(),
+            clusters,
         }
     }
 }
@@ -259,8 +291,7 @@ pub fn render(env: &Env, order: &[String], runs: &[BTreeMap<String, Figures>]) -
     for n in &env.notes {
         w(&mut s, format!("note: {n}"));
     }
-    let med: BTreeMap<&String, (Map, BTreeMap<String, Map>, usize)> =
-        order.iter().map(|t| (t, medians(runs, t))).collect();
+    let med: Medians<'_> = order.iter().map(|t| (t, medians(runs, t))).collect();
     let direct = med
         .get(&"direct".to_string())
         .map(|(m, _, _)| m.clone())
@@ -288,12 +319,13 @@ pub fn render(env: &Env, order: &[String], runs: &[BTreeMap<String, Figures>]) -
         w(&mut s, format!("| {t} | {} |", cells.join(" | ")));
     }
     per_process(&mut s, order, &med);
-    checks(&mut s, order, &med);
+    checks(&mut s, order, &env.clusters, &med);
+    cluster(&mut s, &env.clusters, &med);
     problems(&mut s, order, runs);
     s
 }
 
-fn per_process(s: &mut String, order: &[String], med: &BTreeMap<&String, (Map, BTreeMap<String, Map>, usize)>) {
+fn per_process(s: &mut String, order: &[String], med: &Medians<'_>) {
     s.push_str("\nPer process (CPU from utime+stime of the process and its children; RSS = VmRSS):\n\n");
     s.push_str("| target | process | CPU s/GB (1 stream, both ways) | CPU µs / round trip | CPU µs / ping-pong rt | CPU µs / new conn | RSS at start MiB | RSS idle-max MiB | KiB / idle conn |\n|---|---|---|---|---|---|---|---|---|\n");
     for t in order {
@@ -320,8 +352,9 @@ fn per_process(s: &mut String, order: &[String], med: &BTreeMap<&String, (Map, B
     }
 }
 
-/// The data-plane issue's targets, for every hyrelay target.
-fn checks(s: &mut String, order: &[String], med: &BTreeMap<&String, (Map, BTreeMap<String, Map>, usize)>) {
+/// The data-plane issue's targets, for every single-node hyrelay target; peers are the
+/// targets that are neither direct, hyrelay nor one of `clusters`.
+fn checks(s: &mut String, order: &[String], clusters: &[ClusterTarget], med: &Medians<'_>) {
     let get = |t: &str, k: &str| {
         med.iter()
             .find(|(n, _)| n.as_str() == t)
@@ -329,17 +362,12 @@ fn checks(s: &mut String, order: &[String], med: &BTreeMap<&String, (Map, BTreeM
     };
     let peers: Vec<&String> = order
         .iter()
-        .filter(|t| *t != "direct" && !t.starts_with("hyrelay"))
+        .filter(|t| *t != "direct" && !t.starts_with("hyrelay") && !clusters.iter().any(|c| c.name == **t))
         .collect();
     for t in order.iter().filter(|t| t.starts_with("hyrelay")) {
         s.push_str(&format!("\nTargets for {t} (ratios to direct TCP):\n"));
         let mut line = |ok: Option<bool>, what: String| {
-            let mark = match ok {
-                Some(true) => "ok  ",
-                Some(false) => "MISS",
-                None => "n/a ",
-            };
-            s.push_str(&format!("  [{mark}] {what}\n"));
+            s.push_str(&format!("  [{}] {what}\n", mark(ok)));
         };
         for k in ["up1", "down1"] {
             let r = get(t, k).zip(get("direct", k)).map(|(a, d)| a / d);
@@ -409,6 +437,102 @@ fn checks(s: &mut String, order: &[String], med: &BTreeMap<&String, (Map, BTreeM
             c.map(|c| c <= 0.75),
             format!("≤ 0.75 CPU s/GB (bridge+relay+hcm): {}", opt(c)),
         );
+    }
+}
+
+/// The columns of the cluster table: key, heading (each with its ratio to single-node).
+const CLUSTER_COLUMNS: &[(&str, &str)] = &[
+    ("setup_per_s", "setup conns/s"),
+    ("setup_p50_ms", "setup p50 ms"),
+    ("setup_p99_ms", "setup p99 ms"),
+    ("cpu_us_per_conn", "CPU µs / new conn (all processes)"),
+    ("rtt_p50_us", "RTT p50 µs"),
+    ("rtt_p99_us", "RTT p99 µs"),
+];
+
+/// Issue 10's figures: every cluster target under its single-node target, with ratios to
+/// it, and the Redis commands per new tunnel against the issue's targets.
+fn cluster(s: &mut String, clusters: &[ClusterTarget], med: &Medians<'_>) {
+    if clusters.is_empty() {
+        return;
+    }
+    let fig = |t: &str| med.get(&t.to_string()).map(|(m, _, _)| m);
+    s.push_str(
+        "\nRelay cluster: two relay nodes on one Redis, the hcm on node A, the bridge on node A (-same) or B \
+         (-cross); ratios to the single-node target:\n\n",
+    );
+    let head: Vec<&str> = CLUSTER_COLUMNS.iter().map(|c| c.1).collect();
+    s.push_str(&format!(
+        "| target | {} | Redis cmds / new tunnel: setup, idle, net |\n|---|{}---|\n",
+        head.join(" | "),
+        "---|".repeat(CLUSTER_COLUMNS.len())
+    ));
+    let mut rows: Vec<(&str, Option<&str>)> = vec![];
+    for c in clusters {
+        if !rows.iter().any(|(t, _)| *t == c.single) {
+            rows.push((&c.single, None));
+        }
+        rows.push((&c.name, Some(&c.single)));
+    }
+    for (t, single) in rows {
+        let (m, base) = (fig(t), single.and_then(fig));
+        let cells: Vec<String> = CLUSTER_COLUMNS
+            .iter()
+            .map(
+                |(k, _)| match (m.and_then(|m| m.get(*k)), base.and_then(|b| b.get(*k))) {
+                    (None, _) => "–".to_string(),
+                    (Some(v), Some(b)) if *b != 0.0 => format!("{} ({:.2}×)", num(*v), v / b),
+                    (Some(v), _) => num(*v),
+                },
+            )
+            .collect();
+        let redis = [
+            "redis_cmds_per_conn",
+            "redis_idle_cmds_per_conn",
+            "redis_net_cmds_per_conn",
+        ]
+        .map(|k| m.and_then(|m| m.get(k)));
+        let redis = match redis {
+            [Some(a), Some(b), Some(c)] => format!("{a:.3}, {b:.3}, {c:.3}"),
+            _ => "–".into(),
+        };
+        s.push_str(&format!("| {t} | {} | {redis} |\n", cells.join(" | ")));
+    }
+    s.push_str(
+        "\nRedis commands per new tunnel (setup workload less an idle interval as long; ±0.02 for the \
+         background's jitter):\n",
+    );
+    for c in clusters {
+        let m = fig(&c.name);
+        let net = m.and_then(|m| m.get("redis_net_cmds_per_conn")).copied();
+        let by_cmd: Vec<String> = m
+            .into_iter()
+            .flatten()
+            .filter_map(|(k, v)| Some((k.strip_prefix(REDIS_NET_CMD)?, v)))
+            .filter(|(_, v)| v.abs() >= 0.005)
+            .map(|(k, v)| format!("{k} {v:.3}"))
+            .collect();
+        s.push_str(&format!(
+            "  [{}] {} ≤ {}: {} net{}\n",
+            mark(net.map(|n| n <= c.max_redis + 0.02)),
+            c.name,
+            c.max_redis,
+            net.map(|n| format!("{n:.3}")).unwrap_or("–".into()),
+            if by_cmd.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", by_cmd.join(", "))
+            }
+        ));
+    }
+}
+
+/// The mark of a target line: met, missed, or not measured.
+fn mark(ok: Option<bool>) -> &'static str {
+    match ok {
+        Some(true) => "ok  ",
+        Some(false) => "MISS",
+        None => "n/a ",
     }
 }
 

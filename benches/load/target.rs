@@ -1,8 +1,9 @@
 //! Targets: what traffic goes through. A target is a list of steps (processes to spawn,
 //! one-shot commands whose output later steps use, files or ports to wait for) and the entry
 //! address clients connect to. Peers come from a JSON file (`scripts/bench-peers.sh` writes
-//! one); hyrelay and direct TCP are built here from the same types, so every target runs
-//! the same workload code.
+//! one); hyrelay (one relay, or a relay cluster of two nodes on a Redis of its own) and
+//! direct TCP are built here from the same types, so every target runs the same workload
+//! code.
 //!
 //! Placeholders in files, argv, entry and waits: `{dir}` (the target's own directory),
 //! `{endpoint}`, `{endpoint_port}`, `{port0}`..`{port9}` (free loopback ports), `{hyrelay}`,
@@ -36,6 +37,10 @@ pub struct TargetSpec {
     /// Most idle connections to open in the memory workload (default: as many as asked).
     #[serde(default)]
     pub idle_max: Option<usize>,
+    /// The Redis the target runs on (e.g. `127.0.0.1:{port3}`), if any: its commands are
+    /// counted around the setup workload (Redis commands per new tunnel).
+    #[serde(default)]
+    pub redis: Option<String>,
 }
 
 /// One step. Exactly one of `spawn` (with `argv`) or `run` is set.
@@ -66,6 +71,7 @@ impl TargetSpec {
             files: BTreeMap::new(),
             steps: vec![],
             idle_max: None,
+            redis: None,
         }
     }
 
@@ -73,136 +79,74 @@ impl TargetSpec {
     /// `relay_toml`, if given, is the relay's config file (flags override it).
     /// `extra` is appended to the relay's, the hcm's and the bridge's command line.
     pub fn hyrelay(name: &str, tls: bool, workers: Option<usize>, relay_toml: Option<&str>, extra: &[String]) -> Self {
-        let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let mut w = extra.to_vec();
-        if let Some(n) = workers {
-            w.extend(["--workers".to_string(), n.to_string()]);
-        }
-        let ca = if tls {
-            s(&["--ca-file", "{dir}/relay/tls/ca.pem"])
-        } else {
-            vec![]
-        };
-        let mode = if tls { "--self-signed" } else { "--plain" };
-        let hc = |rest: &[&str]| {
-            let mut v = s(&[
-                "{hyrelay}",
-                "--log-level",
-                "warn",
-                "hc",
-                "--relay-data-dir",
-                "{dir}/relay",
-            ]);
-            v.extend(s(rest));
-            v
+        let h = Hyrelay::new(tls, workers, extra);
+        let files = relay_toml
+            .map(|t| ("relay.toml".to_string(), t.to_string()))
+            .into_iter()
+            .collect();
+        let mut steps = vec![h.relay("relay", "{port0}", relay_toml.is_some())];
+        steps.extend(h.tunnel("relay", "relay"));
+        Self::through_bridge(name, files, steps, None)
+    }
+
+    /// A relay cluster (issue 10): `redis-server` on `{port3}` (no persistence), relay
+    /// nodes `relay-a` on `{port0}` and `relay-b` on `{port2}` sharing it, the hcm on
+    /// node A and the bridge on node A or, with `cross`, on node B (so every new tunnel is
+    /// routed through Redis to A's listener). Plain ws:// only; `relay_toml` (if given) is
+    /// the start of both nodes' config files, their `[cluster]` sections follow it.
+    pub fn hyrelay_cluster(
+        name: &str,
+        cross: bool,
+        workers: Option<usize>,
+        relay_toml: Option<&str>,
+        extra: &[String],
+    ) -> Self {
+        let h = Hyrelay::new(false, workers, extra);
+        let base = relay_toml.unwrap_or("[tls]\nmode = \"none\"\n");
+        let redis = Step {
+            spawn: Some("redis".into()),
+            argv: Some(strings(&[
+                REDIS_SERVER,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                "{port3}",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "no",
+                "--dir",
+                "{dir}",
+            ])),
+            wait_port: Some(CLUSTER_REDIS.into()),
+            ..Step::default()
         };
         let mut files = BTreeMap::new();
-        let mut config = vec![];
-        if let Some(t) = relay_toml {
-            files.insert("relay.toml".to_string(), t.to_string());
-            config = s(&["--config", "{dir}/relay.toml"]);
+        let mut steps = vec![redis];
+        for (node, port) in [("relay-a", "{port0}"), ("relay-b", "{port2}")] {
+            files.insert(
+                format!("{node}.toml"),
+                format!(
+                    "{base}\n[cluster]\nredis = \"redis://{CLUSTER_REDIS}\"\npublic_url = \"ws://127.0.0.1:{port}\"\nnode_id = \"{node}\"\n"
+                ),
+            );
+            steps.push(h.relay(node, port, true));
         }
-        let relay = [
-            s(&[
-                "{hyrelay}",
-                "--log-level",
-                "warn",
-                "relay",
-                mode,
-                "--listen",
-                "127.0.0.1:{port0}",
-            ]),
-            s(&["--data-dir", "{dir}/relay"]),
-            config,
-            w.clone(),
-        ]
-        .concat();
-        let hcm = [
-            s(&[
-                "{hyrelay}",
-                "--log-level",
-                "warn",
-                "hcm",
-                "--data-dir",
-                "{dir}/hcm",
-                "run",
-            ]),
-            ca.clone(),
-            w.clone(),
-        ]
-        .concat();
-        let bridge = [
-            s(&[
-                "{hyrelay}",
-                "--log-level",
-                "warn",
-                "bridge",
-                "-L",
-                "127.0.0.1:{port1}=bench",
-            ]),
-            s(&["--connection-string", "{send_cs}"]),
-            ca,
-            w,
-        ]
-        .concat();
-        let steps = vec![
-            Step {
-                spawn: Some("relay".into()),
-                argv: Some(relay),
-                wait_file: Some("{dir}/relay/cli.json".into()),
-                wait_port: Some("127.0.0.1:{port0}".into()),
-                ..Step::default()
-            },
-            Step {
-                run: Some(hc(&["create", "bench", "--endpoint", "{endpoint}"])),
-                ..Step::default()
-            },
-            Step {
-                run: Some(hc(&["connection-string", "bench", "--listen"])),
-                capture: Some("listen_cs".into()),
-                ..Step::default()
-            },
-            Step {
-                run: Some(hc(&["connection-string", "bench", "--send"])),
-                capture: Some("send_cs".into()),
-                ..Step::default()
-            },
-            Step {
-                run: Some(s(&[
-                    "{hyrelay}",
-                    "--log-level",
-                    "warn",
-                    "hcm",
-                    "--data-dir",
-                    "{dir}/hcm",
-                    "add",
-                    "{listen_cs}",
-                ])),
-                ..Step::default()
-            },
-            Step {
-                spawn: Some("hcm".into()),
-                argv: Some(hcm),
-                ..Step::default()
-            },
-            Step {
-                run: Some(hc(&["--json", "list"])),
-                until: Some("\"listenerCount\": 1".into()),
-                ..Step::default()
-            },
-            Step {
-                spawn: Some("bridge".into()),
-                argv: Some(bridge),
-                wait_port: Some("127.0.0.1:{port1}".into()),
-                ..Step::default()
-            },
-        ];
+        steps.extend(h.tunnel("relay-a", if cross { "relay-b" } else { "relay-a" }));
+        Self::through_bridge(name, files, steps, Some(CLUSTER_REDIS))
+    }
+
+    /// A hyrelay target: clients connect to the bridge of [`Hyrelay::tunnel`].
+    fn through_bridge(name: &str, files: BTreeMap<String, String>, steps: Vec<Step>, redis: Option<&str>) -> Self {
         Self {
             name: name.into(),
             entry: "127.0.0.1:{port1}".into(),
             files,
             steps,
             idle_max: None,
+            redis: redis.map(str::to_string),
         }
     }
 
@@ -241,6 +185,7 @@ impl TargetSpec {
             dir: dir.clone(),
             procs: vec![],
             entry: endpoint,
+            redis: None,
         };
         for step in &self.steps {
             running
@@ -248,6 +193,9 @@ impl TargetSpec {
                 .with_context(|| format!("target {}: step {step:?}", self.name))?;
         }
         running.entry = fill(&self.entry, &vars)?.parse().context("entry address")?;
+        if let Some(r) = &self.redis {
+            running.redis = Some(fill(r, &vars)?.parse().context("redis address")?);
+        }
         crate::workloads::wait_echo(running.entry, Duration::from_secs(20)).with_context(|| {
             format!(
                 "target {}: no byte echoed through {} within 20 s; logs in {}",
@@ -260,10 +208,138 @@ impl TargetSpec {
     }
 }
 
+/// `redis-server` of a cluster target, from PATH (Debian's package puts it in /usr/bin;
+/// `scripts/setup-debian.sh` installs it).
+const REDIS_SERVER: &str = "redis-server";
+/// Where a cluster target's Redis listens.
+const CLUSTER_REDIS: &str = "127.0.0.1:{port3}";
+
+/// The command lines of one hyrelay binary's roles in a target: relay nodes, `hc` against
+/// a node, the hcm and the bridge. A node `N` keeps its data in `{dir}/N` and its config
+/// in `{dir}/N.toml`.
+struct Hyrelay {
+    tls: bool,
+    /// Appended to every relay, hcm and bridge command line (`--workers` included).
+    extra: Vec<String>,
+}
+
+impl Hyrelay {
+    fn new(tls: bool, workers: Option<usize>, extra: &[String]) -> Self {
+        let mut extra = extra.to_vec();
+        if let Some(n) = workers {
+            extra.extend(["--workers".to_string(), n.to_string()]);
+        }
+        Self { tls, extra }
+    }
+
+    /// `{hyrelay} --log-level warn` and `args`.
+    fn cmd(args: &[&str]) -> Vec<String> {
+        [strings(&["{hyrelay}", "--log-level", "warn"]), strings(args)].concat()
+    }
+
+    /// `--ca-file` of `node`'s self-signed CA with TLS, else nothing.
+    fn ca(&self, node: &str) -> Vec<String> {
+        if self.tls {
+            vec!["--ca-file".into(), format!("{{dir}}/{node}/tls/ca.pem")]
+        } else {
+            vec![]
+        }
+    }
+
+    /// Starts relay node `node` on `127.0.0.1:{port}`, with its config file if `config`.
+    fn relay(&self, node: &str, port: &str, config: bool) -> Step {
+        let mode = if self.tls { "--self-signed" } else { "--plain" };
+        let listen = format!("127.0.0.1:{port}");
+        let data = format!("{{dir}}/{node}");
+        let mut argv = Self::cmd(&["relay", mode, "--listen", &listen, "--data-dir", &data]);
+        if config {
+            argv.extend(["--config".to_string(), format!("{{dir}}/{node}.toml")]);
+        }
+        argv.extend(self.extra.iter().cloned());
+        Step {
+            spawn: Some(node.into()),
+            argv: Some(argv),
+            wait_file: Some(format!("{data}/cli.json")),
+            wait_port: Some(listen),
+            ..Step::default()
+        }
+    }
+
+    /// `hc` against relay node `node`, then `rest`.
+    fn hc(node: &str, rest: &[&str]) -> Vec<String> {
+        let data = format!("{{dir}}/{node}");
+        [Self::cmd(&["hc", "--relay-data-dir", &data]), strings(rest)].concat()
+    }
+
+    /// The hybrid connection `bench` to `{endpoint}`: created on node `listen` with the
+    /// hcm's listener there, and the bridge on `127.0.0.1:{port1}` sending through node
+    /// `send`, started once `send` sees the listener (at once on the same node, within a
+    /// presence beat on another).
+    fn tunnel(&self, listen: &str, send: &str) -> Vec<Step> {
+        let run = |argv: Vec<String>, capture: Option<&str>, until: Option<&str>| Step {
+            run: Some(argv),
+            capture: capture.map(str::to_string),
+            until: until.map(str::to_string),
+            ..Step::default()
+        };
+        let hcm = ["hcm", "--data-dir", "{dir}/hcm"];
+        let bridge = Self::cmd(&[
+            "bridge",
+            "-L",
+            "127.0.0.1:{port1}=bench",
+            "--connection-string",
+            "{send_cs}",
+        ]);
+        vec![
+            run(
+                Self::hc(listen, &["create", "bench", "--endpoint", "{endpoint}"]),
+                None,
+                None,
+            ),
+            run(
+                Self::hc(listen, &["connection-string", "bench", "--listen"]),
+                Some("listen_cs"),
+                None,
+            ),
+            run(Self::cmd(&[&hcm[..], &["add", "{listen_cs}"]].concat()), None, None),
+            Step {
+                spawn: Some("hcm".into()),
+                argv: Some(
+                    [
+                        Self::cmd(&[&hcm[..], &["run"]].concat()),
+                        self.ca(listen),
+                        self.extra.clone(),
+                    ]
+                    .concat(),
+                ),
+                ..Step::default()
+            },
+            run(Self::hc(send, &["--json", "list"]), None, Some("\"listenerCount\": 1")),
+            run(
+                Self::hc(send, &["connection-string", "bench", "--send"]),
+                Some("send_cs"),
+                None,
+            ),
+            Step {
+                spawn: Some("bridge".into()),
+                argv: Some([bridge, self.ca(send), self.extra.clone()].concat()),
+                wait_port: Some("127.0.0.1:{port1}".into()),
+                ..Step::default()
+            },
+        ]
+    }
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
 /// A started target.
 pub struct Running {
     pub dir: PathBuf,
     pub entry: SocketAddr,
+    /// [`TargetSpec::redis`], filled in.
+    pub redis: Option<SocketAddr>,
     pub procs: Vec<(String, Child)>,
 }
 
@@ -383,11 +459,13 @@ impl Drop for Running {
 
 fn is_complaint(line: &str) -> bool {
     let l = line.to_ascii_lowercase();
-    // The plain-ws relay's start-up reminder is expected here.
+    // Expected here: the plain-ws relay's start-up reminder, and Redis's advice on
+    // vm.overcommit_memory (about background saves, which a cluster target's Redis never makes).
     ["warn", "error", "panic", "fatal", "alert"]
         .iter()
         .any(|w| l.contains(w))
         && !l.contains("tls is off")
+        && !l.contains("memory overcommit")
 }
 
 /// A log line without colour codes and without a leading timestamp, so repeats compare equal.
