@@ -982,3 +982,123 @@ async fn an_http_request_on_another_node_than_the_listener() {
         .and_then(|v| v.parse::<f64>().ok());
     assert_eq!(routed, Some(3.0), "three requests routed from n2 to n1");
 }
+
+/// The hcm's `hyrelay_hcm_warm_connections{hc}` (its rendezvous pool) from its admin listener.
+async fn hcm_pool(admin: SocketAddr, hc: &str) -> u64 {
+    let metrics = http_get(admin, "/metrics").await.1;
+    metrics
+        .lines()
+        .find(|l| l.starts_with("hyrelay_hcm_warm_connections{") && l.contains(&format!("hc=\"{hc}\"")))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+/// `n` short tunnels through `bridge`, `conc` at a time, each one echo; all must succeed.
+async fn burst(bridge: SocketAddr, n: usize, conc: usize) {
+    let left = Arc::new(AtomicUsize::new(n));
+    let tasks: Vec<_> = (0..conc)
+        .map(|w| {
+            let left = left.clone();
+            tokio::spawn(async move {
+                while left
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| l.checked_sub(1))
+                    .is_ok()
+                {
+                    let d = payload(64, w as u64);
+                    let s = connect(None, bridge).await.unwrap();
+                    assert!(exchange(s, &d, Duration::from_secs(10)).await.unwrap() == d);
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+/// The hcm's rendezvous pool (a hyrelay extension) grows with the senders of the node it
+/// is on, not with senders on other nodes, which it cannot serve: with the hcm's
+/// connection string naming n1, a burst of tunnels from a bridge on n2 leaves the pool at
+/// its minimum, and the same burst from a bridge on n1 grows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hcm_pool_grows_only_for_senders_it_can_serve() {
+    let _serial = serial().await;
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start(&dir.path().join("redis")).await;
+    let n1 = Node::start(dir.path(), "n1", &redis, None).await;
+    let n2 = Node::start(dir.path(), "n2", &redis, None).await;
+    let echo = Echo::local().await;
+    n1.relay.create(None, "pool", &echo.addr.to_string()).await;
+    let listen = n1.relay.connection_string(None, "pool", false).await;
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let toml = format!("admin = \"{admin}\"\n");
+    let _hcm = Hcm::start("hcm", None, &dir.path().join("hcm"), &toml, &[&listen], "hyrelay=info").await;
+    within(Duration::from_secs(10), "the hcm on n1", || async {
+        n1.holds_listener("pool").await
+    })
+    .await;
+    within(Duration::from_secs(5), "n2 sees the listener", || async {
+        n2.hc("pool").await["listeners"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
+    })
+    .await;
+    within(Duration::from_secs(5), "the pool at its minimum", || async {
+        hcm_pool(admin, "pool").await == 2
+    })
+    .await;
+    // Senders on n2: routed to the hcm's control channel on n1, never to its pool.
+    let far = Bridge::start(
+        None,
+        &dir.path().join("far"),
+        "",
+        &[("pool", &n2.relay.connection_string(None, "pool", true).await)],
+        "hyrelay=info",
+    )
+    .await;
+    let sampled = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sample = |stop: Arc<AtomicBool>| {
+        let sampled = sampled.clone();
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let n = hcm_pool(admin, "pool").await;
+                sampled.lock().unwrap().push(n);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = sample(stop.clone());
+    burst(far.addrs[0], 600, 16).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    s.await.unwrap();
+    let far_max = sampled.lock().unwrap().iter().copied().max().unwrap_or(0);
+    assert!(
+        far_max <= 2,
+        "the pool grew for senders on another node: {:?}",
+        sampled.lock().unwrap()
+    );
+    // Senders on n1: the pool grows with them.
+    sampled.lock().unwrap().clear();
+    let near = Bridge::start(
+        None,
+        &dir.path().join("near"),
+        "",
+        &[("pool", &n1.relay.connection_string(None, "pool", true).await)],
+        "hyrelay=info",
+    )
+    .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = sample(stop.clone());
+    burst(near.addrs[0], 600, 16).await;
+    stop.store(true, Ordering::Relaxed);
+    s.await.unwrap();
+    let near_max = sampled.lock().unwrap().iter().copied().max().unwrap_or(0);
+    assert!(
+        near_max > 2,
+        "the pool did not grow for its own node's senders: {:?}",
+        sampled.lock().unwrap()
+    );
+}

@@ -19,7 +19,7 @@ use crate::transport::ws::{self, ConnectError, WsUrl};
 pub(crate) async fn handle(a: Accept, hc: Arc<HcRt>, endpoint: HostPort, ctx: Arc<HcmCtx>) {
     let inflight = ctx.inflight.enter();
     let name = hc.entry.name().to_owned();
-    count_accept(&hc);
+    count_accept(&hc, &a.address);
     // Checked again here: the list is the last word whatever endpoint reached this task.
     if let Err(why) = super::channel::check_allowed(&endpoint, &ctx) {
         not_allowed(&hc, &endpoint, &why);
@@ -94,7 +94,7 @@ pub(crate) async fn handle_pooled(
     (mut stream, leftover): (crate::transport::Stream, bytes::BytesMut),
 ) {
     let inflight = ctx.inflight.enter();
-    count_accept(&hc);
+    count_accept(&hc, &a.address);
     let failed = match super::channel::check_allowed(&endpoint, &ctx) {
         Err(why) => {
             not_allowed(&hc, &endpoint, &why);
@@ -114,8 +114,9 @@ pub(crate) async fn handle_pooled(
     }
 }
 
-fn count_accept(hc: &HcRt) {
+fn count_accept(hc: &HcRt, address: &str) {
     hc.update(|s| s.accepts += 1);
+    hc.demand.count(address);
     metrics::counter!(crate::telemetry::metrics::HCM_ACCEPTS, "hc" => hc.entry.name().to_owned()).increment(1);
 }
 

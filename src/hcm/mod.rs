@@ -37,6 +37,8 @@ pub(crate) struct HcRt {
     /// pooled rendezvous connections, so the relay knows which listener a pooled
     /// connection belongs to (and balances senders over listeners, not connections).
     pub listener_id: String,
+    /// Accepts that a rendezvous pool to this relay could have served, for its size.
+    pub demand: pool::Demand,
 }
 
 impl HcRt {
@@ -46,6 +48,7 @@ impl HcRt {
             entry,
             stop: CancellationToken::new(),
             listener_id: crate::proto::ids::new_id(),
+            demand: pool::Demand::default(),
         }
     }
 

@@ -9,13 +9,21 @@
 //! is the tunnel (`super::accept::handle_pooled`). It is closed and replaced after
 //! [`RENEW_AFTER`], well before the relay's idle limit (120 s) and any token expiry.
 //!
-//! Size: two more than a quarter of the accepts of the last second, at most [`MAX`];
-//! re-evaluated every [`TICK`] and whenever a pooled connection is used (so it is replaced
-//! at once); surplus connections are closed as the rate falls. A burst larger than the pool is served the standard way
-//! meanwhile, and the pool refills behind it.
+//! Size: two more than a quarter of the accepts of the last second that a pool could have
+//! served ([`Demand`]), at most [`MAX`]; re-evaluated every [`TICK`] and whenever a pooled
+//! connection is used (so it is replaced at once); surplus connections are closed as the
+//! rate falls. A burst larger than the pool is served the standard way meanwhile, and the
+//! pool refills behind it.
+//!
+//! Which accepts count: pooled connections wait on the relay node they reached, and only
+//! senders on that node can use them. Each pooled connection's 101 names its node, and an
+//! accept counts if its rendezvous address names one of the pool's nodes: with a
+//! connection string naming one node of a cluster, accepts for senders on other nodes are
+//! not demand for this pool; behind a load balancer the pool spreads over the nodes and
+//! their senders count as it reaches them.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -23,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use super::{HcRt, HcmCtx};
 use crate::client;
 use crate::proto::control::{self, Command, MAX_CONTROL_MESSAGE};
-use crate::proto::extensions::{ADVERTISE_HEADER, Advertised, POOL_HEADER};
+use crate::proto::extensions::{ADVERTISE_HEADER, Advertised, NODE_HEADER, POOL_HEADER};
 use crate::proto::frame::{Role, close_code};
 use crate::proto::metadata::HostPort;
 use crate::transport::ws::{self, Message, WsReader, WsWriter};
@@ -37,6 +45,60 @@ pub const MAX: usize = 32;
 pub const RENEW_AFTER: Duration = Duration::from_secs(60);
 /// How often the size is re-evaluated and the pool refilled.
 pub const TICK: Duration = Duration::from_millis(250);
+
+/// Accepts counted for sizing the pool of one hybrid connection.
+///
+/// Each pooled connection's 101 names the relay node it reached
+/// ([`crate::proto::extensions::NODE_HEADER`]). An accept whose rendezvous address names
+/// one of those nodes (host and port) could have been served by the pool; once any node is
+/// known only those count. Before (or with a relay that does not say), all do.
+#[derive(Debug, Default)]
+pub(crate) struct Demand {
+    all: AtomicU64,
+    here: AtomicU64,
+    /// `(host in lower case, port)` of the nodes pooled connections reached.
+    nodes: std::sync::Mutex<Vec<(String, u16)>>,
+}
+
+/// Nodes remembered per hybrid connection at most (a cluster's size, with room).
+const MAX_NODES: usize = 64;
+
+impl Demand {
+    /// Records the node a pooled connection reached (`base`: `ws(s)://host[:port]`).
+    pub fn pool_on(&self, base: &str) {
+        let Some(node) = authority(base) else { return };
+        let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        if !nodes.contains(&node) && nodes.len() < MAX_NODES {
+            nodes.push(node);
+        }
+    }
+
+    /// Counts an accept with rendezvous `address`.
+    pub fn count(&self, address: &str) {
+        self.all.fetch_add(1, Ordering::Relaxed);
+        let here =
+            authority(address).is_some_and(|a| self.nodes.lock().unwrap_or_else(|e| e.into_inner()).contains(&a));
+        if here {
+            self.here.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Accepts so far that the pool could have served (see [`Demand`]); it may fall once,
+    /// when the first node becomes known, so take differences saturating.
+    pub fn total(&self) -> u64 {
+        if self.nodes.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+            self.all.load(Ordering::Relaxed)
+        } else {
+            self.here.load(Ordering::Relaxed)
+        }
+    }
+}
+
+/// `(host in lower case, port)` of a `ws(s)://` URL.
+fn authority(url: &str) -> Option<(String, u16)> {
+    let u = ws::WsUrl::parse(url).ok()?;
+    Some((u.host.to_ascii_lowercase(), u.port))
+}
 
 /// The pool size for `per_second` accepts in the last second.
 pub fn target(per_second: u64) -> usize {
@@ -75,12 +137,12 @@ async fn run(hc: Arc<HcRt>, ctx: Arc<HcmCtx>, endpoint: HostPort, stop: Cancella
             _ = stop.cancelled() => break,
         }
         // Accepts in the last second, from the counter's value one second ago.
-        let total = hc.snapshot().accepts;
+        let total = hc.demand.total();
         window.push_back(total);
         if window.len() > (Duration::from_secs(1).as_millis() / TICK.as_millis()) as usize {
             window.pop_front();
         }
-        let want = target(total - window.front().copied().unwrap_or(total));
+        let want = target(total.saturating_sub(window.front().copied().unwrap_or(total)));
         let now_open = open.load(Ordering::Relaxed);
         retire.ask(now_open.saturating_sub(want));
         while open.load(Ordering::Relaxed) < want {
@@ -153,7 +215,12 @@ async fn pooled(
         _ = stop.cancelled() => return,
     };
     let conn = match conn {
-        Ok(c) => c,
+        Ok(c) => {
+            if let Some(node) = c.response.headers.get(NODE_HEADER) {
+                hc.demand.pool_on(node);
+            }
+            c
+        }
         Err(e) => {
             tracing::debug!(hc = %entry.name(), error = %e, "cannot open a pooled rendezvous connection");
             // Do not spin against a relay that refuses: the next tick retries.
@@ -222,6 +289,28 @@ async fn ask_to_retire(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_accepts_for_the_pools_nodes_count_once_a_node_is_known() {
+        let d = Demand::default();
+        // No pooled connection yet (or a relay that does not say): every accept counts.
+        d.count("ws://node-1:9000/$hc/db?sb-hc-action=accept&sb-hc-id=1");
+        d.count("wss://node-2/$hc/db?sb-hc-action=accept&sb-hc-id=2");
+        assert_eq!(d.total(), 2);
+        // The pool reached node-1 only (a connection string naming that node).
+        d.pool_on("ws://NODE-1:9000");
+        d.pool_on("ws://node-1:9000");
+        assert_eq!(d.total(), 0);
+        d.count("ws://node-1:9000/$hc/db?sb-hc-action=accept&sb-hc-id=3");
+        d.count("ws://node-2:9000/$hc/db?sb-hc-action=accept&sb-hc-id=4");
+        d.count("ws://node-1:9001/$hc/db?sb-hc-action=accept&sb-hc-id=5");
+        d.count("not a url");
+        assert_eq!(d.total(), 1);
+        // Behind a balancer the pool reaches more nodes, and their senders count too.
+        d.pool_on("wss://node-2");
+        d.count("wss://node-2:443/$hc/db?sb-hc-action=accept&sb-hc-id=6");
+        assert_eq!(d.total(), 2);
+    }
 
     #[test]
     fn size_follows_the_accept_rate_within_bounds() {

@@ -12,6 +12,9 @@
 //!   and may answer it from the rendezvous pool.
 //! - `head-timeout=N`: seconds the relay waits for a request head after TCP (and TLS); a
 //!   bridge keeps warm connections younger than that.
+//! - A pooled rendezvous connection's 101 also names the relay node it reached
+//!   (`X-Hyrelay-Node: ws(s)://host[:port]`, the base of that node's accept addresses), so
+//!   the hcm sizes its pool by the senders of the nodes its pool is on.
 //!
 //! Parsing never fails: unknown tokens are ignored, so relays can add extensions later.
 
@@ -19,6 +22,9 @@
 pub const ADVERTISE_HEADER: &str = "X-Hyrelay-Extensions";
 /// Request header of a pooled rendezvous connection (value `1`).
 pub const POOL_HEADER: &str = "X-Hyrelay-Pool";
+/// Response header of a pooled rendezvous connection's 101: the base URL of the accept
+/// addresses of the relay node it reached.
+pub const NODE_HEADER: &str = "X-Hyrelay-Node";
 /// Request header of a sender that sends early data and accepts a pooled rendezvous.
 pub const EARLY_HEADER: &str = "X-Hyrelay-Early";
 

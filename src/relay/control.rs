@@ -344,6 +344,16 @@ impl Ctl {
         cluster.presence().candidates(hc, &own)
     }
 
+    /// The `ws(s)://host[:port]` this node's accept addresses name when config fixes it (a
+    /// cluster node's own public URL, or `public_url`); otherwise they take the Host the
+    /// listener reached the relay by.
+    pub fn node_base(&self) -> Option<String> {
+        self.cluster
+            .as_ref()
+            .map(|c| c.public_base())
+            .or_else(|| self.reg().cfg.public_url.as_ref().map(|u| u.ws_base()))
+    }
+
     /// The tunnel count of the listener of `hc` on this node whose `sb-hc-id` is `id`.
     pub fn listener_load(&self, hc: &str, id: &str) -> Option<Arc<AtomicUsize>> {
         let reg = self.reg();

@@ -100,11 +100,8 @@ impl Pool {
 
     /// `response` (a complete 101 head) with the advertisement added, if any.
     pub fn advertise(&self, mut response: Vec<u8>) -> Vec<u8> {
-        if let Some(v) = self.advertised.header_value()
-            && response.ends_with(b"\r\n\r\n")
-        {
-            response.truncate(response.len() - 2);
-            response.extend_from_slice(format!("{}: {v}\r\n\r\n", extensions::ADVERTISE_HEADER).as_bytes());
+        if let Some(v) = self.advertised.header_value() {
+            add_header(&mut response, extensions::ADVERTISE_HEADER, &v);
         }
         response
     }
@@ -175,6 +172,14 @@ fn gauge(hc: &str, n: usize) {
     metrics::gauge!(crate::telemetry::metrics::warm_connections("relay"), "hc" => hc.to_owned()).set(n as f64);
 }
 
+/// Adds `name: value` to the end of a response head.
+fn add_header(response: &mut Vec<u8>, name: &str, value: &str) {
+    if response.ends_with(b"\r\n\r\n") {
+        response.truncate(response.len() - 2);
+        response.extend_from_slice(format!("{name}: {value}\r\n\r\n").as_bytes());
+    }
+}
+
 /// True if the request is a pooled rendezvous connection (`listen` + `X-Hyrelay-Pool: 1`).
 pub(super) fn is_pool_request(head: &RequestHead) -> bool {
     head.headers.get(extensions::POOL_HEADER).map(str::trim) == Some("1")
@@ -227,7 +232,12 @@ pub(super) async fn serve(mut stream: Stream, mut inc: Incoming, req: HcRequest,
         return respond(&mut stream, 503, "The hybrid connection's rendezvous pool is full.", "").await;
     };
     let _registered = Unregister(&ctx.pool, &hc, id);
-    let answer = ctx.pool.advertise(handshake::switching_protocols(&upgrade.key, None));
+    let mut answer = ctx.pool.advertise(handshake::switching_protocols(&upgrade.key, None));
+    let node = ctx.ctl.node_base().unwrap_or_else(|| {
+        let host = inc.head.headers.get("Host").unwrap_or("localhost");
+        format!("{}://{}", ctx.scheme(), handshake::sanitize_header_value(host))
+    });
+    add_header(&mut answer, extensions::NODE_HEADER, &node);
     if !matches!(
         tokio::time::timeout(ctx.cfg.handshake_timeout, write_flush(&mut stream, &answer)).await,
         Ok(Ok(()))
