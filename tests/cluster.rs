@@ -326,16 +326,7 @@ async fn a_sender_on_another_node_than_the_listener_keeps_its_bytes_local() {
     let send = nodes[2].relay.connection_string(None, "db", true).await;
     assert!(listen.contains(&nodes[0].url[5..]) && send.contains(&nodes[2].url[5..]));
     let _hcm = Hcm::start("hcm", None, &dir.path().join("hcm"), "", &[&listen], "hyrelay=info").await;
-    within(Duration::from_secs(10), "the hcm on n1", || async {
-        nodes[0].holds_listener("db").await
-    })
-    .await;
-    within(Duration::from_secs(5), "n3 sees the listener", || async {
-        nodes[2].hc("db").await["listeners"]
-            .as_array()
-            .is_some_and(|a| !a.is_empty())
-    })
-    .await;
+    listener_on(&nodes[0], &nodes[2], "db").await;
     let bridge = Bridge::start(None, &dir.path().join("bridge"), "", &[("db", &send)], "hyrelay=info").await;
     let data = payload(16 << 20, 7);
     let back = exchange(
@@ -901,6 +892,20 @@ fn http_echo_endpoint() -> SocketAddr {
     addr
 }
 
+/// Waits until the listener of `hc` is held by `home` and `other` sees it (presence).
+async fn listener_on(home: &Node, other: &Node, hc: &str) {
+    within(Duration::from_secs(10), "the listener on its node", || async {
+        home.holds_listener(hc).await
+    })
+    .await;
+    within(Duration::from_secs(5), "the other node sees the listener", || async {
+        other.hc(hc).await["listeners"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
+    })
+    .await;
+}
+
 /// A chunked HTTP/1.1 body decoded (as it is when it holds no chunk-size line).
 fn dechunk(body: &str) -> String {
     let mut out = String::new();
@@ -938,16 +943,7 @@ async fn an_http_request_on_another_node_than_the_listener() {
     let listen = n1.relay.connection_string(None, "api", false).await;
     let send = ConnectionString::parse(&n2.relay.connection_string(None, "api", true).await).unwrap();
     let _hcm = Hcm::start("hcm", None, &dir.path().join("hcm"), "", &[&listen], "hyrelay=info").await;
-    within(Duration::from_secs(10), "the hcm on n1", || async {
-        n1.holds_listener("api").await
-    })
-    .await;
-    within(Duration::from_secs(5), "n2 sees the listener", || async {
-        n2.hc("api").await["listeners"]
-            .as_array()
-            .is_some_and(|a| !a.is_empty())
-    })
-    .await;
+    listener_on(&n1, &n2, "api").await;
     assert!(!n2.holds_listener("api").await);
     let token = hyrelay::client::token(&send, "api", Duration::from_secs(600));
     let addr = n2.relay.addr;
@@ -1017,6 +1013,28 @@ async fn burst(bridge: SocketAddr, n: usize, conc: usize) {
     }
 }
 
+/// The hcm's pool sizes (from its admin listener at `admin`), sampled every 100 ms while
+/// 600 tunnels go through `bridge`, 16 at a time, and for 500 ms after.
+async fn pool_sizes_during_burst(admin: SocketAddr, bridge: SocketAddr) -> Vec<u64> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut sizes = Vec::new();
+            // Bounded: the burst ends (or fails) within its tunnels' timeouts.
+            while !stop.load(Ordering::Relaxed) && sizes.len() < 3000 {
+                sizes.push(hcm_pool(admin, "pool").await);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            sizes
+        })
+    };
+    burst(bridge, 600, 16).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    sampler.await.unwrap()
+}
+
 /// The hcm's rendezvous pool (a hyrelay extension) grows with the senders of the node it
 /// is on, not with senders on other nodes, which it cannot serve: with the hcm's
 /// connection string naming n1, a burst of tunnels from a bridge on n2 leaves the pool at
@@ -1034,71 +1052,25 @@ async fn the_hcm_pool_grows_only_for_senders_it_can_serve() {
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let toml = format!("admin = \"{admin}\"\n");
     let _hcm = Hcm::start("hcm", None, &dir.path().join("hcm"), &toml, &[&listen], "hyrelay=info").await;
-    within(Duration::from_secs(10), "the hcm on n1", || async {
-        n1.holds_listener("pool").await
-    })
-    .await;
-    within(Duration::from_secs(5), "n2 sees the listener", || async {
-        n2.hc("pool").await["listeners"]
-            .as_array()
-            .is_some_and(|a| !a.is_empty())
-    })
-    .await;
+    listener_on(&n1, &n2, "pool").await;
     within(Duration::from_secs(5), "the pool at its minimum", || async {
         hcm_pool(admin, "pool").await == 2
     })
     .await;
     // Senders on n2: routed to the hcm's control channel on n1, never to its pool.
-    let far = Bridge::start(
-        None,
-        &dir.path().join("far"),
-        "",
-        &[("pool", &n2.relay.connection_string(None, "pool", true).await)],
-        "hyrelay=info",
-    )
-    .await;
-    let sampled = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let sample = |stop: Arc<AtomicBool>| {
-        let sampled = sampled.clone();
-        tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                let n = hcm_pool(admin, "pool").await;
-                sampled.lock().unwrap().push(n);
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-    };
-    let stop = Arc::new(AtomicBool::new(false));
-    let s = sample(stop.clone());
-    burst(far.addrs[0], 600, 16).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.store(true, Ordering::Relaxed);
-    s.await.unwrap();
-    let far_max = sampled.lock().unwrap().iter().copied().max().unwrap_or(0);
+    let cs = n2.relay.connection_string(None, "pool", true).await;
+    let far = Bridge::start(None, &dir.path().join("far"), "", &[("pool", &cs)], "hyrelay=info").await;
+    let sizes = pool_sizes_during_burst(admin, far.addrs[0]).await;
     assert!(
-        far_max <= 2,
-        "the pool grew for senders on another node: {:?}",
-        sampled.lock().unwrap()
+        sizes.iter().all(|&n| n <= 2),
+        "the pool grew for senders on another node: {sizes:?}"
     );
     // Senders on n1: the pool grows with them.
-    sampled.lock().unwrap().clear();
-    let near = Bridge::start(
-        None,
-        &dir.path().join("near"),
-        "",
-        &[("pool", &n1.relay.connection_string(None, "pool", true).await)],
-        "hyrelay=info",
-    )
-    .await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let s = sample(stop.clone());
-    burst(near.addrs[0], 600, 16).await;
-    stop.store(true, Ordering::Relaxed);
-    s.await.unwrap();
-    let near_max = sampled.lock().unwrap().iter().copied().max().unwrap_or(0);
+    let cs = n1.relay.connection_string(None, "pool", true).await;
+    let near = Bridge::start(None, &dir.path().join("near"), "", &[("pool", &cs)], "hyrelay=info").await;
+    let sizes = pool_sizes_during_burst(admin, near.addrs[0]).await;
     assert!(
-        near_max > 2,
-        "the pool did not grow for its own node's senders: {:?}",
-        sampled.lock().unwrap()
+        sizes.iter().any(|&n| n > 2),
+        "the pool did not grow for its own node's senders: {sizes:?}"
     );
 }
