@@ -151,6 +151,17 @@ pub(crate) async fn respond(stream: &mut Stream, status: u16, reason: &str, body
     send_and_close(stream, &bytes).await;
 }
 
+/// The 403 for a rendezvous address without its secret, or (`known_form`) one that names
+/// no waiting rendezvous: invalid, expired or already used (single use, hc-protocol.md §3.1).
+pub(crate) async fn refuse_rendezvous(stream: &mut Stream, known_form: bool) {
+    let why = if known_form {
+        "The rendezvous address is invalid, expired or already used."
+    } else {
+        "The rendezvous address is invalid."
+    };
+    respond(stream, 403, why, "").await
+}
+
 /// Writes `bytes` and flushes within 5 s, then closes lingering
 /// ([`crate::transport::stream::linger_close`]: at most 16 MiB, 5 s — curl sends a whole
 /// body before it reads) so that closing with unread request bytes does not reset the

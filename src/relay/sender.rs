@@ -13,7 +13,7 @@ use tokio::io::AsyncReadExt;
 
 use super::Ctx;
 use super::auth::{Demand, authorize};
-use super::conn::{Incoming, describe, respond, write_flush};
+use super::conn::{Incoming, describe, refuse_rendezvous, respond, write_flush};
 use super::control::{ConnectReq, Leg, Outcome, Refusal};
 use crate::proto::address::HcRequest;
 use crate::proto::handshake;
@@ -330,16 +330,10 @@ pub(super) async fn serve_accept(mut stream: Stream, mut inc: Incoming, req: HcR
     let peer = inc.peer;
     let upgrade = handshake::validate_upgrade(&inc.head);
     let Some(secret) = req.rendezvous.as_deref() else {
-        return respond(&mut stream, 403, "The rendezvous address is invalid.", "").await;
+        return refuse_rendezvous(&mut stream, false).await;
     };
     let Some(tx) = ctx.ctl.rendezvous(secret) else {
-        return respond(
-            &mut stream,
-            403,
-            "The rendezvous address is invalid, expired or already used.",
-            "",
-        )
-        .await;
+        return refuse_rendezvous(&mut stream, true).await;
     };
     // The unguessable address is the capability (hc-protocol.md §3.1).
     inc.pending.done();

@@ -10,22 +10,16 @@ use super::pending::Leg;
 use crate::proto::address::HcRequest;
 use crate::proto::handshake;
 use crate::relay::Ctx;
-use crate::relay::conn::{Incoming, respond};
+use crate::relay::conn::{Incoming, refuse_rendezvous, respond};
 use crate::transport::Stream;
 
 /// Handles `sb-hc-action=request`.
 pub(crate) async fn serve(mut stream: Stream, mut inc: Incoming, req: HcRequest, ctx: Arc<Ctx>) {
     let (Some(id), Some(secret)) = (req.id.as_deref(), req.rendezvous.as_deref()) else {
-        return respond(&mut stream, 403, "The rendezvous address is invalid.", "").await;
+        return refuse_rendezvous(&mut stream, false).await;
     };
     let Some(tx) = ctx.http.table.take_leg(id, secret) else {
-        return respond(
-            &mut stream,
-            403,
-            "The rendezvous address is invalid, expired or already used.",
-            "",
-        )
-        .await;
+        return refuse_rendezvous(&mut stream, true).await;
     };
     inc.pending.done();
     let upgrade = match handshake::validate_upgrade(&inc.head) {
