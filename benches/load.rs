@@ -82,6 +82,7 @@ pub struct Args {
     /// Seconds each bulk figure is measured over (after --warmup seconds).
     #[arg(long, default_value_t = 3.0)]
     bulk_secs: f64,
+    /// Seconds of traffic before the bulk and busy-gateway figures are taken.
     #[arg(long, default_value_t = 0.5)]
     warmup: f64,
     /// Round trips of 64 bytes on one connection.
