@@ -4,7 +4,8 @@
 //! ```sh
 //! cargo build --release                                   # the hyrelay under test
 //! cargo bench --bench load -- --hyrelay target/release/hyrelay [--hyrelay old=/tmp/hyrelay-old] \
-//!     [--tls] [--cluster] [--targets-file peers.json] [--runs 3] [--json out.json]
+//!     [--tls] [--cluster] [--targets-file peers.json] [--runs 3] [--json out.json] \
+//!     [--workloads busy] [--busy-conns 2000] [--busy-secs 10]
 //! ```
 //!
 //! Targets: `direct` (client -> endpoint), one `hyrelay` chain (bridge -> relay -> hcm,
@@ -15,11 +16,15 @@
 //! `--targets-file` lists (see `load/target.rs`; `scripts/bench-peers.sh` writes one for
 //! rathole, bore, haproxy, socat and websocat). Per run each target is started twice: once
 //! for the idle-memory workload on fresh processes, once for bulk, RTT, ping-pong (32
-//! connections at once) and setup. Figures are medians over `--runs`, with targets in a
-//! rotating order.
+//! connections at once), setup and the busy gateway (2,000 tunnels opened first, then all
+//! doing 1 KiB-up / 16 KiB-down exchanges back to back for 10 s; tokio clients, see
+//! `load/busy.rs`). `--workloads` and `--skip` pick the workloads. Figures are medians over
+//! `--runs`, with targets in a rotating order.
 //!
 //! Run without `--bench` (as `cargo test --all-targets` does) it only prints how to run it.
 
+#[path = "load/busy.rs"]
+mod busy;
 #[path = "load/endpoint.rs"]
 mod endpoint;
 #[path = "load/procs.rs"]
@@ -77,6 +82,7 @@ pub struct Args {
     /// Seconds each bulk figure is measured over (after --warmup seconds).
     #[arg(long, default_value_t = 3.0)]
     bulk_secs: f64,
+    /// Seconds of traffic before the bulk and busy-gateway figures are taken.
     #[arg(long, default_value_t = 0.5)]
     warmup: f64,
     /// Round trips of 64 bytes on one connection.
@@ -96,8 +102,18 @@ pub struct Args {
     /// Idle connections for the memory figure (also measured at 1,000 on the way).
     #[arg(long, default_value_t = 10_000)]
     idle: usize,
-    /// Workloads to leave out (comma-separated: bulk, rtt, pingpong, setup, idle).
-    #[arg(long, value_delimiter = ',', value_parser = ["bulk", "rtt", "pingpong", "setup", "idle"])]
+    /// Busy gateway: connections opened first, then all doing request/response exchanges
+    /// (1 KiB up, 16 KiB down) back to back ...
+    #[arg(long, default_value_t = 2_000)]
+    busy_conns: usize,
+    /// ... measured over this many seconds (after --warmup seconds).
+    #[arg(long, default_value_t = 10.0)]
+    busy_secs: f64,
+    /// Workloads to run (comma-separated; default: all of them).
+    #[arg(long, value_delimiter = ',', value_parser = WORKLOADS)]
+    workloads: Vec<String>,
+    /// Workloads to leave out (comma-separated).
+    #[arg(long, value_delimiter = ',', value_parser = WORKLOADS)]
     skip: Vec<String>,
     /// Also write every figure of every run as JSON here.
     #[arg(long)]
@@ -108,6 +124,16 @@ pub struct Args {
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
+}
+
+/// The workloads `--workloads` and `--skip` name.
+const WORKLOADS: [&str; 6] = ["bulk", "rtt", "pingpong", "setup", "busy", "idle"];
+
+impl Args {
+    /// Whether workload `w` runs: listed in `--workloads` (or that is empty), not in `--skip`.
+    fn wants(&self, w: &str) -> bool {
+        (self.workloads.is_empty() || self.workloads.iter().any(|s| s == w)) && !self.skip.iter().any(|s| s == w)
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -123,16 +149,18 @@ fn main() -> anyhow::Result<()> {
     let mut notes = vec![];
     let fd_hard = raise_nofile(&mut notes);
     let idle_cap = ((fd_hard.saturating_sub(300) / 2) / 100 * 100) as usize;
-    if args.idle > idle_cap {
+    if args.idle > idle_cap && args.wants("idle") {
         notes.push(format!(
             "idle connections capped at {idle_cap}: a relay process holds 2 descriptors per tunnel and RLIMIT_NOFILE's hard limit is {fd_hard} (raising it needs CAP_SYS_RESOURCE)"
         ));
     }
-    match hold_dma_latency() {
-        Ok(_) => notes.push("/dev/cpu_dma_latency is held at 0 during each RTT workload".into()),
-        Err(e) => notes.push(format!(
-            "/dev/cpu_dma_latency cannot be held at 0 ({e}); RTT runs without it"
-        )),
+    if args.wants("rtt") {
+        match hold_dma_latency() {
+            Ok(_) => notes.push("/dev/cpu_dma_latency is held at 0 during each RTT workload".into()),
+            Err(e) => notes.push(format!(
+                "/dev/cpu_dma_latency cannot be held at 0 ({e}); RTT runs without it"
+            )),
+        }
     }
     let (targets, clusters) = targets(&args)?;
     let ep = endpoint::Endpoint::start()?;
@@ -262,8 +290,7 @@ fn run_target(
     idle_cap: usize,
     f: &mut Figures,
 ) {
-    let skip = |w: &str| args.skip.iter().any(|s| s == w);
-    if !skip("idle") {
+    if args.wants("idle") {
         let n = args.idle.min(idle_cap).min(spec.idle_max.unwrap_or(usize::MAX));
         if let Err(e) = idle(ep, base, spec, vars, n, f) {
             f.errors.push(format!("idle: {e:#}"));
@@ -278,7 +305,7 @@ fn run_target(
         }
     };
     let pids = t.pids();
-    if !skip("bulk") {
+    if args.wants("bulk") {
         for (key, up, streams) in [
             ("up1", true, 1),
             ("down1", false, 1),
@@ -291,7 +318,7 @@ fn run_target(
             }
         }
     }
-    if !skip("rtt") {
+    if args.wants("rtt") {
         let dma = hold_dma_latency();
         if let Err(e) = &dma {
             f.notes
@@ -303,13 +330,13 @@ fn run_target(
         }
         drop(dma);
     }
-    if !skip("pingpong") {
+    if args.wants("pingpong") {
         match workloads::pingpong(t.entry, &pids, args.pingpong_conns, args.pingpong_count) {
             Ok(p) => f.add_pingpong(&p),
             Err(e) => f.errors.push(format!("pingpong: {e:#}")),
         }
     }
-    if !skip("setup") {
+    if args.wants("setup") {
         let probe = t.redis.map(redis::Probe::start);
         match workloads::setup(t.entry, &pids, args.setup_count, args.setup_concurrency) {
             Ok(s) => {
@@ -321,6 +348,13 @@ fn run_target(
                 }
             }
             Err(e) => f.errors.push(format!("setup: {e:#}")),
+        }
+    }
+    if args.wants("busy") {
+        check_nofile(&pids, args.busy_conns, f);
+        match busy::busy(t.entry, &pids, args.busy_conns, args.warmup, args.busy_secs) {
+            Ok(b) => f.add_busy(&b),
+            Err(e) => f.errors.push(format!("busy: {e:#}")),
         }
     }
     if let Err(e) = t.check_alive() {
@@ -340,16 +374,7 @@ fn idle(
 ) -> anyhow::Result<()> {
     let mut t = spec.start(base, ep.addr, vars)?;
     let pids = t.pids();
-    for (name, pid) in &pids {
-        if let Some(lim) = procs::nofile(*pid)
-            && lim < (2 * n + 100) as u64
-        {
-            f.notes.push(format!(
-                "{name}: RLIMIT_NOFILE {lim} is below the {} descriptors {n} tunnels need",
-                2 * n + 100
-            ));
-        }
-    }
+    check_nofile(&pids, n, f);
     std::thread::sleep(Duration::from_millis(500));
     f.set_rss("start", &procs::rss(&pids));
     let before = ep.held();
@@ -375,6 +400,20 @@ fn idle(
     drop(holder);
     f.complaints.extend(t.log_complaints(5));
     Ok(())
+}
+
+/// Notes every process whose RLIMIT_NOFILE is too low for `n` tunnels (two descriptors each).
+fn check_nofile(pids: &[(String, u32)], n: usize, f: &mut Figures) {
+    for (name, pid) in pids {
+        if let Some(lim) = procs::nofile(*pid)
+            && lim < (2 * n + 100) as u64
+        {
+            f.notes.push(format!(
+                "{name}: RLIMIT_NOFILE {lim} is below the {} descriptors {n} tunnels need",
+                2 * n + 100
+            ));
+        }
+    }
 }
 
 /// Keeps /dev/cpu_dma_latency at 0 (no deep C-states) while the returned file is open.

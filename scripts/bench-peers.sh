@@ -8,7 +8,10 @@
 #
 # Installs the peers idempotently: rathole, bore-cli and websocat with `cargo install --locked`
 # from crates.io into $PEERS_ROOT (default target-bench/peers), socat and haproxy with apt-get.
-# A peer that cannot be installed is reported and left out; the rest still run. Without
+# PEERS (default "rathole bore websocat socat haproxy") picks which of them to install and run.
+# A peer that cannot be installed is reported and left out; the rest still run. With
+# --install-only it stops after writing the targets file ($CARGO_TARGET_DIR/peers.json), for
+# a harness run of one's own (`cargo bench --bench load -- --targets-file ...`). Without
 # --hyrelay the harness uses target-bench/release/hyrelay, built from the checked-out tree.
 # Every other argument goes to the harness (e.g. --runs 3 --json out.json --tls).
 set -uo pipefail
@@ -57,14 +60,17 @@ apt_peer() {
     fi
 }
 
+PEERS=${PEERS:-rathole bore websocat socat haproxy}
+want() { [[ " $PEERS " == *" $1 "* ]]; }
+
 have_rathole=0 have_bore=0 have_websocat=0 have_socat=0 have_haproxy=0
 # Plain TCP transport only: no TLS or noise features, so no OpenSSL is needed.
-cargo_peer rathole rathole --no-default-features --features server,client && have_rathole=1
-cargo_peer bore-cli bore && have_bore=1
+want rathole && cargo_peer rathole rathole --no-default-features --features server,client && have_rathole=1
+want bore && cargo_peer bore-cli bore && have_bore=1
 # websocat 1.x; its default features want OpenSSL (ssl), which is optional for ws://.
-cargo_peer websocat websocat || cargo_peer websocat websocat --no-default-features && have_websocat=1
-apt_peer socat && have_socat=1
-apt_peer haproxy && have_haproxy=1
+want websocat && { cargo_peer websocat websocat || cargo_peer websocat websocat --no-default-features; } && have_websocat=1
+want socat && apt_peer socat && have_socat=1
+want haproxy && apt_peer haproxy && have_haproxy=1
 
 install_only=0
 hyrelay_args=()
@@ -77,9 +83,7 @@ while (($#)); do
     esac
     shift
 done
-((install_only)) && { say "peers installed in $PEERS_ROOT"; exit 0; }
-
-if ((${#hyrelay_args[@]} == 0)); then
+if ((${#hyrelay_args[@]} == 0)) && ((!install_only)); then
     say "building hyrelay (cargo build --release, CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
     cargo build --release >&2 || { say "cannot build hyrelay"; exit 1; }
     hyrelay_args=(--hyrelay "$CARGO_TARGET_DIR/release/hyrelay")
@@ -144,5 +148,6 @@ EOF
     echo ']'
 } >"$SPEC"
 say "peer targets: $SPEC"
+((install_only)) && { say "peers installed in $PEERS_ROOT"; exit 0; }
 
 exec cargo bench --bench load -- "${hyrelay_args[@]}" --targets-file "$SPEC" "${rest[@]}"

@@ -6,10 +6,13 @@
 //! - `D` source: write until the peer goes away.
 //! - `E` echo: write back everything after the mode byte, until EOF.
 //! - `I` idle: echo one byte, then hold the connection (no thread) until [`Endpoint::release_idle`].
+//! - `R` request/response: answer every [`REQUEST`] bytes read with [`RESPONSE`] bytes, until
+//!   EOF (the busy-gateway workload).
 //!
 //! A fixed pool of blocking threads waits in `accept` (no thread spawn per connection, which
 //! would cap the direct-TCP connection rate); a connection keeps its thread only while it is
-//! in one of the first three modes.
+//! in one of the modes `U`, `D` and `E`. Mode `R` connections go to a tokio runtime the
+//! endpoint owns, so thousands of them can be busy at once without a thread each.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -21,12 +24,20 @@ use std::time::Duration;
 const POOL: usize = 64;
 /// Read and write size of the sink and the source.
 pub const IO_BUF: usize = 128 * 1024;
+/// Mode `R`: the request size ...
+pub const REQUEST: usize = 1024;
+/// ... and the response to each request.
+pub const RESPONSE: usize = 16 * 1024;
+/// Mode `R`: a connection without a request for this long is closed.
+const REQUEST_IDLE: Duration = Duration::from_secs(60);
 
 pub struct Endpoint {
     pub addr: SocketAddr,
     /// Bytes read by sinks, over all connections.
     pub sunk: AtomicU64,
     held: Mutex<Vec<TcpStream>>,
+    /// Serves the mode `R` connections (one worker per core).
+    rt: tokio::runtime::Runtime,
 }
 
 impl Endpoint {
@@ -41,6 +52,10 @@ impl Endpoint {
             addr: listener.local_addr()?,
             sunk: AtomicU64::new(0),
             held: Mutex::new(Vec::new()),
+            rt: tokio::runtime::Builder::new_multi_thread()
+                .thread_name("endpoint-rr")
+                .enable_all()
+                .build()?,
         });
         for i in 0..POOL {
             let l = listener.try_clone()?;
@@ -112,7 +127,30 @@ impl Endpoint {
                 self.held.lock().unwrap().push(s);
                 Ok(())
             }
+            b'R' => {
+                s.set_nonblocking(true)?;
+                self.rt.spawn(async move {
+                    let _ = serve_requests(s).await;
+                });
+                Ok(())
+            }
             _ => Ok(()),
         }
     }
+}
+
+/// Mode `R` after the mode byte: a response per request until EOF, an error or
+/// [`REQUEST_IDLE`] without a request; every write bounded by 30 s.
+async fn serve_requests(s: TcpStream) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::time::timeout;
+    static BODY: [u8; RESPONSE] = [0x5a; RESPONSE];
+    // Inside the task: `from_std` needs the runtime's reactor.
+    let mut s = tokio::net::TcpStream::from_std(s)?;
+    let mut req = vec![0u8; REQUEST];
+    while let Ok(read) = timeout(REQUEST_IDLE, s.read_exact(&mut req)).await {
+        read?;
+        timeout(Duration::from_secs(30), s.write_all(&BODY)).await??;
+    }
+    Ok(())
 }

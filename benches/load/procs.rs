@@ -33,6 +33,14 @@ pub fn delta(before: &Cpu, after: &Cpu) -> Cpu {
         .collect()
 }
 
+/// CPU µs per operation, per process: `after - before` over `ops` operations.
+pub fn us_per(before: &Cpu, after: &Cpu, ops: f64) -> Cpu {
+    delta(before, after)
+        .into_iter()
+        .map(|(n, s)| (n, s * 1e6 / ops))
+        .collect()
+}
+
 /// The soft RLIMIT_NOFILE of a process, from /proc/<pid>/limits.
 pub fn nofile(pid: u32) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;

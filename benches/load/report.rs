@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use serde_json::json;
 
+use crate::busy::Busy;
 use crate::procs::Cpu;
 use crate::redis::Traffic;
 use crate::workloads::{Bulk, PingPong, Rtt, Setup};
@@ -69,6 +70,13 @@ impl Figures {
         self.m.insert("setup_p50_ms".into(), s.p50_ms);
         self.m.insert("setup_p99_ms".into(), s.p99_ms);
         self.set_per("cpu_us_per_conn", s.cpu.clone());
+    }
+
+    pub fn add_busy(&mut self, b: &Busy) {
+        self.m.insert("busy_per_s".into(), b.per_sec);
+        self.m.insert("busy_p50_ms".into(), b.p50_ms);
+        self.m.insert("busy_p99_ms".into(), b.p99_ms);
+        self.set_per("cpu_us_per_busy_req", b.cpu.clone());
     }
 
     /// Redis commands per new tunnel of the setup workload (`tunnels` of them): during it,
@@ -137,8 +145,10 @@ pub struct Env {
     pub loadavg_start: String,
     pub command: String,
     pub runs: usize,
-    /// The ping-pong workload's shape: connections at once, round trips each.
-    pub pingpong: (usize, usize),
+    /// The ping-pong workload's shape, if it runs: connections at once, round trips each.
+    pub pingpong: Option<(usize, usize)>,
+    /// The busy-gateway workload's shape, if it runs: connections, seconds measured.
+    pub busy: Option<(usize, f64)>,
     pub notes: Vec<String>,
     pub clusters: Vec<ClusterTarget>,
 }
@@ -168,7 +178,10 @@ impl Env {
                 .to_string(),
             command: format!("cargo bench --bench load -- {}", args_text.join(" ")),
             runs: args.runs,
-            pingpong: (args.pingpong_conns, args.pingpong_count),
+            pingpong: args
+                .wants("pingpong")
+                .then_some((args.pingpong_conns, args.pingpong_count)),
+            busy: args.wants("busy").then_some((args.busy_conns, args.busy_secs)),
             notes: notes.to_vec(),
             clusters,
         }
@@ -254,6 +267,10 @@ const COLUMNS: &[(&str, &str, bool)] = &[
     ("cpu_us_per_pp_rt", "CPU µs / ping-pong rt", false),
     ("setup_per_s", "setup conns/s", true),
     ("setup_p99_ms", "setup p99 ms", true),
+    ("busy_per_s", "busy req/s", true),
+    ("busy_p50_ms", "busy p50 ms", true),
+    ("busy_p99_ms", "busy p99 ms", true),
+    ("cpu_us_per_busy_req", "CPU µs / busy req", false),
     ("kib_per_idle", "KiB / idle conn", false),
     ("rss_start_kib", "RSS at start MiB", false),
     ("cpu_s_per_gb", "CPU s/GB", false),
@@ -281,13 +298,22 @@ pub fn render(env: &Env, order: &[String], runs: &[BTreeMap<String, Figures>]) -
             env.loadavg_start, env.runs
         ),
     );
-    w(
-        &mut s,
-        format!(
-            "ping-pong: {} connections at once × {} round trips of 64 B (aggregate rate)",
-            env.pingpong.0, env.pingpong.1
-        ),
-    );
+    if let Some((conns, count)) = env.pingpong {
+        w(
+            &mut s,
+            format!("ping-pong: {conns} connections at once × {count} round trips of 64 B (aggregate rate)"),
+        );
+    }
+    if let Some((conns, secs)) = env.busy {
+        w(
+            &mut s,
+            format!(
+                "busy gateway: {conns} connections at once, each doing {} B up / {} B down exchanges back to back, {secs} s measured",
+                crate::endpoint::REQUEST,
+                crate::endpoint::RESPONSE,
+            ),
+        );
+    }
     for n in &env.notes {
         w(&mut s, format!("note: {n}"));
     }
@@ -297,13 +323,19 @@ pub fn render(env: &Env, order: &[String], runs: &[BTreeMap<String, Figures>]) -
         .map(|(m, _, _)| m.clone())
         .unwrap_or_default();
     w(&mut s, String::new());
-    let head: Vec<&str> = COLUMNS.iter().map(|c| c.1).collect();
+    // Only the columns of workloads that ran.
+    let measured = |k: &str| med.values().any(|(m, _, _)| m.contains_key(k));
+    let columns: Vec<_> = COLUMNS
+        .iter()
+        .filter(|c| measured(if c.0 == "rtt_added_p50_us" { "rtt_p50_us" } else { c.0 }))
+        .collect();
+    let head: Vec<&str> = columns.iter().map(|c| c.1).collect();
     w(&mut s, format!("| target | {} |", head.join(" | ")));
-    w(&mut s, format!("|---|{}", "---|".repeat(COLUMNS.len())));
+    w(&mut s, format!("|---|{}", "---|".repeat(columns.len())));
     for t in order {
         let (m, _, _) = &med[t];
         let mut cells = vec![];
-        for (key, _, ratio) in COLUMNS {
+        for (key, _, ratio) in columns.iter().copied() {
             let v = match *key {
                 "rtt_added_p50_us" => m.get("rtt_p50_us").zip(direct.get("rtt_p50_us")).map(|(a, d)| a - d),
                 "rss_start_kib" => m.get(*key).map(|k| k / 1024.0),
@@ -325,29 +357,53 @@ pub fn render(env: &Env, order: &[String], runs: &[BTreeMap<String, Figures>]) -
     s
 }
 
+/// The columns of the per-process table: key, heading, and whether KiB are shown as MiB.
+/// [`RSS_IDLE_MAX`] stands for the RSS key at the idle workload's most connections.
+const PER_COLUMNS: &[(&str, &str, bool)] = &[
+    ("cpu_s_per_gb", "CPU s/GB (1 stream, both ways)", false),
+    ("cpu_us_per_rt", "CPU µs / round trip", false),
+    ("cpu_us_per_pp_rt", "CPU µs / ping-pong rt", false),
+    ("cpu_us_per_conn", "CPU µs / new conn", false),
+    ("cpu_us_per_busy_req", "CPU µs / busy req", false),
+    ("rss_start_kib", "RSS at start MiB", true),
+    (RSS_IDLE_MAX, "RSS idle-max MiB", true),
+    ("kib_per_idle", "KiB / idle conn", false),
+];
+const RSS_IDLE_MAX: &str = "rss_idle_max";
+
 fn per_process(s: &mut String, order: &[String], med: &Medians<'_>) {
+    // A target's key for a column: the idle maximum's RSS key depends on its connections.
+    let key = |m: &Map, k: &'static str| match k {
+        RSS_IDLE_MAX => m.get("idle_conns").map(|n| format!("rss_{n}_kib")),
+        _ => Some(k.to_string()),
+    };
+    // Only the columns of workloads that ran.
+    let columns: Vec<_> = PER_COLUMNS
+        .iter()
+        .filter(|c| {
+            med.values()
+                .any(|(m, per, _)| key(m, c.0).is_some_and(|k| per.values().any(|pm| pm.contains_key(&k))))
+        })
+        .collect();
     s.push_str("\nPer process (CPU from utime+stime of the process and its children; RSS = VmRSS):\n\n");
-    s.push_str("| target | process | CPU s/GB (1 stream, both ways) | CPU µs / round trip | CPU µs / ping-pong rt | CPU µs / new conn | RSS at start MiB | RSS idle-max MiB | KiB / idle conn |\n|---|---|---|---|---|---|---|---|---|\n");
+    let head: Vec<&str> = columns.iter().map(|c| c.1).collect();
+    s.push_str(&format!(
+        "| target | process | {} |\n|---|---|{}\n",
+        head.join(" | "),
+        "---|".repeat(columns.len())
+    ));
     for t in order {
         let (m, per, _) = &med[t];
-        let idle_key = m.get("idle_conns").map(|n| format!("rss_{n}_kib"));
         for (p, pm) in per {
-            let g = |k: &str| pm.get(k).map(|v| num(*v)).unwrap_or_else(|| "–".into());
-            let mib = |k: Option<&String>| {
-                k.and_then(|k| pm.get(k))
-                    .map(|v| num(v / 1024.0))
-                    .unwrap_or_else(|| "–".into())
-            };
-            s.push_str(&format!(
-                "| {t} | {p} | {} | {} | {} | {} | {} | {} | {} |\n",
-                g("cpu_s_per_gb"),
-                g("cpu_us_per_rt"),
-                g("cpu_us_per_pp_rt"),
-                g("cpu_us_per_conn"),
-                mib(Some(&"rss_start_kib".to_string())),
-                mib(idle_key.as_ref()),
-                g("kib_per_idle")
-            ));
+            let cells: Vec<String> = columns
+                .iter()
+                .map(|(k, _, mib)| {
+                    let v = key(m, k).and_then(|k| pm.get(&k).copied());
+                    v.map(|v| num(if *mib { v / 1024.0 } else { v }))
+                        .unwrap_or_else(|| "–".into())
+                })
+                .collect();
+            s.push_str(&format!("| {t} | {p} | {} |\n", cells.join(" | ")));
         }
     }
 }
@@ -365,10 +421,8 @@ fn checks(s: &mut String, order: &[String], clusters: &[ClusterTarget], med: &Me
         .filter(|t| *t != "direct" && !t.starts_with("hyrelay") && !clusters.iter().any(|c| c.name == **t))
         .collect();
     for t in order.iter().filter(|t| t.starts_with("hyrelay")) {
-        s.push_str(&format!("\nTargets for {t} (ratios to direct TCP):\n"));
-        let mut line = |ok: Option<bool>, what: String| {
-            s.push_str(&format!("  [{}] {what}\n", mark(ok)));
-        };
+        let mut lines: Vec<(Option<bool>, String)> = vec![];
+        let mut line = |ok: Option<bool>, what: String| lines.push((ok, what));
         for k in ["up1", "down1"] {
             let r = get(t, k).zip(get("direct", k)).map(|(a, d)| a / d);
             let best_peer = peers
@@ -437,6 +491,14 @@ fn checks(s: &mut String, order: &[String], clusters: &[ClusterTarget], med: &Me
             c.map(|c| c <= 0.75),
             format!("≤ 0.75 CPU s/GB (bridge+relay+hcm): {}", opt(c)),
         );
+        // None measured: the run left out the workloads these targets are about.
+        if lines.iter().all(|(ok, _)| ok.is_none()) {
+            continue;
+        }
+        s.push_str(&format!("\nTargets for {t} (ratios to direct TCP):\n"));
+        for (ok, what) in lines {
+            s.push_str(&format!("  [{}] {what}\n", mark(ok)));
+        }
     }
 }
 

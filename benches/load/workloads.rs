@@ -1,8 +1,8 @@
 //! The workloads, the same for every target: bulk throughput, round-trip latency, many
 //! concurrent ping-pongs (the "pp32" of runtime-notes.md), tunnel setup rate and
-//! idle-connection memory. Clients are blocking threads; every loop is bounded
-//! in count and time (socket timeouts plus deadlines), and a stalled tunnel is an error, not
-//! a hang.
+//! idle-connection memory; the busy gateway, with thousands of connections, is in `busy.rs`.
+//! Clients are blocking threads; every loop is bounded in count and time (socket timeouts
+//! plus deadlines), and a stalled tunnel is an error, not a hang.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -166,10 +166,7 @@ pub fn rtt(entry: SocketAddr, pids: &[(String, u32)], count: usize) -> anyhow::R
     }
     let c1 = procs::cpu(pids);
     times.sort_by(|a, b| a.total_cmp(b));
-    let cpu = procs::delta(&c0, &c1)
-        .into_iter()
-        .map(|(n, s)| (n, s * 1e6 / count as f64))
-        .collect();
+    let cpu = procs::us_per(&c0, &c1, count as f64);
     Ok(Rtt {
         p50_us: pct(&times, 0.50),
         p99_us: pct(&times, 0.99),
@@ -221,10 +218,7 @@ pub fn pingpong(entry: SocketAddr, pids: &[(String, u32)], conns: usize, count: 
         bail!("{} of {conns} connections failed, first: {}", failed.len(), failed[0]);
     }
     let total = (conns * count) as f64;
-    let cpu = procs::delta(&c0, &c1)
-        .into_iter()
-        .map(|(n, s)| (n, s * 1e6 / total))
-        .collect();
+    let cpu = procs::us_per(&c0, &c1, total);
     Ok(PingPong {
         per_sec: total / wall,
         cpu,
@@ -323,10 +317,7 @@ pub fn setup(entry: SocketAddr, pids: &[(String, u32)], count: usize, conc: usiz
     }
     let mut times = times.lock().unwrap().clone();
     times.sort_by(|a, b| a.total_cmp(b));
-    let cpu = procs::delta(&c0, &c1)
-        .into_iter()
-        .map(|(n, s)| (n, s * 1e6 / count as f64))
-        .collect();
+    let cpu = procs::us_per(&c0, &c1, count as f64);
     Ok(Setup {
         per_sec: count as f64 / wall,
         p50_ms: pct(&times, 0.5),
@@ -335,7 +326,8 @@ pub fn setup(entry: SocketAddr, pids: &[(String, u32)], count: usize, conc: usiz
     })
 }
 
-fn pct(sorted: &[f64], p: f64) -> f64 {
+/// The `p` quantile of ascending `sorted` (NaN if empty).
+pub fn pct(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
