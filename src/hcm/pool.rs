@@ -10,7 +10,7 @@
 //! [`RENEW_AFTER`], well before the relay's idle limit (120 s) and any token expiry.
 //!
 //! Size: two more than a quarter of the accepts of the last second that a pool could have
-//! served ([`Demand`]), at most [`MAX`]; re-evaluated every [`TICK`] and whenever a pooled
+//! served (`Demand`), at most [`MAX`]; re-evaluated every [`TICK`] and whenever a pooled
 //! connection is used (so it is replaced at once); surplus connections are closed as the
 //! rate falls. A burst larger than the pool is served the standard way meanwhile, and the
 //! pool refills behind it.
