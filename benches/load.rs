@@ -67,6 +67,11 @@ pub struct Args {
     /// node A and the bridge on node A (`cluster-same`) or node B (`cluster-cross`).
     #[arg(long)]
     cluster: bool,
+    /// Also run each hyrelay binary with the hyrelay extensions off (`extensions = false`
+    /// in the relay's config: nothing advertised, so the hcm and the bridge use the
+    /// standard protocol), as `<name>-noext`, to compare in one run.
+    #[arg(long)]
+    noext: bool,
     /// More targets (JSON list; see benches/load/target.rs).
     #[arg(long)]
     targets_file: Option<PathBuf>,
@@ -247,6 +252,16 @@ fn targets(args: &Args) -> anyhow::Result<(Vec<Planned>, Vec<ClusterTarget>)> {
         if args.tls || args.tls_only {
             out.push((
                 TargetSpec::hyrelay(&format!("{name}-tls"), true, args.workers, toml.as_deref(), &extra),
+                vars.clone(),
+            ));
+        }
+        if args.noext
+            && let Some(t) = &toml
+        {
+            // Top-level keys come before the config's tables.
+            let off = format!("extensions = false\n{t}");
+            out.push((
+                TargetSpec::hyrelay(&format!("{name}-noext"), false, args.workers, Some(&off), &extra),
                 vars.clone(),
             ));
         }
