@@ -646,3 +646,77 @@ async fn https_senders_with_curl() {
         assert!(std::fs::read(&out).unwrap() == data, "echo over TLS, {len} bytes");
     }
 }
+
+/// Issue 9 item 3's rule on the hcm's side, for HTTP-mode answers: a relay that stops
+/// reading cannot hold the hcm's control channel. A fake relay sends 300 requests whose
+/// answers (60 KB each, inline) are more than the sockets buffer, and never reads: the hcm
+/// must give the channel up within its dead-peer deadline and connect again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_stops_reading_answers_loses_the_channel() {
+    use hyrelay::proto::control::{HttpRequest, Request};
+    use hyrelay::proto::frame::{OpCode, encode_frame};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ep = endpoint();
+    let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let cs = ConnectionString::parse(&format!(
+        "Endpoint=ws://{}/;SharedAccessKeyName=k;SharedAccessKey=a2V5;EntityPath=t",
+        relay.local_addr().unwrap()
+    ))
+    .unwrap();
+    let entry = hyrelay::hcm::config::HcEntry::new(cs, Some(ep.to_string().parse().unwrap())).unwrap();
+    let mut c = hyrelay::hcm::config::HcmConfig::new(tempfile::tempdir().unwrap().keep());
+    c.runtime.set_workers(2).unwrap();
+    c.hybrid_connections = vec![entry];
+    c.ping_interval = Duration::from_millis(500);
+    c.max_backoff = Duration::from_secs(1);
+    let _hcm = hyrelay::hcm::start(c).unwrap();
+    // The hcm's control channel: answer its upgrade.
+    let accept = || async {
+        let (mut s, _) = tokio::time::timeout(Duration::from_secs(10), relay.accept())
+            .await
+            .expect("the hcm connects")
+            .unwrap();
+        let mut head = Vec::new();
+        let req = loop {
+            let mut b = [0u8; 4096];
+            let n = s.read(&mut b).await.unwrap();
+            assert!(n > 0, "the hcm hung up during the upgrade");
+            head.extend_from_slice(&b[..n]);
+            if let Some((r, _)) = hyrelay::proto::handshake::parse_request(&head, 1 << 16).unwrap() {
+                break r;
+            }
+        };
+        let up = hyrelay::proto::handshake::validate_upgrade(&req).unwrap();
+        s.write_all(&hyrelay::proto::handshake::switching_protocols(&up.key, None))
+            .await
+            .unwrap();
+        s
+    };
+    let mut chan = accept().await;
+    for i in 0..300 {
+        let r = Request {
+            address: format!("ws://127.0.0.1:1/$hc/t?sb-hc-action=request&sb-hc-id={i}"),
+            id: format!("r{i}"),
+            http: Some(HttpRequest {
+                request_target: "/t/size/60000".into(),
+                method: "GET".into(),
+                request_headers: vec![],
+                remote_endpoint: None,
+                body: false,
+            }),
+        };
+        chan.write_all(&encode_frame(true, OpCode::Text, None, r.encode().as_bytes()))
+            .await
+            .unwrap();
+    }
+    // Nothing read from now on. The hcm's answers fill the sockets; its writes are bounded
+    // by two ping periods, after which it drops the channel and connects again.
+    let started = tokio::time::Instant::now();
+    let again = tokio::time::timeout(Duration::from_secs(15), relay.accept()).await;
+    assert!(
+        again.is_ok(),
+        "the hcm kept a channel whose relay stopped reading (waited {:?})",
+        started.elapsed()
+    );
+    drop(chan);
+}

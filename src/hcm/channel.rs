@@ -330,8 +330,9 @@ async fn serve_session(hc: &Arc<HcRt>, ctx: &Arc<HcmCtx>, connected: &mut Option
                     }
                     Ok::<_, std::io::Error>(())
                 };
-                if let Err(e) = sent.await {
-                    return Ok(format!("write to the relay failed: {e}"));
+                // Bounded like every write here: a relay that stops reading cannot hold it.
+                if let Err(e) = bounded(limit, sent).await {
+                    return Ok(e);
                 }
             }
             _ = tokio::time::sleep_until(renew_at.unwrap_or(limit)), if renew_at.is_some() => {
