@@ -382,7 +382,7 @@ async fn answer_inline_request(
             match open_rendezvous(&req.address, ctx).await {
                 Ok((_, mut w)) => {
                     send_streamed(&mut w, &r, body, ctx).await;
-                    w.send_close(close_code::NORMAL, "").await.ok();
+                    sent_within(ctx, w.send_close(close_code::NORMAL, "")).await;
                 }
                 Err(e) => {
                     tracing::warn!(request = %req.id, error = %e, "cannot open the rendezvous for a large response")
@@ -409,9 +409,16 @@ async fn open_rendezvous(address: &str, ctx: &HcmCtx) -> Result<(RvReader, RvWri
     ))
 }
 
-/// The response JSON, then its body streamed as one message.
+/// A write to the relay on a rendezvous, done within the relay timeout: a relay that stops
+/// reading cannot hold the request (and its endpoint connection) for ever.
+async fn sent_within(ctx: &HcmCtx, write: impl std::future::Future<Output = std::io::Result<()>>) -> bool {
+    matches!(tokio::time::timeout(ctx.cfg.relay_timeout, write).await, Ok(Ok(())))
+}
+
+/// The response JSON, then its body streamed as one message (each frame written within
+/// the body idle timeout).
 async fn send_streamed(w: &mut RvWriter, r: &Response, body: Incoming, ctx: &HcmCtx) {
-    if w.send_text(&r.encode()).await.is_err() {
+    if !sent_within(ctx, w.send_text(&r.encode())).await {
         return;
     }
     if let Err(e) = write_body_message(w, Bytes::new(), Some(body), MAX_BODY, ctx.cfg.http_timeout).await {
@@ -459,13 +466,13 @@ async fn serve_rendezvous(req: &Request, hc: &HcRt, endpoint: &HostPort, ctx: &H
     let (out, code) = outgoing(&full.id, &http.method, answer, ctx.cfg.http_timeout).await;
     match out {
         Outgoing::Whole(resp, b) => {
-            if w.send_text(&resp.encode()).await.is_ok() && resp.body {
-                w.send(true, OpCode::Binary, &b).await.ok();
+            if sent_within(ctx, w.send_text(&resp.encode())).await && resp.body {
+                sent_within(ctx, w.send(true, OpCode::Binary, &b)).await;
             }
         }
         Outgoing::Streamed(resp, body) => send_streamed(&mut w, &resp, body, ctx).await,
     }
-    w.send_close(close_code::NORMAL, "").await.ok();
+    sent_within(ctx, w.send_close(close_code::NORMAL, "")).await;
     code
 }
 

@@ -129,8 +129,9 @@ impl Body for RelayBody {
 }
 
 /// Sends `prefix` and then `rest` as ONE binary message of at most `limit` bytes; each
-/// wait for the next piece of `rest` is bounded by `idle`. Returns the bytes sent. On
-/// error the message is left unfinished: the caller closes the connection.
+/// wait for the next piece of `rest`, and each frame written (a peer that stops reading),
+/// is bounded by `idle`. Returns the bytes sent. On error the message is left unfinished:
+/// the caller closes the connection.
 pub async fn write_body_message<W, B>(
     w: &mut WsWriter<W>,
     prefix: Bytes,
@@ -147,6 +148,7 @@ where
         opcode: OpCode::Binary,
         sent: 0,
         limit,
+        idle,
     };
     out.write(w, prefix).await?;
     while let Some(body) = rest.as_mut() {
@@ -163,7 +165,7 @@ where
             }
         }
     }
-    w.send(true, out.opcode, b"").await.map_err(BodyError::Write)?;
+    send_within(w, true, out.opcode, b"", idle).await?;
     Ok(out.sent)
 }
 
@@ -172,6 +174,25 @@ struct FrameOut {
     opcode: OpCode,
     sent: u64,
     limit: u64,
+    /// Longest wait for one frame to be written.
+    idle: Duration,
+}
+
+/// One frame written within `idle`; a peer that does not read for that long is an error.
+async fn send_within<W: AsyncWrite + Unpin>(
+    w: &mut WsWriter<W>,
+    fin: bool,
+    opcode: OpCode,
+    payload: &[u8],
+    idle: Duration,
+) -> Result<(), BodyError> {
+    match tokio::time::timeout(idle, w.send(fin, opcode, payload)).await {
+        Ok(r) => r.map_err(BodyError::Write),
+        Err(_) => Err(BodyError::Write(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the peer read nothing for {idle:?}"),
+        ))),
+    }
 }
 
 impl FrameOut {
@@ -182,7 +203,7 @@ impl FrameOut {
         self.sent += data.len() as u64;
         while data.has_remaining() {
             let piece = data.split_to(data.len().min(WRITE_FRAME));
-            w.send(false, self.opcode, &piece).await.map_err(BodyError::Write)?;
+            send_within(w, false, self.opcode, &piece, self.idle).await?;
             self.opcode = OpCode::Continuation;
         }
         Ok(())
@@ -308,6 +329,25 @@ mod tests {
     use super::*;
     use crate::proto::frame::Role;
     use bytes::BytesMut;
+
+    #[tokio::test]
+    async fn a_peer_that_stops_reading_ends_the_body_within_the_idle_time() {
+        // 4 KiB of room and nobody reading the other end.
+        let (a, _b) = tokio::io::duplex(4096);
+        let mut w = WsWriter::new(a, Role::Server);
+        let body = Chunks(vec![Bytes::from(vec![7u8; 1 << 20])].into());
+        let idle = Duration::from_millis(200);
+        let r = tokio::time::timeout(
+            Duration::from_secs(10),
+            write_body_message(&mut w, Bytes::new(), Some(body), 1 << 30, idle),
+        )
+        .await
+        .expect("a stalled write gives up, it does not hang");
+        match r {
+            Err(BodyError::Write(e)) => assert_eq!(e.kind(), io::ErrorKind::TimedOut),
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[tokio::test]
     async fn a_body_crosses_as_one_fragmented_message() {
