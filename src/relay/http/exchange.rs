@@ -292,7 +292,10 @@ async fn rendezvous(ctx: &Arc<Ctx>, leg: Leg, push: Option<Push>, deadline: Inst
             tracing::debug!(error = %e, "streaming a response body from a rendezvous failed");
         }
         if let Some(mut w) = writer.get().await {
-            w.send_close(close_code::NORMAL, "").await.ok();
+            // Bounded: a listener that stops reading cannot hold the rendezvous.
+            tokio::time::timeout(cfg.body_idle_timeout, w.send_close(close_code::NORMAL, ""))
+                .await
+                .ok();
         }
         drop(slot);
     });
@@ -302,7 +305,10 @@ async fn rendezvous(ctx: &Arc<Ctx>, leg: Leg, push: Option<Push>, deadline: Inst
 /// Sends the pushed request, if any, and hands the writer back.
 async fn upload(mut w: Writer, push: Option<Push>, max_body: u64, idle: Duration) -> Result<Writer, BodyError> {
     let Some(p) = push else { return Ok(w) };
-    w.send_text(&p.text).await.map_err(BodyError::Write)?;
+    match tokio::time::timeout(idle, w.send_text(&p.text)).await {
+        Ok(r) => r.map_err(BodyError::Write)?,
+        Err(_) => return Err(BodyError::Idle(idle)),
+    }
     if p.body {
         write_body_message(&mut w, p.prefix, p.rest, max_body, idle).await?;
     }
