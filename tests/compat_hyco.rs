@@ -243,14 +243,6 @@ fn key_env(cs: &ConnectionString) -> Vec<(&'static str, String)> {
     vec![("HC_KEY_NAME", name), ("HC_KEY", key)]
 }
 
-fn sha256_hex(data: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, data)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 /// One WebSocket message for the sender script.
 #[derive(Clone)]
 enum Msg {

@@ -89,14 +89,6 @@ impl Listener {
     }
 }
 
-fn sha256_hex(data: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, data)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 /// What https_listener.js sends for `size/N`.
 fn sized(n: usize) -> Vec<u8> {
     (0..n).map(|i| ((i * 31 + 7) & 255) as u8).collect()

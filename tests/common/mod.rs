@@ -5,7 +5,7 @@
 
 mod data;
 #[allow(unused_imports)] // not every test crate uses it
-pub use data::payload;
+pub use data::{payload, sha256_hex};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
