@@ -229,12 +229,39 @@ where
     t.elapsed()
 }
 
-async fn three(dir: &Path, redis: &Redis, service_url: Option<&str>) -> Vec<Node> {
+/// Nodes `n1`..`n{count}` on `redis`.
+async fn nodes(dir: &Path, redis: &Redis, count: usize, service_url: Option<&str>) -> Vec<Node> {
     let mut nodes = Vec::new();
-    for i in 1..=3 {
+    for i in 1..=count {
         nodes.push(Node::start(dir, &format!("n{i}"), redis, service_url).await);
     }
     nodes
+}
+
+async fn three(dir: &Path, redis: &Redis, service_url: Option<&str>) -> Vec<Node> {
+    nodes(dir, redis, 3, service_url).await
+}
+
+/// Creates `hc` (for `endpoint`) on `home` and starts an hcm for it (config `hcm_toml`)
+/// with `home`'s Listen connection string; returns once `home` holds the listener and
+/// every node of `others` sees it.
+async fn serve_on(dir: &Path, home: &Node, others: &[&Node], hc: &str, endpoint: &str, hcm_toml: &str) -> Hcm {
+    home.relay.create(None, hc, endpoint).await;
+    let listen = home.relay.connection_string(None, hc, false).await;
+    let hcm = Hcm::start("hcm", None, &dir.join("hcm"), hcm_toml, &[&listen], "hyrelay=info").await;
+    within(Duration::from_secs(10), "the listener on its node", || async {
+        home.holds_listener(hc).await
+    })
+    .await;
+    for other in others {
+        within(Duration::from_secs(5), "the other node sees the listener", || async {
+            other.hc(hc).await["listeners"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty())
+        })
+        .await;
+    }
+    hcm
 }
 
 /// A change made on any node (create, regenerate a key, delete) holds on every other node
@@ -321,12 +348,9 @@ async fn a_sender_on_another_node_than_the_listener_keeps_its_bytes_local() {
     let redis = Redis::start(&dir.path().join("redis")).await;
     let nodes = three(dir.path(), &redis, None).await;
     let echo = Echo::local().await;
-    nodes[0].relay.create(None, "db", &echo.addr.to_string()).await;
-    let listen = nodes[0].relay.connection_string(None, "db", false).await;
+    let _hcm = serve_on(dir.path(), &nodes[0], &[&nodes[2]], "db", &echo.addr.to_string(), "").await;
     let send = nodes[2].relay.connection_string(None, "db", true).await;
-    assert!(listen.contains(&nodes[0].url[5..]) && send.contains(&nodes[2].url[5..]));
-    let _hcm = Hcm::start("hcm", None, &dir.path().join("hcm"), "", &[&listen], "hyrelay=info").await;
-    listener_on(&nodes[0], &nodes[2], "db").await;
+    assert!(send.contains(&nodes[2].url[5..]));
     let bridge = Bridge::start(None, &dir.path().join("bridge"), "", &[("db", &send)], "hyrelay=info").await;
     let data = payload(16 << 20, 7);
     let back = exchange(
@@ -617,19 +641,10 @@ async fn redis_down_for_ten_seconds() {
     let _serial = serial().await;
     let dir = tempfile::tempdir().unwrap();
     let mut redis = Redis::start(&dir.path().join("redis")).await;
-    let nodes = [
-        Node::start(dir.path(), "n1", &redis, None).await,
-        Node::start(dir.path(), "n2", &redis, None).await,
-    ];
+    let nodes = nodes(dir.path(), &redis, 2, None).await;
     let echo = Echo::local().await;
-    nodes[0].relay.create(None, "db", &echo.addr.to_string()).await;
-    let listen = nodes[0].relay.connection_string(None, "db", false).await;
+    let _hcm = serve_on(dir.path(), &nodes[0], &[], "db", &echo.addr.to_string(), "").await;
     let send = nodes[0].relay.connection_string(None, "db", true).await;
-    let _hcm = Hcm::start("hcm", None, &dir.path().join("hcm"), "", &[&listen], "hyrelay=info").await;
-    within(Duration::from_secs(10), "the hcm on n1", || async {
-        nodes[0].holds_listener("db").await
-    })
-    .await;
     let bridge = Bridge::start(None, &dir.path().join("bridge"), "", &[("db", &send)], "hyrelay=info").await;
     let app = bridge.addrs[0];
     let stop = Arc::new(AtomicBool::new(false));
@@ -717,19 +732,10 @@ async fn an_emptied_redis_is_not_re_keyed() {
     let _serial = serial().await;
     let dir = tempfile::tempdir().unwrap();
     let mut redis = Redis::start(&dir.path().join("redis")).await;
-    let nodes = [
-        Node::start(dir.path(), "n1", &redis, None).await,
-        Node::start(dir.path(), "n2", &redis, None).await,
-    ];
+    let nodes = nodes(dir.path(), &redis, 2, None).await;
     let echo = Echo::local().await;
-    nodes[0].relay.create(None, "db", &echo.addr.to_string()).await;
-    let listen = nodes[0].relay.connection_string(None, "db", false).await;
+    let _hcm = serve_on(dir.path(), &nodes[0], &[], "db", &echo.addr.to_string(), "").await;
     let send = nodes[1].relay.connection_string(None, "db", true).await;
-    let _hcm = Hcm::start("hcm", None, &dir.path().join("hcm"), "", &[&listen], "hyrelay=info").await;
-    within(Duration::from_secs(10), "the hcm on n1", || async {
-        nodes[0].holds_listener("db").await
-    })
-    .await;
 
     redis.wipe().await;
     redis.launch().await;
@@ -892,20 +898,6 @@ fn http_echo_endpoint() -> SocketAddr {
     addr
 }
 
-/// Waits until the listener of `hc` is held by `home` and `other` sees it (presence).
-async fn listener_on(home: &Node, other: &Node, hc: &str) {
-    within(Duration::from_secs(10), "the listener on its node", || async {
-        home.holds_listener(hc).await
-    })
-    .await;
-    within(Duration::from_secs(5), "the other node sees the listener", || async {
-        other.hc(hc).await["listeners"]
-            .as_array()
-            .is_some_and(|a| !a.is_empty())
-    })
-    .await;
-}
-
 /// A chunked HTTP/1.1 body decoded (as it is when it holds no chunk-size line).
 fn dechunk(body: &str) -> String {
     let mut out = String::new();
@@ -939,11 +931,8 @@ async fn an_http_request_on_another_node_than_the_listener() {
     let n1 = Node::start(dir.path(), "n1", &redis, None).await;
     let n2 = Node::start(dir.path(), "n2", &redis, None).await;
     let ep = http_echo_endpoint();
-    n1.relay.create(None, "api", &ep.to_string()).await;
-    let listen = n1.relay.connection_string(None, "api", false).await;
+    let _hcm = serve_on(dir.path(), &n1, &[&n2], "api", &ep.to_string(), "").await;
     let send = ConnectionString::parse(&n2.relay.connection_string(None, "api", true).await).unwrap();
-    let _hcm = Hcm::start("hcm", None, &dir.path().join("hcm"), "", &[&listen], "hyrelay=info").await;
-    listener_on(&n1, &n2, "api").await;
     assert!(!n2.holds_listener("api").await);
     let token = hyrelay::client::token(&send, "api", Duration::from_secs(600));
     let addr = n2.relay.addr;
@@ -1047,12 +1036,9 @@ async fn the_hcm_pool_grows_only_for_senders_it_can_serve() {
     let n1 = Node::start(dir.path(), "n1", &redis, None).await;
     let n2 = Node::start(dir.path(), "n2", &redis, None).await;
     let echo = Echo::local().await;
-    n1.relay.create(None, "pool", &echo.addr.to_string()).await;
-    let listen = n1.relay.connection_string(None, "pool", false).await;
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let toml = format!("admin = \"{admin}\"\n");
-    let _hcm = Hcm::start("hcm", None, &dir.path().join("hcm"), &toml, &[&listen], "hyrelay=info").await;
-    listener_on(&n1, &n2, "pool").await;
+    let _hcm = serve_on(dir.path(), &n1, &[&n2], "pool", &echo.addr.to_string(), &toml).await;
     within(Duration::from_secs(5), "the pool at its minimum", || async {
         hcm_pool(admin, "pool").await == 2
     })
