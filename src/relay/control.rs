@@ -325,7 +325,7 @@ impl Ctl {
             let (connecting, text) = self
                 .reg()
                 .prepare_remote(&req, &c.node, c.key, &cluster.public_base())?;
-            match cluster.deliver(&c.node, &hc, c.key, text, None).await {
+            match cluster.deliver(&c.node, &hc, c.key, text).await {
                 Ok(()) => return Ok(connecting),
                 Err(why) => {
                     tracing::debug!(hc = %req.entity, node = %c.node, reason = %why, "routing to a listener on another node failed; trying the next");
@@ -363,10 +363,7 @@ impl Ctl {
 
     /// Hands listener `key` of `hc` on this node a command another node sent (cluster
     /// routing). `Err` is the reason word for the answer.
-    pub fn deliver_local(&self, hc: &str, key: u64, text: String, body: Option<Vec<u8>>) -> Result<(), &'static str> {
-        if body.is_some() {
-            return Err("a message with a body is not supported by this node");
-        }
+    pub fn deliver_local(&self, hc: &str, key: u64, text: String) -> Result<(), &'static str> {
         let reg = self.reg();
         let l = reg
             .live
@@ -399,7 +396,7 @@ impl Ctl {
         let mut candidates = self.remote_candidates(cluster, &hc);
         candidates.retain(|c| (c.node.as_str(), c.key) != (gone.0.as_str(), gone.1));
         for c in candidates {
-            if cluster.deliver(&c.node, &hc, c.key, text.clone(), None).await.is_ok() {
+            if cluster.deliver(&c.node, &hc, c.key, text.clone()).await.is_ok() {
                 self.reg().retarget(
                     &secret,
                     Target::Remote {
@@ -452,7 +449,7 @@ impl Ctl {
                 ListenerCmd::Request { text, .. } | ListenerCmd::Send(text) => text,
                 ListenerCmd::Close(..) => continue,
             };
-            match cluster.deliver(&c.node, &hc, c.key, text, None).await {
+            match cluster.deliver(&c.node, &hc, c.key, text).await {
                 Ok(()) => {
                     return Ok(Delivered {
                         gone: CancellationToken::new(),

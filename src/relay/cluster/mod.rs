@@ -787,32 +787,19 @@ impl Cluster {
         Ok(Presence { nodes })
     }
 
-    /// Asks `node` to hand listener `key` of `hc` the command `text` (and `body`). `Ok` once
-    /// that node has queued it for the listener.
-    pub async fn deliver(
-        &self,
-        node: &str,
-        hc: &str,
-        key: u64,
-        text: String,
-        body: Option<Vec<u8>>,
-    ) -> Result<(), String> {
+    /// Asks `node` to hand listener `key` of `hc` the command `text`. `Ok` once that node
+    /// has queued it for the listener.
+    pub async fn deliver(&self, node: &str, hc: &str, key: u64, text: String) -> Result<(), String> {
         let started = Instant::now();
-        let r = self.deliver_inner(node, hc, key, text, body).await;
+        let r = self.route(node, hc, key, text).await;
         let result = if r.is_ok() { "ok" } else { "failed" };
         metrics::counter!(metric::ROUTED, "direction" => "to", "result" => result).increment(1);
         metrics::histogram!(metric::ROUTE_SECONDS).record(started.elapsed().as_secs_f64());
         r
     }
 
-    async fn deliver_inner(
-        &self,
-        node: &str,
-        hc: &str,
-        key: u64,
-        text: String,
-        body: Option<Vec<u8>>,
-    ) -> Result<(), String> {
+    /// One routed command: PUBLISH it to `node`'s channel and wait for its ack.
+    async fn route(&self, node: &str, hc: &str, key: u64, text: String) -> Result<(), String> {
         let mut conn = self.conn().ok_or("Redis is unreachable")?;
         let req = self.next_req.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -823,7 +810,6 @@ impl Cluster {
             hc: hc.to_owned(),
             key,
             text,
-            body,
         };
         let forget = || {
             self.acks.lock().unwrap_or_else(|e| e.into_inner()).remove(&req);
@@ -867,10 +853,9 @@ impl Cluster {
                 hc,
                 key,
                 text,
-                body,
             }) => {
                 let r = match self.ctl.get() {
-                    Some(ctl) => ctl.deliver_local(&hc, key, text, body),
+                    Some(ctl) => ctl.deliver_local(&hc, key, text),
                     None => Err(route::WHY_GONE),
                 };
                 metrics::counter!(metric::ROUTED, "direction" => "from", "result" => if r.is_ok() { "ok" } else { "failed" })

@@ -8,10 +8,9 @@
 //! failed too, and the asking node tries another listener.
 //!
 //! The wire form is explicit JSON, written and read here field by field:
-//! `{"t":"deliver","from":N,"req":R,"hc":H,"key":K,"text":T[,"body":B64]}` and
+//! `{"t":"deliver","from":N,"req":R,"hc":H,"key":K,"text":T}` and
 //! `{"t":"ack","req":R,"ok":bool[,"why":W]}`.
 
-use base64::Engine;
 use serde_json::{Value, json};
 
 /// The channel a node listens on.
@@ -28,10 +27,9 @@ pub enum Message {
         req: u64,
         hc: String,
         key: u64,
-        /// The JSON text of the command (`accept`, `request`).
+        /// The JSON text of the command (`accept`, or an HTTP `request` in its
+        /// rendezvous-only form: no body ever crosses between nodes).
         text: String,
-        /// A binary message that must follow the text at once (an inline HTTP body).
-        body: Option<Vec<u8>>,
     },
     /// The answer to request `req`.
     Ack { req: u64, ok: bool, why: Option<String> },
@@ -50,14 +48,7 @@ impl Message {
                 hc,
                 key,
                 text,
-                body,
-            } => {
-                let mut v = json!({"t": "deliver", "from": from, "req": req, "hc": hc, "key": key, "text": text});
-                if let Some(b) = body {
-                    v["body"] = base64::engine::general_purpose::STANDARD.encode(b).into();
-                }
-                v.to_string()
-            }
+            } => json!({"t": "deliver", "from": from, "req": req, "hc": hc, "key": key, "text": text}).to_string(),
             Message::Ack { req, ok, why } => {
                 let mut v = json!({"t": "ack", "req": req, "ok": ok});
                 if let Some(w) = why {
@@ -80,10 +71,6 @@ impl Message {
                 hc: s("hc")?,
                 key: n("key")?,
                 text: s("text")?,
-                body: match v.get("body") {
-                    None => None,
-                    Some(b) => Some(base64::engine::general_purpose::STANDARD.decode(b.as_str()?).ok()?),
-                },
             }),
             "ack" => Some(Message::Ack {
                 req: n("req")?,
@@ -107,7 +94,6 @@ mod tests {
             hc: "db".into(),
             key: 3,
             text: r#"{"accept":{"address":"ws://n1/$hc/db?x"}}"#.into(),
-            body: Some(vec![0, 1, 255]),
         };
         assert_eq!(Message::decode(&d.encode()), Some(d));
         let a = Message::Ack {
