@@ -126,13 +126,7 @@ impl BridgeConfig {
             bail!("field `forward`: at least one [[forward]] is needed");
         }
         let mut c = Self::new(forwards);
-        c.runtime = crate::config::RuntimeSettings::from_fields(crate::config::RuntimeFields {
-            workers: f.workers,
-            buffer_budget_mib: f.buffer_budget_mib,
-            io_backend: f.io_backend,
-            admin: f.admin.as_deref(),
-            drain_timeout: f.drain_timeout,
-        })?;
+        c.runtime = crate::config::runtime::settings_of_file!(f)?;
         c.ca_files = f.ca_files;
         c.extensions = f.extensions.unwrap_or(true);
         c.proxy = crate::transport::proxy::ProxyConfig::from_settings(f.proxy.as_deref(), f.no_proxy.as_deref())

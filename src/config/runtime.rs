@@ -72,6 +72,22 @@ impl Default for RuntimeSettings {
     }
 }
 
+/// [`RuntimeSettings::from_fields`] for a role's parsed file `$f`, whose raw struct has the
+/// five fields under the same names (each role's does; `deny_unknown_fields` rules out a
+/// flattened shared struct, so the names are matched here once).
+macro_rules! settings_of_file {
+    ($f:expr) => {
+        $crate::config::RuntimeSettings::from_fields($crate::config::RuntimeFields {
+            workers: $f.workers,
+            buffer_budget_mib: $f.buffer_budget_mib,
+            io_backend: $f.io_backend,
+            admin: $f.admin.as_deref(),
+            drain_timeout: $f.drain_timeout,
+        })
+    };
+}
+pub(crate) use settings_of_file;
+
 /// The five fields as they come from a role's file, all optional.
 #[derive(Debug, Clone, Default)]
 pub struct RuntimeFields<'a> {

@@ -172,13 +172,7 @@ impl RelayConfig {
         );
         c.public_url = public_url;
         c.hostnames = f.hostnames.iter().map(|h| h.to_ascii_lowercase()).collect();
-        c.runtime = crate::config::RuntimeSettings::from_fields(crate::config::RuntimeFields {
-            workers: f.workers,
-            buffer_budget_mib: f.buffer_budget_mib,
-            io_backend: f.io_backend,
-            admin: f.admin.as_deref(),
-            drain_timeout: f.drain_timeout,
-        })?;
+        c.runtime = crate::config::runtime::settings_of_file!(f)?;
         c.extensions = f.extensions.unwrap_or(true);
         let l = f.listeners;
         if let Some(n) = l.max_per_hybrid_connection {
