@@ -242,6 +242,24 @@ async fn three(dir: &Path, redis: &Redis, service_url: Option<&str>) -> Vec<Node
     nodes(dir, redis, 3, service_url).await
 }
 
+/// What a cluster test starts from: the turn (one cluster test at a time), a directory,
+/// a Redis of its own and `count` nodes on it.
+async fn cluster(
+    count: usize,
+    service_url: Option<&str>,
+) -> (
+    tokio::sync::MutexGuard<'static, ()>,
+    tempfile::TempDir,
+    Redis,
+    Vec<Node>,
+) {
+    let turn = serial().await;
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start(&dir.path().join("redis")).await;
+    let nodes = nodes(dir.path(), &redis, count, service_url).await;
+    (turn, dir, redis, nodes)
+}
+
 /// Creates `hc` (for `endpoint`) on `home` and starts an hcm for it (config `hcm_toml`)
 /// with `home`'s Listen connection string; returns once `home` holds the listener and
 /// every node of `others` sees it.
@@ -268,10 +286,7 @@ async fn serve_on(dir: &Path, home: &Node, others: &[&Node], hc: &str, endpoint:
 /// within a second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn catalog_changes_reach_every_node_within_a_second() {
-    let _serial = serial().await;
-    let dir = tempfile::tempdir().unwrap();
-    let redis = Redis::start(&dir.path().join("redis")).await;
-    let nodes = three(dir.path(), &redis, None).await;
+    let (_serial, _dir, redis, nodes) = cluster(3, None).await;
     let echo = Echo::local().await;
 
     nodes[0].relay.create(None, "db", &echo.addr.to_string()).await;
@@ -343,10 +358,7 @@ async fn catalog_changes_reach_every_node_within_a_second() {
 /// relays none of the tunnel's bytes (the hcm opened the rendezvous on node 3).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sender_on_another_node_than_the_listener_keeps_its_bytes_local() {
-    let _serial = serial().await;
-    let dir = tempfile::tempdir().unwrap();
-    let redis = Redis::start(&dir.path().join("redis")).await;
-    let nodes = three(dir.path(), &redis, None).await;
+    let (_serial, dir, _redis, nodes) = cluster(3, None).await;
     let echo = Echo::local().await;
     let _hcm = serve_on(dir.path(), &nodes[0], &[&nodes[2]], "db", &echo.addr.to_string(), "").await;
     let send = nodes[2].relay.connection_string(None, "db", true).await;
@@ -379,10 +391,7 @@ async fn a_sender_on_another_node_than_the_listener_keeps_its_bytes_local() {
 /// all byte-exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_tunnels_over_three_nodes_and_two_hcms() {
-    let _serial = serial().await;
-    let dir = tempfile::tempdir().unwrap();
-    let redis = Redis::start(&dir.path().join("redis")).await;
-    let nodes = three(dir.path(), &redis, None).await;
+    let (_serial, dir, _redis, nodes) = cluster(3, None).await;
     let echo = Echo::local().await;
     nodes[0].relay.create(None, "db", &echo.addr.to_string()).await;
     let l1 = nodes[0].relay.connection_string(None, "db", false).await;
@@ -510,12 +519,9 @@ async fn local_tunnels(n: &Node, hc: &str) -> u64 {
 /// tunnels on the other nodes carry on byte-exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_hcms_node_behind_haproxy() {
-    let _serial = serial().await;
-    let dir = tempfile::tempdir().unwrap();
-    let redis = Redis::start(&dir.path().join("redis")).await;
     let lb_port = free_port();
     let lb = format!("ws://127.0.0.1:{lb_port}");
-    let mut nodes = three(dir.path(), &redis, Some(&lb)).await;
+    let (_serial, dir, _redis, mut nodes) = cluster(3, Some(&lb)).await;
     let _haproxy = Haproxy::start(dir.path(), lb_port, &nodes.iter().collect::<Vec<_>>()).await;
     let echo = Echo::local().await;
     nodes[0].relay.create(None, "db", &echo.addr.to_string()).await;
@@ -638,10 +644,7 @@ async fn killing_the_hcms_node_behind_haproxy() {
 /// returning.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_for_ten_seconds() {
-    let _serial = serial().await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut redis = Redis::start(&dir.path().join("redis")).await;
-    let nodes = nodes(dir.path(), &redis, 2, None).await;
+    let (_serial, dir, mut redis, nodes) = cluster(2, None).await;
     let echo = Echo::local().await;
     let _hcm = serve_on(dir.path(), &nodes[0], &[], "db", &echo.addr.to_string(), "").await;
     let send = nodes[0].relay.connection_string(None, "db", true).await;
@@ -729,10 +732,7 @@ async fn redis_down_for_ten_seconds() {
 /// `/readyz` says why; the old keys keep working; `cluster import --from-cache` restores it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_emptied_redis_is_not_re_keyed() {
-    let _serial = serial().await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut redis = Redis::start(&dir.path().join("redis")).await;
-    let nodes = nodes(dir.path(), &redis, 2, None).await;
+    let (_serial, dir, mut redis, nodes) = cluster(2, None).await;
     let echo = Echo::local().await;
     let _hcm = serve_on(dir.path(), &nodes[0], &[], "db", &echo.addr.to_string(), "").await;
     let send = nodes[1].relay.connection_string(None, "db", true).await;
@@ -925,13 +925,10 @@ fn dechunk(body: &str) -> String {
 /// fetches the request (and a body above the inline limit) from n2 and answers there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http_request_on_another_node_than_the_listener() {
-    let _serial = serial().await;
-    let dir = tempfile::tempdir().unwrap();
-    let redis = Redis::start(&dir.path().join("redis")).await;
-    let n1 = Node::start(dir.path(), "n1", &redis, None).await;
-    let n2 = Node::start(dir.path(), "n2", &redis, None).await;
+    let (_serial, dir, _redis, nodes) = cluster(2, None).await;
+    let (n1, n2) = (&nodes[0], &nodes[1]);
     let ep = http_echo_endpoint();
-    let _hcm = serve_on(dir.path(), &n1, &[&n2], "api", &ep.to_string(), "").await;
+    let _hcm = serve_on(dir.path(), n1, &[n2], "api", &ep.to_string(), "").await;
     let send = ConnectionString::parse(&n2.relay.connection_string(None, "api", true).await).unwrap();
     assert!(!n2.holds_listener("api").await);
     let token = hyrelay::client::token(&send, "api", Duration::from_secs(600));
@@ -1030,15 +1027,12 @@ async fn pool_sizes_during_burst(admin: SocketAddr, bridge: SocketAddr) -> Vec<u
 /// its minimum, and the same burst from a bridge on n1 grows it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_hcm_pool_grows_only_for_senders_it_can_serve() {
-    let _serial = serial().await;
-    let dir = tempfile::tempdir().unwrap();
-    let redis = Redis::start(&dir.path().join("redis")).await;
-    let n1 = Node::start(dir.path(), "n1", &redis, None).await;
-    let n2 = Node::start(dir.path(), "n2", &redis, None).await;
+    let (_serial, dir, _redis, nodes) = cluster(2, None).await;
+    let (n1, n2) = (&nodes[0], &nodes[1]);
     let echo = Echo::local().await;
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let toml = format!("admin = \"{admin}\"\n");
-    let _hcm = serve_on(dir.path(), &n1, &[&n2], "pool", &echo.addr.to_string(), &toml).await;
+    let _hcm = serve_on(dir.path(), n1, &[n2], "pool", &echo.addr.to_string(), &toml).await;
     within(Duration::from_secs(5), "the pool at its minimum", || async {
         hcm_pool(admin, "pool").await == 2
     })
