@@ -639,6 +639,20 @@ async fn killing_the_hcms_node_behind_haproxy() {
     nodes.remove(holder);
 }
 
+/// `hyrelay hc create new` through the node whose data directory is `data_dir`.
+async fn create_new(data_dir: &str) -> (bool, String, String) {
+    let args = [
+        "hc",
+        "--relay-data-dir",
+        data_dir,
+        "create",
+        "new",
+        "--endpoint",
+        "10.0.0.1:1",
+    ];
+    run(None, &args).await
+}
+
 /// Redis SIGKILLed for 10 s: open tunnels go on, new tunnels to a listener on the same node
 /// work, management writes get 503, and everything is consistent again within 2 s of Redis
 /// returning.
@@ -668,19 +682,7 @@ async fn redis_down_for_ten_seconds() {
     let (code, body) = nodes[0].readyz().await;
     assert_eq!(code, 200, "a node without Redis still serves its listeners: {body}");
     assert!(body.contains("degraded"), "{body}");
-    let (ok, out, err) = run(
-        None,
-        &[
-            "hc",
-            "--relay-data-dir",
-            &n1,
-            "create",
-            "new",
-            "--endpoint",
-            "10.0.0.1:1",
-        ],
-    )
-    .await;
+    let (ok, out, err) = create_new(&n1).await;
     assert!(
         !ok && format!("{out}{err}").contains("503"),
         "management writes are refused: {out}{err}"
@@ -698,20 +700,7 @@ async fn redis_down_for_ten_seconds() {
     redis.launch().await;
     let back = Instant::now();
     within(Duration::from_secs(2), "writes work again", || async {
-        run(
-            None,
-            &[
-                "hc",
-                "--relay-data-dir",
-                &n1,
-                "create",
-                "new",
-                "--endpoint",
-                "10.0.0.1:1",
-            ],
-        )
-        .await
-        .0
+        create_new(&n1).await.0
     })
     .await;
     let listen_new = ConnectionString::parse(&nodes[0].relay.connection_string(None, "new", false).await).unwrap();
