@@ -348,10 +348,7 @@ impl Ctl {
     /// cluster node's own public URL, or `public_url`); otherwise they take the Host the
     /// listener reached the relay by.
     pub fn node_base(&self) -> Option<String> {
-        self.cluster
-            .as_ref()
-            .map(|c| c.public_base())
-            .or_else(|| self.reg().cfg.public_url.as_ref().map(|u| u.ws_base()))
+        self.reg().fixed_base()
     }
 
     /// The tunnel count of the listener of `hc` on this node whose `sb-hc-id` is `id`.
@@ -995,9 +992,18 @@ impl Registry {
         }
     }
 
+    /// The base of this node's rendezvous addresses when config fixes it: a cluster node's
+    /// own public URL, else a single node's `public_url` ([`Ctl::node_base`]).
+    fn fixed_base(&self) -> Option<String> {
+        self.cluster
+            .as_ref()
+            .map(|c| c.public_base())
+            .or_else(|| self.cfg.public_url.as_ref().map(|u| u.ws_base()))
+    }
+
     fn connect(&mut self, req: &ConnectReq) -> Result<Connecting, Refusal> {
         let name = req.entity.to_lowercase();
-        let own_base = self.cluster.as_ref().map(|c| c.public_base());
+        let own_base = self.fixed_base();
         let rt = self.live.get_mut(&name).ok_or(Refusal::NoListener)?;
         let mut candidates: Vec<usize> = (0..rt.listeners.len()).collect();
         let mut busy = false;
@@ -1007,12 +1013,8 @@ impl Registry {
             let idx = candidates.swap_remove(pick);
             let l = &rt.listeners[idx];
             let secret = new_secret();
-            // A cluster node's own public URL; a single node's `public_url`, else the Host
-            // the listener reached it by.
-            let base = own_base
-                .clone()
-                .or_else(|| self.cfg.public_url.as_ref().map(|u| u.ws_base()))
-                .unwrap_or_else(|| l.info.base_url.clone());
+            // The node's fixed base, else the Host the listener reached it by.
+            let base = own_base.clone().unwrap_or_else(|| l.info.base_url.clone());
             let text = encode_accept(req, accept_address(&base, req, &tracking_id, &secret), &tracking_id)?;
             match l.tx.try_send(ListenerCmd::Send(text.clone())) {
                 Ok(()) => {}
@@ -1050,6 +1052,7 @@ impl Registry {
         max_inflight: usize,
         mut make: impl FnMut(&Delivery<'_>) -> ListenerCmd,
     ) -> Result<Delivered, Refusal> {
+        let base = self.fixed_base();
         let rt = self.live.get(&entity.to_lowercase()).ok_or(Refusal::NoListener)?;
         let mut candidates: Vec<usize> = (0..rt.listeners.len()).collect();
         let mut busy = false;
@@ -1060,7 +1063,6 @@ impl Registry {
                 busy = true;
                 continue;
             }
-            let base = self.cfg.public_url.as_ref().map(|u| u.ws_base());
             let d = Delivery {
                 key: l.key,
                 base_url: base.as_deref().unwrap_or(&l.info.base_url),
