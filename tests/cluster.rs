@@ -387,6 +387,99 @@ async fn a_sender_on_another_node_than_the_listener_keeps_its_bytes_local() {
     );
 }
 
+type RawReader = hyrelay::transport::ws::WsReader<tokio::io::ReadHalf<hyrelay::transport::Stream>>;
+
+/// A control channel opened by the test on `node`'s address for `hc` with `listen` (a
+/// Listen connection string): returns once the node's 101 is in.
+async fn raw_listener_on(node: &Node, hc: &str, listen: &str) -> RawReader {
+    use hyrelay::{client, proto::frame::Role, transport::ws};
+    let cs = ConnectionString::parse(&pointed_at(listen, &node.url)).unwrap();
+    let token = client::token(&cs, hc, Duration::from_secs(600));
+    let url = client::hc_url(&cs, hc, "listen", "raw");
+    let c = ws::connect(
+        &url,
+        None,
+        &[("ServiceBusAuthorization", &token)],
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("raw listener's control channel");
+    let (r, w) = tokio::io::split(c.stream);
+    // The write half stays open for the test's life: the channel must not close.
+    std::mem::forget(w);
+    ws::WsReader::new(r, c.leftover, Role::Client, 1 << 20)
+}
+
+/// The next `accept` on a raw control channel, skipping other messages; fails after 10 s.
+async fn next_accept(r: &mut RawReader) -> hyrelay::proto::control::Accept {
+    use hyrelay::proto::control::{self, Command};
+    use hyrelay::transport::ws::Message;
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), r.next_message(1 << 17))
+            .await
+            .expect("an accept within 10 s")
+            .expect("control channel read")
+            .expect("control channel open");
+        if let Message::Text(t) = m
+            && let Ok(Command::Accept(a)) = control::decode(&t)
+        {
+            return a;
+        }
+    }
+}
+
+/// A listener that has its 101 from one node is found by a sender on another node at
+/// once, not after that node's next presence read (CI saw senders refused with 404 for
+/// up to two beats after the hcm registered). Each round registers a fresh listener on
+/// n1 and connects a sender to n2 right after the 101.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_listener_is_found_from_every_node_right_after_its_upgrade() {
+    use hyrelay::{client, transport::ws};
+    let (_serial, _dir, _redis, nodes) = cluster(2, None).await;
+    for round in 0..3 {
+        let hc = format!("fresh{round}");
+        nodes[0].relay.create(None, &hc, "127.0.0.1:9").await;
+        let listen = nodes[0].relay.connection_string(None, &hc, false).await;
+        let send = nodes[0].relay.connection_string(None, &hc, true).await;
+        // n2 knows the hybrid connection (the catalog), not yet any listener of it.
+        within(Duration::from_secs(5), "n2 has the hybrid connection", || async {
+            info_status(&nodes[1], &ConnectionString::parse(&send).unwrap(), &hc).await == 200
+        })
+        .await;
+        let mut lr = raw_listener_on(&nodes[0], &hc, &listen).await;
+        let cs = ConnectionString::parse(&pointed_at(&send, &nodes[1].url)).unwrap();
+        let token = client::token(&cs, &hc, Duration::from_secs(600));
+        let url = client::hc_url(&cs, &hc, "connect", "raw-sender");
+        let mut sender = tokio::spawn(async move {
+            ws::connect(
+                &url,
+                None,
+                &[("ServiceBusAuthorization", &token)],
+                Duration::from_secs(10),
+            )
+            .await
+            .map(|_| ())
+        });
+        let accept = tokio::select! {
+            a = next_accept(&mut lr) => a,
+            r = &mut sender => panic!("round {round}: the sender on n2 ended before any accept: {:?}", r.unwrap()),
+        };
+        let rendezvous = ws::connect(
+            &ws::WsUrl::parse(&accept.address).unwrap(),
+            None,
+            &[],
+            Duration::from_secs(10),
+        )
+        .await;
+        assert!(rendezvous.is_ok(), "round {round}: rendezvous on n2");
+        let r = tokio::time::timeout(Duration::from_secs(10), sender).await;
+        assert!(
+            matches!(r, Ok(Ok(Ok(())))),
+            "round {round}: the sender on n2 got its 101: {r:?}"
+        );
+    }
+}
+
 /// 200 concurrent tunnels, senders spread over three nodes, two hcms on different nodes:
 /// all byte-exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

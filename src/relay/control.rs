@@ -109,6 +109,8 @@ pub struct Registration {
     pub commands: mpsc::Receiver<ListenerCmd>,
     entity: String,
     reg: Arc<Mutex<Registry>>,
+    /// Told when the listener leaves, so other nodes stop routing to it at once.
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl std::fmt::Debug for Registration {
@@ -126,6 +128,9 @@ impl Drop for Registration {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .unregister(&self.entity, self.key);
+        if let Some(c) = &self.cluster {
+            c.presence_changed();
+        }
     }
 }
 
@@ -295,21 +300,30 @@ impl Ctl {
         self.reg.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Registers a listener; it stays registered until the returned guard is dropped.
-    pub fn register(&self, entity: &str, info: ListenerInfo) -> Result<Registration, Refusal> {
+    /// Registers a listener; it stays registered until the returned guard is dropped. In a
+    /// cluster, returns once the listener is in this node's presence record in Redis (or,
+    /// bounded, Redis did not take it), so that a sender on any node that arrives after
+    /// the listener's 101 finds it.
+    pub async fn register(&self, entity: &str, info: ListenerInfo) -> Result<Registration, Refusal> {
         let (key, commands) = self.reg().register(entity, info)?;
-        Ok(Registration {
+        let registration = Registration {
             key,
             commands,
             entity: entity.to_owned(),
             reg: self.reg.clone(),
-        })
+            cluster: self.cluster.clone(),
+        };
+        if let Some(c) = &self.cluster {
+            c.listener_arrived().await;
+        }
+        Ok(registration)
     }
 
     /// Dispatches a sender to a listener: one of this node's if it has any that takes it,
     /// else (in a cluster) one on another node, whose node is asked to hand it the `accept`
     /// (the address names this node, where the sender waits).
     pub async fn connect(&self, req: ConnectReq) -> Result<Connecting, Refusal> {
+        let arrived = Instant::now();
         let local = self.reg().connect(&req);
         let Some(cluster) = &self.cluster else { return local };
         match local {
@@ -317,7 +331,7 @@ impl Ctl {
             other => return other,
         }
         let hc = req.entity.to_lowercase();
-        let mut candidates = self.remote_candidates(cluster, &hc);
+        let mut candidates = self.remote_candidates_since(cluster, &hc, arrived).await;
         let busy = matches!(local, Err(Refusal::Busy));
         while !candidates.is_empty() {
             let i = pick_candidate(&candidates, self.reg().cfg.balance);
@@ -342,6 +356,23 @@ impl Ctl {
         let reg = self.reg();
         let own = |node: &str, key: u64| reg.remote_load_of(node, key);
         cluster.presence().candidates(hc, &own)
+    }
+
+    /// [`Ctl::remote_candidates`], but when there are none, only after presence was read
+    /// again after `arrived`: a listener that registered elsewhere since the last beat is
+    /// found, not refused as missing.
+    async fn remote_candidates_since(
+        &self,
+        cluster: &Cluster,
+        hc: &str,
+        arrived: Instant,
+    ) -> Vec<super::cluster::presence::Candidate> {
+        let candidates = self.remote_candidates(cluster, hc);
+        if !candidates.is_empty() {
+            return candidates;
+        }
+        cluster.refresh_presence(arrived).await;
+        self.remote_candidates(cluster, hc)
     }
 
     /// The `ws(s)://host[:port]` this node's accept addresses name when config fixes it (a
@@ -423,6 +454,7 @@ impl Ctl {
         max_inflight: usize,
         mut make: impl FnMut(&Delivery<'_>) -> ListenerCmd,
     ) -> Result<Delivered, Refusal> {
+        let arrived = Instant::now();
         let local = self.reg().deliver(entity, max_inflight, &mut make);
         let Some(cluster) = &self.cluster else { return local };
         let busy = match local {
@@ -432,7 +464,7 @@ impl Ctl {
         };
         let hc = entity.to_lowercase();
         let base = cluster.public_base();
-        let mut candidates = self.remote_candidates(cluster, &hc);
+        let mut candidates = self.remote_candidates_since(cluster, &hc, arrived).await;
         while !candidates.is_empty() {
             let i = pick_candidate(&candidates, self.reg().cfg.balance);
             let c = candidates.swap_remove(i);

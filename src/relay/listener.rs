@@ -88,7 +88,7 @@ pub(super) async fn serve(mut stream: Stream, mut inc: Incoming, req: HcRequest,
     let listener_id = info.id.clone();
     // Subscribed before registering, so no change of the state can slip in between.
     let changes = ctx.state.subscribe();
-    let mut reg = match ctx.ctl.register(&entity.name, info) {
+    let mut reg = match ctx.ctl.register(&entity.name, info).await {
         Ok(r) => r,
         Err(e) => {
             let status = match e {

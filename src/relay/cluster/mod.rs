@@ -8,7 +8,9 @@
 //!   Writes are compare-and-set scripts; every node applies a change on its pub/sub event
 //!   and, in case one was lost, on a version check every second.
 //! - **Presence** ([`presence`]): each node publishes its listeners and loads every second
-//!   under an expiring key and reads everyone else's.
+//!   under an expiring key and reads everyone else's; a listener's arrival is written
+//!   before its 101 and announced to the other nodes at once, and a node that finds no
+//!   listener for a sender reads presence afresh before it refuses.
 //! - **Routing** ([`route`]): a node whose sender's hybrid connection has no listener of
 //!   its own asks the node of a listener elsewhere to hand it an `accept` whose address
 //!   names the *sender's* node, so the hcm opens the rendezvous where the sender waits and
@@ -50,6 +52,9 @@ use super::store::{SharedState, State, StoreError};
 const BEAT: Duration = Duration::from_secs(1);
 /// Bound on one Redis command (a slow Redis counts as an unreachable one).
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a sender that found no listener waits for a fresh read of presence, and a
+/// new listener's 101 for its presence to be written.
+const MISS_REFRESH: Duration = Duration::from_millis(500);
 /// Compare-and-set attempts before a management write gives up.
 const CAS_ATTEMPTS: usize = 5;
 
@@ -145,6 +150,13 @@ pub struct Cluster {
     draining: AtomicBool,
     /// The catalog version last written to the on-disk cache.
     cache_written: Mutex<u64>,
+    /// Held for each beat, so beats never overlap (an older record never lands after a
+    /// newer one); holds when the last successful beat started.
+    beating: tokio::sync::Mutex<Option<Instant>>,
+    /// This node's listeners changed: beat now and tell the others.
+    changed: tokio::sync::Notify,
+    /// Another node's listeners changed: read now.
+    heard: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -247,6 +259,9 @@ pub fn start(cfg: ClusterConfig, data_dir: &Path) -> anyhow::Result<Arc<Cluster>
         started: crate::clock::now_rfc3339(),
         draining: AtomicBool::new(false),
         cache_written: Mutex::new(0),
+        beating: tokio::sync::Mutex::new(None),
+        changed: tokio::sync::Notify::new(),
+        heard: tokio::sync::Notify::new(),
         cfg,
     });
     if let Some(c) = cache {
@@ -537,6 +552,7 @@ impl Cluster {
         let mut pubsub = bounded(self.client.get_async_pubsub()).await?;
         bounded(pubsub.subscribe(&self.keys.events)).await?;
         bounded(pubsub.subscribe(route::channel(&self.cfg.key_prefix, &self.cfg.node_id))).await?;
+        bounded(pubsub.subscribe(&self.pkeys.events)).await?;
         Ok(pubsub)
     }
 
@@ -559,6 +575,10 @@ impl Cluster {
                     let Ok(payload) = m.get_payload::<String>() else { continue };
                     if channel == self.keys.events {
                         self.on_event(&payload).await;
+                    } else if channel == self.pkeys.events {
+                        if payload != self.cfg.node_id {
+                            self.heard.notify_one();
+                        }
                     } else {
                         self.on_route(&payload).await;
                     }
@@ -684,24 +704,29 @@ impl Cluster {
         ))
     }
 
-    /// Publishes this node's presence and reads the others', every second.
+    /// Publishes this node's presence and reads the others': every second, at once when
+    /// this node's listeners changed (then also telling the others), and at once when
+    /// another node says its listeners changed.
     async fn presence_loop(self: Arc<Self>) {
         let mut tick = tokio::time::interval(BEAT);
         let mut last_read = Instant::now();
         loop {
-            tokio::select! {
-                _ = tick.tick() => {}
+            let announce = tokio::select! {
+                _ = tick.tick() => false,
+                _ = self.changed.notified() => true,
+                _ = self.heard.notified() => false,
                 _ = self.stop.cancelled() => return,
-            }
+            };
             if self.draining.load(Ordering::Relaxed) {
                 continue;
             }
-            match self.beat().await {
-                Ok(p) => {
-                    last_read = Instant::now();
-                    metrics::gauge!(metric::NODES).set((p.nodes.len() + 1) as f64);
-                    *self.presence.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(p);
-                }
+            let r = if announce {
+                self.announce().await
+            } else {
+                self.beat_now().await
+            };
+            match r {
+                Ok(()) => last_read = Instant::now(),
                 Err(e) => {
                     tracing::debug!(error = %e, "presence beat failed");
                     if last_read.elapsed() > self.cfg.presence_ttl {
@@ -711,6 +736,64 @@ impl Cluster {
                 }
             }
         }
+    }
+
+    /// One beat now, after any beat under way.
+    async fn beat_now(&self) -> redis::RedisResult<()> {
+        let mut last = self.beating.lock().await;
+        let started = Instant::now();
+        let p = self.beat().await?;
+        metrics::gauge!(metric::NODES).set((p.nodes.len() + 1) as f64);
+        *self.presence.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(p);
+        *last = Some(started);
+        Ok(())
+    }
+
+    /// Writes this node's presence now and tells the other nodes to read it.
+    async fn announce(&self) -> redis::RedisResult<()> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        self.beat_now().await?;
+        let Some(mut conn) = self.conn() else { return Ok(()) };
+        bounded(conn.publish::<_, _, ()>(&self.pkeys.events, &self.cfg.node_id)).await
+    }
+
+    /// A listener arrived on this node: called before its 101, returns once this node's
+    /// record in Redis has it and the other nodes were told, so a sender on any node that
+    /// comes after the listener's upgrade finds it (see [`Cluster::refresh_presence`]).
+    /// Waits at most [`MISS_REFRESH`], and not at all while Redis is away: then the
+    /// background beat publishes it.
+    pub async fn listener_arrived(&self) {
+        if self.redis_up.load(Ordering::Relaxed)
+            && let Ok(Ok(())) = tokio::time::timeout(MISS_REFRESH, self.announce()).await
+        {
+            return;
+        }
+        self.changed.notify_one();
+    }
+
+    /// This node's listeners changed (one left): beat and announce from the background.
+    pub fn presence_changed(&self) {
+        self.changed.notify_one();
+    }
+
+    /// Makes sure presence was read after `since` (a sender's arrival) before the caller
+    /// concludes no node has a listener: waits for a beat under way, or beats. Bounded by
+    /// [`MISS_REFRESH`]; skipped while Redis is away. Concurrent misses share beats, so a
+    /// burst of senders for a hybrid connection without listeners costs Redis at most one
+    /// read per round trip, not one per sender.
+    pub async fn refresh_presence(&self, since: Instant) {
+        if !self.redis_up.load(Ordering::Relaxed) {
+            return;
+        }
+        let fresh = async {
+            if self.beating.lock().await.is_some_and(|t| t >= since) {
+                return;
+            }
+            let _ = self.beat_now().await;
+        };
+        let _ = tokio::time::timeout(MISS_REFRESH, fresh).await;
     }
 
     /// This node's presence record.

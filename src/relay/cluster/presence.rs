@@ -4,7 +4,9 @@
 //! key expires; a draining node deletes its key at once.
 //!
 //! Keys: `{p}:node:<id>` (JSON, with a TTL) and `{p}:nodes` (the set of ids; an id whose
-//! key is gone is removed by whichever node sees it first).
+//! key is gone is removed by whichever node sees it first). Channel `{p}:presence`: a
+//! node whose listeners changed publishes its id there after writing its record, and the
+//! others read at once; the once-a-second beat heals a lost message.
 //!
 //! Listener load is counted where tunnels run: a node reports, for every listener its
 //! tunnels go to (its own or another node's), how many are open; a listener's load is the
@@ -19,6 +21,9 @@ use serde::{Deserialize, Serialize};
 pub struct PresenceKeys {
     prefix: String,
     pub nodes: String,
+    /// The pub/sub channel on which a node whose listeners changed says so (the payload
+    /// is its id), so the others read its record at once instead of on their next beat.
+    pub events: String,
 }
 
 impl PresenceKeys {
@@ -26,6 +31,7 @@ impl PresenceKeys {
         Self {
             prefix: prefix.to_owned(),
             nodes: format!("{{{prefix}}}:nodes"),
+            events: format!("{{{prefix}}}:presence"),
         }
     }
 
