@@ -388,10 +388,12 @@ async fn a_sender_on_another_node_than_the_listener_keeps_its_bytes_local() {
 }
 
 type RawReader = hyrelay::transport::ws::WsReader<tokio::io::ReadHalf<hyrelay::transport::Stream>>;
+type RawWriter = tokio::io::WriteHalf<hyrelay::transport::Stream>;
 
 /// A control channel opened by the test on `node`'s address for `hc` with `listen` (a
-/// Listen connection string): returns once the node's 101 is in.
-async fn raw_listener_on(node: &Node, hc: &str, listen: &str) -> RawReader {
+/// Listen connection string): returns once the node's 101 is in. Keep the write half
+/// alive, or the channel closes.
+async fn raw_listener_on(node: &Node, hc: &str, listen: &str) -> (RawReader, RawWriter) {
     use hyrelay::{client, proto::frame::Role, transport::ws};
     let cs = ConnectionString::parse(&pointed_at(listen, &node.url)).unwrap();
     let token = client::token(&cs, hc, Duration::from_secs(600));
@@ -405,9 +407,7 @@ async fn raw_listener_on(node: &Node, hc: &str, listen: &str) -> RawReader {
     .await
     .expect("raw listener's control channel");
     let (r, w) = tokio::io::split(c.stream);
-    // The write half stays open for the test's life: the channel must not close.
-    std::mem::forget(w);
-    ws::WsReader::new(r, c.leftover, Role::Client, 1 << 20)
+    (ws::WsReader::new(r, c.leftover, Role::Client, 1 << 20), w)
 }
 
 /// The next `accept` on a raw control channel, skipping other messages; fails after 10 s.
@@ -446,7 +446,7 @@ async fn a_new_listener_is_found_from_every_node_right_after_its_upgrade() {
             info_status(&nodes[1], &ConnectionString::parse(&send).unwrap(), &hc).await == 200
         })
         .await;
-        let mut lr = raw_listener_on(&nodes[0], &hc, &listen).await;
+        let (mut lr, _lw) = raw_listener_on(&nodes[0], &hc, &listen).await;
         let cs = ConnectionString::parse(&pointed_at(&send, &nodes[1].url)).unwrap();
         let token = client::token(&cs, &hc, Duration::from_secs(600));
         let url = client::hc_url(&cs, &hc, "connect", "raw-sender");
