@@ -762,7 +762,7 @@ impl Cluster {
     /// A listener arrived on this node: called before its 101, returns once this node's
     /// record in Redis has it and the other nodes were told, so a sender on any node that
     /// comes after the listener's upgrade finds it (see [`Cluster::refresh_presence`]).
-    /// Waits at most [`MISS_REFRESH`], and not at all while Redis is away: then the
+    /// Waits at most `MISS_REFRESH` (500 ms), and not at all while Redis is away: then the
     /// background beat publishes it.
     pub async fn listener_arrived(&self) {
         if self.redis_up.load(Ordering::Relaxed)
@@ -780,7 +780,7 @@ impl Cluster {
 
     /// Makes sure presence was read after `since` (a sender's arrival) before the caller
     /// concludes no node has a listener: waits for a beat under way, or beats. Bounded by
-    /// [`MISS_REFRESH`]; skipped while Redis is away. Concurrent misses share beats, so a
+    /// `MISS_REFRESH` (500 ms); skipped while Redis is away. Concurrent misses share beats, so a
     /// burst of senders for a hybrid connection without listeners costs Redis at most one
     /// read per round trip, not one per sender.
     pub async fn refresh_presence(&self, since: Instant) {
