@@ -251,3 +251,34 @@ async fn accept_moves_to_another_listener_when_the_first_goes_away() {
 async fn a_frame_after_close_does_not_cost_the_other_direction_its_tail() {
     late_frame_after_close_keeps_the_download_whole(&Rig::new(false)).await;
 }
+
+/// A listener that closes its control channel is unregistered before the relay answers
+/// its Close: once the listener has the answer, the relay counts it no more (`doctor`
+/// closes its test channel and then counts listeners; it saw its own one still counted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_listener_is_gone_when_its_close_is_answered() {
+    use hyrelay::transport::ws::{Message, WsWriter};
+    let rig = Rig::new(false);
+    rig.create("bye", echo()).await;
+    for round in 0..20 {
+        let (mut r, w) = raw_listener(&rig, "bye").await;
+        rig.wait_listeners("bye", 1).await;
+        let mut w = WsWriter::new(w, hyrelay::proto::frame::Role::Client);
+        w.send_close(1000, "done").await.unwrap();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), r.next_message(1 << 16))
+                .await
+                .expect("the relay answers the Close within 10 s")
+            {
+                Ok(Some(Message::Close(_))) => break,
+                Ok(Some(_)) => {}
+                other => panic!("round {round}: no Close answer: {:?}", other.map(|_| ())),
+            }
+        }
+        assert_eq!(
+            rig.listeners("bye").await,
+            0,
+            "round {round}: still counted after the Close answer"
+        );
+    }
+}

@@ -124,10 +124,17 @@ pub(super) async fn serve(mut stream: Stream, mut inc: Incoming, req: HcRequest,
         revoked_at: None,
         key: reg.key,
         awaiting_body: None,
+        owed_close: None,
     };
     let (why, end) = chan.run(&mut reg.commands, changes, &ctx).await;
     metrics::counter!(crate::telemetry::metrics::RELAY_CONTROL_CLOSED, "reason" => why).increment(1);
+    // Unregistered before the listener's Close is answered: once it has the answer, no
+    // sender is sent to it and the runtime information no longer counts it.
     drop(reg);
+    if let Some(code) = chan.owed_close {
+        chan.send(OpCode::Close, &frame::close_payload(code, "")).await.ok();
+        crate::transport::ws::close_tls(&mut chan.writer).await;
+    }
     tracing::info!(event = "listener_unregistered", hc = %entity.name, listener = %listener_id, %peer, reason = %end, "listener unregistered");
 }
 
@@ -148,6 +155,8 @@ struct Channel {
     key: u64,
     /// An HTTP-mode `response` whose body message comes next.
     awaiting_body: Option<control::Response>,
+    /// The listener closed with this code: the answer goes out once it is unregistered.
+    owed_close: Option<u16>,
 }
 
 /// `now + after`, or [`FAR`] from now if that is further (never overflows).
@@ -275,8 +284,7 @@ impl Channel {
                         }
                         Ok(Some(Message::Close(c))) => {
                             let code = c.code.unwrap_or(close_code::NORMAL);
-                            self.send(OpCode::Close, &frame::close_payload(code, "")).await.ok();
-                            crate::transport::ws::close_tls(&mut self.writer).await;
+                            self.owed_close = Some(code);
                             return ("listener_closed", format!("closed by listener ({code})"));
                         }
                         Ok(None) => return ("connection_lost", "connection closed without a close frame".into()),
