@@ -720,3 +720,161 @@ async fn a_relay_that_stops_reading_answers_loses_the_channel() {
     );
     drop(chan);
 }
+
+/// The value of the relay counter `hyrelay_relay_http_rendezvous_total{hc,how}` (0 if
+/// unset).
+fn rendezvous_count(metrics: &str, hc: &str, how: &str) -> u64 {
+    let key = format!("hyrelay_relay_http_rendezvous_total{{hc=\"{hc}\",how=\"{how}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+/// Issue 12 "several per rendezvous": after a request pushed on a rendezvous is answered,
+/// the relay keeps that rendezvous and our hcm keeps reading it, so the same sender
+/// connection's next requests (bodies in hand) travel on it: one rendezvous, many
+/// requests, each byte-exact and counted. A streamed body closes it and opens another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_requests_on_one_rendezvous() {
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let rig = Rig::with(false, |c| c.runtime.admin = Some(any));
+    rig.create("many", endpoint()).await;
+    let mut cfg = rig.hcm_config(vec![
+        hyrelay::hcm::config::HcEntry::new(rig.listen_cs("many").await, None).unwrap(),
+    ]);
+    cfg.runtime.admin = Some(any);
+    let hcm = hyrelay::hcm::start(cfg).unwrap();
+    rig.wait_listeners("many", 1).await;
+    let tok = token(&rig.send_cs("many").await, "many");
+    let auth = [("ServiceBusAuthorization", tok.as_str())];
+    let relay_admin = rig.relay.admin_addr().unwrap();
+    let mut s = Sender::connect(rig.relay.local_addr()).await;
+
+    // Larger than inline: pushed on a rendezvous.
+    let big = payload(100_000, 61);
+    let g = s.send("POST", "/many/echo", &auth, Body::Bytes(big.clone())).await;
+    assert!(g.status == 200 && g.body[..] == big[..], "{}", g.reason);
+    // Then six requests with their bodies in hand, responses small and large.
+    let small = payload(1024, 62);
+    let g = s.send("GET", "/many/echo?n=1", &auth, Body::Bytes(vec![])).await;
+    assert_eq!((g.status, g.body.len(), g.h("x-got-target")), (200, 0, "/echo?n=1"));
+    let g = s.send("POST", "/many/echo", &auth, Body::Bytes(small.clone())).await;
+    assert!(g.status == 200 && g.body[..] == small[..]);
+    let g = s.send("HEAD", "/many/size/10", &auth, Body::Bytes(vec![])).await;
+    assert_eq!((g.status, g.body.len()), (200, 0));
+    let g = s.send("GET", "/many/size/200000", &auth, Body::Bytes(vec![])).await;
+    assert!(g.status == 200 && g.body[..] == payload(200_000, 9)[..]);
+    let g = s.send("GET", "/many/status/204", &auth, Body::Bytes(vec![])).await;
+    assert_eq!((g.status, g.body.len()), (204, 0));
+    let g = s.send("PUT", "/many/echo", &auth, Body::Chunked(small.clone())).await;
+    assert!(g.status == 200 && g.body[..] == small[..] && g.h("x-got-len") == "1024");
+    let m = admin_get(relay_admin, "/metrics").await;
+    assert_eq!(
+        (
+            rendezvous_count(&m, "many", "opened"),
+            rendezvous_count(&m, "many", "reused")
+        ),
+        (1, 6),
+        "one rendezvous carried seven requests"
+    );
+    // A streamed body does not go on the kept one: it is closed, another is opened.
+    let g = s.send("POST", "/many/echo", &auth, Body::Bytes(big.clone())).await;
+    assert!(g.status == 200 && g.body[..] == big[..]);
+    let m = admin_get(relay_admin, "/metrics").await;
+    assert_eq!(rendezvous_count(&m, "many", "opened"), 2, "{m}");
+    // The hcm counted every request.
+    let hcm_admin = hcm.admin_addr().unwrap();
+    let v: serde_json::Value = serde_json::from_str(&admin_get(hcm_admin, "/status").await).unwrap();
+    assert_eq!(v["hybridConnections"][0]["httpRequests"], 8, "{v}");
+}
+
+/// A listener that closes its rendezvous after each response (as .NET's does) while the
+/// relay sends the next request on it: the listener never handled that request, so the
+/// relay sends it afresh and the sender gets its answer; nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_rendezvous_closed_by_the_listener_loses_no_request() {
+    use hyrelay::proto::control::{self, Command, Response};
+    use hyrelay::proto::frame::{OpCode, Role};
+    use hyrelay::transport::ws::{self, Message, WsReader, WsWriter};
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let rig = Rig::with(false, |c| c.runtime.admin = Some(any));
+    rig.create("net", endpoint()).await;
+    let tok = token(&rig.send_cs("net").await, "net");
+    let (mut r, mut w) = raw_listener(&rig, "net").await;
+    rig.wait_listeners("net", 1).await;
+    let addr = rig.relay.local_addr();
+    let sender = tokio::spawn(async move {
+        let auth = [("ServiceBusAuthorization", tok.as_str())];
+        let mut s = Sender::connect(addr).await;
+        let first = s.send("POST", "/net/a", &auth, Body::Bytes(payload(100_000, 3))).await;
+        let second = s.send("GET", "/net/b", &auth, Body::Bytes(vec![])).await;
+        (first, second)
+    });
+    let response = |id: &str, body: bool| Response {
+        request_id: id.to_owned(),
+        status_code: 200,
+        status_description: Some("OK".into()),
+        response_headers: vec![("x-on".into(), "rendezvous".into())],
+        body,
+    };
+    // The first request: rendezvous-only on the control channel; fetched and answered on
+    // its rendezvous, which the listener leaves open for now.
+    let req = next_request(&mut r).await;
+    assert!(req.http.is_none(), "a 100 kB body goes through a rendezvous");
+    let c = ws::connect(
+        &ws::WsUrl::parse(&req.address).unwrap(),
+        None,
+        &[],
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let (rr, rw) = tokio::io::split(c.stream);
+    let mut rv_r = WsReader::new(rr, c.leftover, Role::Client, 1 << 20);
+    let mut rv_w = WsWriter::new(rw, Role::Client);
+    let next = |m: Result<Option<Message>, ws::WsError>| match m.unwrap().unwrap() {
+        Message::Text(t) => control::decode(&t).unwrap(),
+        other => panic!("expected a text message, got {other:?}"),
+    };
+    let full = match next(rv_r.next_message(1 << 20).await) {
+        Command::Request(q) => q,
+        other => panic!("{other:?}"),
+    };
+    assert!(matches!(rv_r.next_message(1 << 20).await, Ok(Some(Message::Binary(b))) if b.len() == 100_000));
+    rv_w.send_text(&Response::encode(&response(&full.id, true)))
+        .await
+        .unwrap();
+    rv_w.send(true, OpCode::Binary, b"first").await.unwrap();
+    // The second request arrives on the kept rendezvous; the listener closes instead.
+    let pushed = tokio::time::timeout(Duration::from_secs(10), rv_r.next_message(1 << 20))
+        .await
+        .expect("the next request on the kept rendezvous");
+    match next(pushed) {
+        Command::Request(q) => assert_eq!(q.http.unwrap().request_target, "/net/b"),
+        other => panic!("{other:?}"),
+    }
+    rv_w.send_close(1000, "").await.unwrap();
+    // It comes again on the control channel, and is answered there.
+    let again = next_request(&mut r).await;
+    let http = again.http.expect("a body-less request goes inline");
+    assert_eq!(http.request_target, "/net/b");
+    let mut cw = WsWriter::new(&mut w, Role::Client);
+    cw.send_text(&Response::encode(&response(&again.id, true)))
+        .await
+        .unwrap();
+    cw.send(true, OpCode::Binary, b"second").await.unwrap();
+    let (first, second) = tokio::time::timeout(Duration::from_secs(20), sender)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((first.status, &first.body[..]), (200, &b"first"[..]));
+    assert_eq!(
+        (second.status, &second.body[..]),
+        (200, &b"second"[..]),
+        "{}",
+        second.reason
+    );
+    let m = admin_get(rig.relay.admin_addr().unwrap(), "/metrics").await;
+    assert_eq!(rendezvous_count(&m, "net", "closed_by_listener"), 1, "{m}");
+}

@@ -141,7 +141,8 @@ impl Failure {
     }
 }
 
-/// Serves one `request` (with its inline body, if any) to the end of its response.
+/// Serves one `request` (with its inline body, if any) to the end of its response; a
+/// rendezvous-only one, and any further requests on its rendezvous.
 pub(crate) async fn handle(
     req: Request,
     body: Option<Bytes>,
@@ -151,16 +152,21 @@ pub(crate) async fn handle(
     ctx: Arc<HcmCtx>,
 ) {
     let _inflight = ctx.inflight.enter();
-    let name = hc.entry.name().to_owned();
-    let started = Instant::now();
-    let code = match req.http.clone() {
+    match req.http.clone() {
         Some(http) => {
+            let started = Instant::now();
             let inbound = body.map(RelayBody::full).unwrap_or(RelayBody::Empty);
             let answer = forward(&http, inbound, &hc, &endpoint, &ctx).await;
-            answer_inline_request(&req, answer, &reply, &ctx).await
+            let code = answer_inline_request(&req, answer, &reply, &ctx).await;
+            record(&hc, started, code);
         }
         None => serve_rendezvous(&req, &hc, &endpoint, &ctx).await,
-    };
+    }
+}
+
+/// Counts a request served (`code` is None when the relay connection failed).
+fn record(hc: &HcRt, started: Instant, code: Option<u16>) {
+    let name = hc.entry.name().to_owned();
     let last = match code {
         Some(c) => format!("{c} at {}", crate::clock::now_rfc3339()),
         None => format!("no answer (relay connection failed) at {}", crate::clock::now_rfc3339()),
@@ -381,7 +387,7 @@ async fn answer_inline_request(
             // Too big for the control channel: upgrade the response to the request's address.
             match open_rendezvous(&req.address, ctx).await {
                 Ok((_, mut w)) => {
-                    send_streamed(&mut w, &r, body, ctx).await;
+                    let _ = send_streamed(&mut w, &r, body, ctx).await;
                     sent_within(ctx, w.send_close(close_code::NORMAL, "")).await;
                 }
                 Err(e) => {
@@ -417,63 +423,130 @@ async fn sent_within(ctx: &HcmCtx, write: impl std::future::Future<Output = std:
 
 /// The response JSON, then its body streamed as one message (each frame written within
 /// the body idle timeout).
-async fn send_streamed(w: &mut RvWriter, r: &Response, body: Incoming, ctx: &HcmCtx) {
+async fn send_streamed(w: &mut RvWriter, r: &Response, body: Incoming, ctx: &HcmCtx) -> bool {
     if !sent_within(ctx, w.send_text(&r.encode())).await {
-        return;
+        return false;
     }
-    if let Err(e) = write_body_message(w, Bytes::new(), Some(body), MAX_BODY, ctx.cfg.http_timeout).await {
-        tracing::info!(request = %r.request_id, error = %e, "streaming a response body to the relay failed");
+    match write_body_message(w, Bytes::new(), Some(body), MAX_BODY, ctx.cfg.http_timeout).await {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::info!(request = %r.request_id, error = %e, "streaming a response body to the relay failed");
+            false
+        }
     }
 }
 
-/// Fetches a rendezvous-only request from its address, serves it, answers on the same
-/// connection and closes it.
-async fn serve_rendezvous(req: &Request, hc: &HcRt, endpoint: &HostPort, ctx: &HcmCtx) -> Option<u16> {
+/// How long a rendezvous waits for the relay's next request before the hcm closes it.
+/// Longer than the hyrelay relay keeps an idle one (30 s), so the relay normally closes
+/// first. Default: 60 s.
+pub const RENDEZVOUS_IDLE: Duration = Duration::from_secs(60);
+
+/// What came next on a rendezvous.
+enum Next {
+    Request(Box<Request>),
+    /// The relay closed it.
+    Closed,
+    /// Nothing in time, or something that is not a request, or the connection failed.
+    Over,
+}
+
+async fn next_request(r: &mut RvReader, wait: Duration) -> Next {
+    loop {
+        match tokio::time::timeout(wait, r.next_message(control::MAX_CONTROL_MESSAGE)).await {
+            Ok(Ok(Some(Message::Text(t)))) => match control::decode(&t) {
+                Ok(Command::Request(full)) if full.http.is_some() => return Next::Request(Box::new(full)),
+                _ => return Next::Over,
+            },
+            Ok(Ok(Some(Message::Ping(_) | Message::Pong(_)))) => {}
+            Ok(Ok(Some(Message::Close(_)))) => return Next::Closed,
+            _ => return Next::Over,
+        }
+    }
+}
+
+/// Serves a rendezvous: fetches the rendezvous-only request `req` from its address and
+/// answers on the same connection; then serves the further requests the relay sends
+/// there (a hyrelay relay keeps a rendezvous for the same sender connection's next
+/// requests, hc-protocol.md §6.4) until the relay closes it or none comes within
+/// [`RENDEZVOUS_IDLE`]; then closes it. Each request is counted on its own.
+async fn serve_rendezvous(req: &Request, hc: &HcRt, endpoint: &HostPort, ctx: &HcmCtx) {
+    let started = Instant::now();
     let (mut r, mut w) = match open_rendezvous(&req.address, ctx).await {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(request = %req.id, error = %e, "cannot open the request's rendezvous");
-            return None;
+            return record(hc, started, None);
         }
     };
-    let full = loop {
-        match tokio::time::timeout(ctx.cfg.relay_timeout, r.next_message(control::MAX_CONTROL_MESSAGE)).await {
-            Ok(Ok(Some(Message::Text(t)))) => match control::decode(&t) {
-                Ok(Command::Request(full)) if full.http.is_some() => break full,
-                _ => return None,
-            },
-            Ok(Ok(Some(Message::Ping(_) | Message::Pong(_)))) => {}
-            _ => return None,
+    let mut wait = ctx.cfg.relay_timeout;
+    loop {
+        let full = match next_request(&mut r, wait).await {
+            Next::Request(full) => full,
+            Next::Closed => break,
+            Next::Over if wait == ctx.cfg.relay_timeout => return record(hc, started, None),
+            Next::Over => break,
+        };
+        wait = RENDEZVOUS_IDLE;
+        let started = Instant::now();
+        let (code, back) = serve_on_rendezvous(&full, r, &mut w, hc, endpoint, ctx).await;
+        record(hc, started, code);
+        match back {
+            Some(reader) => r = reader,
+            None => break,
         }
+    }
+    sent_within(ctx, w.send_close(close_code::NORMAL, "")).await;
+}
+
+/// Serves one request that came on a rendezvous and answers there. Hands the reader back
+/// when its body was read to the end, so the next request can follow.
+async fn serve_on_rendezvous(
+    full: &Request,
+    r: RvReader,
+    w: &mut RvWriter,
+    hc: &HcRt,
+    endpoint: &HostPort,
+    ctx: &HcmCtx,
+) -> (Option<u16>, Option<RvReader>) {
+    let Some(http) = full.http.clone() else {
+        return (None, None);
     };
-    let http = full.http.clone()?;
-    let body = if http.body {
+    let idle = ctx.cfg.http_timeout;
+    // The reader: here, or reading the request body in a task that hands it back.
+    let (body, reading) = if http.body {
         let (tx, body) = http_body::channel();
-        let idle = ctx.cfg.http_timeout;
-        tokio::spawn(async move {
-            if let Err(e) = http_body::pump_message(&mut r, &tx, MAX_BODY, idle).await {
-                tracing::debug!(error = %e, "reading a request body from the relay failed");
+        let mut r = r;
+        let reading = tokio::spawn(async move {
+            match http_body::pump_message(&mut r, &tx, MAX_BODY, idle).await {
+                Ok(_) => Some(r),
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading a request body from the relay failed");
+                    None
+                }
             }
         });
-        RelayBody::Stream(body)
+        (RelayBody::Stream(body), Err(reading))
     } else {
-        RelayBody::Empty
+        (RelayBody::Empty, Ok(r))
     };
     let answer = forward(&http, body, hc, endpoint, ctx).await;
     if let Err(f) = &answer {
-        tracing::warn!(event = "endpoint_http_failed", request = %req.id, status = f.status, reason = %f.reason, "endpoint gave no HTTP answer");
+        tracing::warn!(event = "endpoint_http_failed", request = %full.id, status = f.status, reason = %f.reason, "endpoint gave no HTTP answer");
     }
-    let (out, code) = outgoing(&full.id, &http.method, answer, ctx.cfg.http_timeout).await;
-    match out {
+    let (out, code) = outgoing(&full.id, &http.method, answer, idle).await;
+    let sent = match out {
         Outgoing::Whole(resp, b) => {
-            if sent_within(ctx, w.send_text(&resp.encode())).await && resp.body {
-                sent_within(ctx, w.send(true, OpCode::Binary, &b)).await;
-            }
+            sent_within(ctx, w.send_text(&resp.encode())).await
+                && (!resp.body || sent_within(ctx, w.send(true, OpCode::Binary, &b)).await)
         }
-        Outgoing::Streamed(resp, body) => send_streamed(&mut w, &resp, body, ctx).await,
-    }
-    sent_within(ctx, w.send_close(close_code::NORMAL, "")).await;
-    code
+        Outgoing::Streamed(resp, body) => send_streamed(w, &resp, body, ctx).await,
+    };
+    let reader = match reading {
+        Ok(r) => Some(r),
+        // The endpoint may answer before it read the whole body: the body still ends.
+        Err(h) => tokio::time::timeout(idle, h).await.ok().and_then(Result::ok).flatten(),
+    };
+    (code, reader.filter(|_| sent))
 }
 
 #[cfg(test)]

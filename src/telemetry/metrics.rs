@@ -35,6 +35,7 @@ pub const RELAY_TOKEN_RENEWALS: &str = "hyrelay_relay_token_renewals_total";
 pub const RELAY_POOLED: &str = "hyrelay_relay_pooled_rendezvous_total";
 pub const RELAY_HTTP_REQUESTS: &str = "hyrelay_relay_http_requests_total";
 pub const RELAY_HTTP_SECONDS: &str = "hyrelay_relay_http_request_seconds";
+pub const RELAY_HTTP_RENDEZVOUS: &str = "hyrelay_relay_http_rendezvous_total";
 pub const HCM_HTTP_REQUESTS: &str = "hyrelay_hcm_http_requests_total";
 pub const HCM_HTTP_SECONDS: &str = "hyrelay_hcm_http_request_seconds";
 pub const HCM_CHANNEL_UP: &str = "hyrelay_hcm_control_channel_up";
@@ -149,6 +150,10 @@ fn describe() {
     describe_histogram!(
         RELAY_HTTP_SECONDS,
         "HTTP-mode requests: arrival to the response head, per hybrid connection."
+    );
+    describe_counter!(
+        RELAY_HTTP_RENDEZVOUS,
+        "HTTP-mode rendezvous connections per hybrid connection: how=opened (a listener connected), reused (a request answered on a kept one), closed_by_listener (a kept one closed instead of answering; the request was sent afresh)."
     );
     describe_counter!(
         HCM_HTTP_REQUESTS,

@@ -11,17 +11,24 @@
 //! 3. Wait, until the response deadline: an inline `response`, or the listener's
 //!    rendezvous (it fetches the request there, or upgrades its response to it). The
 //!    listener's control channel going away first is a 502, the deadline a 504.
-//! 4. On a rendezvous, the request body is uploaded while the response is read; the
-//!    response body is streamed to the sender frame by frame and the rendezvous closed
-//!    (1000) after it, so each rendezvous carries one request.
+//! 4. On a rendezvous, the request body is uploaded while the response is read, and the
+//!    response body is streamed to the sender frame by frame.
+//! 5. After that, a rendezvous on which the relay pushed the request (so the listener
+//!    reads requests there: hyco-https, our hcm) is kept for the next request of the same
+//!    sender connection to that hybrid connection ([`Kept`], §6.4 "Persistence"); any
+//!    other is closed (1000). The next request goes on the kept rendezvous if its body is
+//!    already in hand (at most `inline_max_bytes`): a listener that closes the
+//!    rendezvous with a Close frame instead of answering (.NET closes after every
+//!    response) never handled it, so it is sent afresh, and nothing is lost. A larger or
+//!    streamed body closes the kept rendezvous and goes the usual way.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Incoming};
-use tokio::io::WriteHalf;
+use tokio::io::{ReadHalf, WriteHalf};
 use tokio::time::Instant;
 
 use super::pending::{Inline, Leg};
@@ -90,10 +97,60 @@ struct Push {
     rest: Option<Incoming>,
 }
 
-/// Sends the request to a listener of `out.entity` and waits for its answer.
-pub async fn run(ctx: &Arc<Ctx>, mut out: Outbound, body: Incoming) -> Result<Answer, Refused> {
+/// A listener's rendezvous kept after it answered a request pushed on it, for the next
+/// request of the same sender connection.
+pub struct Kept {
+    /// Lower-cased name of the hybrid connection.
+    entity: String,
+    /// The listener's registration key on this node (0 for another node's).
+    listener: u64,
+    /// The base of rendezvous addresses the listener was given.
+    base_url: String,
+    reader: Reader,
+    writer: Writer,
+    slot: crate::relay::limits::ConnSlot,
+    since: Instant,
+}
+
+impl std::fmt::Debug for Kept {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kept")
+            .field("entity", &self.entity)
+            .field("listener", &self.listener)
+            .finish()
+    }
+}
+
+/// A sender connection's place for its kept rendezvous (at most one).
+pub type KeptSlot = Arc<Mutex<Option<Kept>>>;
+
+/// A kept rendezvous unused this long is closed rather than reused. Default: 30 s.
+pub const KEPT_IDLE: Duration = Duration::from_secs(30);
+
+/// What became of a request sent on a kept rendezvous.
+enum Reuse {
+    Done(Result<Answer, Refused>),
+    /// The listener closed the rendezvous without answering: it never handled the request.
+    Closed,
+}
+
+/// Sends the request to a listener of `out.entity` and waits for its answer. `kept` is
+/// the sender connection's kept rendezvous, used and refilled here.
+pub async fn run(ctx: &Arc<Ctx>, mut out: Outbound, body: Incoming, kept: &KeptSlot) -> Result<Answer, Refused> {
     let cfg = &ctx.cfg.http;
     let plan = plan(body, cfg.inline_max, cfg.body_idle_timeout).await?;
+    let entity = out.entity.to_lowercase();
+    if let Some(k) = take_kept(kept, &entity) {
+        match &plan {
+            Plan::Inline(b) => match reuse(ctx, k, &out, b.clone(), kept).await {
+                Reuse::Done(r) => return r,
+                Reuse::Closed => {
+                    count_rendezvous(&out.entity, "closed_by_listener");
+                }
+            },
+            Plan::Rendezvous { .. } => close_kept(k, ctx.cfg.http.body_idle_timeout).await,
+        }
+    }
     let mut ticket = ctx.http.table.open();
     let (id, secret) = (ticket.id.clone(), ticket.secret.clone());
     let (inline_body, prefix, rest) = match plan {
@@ -105,6 +162,7 @@ pub async fn run(ctx: &Arc<Ctx>, mut out: Outbound, body: Incoming) -> Result<An
     out.http.body = !prefix.is_empty() || rest.is_some();
     let mut sent_inline = false;
     let mut sent_address = String::new();
+    let mut sent_to = (0, String::new());
     let delivered = ctx
         .ctl
         .deliver(&out.entity, cfg.max_requests_per_listener, |d| {
@@ -112,6 +170,7 @@ pub async fn run(ctx: &Arc<Ctx>, mut out: Outbound, body: Incoming) -> Result<An
             let address = wire::rendezvous_address(d.base_url, &out.raw_path, &out.app_query, &id, &secret);
             sent_inline = inline_body.is_some() && d.inline_ok;
             sent_address.clone_from(&address);
+            sent_to = (d.key, d.base_url.to_owned());
             let req = Request {
                 address,
                 id: id.clone(),
@@ -147,23 +206,132 @@ pub async fn run(ctx: &Arc<Ctx>, mut out: Outbound, body: Incoming) -> Result<An
         prefix,
         rest,
     });
-    let timeout = || {
-        Refused::new(
-            504,
-            "The request was routed to the listener but the listener did not respond in the required time.",
-        )
-    };
     tokio::select! {
         r = &mut ticket.response => match r {
             Ok(inline) => Ok(inline_answer(inline)),
             Err(_) => Err(Refused::new(502, "The listener went away before it answered.")),
         },
         l = &mut ticket.leg => match l {
-            Ok(leg) => rendezvous(ctx, leg, push, deadline).await,
+            Ok(leg) => {
+                // Kept afterwards only if the request was pushed on it (the listener reads
+                // requests there).
+                let keep = push.is_some().then(|| KeepAs {
+                    slot: kept.clone(),
+                    entity,
+                    listener: sent_to.0,
+                    base_url: sent_to.1,
+                });
+                rendezvous(ctx, &out.entity, leg, push, deadline, keep).await
+            }
             Err(_) => Err(Refused::new(502, "The listener went away before it answered.")),
         },
         _ = delivered.gone.cancelled() => Err(Refused::new(502, "The listener went away before it answered.")),
         _ = tokio::time::sleep_until(deadline) => Err(timeout()),
+    }
+}
+
+/// The response deadline's answer.
+fn timeout() -> Refused {
+    Refused::new(
+        504,
+        "The request was routed to the listener but the listener did not respond in the required time.",
+    )
+}
+
+/// The connection's kept rendezvous if it serves `entity` and is fresh; any other is
+/// closed (in the background).
+fn take_kept(kept: &KeptSlot, entity: &str) -> Option<Kept> {
+    let k = kept.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+    if k.entity == entity && k.since.elapsed() < KEPT_IDLE {
+        return Some(k);
+    }
+    tokio::spawn(close_kept(k, Duration::from_secs(5)));
+    None
+}
+
+/// Closes the rendezvous kept at `since` if it is still unused after [`KEPT_IDLE`].
+async fn reap(place: std::sync::Weak<Mutex<Option<Kept>>>, since: Instant) {
+    tokio::time::sleep(KEPT_IDLE).await;
+    let Some(place) = place.upgrade() else { return };
+    let idle = {
+        let mut p = place.lock().unwrap_or_else(|e| e.into_inner());
+        match p.as_ref() {
+            Some(k) if k.since == since => p.take(),
+            _ => None,
+        }
+    };
+    if let Some(k) = idle {
+        close_kept(k, Duration::from_secs(5)).await;
+    }
+}
+
+/// Closes a kept rendezvous (1000), the write bounded by `within`.
+pub async fn close_kept(k: Kept, within: Duration) {
+    let Kept { mut writer, slot, .. } = k;
+    tokio::time::timeout(within, writer.send_close(close_code::NORMAL, ""))
+        .await
+        .ok();
+    drop(slot);
+}
+
+/// Sends the request, whose whole body is `body`, on the kept rendezvous `k`.
+async fn reuse(ctx: &Arc<Ctx>, k: Kept, out: &Outbound, body: Bytes, kept: &KeptSlot) -> Reuse {
+    let Kept {
+        entity,
+        listener,
+        base_url,
+        reader,
+        writer,
+        slot,
+        ..
+    } = k;
+    let cfg = &ctx.cfg.http;
+    let mut ticket = ctx.http.table.open();
+    ctx.http.table.bind(&ticket.id, listener);
+    let mut http = out.http.clone();
+    http.body = !body.is_empty();
+    let address = wire::rendezvous_address(&base_url, &out.raw_path, &out.app_query, &ticket.id, &ticket.secret);
+    let push = Push {
+        text: Request {
+            address,
+            id: ticket.id.clone(),
+            http: Some(http.clone()),
+        }
+        .encode(),
+        body: http.body,
+        prefix: body,
+        rest: None,
+    };
+    tracing::debug!(event = "http_rendezvous_reused", hc = %out.entity, request = %ticket.id, "request sent on the kept rendezvous");
+    let deadline = Instant::now() + cfg.response_timeout;
+    let keep = KeepAs {
+        slot: kept.clone(),
+        entity,
+        listener,
+        base_url,
+    };
+    let upload = tokio::spawn(upload(writer, Some(push), cfg.max_body, cfg.body_idle_timeout));
+    let exchange = on_rendezvous(ctx, reader, upload, deadline, slot, Some(keep));
+    tokio::pin!(exchange);
+    // The listener may also answer inline or on the request's own address.
+    let r = tokio::select! {
+        r = &mut exchange => r,
+        i = &mut ticket.response => match i {
+            Ok(inline) => return Reuse::Done(Ok(inline_answer(inline))),
+            Err(_) => exchange.await,
+        },
+        l = &mut ticket.leg => match l {
+            Ok(leg) => return Reuse::Done(rendezvous(ctx, &out.entity, leg, None, deadline, None).await),
+            Err(_) => exchange.await,
+        },
+    };
+    match r {
+        Ok(a) => {
+            count_rendezvous(&out.entity, "reused");
+            Reuse::Done(Ok(a))
+        }
+        Err(Failed::ClosedByListener) => Reuse::Closed,
+        Err(Failed::Refused(r)) => Reuse::Done(Err(r)),
     }
 }
 
@@ -224,10 +392,41 @@ fn inline_answer(inline: Inline) -> Answer {
 }
 
 type Writer = WsWriter<WriteHalf<Stream>>;
+type Reader = WsReader<ReadHalf<Stream>>;
 
-/// Serves the request over the listener's rendezvous connection.
-async fn rendezvous(ctx: &Arc<Ctx>, leg: Leg, push: Option<Push>, deadline: Instant) -> Result<Answer, Refused> {
-    let lost = || Refused::new(502, "The listener's rendezvous connection failed.");
+/// Where a rendezvous goes after its exchange, if it may be kept.
+struct KeepAs {
+    slot: KeptSlot,
+    entity: String,
+    listener: u64,
+    base_url: String,
+}
+
+/// Why a rendezvous exchange gave no answer.
+enum Failed {
+    /// The listener sent Close before any response.
+    ClosedByListener,
+    Refused(Refused),
+}
+
+fn lost() -> Refused {
+    Refused::new(502, "The listener's rendezvous connection failed.")
+}
+
+fn count_rendezvous(hc: &str, how: &'static str) {
+    metrics::counter!(crate::telemetry::metrics::RELAY_HTTP_RENDEZVOUS, "hc" => hc.to_owned(), "how" => how)
+        .increment(1);
+}
+
+/// Serves the request of hybrid connection `hc` over the listener's rendezvous connection.
+async fn rendezvous(
+    ctx: &Arc<Ctx>,
+    hc: &str,
+    leg: Leg,
+    push: Option<Push>,
+    deadline: Instant,
+    keep: Option<KeepAs>,
+) -> Result<Answer, Refused> {
     let Leg {
         mut stream,
         leftover,
@@ -243,36 +442,55 @@ async fn rendezvous(ctx: &Arc<Ctx>, leg: Leg, push: Option<Push>, deadline: Inst
         pushed = push.is_some(),
         "listener opened the request's rendezvous"
     );
+    count_rendezvous(hc, "opened");
     let (r, w) = tokio::io::split(stream);
     // Frames are streamed in pieces, never held whole: a body may come as one frame
     // (hyco-https sends a 10 MiB response so), so the body limit is the frame limit.
-    let mut reader = WsReader::new(r, leftover, Role::Server, ctx.cfg.http.max_body);
+    let reader = WsReader::new(r, leftover, Role::Server, ctx.cfg.http.max_body);
     let writer = WsWriter::new(w, Role::Server);
-    let cfg = ctx.cfg.http.clone();
-    let mut upload = tokio::spawn(upload(writer, push, cfg.max_body, cfg.body_idle_timeout));
+    let cfg = &ctx.cfg.http;
+    let upload = tokio::spawn(upload(writer, push, cfg.max_body, cfg.body_idle_timeout));
+    match on_rendezvous(ctx, reader, upload, deadline, slot, keep).await {
+        Ok(a) => Ok(a),
+        Err(Failed::ClosedByListener) => Err(lost()),
+        Err(Failed::Refused(r)) => Err(r),
+    }
+}
+
+/// Reads the listener's response on a rendezvous while `upload` sends the request, then
+/// streams the response body to the sender from a task of its own, which afterwards
+/// keeps the rendezvous (`keep`) or closes it.
+async fn on_rendezvous(
+    ctx: &Arc<Ctx>,
+    mut reader: Reader,
+    mut upload: tokio::task::JoinHandle<Result<Writer, BodyError>>,
+    deadline: Instant,
+    slot: crate::relay::limits::ConnSlot,
+    keep: Option<KeepAs>,
+) -> Result<Answer, Failed> {
+    let refused = |r| Err(Failed::Refused(r));
     let mut uploaded: Option<Writer> = None;
     let response = loop {
         tokio::select! {
             m = reader.next_message(ctx.cfg.max_control_message) => match m {
                 Ok(Some(Message::Text(t))) => match control::decode(&t) {
                     Ok(Command::Response(r)) => break r,
-                    _ => return Err(Refused::new(502, "The listener sent something other than a response.")),
+                    _ => return refused(Refused::new(502, "The listener sent something other than a response.")),
                 },
                 // A stray empty binary message, or pings: nothing to do.
                 Ok(Some(Message::Binary(_) | Message::Ping(_) | Message::Pong(_))) => {}
-                Ok(Some(Message::Close(_)) | None) | Err(_) => return Err(lost()),
+                Ok(Some(Message::Close(_))) => return Err(Failed::ClosedByListener),
+                Ok(None) | Err(_) => return refused(lost()),
             },
             u = &mut upload, if uploaded.is_none() => match u {
                 Ok(Ok(w)) => uploaded = Some(w),
                 Ok(Err(BodyError::TooLarge(n))) => {
-                    return Err(Refused::new(413, format!("The request body exceeds {n} bytes.")));
+                    return refused(Refused::new(413, format!("The request body exceeds {n} bytes.")));
                 }
-                Ok(Err(e)) => return Err(Refused::new(502, format!("Sending the request to the listener failed: {e}"))),
-                Err(_) => return Err(lost()),
+                Ok(Err(e)) => return refused(Refused::new(502, format!("Sending the request to the listener failed: {e}"))),
+                Err(_) => return refused(lost()),
             },
-            _ = tokio::time::sleep_until(deadline) => {
-                return Err(Refused::new(504, "The request was routed to the listener but the listener did not respond in the required time."));
-            }
+            _ = tokio::time::sleep_until(deadline) => return refused(timeout()),
         }
     };
     let (tx, body) = if response.body {
@@ -285,18 +503,40 @@ async fn rendezvous(ctx: &Arc<Ctx>, leg: Leg, push: Option<Push>, deadline: Inst
         Some(w) => Finish::Writer(w),
         None => Finish::Uploading(upload),
     };
+    let cfg = ctx.cfg.http.clone();
     tokio::spawn(async move {
-        if let Some(tx) = tx
-            && let Err(e) = http_body::pump_message(&mut reader, &tx, cfg.max_body, cfg.body_idle_timeout).await
+        let mut clean = true;
+        if let Some(tx) = &tx
+            && let Err(e) = http_body::pump_message(&mut reader, tx, cfg.max_body, cfg.body_idle_timeout).await
         {
             tracing::debug!(error = %e, "streaming a response body from a rendezvous failed");
+            clean = false;
         }
-        if let Some(mut w) = writer.get().await {
-            // Bounded: a listener that stops reading cannot hold the rendezvous.
-            tokio::time::timeout(cfg.body_idle_timeout, w.send_close(close_code::NORMAL, ""))
-                .await
-                .ok();
+        let Some(mut writer) = writer.get().await else { return };
+        // Kept before the body's end reaches the sender, so the sender's next request
+        // finds it.
+        if clean && let Some(k) = keep {
+            let mut place = k.slot.lock().unwrap_or_else(|e| e.into_inner());
+            if place.is_none() && Arc::strong_count(&k.slot) > 1 {
+                let since = Instant::now();
+                *place = Some(Kept {
+                    entity: k.entity,
+                    listener: k.listener,
+                    base_url: k.base_url,
+                    reader,
+                    writer,
+                    slot,
+                    since,
+                });
+                tokio::spawn(reap(Arc::downgrade(&k.slot), since));
+                return;
+            }
         }
+        drop(tx);
+        // Bounded: a listener that stops reading cannot hold the rendezvous.
+        tokio::time::timeout(cfg.body_idle_timeout, writer.send_close(close_code::NORMAL, ""))
+            .await
+            .ok();
         drop(slot);
     });
     Ok(Answer { response, body })

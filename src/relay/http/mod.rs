@@ -78,6 +78,8 @@ struct Conn {
     peer: SocketAddr,
     /// Counts the connection as unauthenticated until a request passes.
     pending: Mutex<Option<AuthPending>>,
+    /// The rendezvous kept for this connection's next request (`exchange`).
+    kept: exchange::KeptSlot,
 }
 
 /// Serves a connection whose first request is a plain request for a hybrid connection.
@@ -93,7 +95,9 @@ pub(crate) async fn serve(stream: Stream, inc: Accepted, ctx: Arc<Ctx>) {
     let conn = Arc::new(Conn {
         peer,
         pending: Mutex::new(Some(pending)),
+        kept: Default::default(),
     });
+    let kept = conn.kept.clone();
     let svc = {
         let ctx = ctx.clone();
         hyper::service::service_fn(move |req| {
@@ -125,6 +129,10 @@ pub(crate) async fn serve(stream: Stream, inc: Accepted, ctx: Arc<Ctx>) {
         tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
     }
     let (_, stream) = connection.into_parts().io.into_inner().into_parts();
+    let last = kept.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(k) = last {
+        exchange::close_kept(k, DRAIN_TIME).await;
+    }
     close_gracefully(stream).await;
     drop(slot);
 }
@@ -281,7 +289,7 @@ async fn route(req: Request<Incoming>, conn: &Conn, ctx: &Arc<Ctx>) -> (Response
     };
     let head = out.head;
     let _in_flight = ctx.http.stats.enter(&entity.name);
-    let resp = match exchange::run(ctx, out, body).await {
+    let resp = match exchange::run(ctx, out, body, &conn.kept).await {
         Ok(answer) => to_sender(answer, &via_host, head),
         Err(r) => {
             tracing::info!(event = "http_request_failed", hc = %entity.name, peer = %conn.peer, status = r.status, reason = %r.reason, "HTTP request not answered by a listener");
