@@ -102,6 +102,7 @@ async fn setup_with(hc: &str, inline_max: usize) -> (Rig, Listener, String) {
     let rig = Rig::with(false, |c| {
         c.http.response_timeout = Duration::from_secs(3);
         c.http.inline_max = inline_max;
+        c.runtime.admin = Some("127.0.0.1:0".parse().unwrap());
     });
     rig.create(hc, echo()).await;
     let l = Listener::start(&rig, hc, 1).await;
@@ -294,4 +295,46 @@ async fn hyco_https_takes_every_request_from_a_rendezvous() {
     }
     let g = s.send("GET", "/rv/status/204", &auth, Body::Bytes(vec![])).await;
     assert_eq!((g.status, g.body.len()), (204, 0));
+}
+
+/// The relay counter `hyrelay_relay_http_rendezvous_total{hc,how}` on the rig's admin
+/// listener (0 if unset).
+async fn rendezvous_count(rig: &Rig, hc: &str, how: &str) -> u64 {
+    let mut s = Sender::connect(rig.relay.admin_addr().unwrap()).await;
+    let g = s.send("GET", "/metrics", &[], Body::Bytes(vec![])).await;
+    let key = format!("hyrelay_relay_http_rendezvous_total{{hc=\"{hc}\",how=\"{how}\"}} ");
+    String::from_utf8_lossy(&g.body)
+        .lines()
+        .find_map(|l| l.strip_prefix(&key).map(|v| v.trim().parse().unwrap()))
+        .unwrap_or(0)
+}
+
+/// hyco-https reads further requests on a rendezvous the relay pushed a request on: after
+/// a 70 kB POST (pushed), the same sender connection's next requests travel on that
+/// rendezvous, byte-exact, large responses included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hyco_https_answers_several_requests_on_one_rendezvous() {
+    let (rig, _l, tok) = setup("again").await;
+    let mut s = Sender::connect(rig.relay.local_addr()).await;
+    let auth = [("ServiceBusAuthorization", tok.as_str())];
+    let big = payload(70_000, 8);
+    let g = s.send("POST", "/again/echo", &auth, Body::Bytes(big.clone())).await;
+    assert!(g.status == 200 && g.body[..] == big[..], "{}", g.reason);
+    let small = payload(2000, 9);
+    let g = s.send("POST", "/again/echo", &auth, Body::Bytes(small.clone())).await;
+    assert!(g.status == 200 && g.body[..] == small[..], "{}", g.reason);
+    let g = s.send("GET", "/again/size/100000", &auth, Body::Bytes(vec![])).await;
+    assert!(g.status == 200 && g.body[..] == sized(100_000)[..], "{}", g.reason);
+    let g = s.send("GET", "/again/status/204", &auth, Body::Bytes(vec![])).await;
+    assert_eq!((g.status, g.body.len()), (204, 0));
+    let g = s.send("GET", "/again/size/10", &auth, Body::Bytes(vec![])).await;
+    assert!(g.status == 200 && g.body[..] == sized(10)[..], "{}", g.reason);
+    assert_eq!(
+        (
+            rendezvous_count(&rig, "again", "opened").await,
+            rendezvous_count(&rig, "again", "reused").await
+        ),
+        (1, 4),
+        "one rendezvous carried all five requests"
+    );
 }
