@@ -6,6 +6,11 @@
 //! names Redis, its own public URL (which its rendezvous addresses carry) and, behind
 //! haproxy, the cluster's shared address for the connection strings it prints.
 
+// Both fixtures load tests/common/data.rs; this file needs the namespaces' process rig and
+// common's raw control channel.
+#![allow(clippy::duplicate_mod)]
+
+mod common;
 mod fault_rig;
 
 use std::net::SocketAddr;
@@ -387,47 +392,6 @@ async fn a_sender_on_another_node_than_the_listener_keeps_its_bytes_local() {
     );
 }
 
-type RawReader = hyrelay::transport::ws::WsReader<tokio::io::ReadHalf<hyrelay::transport::Stream>>;
-type RawWriter = tokio::io::WriteHalf<hyrelay::transport::Stream>;
-
-/// A control channel opened by the test on `node`'s address for `hc` with `listen` (a
-/// Listen connection string): returns once the node's 101 is in. Keep the write half
-/// alive, or the channel closes.
-async fn raw_listener_on(node: &Node, hc: &str, listen: &str) -> (RawReader, RawWriter) {
-    use hyrelay::{client, proto::frame::Role, transport::ws};
-    let cs = ConnectionString::parse(&pointed_at(listen, &node.url)).unwrap();
-    let token = client::token(&cs, hc, Duration::from_secs(600));
-    let url = client::hc_url(&cs, hc, "listen", "raw");
-    let c = ws::connect(
-        &url,
-        None,
-        &[("ServiceBusAuthorization", &token)],
-        Duration::from_secs(10),
-    )
-    .await
-    .expect("raw listener's control channel");
-    let (r, w) = tokio::io::split(c.stream);
-    (ws::WsReader::new(r, c.leftover, Role::Client, 1 << 20), w)
-}
-
-/// The next `accept` on a raw control channel, skipping other messages; fails after 10 s.
-async fn next_accept(r: &mut RawReader) -> hyrelay::proto::control::Accept {
-    use hyrelay::proto::control::{self, Command};
-    use hyrelay::transport::ws::Message;
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(10), r.next_message(1 << 17))
-            .await
-            .expect("an accept within 10 s")
-            .expect("control channel read")
-            .expect("control channel open");
-        if let Message::Text(t) = m
-            && let Ok(Command::Accept(a)) = control::decode(&t)
-        {
-            return a;
-        }
-    }
-}
-
 /// A listener that has its 101 from one node is found by a sender on another node at
 /// once, not after that node's next presence read (CI saw senders refused with 404 for
 /// up to two beats after the hcm registered). Each round registers a fresh listener on
@@ -446,7 +410,8 @@ async fn a_new_listener_is_found_from_every_node_right_after_its_upgrade() {
             info_status(&nodes[1], &ConnectionString::parse(&send).unwrap(), &hc).await == 200
         })
         .await;
-        let (mut lr, _lw) = raw_listener_on(&nodes[0], &hc, &listen).await;
+        let at_n1 = ConnectionString::parse(&pointed_at(&listen, &nodes[0].url)).unwrap();
+        let (mut lr, _lw) = common::raw_control_channel(&at_n1, &hc, None).await;
         let cs = ConnectionString::parse(&pointed_at(&send, &nodes[1].url)).unwrap();
         let token = client::token(&cs, &hc, Duration::from_secs(600));
         let url = client::hc_url(&cs, &hc, "connect", "raw-sender");
@@ -461,7 +426,7 @@ async fn a_new_listener_is_found_from_every_node_right_after_its_upgrade() {
             .map(|_| ())
         });
         let accept = tokio::select! {
-            a = next_accept(&mut lr) => a,
+            a = common::next_accept(&mut lr) => a,
             r = &mut sender => panic!("round {round}: the sender on n2 ended before any accept: {:?}", r.unwrap()),
         };
         let rendezvous = ws::connect(

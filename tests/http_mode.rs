@@ -97,6 +97,21 @@ async fn published_with(
     (rig, hcm, tok, ep)
 }
 
+/// As [`published`], with an admin listener on relay and hcm (metrics, status pages).
+async fn published_with_admin(hc: &str) -> (Rig, hyrelay::hcm::HcmHandle, String) {
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let rig = Rig::with(false, |c| c.runtime.admin = Some(any));
+    rig.create(hc, endpoint()).await;
+    let mut cfg = rig.hcm_config(vec![
+        hyrelay::hcm::config::HcEntry::new(rig.listen_cs(hc).await, None).unwrap(),
+    ]);
+    cfg.runtime.admin = Some(any);
+    let hcm = hyrelay::hcm::start(cfg).unwrap();
+    rig.wait_listeners(hc, 1).await;
+    let tok = token(&rig.send_cs(hc).await, hc);
+    (rig, hcm, tok)
+}
+
 // ---------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -532,16 +547,7 @@ async fn admin_get(addr: SocketAddr, path: &str) -> String {
 /// The status pages and metrics of relay and hcm count HTTP-mode requests.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_pages_and_metrics_count_http_requests() {
-    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let rig = Rig::with(false, |c| c.runtime.admin = Some(any));
-    rig.create("seen", endpoint()).await;
-    let mut cfg = rig.hcm_config(vec![
-        hyrelay::hcm::config::HcEntry::new(rig.listen_cs("seen").await, None).unwrap(),
-    ]);
-    cfg.runtime.admin = Some(any);
-    let hcm = hyrelay::hcm::start(cfg).unwrap();
-    rig.wait_listeners("seen", 1).await;
-    let tok = token(&rig.send_cs("seen").await, "seen");
+    let (rig, hcm, tok) = published_with_admin("seen").await;
     let mut s = Sender::connect(rig.relay.local_addr()).await;
     let auth = [("ServiceBusAuthorization", tok.as_str())];
     assert_eq!(
@@ -737,16 +743,7 @@ fn rendezvous_count(metrics: &str, hc: &str, how: &str) -> u64 {
 /// requests, each byte-exact and counted. A streamed body closes it and opens another.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_requests_on_one_rendezvous() {
-    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let rig = Rig::with(false, |c| c.runtime.admin = Some(any));
-    rig.create("many", endpoint()).await;
-    let mut cfg = rig.hcm_config(vec![
-        hyrelay::hcm::config::HcEntry::new(rig.listen_cs("many").await, None).unwrap(),
-    ]);
-    cfg.runtime.admin = Some(any);
-    let hcm = hyrelay::hcm::start(cfg).unwrap();
-    rig.wait_listeners("many", 1).await;
-    let tok = token(&rig.send_cs("many").await, "many");
+    let (rig, hcm, tok) = published_with_admin("many").await;
     let auth = [("ServiceBusAuthorization", tok.as_str())];
     let relay_admin = rig.relay.admin_addr().unwrap();
     let mut s = Sender::connect(rig.relay.local_addr()).await;

@@ -230,13 +230,22 @@ pub type RawWriter = tokio::io::WriteHalf<hyrelay::transport::Stream>;
 /// A listener control channel on `hc` opened by the test itself (no hcm), to see exactly
 /// what the relay sends.
 pub async fn raw_listener(rig: &Rig, hc: &str) -> (RawReader, RawWriter) {
+    raw_control_channel(&rig.listen_cs(hc).await, hc, Some(&rig.tls)).await
+}
+
+/// A listener control channel on `hc` with the Listen connection string `cs` (TLS with
+/// `tls` when the relay's address is `wss://`); returns once the relay's 101 is in.
+pub async fn raw_control_channel(
+    cs: &ConnectionString,
+    hc: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> (RawReader, RawWriter) {
     use hyrelay::{client, proto::frame::Role, transport::ws};
-    let cs = rig.listen_cs(hc).await;
-    let token = client::token(&cs, hc, Duration::from_secs(600));
-    let url = client::hc_url(&cs, hc, "listen", "raw");
+    let token = client::token(cs, hc, Duration::from_secs(600));
+    let url = client::hc_url(cs, hc, "listen", "raw");
     let c = ws::connect(
         &url,
-        Some(&rig.tls),
+        tls,
         &[("ServiceBusAuthorization", &token)],
         Duration::from_secs(10),
     )
