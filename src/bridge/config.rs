@@ -62,7 +62,7 @@ pub struct BridgeConfig {
     pub fixed_forwards: Vec<Forward>,
     /// The config file, watched and re-read on change or SIGHUP. Default: none.
     pub config_file: Option<PathBuf>,
-    /// What the bridge calls itself to the relay ([`crate::relay::usage::CLIENT_ID_HEADER`]
+    /// What the bridge calls itself to the relay ([`crate::proto::client_id::CLIENT_ID_HEADER`]
     /// on every connect), so the relay's usage tells bridges apart. Default: the host name.
     pub client_id: String,
 }
@@ -251,14 +251,14 @@ pub struct ForwardFile {
 
 /// The host name, else `bridge`: the default client id.
 fn default_client_id() -> String {
-    crate::relay::system_hostname()
+    crate::config::system_hostname()
         .and_then(|h| checked_client_id(&h).ok())
         .unwrap_or_else(|| "bridge".into())
 }
 
 /// A client id as the relay records it, or why it would not be.
 pub fn checked_client_id(id: &str) -> anyhow::Result<String> {
-    use crate::relay::usage;
+    use crate::proto::client_id as usage;
     match usage::client_id(Some(id)) {
         Some(v) if v != usage::INVALID_CLIENT_ID => Ok(v),
         _ => bail!(

@@ -501,7 +501,7 @@ async fn connect_with_retry(
         let url = client::hc_url(cs, hc, "connect", &crate::proto::ids::new_id());
         let headers = [
             ("ServiceBusAuthorization", token.as_str()),
-            (crate::relay::usage::CLIENT_ID_HEADER, ctx.cfg.client_id.as_str()),
+            (crate::proto::client_id::CLIENT_ID_HEADER, ctx.cfg.client_id.as_str()),
         ];
         match connect(fw, ctx, &url, &headers, tcp, &mut early_sent).await {
             Err(e) if transient(&e) => match waits.next() {

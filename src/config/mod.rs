@@ -243,6 +243,26 @@ pub fn lock_dir(dir: &Path) -> anyhow::Result<DirLock> {
     Ok(DirLock { _file: file })
 }
 
+/// This machine's host name, if it has one.
+pub(crate) fn system_hostname() -> Option<String> {
+    #[cfg(unix)]
+    {
+        let mut buf = [0u8; 256];
+        // SAFETY: gethostname(2) writes at most `buf.len()` bytes into `buf`, a live buffer.
+        let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+        if rc != 0 {
+            return None;
+        }
+        let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+        let name = std::str::from_utf8(&buf[..end]).ok()?.to_owned();
+        crate::proto::host::validate(&name).ok().map(|_| name)
+    }
+    #[cfg(not(unix))]
+    {
+        std::env::var("COMPUTERNAME").ok()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,6 +4,7 @@
 //! "need more bytes" is `Ok(None)`. Each has a fuzz target in `fuzz/`.
 
 pub mod address;
+pub mod client_id;
 pub mod connstr;
 pub mod control;
 pub mod extensions;

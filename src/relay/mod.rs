@@ -394,7 +394,7 @@ pub fn answers_to(cfg: &RelayConfig) -> anyhow::Result<auth::Audience> {
     let ip = cfg.listen.ip();
     if ip.is_unspecified() {
         names.extend(loopback());
-        names.extend(system_hostname());
+        names.extend(crate::config::system_hostname());
     } else {
         names.push(match ip {
             std::net::IpAddr::V6(v6) => format!("[{v6}]"),
@@ -402,26 +402,6 @@ pub fn answers_to(cfg: &RelayConfig) -> anyhow::Result<auth::Audience> {
         });
     }
     Ok(auth::Audience::new(names))
-}
-
-/// This machine's host name, if it has one.
-pub(crate) fn system_hostname() -> Option<String> {
-    #[cfg(unix)]
-    {
-        let mut buf = [0u8; 256];
-        // SAFETY: gethostname(2) writes at most `buf.len()` bytes into `buf`, a live buffer.
-        let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-        if rc != 0 {
-            return None;
-        }
-        let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
-        let name = std::str::from_utf8(&buf[..end]).ok()?.to_owned();
-        crate::proto::host::validate(&name).ok().map(|_| name)
-    }
-    #[cfg(not(unix))]
-    {
-        std::env::var("COMPUTERNAME").ok()
-    }
 }
 
 fn write_cli_file(h: &RelayHandle) -> anyhow::Result<()> {

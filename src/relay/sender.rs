@@ -16,6 +16,7 @@ use super::auth::{Demand, authorize};
 use super::conn::{Incoming, describe, refuse_rendezvous, respond, write_flush};
 use super::control::{ConnectReq, Leg, Outcome, Refusal};
 use crate::proto::address::HcRequest;
+use crate::proto::client_id;
 use crate::proto::handshake;
 use crate::proto::sas::{Rights, unix_now};
 use crate::transport::Stream;
@@ -70,7 +71,7 @@ pub(super) async fn serve_connect(mut stream: Stream, mut inc: Incoming, req: Hc
     let who = super::usage::SenderKey {
         remote: peer.ip(),
         key_name,
-        client_id: super::usage::client_id(head.headers.get(super::usage::CLIENT_ID_HEADER)),
+        client_id: client_id::client_id(head.headers.get(client_id::CLIENT_ID_HEADER)),
     };
     drop(state);
     inc.pending.done();

@@ -1,16 +1,15 @@
 //! Who used each hybrid connection lately (issue 14 item 10), as App Service shows per
 //! plan: per hybrid connection, the senders this relay joined to a listener, told apart by
 //! remote address, the SAS rule their token was signed with, and the client id our bridge
-//! sends in [`CLIENT_ID_HEADER`]; for each, first and last seen, tunnels opened, tunnels
+//! sends ([`crate::proto::client_id`]); for each, first and last seen, tunnels opened, tunnels
 //! open now and bytes both ways (counted when a tunnel ends). Shown by `hc show`, the
 //! relay's `/status` and its status page.
 //!
 //! Invariants: memory is bounded — at most [`MAX_SENDERS`] senders per hybrid connection
 //! (the one seen least recently makes room), at most [`MAX_HYBRID_CONNECTIONS`] hybrid
 //! connections (the one used least recently goes), and a sender not seen for
-//! [`FORGET_AFTER`] is dropped. The client id is the peer's string: kept only if it is at
-//! most [`MAX_CLIENT_ID`] characters of letters, digits and `. _ - : @`, else recorded as
-//! [`INVALID_CLIENT_ID`]; it is never a metric label. In a relay cluster each node keeps
+//! [`FORGET_AFTER`] is dropped. The client id is the peer's string, recorded by the rule
+//! of [`crate::proto::client_id::client_id`]; it is never a metric label. In a relay cluster each node keeps
 //! the senders it joined itself: the usage is per node.
 
 use std::collections::HashMap;
@@ -20,14 +19,6 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::{Value, json};
 
-/// The request header our bridge names itself with on a sender connect. Any other relay
-/// ignores it (and passes it to the listener like any header); Microsoft's clients do not
-/// send it, and their senders are told apart by address and key name alone.
-pub const CLIENT_ID_HEADER: &str = "X-Hyrelay-Client-Id";
-/// Longest client id kept.
-pub const MAX_CLIENT_ID: usize = 64;
-/// What a client id that is too long or has other characters is recorded as.
-pub const INVALID_CLIENT_ID: &str = "(invalid)";
 /// Senders kept per hybrid connection.
 pub const MAX_SENDERS: usize = 16;
 /// Hybrid connections kept.
@@ -76,15 +67,6 @@ impl SenderUsage {
             "bytesReceived": self.bytes_received,
         })
     }
-}
-
-/// The client id a sender sent, as recorded: `None` without the header.
-pub fn client_id(header: Option<&str>) -> Option<String> {
-    let v = header?.trim();
-    let ok = !v.is_empty()
-        && v.chars().count() <= MAX_CLIENT_ID
-        && v.chars().all(|c| c.is_ascii_alphanumeric() || ".-_:@".contains(c));
-    Some(if ok { v.to_owned() } else { INVALID_CLIENT_ID.to_owned() })
 }
 
 /// The senders of every hybrid connection (keyed by lower-cased name).
@@ -259,17 +241,6 @@ mod tests {
         let k = key("10.9.9.9", None);
         u.opened_at("db", k.clone(), t0 + FORGET_AFTER + Duration::from_secs(100));
         assert_eq!(u.senders("db").len(), 1);
-    }
-
-    #[test]
-    fn client_ids_are_checked() {
-        assert_eq!(client_id(None), None);
-        assert_eq!(
-            client_id(Some(" app-1.corp:web@x ")).as_deref(),
-            Some("app-1.corp:web@x")
-        );
-        assert_eq!(client_id(Some("<script>")).as_deref(), Some(INVALID_CLIENT_ID));
-        assert_eq!(client_id(Some(&"a".repeat(65))).as_deref(), Some(INVALID_CLIENT_ID));
     }
 
     #[test]
