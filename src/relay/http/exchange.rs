@@ -122,7 +122,27 @@ impl std::fmt::Debug for Kept {
 }
 
 /// A sender connection's place for its kept rendezvous (at most one).
-pub type KeptSlot = Arc<Mutex<Option<Kept>>>;
+pub type KeptSlot = Arc<Mutex<Place>>;
+
+/// What a sender connection holds: its kept rendezvous, if any, and whether the
+/// connection has ended (then nothing more is kept).
+#[derive(Debug, Default)]
+pub struct Place {
+    kept: Option<Kept>,
+    ended: bool,
+}
+
+/// The sender connection ended: closes its kept rendezvous, and none is kept after.
+pub async fn connection_ended(place: &KeptSlot, within: Duration) {
+    let last = {
+        let mut p = place.lock().unwrap_or_else(|e| e.into_inner());
+        p.ended = true;
+        p.kept.take()
+    };
+    if let Some(k) = last {
+        close_kept(k, within).await;
+    }
+}
 
 /// A kept rendezvous unused this long is closed rather than reused. Default: 30 s.
 pub const KEPT_IDLE: Duration = Duration::from_secs(30);
@@ -241,7 +261,7 @@ fn timeout() -> Refused {
 /// The connection's kept rendezvous if it serves `entity` and is fresh; any other is
 /// closed (in the background).
 fn take_kept(kept: &KeptSlot, entity: &str) -> Option<Kept> {
-    let k = kept.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+    let k = kept.lock().unwrap_or_else(|e| e.into_inner()).kept.take()?;
     if k.entity == entity && k.since.elapsed() < KEPT_IDLE {
         return Some(k);
     }
@@ -250,13 +270,13 @@ fn take_kept(kept: &KeptSlot, entity: &str) -> Option<Kept> {
 }
 
 /// Closes the rendezvous kept at `since` if it is still unused after [`KEPT_IDLE`].
-async fn reap(place: std::sync::Weak<Mutex<Option<Kept>>>, since: Instant) {
+async fn reap(place: std::sync::Weak<Mutex<Place>>, since: Instant) {
     tokio::time::sleep(KEPT_IDLE).await;
     let Some(place) = place.upgrade() else { return };
     let idle = {
         let mut p = place.lock().unwrap_or_else(|e| e.into_inner());
-        match p.as_ref() {
-            Some(k) if k.since == since => p.take(),
+        match p.kept.as_ref() {
+            Some(k) if k.since == since => p.kept.take(),
             _ => None,
         }
     };
@@ -517,9 +537,9 @@ async fn on_rendezvous(
         // finds it.
         if clean && let Some(k) = keep {
             let mut place = k.slot.lock().unwrap_or_else(|e| e.into_inner());
-            if place.is_none() && Arc::strong_count(&k.slot) > 1 {
+            if place.kept.is_none() && !place.ended {
                 let since = Instant::now();
-                *place = Some(Kept {
+                place.kept = Some(Kept {
                     entity: k.entity,
                     listener: k.listener,
                     base_url: k.base_url,

@@ -129,10 +129,7 @@ pub(crate) async fn serve(stream: Stream, inc: Accepted, ctx: Arc<Ctx>) {
         tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
     }
     let (_, stream) = connection.into_parts().io.into_inner().into_parts();
-    let last = kept.lock().unwrap_or_else(|e| e.into_inner()).take();
-    if let Some(k) = last {
-        exchange::close_kept(k, DRAIN_TIME).await;
-    }
+    exchange::connection_ended(&kept, DRAIN_TIME).await;
     close_gracefully(stream).await;
     drop(slot);
 }
