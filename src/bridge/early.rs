@@ -4,9 +4,7 @@
 //! Until a relay has advertised `early-data` on a 101, a forward uses the standard
 //! protocol alone. From then on ([`Warm::learn`]):
 //! - a few connections to the relay are kept open with TCP (and TLS) done but nothing sent
-//!   ([`Warm::maintain`]), per worker: each worker opens and takes its own, so a taken one
-//!   is already registered with the taking worker's reactor (no hand-over between threads,
-//!   no re-registration, no cross-thread wake-up per tunnel), and replaced before the
+//!   ([`Warm::maintain`]): parked, so any worker can take one, and replaced before the
 //!   relay's advertised head timeout (at 70 % of it) so the relay never sees them idle out;
 //! - a new app connection takes one, sends its upgrade request with `X-Hyrelay-Early: 1`
 //!   and, without waiting for the answer, the app's bytes as WebSocket frames
@@ -18,11 +16,10 @@
 //! it carries no request until an app connection exists, so it never makes the relay send
 //! an `accept`, and the endpoint never sees a connection no app opened.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::thread::ThreadId;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -41,7 +38,7 @@ use crate::transport::ws::{self, ClientWs, ConnectError, WsUrl};
 
 /// App bytes sent ahead of the relay's answer at most (the relay holds up to 64 KiB).
 pub const EARLY_LIMIT: usize = 32 * 1024;
-/// Warm connections kept at most per forward and worker.
+/// Warm connections kept at most per forward.
 pub const MAX_WARM: usize = 8;
 /// How often the warm queue is refreshed and refilled.
 const TICK: Duration = Duration::from_millis(250);
@@ -51,28 +48,12 @@ const TICK: Duration = Duration::from_millis(250);
 pub(crate) struct Warm {
     /// What the relay advertised (once a 101 said so), with the relay it came from.
     offered: Mutex<Option<(RelayEndpoint, Advertised)>>,
-    /// Each worker thread's own warm connections, keyed by its thread.
-    workers: Mutex<HashMap<ThreadId, Arc<Local>>>,
-}
-
-/// One worker's warm connections: opened on that worker, so registered with its reactor,
-/// and only taken there.
-#[derive(Default)]
-pub(crate) struct Local {
-    /// Relay, when opened, stream.
+    /// Parked warm connections: relay, when opened, stream.
     idle: Mutex<VecDeque<(RelayEndpoint, Instant, Stream)>>,
-    /// App connections this worker served, for sizing.
+    /// App connections served, for sizing.
     served: AtomicU64,
-    /// Wakes the worker's [`Warm::maintain`] when a warm connection was taken.
+    /// Wakes [`Warm::maintain`] when a warm connection was taken.
     taken: tokio::sync::Notify,
-    /// Its [`Warm::maintain`] runs.
-    maintained: std::sync::atomic::AtomicBool,
-}
-
-impl Local {
-    fn len(&self) -> usize {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
 }
 
 /// How warm connections are opened.
@@ -83,7 +64,7 @@ pub(crate) struct Dialer {
 
 impl Warm {
     /// Records a 101's advertisement from `relay`; true the first time early data is
-    /// offered.
+    /// offered (the caller then starts [`Warm::maintain`]).
     pub fn learn(&self, relay: &RelayEndpoint, answer: &ResponseHead) -> bool {
         let a = Advertised::parse(answer.headers.get(ADVERTISE_HEADER));
         let mut offered = self.offered.lock().unwrap_or_else(|e| e.into_inner());
@@ -99,30 +80,9 @@ impl Warm {
         matches!(&*self.offered.lock().unwrap_or_else(|e| e.into_inner()), Some((r, a)) if r == relay && a.early_data)
     }
 
-    /// This worker's share.
-    fn local(&self) -> Arc<Local> {
-        let me = std::thread::current().id();
-        self.workers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(me)
-            .or_default()
-            .clone()
-    }
-
-    /// Counts an app connection on this worker (for sizing).
+    /// Counts an app connection (for sizing).
     pub fn served(&self) {
-        self.local().served.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// This worker's share, the first time it is asked for once the relay offered early
-    /// data: the caller then runs [`Warm::maintain`] for it on this worker.
-    pub fn unmaintained(&self) -> Option<Arc<Local>> {
-        if self.offered.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
-            return None;
-        }
-        let local = self.local();
-        (!local.maintained.swap(true, Ordering::Relaxed)).then_some(local)
+        self.served.fetch_add(1, Ordering::Relaxed);
     }
 
     /// How long a warm connection to the advertising relay may wait: 70 % of its head
@@ -138,37 +98,29 @@ impl Warm {
         Duration::from_secs(u64::from(secs)).mul_f64(0.7)
     }
 
-    /// A fresh warm connection to `relay` of this worker's.
+    /// A fresh warm connection to `relay`, unparked onto this worker.
     pub fn take(&self, relay: &RelayEndpoint) -> Option<Stream> {
         let max_age = self.max_age();
-        let local = self.local();
-        let mut idle = local.idle.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some((r, at, s)) = idle.pop_front() {
-            if &r == relay && at.elapsed() < max_age {
-                local.taken.notify_one();
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some((r, at, mut s)) = idle.pop_front() {
+            if &r == relay && at.elapsed() < max_age && s.unpark().is_ok() {
+                self.taken.notify_one();
                 return Some(s);
             }
         }
         None
     }
 
-    /// Warm connections of every worker.
     fn len(&self) -> usize {
-        self.workers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .map(|l| l.len())
-            .sum()
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    /// Keeps `local`'s warm connections (run on its worker) to the forward's relay
-    /// (`relay()` reads its current connection string) until `stop`: stale ones dropped,
-    /// the queue refilled (every tick, and at once when one is taken) to two more than a
-    /// quarter of the worker's app connections of the last second (at most [`MAX_WARM`]).
+    /// Keeps warm connections to the forward's relay (`relay()` reads its current
+    /// connection string) until `stop`: stale ones dropped, the queue refilled (every tick,
+    /// and at once when one is taken) to two more than a quarter of the app connections of
+    /// the last second (at most [`MAX_WARM`]).
     pub async fn maintain(
         self: Arc<Self>,
-        local: Arc<Local>,
         hc: String,
         relay: impl Fn() -> RelayEndpoint,
         dialer: Arc<Dialer>,
@@ -179,16 +131,15 @@ impl Warm {
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = local.taken.notified() => {}
+                _ = self.taken.notified() => {}
                 _ = stop.cancelled() => break,
             }
             let max_age = self.max_age();
-            local
-                .idle
+            self.idle
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .retain(|(_, at, _)| at.elapsed() < max_age);
-            let served = local.served.load(Ordering::Relaxed);
+            let served = self.served.load(Ordering::Relaxed);
             window.push_back(served);
             if window.len() > 4 {
                 window.pop_front();
@@ -197,19 +148,21 @@ impl Warm {
             let want = (rate as usize / 4 + 2).min(MAX_WARM);
             // Shrink back as the rate falls: the oldest go first.
             {
-                let mut idle = local.idle.lock().unwrap_or_else(|e| e.into_inner());
+                let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
                 while idle.len() > want {
                     idle.pop_front();
                 }
             }
             let endpoint = relay();
-            for _ in local.len()..want {
+            for _ in self.len()..want {
                 // Bounded: a relay that stopped answering must not stall the refresh.
                 let opened = tokio::time::timeout(Duration::from_secs(10), open(&endpoint, &dialer)).await;
                 match opened.unwrap_or_else(|_| Err(ConnectError::Timeout(Duration::from_secs(10)))) {
-                    Ok(s) => {
-                        let mut idle = local.idle.lock().unwrap_or_else(|e| e.into_inner());
-                        idle.push_back((endpoint.clone(), Instant::now(), s));
+                    Ok(mut s) => {
+                        if s.park().is_ok() {
+                            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+                            idle.push_back((endpoint.clone(), Instant::now(), s));
+                        }
                     }
                     Err(e) => {
                         tracing::debug!(hc = %hc, error = %e, "cannot open a warm connection to the relay");
@@ -220,9 +173,8 @@ impl Warm {
             metrics::gauge!(crate::telemetry::metrics::warm_connections("bridge"), "hc" => hc.clone())
                 .set(self.len() as f64);
         }
-        local.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        local.maintained.store(false, Ordering::Relaxed);
-        metrics::gauge!(crate::telemetry::metrics::warm_connections("bridge"), "hc" => hc).set(self.len() as f64);
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        metrics::gauge!(crate::telemetry::metrics::warm_connections("bridge"), "hc" => hc).set(0.0);
     }
 }
 

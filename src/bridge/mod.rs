@@ -572,22 +572,17 @@ async fn serve(mut tcp: TcpStream, peer: SocketAddr, fw: Arc<ForwardRt>, ctx: Ar
         }
     };
     fw.record("ok", String::new());
-    if ctx.cfg.extensions {
-        if fw.warm.learn(&cs.endpoint, &conn.response) {
-            tracing::info!(hc, relay = %cs.endpoint.authority(), "the relay offers early data: keeping warm connections to it");
-        }
-        // Each worker keeps its own warm connections, once the relay offered early data.
-        if let Some(local) = fw.warm.unmaintained() {
-            let relay = {
-                let fw = fw.clone();
-                move || fw.connection_string().endpoint
-            };
-            let maintaining =
-                fw.warm
-                    .clone()
-                    .maintain(local, fw.hc.clone(), relay, ctx.dialer.clone(), fw.stop.clone());
-            tokio::spawn(maintaining);
-        }
+    if ctx.cfg.extensions && fw.warm.learn(&cs.endpoint, &conn.response) {
+        tracing::info!(hc, relay = %cs.endpoint.authority(), "the relay offers early data: keeping warm connections to it");
+        let relay = {
+            let fw = fw.clone();
+            move || fw.connection_string().endpoint
+        };
+        let maintaining = fw
+            .warm
+            .clone()
+            .maintain(fw.hc.clone(), relay, ctx.dialer.clone(), fw.stop.clone());
+        tokio::spawn(maintaining);
     }
     tracing::debug!(event = "tunnel_open", hc, %peer, "tunnel open");
     let cfg = SpliceConfig {
