@@ -104,10 +104,7 @@ async fn relay_hcm_and_bridge_report_truthfully() {
     let rig = Rig::with(false, |c| c.runtime.admin = admin_any());
     let relay_admin = rig.relay.admin_addr().unwrap();
     rig.create("good", echo()).await;
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let (_refusing, dead) = refusing_addr();
     rig.create("broken", dead).await;
     rig.create("idle", echo()).await;
 

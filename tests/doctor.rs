@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
@@ -39,12 +38,6 @@ fn assert_verdicts(results: &[StepResult], expected: [Verdict; 9]) {
     let lines: Vec<String> = results.iter().map(ToString::to_string).collect();
     assert_eq!(steps, Step::ALL, "steps in order");
     assert_eq!(got, expected, "verdicts:\n{}", lines.join("\n"));
-}
-
-/// An address on which nothing listens.
-fn closed_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
 }
 
 fn key_of(cs: &ConnectionString) -> String {
@@ -162,7 +155,7 @@ async fn no_listener_is_reported() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_endpoint_fails_the_endpoint_step() {
     let rig = Rig::new(true);
-    let dead = closed_port();
+    let (_refusing, dead) = refusing_addr();
     rig.create("db", dead).await;
     let listen = rig.listen_cs("db").await;
     let _hcm = rig.hcm(&listen);
@@ -184,7 +177,7 @@ async fn unreachable_endpoint_fails_the_endpoint_step() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_down_fails_tcp_and_skips_the_rest() {
-    let dead = closed_port();
+    let (_refusing, dead) = refusing_addr();
     let cs = format!(
         "Endpoint=sb://127.0.0.1:{}/;SharedAccessKeyName=defaultListener;SharedAccessKey={};EntityPath=db",
         dead.port(),

@@ -128,10 +128,7 @@ async fn two_hcms_share_and_one_dying_does_not_stop_new_connections() {
 async fn unreachable_endpoint_is_rejected_with_a_reason() {
     let rig = Rig::new(false);
     // A port with nothing listening.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let (_refusing, dead) = refusing_addr();
     rig.create("dead", dead).await;
     let hcm = rig.hcm(&rig.listen_cs("dead").await);
     rig.wait_listeners("dead", 1).await;

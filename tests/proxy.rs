@@ -205,10 +205,7 @@ async fn proxy_refusals_are_told_apart() {
         other => panic!("expected the relay's 404 through the proxy, got {other:?}"),
     }
     // A proxy that is not there.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let (_refusing, dead) = common::refusing_addr();
     let cfg = ProxyConfig::new(Some(Proxy::parse(&format!("http://{dead}")).unwrap()), None);
     let e = proxy_error(attempt(cfg, url).await);
     assert!(
@@ -239,10 +236,7 @@ async fn no_proxy_reaches_matching_relays_directly() {
     let rig = Rig::new(false);
     rig.create("np", common::echo()).await;
     let (listen, send) = (rig.listen_cs("np").await, rig.send_cs("np").await);
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let (_refusing, dead) = common::refusing_addr();
     let dead_proxy = format!("http://{dead}");
     // The proxy is dead: only a bypass can work. CIDR for the hcm, a name list for the bridge.
     let via = |no_proxy: &[&str]| {

@@ -129,10 +129,7 @@ async fn connected_degraded_and_broken_hybrid_connections_in_chromium() {
     let rig = Rig::with(false, |c| c.runtime.admin = admin_any());
     rig.create("orders-db", echo()).await;
     rig.create("idle", echo()).await; // nobody listens: broken on the relay's page
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let (_refusing, dead) = refusing_addr();
     rig.create("refusing", dead).await; // served, but its endpoint refuses every dial
     // The hcm serves orders-db, refusing, and a hybrid connection the relay does not have.
     let mut ghost = rig.listen_cs("orders-db").await;

@@ -227,6 +227,17 @@ pub type RawReader = hyrelay::transport::ws::WsReader<tokio::io::ReadHalf<hyrela
 /// Its write half; keep it alive, or the channel closes.
 pub type RawWriter = tokio::io::WriteHalf<hyrelay::transport::Stream>;
 
+/// A loopback address that refuses connections while the returned socket lives: bound
+/// but not listening, so nobody can take the port meanwhile, as anyone can take one a
+/// closed listener released (a test that dials "a port with nothing on it" must not reach
+/// another test's server).
+pub fn refusing_addr() -> (socket2::Socket, SocketAddr) {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+    let addr = s.local_addr().unwrap().as_socket().unwrap();
+    (s, addr)
+}
+
 /// A listener control channel on `hc` opened by the test itself (no hcm), to see exactly
 /// what the relay sends.
 pub async fn raw_listener(rig: &Rig, hc: &str) -> (RawReader, RawWriter) {
