@@ -183,6 +183,14 @@ struct Verdict {
 }
 
 impl Verdict {
+    /// True if `got` is better than this verdict in the way timing decides: `OK` where
+    /// `NON-STRICT` is expected, the close verdict the same. The ten NON-STRICT cases of
+    /// EXPECTED.md are OK when the listener's echo happens to beat the relay's cut (a
+    /// loaded machine splits the case's one write into two segments).
+    fn met_better_by(&self, got: &Verdict) -> bool {
+        self.behavior == "NON-STRICT" && got.behavior == "OK" && self.behavior_close == got.behavior_close
+    }
+
     fn is_ok(&self) -> bool {
         self.behavior == "OK" && self.behavior_close == "OK"
     }
@@ -353,7 +361,7 @@ fn judge(side: &str, file: &str, outdir: tempfile::TempDir, kosoku_output: &str,
     let ids = sorted_ids(want.keys().chain(got.keys().filter(|k| !want.contains_key(*k))));
     for id in ids {
         match (want.get(id), got.get(id)) {
-            (Some(w), Some(g)) if w == g => {}
+            (Some(w), Some(g)) if w == g || w.met_better_by(g) => {}
             (w, g) => {
                 let show = |v: Option<&Verdict>| v.map_or("(no such case)".to_owned(), Verdict::to_string);
                 writeln!(
