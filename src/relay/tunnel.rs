@@ -74,6 +74,8 @@ pub fn spawn<K: 'static>(
     tokio::task::spawn_local(async move {
         let _keep = keep;
         (&mut t).await;
-        log_end(t.shutdown_legs().await);
+        // Boxed: the closing's state (two lingering reads) is needed only at the end, and
+        // inline it would be part of the task for the tunnel's whole life.
+        log_end(Box::pin(t.shutdown_legs()).await);
     });
 }
