@@ -875,3 +875,27 @@ async fn a_kept_rendezvous_closed_by_the_listener_loses_no_request() {
     let m = admin_get(rig.relay.admin_addr().unwrap(), "/metrics").await;
     assert_eq!(rendezvous_count(&m, "net", "closed_by_listener"), 1, "{m}");
 }
+
+/// A kept rendezvous is used only while its listener is registered: once the listener's
+/// key is regenerated (the relay closes its control channel), the revoked hcm gets no
+/// more requests through the rendezvous it kept; the sender is told there is no listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_rendezvous_dies_with_its_listener() {
+    let (rig, _hcm, tok, _) = published("rev").await;
+    let auth = [("ServiceBusAuthorization", tok.as_str())];
+    let mut s = Sender::connect(rig.relay.local_addr()).await;
+    let big = payload(100_000, 71);
+    let g = s.send("POST", "/rev/echo", &auth, Body::Bytes(big.clone())).await;
+    assert!(g.status == 200 && g.body[..] == big[..], "{}", g.reason);
+    rig.mgmt
+        .regenerate_key("rev", false, Some("defaultListener"))
+        .await
+        .unwrap();
+    rig.wait_listeners("rev", 0).await;
+    let g = s.send("GET", "/rev/echo", &auth, Body::Bytes(vec![])).await;
+    assert_eq!(
+        g.status, 404,
+        "served after the listener's key was revoked: {}",
+        g.reason
+    );
+}

@@ -389,6 +389,14 @@ impl Ctl {
         rt.listeners.iter().find(|l| l.info.id == id).map(|l| l.load.clone())
     }
 
+    /// Whether listener `key` of `hc` is still registered on this node.
+    pub fn holds_listener(&self, hc: &str, key: u64) -> bool {
+        let reg = self.reg();
+        reg.live
+            .get(&hc.to_lowercase())
+            .is_some_and(|rt| rt.listeners.iter().any(|l| l.key == key))
+    }
+
     /// Hands listener `key` of `hc` on this node a command another node sent (cluster
     /// routing). `Err` is the reason word for the answer.
     pub fn deliver_local(&self, hc: &str, key: u64, text: String) -> Result<(), &'static str> {

@@ -14,8 +14,9 @@
 //! 4. On a rendezvous, the request body is uploaded while the response is read, and the
 //!    response body is streamed to the sender frame by frame.
 //! 5. After that, a rendezvous on which the relay pushed the request (so the listener
-//!    reads requests there: hyco-https, our hcm) is kept for the next request of the same
-//!    sender connection to that hybrid connection ([`Kept`], §6.4 "Persistence"); any
+//!    reads requests there: hyco-https, our hcm), of a listener of this node, is kept for
+//!    the next request of the same sender connection to that hybrid connection ([`Kept`],
+//!    §6.4 "Persistence"), and used only while that listener is still registered; any
 //!    other is closed (1000). The next request goes on the kept rendezvous if its body is
 //!    already in hand (at most `inline_max_bytes`): a listener that closes the
 //!    rendezvous with a Close frame instead of answering (.NET closes after every
@@ -160,7 +161,7 @@ pub async fn run(ctx: &Arc<Ctx>, mut out: Outbound, body: Incoming, kept: &KeptS
     let cfg = &ctx.cfg.http;
     let plan = plan(body, cfg.inline_max, cfg.body_idle_timeout).await?;
     let entity = out.entity.to_lowercase();
-    if let Some(k) = take_kept(kept, &entity) {
+    if let Some(k) = take_kept(ctx, kept, &entity) {
         match &plan {
             Plan::Inline(b) => match reuse(ctx, k, &out, b.clone(), kept).await {
                 Reuse::Done(r) => return r,
@@ -234,8 +235,9 @@ pub async fn run(ctx: &Arc<Ctx>, mut out: Outbound, body: Incoming, kept: &KeptS
         l = &mut ticket.leg => match l {
             Ok(leg) => {
                 // Kept afterwards only if the request was pushed on it (the listener reads
-                // requests there).
-                let keep = push.is_some().then(|| KeepAs {
+                // requests there) and the listener is this node's (whose registration
+                // can be checked before each reuse).
+                let keep = (push.is_some() && sent_to.0 != 0).then(|| KeepAs {
                     slot: kept.clone(),
                     entity,
                     listener: sent_to.0,
@@ -258,11 +260,12 @@ fn timeout() -> Refused {
     )
 }
 
-/// The connection's kept rendezvous if it serves `entity` and is fresh; any other is
-/// closed (in the background).
-fn take_kept(kept: &KeptSlot, entity: &str) -> Option<Kept> {
+/// The connection's kept rendezvous if it serves `entity`, is fresh, and its listener is
+/// still registered here (a listener whose control channel closed, for a revoked key
+/// say, gets no more requests); any other is closed (in the background).
+fn take_kept(ctx: &Ctx, kept: &KeptSlot, entity: &str) -> Option<Kept> {
     let k = kept.lock().unwrap_or_else(|e| e.into_inner()).kept.take()?;
-    if k.entity == entity && k.since.elapsed() < KEPT_IDLE {
+    if k.entity == entity && k.since.elapsed() < KEPT_IDLE && ctx.ctl.holds_listener(entity, k.listener) {
         return Some(k);
     }
     tokio::spawn(close_kept(k, Duration::from_secs(5)));
