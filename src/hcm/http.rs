@@ -478,15 +478,17 @@ async fn serve_rendezvous(req: &Request, hc: &HcRt, endpoint: &HostPort, ctx: &H
             return record(hc, started, None);
         }
     };
-    let mut wait = ctx.cfg.relay_timeout;
+    let mut first = true;
     loop {
+        let wait = if first { ctx.cfg.relay_timeout } else { RENDEZVOUS_IDLE };
         let full = match next_request(&mut r, wait).await {
             Next::Request(full) => full,
             Next::Closed => break,
-            Next::Over if wait == ctx.cfg.relay_timeout => return record(hc, started, None),
+            // The request this rendezvous was opened for never came.
+            Next::Over if first => return record(hc, started, None),
             Next::Over => break,
         };
-        wait = RENDEZVOUS_IDLE;
+        first = false;
         let started = Instant::now();
         let (code, back) = serve_on_rendezvous(&full, r, &mut w, hc, endpoint, ctx).await;
         record(hc, started, code);
