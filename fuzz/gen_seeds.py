@@ -349,7 +349,7 @@ auth_failures_before_delay = 5
 auth_failure_window = "60s"
 auth_max_delay = "5s"
 """)
-    write("config_relay", "self-signed-dev", 'listen = "127.0.0.1:9443"\ndata_dir = "/tmp/relay"\n[tls]\nmode = "self-signed"\nnames = ["relay.local"]\n')
+    write("config_relay", "self-signed-dev", 'listen = "127.0.0.1:9443"\ndata_dir = "relay-data"\n[tls]\nmode = "self-signed"\nnames = ["relay.local"]\n')
     write("config_relay", "plain-behind-terminator", 'listen = "[::]:8080"\npublic_url = "ws://relay.local:8080"\ntls.mode = "none"\nlimits.max_frame_bytes = 1024\n')
     write("config_relay", "errors", 'workers = 0\n[tls]\nmode = "files"\n[listeners]\nping_interval = "0s"\nbalnce = "random"\n')
     write("config_hcm", "full", f"""data_dir = "/var/lib/hyrelay/hcm"

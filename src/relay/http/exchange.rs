@@ -103,7 +103,7 @@ struct Push {
 pub struct Kept {
     /// Lower-cased name of the hybrid connection.
     entity: String,
-    /// The listener's registration key on this node (0 for another node's).
+    /// The listener's registration key on this node (only this node's listeners' are kept).
     listener: u64,
     /// The base of rendezvous addresses the listener was given.
     base_url: String,
@@ -134,19 +134,21 @@ pub struct Place {
 }
 
 /// The sender connection ended: closes its kept rendezvous, and none is kept after.
-pub async fn connection_ended(place: &KeptSlot, within: Duration) {
+pub async fn connection_ended(place: &KeptSlot) {
     let last = {
         let mut p = place.lock().unwrap_or_else(|e| e.into_inner());
         p.ended = true;
         p.kept.take()
     };
     if let Some(k) = last {
-        close_kept(k, within).await;
+        close_kept(k).await;
     }
 }
 
 /// A kept rendezvous unused this long is closed rather than reused. Default: 30 s.
 pub const KEPT_IDLE: Duration = Duration::from_secs(30);
+/// Bound on writing a kept rendezvous' Close (a listener that stopped reading).
+const KEPT_CLOSE: Duration = Duration::from_secs(5);
 
 /// What became of a request sent on a kept rendezvous.
 enum Reuse {
@@ -169,7 +171,9 @@ pub async fn run(ctx: &Arc<Ctx>, mut out: Outbound, body: Incoming, kept: &KeptS
                     count_rendezvous(&out.entity, "closed_by_listener");
                 }
             },
-            Plan::Rendezvous { .. } => close_kept(k, ctx.cfg.http.body_idle_timeout).await,
+            Plan::Rendezvous { .. } => {
+                tokio::spawn(close_kept(k));
+            }
         }
     }
     let mut ticket = ctx.http.table.open();
@@ -268,7 +272,7 @@ fn take_kept(ctx: &Ctx, kept: &KeptSlot, entity: &str) -> Option<Kept> {
     if k.entity == entity && k.since.elapsed() < KEPT_IDLE && ctx.ctl.holds_listener(entity, k.listener) {
         return Some(k);
     }
-    tokio::spawn(close_kept(k, Duration::from_secs(5)));
+    tokio::spawn(close_kept(k));
     None
 }
 
@@ -284,14 +288,14 @@ async fn reap(place: std::sync::Weak<Mutex<Place>>, since: Instant) {
         }
     };
     if let Some(k) = idle {
-        close_kept(k, Duration::from_secs(5)).await;
+        close_kept(k).await;
     }
 }
 
-/// Closes a kept rendezvous (1000), the write bounded by `within`.
-pub async fn close_kept(k: Kept, within: Duration) {
+/// Closes a kept rendezvous (1000), the write bounded by [`KEPT_CLOSE`].
+async fn close_kept(k: Kept) {
     let Kept { mut writer, slot, .. } = k;
-    tokio::time::timeout(within, writer.send_close(close_code::NORMAL, ""))
+    tokio::time::timeout(KEPT_CLOSE, writer.send_close(close_code::NORMAL, ""))
         .await
         .ok();
     drop(slot);

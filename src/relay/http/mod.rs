@@ -129,7 +129,7 @@ pub(crate) async fn serve(stream: Stream, inc: Accepted, ctx: Arc<Ctx>) {
         tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
     }
     let (_, stream) = connection.into_parts().io.into_inner().into_parts();
-    exchange::connection_ended(&kept, DRAIN_TIME).await;
+    exchange::connection_ended(&kept).await;
     close_gracefully(stream).await;
     drop(slot);
 }
