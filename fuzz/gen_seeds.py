@@ -429,6 +429,30 @@ def keepalive_seeds():
     write("keepalive", "boundaries", bytes([0]) + b"".join(ev(TIMER, 1) for _ in range(5)))
 
 
+def dataplane_seeds():
+    m = bytes([1, 2, 3, 4])
+    # relay_forward: [limit, read size - 1, mode] then the sender's stream (mode 1: raw)
+    raw = frame(2, b"hello", fin=False, mask=m) + frame(9, b"p", mask=m) + frame(0, b" world", mask=m)
+    raw += frame(2, bytes(200), mask=m) + frame(8, struct.pack(">H", 1000), mask=m) + frame(2, b"after", mask=m)
+    write("relay_forward", "stream-then-close", bytes([0, 6, 1]) + raw)
+    write("relay_forward", "byte-by-byte", bytes([0, 0, 1]) + raw)
+    write("relay_forward", "over-the-limit", bytes([1, 255, 1]) + frame(2, bytes(17), mask=m))
+    write("relay_forward", "unmasked", bytes([0, 255, 1]) + frame(2, b"x"))
+    write("relay_forward", "cut-mid-frame", bytes([0, 3, 1]) + frame(2, bytes(100), mask=m)[:40])
+    # mode 0: groups of [opcode/FIN bits, length, fill]
+    write("relay_forward", "described", bytes([3, 9, 0]) + bytes([0, 10, 65, 8, 5, 66, 2, 3, 67, 3, 0, 68, 5, 2, 3]))
+    # splice: [limit, ws read size - 1] then [kind, arg] events
+    RAW, FRAME, DATA, EOF, ERR, WS_EOF, STOP, POLL, WS_BROKEN, TCP_BROKEN = range(10)
+    ev = lambda *e: bytes(e)
+    write("splice", "clean", bytes([0, 4]) + ev(FRAME, 40, DATA, 7, FRAME, 1, POLL, 0, DATA, 9, EOF, 0, POLL, 0, FRAME, 3, POLL, 0))
+    write("splice", "peer-closes-first", bytes([0, 255]) + ev(FRAME, 3, POLL, 0, DATA, 1, DATA, 2, POLL, 0, EOF, 0, POLL, 0))
+    write("splice", "silent-peer", bytes([0, 8]) + ev(POLL, 20, POLL, 20, POLL, 20))
+    write("splice", "stop", bytes([0, 8]) + ev(DATA, 5, POLL, 0, STOP, 0, DATA, 6, POLL, 0))
+    write("splice", "raw-garbage", bytes([1, 0]) + ev(RAW, 0x82, RAW, 0x7f, RAW, 0xff, POLL, 0))
+    write("splice", "broken-writes", bytes([0, 2]) + ev(FRAME, 20, DATA, 3, TCP_BROKEN, 0, POLL, 0, WS_BROKEN, 0, DATA, 4, POLL, 0))
+    write("splice", "tcp-error", bytes([0, 2]) + ev(DATA, 3, ERR, 0, POLL, 0, FRAME, 8, WS_EOF, 0, POLL, 0))
+
+
 if __name__ == "__main__":
     frame_seeds()
     mask_seeds()
@@ -443,3 +467,4 @@ if __name__ == "__main__":
     proxy_seeds()
     extension_seeds()
     keepalive_seeds()
+    dataplane_seeds()

@@ -50,6 +50,8 @@ pub const TARGETS: &[(&str, FuzzFn)] = &[
     ("proxy_reply", proxy_reply),
     ("extensions", extensions),
     ("keepalive", keepalive),
+    ("relay_forward", relay_forward),
+    ("splice", splice),
 ];
 
 // ---------------------------------------------------------------------------------------
@@ -463,6 +465,205 @@ pub fn keepalive(data: &[u8]) {
         if stopped || dead {
             assert_eq!(k.poll_timeout(), None);
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The data plane's sans-IO machines
+
+/// The frame limit a data-plane target runs with, from an option byte.
+fn fuzz_max_frame(b: u8) -> u64 {
+    [frame::DEFAULT_MAX_FRAME, 16, 0, 300][usize::from(b & 3)]
+}
+
+/// Data payloads and the end a reference decoder finds in `stream` (the whole of it at
+/// once): `Ok(true)` a valid Close, `Ok(false)` no Close, `Err(code)` the close code a
+/// protocol error is owed.
+fn reference_decode(role: Role, max_frame: u64, stream: &[u8]) -> (Vec<u8>, Result<bool, u16>) {
+    let mut dec = Decoder::new(role, max_frame);
+    let mut buf = BytesMut::from(stream);
+    let mut data = Vec::new();
+    loop {
+        match dec.decode(&mut buf) {
+            Ok(Some(Item::Data(c))) => data.extend_from_slice(&c.payload),
+            Ok(Some(Item::Control {
+                opcode: OpCode::Close,
+                payload,
+            })) => {
+                return match frame::parse_close(&payload) {
+                    Ok(_) => (data, Ok(true)),
+                    Err(e) => (data, Err(e.close_code())),
+                };
+            }
+            Ok(Some(Item::Control { .. })) => {}
+            Ok(None) => return (data, Ok(false)),
+            Err(e) => return (data, Err(e.close_code())),
+        }
+    }
+}
+
+/// The relay's direction rules ([`crate::session::forward`]) over a stream of frames.
+///
+/// Input: byte 0 picks the frame limit (`& 3`: 1 MiB, 16, 0, 300 bytes), byte 1 the read
+/// size (1..=256), byte 2 bit 0 whether the rest is the raw stream from the sender (else
+/// it describes masked frames, 3 bytes each: opcode/FIN bits, length, fill byte). The
+/// direction must forward exactly the data a reference decoder finds, unmasked, end the
+/// way it says, and write at most one Close, last.
+pub fn relay_forward(data: &[u8]) {
+    use crate::session::forward::{DirEnd, Forward};
+    use crate::session::sim::{ForwardSim, written};
+    let [opts, chunk, mode, rest @ ..] = data else {
+        return;
+    };
+    let max_frame = fuzz_max_frame(*opts);
+    let stream = if mode & 1 == 1 {
+        rest.to_vec()
+    } else {
+        let ops = [
+            OpCode::Binary,
+            OpCode::Text,
+            OpCode::Continuation,
+            OpCode::Ping,
+            OpCode::Pong,
+            OpCode::Close,
+        ];
+        let mut s = Vec::new();
+        for g in rest.chunks_exact(3) {
+            let op = ops[usize::from(g[0] & 7) % ops.len()];
+            let payload = vec![g[2]; usize::from(g[1])];
+            s.extend_from_slice(&frame::encode_frame(
+                g[0] & 8 == 0,
+                op,
+                Some([g[2], 1, g[1], 7]),
+                &payload,
+            ));
+        }
+        s
+    };
+    let (want, want_end) = reference_decode(Role::Server, max_frame, &stream);
+    let mut sim = ForwardSim::new(stream, usize::from(*chunk) + 1, true);
+    let mut f = Forward::new(max_frame);
+    let end = sim.run(&mut f).expect("a source that ends ends its direction");
+    match (&end, want_end) {
+        (DirEnd::Closed, Ok(true)) | (DirEnd::Vanished, Ok(false)) => {}
+        (DirEnd::ProtocolError(code, _), Err(want)) => assert_eq!(*code, want),
+        (got, want) => panic!("ended {got:?}, the reference says {want:?}"),
+    }
+    // A direction cut in the middle of a frame leaves that frame short; its part decodes.
+    let out = written(Role::Client, &sim.written);
+    assert_eq!(out.data, want, "forwarded data differs from the stream's");
+    assert_eq!(f.bytes, want.len() as u64);
+    assert!(out.closes.len() <= 1, "one Close at most");
+    assert!(out.closes.is_empty() || out.ends_with_close(), "the Close is last");
+}
+
+/// A splice's rules ([`crate::session::splice`]) under a script of events.
+///
+/// Input: byte 0 picks the frame limit (as [`relay_forward`]), byte 1 the WebSocket read
+/// size (1..=256); then events of 2 bytes `[kind, arg]`: a raw byte from the relay, a
+/// well-formed frame from the relay (opcode `arg & 3`: Binary, Ping, Pong, Close 1000;
+/// `arg >> 2` bytes), TCP data (`arg % 64 + 1` bytes), TCP EOF, a TCP error, the relay's
+/// EOF, a stop, a poll after `arg` sixteenths of a ping period, a failing WebSocket or TCP
+/// write. Afterwards both sources end and the splice must end. Checked: what goes to the
+/// WebSocket is masked, well-formed frames with one Close at most and nothing after it;
+/// TCP gets exactly the data the relay sent (up to its Close or an error); the WebSocket
+/// gets exactly TCP's data; the clean end only after both Closes 1000 and with a FIN.
+pub fn splice(data: &[u8]) {
+    use std::time::{Duration, Instant};
+
+    use crate::session::close::CLEAN_END;
+    use crate::session::sim::{Input, SpliceSim, TcpRead, written};
+    use crate::session::splice::SpliceRules;
+    let [opts, chunk, events @ ..] = data else {
+        return;
+    };
+    let max_frame = fuzz_max_frame(*opts);
+    let period = Duration::from_secs(16);
+    let t0 = Instant::now();
+    let mut now = t0;
+    let rules = SpliceRules::new(t0, period, max_frame);
+    let mut s = SpliceSim::new(
+        rules,
+        Input::new(Vec::new(), usize::from(*chunk) + 1, false),
+        Vec::new(),
+    );
+    let mut tcp_sent = Vec::new();
+    let mut tcp_ended = false;
+    let mut ended = None;
+    for e in events.chunks_exact(2) {
+        let arg = e[1];
+        match e[0] % 10 {
+            0 => s.ws.data.push(arg),
+            1 => {
+                let ops = [OpCode::Binary, OpCode::Ping, OpCode::Pong, OpCode::Close];
+                let op = ops[usize::from(arg & 3)];
+                let payload = if op == OpCode::Close {
+                    1000u16.to_be_bytes().to_vec()
+                } else {
+                    vec![arg; usize::from(arg >> 2)]
+                };
+                s.ws.data
+                    .extend_from_slice(&frame::encode_frame(true, op, None, &payload));
+            }
+            2 if !tcp_ended => {
+                let d = vec![arg; usize::from(arg % 64) + 1];
+                tcp_sent.extend_from_slice(&d);
+                s.tcp.push(TcpRead::Data(d));
+            }
+            3 if !tcp_ended => {
+                tcp_ended = true;
+                s.tcp.push(TcpRead::Eof);
+            }
+            4 if !tcp_ended => {
+                tcp_ended = true;
+                s.tcp.push(TcpRead::Error);
+            }
+            5 => s.ws.eof = true,
+            6 => s.rules.handle_stop(),
+            7 => {
+                now += period * u32::from(arg) / 16;
+                s.rules.handle_heard(now);
+                while let Some(at) = s.rules.poll_timeout().filter(|at| *at <= now) {
+                    s.rules.handle_timeout(at.max(now));
+                }
+                if let Some(why) = s.poll() {
+                    ended = Some(why);
+                    break;
+                }
+            }
+            8 => s.ws_broken = true,
+            9 => s.tcp_broken = true,
+            _ => {}
+        }
+    }
+    let why = ended.unwrap_or_else(|| {
+        s.ws.eof = true;
+        if !tcp_ended {
+            s.tcp.push(TcpRead::Eof);
+        }
+        s.run().expect("a splice whose sources both ended ends")
+    });
+    let out = written(Role::Server, &s.to_ws);
+    let (to_ws_data, closes) = (out.data.as_slice(), out.closes.as_slice());
+    assert!(closes.len() <= 1, "our Close goes out once: {closes:?}");
+    assert!(closes.is_empty() || out.ends_with_close(), "nothing after our Close");
+    assert!(
+        tcp_sent.starts_with(to_ws_data),
+        "the WebSocket got other bytes than TCP sent"
+    );
+    let (relay_data, relay_end) = reference_decode(Role::Client, max_frame, &s.ws.data);
+    if !s.tcp_broken {
+        assert!(
+            relay_data.starts_with(&s.to_tcp),
+            "TCP got other bytes than the relay sent"
+        );
+    }
+    if why == CLEAN_END {
+        assert_eq!(relay_end, Ok(true), "clean only after the relay's Close");
+        assert_eq!(closes, [Some(frame::close_code::NORMAL)], "and our Close 1000");
+        assert!(s.tcp_fin, "a clean end shuts TCP's output");
+        assert_eq!(to_ws_data, tcp_sent, "every byte TCP sent went out");
+        assert_eq!(s.to_tcp, relay_data, "every byte the relay sent reached TCP");
     }
 }
 

@@ -22,7 +22,7 @@
 //! | [`relay`], [`hcm`], [`bridge`] | the three roles: their config, startup, control channels, status |
 //! | [`client`] | what the hcm, the bridge and the CLI need from a relay: tokens, URLs, the management API |
 //! | [`dataplane`] | workers and accept loops, the buffer pool, the splice and re-frame engines (epoll, and io_uring/IOCP behind the `uring` feature), counters and their flush, drain |
-//! | [`session`] | session rules as sans-IO state machines (keep-alive, a splice's close handshake), driven by the data plane |
+//! | [`session`] | the data plane's and the sessions' rules as sans-IO state machines (the relay's forwarding, the splice, its close handshake, keep-alive, token renewal), driven by the data plane's engines and the control channels |
 //! | [`transport`] | sockets, TLS (rustls), HTTP CONNECT proxies, WebSocket client/server handshakes |
 //! | [`proto`] | the wire protocol, sans-IO: WebSocket frames and masking, HTTP heads and the upgrade, SAS tokens, connection strings, `$hc` addresses, control JSON, metadata |
 //! | [`config`] | parsing shared by the roles: TOML with field-named errors, durations, [`config::RuntimeSettings`] (workers, buffer budget, backend, admin, drain), secrets from files |
@@ -33,11 +33,13 @@
 //!
 //! - Frame limits, masking, close codes: [`proto::frame`]. Parsers return `Ok(None)` for
 //!   "need more bytes" and never perform I/O; each has a fuzz target (`fuzz/`).
-//! - How a tunnel ends (half-close, Close forwarding and echo, 1001/1009/1002 cuts, the
-//!   dead-peer check, reset versus FIN): the sans-IO [`session`] machines (keep-alive, and
-//!   `session::close` for the bridge's and hcm's splice) and [`dataplane::reframe::DirEnd`]
-//!   for the relay, driven alike by the epoll engines ([`dataplane::splice`],
-//!   [`dataplane::reframe`]) and their io_uring twins.
+//! - How tunnel bytes are framed and how a tunnel ends (half-close, Close forwarding and
+//!   echo, 1001/1009/1002 cuts, the dead-peer check, reset versus FIN): the sans-IO
+//!   [`session`] machines — [`session::forward`] for the relay, `session::splice` and
+//!   `session::close` for the bridge's and hcm's splice, [`session::keepalive`]. Each data
+//!   plane engine only moves bytes and timers for them: epoll ([`dataplane::splice`],
+//!   [`dataplane::reframe`]) and io_uring (`dataplane::uring`), around one shared future
+//!   per tunnel (`dataplane::drive`). The machines are tested and fuzzed without sockets.
 //! - Buffer memory: [`dataplane::pool`] (a budget per worker; a connection holds a buffer
 //!   only while bytes in it are on their way).
 //! - Authentication, limits, throttling: [`relay`] (`auth`, `limits`, `throttle`).

@@ -1,6 +1,8 @@
 //! The two halves every epoll engine direction is made of: an input buffer filled from a
 //! readable source ([`InBuf`]) and runs of that buffer waiting to be written ([`Runs`]).
 //!
+//! It also holds the epoll engines' timer ([`TokioTimer`]).
+//!
 //! `InBuf` takes a pooled buffer only once its source is readable and gives it back as
 //! soon as every byte in it has been used, so an idle connection holds none. A partial
 //! frame header (or control frame) left at the end is moved to the front before the next
@@ -8,6 +10,7 @@
 //! source has nothing more yet, those few bytes move to a small [`Stash`] inside the
 //! `InBuf` and the buffer goes back: a peer that stops mid-header holds no buffer.
 
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::ops::Range;
 use std::pin::Pin;
@@ -20,7 +23,36 @@ use crate::proto::frame;
 use crate::transport::Stream;
 
 /// Most runs written by one vectored write.
-pub const MAX_BATCH: usize = 64;
+pub const MAX_BATCH: usize = crate::session::wire::MAX_RUNS;
+
+/// tokio's timer, for the rules' one deadline (keep-alive, the relay's grace).
+pub struct TokioTimer {
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    at: Option<std::time::Instant>,
+}
+
+impl Default for TokioTimer {
+    fn default() -> Self {
+        Self {
+            sleep: Box::pin(tokio::time::sleep(std::time::Duration::ZERO)),
+            at: None,
+        }
+    }
+}
+
+impl super::drive::Timer for TokioTimer {
+    fn now(&self) -> std::time::Instant {
+        tokio::time::Instant::now().into_std()
+    }
+
+    fn poll_until(&mut self, cx: &mut Context<'_>, at: std::time::Instant) -> Poll<()> {
+        if self.at != Some(at) {
+            self.sleep.as_mut().reset(tokio::time::Instant::from_std(at));
+            self.at = Some(at);
+        }
+        self.sleep.as_mut().poll(cx)
+    }
+}
 
 /// A read side that can wait for input without a buffer.
 pub trait ReadySource {
@@ -217,6 +249,24 @@ impl InBuf {
                 Poll::Pending
             }
         }
+    }
+}
+
+impl crate::session::wire::RunSink for Runs {
+    fn has_room(&self) -> bool {
+        Runs::has_room(self)
+    }
+
+    fn push(&mut self, run: Range<usize>) {
+        Runs::push(self, run);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.runs.is_empty()
+    }
+
+    fn clear(&mut self) {
+        Runs::clear(self);
     }
 }
 

@@ -8,6 +8,7 @@
 
 pub mod backend;
 pub mod drain;
+pub(crate) mod drive;
 pub mod flush;
 pub mod io;
 pub mod offload;

@@ -12,16 +12,17 @@
 //!   closed), so the app or endpoint sees an error, never a FIN it could take for the end
 //!   of a complete stream (issue 9, item 5). Only the clean sequence ends TCP with a FIN.
 //!
-//! Engine: one future polls both directions; no locks, no channels, no task per
-//! direction. TCP → WebSocket: once TCP is readable a pooled buffer is taken, data is
-//! read after [`HEADROOM`] bytes, the frame header is written just before it and the
-//! payload masked in place, so each frame is one write with no copy. WebSocket → TCP:
-//! frames are decoded in place and their payload runs written with one vectored write.
-//! Buffers go back to the pool as soon as their bytes are written, so an idle tunnel
-//! holds none. Control frames the reading side owes (pong, close) are handed to the
-//! writing side through `Ctrl` and written between data frames.
+//! These rules live once, sans-IO, in `session::splice`; this file is the epoll engine's
+//! driver for them ([`EpollSplice`]), and [`super::drive::Splice`] the one future that
+//! polls both directions, the keep-alive timer and the stop signal (no locks, no
+//! channels, no task per direction). TCP → WebSocket: once TCP is readable a pooled buffer
+//! is taken, data is read after [`HEADROOM`] bytes, the frame header is written just before
+//! it and the payload masked in place, so each frame is one write with no copy. WebSocket
+//! → TCP: frames are decoded in place and their payload runs written with one vectored
+//! write. Buffers go back to the pool as soon as their bytes are written, so an idle
+//! tunnel holds none. Control frames the reading side owes (pong, close) are written
+//! between data frames.
 
-use std::future::Future;
 use std::io;
 use std::ops::Range;
 use std::pin::Pin;
@@ -31,15 +32,16 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::time::{Instant, Sleep};
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::CancellationToken;
 
-use super::io::{InBuf, ReadySource, Runs};
+use super::drive::{self, SpliceLegs};
+use super::io::{InBuf, ReadySource, Runs, TokioTimer};
 use super::pool::{self, PoolBuf};
 use super::stats::ActiveGuard;
-use crate::proto::frame::{self, Decoder, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN, OpCode, Role, SliceItem, close_code};
-use crate::proto::mask::apply_mask;
-use crate::session::Keepalive;
+use crate::proto::frame::{self, MAX_HEADER_LEN};
+use crate::session::close::DownEnd;
+use crate::session::splice::{DownStep, SpliceRules, UpEnd, UpStep};
+use crate::session::wire::SmallFrame;
 use crate::transport::Stream;
 
 /// Bytes kept free in front of the payload for the frame header.
@@ -150,7 +152,7 @@ pub fn spawn<K: 'static>(
     });
 }
 
-pub(crate) use crate::session::close::{CLEAN_END, CloseState, Ctrl, DownEnd};
+pub(crate) use crate::session::close::CLEAN_END;
 
 /// Makes the coming close of `tcp` a reset (RST) rather than a FIN: an abnormal end must
 /// not look like the end of a complete stream to the app or endpoint.
@@ -178,120 +180,82 @@ impl TcpSide {
     }
 }
 
-/// A driver's one keep-alive timer (tokio's or the completion runtime's).
-pub(crate) trait Timer {
-    /// The clock the timer runs on.
-    fn now(&self) -> std::time::Instant;
-    /// Ready once `at` has passed; re-arms itself when `at` changes.
-    fn poll_until(&mut self, cx: &mut Context<'_>, at: std::time::Instant) -> Poll<()>;
+/// The epoll engine's legs of a splice: the WebSocket (plain or TLS) and the TCP
+/// connection, with each direction's buffers.
+pub struct EpollSplice {
+    ws: Stream,
+    tcp: TcpStream,
+    up: UpIo,
+    down: DownIo,
 }
 
-/// One poll's worth of the keep-alive rules ([`Keepalive`]) for a splice: records that the
-/// peer was `heard`, fires what is due, hands a ping to the writing side. Shared by both
-/// engines. True if the peer is dead (silent for two periods).
-pub(crate) fn poll_keepalive(
-    keep: &mut Keepalive,
-    timer: &mut impl Timer,
-    cx: &mut Context<'_>,
-    heard: bool,
-    ctrl: &mut Ctrl,
-) -> bool {
-    // After the peer's Close nothing more is read, so silence means nothing then.
-    if ctrl.peer_closed.is_some() {
-        keep.stop();
-    }
-    if heard {
-        keep.handle_heard(timer.now());
-    }
-    while let Some(at) = keep.poll_timeout() {
-        if timer.poll_until(cx, at).is_pending() {
-            break;
-        }
-        keep.handle_timeout(timer.now());
-    }
-    ctrl.ping_due |= keep.poll_ping();
-    keep.is_dead()
-}
+/// The splice future on the epoll engine.
+pub(crate) type Splice = drive::Splice<EpollSplice, TokioTimer>;
 
-/// tokio's timer for [`poll_keepalive`].
-struct TokioTimer {
-    sleep: Pin<Box<Sleep>>,
-    at: Option<std::time::Instant>,
-}
+impl Splice {
+    /// A splice of `ws` (with `leftover`, the bytes read past its handshake) and `tcp`.
+    pub fn new(
+        ws: Stream,
+        leftover: &[u8],
+        tcp: TcpStream,
+        cfg: &SpliceConfig,
+        stop: &CancellationToken,
+        active: Option<ActiveGuard>,
+    ) -> Self {
+        let mut down = DownIo::default();
+        down.input.preload(leftover);
+        let legs = EpollSplice {
+            ws,
+            tcp,
+            up: UpIo::default(),
+            down,
+        };
+        Self::with_legs(legs, TokioTimer::default(), cfg, stop, active)
+    }
 
-impl TokioTimer {
-    fn new() -> Self {
-        Self {
-            sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
-            at: None,
-        }
+    /// The WebSocket, for closing after the splice; the TCP connection is closed now (a
+    /// reset if the splice ended abnormally).
+    pub fn into_ws(self) -> Stream {
+        self.legs.ws
     }
 }
 
-impl Timer for TokioTimer {
-    fn now(&self) -> std::time::Instant {
-        Instant::now().into_std()
+impl SpliceLegs for EpollSplice {
+    fn poll_down(&mut self, cx: &mut Context<'_>, rules: &mut SpliceRules) -> Poll<DownEnd> {
+        self.down.poll(cx, &mut self.ws, &mut self.tcp, rules)
     }
 
-    fn poll_until(&mut self, cx: &mut Context<'_>, at: std::time::Instant) -> Poll<()> {
-        if self.at != Some(at) {
-            self.sleep.as_mut().reset(Instant::from_std(at));
-            self.at = Some(at);
-        }
-        self.sleep.as_mut().poll(cx)
+    fn poll_up(&mut self, cx: &mut Context<'_>, rules: &mut SpliceRules) -> Poll<UpEnd> {
+        self.up.poll(cx, &mut self.tcp, &mut self.ws, rules)
     }
-}
 
-/// A small masked control frame being written.
-#[derive(Debug)]
-struct CtlFrame {
-    bytes: [u8; MAX_HEADER_LEN + MAX_CONTROL_PAYLOAD],
-    len: usize,
-    pos: usize,
-    is_close: bool,
-}
-
-impl CtlFrame {
-    fn new(opcode: OpCode, payload: &[u8]) -> Self {
-        let key = rand::random::<[u8; 4]>();
-        let mut hdr = [0u8; MAX_HEADER_LEN];
-        let h = frame::encode_header(true, opcode, Some(key), payload.len() as u64, &mut hdr);
-        let mut bytes = [0u8; MAX_HEADER_LEN + MAX_CONTROL_PAYLOAD];
-        bytes[..h].copy_from_slice(&hdr[..h]);
-        bytes[h..h + payload.len()].copy_from_slice(payload);
-        apply_mask(&mut bytes[h..h + payload.len()], key, 0);
-        Self {
-            bytes,
-            len: h + payload.len(),
-            pos: 0,
-            is_close: opcode == OpCode::Close,
-        }
+    fn reset_tcp_on_close(&mut self) {
+        reset_on_close(&self.tcp);
     }
 }
 
-/// TCP → WebSocket.
+/// TCP → WebSocket: each read becomes one frame, written with its header from the buffer's
+/// headroom.
 #[derive(Debug, Default)]
-struct Up {
+struct UpIo {
     buf: Option<PoolBuf>,
     /// Framed bytes waiting to be written: `buf[out]`.
     out: Range<usize>,
-    ctl: Option<CtlFrame>,
+    /// A control frame being written, and how much of it is out.
+    ctl: Option<(SmallFrame, usize)>,
     need_flush: bool,
-    bytes: u64,
     /// Our place in line while the pool's budget is spent.
     acquire: pool::Acquire,
 }
 
-/// Why the writing side stopped.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum UpEnd {
-    /// Our Close is out (and, unless aborting, the peer's has arrived).
-    Done,
-    WsWriteFailed,
-}
-
-impl Up {
-    fn poll(&mut self, cx: &mut Context<'_>, tcp: &mut TcpStream, ws: &mut Stream, ctrl: &mut Ctrl) -> Poll<UpEnd> {
+impl UpIo {
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        tcp: &mut TcpStream,
+        ws: &mut Stream,
+        rules: &mut SpliceRules,
+    ) -> Poll<UpEnd> {
         loop {
             if !self.out.is_empty() {
                 let buf = self.buf.as_ref().expect("output lives in the buffer");
@@ -305,17 +269,16 @@ impl Up {
                 }
                 continue;
             }
-            if let Some(f) = &mut self.ctl {
-                while f.pos < f.len {
-                    match ready!(Pin::new(&mut *ws).poll_write(cx, &f.bytes[f.pos..f.len])) {
+            if let Some((f, pos)) = &mut self.ctl {
+                let bytes = f.as_bytes();
+                while *pos < bytes.len() {
+                    match ready!(Pin::new(&mut *ws).poll_write(cx, &bytes[*pos..])) {
                         Ok(0) | Err(_) => return Poll::Ready(UpEnd::WsWriteFailed),
-                        Ok(n) => f.pos += n,
+                        Ok(n) => *pos += n,
                     }
                 }
-                if f.is_close {
-                    ctrl.close = CloseState::Sent;
-                }
                 self.ctl = None;
+                rules.up.handle_written(&mut rules.ctrl);
                 self.need_flush = true;
             }
             if self.need_flush {
@@ -324,36 +287,20 @@ impl Up {
                 }
                 self.need_flush = false;
             }
-            if ctrl.close == CloseState::Sent && (ctrl.abort || ctrl.peer_closed.is_some()) {
-                return Poll::Ready(UpEnd::Done);
-            }
-            // Control frames go out between data frames, which is always here.
-            if let Some((p, n)) = ctrl.take_pong() {
-                self.ctl = Some(CtlFrame::new(OpCode::Pong, &p[..n]));
-                continue;
-            }
-            if ctrl.take_ping() {
-                self.ctl = Some(CtlFrame::new(OpCode::Ping, b""));
-                continue;
-            }
-            if let CloseState::Queued(code, reason) = ctrl.close {
-                self.ctl = Some(CtlFrame::new(OpCode::Close, &frame::close_payload(code, reason)));
-                continue;
-            }
-            if ctrl.tcp_done || ctrl.close == CloseState::Sent {
-                // Nothing to read; woken again when the reading side or a timer has work.
-                return Poll::Pending;
-            }
-            match ready!(self.poll_read_tcp(cx, tcp)) {
-                Ok(0) => {
-                    ctrl.tcp_done = true;
-                    ctrl.queue_close(close_code::NORMAL, "");
-                }
-                Ok(n) => self.frame_in_place(n),
-                Err(_) => {
-                    ctrl.tcp_done = true;
-                    ctrl.abort = true;
-                    ctrl.queue_close(close_code::GOING_AWAY, "The local connection failed.");
+            match rules.up.poll_step(&mut rules.ctrl) {
+                UpStep::Write(f) => self.ctl = Some((f, 0)),
+                UpStep::Done => return Poll::Ready(UpEnd::Done),
+                // Woken again when the reading side, a timer or the stop has news.
+                UpStep::Idle => return Poll::Pending,
+                UpStep::ReadTcp => {
+                    let r = ready!(self.poll_read_tcp(cx, tcp));
+                    if let Some(n) = rules.up.handle_tcp_read(&mut rules.ctrl, r) {
+                        let buf = self.buf.as_mut().expect("data implies a buffer");
+                        let h = rules.up.frame(&mut buf[HEADROOM..HEADROOM + n]);
+                        let h = h.as_bytes();
+                        buf[HEADROOM - h.len()..HEADROOM].copy_from_slice(h);
+                        self.out = HEADROOM - h.len()..HEADROOM + n;
+                    }
                 }
             }
         }
@@ -377,259 +324,55 @@ impl Up {
         }
         r
     }
-
-    /// Turns `buf[HEADROOM..HEADROOM + n]` into one masked binary frame, in place.
-    fn frame_in_place(&mut self, n: usize) {
-        let buf = self.buf.as_mut().expect("data implies a buffer");
-        let key = rand::random::<[u8; 4]>();
-        let mut hdr = [0u8; MAX_HEADER_LEN];
-        let h = frame::encode_header(true, OpCode::Binary, Some(key), n as u64, &mut hdr);
-        buf[HEADROOM - h..HEADROOM].copy_from_slice(&hdr[..h]);
-        apply_mask(&mut buf[HEADROOM..HEADROOM + n], key, 0);
-        self.out = HEADROOM - h..HEADROOM + n;
-        self.bytes += n as u64;
-    }
 }
 
-/// WebSocket → TCP.
-#[derive(Debug)]
-struct Down {
-    dec: Decoder,
+/// WebSocket → TCP: frames decoded in place, their payload runs written with one
+/// vectored write.
+#[derive(Debug, Default)]
+struct DownIo {
     /// Undecoded input from the WebSocket.
     input: InBuf,
     /// Payload runs of the input buffer waiting to go to TCP.
     out: Runs,
-    /// The peer's Close was read: shut TCP's write side once the output is out.
-    closing: bool,
-    bytes: u64,
 }
 
-impl Down {
-    fn new(max_frame: u64) -> Self {
-        Self {
-            dec: Decoder::new(Role::Client, max_frame),
-            input: InBuf::default(),
-            out: Runs::default(),
-            closing: false,
-            bytes: 0,
-        }
-    }
-
+impl DownIo {
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
         ws: &mut Stream,
         tcp: &mut TcpStream,
-        ctrl: &mut Ctrl,
-        heard: &mut bool,
+        rules: &mut SpliceRules,
     ) -> Poll<DownEnd> {
-        loop {
+        let end = loop {
             if self.out.pending() {
                 if ready!(self.out.poll_write(cx, tcp, self.input.buf())).is_err() {
-                    return Poll::Ready(DownEnd::TcpWriteFailed);
+                    break DownEnd::TcpWriteFailed;
                 }
                 continue;
             }
-            if self.closing {
-                // A clean Close ends TCP's output with a FIN; any other is answered by a reset.
-                if ctrl.peer_closed_cleanly() {
-                    let _ = ready!(Pin::new(&mut *tcp).poll_shutdown(cx));
+            match rules.down.poll_step(&rules.ctrl, self.input.has_bytes()) {
+                DownStep::Finish { fin } => {
+                    if fin {
+                        let _ = ready!(Pin::new(&mut *tcp).poll_shutdown(cx));
+                    }
+                    break DownEnd::PeerClosed;
                 }
-                self.input.release();
-                return Poll::Ready(DownEnd::PeerClosed);
-            }
-            if self.input.has_bytes() {
-                if let Err(e) = self.decode_batch(ctrl) {
-                    return Poll::Ready(DownEnd::ProtocolError(e.close_code(), e.to_string()));
-                }
-                if self.out.pending() || self.closing {
-                    continue;
-                }
-            }
-            match ready!(self.input.poll_fill(cx, ws)) {
-                Ok(true) => *heard = true,
-                Ok(false) | Err(_) => return Poll::Ready(DownEnd::Vanished),
-            }
-        }
-    }
-
-    fn decode_batch(&mut self, ctrl: &mut Ctrl) -> Result<(), frame::FrameError> {
-        self.out.clear();
-        let out = &mut self.out;
-        let (buf, start, end) = self.input.split();
-        while *start < end && out.has_room() {
-            let base = *start;
-            let Some((item, used)) = self.dec.decode_slice(&mut buf[base..end])? else {
-                break;
-            };
-            *start += used;
-            match item {
-                SliceItem::Data(c) => {
-                    if !c.payload.is_empty() {
-                        self.bytes += c.payload.len() as u64;
-                        out.push(base + c.payload.start..base + c.payload.end);
+                DownStep::Decode => {
+                    let (buf, start, end) = self.input.split();
+                    if let Err(e) = rules.down.decode(&mut rules.ctrl, buf, start, end, &mut self.out) {
+                        break e;
                     }
                 }
-                SliceItem::Control {
-                    opcode: OpCode::Ping,
-                    payload,
-                } => {
-                    let mut p = [0u8; MAX_CONTROL_PAYLOAD];
-                    p[..payload.len()].copy_from_slice(&buf[base + payload.start..base + payload.end]);
-                    ctrl.pong = Some((p, payload.len()));
-                }
-                SliceItem::Control {
-                    opcode: OpCode::Pong, ..
-                } => {}
-                SliceItem::Control { payload, .. } => {
-                    let close = frame::parse_close(&buf[base + payload.start..base + payload.end])?;
-                    ctrl.peer_closed = Some(close.code);
-                    self.closing = true;
-                    *start = end; // nothing may follow a Close
-                    break;
+                DownStep::Read => {
+                    let r = ready!(self.input.poll_fill(cx, ws));
+                    if let Err(e) = rules.down.handle_read(r) {
+                        break e;
+                    }
                 }
             }
-        }
-        Ok(())
-    }
-}
-
-/// The splice future: both directions, the keep-alive timer and the stop signal.
-pub struct Splice {
-    ws: Stream,
-    tcp: TcpStream,
-    up: Up,
-    down: Down,
-    ctrl: Ctrl,
-    up_end: Option<UpEnd>,
-    down_end: Option<DownEnd>,
-    keep: Keepalive,
-    /// One timer for the keep-alive rules.
-    timer: TokioTimer,
-    stop: Pin<Box<WaitForCancellationFutureOwned>>,
-    stopping: bool,
-    active: Option<ActiveGuard>,
-    tcp_side: TcpSide,
-    counted: (u64, u64),
-    end: Option<String>,
-}
-
-impl Splice {
-    pub fn new(
-        ws: Stream,
-        leftover: &[u8],
-        tcp: TcpStream,
-        cfg: &SpliceConfig,
-        stop: &CancellationToken,
-        active: Option<ActiveGuard>,
-    ) -> Self {
-        let mut down = Down::new(cfg.max_frame);
-        down.input.preload(leftover);
-        Self {
-            ws,
-            tcp,
-            up: Up::default(),
-            down,
-            ctrl: Ctrl::default(),
-            up_end: None,
-            down_end: None,
-            keep: Keepalive::new(Instant::now().into_std(), cfg.ping_interval),
-            timer: TokioTimer::new(),
-            stop: Box::pin(stop.clone().cancelled_owned()),
-            stopping: false,
-            active,
-            tcp_side: cfg.tcp_side,
-            counted: (0, 0),
-            end: None,
-        }
-    }
-
-    /// The WebSocket, for closing after the splice; the TCP connection is closed now (a
-    /// reset if the splice ended abnormally).
-    pub fn into_ws(self) -> Stream {
-        self.ws
-    }
-
-    fn count(&mut self) {
-        if let Some(a) = &self.active {
-            let (to_ws, to_tcp) = (self.up.bytes - self.counted.0, self.down.bytes - self.counted.1);
-            self.tcp_side.count(a.counters(), to_ws, to_tcp);
-        }
-        self.counted = (self.up.bytes, self.down.bytes);
-    }
-
-    /// The splice's result; an abnormal end also arms the TCP reset.
-    fn stats(&mut self, why: String) -> SpliceStats {
-        self.count();
-        if why != CLEAN_END {
-            reset_on_close(&self.tcp);
-        }
-        SpliceStats {
-            to_tcp: self.down.bytes,
-            to_ws: self.up.bytes,
-            peer_close: self.ctrl.peer_closed.flatten(),
-            end: why,
-        }
-    }
-
-    /// Applies [`Ctrl::on_down_end`]; `Some(why)` if the splice ends now.
-    fn on_down_end(&mut self, e: &DownEnd) -> Option<String> {
-        match self.ctrl.on_down_end(e) {
-            Ok(end) => {
-                self.end = end.or(self.end.take());
-                None
-            }
-            Err(fatal) => Some(fatal),
-        }
-    }
-}
-
-impl Future for Splice {
-    type Output = SpliceStats;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<SpliceStats> {
-        let this = self.get_mut();
-        if !this.stopping && this.stop.as_mut().poll(cx).is_ready() {
-            this.stopping = true;
-            this.ctrl.abort = true;
-            this.ctrl.tcp_done = true;
-            this.ctrl.queue_close(close_code::GOING_AWAY, "Shutting down.");
-            this.end.get_or_insert_with(|| "stopped".into());
-        }
-        let mut heard = false;
-        if this.down_end.is_none()
-            && let Poll::Ready(e) = this
-                .down
-                .poll(cx, &mut this.ws, &mut this.tcp, &mut this.ctrl, &mut heard)
-        {
-            if let Some(fatal) = this.on_down_end(&e) {
-                this.down_end = Some(e);
-                return Poll::Ready(this.stats(fatal));
-            }
-            this.down_end = Some(e);
-        }
-        // After reading, so that a frame that just arrived counts.
-        if poll_keepalive(&mut this.keep, &mut this.timer, cx, heard, &mut this.ctrl) {
-            return Poll::Ready(this.stats("peer silent for two ping periods".into()));
-        }
-        if this.up_end.is_none()
-            && let Poll::Ready(e) = this.up.poll(cx, &mut this.tcp, &mut this.ws, &mut this.ctrl)
-        {
-            if e == UpEnd::WsWriteFailed {
-                return Poll::Ready(this.stats("WebSocket write failed".into()));
-            }
-            this.up_end = Some(e);
-        }
-        this.count();
-        let done = match (&this.up_end, &this.down_end) {
-            (Some(_), Some(_)) => true,
-            (Some(UpEnd::Done), None) => this.ctrl.abort,
-            _ => false,
         };
-        if done {
-            let why = this.end.take().unwrap_or_else(|| CLEAN_END.into());
-            return Poll::Ready(this.stats(why));
-        }
-        Poll::Pending
+        self.input.release();
+        Poll::Ready(end)
     }
 }

@@ -246,15 +246,15 @@ impl Writer {
     }
 }
 
-/// The completion runtime's timer for the keep-alive rules
-/// ([`crate::dataplane::splice::poll_keepalive`]).
+/// The completion runtime's timer for the rules' one deadline (keep-alive, the relay's
+/// grace).
 #[derive(Default)]
 pub struct CompioTimer {
     fut: Option<Fut<()>>,
     at: Option<std::time::Instant>,
 }
 
-impl crate::dataplane::splice::Timer for CompioTimer {
+impl crate::dataplane::drive::Timer for CompioTimer {
     fn now(&self) -> std::time::Instant {
         std::time::Instant::now()
     }
@@ -284,4 +284,132 @@ pub fn sleep(d: std::time::Duration) -> Fut<()> {
 /// The runtime's handle of a standard socket. Call on the completion worker.
 pub fn adopt(s: std::net::TcpStream) -> io::Result<TcpStream> {
     TcpStream::from_std(s)
+}
+
+/// What is being written from a [`DirBuf`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Writing {
+    Nothing,
+    /// Runs of the read buffer; it comes back when they are out.
+    Data,
+    /// A control frame in a buffer of its own.
+    Small,
+}
+
+/// One direction's buffers on the completion engine: the read buffer with its undecoded
+/// bytes `buf[start..end]`, the runs of it to write, and the write the kernel owns.
+pub struct DirBuf {
+    /// `None` while a read or a write owns it, or when nothing is held.
+    buf: Option<Chunk>,
+    start: usize,
+    end: usize,
+    /// The run list, kept between writes.
+    runs: Vec<std::ops::Range<usize>>,
+    out: Option<Out>,
+    writing: Writing,
+}
+
+impl DirBuf {
+    /// A direction starting with `bytes` (read past a handshake) as its input.
+    pub fn new(bytes: &[u8]) -> Self {
+        Self {
+            buf: (!bytes.is_empty()).then(|| Chunk::heap(bytes)),
+            start: 0,
+            end: bytes.len(),
+            runs: Vec::new(),
+            out: None,
+            writing: Writing::Nothing,
+        }
+    }
+
+    /// True if undecoded bytes are held.
+    pub fn has_bytes(&self) -> bool {
+        self.buf.is_some() && self.start < self.end
+    }
+
+    /// The input and the run list, for the rules' decode.
+    pub fn split(&mut self) -> (&mut [u8], &mut usize, usize, &mut Vec<std::ops::Range<usize>>) {
+        let buf = self.buf.as_deref_mut().expect("bytes imply a buffer");
+        (buf, &mut self.start, self.end, &mut self.runs)
+    }
+
+    /// The bytes of the last read (a direction that frames what it reads).
+    pub fn read_bytes(&mut self) -> &mut [u8] {
+        let buf = self.buf.as_deref_mut().expect("data implies a buffer");
+        &mut buf[self.start..self.end]
+    }
+
+    /// Queues a control frame to write.
+    pub fn queue_small(&mut self, frame: &[u8]) {
+        self.out = Some(Out::bytes(frame));
+        self.writing = Writing::Small;
+    }
+
+    /// Queues the last read's bytes, after `head`, as one write; they are consumed.
+    pub fn queue_read(&mut self, head: &[u8]) {
+        let chunk = self.buf.take().expect("data implies a buffer");
+        let mut runs = std::mem::take(&mut self.runs);
+        runs.clear();
+        runs.push(self.start..self.end);
+        (self.start, self.end) = (0, 0);
+        self.out = Some(Out::new(head, chunk, runs));
+        self.writing = Writing::Data;
+    }
+
+    /// Writes what is queued: a control frame, or the runs the last decode left (with the
+    /// buffer, which comes back afterwards if `keep` and is dropped otherwise). `Ok` once
+    /// nothing is left to write.
+    pub fn poll_write(&mut self, cx: &mut Context<'_>, dst: &mut Writer, keep: bool) -> Poll<io::Result<()>> {
+        loop {
+            if self.writing != Writing::Nothing {
+                let r = ready!(dst.poll_write_all(cx, &mut self.out));
+                let out = self.out.take();
+                if std::mem::replace(&mut self.writing, Writing::Nothing) == Writing::Data
+                    && let Some(mut o) = out
+                {
+                    self.runs = std::mem::take(&mut o.runs);
+                    self.runs.clear();
+                    if keep {
+                        self.buf = o.into_chunk();
+                    }
+                }
+                r?;
+                continue;
+            }
+            if !self.runs.is_empty() {
+                let chunk = self.buf.take().expect("runs live in the buffer");
+                self.out = Some(Out::new(&[], chunk, std::mem::take(&mut self.runs)));
+                self.writing = Writing::Data;
+                continue;
+            }
+            return Poll::Ready(Ok(()));
+        }
+    }
+
+    /// Reads more input after the undecoded bytes; `Ok(n)` new bytes, 0 at EOF. Holds no
+    /// buffer while waiting at a frame boundary; keeps a partial header or control frame
+    /// and reads after it.
+    pub fn poll_fill(&mut self, cx: &mut Context<'_>, src: &mut Reader) -> Poll<io::Result<usize>> {
+        if let Some(buf) = &mut self.buf {
+            if self.start == self.end {
+                self.buf = None;
+            } else if self.start > 0 {
+                buf.keep(self.start..self.end);
+            }
+            self.end -= self.start;
+            self.start = 0;
+        }
+        let n = ready!(src.poll_read(cx, &mut self.buf))?;
+        self.end = self.buf.as_ref().map_or(0, |b| b.len());
+        if self.end == 0 {
+            self.buf = None; // EOF into a fresh buffer
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    /// Gives the buffers back: the direction is over.
+    pub fn release(&mut self) {
+        self.buf = None;
+        (self.start, self.end) = (0, 0);
+    }
 }
