@@ -16,37 +16,30 @@ pub mod pool;
 pub mod reframe;
 pub mod splice;
 pub mod stats;
+mod threads;
 #[cfg(all(feature = "uring", any(target_os = "linux", windows)))]
 pub mod uring;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::thread::JoinHandle;
 
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// Work sent to a worker: builds its (possibly `!Send`) future on the worker's thread.
-type Job = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()>>> + Send>;
+use self::threads::{ThreadStart, Threads};
 
 /// A set of worker threads, each a single-threaded runtime with a `LocalSet`, so tasks
 /// on a worker may own thread-local state (buffer pool, counters) without locks.
 #[must_use = "dropping Workers stops them"]
 pub struct Workers {
-    jobs: Vec<mpsc::UnboundedSender<Job>>,
-    threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
-    stop: CancellationToken,
-    next: AtomicUsize,
+    threads: Threads,
     /// The completion backend plain tunnels are handed to, if it was chosen.
     completion: Option<Arc<offload::Completion>>,
 }
 
 impl std::fmt::Debug for Workers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Workers").field("count", &self.jobs.len()).finish()
+        f.debug_struct("Workers").field("count", &self.threads.len()).finish()
     }
 }
 
@@ -77,56 +70,38 @@ impl Workers {
         buffer_budget: usize,
         completion: Option<Arc<offload::Completion>>,
     ) -> std::io::Result<Arc<Self>> {
-        let count = count.max(1);
-        let stop = CancellationToken::new();
-        let mut jobs = Vec::new();
-        let mut threads = Vec::new();
-        for i in 0..count {
-            let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
-            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-            let stop = stop.clone();
-            let budget = buffer_budget / count;
-            let completion_here = completion.clone();
-            let t = std::thread::Builder::new().name(format!("{name}-{i}")).spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        ready_tx.send(Err(e)).ok();
-                        return;
+        let budget = buffer_budget / count.max(1);
+        let completion_here = completion.clone();
+        let body = move |_, start: ThreadStart| {
+            let ThreadStart { mut jobs, stop, ready } = start;
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    ready.send(Err(e)).ok();
+                    return;
+                }
+            };
+            pool::set_budget(budget);
+            offload::install(completion_here.clone());
+            ready.send(Ok(())).ok();
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        job = jobs.recv() => match job {
+                            Some(job) => {
+                                tokio::task::spawn_local(job());
+                            }
+                            None => break,
+                        },
                     }
-                };
-                pool::set_budget(budget);
-                offload::install(completion_here);
-                ready_tx.send(Ok(())).ok();
-                let local = tokio::task::LocalSet::new();
-                local.block_on(&rt, async move {
-                    loop {
-                        tokio::select! {
-                            _ = stop.cancelled() => break,
-                            job = rx.recv() => match job {
-                                Some(job) => {
-                                    tokio::task::spawn_local(job());
-                                }
-                                None => break,
-                            },
-                        }
-                    }
-                });
-                // Dropping the LocalSet and the runtime drops every task still on this worker.
-            })?;
-            ready_rx
-                .recv()
-                .map_err(|_| std::io::Error::other("worker thread died"))??;
-            jobs.push(tx);
-            threads.push(t);
-        }
-        Ok(Arc::new(Self {
-            jobs,
-            threads: std::sync::Mutex::new(threads),
-            stop,
-            next: AtomicUsize::new(0),
-            completion,
-        }))
+                }
+            });
+            // Dropping the LocalSet and the runtime drops every task still on this worker.
+        };
+        let threads = Threads::start(count, |i| format!("{name}-{i}"), body)?;
+        Ok(Arc::new(Self { threads, completion }))
     }
 
     /// The completion backend's workers, if this set uses them.
@@ -135,11 +110,11 @@ impl Workers {
     }
 
     pub fn len(&self) -> usize {
-        self.jobs.len()
+        self.threads.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.jobs.is_empty()
+        self.threads.len() == 0
     }
 
     /// Runs `make()` on worker `i` and spawns the future it returns there.
@@ -148,9 +123,7 @@ impl Workers {
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = ()> + 'static,
     {
-        let job: Job = Box::new(move || Box::pin(make()));
-        // A send error means the worker is stopping; the job is dropped with it.
-        let _ = self.jobs[i % self.jobs.len()].send(job);
+        self.threads.spawn_on(i, make);
     }
 
     /// Like [`Workers::spawn_on`] on the next worker in round-robin order.
@@ -159,20 +132,13 @@ impl Workers {
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = ()> + 'static,
     {
-        self.spawn_on(self.next.fetch_add(1, Ordering::Relaxed), make);
+        self.threads.spawn(make);
     }
 
     /// Stops every worker (dropping the tasks still on it) and waits for the threads to
     /// end. Called from a worker thread, it does not wait for that thread.
     pub fn stop(&self) {
-        self.stop.cancel();
-        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
-        let me = std::thread::current().id();
-        for t in threads {
-            if t.thread().id() != me {
-                t.join().ok();
-            }
-        }
+        self.threads.stop();
         if let Some(c) = &self.completion {
             c.stop();
         }
@@ -181,7 +147,7 @@ impl Workers {
 
 impl Drop for Workers {
     fn drop(&mut self) {
-        self.stop.cancel();
+        self.threads.cancel();
     }
 }
 

@@ -5,8 +5,9 @@
 //! tunnel is established and all its legs are plain TCP, the tokio side deregisters the
 //! sockets and hands them, with any bytes read past the handshakes, to a completion worker
 //! ([`Completion`]: one thread per data-plane worker, each with its own ring). The tunnel
-//! runs there with the same rules as on epoll ([`relay`] mirrors `dataplane::reframe`,
-//! [`splice`] mirrors `dataplane::splice`) and counts into that thread's counters, which a
+//! runs there under the same sans-IO rules as on epoll (`session::forward` for [`relay`],
+//! `session::splice` for [`splice`]; only the byte moving differs) and counts into that
+//! thread's counters, which a
 //! flush task publishes like a tokio worker's. The tokio task that handed the tunnel off
 //! waits for its result, so connection caps, drain and logs see it as before. Tunnels with
 //! a TLS leg stay on the epoll engines.
@@ -19,22 +20,18 @@ mod relay;
 mod splice;
 
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::thread::JoinHandle;
 
 use bytes::BytesMut;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use self::io::{Reader, Writer, adopt};
 use super::reframe::TunnelStats;
 use super::splice::{SpliceConfig, SpliceStats};
 use super::stats::{self, ActiveGuard};
+use super::threads::{ThreadStart, Threads};
 use crate::dataplane::pool::{self, BUF_SIZE};
-
-type Job = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()>>> + Send>;
 
 /// Tunnels started on completion workers in this process, per hybrid connection (for
 /// tests; touched once per tunnel).
@@ -56,15 +53,14 @@ fn count_run(hc: &str) {
 
 /// Completion worker threads, one runtime and ring each.
 pub struct Completion {
-    jobs: Vec<mpsc::UnboundedSender<Job>>,
-    threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
-    stop: CancellationToken,
-    next: AtomicUsize,
+    threads: Threads,
 }
 
 impl std::fmt::Debug for Completion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Completion").field("count", &self.jobs.len()).finish()
+        f.debug_struct("Completion")
+            .field("count", &self.threads.len())
+            .finish()
     }
 }
 
@@ -72,35 +68,21 @@ impl Completion {
     /// Starts `count` threads named `{role}-uring-{i}` (`name` without its `hyrelay-`, to fit
     /// the 15 bytes a thread name keeps) with `budget` bytes of buffers each.
     pub fn start(name: &str, count: usize, budget: usize) -> std::io::Result<Arc<Self>> {
-        let stop = CancellationToken::new();
-        let (mut jobs, mut threads) = (Vec::new(), Vec::new());
-        for i in 0..count.max(1) {
-            let (tx, rx) = mpsc::unbounded_channel::<Job>();
-            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-            let stop = stop.clone();
-            let t = std::thread::Builder::new()
-                .name(format!("{}-uring-{i}", name.trim_start_matches("hyrelay-")))
-                .spawn(move || run_worker(budget, rx, stop, ready_tx))?;
-            ready_rx
-                .recv()
-                .map_err(|_| std::io::Error::other("completion worker died"))??;
-            jobs.push(tx);
-            threads.push(t);
-        }
-        Ok(Arc::new(Self {
-            jobs,
-            threads: std::sync::Mutex::new(threads),
-            stop,
-            next: AtomicUsize::new(0),
-        }))
+        let role = name.trim_start_matches("hyrelay-");
+        let threads = Threads::start(
+            count,
+            |i| format!("{role}-uring-{i}"),
+            move |_, s| run_worker(budget, s),
+        )?;
+        Ok(Arc::new(Self { threads }))
     }
 
     pub fn len(&self) -> usize {
-        self.jobs.len()
+        self.threads.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.jobs.is_empty()
+        self.threads.len() == 0
     }
 
     /// Runs `make()` on worker `i` and spawns its future there.
@@ -109,31 +91,18 @@ impl Completion {
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = ()> + 'static,
     {
-        let job: Job = Box::new(move || Box::pin(make()));
-        let _ = self.jobs[i % self.jobs.len()].send(job);
-    }
-
-    fn spawn<F, Fut>(&self, make: F)
-    where
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = ()> + 'static,
-    {
-        self.spawn_on(self.next.fetch_add(1, Ordering::Relaxed), make);
+        self.threads.spawn_on(i, make);
     }
 
     /// Stops the threads (dropping their tunnels) and waits for them.
     pub fn stop(&self) {
-        self.stop.cancel();
-        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
-        for t in threads {
-            t.join().ok();
-        }
+        self.threads.stop();
     }
 
     /// Relays a joined tunnel whose two legs are plain TCP; resolves with its stats.
     pub fn relay(&self, t: RelayJob) -> oneshot::Receiver<TunnelStats> {
         let (tx, rx) = oneshot::channel();
-        self.spawn(move || async move {
+        self.threads.spawn(move || async move {
             if let Some(stats) = run_relay(t).await {
                 tx.send(stats).ok();
             }
@@ -144,7 +113,7 @@ impl Completion {
     /// Splices a plain-TCP WebSocket to a TCP connection; resolves with its stats.
     pub fn splice(&self, s: SpliceJob) -> oneshot::Receiver<SpliceStats> {
         let (tx, rx) = oneshot::channel();
-        self.spawn(move || async move {
+        self.threads.spawn(move || async move {
             if let Some(stats) = run_splice(s).await {
                 tx.send(stats).ok();
             }
@@ -155,7 +124,7 @@ impl Completion {
 
 impl Drop for Completion {
     fn drop(&mut self) {
-        self.stop.cancel();
+        self.threads.cancel();
     }
 }
 
@@ -239,12 +208,8 @@ async fn run_splice(s: SpliceJob) -> Option<SpliceStats> {
 }
 
 /// Body of a completion worker thread.
-fn run_worker(
-    budget: usize,
-    mut rx: mpsc::UnboundedReceiver<Job>,
-    stop: CancellationToken,
-    ready: std::sync::mpsc::Sender<std::io::Result<()>>,
-) {
+fn run_worker(budget: usize, start: ThreadStart) {
+    let ThreadStart { mut jobs, stop, ready } = start;
     let ring = bufs::ring_size(budget);
     let rt = match build_runtime(ring) {
         Ok(rt) => rt,
@@ -261,7 +226,7 @@ fn run_worker(
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
-                job = rx.recv() => match job {
+                job = jobs.recv() => match job {
                     Some(job) => compio::runtime::spawn(job()).detach(),
                     None => break,
                 },
