@@ -111,6 +111,50 @@ async fn two_hundred_concurrent_connections() {
     assert_eq!(uring::tunnels_run("many"), 600);
 }
 
+/// One worker per process with a buffer budget of four buffers: each completion worker
+/// gets a provided-buffer ring of one buffer and a pool of one. Forty tunnels at once run
+/// the ring empty over and over, so every read path is taken: the multishot receive, its
+/// end when the ring is empty, the read into a pool buffer that follows, and the receive
+/// armed again. Every byte must still arrive, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_buffer_ring_under_forty_tunnels_loses_no_byte() {
+    let tiny = |rt: &mut hyrelay::config::RuntimeSettings| {
+        rt.io_backend = IoBackend::Uring;
+        rt.set_workers(1).unwrap();
+        rt.set_budget_bytes(4 * hyrelay::dataplane::pool::BUF_SIZE).unwrap();
+    };
+    let rig = Rig::with(false, |c| tiny(&mut c.runtime));
+    rig.create("tiny", echo()).await;
+    let mut hc = rig.hcm_config(vec![
+        hyrelay::hcm::config::HcEntry::new(rig.listen_cs("tiny").await, None).unwrap(),
+    ]);
+    tiny(&mut hc.runtime);
+    let _h = hyrelay::hcm::start(hc).unwrap();
+    rig.wait_listeners("tiny", 1).await;
+    let mut bc = rig.bridge_config("tiny", &rig.send_cs("tiny").await);
+    tiny(&mut bc.runtime);
+    let b = hyrelay::bridge::start(bc).unwrap();
+    let addr = b.addr_of("tiny").unwrap();
+    let tasks: Vec<_> = (0..40u64)
+        .map(|i| {
+            tokio::spawn(async move {
+                let data = payload(200_000 + i as usize * 997, i);
+                let back = round_trip(addr, &data).await.expect("round trip");
+                back == data
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        ok += tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .expect("within 60 s")
+            .unwrap() as usize;
+    }
+    assert_eq!(ok, 40, "every tunnel's bytes came back whole and in order");
+    assert_eq!(uring::tunnels_run("tiny"), 120);
+}
+
 type Reader = WsReader<tokio::io::ReadHalf<hyrelay::transport::Stream>>;
 type Writer = tokio::io::WriteHalf<hyrelay::transport::Stream>;
 

@@ -14,7 +14,9 @@ use std::task::{Context, Poll, ready};
 use compio::BufResult;
 use compio::buf::{IntoInner, IoBuf, Slice};
 use compio::driver::{BufferRef, ToSharedFd};
-use compio::io::{AsyncRead, AsyncReadManaged, AsyncWrite};
+#[cfg(not(target_os = "linux"))]
+use compio::io::AsyncReadManaged;
+use compio::io::{AsyncRead, AsyncWrite};
 use compio::net::TcpStream;
 
 use super::bufs::{Chunk, Out, RingBuf};
@@ -25,7 +27,12 @@ type Fut<T> = Pin<Box<dyn Future<Output = T>>>;
 
 enum ReadOp {
     Idle,
-    /// Waiting for data with no buffer: the kernel picks one from the ring.
+    /// Waiting for data with no buffer: the kernel picks one from the ring when data
+    /// arrives, on the reader's multishot receive ([`Reader::multi`]; Linux).
+    #[cfg(target_os = "linux")]
+    Multi,
+    /// The same with a one-shot receive (elsewhere).
+    #[cfg(not(target_os = "linux"))]
     Managed(Fut<io::Result<Option<BufferRef>>>),
     /// The ring was empty: waiting, with no buffer, until the socket is readable.
     Readable(Fut<io::Result<()>>),
@@ -35,10 +42,21 @@ enum ReadOp {
     Plain(Fut<BufResult<usize, Slice<Chunk>>>),
 }
 
+/// A multishot receive into the worker's buffer ring: armed once, it completes with a
+/// ring buffer each time data arrives until it ends (EOF, an error, or the ring running
+/// empty), so a stream of reads costs one submission rather than one each.
+#[cfg(target_os = "linux")]
+type MultiRecv = Pin<Box<dyn futures_util::Stream<Item = io::Result<Option<BufferRef>>>>>;
+
 /// The read side of a socket.
 pub struct Reader {
     sock: TcpStream,
     op: ReadOp,
+    /// The armed multishot receive, if any. Never armed while a read into a buffer of ours
+    /// (`ReadOp::Plain`) is in flight: the two would race for the socket's bytes. It ends
+    /// itself when the ring runs empty, which is what leads to such a read.
+    #[cfg(target_os = "linux")]
+    multi: Option<MultiRecv>,
     /// Bytes kept from the last read (a partial frame header or control frame) while the
     /// next read waits without a buffer; they go in front of what it brings.
     stash: Stash,
@@ -51,6 +69,8 @@ impl Reader {
         Self {
             sock,
             op: ReadOp::Idle,
+            #[cfg(target_os = "linux")]
+            multi: None,
             stash: Stash::default(),
             acquire: pool::Acquire::default(),
         }
@@ -66,23 +86,50 @@ impl Reader {
                 ReadOp::Idle => match held.take() {
                     Some(c) if self.stash.keep(&c) => {
                         drop(c);
-                        self.start_managed(BUF_SIZE - STASH_LEN);
+                        self.start_managed();
                     }
                     Some(c) => self.start_plain(c),
-                    None => self.start_managed(0),
+                    None => self.start_managed(),
                 },
+                #[cfg(target_os = "linux")]
+                ReadOp::Multi => {
+                    let multi = match &mut self.multi {
+                        Some(m) => m,
+                        None => self.multi.insert(arm_multi(&self.sock)?),
+                    };
+                    let r = ready!(multi.as_mut().poll_next(cx));
+                    self.op = ReadOp::Idle;
+                    match r {
+                        Some(Ok(Some(b))) if !b.is_empty() => return Poll::Ready(Ok(self.ring_chunk(b, held))),
+                        // EOF.
+                        Some(Ok(_)) => {
+                            self.multi = None;
+                            self.stash = Stash::default();
+                            return Poll::Ready(Ok(0));
+                        }
+                        // The ring is empty (which ends the receive): wait for data
+                        // without a buffer, then read into a pool buffer.
+                        Some(Err(e)) if ring_empty(&e) => {
+                            self.multi = None;
+                            self.start_readable();
+                        }
+                        Some(Err(e)) => {
+                            self.multi = None;
+                            return Poll::Ready(Err(e));
+                        }
+                        // The kernel ended the receive without a result: arm it again.
+                        None => {
+                            self.multi = None;
+                            self.op = ReadOp::Multi;
+                        }
+                    }
+                }
+                #[cfg(not(target_os = "linux"))]
                 ReadOp::Managed(f) => {
                     let r = ready!(f.as_mut().poll(cx));
                     self.op = ReadOp::Idle;
                     match r {
-                        Ok(Some(b)) => {
-                            let n = b.len();
-                            let mut c = Chunk::Ring(RingBuf::new(b));
-                            c.prepend(self.stash.as_slice());
-                            self.stash = Stash::default();
-                            *held = Some(c);
-                            return Poll::Ready(Ok(n));
-                        }
+                        Ok(Some(b)) => return Poll::Ready(Ok(self.ring_chunk(b, held))),
                         Ok(None) => {
                             self.stash = Stash::default();
                             return Poll::Ready(Ok(0));
@@ -115,13 +162,30 @@ impl Reader {
         }
     }
 
-    /// A read into a ring buffer of at most `len` bytes (0: a whole buffer).
-    fn start_managed(&mut self, len: usize) {
+    /// A read into a ring buffer, leaving room in it for the stash.
+    #[cfg(target_os = "linux")]
+    fn start_managed(&mut self) {
+        self.op = ReadOp::Multi;
+    }
+
+    /// A read into a ring buffer, leaving room in it for the stash.
+    #[cfg(not(target_os = "linux"))]
+    fn start_managed(&mut self) {
         let s = self.sock.clone();
         self.op = ReadOp::Managed(Box::pin(async move {
             let mut r = &s;
-            r.read_managed(len).await
+            r.read_managed(RING_READ).await
         }));
+    }
+
+    /// The ring buffer `b` as the read's result, after the stashed bytes.
+    fn ring_chunk(&mut self, b: BufferRef, held: &mut Option<Chunk>) -> usize {
+        let n = b.len();
+        let mut c = Chunk::Ring(RingBuf::new(b));
+        c.prepend(self.stash.as_slice());
+        self.stash = Stash::default();
+        *held = Some(c);
+        n
     }
 
     fn start_readable(&mut self) {
@@ -141,6 +205,19 @@ impl Reader {
             r.read(slice).await
         }));
     }
+}
+
+/// The most bytes a ring read takes: room is left for the stash in front.
+const RING_READ: usize = BUF_SIZE - STASH_LEN;
+
+/// Arms a multishot receive on `sock` into the worker's buffer ring.
+#[cfg(target_os = "linux")]
+fn arm_multi(sock: &TcpStream) -> io::Result<MultiRecv> {
+    use compio::driver::op::{RecvFlags, RecvMulti};
+    let rt = compio::runtime::Runtime::current();
+    let pool = rt.buffer_pool()?;
+    let op = RecvMulti::new(sock.to_shared_fd(), &pool, RING_READ, RecvFlags::empty())?;
+    Ok(Box::pin(rt.submit_multi(op).into_managed(pool)))
 }
 
 /// The ring had no buffer for a read (`ENOBUFS`).
