@@ -25,19 +25,12 @@ use crate::transport::Stream;
 /// Most runs written by one vectored write.
 pub const MAX_BATCH: usize = crate::session::wire::MAX_RUNS;
 
-/// tokio's timer, for the rules' one deadline (keep-alive, the relay's grace).
+/// tokio's timer, for the rules' one deadline (keep-alive, the relay's grace). Nothing is
+/// allocated until a deadline is first armed: a relay tunnel arms one only when it ends.
+#[derive(Default)]
 pub struct TokioTimer {
-    sleep: Pin<Box<tokio::time::Sleep>>,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     at: Option<std::time::Instant>,
-}
-
-impl Default for TokioTimer {
-    fn default() -> Self {
-        Self {
-            sleep: Box::pin(tokio::time::sleep(std::time::Duration::ZERO)),
-            at: None,
-        }
-    }
 }
 
 impl super::drive::Timer for TokioTimer {
@@ -46,11 +39,15 @@ impl super::drive::Timer for TokioTimer {
     }
 
     fn poll_until(&mut self, cx: &mut Context<'_>, at: std::time::Instant) -> Poll<()> {
+        let at_tokio = tokio::time::Instant::from_std(at);
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at_tokio)));
         if self.at != Some(at) {
-            self.sleep.as_mut().reset(tokio::time::Instant::from_std(at));
+            sleep.as_mut().reset(at_tokio);
             self.at = Some(at);
         }
-        self.sleep.as_mut().poll(cx)
+        sleep.as_mut().poll(cx)
     }
 }
 

@@ -110,8 +110,9 @@ struct DirIo {
     input: InBuf,
     out: Runs,
     need_flush: bool,
-    /// The Close this direction ends with, and how much of it is out.
-    final_frame: Option<(SmallFrame, usize)>,
+    /// The Close this direction ends with, and how much of it is out (boxed: written once
+    /// per tunnel, not worth a place in every idle one).
+    final_frame: Option<Box<(SmallFrame, usize)>>,
 }
 
 impl DirIo {
@@ -130,7 +131,8 @@ impl DirIo {
                 self.need_flush |= !self.out.pending();
                 continue;
             }
-            if let Some((f, pos)) = &mut self.final_frame {
+            if let Some(f) = &mut self.final_frame {
+                let (f, pos) = &mut **f;
                 let bytes = f.as_bytes();
                 while *pos < bytes.len() {
                     match ready!(Pin::new(&mut *dst).poll_write(cx, &bytes[*pos..])) {
@@ -148,7 +150,7 @@ impl DirIo {
                 self.need_flush = false;
             }
             match rules.poll_step(self.input.has_bytes()) {
-                Step::Final(f) => self.final_frame = Some((f, 0)),
+                Step::Final(f) => self.final_frame = Some(Box::new((f, 0))),
                 Step::End(e) => break e,
                 Step::Decode => {
                     let (buf, start, end) = self.input.split();

@@ -241,8 +241,9 @@ struct UpIo {
     buf: Option<PoolBuf>,
     /// Framed bytes waiting to be written: `buf[out]`.
     out: Range<usize>,
-    /// A control frame being written, and how much of it is out.
-    ctl: Option<(SmallFrame, usize)>,
+    /// A control frame being written, and how much of it is out (boxed: a few per ping
+    /// period, not worth a place in every idle tunnel).
+    ctl: Option<Box<(SmallFrame, usize)>>,
     need_flush: bool,
     /// Our place in line while the pool's budget is spent.
     acquire: pool::Acquire,
@@ -269,7 +270,8 @@ impl UpIo {
                 }
                 continue;
             }
-            if let Some((f, pos)) = &mut self.ctl {
+            if let Some(f) = &mut self.ctl {
+                let (f, pos) = &mut **f;
                 let bytes = f.as_bytes();
                 while *pos < bytes.len() {
                     match ready!(Pin::new(&mut *ws).poll_write(cx, &bytes[*pos..])) {
@@ -288,7 +290,7 @@ impl UpIo {
                 self.need_flush = false;
             }
             match rules.up.poll_step(&mut rules.ctrl) {
-                UpStep::Write(f) => self.ctl = Some((f, 0)),
+                UpStep::Write(f) => self.ctl = Some(Box::new((f, 0))),
                 UpStep::Done => return Poll::Ready(UpEnd::Done),
                 // Woken again when the reading side, a timer or the stop has news.
                 UpStep::Idle => return Poll::Pending,

@@ -93,7 +93,8 @@ pub struct Forward {
     mid_frame: bool,
     /// Set once the direction has decided to end (after its output and final frame).
     ending: Option<DirEnd>,
-    final_frame: Option<SmallFrame>,
+    /// The Close (code, reason) to send before ending.
+    final_close: Option<(u16, &'static str)>,
     /// Set by [`Forward::stop`] or [`Forward::cut`]: end at the next frame boundary.
     stop_requested: Option<DirEnd>,
     /// The last decode left only a partial frame: read before decoding again.
@@ -109,7 +110,7 @@ impl Forward {
             dec: Decoder::new(Role::Server, max_frame),
             mid_frame: false,
             ending: None,
-            final_frame: None,
+            final_close: None,
             stop_requested: None,
             starved: false,
             bytes: 0,
@@ -130,8 +131,8 @@ impl Forward {
     /// What to do next, once the output of the last step is written; `has_input` says
     /// whether undecoded bytes are buffered.
     pub fn poll_step(&mut self, has_input: bool) -> Step {
-        if let Some(f) = self.final_frame.take() {
-            return Step::Final(f);
+        if let Some((code, reason)) = self.final_close.take() {
+            return Step::Final(SmallFrame::close(code, reason, None));
         }
         if let Some(end) = self.ending.take() {
             return Step::End(end);
@@ -172,8 +173,7 @@ impl Forward {
             return;
         }
         if !self.mid_frame {
-            let (code, reason) = end.close_to_send();
-            self.final_frame = Some(SmallFrame::close(code, reason, None));
+            self.final_close = Some(end.close_to_send());
         }
         self.ending = Some(end);
     }
