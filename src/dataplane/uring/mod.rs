@@ -152,6 +152,25 @@ fn leg(s: std::net::TcpStream) -> std::io::Result<(Reader, Writer)> {
     Ok((Reader::new(s.clone()), Writer::new(s)))
 }
 
+/// A tunnel's two sockets adopted by this worker's runtime, and the tunnel of `hc`
+/// counted as running here; `None` (logged) if the runtime refused one.
+fn adopt_pair(
+    hc: String,
+    a: std::net::TcpStream,
+    b: std::net::TcpStream,
+) -> Option<((Reader, Writer), (Reader, Writer), ActiveGuard)> {
+    match leg(a).and_then(|a| Ok((a, leg(b)?))) {
+        Ok((a, b)) => {
+            count_run(&hc);
+            Some((a, b, ActiveGuard::new(stats::for_hc(&hc))))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot move the tunnel to the completion worker");
+            None
+        }
+    }
+}
+
 async fn run_relay(t: RelayJob) -> Option<TunnelStats> {
     let RelayJob {
         hc,
@@ -161,17 +180,7 @@ async fn run_relay(t: RelayJob) -> Option<TunnelStats> {
         gone,
         shutdown,
     } = t;
-    let legs = leg(sender.0).and_then(|s| Ok((s, leg(listener.0)?)));
-    let ((sr, sw), (lr, lw)) = match legs {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot move the tunnel to the completion worker");
-            return None;
-        }
-    };
-    count_run(&hc);
-    let active = ActiveGuard::new(stats::for_hc(&hc));
-    drop(hc);
+    let ((sr, sw), (lr, lw), active) = adopt_pair(hc, sender.0, listener.0)?;
     let mut tunnel = relay::RelayTunnel::new(
         (relay::Leg { r: sr, w: sw }, &sender.1),
         (relay::Leg { r: lr, w: lw }, &listener.1),
@@ -188,17 +197,7 @@ async fn run_relay(t: RelayJob) -> Option<TunnelStats> {
 
 async fn run_splice(s: SpliceJob) -> Option<SpliceStats> {
     let SpliceJob { hc, ws, tcp, cfg, stop } = s;
-    let legs = leg(ws.0).and_then(|w| Ok((w, leg(tcp)?)));
-    let ((wr, ww), tcp) = match legs {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot move the tunnel to the completion worker");
-            return None;
-        }
-    };
-    count_run(&hc);
-    let active = ActiveGuard::new(stats::for_hc(&hc));
-    drop(hc);
+    let ((wr, ww), tcp, active) = adopt_pair(hc, ws.0, tcp)?;
     let mut sp = splice::Splice::new((wr, ww, &ws.1), tcp, &cfg, &stop, active);
     drop((ws.1, cfg, stop));
     let stats = (&mut sp).await;
