@@ -147,18 +147,17 @@ pub struct SpliceJob {
     pub stop: CancellationToken,
 }
 
-fn leg(s: std::net::TcpStream) -> std::io::Result<(Reader, Writer)> {
+/// A socket's read and write halves on this worker's runtime.
+type Halves = (Reader, Writer);
+
+fn leg(s: std::net::TcpStream) -> std::io::Result<Halves> {
     let s = adopt(s)?;
     Ok((Reader::new(s.clone()), Writer::new(s)))
 }
 
 /// A tunnel's two sockets adopted by this worker's runtime, and the tunnel of `hc`
 /// counted as running here; `None` (logged) if the runtime refused one.
-fn adopt_pair(
-    hc: String,
-    a: std::net::TcpStream,
-    b: std::net::TcpStream,
-) -> Option<((Reader, Writer), (Reader, Writer), ActiveGuard)> {
+fn adopt_pair(hc: String, a: std::net::TcpStream, b: std::net::TcpStream) -> Option<(Halves, Halves, ActiveGuard)> {
     match leg(a).and_then(|a| Ok((a, leg(b)?))) {
         Ok((a, b)) => {
             count_run(&hc);
