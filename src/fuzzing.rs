@@ -557,7 +557,7 @@ pub fn relay_forward(data: &[u8]) {
     assert!(out.closes.is_empty() || out.ends_with_close(), "the Close is last");
 }
 
-/// A splice's rules ([`crate::session::splice`]) under a script of events.
+/// A splice's rules (`crate::session::splice`) under a script of events.
 ///
 /// Input: byte 0 picks the frame limit (as [`relay_forward`]), byte 1 the WebSocket read
 /// size (1..=256); then events of 2 bytes `[kind, arg]`: a raw byte from the relay, a

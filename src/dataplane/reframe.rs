@@ -10,8 +10,8 @@
 //! payload is streamed chunk by chunk as it arrives; nothing is buffered whole. When a
 //! buffer's bytes are all written, the buffer goes back to the pool.
 //!
-//! Both directions are polled by one future ([`RelayTunnel`], see
-//! [`super::drive::Tunnel`]), so the two legs — joined on one worker — need no locks and
+//! Both directions are polled by one future (`RelayTunnel`, see
+//! `dataplane::drive::Tunnel`), so the two legs — joined on one worker — need no locks and
 //! no channels. Backpressure is natural: a direction does not read again until its
 //! previous output is written.
 

@@ -13,7 +13,7 @@
 //!   of a complete stream (issue 9, item 5). Only the clean sequence ends TCP with a FIN.
 //!
 //! These rules live once, sans-IO, in `session::splice`; this file is the epoll engine's
-//! driver for them ([`EpollSplice`]), and [`super::drive::Splice`] the one future that
+//! driver for them ([`EpollSplice`]), and `dataplane::drive::Splice` the one future that
 //! polls both directions, the keep-alive timer and the stop signal (no locks, no
 //! channels, no task per direction). TCP → WebSocket: once TCP is readable a pooled buffer
 //! is taken, data is read after [`HEADROOM`] bytes, the frame header is written just before

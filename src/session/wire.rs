@@ -1,4 +1,4 @@
-//! What the sans-IO data-plane machines ([`super::forward`], [`super::splice`]) hand their
+//! What the sans-IO data-plane machines ([`super::forward`], `super::splice`) hand their
 //! drivers to write, and where they put the payload runs they decode.
 
 use std::ops::Range;

@@ -5,8 +5,8 @@
 //! tunnel is established and all its legs are plain TCP, the tokio side deregisters the
 //! sockets and hands them, with any bytes read past the handshakes, to a completion worker
 //! ([`Completion`]: one thread per data-plane worker, each with its own ring). The tunnel
-//! runs there under the same sans-IO rules as on epoll (`session::forward` for [`relay`],
-//! `session::splice` for [`splice`]; only the byte moving differs) and counts into that
+//! runs there under the same sans-IO rules as on epoll (`session::forward` for `relay`,
+//! `session::splice` for `splice`; only the byte moving differs) and counts into that
 //! thread's counters, which a
 //! flush task publishes like a tokio worker's. The tokio task that handed the tunnel off
 //! waits for its result, so connection caps, drain and logs see it as before. Tunnels with

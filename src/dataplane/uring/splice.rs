@@ -1,5 +1,5 @@
 //! WebSocket ⇄ TCP splice on the completion backend: the driver of
-//! [`crate::session::splice`]'s rules over io_uring/IOCP, as
+//! `crate::session::splice`'s rules over io_uring/IOCP, as
 //! [`crate::dataplane::splice`] is over epoll (same mapping between the two ends).
 //!
 //! TCP → WebSocket: the kernel fills a ring buffer when TCP data arrives; the rules mask
