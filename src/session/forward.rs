@@ -24,7 +24,7 @@
 use std::io;
 use std::time::{Duration, Instant};
 
-use super::wire::{RunSink, SmallFrame};
+use super::wire::{RunSink, SmallFrame, next_item};
 use crate::proto::frame::{self, Decoder, FrameError, MAX_HEADER_LEN, OpCode, Role, SliceItem, close_code};
 
 /// How long the surviving direction gets after the other ended abnormally or the tunnel
@@ -186,12 +186,10 @@ impl Forward {
         out: &mut impl RunSink,
     ) -> Result<(), FrameError> {
         let mut hdr = [0u8; MAX_HEADER_LEN];
-        while *start < end && out.has_room() {
-            let base = *start;
-            let Some((item, used)) = self.dec.decode_slice(&mut buf[base..end])? else {
+        while out.has_room() {
+            let Some((item, base)) = next_item(&mut self.dec, buf, start, end)? else {
                 break;
             };
-            *start += used;
             match item {
                 SliceItem::Data(c) => {
                     self.bytes += c.payload.len() as u64;

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use super::close::{CLEAN_END, CloseState, Ctrl, DownEnd};
 use super::keepalive::Keepalive;
-use super::wire::{Header, RunSink, SmallFrame};
+use super::wire::{Header, RunSink, SmallFrame, next_item};
 use crate::proto::frame::{self, Decoder, MAX_CONTROL_PAYLOAD, OpCode, Role, SliceItem, close_code};
 use crate::proto::mask::apply_mask;
 
@@ -204,12 +204,10 @@ impl DownRules {
         end: usize,
         out: &mut impl RunSink,
     ) -> Result<(), frame::FrameError> {
-        while *start < end && out.has_room() {
-            let base = *start;
-            let Some((item, used)) = self.dec.decode_slice(&mut buf[base..end])? else {
+        while out.has_room() {
+            let Some((item, base)) = next_item(&mut self.dec, buf, start, end)? else {
                 break;
             };
-            *start += used;
             match item {
                 SliceItem::Data(c) => {
                     if !c.payload.is_empty() {

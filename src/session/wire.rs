@@ -3,7 +3,7 @@
 
 use std::ops::Range;
 
-use crate::proto::frame::{self, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN, OpCode};
+use crate::proto::frame::{self, Decoder, FrameError, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN, OpCode, SliceItem};
 use crate::proto::mask::apply_mask;
 
 /// Most payload runs one decode batch yields (one vectored write's worth).
@@ -37,6 +37,25 @@ impl RunSink for Vec<Range<usize>> {
     fn clear(&mut self) {
         Vec::clear(self);
     }
+}
+
+/// The next item `dec` finds in `buf[*start..end]` and the offset it began at (its ranges
+/// are relative to that), advancing `start` past it; `None` when more bytes are needed.
+pub fn next_item(
+    dec: &mut Decoder,
+    buf: &mut [u8],
+    start: &mut usize,
+    end: usize,
+) -> Result<Option<(SliceItem, usize)>, FrameError> {
+    let base = *start;
+    if base >= end {
+        return Ok(None);
+    }
+    let Some((item, used)) = dec.decode_slice(&mut buf[base..end])? else {
+        return Ok(None);
+    };
+    *start += used;
+    Ok(Some((item, base)))
 }
 
 /// A whole control frame (at most 125 bytes of payload), ready to write.
