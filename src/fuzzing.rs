@@ -622,7 +622,7 @@ pub fn splice(data: &[u8]) {
             6 => s.rules.handle_stop(),
             7 => {
                 now += period * u32::from(arg) / 16;
-                s.rules.handle_heard(now);
+                s.rules.handle_heard(|| now);
                 while let Some(at) = s.rules.poll_timeout().filter(|at| *at <= now) {
                     s.rules.handle_timeout(at.max(now));
                 }

@@ -258,12 +258,12 @@ fn default_client_id() -> String {
 
 /// A client id as the relay records it, or why it would not be.
 pub fn checked_client_id(id: &str) -> anyhow::Result<String> {
-    use crate::proto::client_id as usage;
-    match usage::client_id(Some(id)) {
-        Some(v) if v != usage::INVALID_CLIENT_ID => Ok(v),
+    use crate::proto::client_id;
+    match client_id::client_id(Some(id)) {
+        Some(v) if v != client_id::INVALID_CLIENT_ID => Ok(v),
         _ => bail!(
             "{id:?}: a client id is 1 to {} letters, digits and . _ - : @",
-            usage::MAX_CLIENT_ID
+            client_id::MAX_CLIENT_ID
         ),
     }
 }

@@ -104,7 +104,7 @@ impl<L: SpliceLegs + Unpin, T: Timer + Unpin> Future for Splice<L, T> {
             return Poll::Ready(this.finish(fatal));
         }
         // After reading, so that a frame that just arrived counts.
-        this.rules.handle_heard(this.timer.now());
+        this.rules.handle_heard(|| this.timer.now());
         while let Some(at) = this.rules.poll_timeout() {
             if this.timer.poll_until(cx, at).is_pending() {
                 break;
@@ -207,10 +207,10 @@ impl<L: TunnelLegs + Unpin, T: Timer + Unpin> Future for Tunnel<L, T> {
             }
         }
         this.count();
-        let now = this.timer.now();
-        if this.rules.is_done(now) {
+        if this.rules.both_ended() {
             return Poll::Ready(());
         }
+        // The grace, once armed, ends the tunnel when the timer says it is over.
         if let Some(at) = this.rules.poll_timeout()
             && this.timer.poll_until(cx, at).is_ready()
         {

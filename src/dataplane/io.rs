@@ -40,9 +40,10 @@ impl super::drive::Timer for TokioTimer {
 
     fn poll_until(&mut self, cx: &mut Context<'_>, at: std::time::Instant) -> Poll<()> {
         let at_tokio = tokio::time::Instant::from_std(at);
-        let sleep = self
-            .sleep
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at_tokio)));
+        let sleep = self.sleep.get_or_insert_with(|| {
+            self.at = Some(at);
+            Box::pin(tokio::time::sleep_until(at_tokio))
+        });
         if self.at != Some(at) {
             sleep.as_mut().reset(at_tokio);
             self.at = Some(at);

@@ -26,6 +26,8 @@ pub(crate) struct Ctrl {
     pub peer_closed: Option<Option<u16>>,
     /// No more reading from TCP (EOF, error or stopping).
     pub tcp_done: bool,
+    /// Our own side failed (a TCP read): why, for the splice's end.
+    pub failure: Option<&'static str>,
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]

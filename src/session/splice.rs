@@ -99,6 +99,7 @@ impl UpRules {
             Err(_) => {
                 ctrl.tcp_done = true;
                 ctrl.abort = true;
+                ctrl.failure = Some("TCP read failed");
                 ctrl.queue_close(close_code::GOING_AWAY, "The local connection failed.");
                 None
             }
@@ -312,14 +313,15 @@ impl SpliceRules {
         failed.then(|| "WebSocket write failed".into())
     }
 
-    /// Applies what the last read brought to the keep-alive, at `now`.
-    pub fn handle_heard(&mut self, now: Instant) {
+    /// Applies what the last read brought to the keep-alive; `now` is asked for only if
+    /// something was heard (this runs on every poll of the splice).
+    pub fn handle_heard(&mut self, now: impl FnOnce() -> Instant) {
         // After the peer's Close nothing more is read, so silence means nothing then.
         if self.ctrl.peer_closed.is_some() {
             self.keep.stop();
         }
         if std::mem::take(&mut self.down.heard) {
-            self.keep.handle_heard(now);
+            self.keep.handle_heard(now());
         }
     }
 
@@ -348,13 +350,11 @@ impl SpliceRules {
             (Some(UpEnd::Done), None) => self.ctrl.abort,
             _ => false,
         };
-        // Every abort but one records its reason; the one that does not is a TCP read error.
-        let why = |r: &mut Self| {
-            r.end
-                .take()
-                .unwrap_or_else(|| if r.ctrl.abort { "TCP read failed" } else { CLEAN_END }.into())
-        };
-        done.then(|| why(self))
+        if !done {
+            return None;
+        }
+        let why = self.end.take().or_else(|| self.ctrl.failure.map(Into::into));
+        Some(why.unwrap_or_else(|| CLEAN_END.into()))
     }
 
     /// The close code the peer sent, if it sent one with a code.
@@ -515,7 +515,7 @@ mod tests {
         );
         // Something heard resets the silence.
         r.down.handle_read(Ok(true)).unwrap();
-        r.handle_heard(t0 + p);
+        r.handle_heard(|| t0 + p);
         r.handle_timeout(t0 + p * 2 + Duration::from_secs(1));
         assert_eq!(r.poll_keepalive(), None);
         r.handle_timeout(t0 + p * 3);
@@ -529,7 +529,7 @@ mod tests {
         let mut s = sim(close(1000), vec![Some(b"x")]);
         s.rules = SpliceRules::new(t0, p, 1 << 20);
         assert_eq!(s.poll(), None);
-        s.rules.handle_heard(t0);
+        s.rules.handle_heard(|| t0);
         assert_eq!(s.rules.poll_timeout(), None, "no timer after the peer's Close");
         s.rules.handle_timeout(t0 + p * 5);
         assert_eq!(s.rules.poll_keepalive(), None);
