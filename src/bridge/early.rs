@@ -5,7 +5,8 @@
 //! protocol alone. From then on ([`Warm::learn`]):
 //! - a few connections to the relay are kept open with TCP (and TLS) done but nothing sent
 //!   ([`Warm::maintain`]): parked, so any worker can take one, and replaced before the
-//!   relay's advertised head timeout (at 70 % of it) so the relay never sees them idle out;
+//!   relay's advertised head timeout (at 70 % of it) so the relay never sees them idle out,
+//!   and dropped once the relay closed them (a restart), found without writing to them;
 //! - a new app connection takes one, sends its upgrade request with `X-Hyrelay-Early: 1`
 //!   and, without waiting for the answer, the app's bytes as WebSocket frames
 //!   ([`connect`]), at most [`EARLY_LIMIT`] of them; the relay holds them until the tunnel
@@ -23,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -103,7 +104,9 @@ impl Warm {
         let max_age = self.max_age();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         while let Some((r, at, mut s)) = idle.pop_front() {
-            if &r == relay && at.elapsed() < max_age && s.unpark().is_ok() {
+            // A relay that restarted closed its warm connections: skip those rather than
+            // spend the app's first try on one.
+            if &r == relay && at.elapsed() < max_age && s.idle_and_open() && s.unpark().is_ok() {
                 self.taken.notify_one();
                 return Some(s);
             }
@@ -138,7 +141,7 @@ impl Warm {
             self.idle
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .retain(|(_, at, _)| at.elapsed() < max_age);
+                .retain(|(_, at, s)| at.elapsed() < max_age && s.idle_and_open());
             let served = self.served.load(Ordering::Relaxed);
             window.push_back(served);
             if window.len() > 4 {
@@ -238,40 +241,66 @@ async fn attempt(
     app: &mut TcpStream,
     sent: &mut Vec<u8>,
 ) -> Result<ClientWs, Attempt> {
+    let a = exchange(&mut stream, url, headers, app, sent).await?;
+    Ok(ws::finish_upgrade(stream, a.buf, a.head, a.used, &a.key)?)
+}
+
+/// The relay's answer to an upgrade request: `used` bytes of `buf` are its head.
+struct Answer {
+    buf: BytesMut,
+    head: ResponseHead,
+    used: usize,
+    key: String,
+}
+
+/// [`attempt`] up to the answer, on any stream (unit tests use a scripted one).
+async fn exchange<S, A>(
+    stream: &mut S,
+    url: &WsUrl,
+    headers: &[(&str, &str)],
+    app: &mut A,
+    sent: &mut Vec<u8>,
+) -> Result<Answer, Attempt>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    A: AsyncRead + Unpin,
+{
     let dead = |e: &ConnectError| matches!(e, ConnectError::Io(_));
-    let key = ws::send_upgrade(&mut stream, url, headers)
+    let key = ws::send_upgrade(stream, url, headers)
         .await
         .map_err(|e| if dead(&e) { Attempt::Dead } else { Attempt::Failed(e) })?;
     if !sent.is_empty() {
-        write_frame(&mut stream, sent).await.map_err(|_| Attempt::Dead)?;
+        write_frame(stream, sent).await.map_err(|_| Attempt::Dead)?;
     }
-    let mut answer = BytesMut::with_capacity(4096);
+    let mut buf = BytesMut::with_capacity(4096);
     let mut chunk = vec![0u8; 16 * 1024];
     let mut app_open = true;
     loop {
-        if let Some((head, used)) = ws::parse_answer(&answer)? {
+        if let Some((head, used)) = ws::parse_answer(&buf)? {
             // 408: the relay's head timeout caught a warm connection after all.
             if head.status == 408 {
                 return Err(Attempt::Dead);
             }
-            return Ok(ws::finish_upgrade(stream, answer, head, used, &key)?);
+            return Ok(Answer { buf, head, used, key });
         }
         let room = EARLY_LIMIT.saturating_sub(sent.len()).min(chunk.len());
-        answer.reserve(4096);
+        buf.reserve(4096);
         tokio::select! {
-            // Cancel-safe: a read into `answer` keeps what it got.
-            r = stream.read_buf(&mut answer) => match r {
-                Ok(0) | Err(_) if answer.is_empty() => return Err(Attempt::Dead),
+            // Cancel-safe: a read into `buf` keeps what it got.
+            r = stream.read_buf(&mut buf) => match r {
+                Ok(0) | Err(_) if buf.is_empty() => return Err(Attempt::Dead),
                 Ok(0) => return Err(ConnectError::Io(std::io::ErrorKind::UnexpectedEof.into()).into()),
                 Err(e) => return Err(ConnectError::Io(e).into()),
                 Ok(_) => {}
             },
-            // Cancel-safe: `read` on a TcpStream loses nothing when dropped.
+            // Cancel-safe: `read` on the app's TcpStream loses nothing when dropped.
             r = app.read(&mut chunk[..room]), if app_open && room > 0 => match r {
                 Ok(0) | Err(_) => app_open = false,
                 Ok(n) => {
-                    write_frame(&mut stream, &chunk[..n]).await.map_err(|_| Attempt::Dead)?;
+                    // Recorded before the write: a connection that dies under it gets
+                    // these bytes replayed on the next one, like the ones before.
                     sent.extend_from_slice(&chunk[..n]);
+                    write_frame(stream, &chunk[..n]).await.map_err(|_| Attempt::Dead)?;
                 }
             },
         }
@@ -279,8 +308,109 @@ async fn attempt(
 }
 
 /// One masked binary frame, flushed.
-async fn write_frame(stream: &mut Stream, payload: &[u8]) -> std::io::Result<()> {
+async fn write_frame<S: AsyncWrite + Unpin>(stream: &mut S, payload: &[u8]) -> std::io::Result<()> {
     let f = frame::encode_frame(true, OpCode::Binary, Some(rand::random()), payload);
     stream.write_all(&f).await?;
     stream.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+    use tokio::io::ReadBuf;
+
+    /// A relay connection that takes the upgrade request, then fails every write, and
+    /// never answers: a warm connection whose relay went away under it.
+    struct DiesAfterRequest {
+        writes: usize,
+    }
+
+    impl AsyncRead for DiesAfterRequest {
+        fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, _: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for DiesAfterRequest {
+        fn poll_write(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+            self.writes += 1;
+            if self.writes == 1 {
+                Poll::Ready(Ok(buf.len()))
+            } else {
+                Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()))
+            }
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// The CI failure of `lifecycle.rs relay_restart_hcm_reconnects_and_state_survives`:
+    /// the app's bytes read while the warm connection died under their write were not
+    /// kept for the retry, so the app got its answer empty.
+    #[tokio::test]
+    async fn bytes_whose_write_failed_are_kept_for_the_retry() {
+        let url = WsUrl::parse("wss://relay.example:443/$hc/x?sb-hc-action=connect").unwrap();
+        let mut relay = DiesAfterRequest { writes: 0 };
+        let mut app: &[u8] = b"after";
+        let mut sent = Vec::new();
+        let r = tokio::time::timeout(
+            Duration::from_secs(5),
+            exchange(&mut relay, &url, &[], &mut app, &mut sent),
+        )
+        .await
+        .expect("a dead connection ends the try at once");
+        assert!(matches!(r, Err(Attempt::Dead)), "a failed write is a dead connection");
+        assert_eq!(sent, b"after");
+    }
+
+    fn relay_at(addr: std::net::SocketAddr) -> RelayEndpoint {
+        RelayEndpoint {
+            tls: false,
+            host: addr.ip().to_string(),
+            port: addr.port(),
+        }
+    }
+
+    /// A parked plain connection to `listener`, and the relay's side of it.
+    async fn parked(listener: &tokio::net::TcpListener) -> (Stream, TcpStream) {
+        let addr = listener.local_addr().unwrap();
+        let (c, s) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let mut c = Stream::Plain(crate::transport::sock::Sock::Live(c.unwrap()));
+        c.park().unwrap();
+        (c, s.unwrap().0)
+    }
+
+    /// After a relay restart its warm connections are closed; `take` skips them (and a
+    /// connection that sent something) instead of spending the app's first try on them.
+    #[tokio::test]
+    async fn take_skips_warm_connections_the_relay_closed() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let relay = relay_at(listener.local_addr().unwrap());
+        let warm = Warm::default();
+        let (closed, far) = parked(&listener).await;
+        drop(far);
+        let (talked, mut far2) = parked(&listener).await;
+        far2.write_all(b"HTTP/1.1 408 Request Timeout\r\n\r\n").await.unwrap();
+        let (alive, mut far3) = parked(&listener).await;
+        for s in [closed, talked, alive] {
+            warm.idle.lock().unwrap().push_back((relay.clone(), Instant::now(), s));
+        }
+        // Bounded wait until the kernel has the FIN and the bytes.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut got = warm.take(&relay).expect("the open one is taken");
+        got.write_all(b"x").await.unwrap();
+        let mut one = [0u8; 1];
+        tokio::time::timeout(Duration::from_secs(5), far3.read_exact(&mut one))
+            .await
+            .expect("the taken connection reaches the open one's peer")
+            .unwrap();
+        assert_eq!(&one, b"x", "the one taken is the open connection");
+        assert!(warm.take(&relay).is_none(), "nothing else was usable");
+    }
 }

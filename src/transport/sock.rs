@@ -136,6 +136,19 @@ impl Sock {
         }
     }
 
+    /// For a parked socket whose peer has nothing to send yet (a warm connection): true
+    /// while nothing (a byte, the end, an error) waits in it, so a dead one is found
+    /// without writing to it. A registered socket is not looked at and counts as open.
+    pub fn idle_and_open(&self) -> bool {
+        match self {
+            // A parked socket keeps the non-blocking mode the runtime gave it, so the peek
+            // returns at once.
+            Sock::Parked(s) => matches!(s.peek(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock),
+            Sock::Live(_) => true,
+            Sock::Gone => false,
+        }
+    }
+
     /// Ready when the socket has bytes (or EOF/error) to read.
     pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {

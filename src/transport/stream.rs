@@ -45,6 +45,12 @@ impl Stream {
         self.sock_mut().unpark()
     }
 
+    /// False when a parked stream's peer, which has nothing to send yet, sent something,
+    /// closed or reset: see [`Sock::idle_and_open`].
+    pub fn idle_and_open(&self) -> bool {
+        self.sock().idle_and_open()
+    }
+
     pub fn peer_addr(&self) -> Option<SocketAddr> {
         self.sock().peer_addr()
     }

@@ -589,7 +589,11 @@ pub async fn upgrade(mut stream: Stream, url: &WsUrl, headers: &[(&str, &str)]) 
 }
 
 /// Writes the upgrade request for `url`; returns its `Sec-WebSocket-Key`.
-pub async fn send_upgrade(stream: &mut Stream, url: &WsUrl, headers: &[(&str, &str)]) -> Result<String, ConnectError> {
+pub async fn send_upgrade<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    url: &WsUrl,
+    headers: &[(&str, &str)],
+) -> Result<String, ConnectError> {
     let key = handshake::new_key();
     let req = handshake::client_request(&url.host_header(), &url.target, &key, headers);
     stream.write_all(&req).await?;
