@@ -91,6 +91,15 @@ async fn relay_restart_hcm_reconnects_and_state_survives() {
     rig.wait_listeners("persist", 1).await;
     assert!(hcm.status()[0].reconnects >= 1);
     assert_eq!(round_trip(addr, b"after").await.unwrap(), b"after");
+    // The bridge's warm connections died with the old relay: none of the app bytes
+    // sent while it finds that out may be lost (CI once saw "after" come back empty).
+    let tries: Vec<_> = (0..8u64)
+        .map(|i| tokio::spawn(async move { (i, round_trip(addr, &payload(3000, 500 + i)).await) }))
+        .collect();
+    for t in tries {
+        let (i, got) = t.await.unwrap();
+        assert_eq!(got.unwrap(), payload(3000, 500 + i), "connection {i} after the restart");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
