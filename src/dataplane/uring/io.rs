@@ -13,7 +13,8 @@ use std::task::{Context, Poll, ready};
 
 use compio::BufResult;
 use compio::buf::{IntoInner, IoBuf, Slice};
-use compio::driver::{BufferRef, ToSharedFd};
+use compio::driver::op::{SendFlags, SendVectored};
+use compio::driver::{BufferRef, SharedFd, ToSharedFd};
 #[cfg(not(target_os = "linux"))]
 use compio::io::AsyncReadManaged;
 use compio::io::{AsyncRead, AsyncWrite};
@@ -230,10 +231,21 @@ const ENOBUFS: i32 = libc::ENOBUFS;
 #[cfg(not(unix))]
 const ENOBUFS: i32 = 10055; // WSAENOBUFS
 
+/// A send of an [`Out`] as submitted to the driver.
+type Send = compio::runtime::Submit<SendVectored<Out, SharedFd<socket2::Socket>>>;
+
+/// A peer that went away is an error of the send, not a SIGPIPE (as compio's own sends).
+#[cfg(target_os = "linux")]
+const SEND_FLAGS: SendFlags = SendFlags::NOSIGNAL;
+#[cfg(not(target_os = "linux"))]
+const SEND_FLAGS: SendFlags = SendFlags::empty();
+
 /// The write side of a socket.
 pub struct Writer {
     sock: TcpStream,
-    op: Option<Fut<BufResult<usize, Out>>>,
+    /// The send in flight (`Some` inside), in a slot allocated at the first write and
+    /// reused by every later one: a send no longer costs a boxed future of its own.
+    send: Option<Pin<Box<Option<Send>>>>,
     shut: Option<Fut<io::Result<()>>>,
 }
 
@@ -241,7 +253,7 @@ impl Writer {
     pub fn new(sock: TcpStream) -> Self {
         Self {
             sock,
-            op: None,
+            send: None,
             shut: None,
         }
     }
@@ -250,9 +262,11 @@ impl Writer {
     /// this is ready, whether it succeeded or not).
     pub fn poll_write_all(&mut self, cx: &mut Context<'_>, out: &mut Option<Out>) -> Poll<io::Result<()>> {
         loop {
-            if let Some(f) = &mut self.op {
-                let BufResult(r, mut o) = ready!(f.as_mut().poll(cx));
-                self.op = None;
+            if let Some(f) = self.send.as_mut().and_then(|slot| slot.as_mut().as_pin_mut()) {
+                let BufResult(r, mut o) = ready!(f.poll(cx)).into_inner();
+                if let Some(slot) = &mut self.send {
+                    slot.set(None);
+                }
                 let r = match r {
                     Ok(0) => Err(io::ErrorKind::WriteZero.into()),
                     Ok(n) if o.advance(n) => Ok(()),
@@ -266,11 +280,12 @@ impl Writer {
                 return Poll::Ready(r);
             }
             let o = out.take().expect("output to write");
-            let s = self.sock.clone();
-            self.op = Some(Box::pin(async move {
-                let mut w = &s;
-                w.write_vectored(o).await
-            }));
+            let op = SendVectored::new(self.sock.to_shared_fd(), o, SEND_FLAGS);
+            let send = compio::runtime::submit(op);
+            match &mut self.send {
+                Some(slot) => slot.set(Some(send)),
+                None => self.send = Some(Box::pin(Some(send))),
+            }
         }
     }
 
