@@ -111,6 +111,29 @@ async fn two_hundred_concurrent_connections() {
     assert_eq!(uring::tunnels_run("many"), 600);
 }
 
+/// Tunnels that end with a FIN leave no io_uring worker thread behind. The kernel never
+/// completes an io_uring shutdown inline: it hands each to an io-wq worker thread (a
+/// thread wake-up and switch per socket, 8 % of all CPU in the setup workload), so the
+/// engine shuts sockets down with a direct call. Other tests of this binary run alongside;
+/// none of their operations goes to io-wq either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ending_tunnels_hand_no_work_to_io_uring_worker_threads() {
+    let rig = rig();
+    let (_h, b) = chain(&rig, "fin", echo()).await;
+    let addr = b.addr_of("fin").unwrap();
+    for i in 0..20u64 {
+        let data = payload(1000, i);
+        assert_eq!(round_trip(addr, &data).await.unwrap(), data);
+    }
+    assert_eq!(uring::tunnels_run("fin"), 60, "tunnels ran on io_uring");
+    let io_wq: Vec<String> = std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with("iou-wrk"))
+        .collect();
+    assert!(io_wq.is_empty(), "io_uring handed work to worker threads: {io_wq:?}");
+}
+
 /// One worker per process with a buffer budget of four buffers: each completion worker
 /// gets a provided-buffer ring of one buffer and a pool of one. Forty tunnels at once run
 /// the ring empty over and over, so every read path is taken: the multishot receive, its
