@@ -333,6 +333,10 @@ impl Writer {
 pub struct CompioTimer {
     fut: Option<Fut<()>>,
     at: Option<std::time::Instant>,
+    /// The task the armed timer wakes, once it was polled after arming. Until `at` has
+    /// passed it need not be polled again: each poll costs two look-ups in the runtime's
+    /// tree of all timers, and a tunnel is polled at every completion of its sockets.
+    waker: Option<std::task::Waker>,
 }
 
 impl crate::dataplane::drive::Timer for CompioTimer {
@@ -345,10 +349,18 @@ impl crate::dataplane::drive::Timer for CompioTimer {
             if self.at != Some(at) || self.fut.is_none() {
                 self.fut = Some(sleep(at.saturating_duration_since(self.now())));
                 self.at = Some(at);
+                self.waker = None;
+            } else if self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) && self.now() < at {
+                // The runtime fires the timer no earlier than `at`, and wakes this task.
+                return Poll::Pending;
             }
             let fut = self.fut.as_mut().expect("armed above");
-            ready!(fut.as_mut().poll(cx));
+            if fut.as_mut().poll(cx).is_pending() {
+                self.waker = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
             self.fut = None;
+            self.waker = None;
             // Never report a deadline as passed before the clock says so.
             if self.now() >= at {
                 return Poll::Ready(());
@@ -492,5 +504,46 @@ impl DirBuf {
     pub fn release(&mut self) {
         self.buf = None;
         (self.start, self.end) = (0, 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::drive::Timer;
+    use std::time::{Duration, Instant};
+
+    /// Polled again and again before its deadline (the polls that skip the runtime's timer
+    /// tree), the timer is still woken by the runtime and ready at the deadline, not before;
+    /// a deadline moved earlier is re-armed.
+    #[test]
+    fn the_timer_fires_at_its_deadline_however_often_it_is_polled() {
+        let rt = compio::runtime::Runtime::new().expect("a completion runtime");
+        rt.block_on(async {
+            let mut t = CompioTimer::default();
+            for (ahead, moved) in [(40, None), (400, Some(30))] {
+                let start = Instant::now();
+                let at = start + Duration::from_millis(ahead);
+                let real = moved.map_or(at, |m| start + Duration::from_millis(m));
+                let mut polls = 0u32;
+                let fired = compio::time::timeout(
+                    Duration::from_secs(5),
+                    std::future::poll_fn(|cx| {
+                        polls += 1;
+                        let deadline = if polls > 3 { real } else { at };
+                        let r = t.poll_until(cx, deadline);
+                        if r.is_pending() && polls < 10 {
+                            cx.waker().wake_by_ref();
+                        }
+                        r
+                    }),
+                )
+                .await;
+                assert!(fired.is_ok(), "the runtime woke the timer's task");
+                assert!(Instant::now() >= real, "not before its deadline");
+                assert!(Instant::now() < start + Duration::from_secs(1), "not long after");
+                assert!(polls >= 10, "polled before its deadline: {polls}");
+            }
+        });
     }
 }
