@@ -167,18 +167,6 @@ pub(crate) fn reset_on_close<S: std::os::windows::io::AsSocket>(tcp: &S) {
     let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
 }
 
-/// Shuts down `tcp`'s write side (FIN after what is queued); a TCP shutdown never blocks.
-#[cfg(unix)]
-pub(crate) fn shutdown_write<S: std::os::fd::AsFd>(tcp: &S) -> std::io::Result<()> {
-    socket2::SockRef::from(tcp).shutdown(std::net::Shutdown::Write)
-}
-
-/// See the Unix version.
-#[cfg(windows)]
-pub(crate) fn shutdown_write<S: std::os::windows::io::AsSocket>(tcp: &S) -> std::io::Result<()> {
-    socket2::SockRef::from(tcp).shutdown(std::net::Shutdown::Write)
-}
-
 impl TcpSide {
     /// Adds bytes moved since the last call to the hybrid connection's counters: "up" is
     /// app → endpoint whichever side of the tunnel this splice is on.

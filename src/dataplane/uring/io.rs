@@ -289,7 +289,7 @@ impl Writer {
     /// and switch per socket, 8 % of all CPU samples in the setup workload), and a TCP
     /// shutdown does not block. Called only once the writes before it completed.
     pub fn poll_shutdown(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(crate::dataplane::splice::shutdown_write(&self.sock))
+        Poll::Ready(shutdown_write(&self.sock))
     }
 
     /// Makes the socket's close a reset (RST) instead of a FIN.
@@ -367,6 +367,18 @@ impl crate::dataplane::drive::Timer for CompioTimer {
             }
         }
     }
+}
+
+/// Shuts down `tcp`'s write side (FIN after what is queued); a TCP shutdown never blocks.
+#[cfg(unix)]
+fn shutdown_write<S: std::os::fd::AsFd>(tcp: &S) -> io::Result<()> {
+    socket2::SockRef::from(tcp).shutdown(std::net::Shutdown::Write)
+}
+
+/// See the Unix version.
+#[cfg(windows)]
+fn shutdown_write<S: std::os::windows::io::AsSocket>(tcp: &S) -> io::Result<()> {
+    socket2::SockRef::from(tcp).shutdown(std::net::Shutdown::Write)
 }
 
 /// A timer as a boxed future (the runtime's sleep is an `async fn`).
