@@ -29,4 +29,5 @@ cargo deny check licenses bans sources
 # Intra-doc links must resolve (module docs name the code they describe).
 RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps --quiet
 cargo test --locked --all-targets
-cargo test --locked --features uring --test uring --test burst_close --test truncation
+# The completion engine: its unit tests (src/dataplane/uring) and the end-to-end ones.
+cargo test --locked --features uring --lib --test uring --test burst_close --test truncation
