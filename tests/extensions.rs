@@ -435,3 +435,36 @@ async fn extensions_off_on_either_side_fall_back_to_the_standard_protocol() {
         assert_eq!(metric(&m, "hyrelay_bridge_warm_connections", hc), 0.0, "{hc}");
     }
 }
+
+/// A warm connection to a live relay counts as open while parked, also over TLS, where the
+/// relay sends its session tickets after the handshake (bytes the bridge has not read);
+/// after the relay restarts it counts as dead. Without the first half, every `wss://`
+/// warm connection was dropped and early data never used one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_warm_connections_are_told_open_or_dead_also_over_tls() {
+    for tls in [false, true] {
+        let mut rig = Rig::new(tls);
+        let addr = rig.relay.local_addr();
+        let proxy = hyrelay::transport::proxy::ProxyConfig::default();
+        let mut warm = Vec::new();
+        for _ in 0..2 {
+            let mut s = ws::open_stream("localhost", addr.port(), tls.then_some(&rig.tls), &proxy)
+                .await
+                .unwrap();
+            s.park().unwrap();
+            warm.push(s);
+        }
+        // Bounded: time for the relay's post-handshake records to arrive.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for s in &mut warm {
+            assert!(s.idle_and_open(), "a warm connection to a live relay (tls: {tls})");
+        }
+        rig.restart();
+        let dead = wait_for(Duration::from_secs(5), || {
+            let all = warm.iter_mut().all(|s| !s.idle_and_open());
+            async move { all }
+        })
+        .await;
+        assert!(dead, "warm connections to the stopped relay count as dead (tls: {tls})");
+    }
+}

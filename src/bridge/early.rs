@@ -141,7 +141,7 @@ impl Warm {
             self.idle
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .retain(|(_, at, s)| at.elapsed() < max_age && s.idle_and_open());
+                .retain_mut(|(_, at, s)| at.elapsed() < max_age && s.idle_and_open());
             let served = self.served.load(Ordering::Relaxed);
             window.push_back(served);
             if window.len() > 4 {

@@ -149,6 +149,14 @@ impl Sock {
         }
     }
 
+    /// The standard socket while parked (non-blocking, as the runtime left it).
+    pub fn parked_mut(&mut self) -> Option<&mut std::net::TcpStream> {
+        match self {
+            Sock::Parked(s) => Some(s),
+            _ => None,
+        }
+    }
+
     /// Ready when the socket has bytes (or EOF/error) to read.
     pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {

@@ -45,10 +45,23 @@ impl Stream {
         self.sock_mut().unpark()
     }
 
-    /// False when a parked stream's peer, which has nothing to send yet, sent something,
-    /// closed or reset: see [`Sock::idle_and_open`].
-    pub fn idle_and_open(&self) -> bool {
-        self.sock().idle_and_open()
+    /// For a parked stream whose peer has nothing to send yet (a warm connection to the
+    /// relay): false once the peer closed, reset or sent data, found without writing to it.
+    /// Over TLS the records waiting in the socket are first taken into the session: a
+    /// server sends its session tickets after the handshake, which is no sign of death,
+    /// while a `close_notify`, an error or application data is.
+    pub fn idle_and_open(&mut self) -> bool {
+        match self {
+            Stream::Plain(s) => s.idle_and_open(),
+            Stream::TlsServer(t) => {
+                let (io, conn) = t.get_mut();
+                tls_idle_and_open(io, conn)
+            }
+            Stream::TlsClient(t) => {
+                let (io, conn) = t.get_mut();
+                tls_idle_and_open(io, conn)
+            }
+        }
     }
 
     pub fn peer_addr(&self) -> Option<SocketAddr> {
@@ -108,6 +121,27 @@ impl Stream {
 }
 
 /// Whether a TLS session can produce something for a read without new socket bytes.
+/// [`Stream::idle_and_open`] over TLS: reads what waits in a parked socket into the
+/// session (bounded: a peer with nothing to say has sent a few records at most).
+fn tls_idle_and_open<D>(io: &mut Sock, conn: &mut rustls::ConnectionCommon<D>) -> bool {
+    let Some(sock) = io.parked_mut() else {
+        return io.idle_and_open();
+    };
+    for _ in 0..16 {
+        match conn.read_tls(sock) {
+            Ok(0) => return false,
+            Ok(_) => match conn.process_new_packets() {
+                Ok(st) if st.peer_has_closed() || st.plaintext_bytes_to_read() > 0 => return false,
+                Ok(_) => {}
+                Err(_) => return false,
+            },
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
 fn tls_has_input<D>(conn: &mut rustls::ConnectionCommon<D>) -> bool {
     match conn.process_new_packets() {
         Ok(st) => st.plaintext_bytes_to_read() > 0 || st.peer_has_closed(),
