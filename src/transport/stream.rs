@@ -120,7 +120,6 @@ impl Stream {
     }
 }
 
-/// Whether a TLS session can produce something for a read without new socket bytes.
 /// [`Stream::idle_and_open`] over TLS: reads what waits in a parked socket into the
 /// session (bounded: a peer with nothing to say has sent a few records at most).
 fn tls_idle_and_open<D>(io: &mut Sock, conn: &mut rustls::ConnectionCommon<D>) -> bool {
@@ -142,6 +141,7 @@ fn tls_idle_and_open<D>(io: &mut Sock, conn: &mut rustls::ConnectionCommon<D>) -
     false
 }
 
+/// Whether a TLS session can produce something for a read without new socket bytes.
 fn tls_has_input<D>(conn: &mut rustls::ConnectionCommon<D>) -> bool {
     match conn.process_new_packets() {
         Ok(st) => st.plaintext_bytes_to_read() > 0 || st.peer_has_closed(),
