@@ -129,11 +129,9 @@ fn tls_idle_and_open<D>(io: &mut Sock, conn: &mut rustls::ConnectionCommon<D>) -
     for _ in 0..16 {
         match conn.read_tls(sock) {
             Ok(0) => return false,
-            Ok(_) => match conn.process_new_packets() {
-                Ok(st) if st.peer_has_closed() || st.plaintext_bytes_to_read() > 0 => return false,
-                Ok(_) => {}
-                Err(_) => return false,
-            },
+            // Plaintext, a close or an error: not a warm connection any more.
+            Ok(_) if tls_has_input(conn) => return false,
+            Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
             Err(_) => return false,
         }

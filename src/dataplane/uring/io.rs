@@ -257,11 +257,10 @@ impl Writer {
     /// this is ready, whether it succeeded or not).
     pub fn poll_write_all(&mut self, cx: &mut Context<'_>, out: &mut Option<Out>) -> Poll<io::Result<()>> {
         loop {
-            if let Some(f) = self.send.as_mut().and_then(|slot| slot.as_mut().as_pin_mut()) {
+            let slot = self.send.get_or_insert_with(|| Box::pin(None));
+            if let Some(f) = slot.as_mut().as_pin_mut() {
                 let BufResult(r, mut o) = ready!(f.poll(cx)).into_inner();
-                if let Some(slot) = &mut self.send {
-                    slot.set(None);
-                }
+                slot.set(None);
                 let r = match r {
                     Ok(0) => Err(io::ErrorKind::WriteZero.into()),
                     Ok(n) if o.advance(n) => Ok(()),
@@ -276,30 +275,21 @@ impl Writer {
             }
             let o = out.take().expect("output to write");
             let op = SendVectored::new(self.sock.to_shared_fd(), o, SEND_FLAGS);
-            let send = compio::runtime::submit(op);
-            match &mut self.send {
-                Some(slot) => slot.set(Some(send)),
-                None => self.send = Some(Box::pin(Some(send))),
-            }
+            slot.set(Some(compio::runtime::submit(op)));
         }
     }
 
     /// Shuts down the write side (FIN), by a direct call: the kernel never completes an
     /// io_uring shutdown inline but hands each to an io-wq worker thread (a thread wake-up
     /// and switch per socket, 8 % of all CPU samples in the setup workload), and a TCP
-    /// shutdown does not block. Called only once the writes before it completed.
-    pub fn poll_shutdown(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(shutdown_write(&self.sock))
+    /// shutdown does not block. Call it only once the writes before it completed.
+    pub fn shutdown(&self) -> io::Result<()> {
+        shutdown_write(&self.sock)
     }
 
     /// Makes the socket's close a reset (RST) instead of a FIN.
     pub fn reset_on_close(&self) {
         crate::dataplane::splice::reset_on_close(&self.sock);
-    }
-
-    /// Shuts down the write side, waiting at most `limit`.
-    pub async fn shutdown_within(&mut self, limit: std::time::Duration) {
-        let _ = compio::time::timeout(limit, std::future::poll_fn(|cx| self.poll_shutdown(cx))).await;
     }
 
     /// Shuts down the write side, then reads and discards the peer's input until its EOF,
@@ -308,7 +298,7 @@ impl Writer {
     pub async fn linger_within(&mut self, limit: std::time::Duration, max: usize) {
         let s = self.sock.clone();
         let _ = compio::time::timeout(limit, async {
-            std::future::poll_fn(|cx| self.poll_shutdown(cx)).await?;
+            self.shutdown()?;
             let mut buf = Vec::with_capacity(4096);
             let mut left = max;
             while left > 0 {

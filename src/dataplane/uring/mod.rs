@@ -200,8 +200,7 @@ async fn run_splice(s: SpliceJob) -> Option<SpliceStats> {
     let mut sp = splice::Splice::new((wr, ww, &ws.1), tcp, &cfg, &stop, active);
     drop((ws.1, cfg, stop));
     let stats = (&mut sp).await;
-    let mut ws = sp.into_ws_writer();
-    ws.shutdown_within(std::time::Duration::from_secs(2)).await;
+    let _ = sp.into_ws_writer().shutdown();
     Some(stats)
 }
 

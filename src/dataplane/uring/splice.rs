@@ -71,7 +71,7 @@ impl SpliceLegs for UringSplice {
             match rules.down.poll_step(&rules.ctrl, io.has_bytes()) {
                 DownStep::Finish { fin } => {
                     if fin {
-                        let _ = ready!(self.tcp_w.poll_shutdown(cx));
+                        let _ = self.tcp_w.shutdown();
                     }
                     break DownEnd::PeerClosed;
                 }
