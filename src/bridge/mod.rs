@@ -544,7 +544,7 @@ async fn connect(
 /// One app connection: open the sender WebSocket and splice.
 async fn serve(mut tcp: TcpStream, peer: SocketAddr, fw: Arc<ForwardRt>, ctx: Arc<BridgeCtx>) {
     let inflight = ctx.inflight.enter();
-    crate::transport::sock::tune(&tcp);
+    crate::transport::sock::tune_accepted(&tcp);
     fw.warm.served();
     let cs = fw.connection_string();
     metrics::counter!(crate::telemetry::metrics::BRIDGE_LOCAL_CONNECTIONS, "hc" => fw.hc.clone()).increment(1);

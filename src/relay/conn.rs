@@ -18,7 +18,7 @@ use super::limits::{AuthPending, ConnSlot};
 use crate::proto::address::{self, Action, Target};
 use crate::proto::handshake::{self, HandshakeError, RequestHead};
 use crate::transport::Stream;
-use crate::transport::sock::{Sock, tune};
+use crate::transport::sock::{Sock, tune_accepted};
 use crate::transport::ws::{HeadError, read_request_head};
 
 /// Serves one connection to completion.
@@ -31,7 +31,7 @@ pub(crate) async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
 }
 
 async fn handshake_and_route(tcp: TcpStream, peer: SocketAddr, slot: ConnSlot, pending: AuthPending, ctx: Arc<Ctx>) {
-    tune(&tcp);
+    tune_accepted(&tcp);
     let deadline = tokio::time::Instant::now() + ctx.cfg.handshake_timeout;
     let mut stream = match &ctx.tls {
         None => Stream::Plain(Sock::Live(tcp)),

@@ -171,7 +171,8 @@ pub enum Outcome {
     Rejected { status: u16, description: String },
 }
 
-/// The listener's leg of a tunnel, parked for the move to the sender's worker.
+/// The listener's leg of a tunnel: parked for the move to the sender's worker, or live
+/// when the sender runs on the worker that accepted it.
 #[derive(Debug)]
 pub struct Leg {
     pub stream: Stream,
@@ -501,13 +502,15 @@ impl Ctl {
         Err(if busy { Refusal::Busy } else { Refusal::NoListener })
     }
 
-    /// Takes the rendezvous for `secret` out of the table (single use).
-    pub fn rendezvous(&self, secret: &str) -> Option<oneshot::Sender<Outcome>> {
+    /// Takes the rendezvous for `secret` out of the table (single use): where its outcome
+    /// goes, and whether the sender waiting for it runs on this worker thread (then the
+    /// listener's leg needs no move between workers).
+    pub fn rendezvous(&self, secret: &str) -> Option<(oneshot::Sender<Outcome>, bool)> {
         self.reg()
             .pending
             .remove(secret)
             .filter(|p| p.deadline > Instant::now())
-            .map(|p| p.tx)
+            .map(|p| (p.tx, p.worker == std::thread::current().id()))
     }
 
     /// The active-tunnel counter and deletion token of `entity`, while it has live state
@@ -571,6 +574,8 @@ struct EntityRt {
 
 struct PendingRt {
     tx: oneshot::Sender<Outcome>,
+    /// The worker thread of the waiting sender's task (`connect` runs on it).
+    worker: std::thread::ThreadId,
     deadline: Instant,
     /// Lower-cased entity name and the listener the `accept` went to.
     entity: String,
@@ -859,6 +864,7 @@ impl Registry {
             secret.clone(),
             PendingRt {
                 tx,
+                worker: std::thread::current().id(),
                 deadline: Instant::now() + self.cfg.accept_timeout,
                 entity: name,
                 listener: Target::Remote {
@@ -1068,6 +1074,7 @@ impl Registry {
             let deadline = Instant::now() + self.cfg.accept_timeout;
             let pending = PendingRt {
                 tx,
+                worker: std::thread::current().id(),
                 deadline,
                 entity: name.clone(),
                 listener: Target::Local(l.key),

@@ -53,8 +53,12 @@ pub const MAX_IDLE: Duration = Duration::from_secs(120);
 /// How long a sender waits for a claimed pooled connection to be handed over.
 const HANDOVER: Duration = Duration::from_secs(1);
 
-/// A pooled connection handed to a sender: its stream (parked), bytes read past its
-/// upgrade, and its connection slot.
+/// A sender's claim on a pooled connection: where to send the leg, and the worker thread
+/// the sender's task runs on (a task never leaves the worker it was spawned on).
+type Claim = (oneshot::Sender<PooledLeg>, std::thread::ThreadId);
+
+/// A pooled connection handed to a sender: its stream (parked, unless the sender is on the
+/// pooled connection's worker), bytes read past its upgrade, and its connection slot.
 pub(super) struct PooledLeg {
     pub stream: Stream,
     pub leftover: BytesMut,
@@ -65,7 +69,9 @@ struct Waiting {
     id: u64,
     /// The `sb-hc-id` of the listener (hcm) it belongs to.
     listener: Option<String>,
-    tx: oneshot::Sender<oneshot::Sender<PooledLeg>>,
+    tx: oneshot::Sender<Claim>,
+    /// The worker thread its task runs on.
+    worker: std::thread::ThreadId,
     expires: Instant,
     /// The tokens it authenticated with, checked again when it is taken (a key
     /// regenerated meanwhile retires it).
@@ -116,7 +122,7 @@ impl Pool {
         listener: Option<String>,
         expires: Instant,
         tokens: Vec<crate::proto::Secret>,
-    ) -> Option<(u64, oneshot::Receiver<oneshot::Sender<PooledLeg>>)> {
+    ) -> Option<(u64, oneshot::Receiver<Claim>)> {
         let mut map = self.lock();
         let list = map.entry(hc.to_lowercase()).or_default();
         if list.len() >= MAX_PER_HC {
@@ -128,6 +134,7 @@ impl Pool {
             id,
             listener,
             tx,
+            worker: std::thread::current().id(),
             expires,
             tokens,
         });
@@ -147,9 +154,12 @@ impl Pool {
         list.len() < before
     }
 
-    /// Removes one live pooled connection of `hc` from the table: the oldest of the
-    /// listener `choose` picks among those that have one (the relay's balance rule, applied
-    /// to listeners, not to connections: an hcm with a bigger pool gets no bigger share).
+    /// Removes one live pooled connection of `hc` from the table, of the listener `choose`
+    /// picks among those that have one (the relay's balance rule, applied to listeners, not
+    /// to connections: an hcm with a bigger pool gets no bigger share): the oldest of that
+    /// listener's on the calling worker, else its oldest. A connection on the sender's own
+    /// worker joins the tunnel without a move between workers (no deregistration, no
+    /// registration, no cross-thread wake-up).
     fn pop(&self, hc: &str, choose: impl FnOnce(&[Option<String>]) -> usize) -> Option<Waiting> {
         let mut map = self.lock();
         let list = map.get_mut(&hc.to_lowercase())?;
@@ -160,7 +170,12 @@ impl Pool {
         listeners.dedup();
         let w = (!listeners.is_empty()).then(|| {
             let pick = &listeners[choose(&listeners).min(listeners.len() - 1)];
-            let i = list.iter().position(|w| &w.listener == pick).unwrap_or(0);
+            let here = std::thread::current().id();
+            let i = list
+                .iter()
+                .position(|w| &w.listener == pick && w.worker == here)
+                .or_else(|| list.iter().position(|w| &w.listener == pick))
+                .unwrap_or(0);
             list.remove(i)
         });
         gauge(hc, list.len());
@@ -259,7 +274,7 @@ impl Drop for Unregister<'_> {
 async fn wait_for_claim(
     mut stream: Stream,
     inc: Incoming,
-    claimed: oneshot::Receiver<oneshot::Sender<PooledLeg>>,
+    claimed: oneshot::Receiver<Claim>,
     (hc, id): (&str, u64),
     ctx: &Ctx,
 ) {
@@ -296,8 +311,10 @@ async fn wait_for_claim(
     let _ = tokio::time::timeout(Duration::from_secs(2), write_flush(&mut stream, &bytes)).await;
 }
 
-fn hand_over(mut stream: Stream, leftover: BytesMut, slot: super::limits::ConnSlot, reply: oneshot::Sender<PooledLeg>) {
-    if stream.park().is_ok() {
+/// Sends the stream to the sender that claimed it: as it is when the sender runs on this
+/// worker, parked (to be registered on the sender's worker) otherwise.
+fn hand_over(mut stream: Stream, leftover: BytesMut, slot: super::limits::ConnSlot, (reply, worker): Claim) {
+    if worker == std::thread::current().id() || stream.park().is_ok() {
         reply.send(PooledLeg { stream, leftover, slot }).ok();
     }
 }
@@ -323,7 +340,7 @@ pub(super) async fn take(ctx: &Ctx, hc: &str) -> Option<(PooledLeg, Option<Arc<s
             continue; // dropping `w` ends its task, which closes the connection
         }
         let (reply, handed) = oneshot::channel();
-        if w.tx.send(reply).is_err() {
+        if w.tx.send((reply, std::thread::current().id())).is_err() {
             continue;
         }
         if let Ok(Ok(mut leg)) = tokio::time::timeout(HANDOVER, handed).await
@@ -458,5 +475,59 @@ mod tests {
             [Some("big".to_owned()), Some("small".to_owned())],
             "one choice per listener"
         );
+    }
+
+    /// Within the listener the balance rule chose, a connection on the sender's own worker
+    /// thread goes first (it joins the tunnel without moving between workers); another
+    /// listener's is never taken for that.
+    #[tokio::test]
+    async fn a_connection_on_the_senders_worker_is_preferred() {
+        let p = Pool::new(true, Duration::from_secs(10));
+        let elsewhere = |listener: &'static str| {
+            std::thread::scope(|s| {
+                s.spawn(|| p.register("hc", Some(listener.into()), Instant::now() + MAX_IDLE, vec![]))
+                    .join()
+                    .unwrap()
+                    .unwrap()
+            })
+        };
+        let (older, _rx1) = elsewhere("a");
+        let (_other, _rx2) = elsewhere("b");
+        let (here, _rx3) = p
+            .register("hc", Some("a".into()), Instant::now() + MAX_IDLE, vec![])
+            .unwrap();
+        let (_here_b, _rx4) = p
+            .register("hc", Some("b".into()), Instant::now() + MAX_IDLE, vec![])
+            .unwrap();
+        let pick_a = |ls: &[Option<String>]| ls.iter().position(|l| l.as_deref() == Some("a")).unwrap();
+        assert_eq!(p.pop("hc", pick_a).map(|w| w.id), Some(here), "this worker's first");
+        assert_eq!(
+            p.pop("hc", pick_a).map(|w| w.id),
+            Some(older),
+            "then its other worker's, not another listener's on this worker"
+        );
+    }
+
+    /// A claimed connection reaches a sender on its own worker as it is (registered with
+    /// this worker's reactor) and one on another worker parked.
+    #[tokio::test]
+    async fn a_stream_is_parked_only_for_another_worker() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let other = std::thread::spawn(|| std::thread::current().id()).join().unwrap();
+        for (worker, parked) in [(std::thread::current().id(), false), (other, true)] {
+            let (_client, accepted) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+            let stream = Stream::Plain(crate::transport::sock::Sock::Live(accepted.unwrap().0));
+            let caps = super::super::limits::Caps {
+                total: 10,
+                per_ip: 10,
+                unauthenticated: 10,
+            };
+            let (slot, _pending) = super::super::limits::Admission::new(caps).admit(addr.ip()).unwrap();
+            let (reply, handed) = oneshot::channel();
+            hand_over(stream, BytesMut::new(), slot, (reply, worker));
+            let leg = handed.await.expect("handed over");
+            assert_eq!(leg.stream.is_parked(), parked, "worker {worker:?}");
+        }
     }
 }

@@ -45,6 +45,12 @@ impl Stream {
         self.sock_mut().unpark()
     }
 
+    /// True while the socket is parked (deregistered from every runtime).
+    #[cfg(test)]
+    pub fn is_parked(&self) -> bool {
+        matches!(self.sock(), Sock::Parked(_))
+    }
+
     /// For a parked stream whose peer has nothing to send yet (a warm connection to the
     /// relay): false once the peer closed, reset or sent data, found without writing to it.
     /// Over TLS the records waiting in the socket are first taken into the session: a
