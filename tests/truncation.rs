@@ -246,6 +246,29 @@ async fn the_bridge_pings_each_period_and_a_peer_that_answers_stays_alive() {
 
 // ---- hcm side: (sender driven here) ⇄ relay ⇄ hcm ⇄ endpoint
 
+/// An app whose tunnel is still opening when the bridge stops (the relay has not answered
+/// the upgrade) sees a reset, not the clean end of an empty answer. The app sends nothing:
+/// it waits for the server to speak first, as MySQL, SMTP or FTP clients do (bytes left
+/// unread in the socket would make the kernel reset it anyway).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_whose_tunnel_is_still_opening_when_the_bridge_stops_is_reset() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let bridge = bridge_to(l.local_addr().unwrap(), IoBackend::Epoll);
+    let app = TcpStream::connect(bridge.addr_of("t").unwrap()).await.unwrap();
+    let (_unanswered, _) = tokio::time::timeout(Duration::from_secs(10), l.accept())
+        .await
+        .expect("the bridge connects")
+        .unwrap();
+    tokio::task::spawn_blocking(move || bridge.stop()).await.unwrap();
+    let (got, end) = read_all(app).await;
+    assert!(got.is_empty(), "nothing came back");
+    assert_eq!(
+        end.as_ref().err().map(|e| e.kind()),
+        Some(ErrorKind::ConnectionReset),
+        "a tunnel that never opened must not end like a clean one: {end:?}"
+    );
+}
+
 /// A rig whose hcm serves `hc` with `backend` and a short ping; the endpoint is a listener
 /// the test accepts on.
 async fn hcm_rig(backend: IoBackend) -> (Rig, hyrelay::hcm::HcmHandle, TcpListener) {
@@ -300,6 +323,57 @@ async fn hcm_resets_the_endpoint_when_the_tunnel_ends_abnormally() {
         let (got, end) = hcm_side(&rig, &endpoint, how).await;
         check(how, "hcm", &got, &end);
     }
+}
+
+/// The hcm reached the endpoint but could not open the rendezvous (the fake relay answers
+/// it 500): the endpoint's connection, which never carried a byte, is reset — not ended
+/// with a FIN as if an app had connected and closed cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_rendezvous_resets_the_endpoint() {
+    let endpoint = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = relay.local_addr().unwrap();
+    let cs = ConnectionString::parse(&format!(
+        "Endpoint=ws://{at}/;SharedAccessKeyName=k;SharedAccessKey=a2V5;EntityPath=t"
+    ))
+    .unwrap();
+    let ep = endpoint.local_addr().unwrap().to_string().parse().unwrap();
+    let mut c = hyrelay::hcm::config::HcmConfig::new(tempfile::tempdir().unwrap().keep());
+    c.hybrid_connections = vec![hyrelay::hcm::config::HcEntry::new(cs, Some(ep)).unwrap()];
+    let _hcm = hyrelay::hcm::start(c).unwrap();
+    let mut channel = accept_upgrade(&relay).await;
+    let accept = hyrelay::proto::control::Accept {
+        address: format!("ws://{at}/$hc/t?sb-hc-action=accept&sb-hc-id=a1"),
+        id: "a1".into(),
+        connect_headers: vec![],
+        remote_endpoint: None,
+    };
+    send(&mut channel.w, OpCode::Text, accept.encode().as_bytes(), false).await;
+    // The hcm dials the endpoint and opens the rendezvous at the same time.
+    let within = |what| async move { tokio::time::timeout(Duration::from_secs(10), what).await };
+    let (dialled, rendezvous) = tokio::join!(within(endpoint.accept()), within(relay.accept()));
+    let (dialled, mut rendezvous) = (
+        dialled.expect("the hcm dials the endpoint").unwrap().0,
+        rendezvous.expect("the hcm opens the rendezvous").unwrap().0,
+    );
+    let mut head = Vec::new();
+    while handshake::parse_request(&head, 1 << 16).unwrap().is_none() {
+        let mut b = [0u8; 4096];
+        let n = rendezvous.read(&mut b).await.unwrap();
+        assert!(n > 0, "the hcm hung up during the rendezvous upgrade");
+        head.extend_from_slice(&b[..n]);
+    }
+    rendezvous
+        .write_all(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let (got, end) = read_all(dialled).await;
+    assert!(got.is_empty(), "nothing reached the endpoint");
+    assert_eq!(
+        end.as_ref().err().map(|e| e.kind()),
+        Some(ErrorKind::ConnectionReset),
+        "a tunnel that never opened must not end like a clean one: {end:?}"
+    );
 }
 
 // ---- the whole chain

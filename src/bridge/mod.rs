@@ -542,16 +542,18 @@ async fn connect(
 }
 
 /// One app connection: open the sender WebSocket and splice.
-async fn serve(mut tcp: TcpStream, peer: SocketAddr, fw: Arc<ForwardRt>, ctx: Arc<BridgeCtx>) {
+async fn serve(tcp: TcpStream, peer: SocketAddr, fw: Arc<ForwardRt>, ctx: Arc<BridgeCtx>) {
     let inflight = ctx.inflight.enter();
     crate::transport::sock::tune_accepted(&tcp);
+    // Until the tunnel opens, however this ends, the app sees a reset, not an empty answer.
+    let mut tcp = splice::ResetUnlessTaken::new(tcp);
     fw.warm.served();
     let cs = fw.connection_string();
     metrics::counter!(crate::telemetry::metrics::BRIDGE_LOCAL_CONNECTIONS, "hc" => fw.hc.clone()).increment(1);
     fw.status.lock().unwrap_or_else(|e| e.into_inner()).local_connections += 1;
     let hc = fw.hc.as_str();
     let conn = tokio::select! {
-        c = connect_with_retry(&fw, &cs, &ctx, &mut tcp) => c,
+        c = connect_with_retry(&fw, &cs, &ctx, tcp.get_mut()) => c,
         _ = ctx.shutdown.cancelled() => return,
     };
     let conn = match conn {
@@ -566,8 +568,6 @@ async fn serve(mut tcp: TcpStream, peer: SocketAddr, fw: Arc<ForwardRt>, ctx: Ar
             };
             fw.record(result, e.to_string());
             tracing::warn!(event = "relay_connect_failed", hc, %peer, local = %fw.bound, status = e.status().unwrap_or(0), reason = %e, "relay refused the connection; resetting the app's connection");
-            // Reset rather than FIN, so the app sees a failure, not an empty answer.
-            socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO)).ok();
             return;
         }
     };
@@ -598,5 +598,6 @@ async fn serve(mut tcp: TcpStream, peer: SocketAddr, fw: Arc<ForwardRt>, ctx: Ar
             tracing::debug!(event = "tunnel_closed", hc = %name, %peer, to_app = stats.to_tcp, from_app = stats.to_ws, end = %stats.end, "tunnel closed");
         }
     };
+    let tcp = tcp.take();
     crate::dataplane::offload::spawn_ws_tcp(hc, conn.stream, conn.leftover, tcp, &cfg, &ctx.shutdown, inflight, done);
 }

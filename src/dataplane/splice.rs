@@ -167,6 +167,36 @@ pub(crate) fn reset_on_close<S: std::os::windows::io::AsSocket>(tcp: &S) {
     let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
 }
 
+/// An app's or endpoint's TCP connection whose tunnel is not open yet: reset if dropped
+/// before [`ResetUnlessTaken::take`] (the relay refused, the rendezvous failed, the
+/// process is stopping, the task was dropped), so a tunnel that never opened does not end
+/// like a complete stream.
+#[derive(Debug)]
+pub(crate) struct ResetUnlessTaken(Option<tokio::net::TcpStream>);
+
+impl ResetUnlessTaken {
+    pub fn new(tcp: tokio::net::TcpStream) -> Self {
+        Self(Some(tcp))
+    }
+
+    pub fn get_mut(&mut self) -> &mut tokio::net::TcpStream {
+        self.0.as_mut().expect("present until taken")
+    }
+
+    /// The connection, for the tunnel: from here its end is the tunnel's.
+    pub fn take(mut self) -> tokio::net::TcpStream {
+        self.0.take().expect("present until taken")
+    }
+}
+
+impl Drop for ResetUnlessTaken {
+    fn drop(&mut self) {
+        if let Some(tcp) = &self.0 {
+            reset_on_close(tcp);
+        }
+    }
+}
+
 impl TcpSide {
     /// Adds bytes moved since the last call to the hybrid connection's counters: "up" is
     /// app → endpoint whichever side of the tunnel this splice is on.

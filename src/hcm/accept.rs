@@ -41,8 +41,10 @@ pub(crate) async fn handle(a: Accept, hc: Arc<HcRt>, endpoint: HostPort, ctx: Ar
     );
     let (dialed, opened) = tokio::join!(dial(&hc, &endpoint, &ctx), opening);
     let opened = opened.unwrap_or_else(|_| Err(ConnectError::Timeout(ctx.cfg.relay_timeout)));
+    // Until the tunnel opens, however this ends, the endpoint sees a reset: it must not
+    // take a tunnel that never opened for a client that closed cleanly.
     let tcp = match dialed {
-        Ok(tcp) => tcp,
+        Ok(tcp) => splice::ResetUnlessTaken::new(tcp),
         Err((status, detail)) => {
             reject_on(
                 opened.ok(),
@@ -75,11 +77,11 @@ pub(crate) async fn handle(a: Accept, hc: Arc<HcRt>, endpoint: HostPort, ctx: Ar
     let conn = match upgraded {
         Ok(c) => c,
         Err(e) => {
-            tracing::warn!(event = "rendezvous_failed", hc = %name, error = %e, "cannot open the rendezvous");
+            tracing::warn!(event = "rendezvous_failed", hc = %name, error = %e, "cannot open the rendezvous; resetting the endpoint's connection");
             return;
         }
     };
-    splice_tunnel(&hc, a.id, (conn.stream, conn.leftover), tcp, &ctx, inflight);
+    splice_tunnel(&hc, a.id, (conn.stream, conn.leftover), tcp.take(), &ctx, inflight);
 }
 
 /// Serves an `accept` that came on a pooled rendezvous connection (`hcm::pool`): the
