@@ -899,3 +899,42 @@ async fn a_kept_rendezvous_dies_with_its_listener() {
         g.reason
     );
 }
+
+/// A request on a kept rendezvous counts against `max_requests_per_listener` like any
+/// other: with the listener at its limit it gets 503, not a way around the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_rendezvous_respects_the_listeners_request_limit() {
+    use tokio::io::AsyncWriteExt;
+    let (rig, _hcm, tok, _) = published_with("lim", |c| c.http.max_requests_per_listener = 1).await;
+    let auth = [("ServiceBusAuthorization", tok.as_str())];
+    let mut kept = Sender::connect(rig.relay.local_addr()).await;
+    let big = payload(100_000, 72);
+    let g = kept.send("POST", "/lim/echo", &auth, Body::Bytes(big.clone())).await;
+    assert!(g.status == 200 && g.body[..] == big[..], "{}", g.reason);
+    // Another sender's upload takes the listener's one request: more than inline of its
+    // body has arrived, the rest never comes.
+    let mut upload = tokio::net::TcpStream::connect(rig.relay.local_addr()).await.unwrap();
+    let head = format!(
+        "POST /lim/echo HTTP/1.1\r\nHost: h\r\nServiceBusAuthorization: {tok}\r\nContent-Length: 1000000\r\n\r\n"
+    );
+    upload.write_all(head.as_bytes()).await.unwrap();
+    upload.write_all(&payload(200_000, 73)).await.unwrap();
+    // Until a third sender is refused, the upload is not counted yet.
+    let mut probe = Sender::connect(rig.relay.local_addr()).await;
+    let mut at_limit = false;
+    for _ in 0..50 {
+        if probe.send("GET", "/lim/echo", &auth, Body::Bytes(vec![])).await.status == 503 {
+            at_limit = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(at_limit, "the upload never took the listener's request slot");
+    let g = kept.send("GET", "/lim/echo", &auth, Body::Bytes(vec![])).await;
+    assert_eq!(
+        g.status, 503,
+        "a request on the kept rendezvous went past the listener's limit: {}",
+        g.reason
+    );
+    drop(upload);
+}

@@ -390,12 +390,22 @@ impl Ctl {
         rt.listeners.iter().find(|l| l.info.id == id).map(|l| l.load.clone())
     }
 
-    /// Whether listener `key` of `hc` is still registered on this node.
-    pub fn holds_listener(&self, hc: &str, key: u64) -> bool {
+    /// Counts one HTTP request against listener `key` of `hc` (lower-cased) on this node,
+    /// as [`Ctl::deliver`] does, for a request that goes on a rendezvous kept from an
+    /// earlier one: `None` if that listener is no longer registered here or already has
+    /// `max_inflight` requests in flight.
+    pub fn count_request(&self, hc: &str, key: u64, max_inflight: usize) -> Option<Delivered> {
         let reg = self.reg();
-        reg.live
-            .get(&hc.to_lowercase())
-            .is_some_and(|rt| rt.listeners.iter().any(|l| l.key == key))
+        let l = reg.live.get(hc)?.listeners.iter().find(|l| l.key == key)?;
+        // Under the registry lock, as in `deliver`: the check and the count are one step.
+        if l.http.load(Ordering::Relaxed) >= max_inflight {
+            return None;
+        }
+        l.http.fetch_add(1, Ordering::Relaxed);
+        Some(Delivered {
+            gone: l.gone.clone(),
+            _inflight: InflightGuard(l.http.clone()),
+        })
     }
 
     /// Hands listener `key` of `hc` on this node a command another node sent (cluster

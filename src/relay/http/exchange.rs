@@ -38,7 +38,7 @@ use crate::proto::control::{self, Command, HttpRequest, Request, Response};
 use crate::proto::frame::{Role, close_code};
 use crate::proto::handshake;
 use crate::relay::Ctx;
-use crate::relay::control::{ListenerCmd, Refusal};
+use crate::relay::control::{Delivered, ListenerCmd, Refusal};
 use crate::transport::Stream;
 use crate::transport::http_body::{self, BodyError, RelayBody, write_body_message};
 use crate::transport::ws::{Message, WsReader, WsWriter};
@@ -163,9 +163,9 @@ pub async fn run(ctx: &Arc<Ctx>, mut out: Outbound, body: Incoming, kept: &KeptS
     let cfg = &ctx.cfg.http;
     let plan = plan(body, cfg.inline_max, cfg.body_idle_timeout).await?;
     let entity = out.entity.to_lowercase();
-    if let Some(k) = take_kept(ctx, kept, &entity) {
+    if let Some((k, counted)) = take_kept(ctx, kept, &entity) {
         match &plan {
-            Plan::Inline(b) => match reuse(ctx, k, &out, b.clone(), kept).await {
+            Plan::Inline(b) => match reuse(ctx, (k, counted), &out, b.clone(), kept).await {
                 Reuse::Done(r) => return r,
                 Reuse::Closed => {
                     count_rendezvous(&out.entity, "closed_by_listener");
@@ -266,11 +266,18 @@ fn timeout() -> Refused {
 
 /// The connection's kept rendezvous if it serves `entity`, is fresh, and its listener is
 /// still registered here (a listener whose control channel closed, for a revoked key
-/// say, gets no more requests); any other is closed (in the background).
-fn take_kept(ctx: &Ctx, kept: &KeptSlot, entity: &str) -> Option<Kept> {
+/// say, gets no more requests) and below `max_requests_per_listener`, with the request
+/// counted against that listener; any other is closed (in the background), and the
+/// request goes the usual way (another listener, or 503 when all are at the limit).
+fn take_kept(ctx: &Ctx, kept: &KeptSlot, entity: &str) -> Option<(Kept, Delivered)> {
     let k = kept.lock().unwrap_or_else(|e| e.into_inner()).kept.take()?;
-    if k.entity == entity && k.since.elapsed() < KEPT_IDLE && ctx.ctl.holds_listener(entity, k.listener) {
-        return Some(k);
+    if k.entity == entity && k.since.elapsed() < KEPT_IDLE {
+        // Still registered here and below its request limit: the request counts against it
+        // while it runs, as one dispatched the usual way does.
+        let max = ctx.cfg.http.max_requests_per_listener;
+        if let Some(counted) = ctx.ctl.count_request(entity, k.listener, max) {
+            return Some((k, counted));
+        }
     }
     tokio::spawn(close_kept(k));
     None
@@ -302,7 +309,13 @@ async fn close_kept(k: Kept) {
 }
 
 /// Sends the request, whose whole body is `body`, on the kept rendezvous `k`.
-async fn reuse(ctx: &Arc<Ctx>, k: Kept, out: &Outbound, body: Bytes, kept: &KeptSlot) -> Reuse {
+async fn reuse(
+    ctx: &Arc<Ctx>,
+    (k, _counted): (Kept, Delivered),
+    out: &Outbound,
+    body: Bytes,
+    kept: &KeptSlot,
+) -> Reuse {
     let Kept {
         entity,
         listener,
