@@ -510,3 +510,37 @@ async fn hcm_add_and_remove_reach_an_hcm_running_as_another_user() {
     );
     hcm.kill().await.ok();
 }
+
+/// `cli.json` of a relay serving a certificate from files with a `public_url` names that
+/// URL, whose host the certificate is for (it need not name `localhost`, which the file
+/// named before, so `hyrelay hc` failed the certificate check); a relay with the
+/// development certificate keeps `localhost`, which that certificate names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_json_names_the_public_url_of_a_relay_with_a_certificate() {
+    use hyrelay::proto::connstr::{ConnectionString, RelayEndpoint};
+    let cli_endpoint = |rig: &Rig| {
+        let cli: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(rig.relay.data_dir().join(hyrelay::relay::CLI_FILE)).unwrap())
+                .unwrap();
+        ConnectionString::parse(cli["connectionString"].as_str().unwrap())
+            .unwrap()
+            .endpoint
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let made = rcgen::generate_simple_self_signed(vec!["relay.test".to_owned()]).unwrap();
+    let (cert, key) = (dir.path().join("relay.crt"), dir.path().join("relay.key"));
+    std::fs::write(&cert, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+    let public = RelayEndpoint {
+        tls: true,
+        host: "relay.test".into(),
+        port: 8443,
+    };
+    let certified = Rig::with(true, |c| {
+        c.tls = hyrelay::relay::config::TlsSetting::Files { cert, key };
+        c.public_url = Some(public.clone());
+    });
+    assert_eq!(cli_endpoint(&certified), public);
+    let development = Rig::with(true, |c| c.public_url = Some(public.clone()));
+    assert_eq!(cli_endpoint(&development).host, "localhost");
+}

@@ -104,6 +104,9 @@ impl Ctx {
 pub struct RelayHandle {
     addr: SocketAddr,
     tls: bool,
+    /// `public_url` when the relay serves a certificate from files (see
+    /// [`RelayHandle::cli_endpoint`]).
+    certified_url: Option<RelayEndpoint>,
     ca_file: Option<PathBuf>,
     data_dir: PathBuf,
     state: SharedState,
@@ -168,6 +171,13 @@ impl RelayHandle {
             },
             port: self.addr.port(),
         }
+    }
+
+    /// Where the local `hyrelay hc` CLI reaches the relay (`cli.json`): with a certificate
+    /// from files and a `public_url`, that URL, whose host the certificate names (the
+    /// certificate need not name `localhost`); otherwise [`RelayHandle::local_endpoint`].
+    pub fn cli_endpoint(&self) -> RelayEndpoint {
+        self.certified_url.clone().unwrap_or_else(|| self.local_endpoint())
     }
 
     /// The namespace-wide Manage connection string (RootManageSharedAccessKey).
@@ -349,6 +359,9 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
     let handle = RelayHandle {
         addr,
         tls: !matches!(cfg.tls, TlsSetting::Plain),
+        certified_url: matches!(cfg.tls, TlsSetting::Files { .. })
+            .then(|| cfg.public_url.clone())
+            .flatten(),
         ca_file,
         data_dir: cfg.data_dir.clone(),
         state,
@@ -405,12 +418,13 @@ pub fn answers_to(cfg: &RelayConfig) -> anyhow::Result<auth::Audience> {
 }
 
 fn write_cli_file(h: &RelayHandle) -> anyhow::Result<()> {
-    let Some(cs) = h.try_manage_connection_string() else {
+    let Some(mut cs) = h.try_manage_connection_string() else {
         tracing::warn!(
             "no catalog yet (Redis unreachable and nothing cached): cli.json not written; pass --connection-string to `hyrelay hc`"
         );
         return Ok(());
     };
+    cs.endpoint = h.cli_endpoint();
     let body = serde_json::json!({
         "connectionString": cs.expose(),
         "caFile": h.ca_file().map(|p| p.display().to_string()),
