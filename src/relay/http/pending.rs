@@ -25,7 +25,8 @@ pub struct Inline {
     pub body: Bytes,
 }
 
-/// The listener's rendezvous connection, parked for the move to the sender's worker.
+/// The listener's rendezvous connection: parked for the move to the sender's worker, or
+/// live when the sender's request is served on the worker that accepted it.
 #[derive(Debug)]
 pub struct Leg {
     pub stream: Stream,
@@ -42,6 +43,8 @@ struct Entry {
     listener: u64,
     response: Option<oneshot::Sender<Inline>>,
     leg: Option<oneshot::Sender<Leg>>,
+    /// The worker thread of the task waiting for the answer (`open` runs on it).
+    worker: std::thread::ThreadId,
 }
 
 /// Requests in flight, shared by every worker (a short lock, never held across an await).
@@ -100,6 +103,7 @@ impl Table {
                 listener: 0,
                 response: Some(rtx),
                 leg: Some(ltx),
+                worker: std::thread::current().id(),
             },
         );
         Ticket {
@@ -131,14 +135,16 @@ impl Table {
         tx.is_some_and(|tx| tx.send(inline).is_ok())
     }
 
-    /// The rendezvous slot of request `id` if `secret` matches (single use).
-    pub fn take_leg(&self, id: &str, secret: &str) -> Option<oneshot::Sender<Leg>> {
+    /// The rendezvous slot of request `id` if `secret` matches (single use), and whether
+    /// the task waiting for it runs on this worker thread (then the leg needs no move).
+    pub fn take_leg(&self, id: &str, secret: &str) -> Option<(oneshot::Sender<Leg>, bool)> {
         let mut map = self.lock();
         let e = map.get_mut(id)?;
         if !constant_time_eq(e.secret.as_bytes(), secret.as_bytes()) {
             return None;
         }
-        e.leg.take()
+        let here = e.worker == std::thread::current().id();
+        e.leg.take().map(|tx| (tx, here))
     }
 }
 
@@ -179,8 +185,14 @@ mod tests {
         let t = Arc::new(Table::default());
         let ticket = t.open();
         assert!(t.take_leg(&ticket.id, "wrong").is_none());
-        assert!(t.take_leg(&ticket.id, &ticket.secret.clone()).is_some());
+        let (_, same_worker) = t.take_leg(&ticket.id, &ticket.secret.clone()).unwrap();
+        assert!(same_worker, "taken on the thread that opened it");
         assert!(t.take_leg(&ticket.id, &ticket.secret.clone()).is_none(), "single use");
+        let other = t.open();
+        let (id, secret) = (other.id.clone(), other.secret.clone());
+        let elsewhere = std::thread::scope(|s| s.spawn(|| t.take_leg(&id, &secret).unwrap().1).join().unwrap());
+        assert!(!elsewhere, "taken on another thread");
+        drop(other);
         assert_eq!(t.len(), 1);
         drop(ticket);
         assert!(t.is_empty());

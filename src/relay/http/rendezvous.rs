@@ -1,7 +1,8 @@
 //! A listener's HTTP-mode rendezvous: `sb-hc-action=request` on the address of a request
 //! (hc-protocol.md §6.3, §6.4). The address's `sb-hc-id` and `sb-hc-rid` (the single-use
-//! secret) must name a request in flight, else 403; the connection is then parked and sent
-//! to the worker serving that request, which answers the upgrade and runs the exchange.
+//! secret) must name a request in flight, else 403; the connection is then sent to the
+//! worker serving that request (parked, unless that is this worker), which answers the
+//! upgrade and runs the exchange.
 //! No token: the unguessable address is the capability (§3.1).
 
 use std::sync::Arc;
@@ -18,7 +19,7 @@ pub(crate) async fn serve(mut stream: Stream, mut inc: Incoming, req: HcRequest,
     let (Some(id), Some(secret)) = (req.id.as_deref(), req.rendezvous.as_deref()) else {
         return refuse_rendezvous(&mut stream, false).await;
     };
-    let Some(tx) = ctx.http.table.take_leg(id, secret) else {
+    let Some((tx, same_worker)) = ctx.http.table.take_leg(id, secret) else {
         return refuse_rendezvous(&mut stream, true).await;
     };
     inc.pending.done();
@@ -26,7 +27,8 @@ pub(crate) async fn serve(mut stream: Stream, mut inc: Incoming, req: HcRequest,
         Ok(u) => u,
         Err(e) => return respond(&mut stream, 400, &e.to_string(), "").await,
     };
-    if let Err(e) = stream.park() {
+    // The waiting exchange runs on this worker: it can use the stream as it is.
+    if !same_worker && let Err(e) = stream.park() {
         tracing::warn!(peer = %inc.peer, error = %e, "cannot park the listener's rendezvous");
         return;
     }
