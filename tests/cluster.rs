@@ -445,6 +445,76 @@ async fn a_new_listener_is_found_from_every_node_right_after_its_upgrade() {
     }
 }
 
+/// Redis's count of `SMEMBERS` calls: one per presence read of any node.
+async fn presence_reads(redis: &Redis) -> u64 {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", redis.port)).await.unwrap();
+    s.write_all(b"INFO commandstats\r\n").await.unwrap();
+    let mut got = Vec::new();
+    let mut b = [0u8; 8192];
+    // A bulk string: "$<len>\r\n<text>\r\n".
+    while !(got.ends_with(b"\r\n") && got.len() > 4 && got.iter().filter(|&&c| c == b'\n').count() > 2) {
+        let n = s.read(&mut b).await.unwrap();
+        assert!(n > 0, "redis closed during INFO");
+        got.extend_from_slice(&b[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    text.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_smembers:calls="))
+        .map_or(0, |v| v.split(',').next().unwrap().parse().unwrap())
+}
+
+/// Senders for a hybrid connection with no listener anywhere make their node read
+/// presence before the 404 (a listener may have just arrived on another node), but a
+/// crowd of them does not drive Redis: at most one such read per `MISS_FLOOR` (20 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn senders_without_a_listener_read_presence_at_most_once_per_floor() {
+    use hyrelay::{client, transport::ws};
+    let (_serial, _dir, redis, nodes) = cluster(1, None).await;
+    nodes[0].relay.create(None, "nobody", "127.0.0.1:9").await;
+    let send = nodes[0].relay.connection_string(None, "nobody", true).await;
+    let cs = ConnectionString::parse(&pointed_at(&send, &nodes[0].url)).unwrap();
+    let token = client::token(&cs, "nobody", Duration::from_secs(600));
+    let before = presence_reads(&redis).await;
+    let started = Instant::now();
+    let refused = Arc::new(AtomicUsize::new(0));
+    let crowd: Vec<_> = (0..16)
+        .map(|i| {
+            let (cs, token, refused) = (cs.clone(), token.clone(), refused.clone());
+            tokio::spawn(async move {
+                for j in 0..25 {
+                    let url = client::hc_url(&cs, "nobody", "connect", &format!("s{i}-{j}"));
+                    let r = ws::connect(
+                        &url,
+                        None,
+                        &[("ServiceBusAuthorization", &token)],
+                        Duration::from_secs(10),
+                    )
+                    .await;
+                    if matches!(r, Err(e) if e.status() == Some(404)) {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for c in crowd {
+        c.await.unwrap();
+    }
+    let took = started.elapsed();
+    let reads = presence_reads(&redis).await - before;
+    assert_eq!(
+        refused.load(Ordering::Relaxed),
+        400,
+        "every sender is told there is no listener"
+    );
+    // The floor's share, plus the once-a-second beat and one read at either end.
+    let bound = (took.as_millis() / 20 + took.as_secs() as u128 + 3) as u64;
+    assert!(
+        reads <= bound,
+        "400 senders in {took:?} made {reads} presence reads (at most {bound})"
+    );
+}
+
 /// 200 concurrent tunnels, senders spread over three nodes, two hcms on different nodes:
 /// all byte-exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

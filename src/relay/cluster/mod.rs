@@ -55,6 +55,10 @@ const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a sender that found no listener waits for a fresh read of presence, and a
 /// new listener's 101 for its presence to be written.
 const MISS_REFRESH: Duration = Duration::from_millis(500);
+/// Least time between two presence reads that senders finding no listener trigger: a
+/// flood of such senders costs Redis at most one read per `MISS_FLOOR`, and a sender at
+/// most this much more wait.
+pub const MISS_FLOOR: Duration = Duration::from_millis(20);
 /// Compare-and-set attempts before a management write gives up.
 const CAS_ATTEMPTS: usize = 5;
 
@@ -741,6 +745,11 @@ impl Cluster {
     /// One beat now, after any beat under way.
     async fn beat_now(&self) -> redis::RedisResult<()> {
         let mut last = self.beating.lock().await;
+        self.beat_holding(&mut last).await
+    }
+
+    /// [`Cluster::beat_now`] for a caller that holds the beat lock (`last` is its value).
+    async fn beat_holding(&self, last: &mut Option<Instant>) -> redis::RedisResult<()> {
         let started = Instant::now();
         let p = self.beat().await?;
         metrics::gauge!(metric::NODES).set((p.nodes.len() + 1) as f64);
@@ -779,19 +788,29 @@ impl Cluster {
     }
 
     /// Makes sure presence was read after `since` (a sender's arrival) before the caller
-    /// concludes no node has a listener: waits for a beat under way, or beats. Bounded by
-    /// `MISS_REFRESH` (500 ms); skipped while Redis is away. Concurrent misses share beats, so a
-    /// burst of senders for a hybrid connection without listeners costs Redis at most one
-    /// read per round trip, not one per sender.
+    /// concludes no node has a listener: waits for a beat under way, or beats, but not
+    /// sooner than [`MISS_FLOOR`] after the beat before. Bounded by `MISS_REFRESH`
+    /// (500 ms); skipped while Redis is away. Concurrent misses share beats, so senders
+    /// for a hybrid connection without listeners, however many, cost Redis at most one
+    /// read per `MISS_FLOOR`.
     pub async fn refresh_presence(&self, since: Instant) {
         if !self.redis_up.load(Ordering::Relaxed) {
             return;
         }
         let fresh = async {
-            if self.beating.lock().await.is_some_and(|t| t >= since) {
+            let last = *self.beating.lock().await;
+            if last.is_some_and(|t| t >= since) {
                 return;
             }
-            let _ = self.beat_now().await;
+            if let Some(t) = last {
+                tokio::time::sleep_until((t + MISS_FLOOR).into()).await;
+            }
+            // Waiters queue on the lock; whoever comes first beats, the read is fresh
+            // enough for the rest.
+            let mut last = self.beating.lock().await;
+            if !last.is_some_and(|t| t >= since) {
+                let _ = self.beat_holding(&mut last).await;
+            }
         };
         let _ = tokio::time::timeout(MISS_REFRESH, fresh).await;
     }
