@@ -31,27 +31,6 @@ use hyrelay::proto::frame::{OpCode, Role};
 use hyrelay::transport::ws::{self, ConnectError, Message, WsReader, WsWriter};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// GET /metrics from an admin address.
-async fn metrics_text(admin: SocketAddr) -> String {
-    let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
-    let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    out
-}
-
-/// The value of `name{hc="hc"}` in a metrics text (0 when absent).
-fn metric(text: &str, name: &str, hc: &str) -> f64 {
-    let prefix = format!("{name}{{hc=\"{hc}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// A relay with an admin listener, an hcm and a bridge for `hc` whose endpoint is `endpoint`.
 struct Setup {
     rig: Rig,

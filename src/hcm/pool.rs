@@ -11,8 +11,9 @@
 //!
 //! Size: two more than a quarter of the accepts of the last second that a pool could have
 //! served (`Demand`), at most [`MAX`]; re-evaluated every [`TICK`] and whenever a pooled
-//! connection is used (so it is replaced at once); surplus connections are closed as the
-//! rate falls. A burst larger than the pool is served the standard way meanwhile, and the
+//! connection is used; surplus connections are closed as the rate falls. A used connection
+//! is replaced at once, on the worker that used it, while the pool is at or below its size
+//! (no wake-up of the pool task or of another worker per tunnel). A burst larger than the pool is served the standard way meanwhile, and the
 //! pool refills behind it.
 //!
 //! Which accepts count: pooled connections wait on the relay node they reached, and only
@@ -125,6 +126,7 @@ pub(crate) fn start_if_offered(
 /// Keeps the pool of `hc` filled until `stop` (the control channel's session ended).
 async fn run(hc: Arc<HcRt>, ctx: Arc<HcmCtx>, endpoint: HostPort, stop: CancellationToken) {
     let open = Arc::new(AtomicUsize::new(0));
+    let want_now = Arc::new(AtomicUsize::new(0));
     let used = Arc::new(tokio::sync::Notify::new());
     let retire = Arc::new(Retire::default());
     let name = hc.entry.name().to_owned();
@@ -143,11 +145,16 @@ async fn run(hc: Arc<HcRt>, ctx: Arc<HcmCtx>, endpoint: HostPort, stop: Cancella
             window.pop_front();
         }
         let want = target(total.saturating_sub(window.front().copied().unwrap_or(total)));
+        want_now.store(want, Ordering::Relaxed);
         let now_open = open.load(Ordering::Relaxed);
         retire.ask(now_open.saturating_sub(want));
         while open.load(Ordering::Relaxed) < want {
             open.fetch_add(1, Ordering::Relaxed);
-            let guard = Opened(open.clone(), used.clone());
+            let guard = Opened {
+                open: open.clone(),
+                want: want_now.clone(),
+                used: used.clone(),
+            };
             let (hc, ctx, ep, stop, retire) = (hc.clone(), ctx.clone(), endpoint.clone(), stop.clone(), retire.clone());
             ctx.workers
                 .clone()
@@ -187,12 +194,25 @@ impl Retire {
 }
 
 /// Counts a pooled connection as open until it is used or gone; then wakes the pool.
-struct Opened(Arc<AtomicUsize>, Arc<tokio::sync::Notify>);
+struct Opened {
+    open: Arc<AtomicUsize>,
+    /// The pool's size as last computed.
+    want: Arc<AtomicUsize>,
+    used: Arc<tokio::sync::Notify>,
+}
+
+impl Opened {
+    /// True if, without the connection this counts, the pool would be below its size: a
+    /// used connection is then replaced at once (the count passes to the replacement).
+    fn replace(&self) -> bool {
+        self.open.load(Ordering::Relaxed) <= self.want.load(Ordering::Relaxed)
+    }
+}
 
 impl Drop for Opened {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-        self.1.notify_one();
+        self.open.fetch_sub(1, Ordering::Relaxed);
+        self.used.notify_one();
     }
 }
 
@@ -255,8 +275,14 @@ async fn pooled(
         None => ask_to_retire(&mut reader, ctx.cfg.relay_timeout).await,
     };
     if let Some(a) = accept {
-        // In use: no longer counted as warm; the pool refills at once.
-        drop(opened);
+        // In use: its count passes to a replacement opened on this worker, or (the pool is
+        // above its size) ends, which wakes the pool task.
+        if opened.replace() && !stop.is_cancelled() {
+            let again = pooled(hc.clone(), ctx.clone(), endpoint.clone(), stop, retire, opened);
+            tokio::task::spawn_local(again);
+        } else {
+            drop(opened);
+        }
         let (stream, leftover) = reader.into_parts();
         super::accept::handle_pooled(a, hc, endpoint, ctx, (stream, leftover)).await;
     }

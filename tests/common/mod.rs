@@ -409,3 +409,25 @@ pub async fn late_frame_after_close_keeps_the_download_whole(rig: &Rig) {
         .unwrap()
         .unwrap();
 }
+
+/// GET /metrics from an admin address.
+pub async fn metrics_text(admin: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    out
+}
+
+/// The value of `name{hc="hc"}` in a metrics text (0 when absent).
+pub fn metric(text: &str, name: &str, hc: &str) -> f64 {
+    let prefix = format!("{name}{{hc=\"{hc}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
