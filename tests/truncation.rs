@@ -105,6 +105,17 @@ fn check(how: FarEnd, side: &str, got: &[u8], end: &std::io::Result<()>) {
     }
 }
 
+/// Checks that a local connection whose tunnel never opened got nothing and a reset: it
+/// must not end like a clean, empty answer.
+fn never_opened((got, end): (Vec<u8>, std::io::Result<()>)) {
+    assert!(got.is_empty(), "{} bytes arrived", got.len());
+    assert_eq!(
+        end.as_ref().err().map(|e| e.kind()),
+        Some(ErrorKind::ConnectionReset),
+        "a tunnel that never opened must not end like a clean one: {end:?}"
+    );
+}
+
 // ---- bridge side: app ⇄ bridge ⇄ (fake relay driven here)
 
 /// The server end of the bridge's WebSocket, accepted by the fake relay (what the bridge
@@ -260,13 +271,7 @@ async fn an_app_whose_tunnel_is_still_opening_when_the_bridge_stops_is_reset() {
         .expect("the bridge connects")
         .unwrap();
     tokio::task::spawn_blocking(move || bridge.stop()).await.unwrap();
-    let (got, end) = read_all(app).await;
-    assert!(got.is_empty(), "nothing came back");
-    assert_eq!(
-        end.as_ref().err().map(|e| e.kind()),
-        Some(ErrorKind::ConnectionReset),
-        "a tunnel that never opened must not end like a clean one: {end:?}"
-    );
+    never_opened(read_all(app).await);
 }
 
 /// A rig whose hcm serves `hc` with `backend` and a short ping; the endpoint is a listener
@@ -367,13 +372,7 @@ async fn a_failed_rendezvous_resets_the_endpoint() {
         .write_all(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
-    let (got, end) = read_all(dialled).await;
-    assert!(got.is_empty(), "nothing reached the endpoint");
-    assert_eq!(
-        end.as_ref().err().map(|e| e.kind()),
-        Some(ErrorKind::ConnectionReset),
-        "a tunnel that never opened must not end like a clean one: {end:?}"
-    );
+    never_opened(read_all(dialled).await);
 }
 
 // ---- the whole chain

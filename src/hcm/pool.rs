@@ -204,7 +204,7 @@ struct Opened {
 impl Opened {
     /// True if, without the connection this counts, the pool would be below its size: a
     /// used connection is then replaced at once (the count passes to the replacement).
-    fn replace(&self) -> bool {
+    fn needs_replacing(&self) -> bool {
         self.open.load(Ordering::Relaxed) <= self.want.load(Ordering::Relaxed)
     }
 }
@@ -277,7 +277,7 @@ async fn pooled(
     if let Some(a) = accept {
         // In use: its count passes to a replacement opened on this worker, or (the pool is
         // above its size) ends, which wakes the pool task.
-        if opened.replace() && !stop.is_cancelled() {
+        if opened.needs_replacing() && !stop.is_cancelled() {
             let again = pooled(hc.clone(), ctx.clone(), endpoint.clone(), stop, retire, opened);
             tokio::task::spawn_local(again);
         } else {

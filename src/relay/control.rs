@@ -398,14 +398,7 @@ impl Ctl {
         let reg = self.reg();
         let l = reg.live.get(hc)?.listeners.iter().find(|l| l.key == key)?;
         // Under the registry lock, as in `deliver`: the check and the count are one step.
-        if l.http.load(Ordering::Relaxed) >= max_inflight {
-            return None;
-        }
-        l.http.fetch_add(1, Ordering::Relaxed);
-        Some(Delivered {
-            gone: l.gone.clone(),
-            _inflight: InflightGuard(l.http.clone()),
-        })
+        (!l.at_request_limit(max_inflight)).then(|| l.count_request())
     }
 
     /// Hands listener `key` of `hc` on this node a command another node sent (cluster
@@ -513,14 +506,15 @@ impl Ctl {
     }
 
     /// Takes the rendezvous for `secret` out of the table (single use): where its outcome
-    /// goes, and whether the sender waiting for it runs on this worker thread (then the
-    /// listener's leg needs no move between workers).
-    pub fn rendezvous(&self, secret: &str) -> Option<(oneshot::Sender<Outcome>, bool)> {
+    /// goes, and the worker thread of the sender waiting for it (see [`Stream::park_for`]).
+    ///
+    /// [`Stream::park_for`]: crate::transport::Stream::park_for
+    pub fn rendezvous(&self, secret: &str) -> Option<(oneshot::Sender<Outcome>, std::thread::ThreadId)> {
         self.reg()
             .pending
             .remove(secret)
             .filter(|p| p.deadline > Instant::now())
-            .map(|p| (p.tx, p.worker == std::thread::current().id()))
+            .map(|p| (p.tx, p.worker))
     }
 
     /// The active-tunnel counter and deletion token of `entity`, while it has live state
@@ -564,6 +558,22 @@ struct ListenerRt {
     http: Arc<AtomicUsize>,
     /// Cancelled when the listener leaves the registry (HTTP requests waiting on it fail).
     gone: CancellationToken,
+}
+
+impl ListenerRt {
+    /// True while `max` HTTP requests are in flight on it.
+    fn at_request_limit(&self, max: usize) -> bool {
+        self.http.load(Ordering::Relaxed) >= max
+    }
+
+    /// Counts one more HTTP request in flight, for as long as the result lives.
+    fn count_request(&self) -> Delivered {
+        self.http.fetch_add(1, Ordering::Relaxed);
+        Delivered {
+            gone: self.gone.clone(),
+            _inflight: InflightGuard(self.http.clone()),
+        }
+    }
 }
 
 impl Drop for ListenerRt {
@@ -1116,7 +1126,7 @@ impl Registry {
         while !candidates.is_empty() {
             let idx = candidates.swap_remove(pick(&rt.listeners, &candidates, self.cfg.balance));
             let l = &rt.listeners[idx];
-            if l.http.load(Ordering::Relaxed) >= max_inflight {
+            if l.at_request_limit(max_inflight) {
                 busy = true;
                 continue;
             }
@@ -1126,13 +1136,7 @@ impl Registry {
                 inline_ok: true,
             };
             match l.tx.try_send(make(&d)) {
-                Ok(()) => {
-                    l.http.fetch_add(1, Ordering::Relaxed);
-                    return Ok(Delivered {
-                        gone: l.gone.clone(),
-                        _inflight: InflightGuard(l.http.clone()),
-                    });
-                }
+                Ok(()) => return Ok(l.count_request()),
                 Err(mpsc::error::TrySendError::Full(_)) => busy = true,
                 Err(mpsc::error::TrySendError::Closed(_)) => {}
             }

@@ -314,7 +314,7 @@ async fn wait_for_claim(
 /// Sends the stream to the sender that claimed it: as it is when the sender runs on this
 /// worker, parked (to be registered on the sender's worker) otherwise.
 fn hand_over(mut stream: Stream, leftover: BytesMut, slot: super::limits::ConnSlot, (reply, worker): Claim) {
-    if worker == std::thread::current().id() || stream.park().is_ok() {
+    if stream.park_for(worker).is_ok() {
         reply.send(PooledLeg { stream, leftover, slot }).ok();
     }
 }
@@ -506,28 +506,5 @@ mod tests {
             Some(older),
             "then its other worker's, not another listener's on this worker"
         );
-    }
-
-    /// A claimed connection reaches a sender on its own worker as it is (registered with
-    /// this worker's reactor) and one on another worker parked.
-    #[tokio::test]
-    async fn a_stream_is_parked_only_for_another_worker() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let other = std::thread::spawn(|| std::thread::current().id()).join().unwrap();
-        for (worker, parked) in [(std::thread::current().id(), false), (other, true)] {
-            let (_client, accepted) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
-            let stream = Stream::Plain(crate::transport::sock::Sock::Live(accepted.unwrap().0));
-            let caps = super::super::limits::Caps {
-                total: 10,
-                per_ip: 10,
-                unauthenticated: 10,
-            };
-            let (slot, _pending) = super::super::limits::Admission::new(caps).admit(addr.ip()).unwrap();
-            let (reply, handed) = oneshot::channel();
-            hand_over(stream, BytesMut::new(), slot, (reply, worker));
-            let leg = handed.await.expect("handed over");
-            assert_eq!(leg.stream.is_parked(), parked, "worker {worker:?}");
-        }
     }
 }

@@ -333,7 +333,7 @@ pub(super) async fn serve_accept(mut stream: Stream, mut inc: Incoming, req: HcR
     let Some(secret) = req.rendezvous.as_deref() else {
         return refuse_rendezvous(&mut stream, false).await;
     };
-    let Some((tx, same_worker)) = ctx.ctl.rendezvous(secret) else {
+    let Some((tx, waiter)) = ctx.ctl.rendezvous(secret) else {
         return refuse_rendezvous(&mut stream, true).await;
     };
     // The unguessable address is the capability (hc-protocol.md §3.1).
@@ -360,8 +360,7 @@ pub(super) async fn serve_accept(mut stream: Stream, mut inc: Incoming, req: HcR
             return respond(&mut stream, 400, &e.to_string(), "").await;
         }
     };
-    // The sender's task runs on this worker: its tunnel can use the stream as it is.
-    if !same_worker && let Err(e) = stream.park() {
+    if let Err(e) = stream.park_for(waiter) {
         tracing::warn!(%peer, error = %e, "cannot park the listener's leg");
         return;
     }

@@ -45,6 +45,16 @@ impl Stream {
         self.sock_mut().unpark()
     }
 
+    /// Readies the stream to be sent to a task on worker thread `worker` (a task never
+    /// leaves its worker): parked, unless that is this thread, where it can stay registered
+    /// (no deregistration, no registration again, which [`Stream::unpark`] then skips).
+    pub fn park_for(&mut self, worker: std::thread::ThreadId) -> io::Result<()> {
+        if worker == std::thread::current().id() {
+            return Ok(());
+        }
+        self.park()
+    }
+
     /// True while the socket is parked (deregistered from every runtime).
     #[cfg(test)]
     pub fn is_parked(&self) -> bool {
@@ -238,6 +248,21 @@ pub async fn linger_close<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, limit: s
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stream readied for a task on this worker stays registered; for another worker's
+    /// it is parked.
+    #[tokio::test]
+    async fn a_stream_is_parked_only_for_another_worker() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let other = std::thread::spawn(|| std::thread::current().id()).join().unwrap();
+        for (worker, parked) in [(std::thread::current().id(), false), (other, true)] {
+            let (_client, accepted) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+            let mut stream = Stream::Plain(Sock::Live(accepted.unwrap().0));
+            stream.park_for(worker).unwrap();
+            assert_eq!(stream.is_parked(), parked, "worker {worker:?}");
+        }
+    }
 
     /// The lingering close is awaited inside every tunnel task and connection handler, so
     /// its state is part of theirs for their whole life: it must stay small (a 4 KiB

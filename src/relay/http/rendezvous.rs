@@ -19,7 +19,7 @@ pub(crate) async fn serve(mut stream: Stream, mut inc: Incoming, req: HcRequest,
     let (Some(id), Some(secret)) = (req.id.as_deref(), req.rendezvous.as_deref()) else {
         return refuse_rendezvous(&mut stream, false).await;
     };
-    let Some((tx, same_worker)) = ctx.http.table.take_leg(id, secret) else {
+    let Some((tx, waiter)) = ctx.http.table.take_leg(id, secret) else {
         return refuse_rendezvous(&mut stream, true).await;
     };
     inc.pending.done();
@@ -27,8 +27,7 @@ pub(crate) async fn serve(mut stream: Stream, mut inc: Incoming, req: HcRequest,
         Ok(u) => u,
         Err(e) => return respond(&mut stream, 400, &e.to_string(), "").await,
     };
-    // The waiting exchange runs on this worker: it can use the stream as it is.
-    if !same_worker && let Err(e) = stream.park() {
+    if let Err(e) = stream.park_for(waiter) {
         tracing::warn!(peer = %inc.peer, error = %e, "cannot park the listener's rendezvous");
         return;
     }
