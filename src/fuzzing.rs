@@ -410,11 +410,13 @@ pub fn extensions(data: &[u8]) {
 
 /// The keep-alive machine ([`crate::session::Keepalive`]) driven by a made-up event stream.
 ///
-/// Input: byte 0 sets the period (`b + 1` ms), then 3-byte records: an event (`& 3`:
-/// heard, timer, stop, nothing) and how many ms pass before it (`u16`, little-endian).
-/// Invariants: after a timer the next deadline lies ahead (a driver never spins); the peer
-/// is dead exactly when a timer finds two silent periods, and stays dead; at most one
-/// ping per period; nothing after `stop`.
+/// Input: byte 0 sets the period (`b + 1` ms), then 3-byte records: an event (`& 7`:
+/// heard, timer, stop, nothing, the peer's Close (`ping_only`), our Close
+/// (`after_our_close`), a ping heard) and how many ms pass before it (`u16`,
+/// little-endian). Invariants: after a timer the next deadline lies ahead (a driver never
+/// spins); the peer is dead exactly when a timer finds two silent periods while silence
+/// counts (not after the peer's Close; after ours only once it pinged), and stays dead; at
+/// most one ping per period; no ping after stop, death or our Close.
 pub fn keepalive(data: &[u8]) {
     use std::time::{Duration, Instant};
 
@@ -427,35 +429,58 @@ pub fn keepalive(data: &[u8]) {
     let mut now = t0;
     let mut k = Keepalive::new(t0, period);
     let (mut heard, mut pings, mut dead, mut stopped) = (t0, 0u128, false, false);
+    let (mut deaf, mut our_close, mut peer_pings) = (false, false, false);
     for e in events.chunks_exact(3) {
         now += Duration::from_millis(u64::from(u16::from_le_bytes([e[1], e[2]])));
-        match e[0] & 3 {
+        let counts = !deaf && (!our_close || peer_pings);
+        match e[0] & 7 {
             0 => {
                 k.handle_heard(now);
                 heard = now;
             }
             1 => {
                 k.handle_timeout(now);
-                let silent = now - heard >= period * 2;
+                let silent = counts && now - heard >= period * 2;
                 if !stopped && !dead {
-                    assert_eq!(k.is_dead(), silent, "dead exactly after two silent periods");
+                    assert_eq!(k.is_dead(), silent, "dead exactly after two silent periods that count");
                     dead = silent;
                 }
-                if !stopped && !dead {
-                    let next = k.poll_timeout().expect("a live machine has a deadline");
+                if !stopped && !dead && !our_close {
+                    let next = k.poll_timeout().expect("a machine that pings has a deadline");
                     assert!(next > now, "the next deadline lies ahead");
                     assert!(next <= now + period, "and within a period");
+                }
+                if !stopped && !dead && our_close {
+                    let next = k.poll_timeout();
+                    assert_eq!(next.is_some(), counts, "after our Close only a death is timed");
+                    assert!(next.is_none_or(|n| n > now), "the next deadline lies ahead");
                 }
             }
             2 => {
                 k.stop();
                 stopped = true;
             }
+            4 => {
+                k.ping_only();
+                deaf = true;
+            }
+            5 => {
+                k.after_our_close();
+                our_close = true;
+            }
+            6 => {
+                k.handle_pinged(now);
+                heard = now;
+                peer_pings |= our_close;
+            }
             _ => {}
         }
         assert_eq!(k.is_dead(), dead, "dead is sticky, and only from a timer");
         if k.poll_ping() {
-            assert!(!stopped && !dead, "no ping after stop or death");
+            assert!(
+                !stopped && !dead && !our_close,
+                "no ping after stop, death or our Close"
+            );
             pings += 1;
         }
         assert!(

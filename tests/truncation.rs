@@ -542,3 +542,101 @@ where
     }
     out
 }
+
+// ---- half-close with a slow answer
+
+/// The app sends a request and shuts its output; the answer comes six ping periods later.
+/// The relay here is a fake that, like Microsoft's listeners, never pings: silence after
+/// the bridge's own Close is no sign of death (before, the bridge cut the tunnel after two
+/// silent periods and the app got a reset instead of the answer).
+async fn a_slow_answer_after_the_apps_fin_arrives(backend: IoBackend) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let bridge = bridge_to(l.local_addr().unwrap(), backend);
+    let mut app = TcpStream::connect(bridge.addr_of("t").unwrap()).await.unwrap();
+    app.write_all(b"request").await.unwrap();
+    app.shutdown().await.unwrap();
+    let leg = accept_upgrade(&l).await;
+    let (r, mut w) = (leg._r, leg.w);
+    let mut r = ws::WsReader::new(r, bytes::BytesMut::new(), hyrelay::proto::frame::Role::Server, 1 << 20);
+    let first = tokio::time::timeout(Duration::from_secs(10), r.next_message(1 << 20)).await;
+    assert!(
+        matches!(&first, Ok(Ok(Some(ws::Message::Binary(b)))) if &b[..] == b"request"),
+        "{first:?}"
+    );
+    let close = tokio::time::timeout(Duration::from_secs(10), r.next_message(1 << 20)).await;
+    assert!(
+        matches!(&close, Ok(Ok(Some(ws::Message::Close(c)))) if c.code == Some(close_code::NORMAL)),
+        "{close:?}"
+    );
+    // Six ping periods of silence from this side: no frame, no pong.
+    tokio::select! {
+        m = r.next_message(1 << 20) => panic!("the bridge ended the WebSocket or sent more: {m:?}"),
+        _ = tokio::time::sleep(PING * 6) => {}
+    }
+    send(&mut w, OpCode::Binary, b"slow answer", false).await;
+    send(
+        &mut w,
+        OpCode::Close,
+        &frame::close_payload(close_code::NORMAL, ""),
+        false,
+    )
+    .await;
+    let (got, end) = read_all(app).await;
+    assert!(end.is_ok(), "a clean end: {end:?}");
+    assert_eq!(got, b"slow answer");
+    drop(bridge);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_answer_after_the_apps_fin_reaches_the_app() {
+    a_slow_answer_after_the_apps_fin_arrives(IoBackend::Epoll).await;
+}
+
+#[cfg(all(feature = "uring", target_os = "linux"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_io_uring_a_slow_answer_after_the_apps_fin_reaches_the_app() {
+    a_slow_answer_after_the_apps_fin_arrives(IoBackend::Uring).await;
+}
+
+/// The whole chain (bridge, relay, hcm; one ping period for both): the app sends a request
+/// and shuts its output, the endpoint answers six periods later. The hcm, having the
+/// sender's Close, pings on; the bridge, having sent its Close, hears those pings and
+/// waits. The answer arrives, and the end is clean on both sides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_the_whole_chain_a_half_closed_tunnel_waits_for_a_slow_endpoint() {
+    let rig = Rig::new(false);
+    let endpoint = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    rig.create("slow", endpoint.local_addr().unwrap()).await;
+    let mut hc = rig.hcm_config(vec![
+        hyrelay::hcm::config::HcEntry::new(rig.listen_cs("slow").await, None).unwrap(),
+    ]);
+    hc.ping_interval = PING;
+    let _hcm = hyrelay::hcm::start(hc).unwrap();
+    rig.wait_listeners("slow", 1).await;
+    let mut bc = rig.bridge_config("slow", &rig.send_cs("slow").await);
+    bc.ping_interval = PING;
+    let bridge = hyrelay::bridge::start(bc).unwrap();
+
+    let served = tokio::spawn(async move {
+        let (mut s, _) = endpoint.accept().await.unwrap();
+        let mut req = Vec::new();
+        s.read_to_end(&mut req).await.unwrap();
+        tokio::time::sleep(PING * 6).await;
+        s.write_all(b"slow answer").await.unwrap();
+        s.shutdown().await.unwrap();
+        req
+    });
+    let mut app = TcpStream::connect(bridge.addr_of("slow").unwrap()).await.unwrap();
+    app.write_all(b"request").await.unwrap();
+    app.shutdown().await.unwrap();
+    let (got, end) = tokio::time::timeout(Duration::from_secs(20), read_all(app))
+        .await
+        .unwrap();
+    assert!(end.is_ok(), "a clean end: {end:?}");
+    assert_eq!(got, b"slow answer");
+    let req = tokio::time::timeout(Duration::from_secs(5), served)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(req, b"request");
+}

@@ -18,6 +18,9 @@ use crate::proto::frame::{self, MAX_CONTROL_PAYLOAD, close_code};
 #[derive(Debug, Default)]
 pub(crate) struct Ctrl {
     pub pong: Option<([u8; MAX_CONTROL_PAYLOAD], usize)>,
+    /// A Ping came from the peer since the keep-alive last looked (its pong may be
+    /// withheld; the ping still shows the peer is there).
+    pub peer_pinged: bool,
     pub ping_due: bool,
     pub close: CloseState,
     /// End as soon as our Close is out (errors, stop), without waiting for the peer's.

@@ -5,8 +5,19 @@
 //! read with [`Keepalive::handle_heard`] and a fired timer with
 //! [`Keepalive::handle_timeout`], then asks [`Keepalive::poll_ping`] (write a Ping now)
 //! and [`Keepalive::is_dead`]. Time is passed in, never read here, so tests drive it with
-//! made-up instants. After the peer's Close nothing more is read, so
-//! [`Keepalive::stop`] turns the rules off.
+//! made-up instants.
+//!
+//! A half-closed WebSocket changes what silence means ([`super::splice`] says which):
+//! - after the peer's Close it cannot answer, but still hears us: [`Keepalive::ping_only`]
+//!   keeps the pings going (traffic for the middleboxes of a quiet half-closed tunnel, and
+//!   a sign of life for the peer) and never calls the peer dead;
+//! - after our own Close we send nothing more, not even a ping, and the peer owes us
+//!   nothing until its own Close: [`Keepalive::after_our_close`] calls it dead only once it
+//!   has shown it pings on its own ([`Keepalive::handle_pinged`]; ours do after a Close
+//!   they received) and then falls silent for two periods. Data alone does not arm this:
+//!   a peer may send part of an answer and think for minutes before the rest. A peer that never pings (Microsoft's clients) is never called
+//!   dead for silence then; a vanished relay leg still ends it (TCP keepalive, or the
+//!   relay's 1001).
 
 use std::time::{Duration, Instant};
 
@@ -22,6 +33,12 @@ pub struct Keepalive {
     ping_due: bool,
     dead: bool,
     stopped: bool,
+    /// Silence is no death (the peer cannot answer): [`Keepalive::ping_only`].
+    deaf_peer: bool,
+    /// Our Close is out: we may not ping ([`Keepalive::after_our_close`]).
+    our_close: bool,
+    /// A ping came from the peer after our Close: silence counts again.
+    peer_pings: bool,
 }
 
 impl Keepalive {
@@ -35,6 +52,9 @@ impl Keepalive {
             ping_due: false,
             dead: false,
             stopped: false,
+            deaf_peer: false,
+            our_close: false,
+            peer_pings: false,
         }
     }
 
@@ -48,11 +68,11 @@ impl Keepalive {
         if self.stopped || self.dead {
             return;
         }
-        if now.saturating_duration_since(self.heard) >= self.period * 2 {
+        if self.silence_counts() && now.saturating_duration_since(self.heard) >= self.period * 2 {
             self.dead = true;
             return;
         }
-        if now >= self.next_ping {
+        if !self.our_close && now >= self.next_ping {
             self.ping_due = true;
             // One ping per period even if the driver was late: the next one is the first
             // period boundary after `now` (computed, not stepped to, however late it is).
@@ -63,18 +83,47 @@ impl Keepalive {
         }
     }
 
-    /// The rules no longer apply (the peer's Close arrived, or the session ends).
+    /// The rules no longer apply (the session ends).
     pub fn stop(&mut self) {
         self.stopped = true;
         self.ping_due = false;
     }
 
-    /// When the driver's timer must fire next; `None` once stopped or dead.
+    /// The peer's Close arrived: it can no longer answer. Pings go on, silence is no death.
+    pub fn ping_only(&mut self) {
+        self.deaf_peer = true;
+    }
+
+    /// Our Close is out: no more pings; the peer is dead only if it pings after this and
+    /// then falls silent for two periods (see the module doc).
+    pub fn after_our_close(&mut self) {
+        self.our_close = true;
+        self.ping_due = false;
+    }
+
+    /// A Ping came from the peer at `now` (which is also something heard).
+    pub fn handle_pinged(&mut self, now: Instant) {
+        self.peer_pings |= self.our_close;
+        self.handle_heard(now);
+    }
+
+    /// Whether two silent periods mean death now.
+    fn silence_counts(&self) -> bool {
+        !self.deaf_peer && (!self.our_close || self.peer_pings)
+    }
+
+    /// When the driver's timer must fire next; `None` once stopped or dead, or when
+    /// neither a ping nor a death can be due.
     pub fn poll_timeout(&self) -> Option<Instant> {
         if self.stopped || self.dead {
             return None;
         }
-        Some(self.next_ping.min(self.heard + self.period * 2))
+        let ping = (!self.our_close).then_some(self.next_ping);
+        let death = self.silence_counts().then(|| self.dead_at());
+        match (ping, death) {
+            (Some(p), Some(d)) => Some(p.min(d)),
+            (p, d) => p.or(d),
+        }
     }
 
     /// True once per period: write a Ping now.
@@ -162,6 +211,51 @@ mod tests {
         k.handle_timeout(t0 + P * 10);
         assert!(!k.poll_ping() && !k.is_dead());
         assert_eq!(k.poll_timeout(), None);
+    }
+
+    #[test]
+    fn a_peer_that_closed_is_pinged_but_never_dead() {
+        let t0 = Instant::now();
+        let mut k = Keepalive::new(t0, P);
+        k.ping_only();
+        for i in 1..=10u32 {
+            assert_eq!(k.poll_timeout(), Some(t0 + P * i), "only the ping is timed");
+            k.handle_timeout(t0 + P * i);
+            assert!(k.poll_ping(), "ping {i}");
+            assert!(!k.is_dead(), "ten silent periods are no death");
+        }
+    }
+
+    #[test]
+    fn after_our_close_a_peer_that_never_pings_is_never_dead() {
+        let t0 = Instant::now();
+        let mut k = Keepalive::new(t0, P);
+        k.handle_pinged(t0 + P / 4); // a ping before our Close does not count
+        k.after_our_close();
+        assert_eq!(k.poll_timeout(), None, "no ping and no death to time");
+        k.handle_timeout(t0 + P * 10);
+        assert!(!k.poll_ping() && !k.is_dead());
+        // Data after our Close (part of an answer) does not arm it either.
+        k.handle_heard(t0 + P * 11);
+        k.handle_timeout(t0 + P * 20);
+        assert!(!k.is_dead());
+    }
+
+    #[test]
+    fn after_our_close_a_peer_that_pings_is_dead_two_periods_after_it_falls_silent() {
+        let t0 = Instant::now();
+        let mut k = Keepalive::new(t0, P);
+        k.after_our_close();
+        for i in 1..=5u32 {
+            k.handle_pinged(t0 + P * i);
+            k.handle_timeout(t0 + P * i + P / 2);
+            assert!(!k.poll_ping() && !k.is_dead(), "heard each period ({i})");
+        }
+        assert_eq!(k.poll_timeout(), Some(t0 + P * 7));
+        k.handle_timeout(t0 + P * 7 - Duration::from_millis(1));
+        assert!(!k.is_dead());
+        k.handle_timeout(t0 + P * 7);
+        assert!(k.is_dead());
     }
 
     #[test]

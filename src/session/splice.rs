@@ -223,6 +223,7 @@ impl DownRules {
                     let mut p = [0u8; MAX_CONTROL_PAYLOAD];
                     p[..payload.len()].copy_from_slice(&buf[base + payload.start..base + payload.end]);
                     ctrl.pong = Some((p, payload.len()));
+                    ctrl.peer_pinged = true;
                 }
                 SliceItem::Control {
                     opcode: OpCode::Pong, ..
@@ -313,15 +314,30 @@ impl SpliceRules {
         failed.then(|| "WebSocket write failed".into())
     }
 
-    /// Applies what the last read brought to the keep-alive; `now` is asked for only if
-    /// something was heard (this runs on every poll of the splice).
+    /// Applies what the last read brought to the keep-alive, and the half-close to its
+    /// rules; `now` is asked for only if something changed (this runs on every poll of the
+    /// splice, before its timer is looked at).
+    ///
+    /// Half-closed, silence means something else ([`super::keepalive`]): once the peer's
+    /// Close is in, we go on pinging but never call it dead (it cannot answer); once ours
+    /// is out, we cannot ping and call the peer dead only if it pings on its own and then
+    /// stops (data alone does not show that). Before, a half-closed tunnel whose open
+    /// direction stayed quiet for two ping periods (an endpoint slow to answer a request
+    /// whose sender had shut its output) was cut, and the answer lost.
     pub fn handle_heard(&mut self, now: impl FnOnce() -> Instant) {
-        // After the peer's Close nothing more is read, so silence means nothing then.
         if self.ctrl.peer_closed.is_some() {
-            self.keep.stop();
+            self.keep.ping_only();
         }
-        if std::mem::take(&mut self.down.heard) {
-            self.keep.handle_heard(now());
+        if self.ctrl.close == CloseState::Sent {
+            self.keep.after_our_close();
+        }
+        let pinged = std::mem::take(&mut self.ctrl.peer_pinged);
+        if std::mem::take(&mut self.down.heard) || pinged {
+            let now = now();
+            match pinged {
+                true => self.keep.handle_pinged(now),
+                false => self.keep.handle_heard(now),
+            }
         }
     }
 
@@ -523,15 +539,74 @@ mod tests {
     }
 
     #[test]
-    fn after_the_peers_close_silence_is_no_death() {
+    fn after_the_peers_close_we_ping_on_and_silence_is_no_death() {
         let t0 = Instant::now();
         let p = Duration::from_secs(30);
         let mut s = sim(close(1000), vec![Some(b"x")]);
         s.rules = SpliceRules::new(t0, p, 1 << 20);
         assert_eq!(s.poll(), None);
         s.rules.handle_heard(|| t0);
-        assert_eq!(s.rules.poll_timeout(), None, "no timer after the peer's Close");
-        s.rules.handle_timeout(t0 + p * 5);
+        for i in 1..=5u32 {
+            assert_eq!(s.rules.poll_timeout(), Some(t0 + p * i), "only pings are timed");
+            s.rules.handle_timeout(t0 + p * i);
+            assert_eq!(s.rules.poll_keepalive(), None, "silent for {i} periods, not dead");
+            assert_eq!(s.poll(), None);
+        }
+        // The pings went out behind the data; TCP's EOF still ends it cleanly.
+        assert_eq!(sent(&s).control(OpCode::Ping).len(), 5);
+        s.tcp.push(TcpRead::Eof);
+        assert_eq!(s.run().expect("the splice ends"), CLEAN_END);
+    }
+
+    #[test]
+    fn after_our_close_a_quiet_peer_is_not_dead_and_its_late_answer_arrives() {
+        // TCP's EOF first (a request sent and the app's output shut); the answer comes
+        // ten ping periods later. Before, the splice ended after two silent periods.
+        let t0 = Instant::now();
+        let p = Duration::from_secs(30);
+        let mut s = sim(Vec::new(), vec![None]);
+        s.rules = SpliceRules::new(t0, p, 1 << 20);
+        assert_eq!(s.poll(), None);
+        assert_eq!(sent(&s).closes, [Some(1000)]);
+        s.rules.handle_heard(|| t0);
+        assert_eq!(
+            s.rules.poll_timeout(),
+            None,
+            "no ping after our Close, no death to time"
+        );
+        s.rules.handle_timeout(t0 + p * 10);
         assert_eq!(s.rules.poll_keepalive(), None);
+        s.ws.data.extend(from_relay(OpCode::Binary, b"late answer"));
+        assert_eq!(s.poll(), None);
+        s.rules.handle_heard(|| t0 + p * 10);
+        s.rules.handle_timeout(t0 + p * 20);
+        assert_eq!(s.rules.poll_keepalive(), None, "data after our Close does not arm it");
+        s.ws.data.extend(close(1000));
+        assert_eq!(s.run().expect("the splice ends"), CLEAN_END);
+        assert_eq!(s.to_tcp, b"late answer");
+        assert!(sent(&s).control(OpCode::Ping).is_empty(), "nothing after our Close");
+    }
+
+    #[test]
+    fn after_our_close_a_peer_that_pings_is_dead_once_it_falls_silent() {
+        let t0 = Instant::now();
+        let p = Duration::from_secs(30);
+        let mut s = sim(Vec::new(), vec![None]);
+        s.rules = SpliceRules::new(t0, p, 1 << 20);
+        assert_eq!(s.poll(), None);
+        s.rules.handle_heard(|| t0);
+        // One of ours on the other side goes on pinging after our Close.
+        s.ws.data.extend(from_relay(OpCode::Ping, b""));
+        assert_eq!(s.poll(), None);
+        s.rules.handle_heard(|| t0 + p);
+        assert!(sent(&s).control(OpCode::Pong).is_empty(), "no pong after our Close");
+        assert_eq!(s.rules.poll_timeout(), Some(t0 + p * 3));
+        s.rules.handle_timeout(t0 + p * 3 - Duration::from_millis(1));
+        assert_eq!(s.rules.poll_keepalive(), None);
+        s.rules.handle_timeout(t0 + p * 3);
+        assert_eq!(
+            s.rules.poll_keepalive().as_deref(),
+            Some("peer silent for two ping periods")
+        );
     }
 }

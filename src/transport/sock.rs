@@ -84,6 +84,13 @@ fn in_use(addr: SocketAddr, e: io::Error) -> io::Error {
 
 /// Idle time before the first keepalive probe.
 const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+/// Time between unanswered keepalive probes, and how many end the connection: a peer
+/// whose host vanished is found within `60 + 4 × 15` s = 2 min of silence (the kernel's
+/// defaults, 75 s × 9, would take 12 min). This is what ends a half-closed tunnel whose
+/// relay vanished while the far side, which never pings (Microsoft's clients), had nothing
+/// to send (`session::keepalive`), and an endpoint that vanished under an idle tunnel.
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(15);
+const KEEPALIVE_PROBES: u32 = 4;
 
 /// Options every relayed TCP connection gets: no Nagle delay, keepalive probes.
 pub fn tune(stream: &TcpStream) {
@@ -91,9 +98,9 @@ pub fn tune(stream: &TcpStream) {
 }
 
 /// [`tune`] for a socket accepted from a listener made by [`bind_listener`]. On Linux the
-/// kernel copies the listener's `TCP_NODELAY`, `SO_KEEPALIVE` and `TCP_KEEPIDLE` to every
-/// socket it accepts, which saves three system calls per accepted connection; elsewhere
-/// the options are set here.
+/// kernel copies the listener's `TCP_NODELAY` and keepalive settings to every socket it
+/// accepts, which saves five system calls per accepted connection; elsewhere the options
+/// are set here.
 pub fn tune_accepted(stream: &TcpStream) {
     if !cfg!(target_os = "linux") {
         tune(stream);
@@ -102,8 +109,12 @@ pub fn tune_accepted(stream: &TcpStream) {
 
 fn set_options(sock: &Socket) {
     sock.set_tcp_nodelay(true).ok();
-    sock.set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(KEEPALIVE_IDLE))
-        .ok();
+    let keepalive = socket2::TcpKeepalive::new().with_time(KEEPALIVE_IDLE);
+    #[cfg(any(target_os = "linux", target_os = "macos", target_os = "windows"))]
+    let keepalive = keepalive.with_interval(KEEPALIVE_INTERVAL);
+    #[cfg(any(target_os = "linux", target_os = "macos", target_os = "windows"))]
+    let keepalive = keepalive.with_retries(KEEPALIVE_PROBES);
+    sock.set_tcp_keepalive(&keepalive).ok();
 }
 
 /// A TCP stream that is either registered with the current runtime or parked.
@@ -280,6 +291,15 @@ mod tests {
                 sock.tcp_keepalive_time().unwrap(),
                 KEEPALIVE_IDLE,
                 "{name}: TCP_KEEPIDLE"
+            );
+            #[cfg(target_os = "linux")]
+            assert_eq!(
+                (
+                    sock.tcp_keepalive_interval().unwrap(),
+                    sock.tcp_keepalive_retries().unwrap()
+                ),
+                (KEEPALIVE_INTERVAL, KEEPALIVE_PROBES),
+                "{name}: TCP_KEEPINTVL, TCP_KEEPCNT"
             );
         }
     }
