@@ -15,9 +15,9 @@
 //!   nothing until its own Close: [`Keepalive::after_our_close`] calls it dead only once it
 //!   has shown it pings on its own ([`Keepalive::handle_pinged`]; ours do after a Close
 //!   they received) and then falls silent for two periods. Data alone does not arm this:
-//!   a peer may send part of an answer and think for minutes before the rest. A peer that never pings (Microsoft's clients) is never called
-//!   dead for silence then; a vanished relay leg still ends it (TCP keepalive, or the
-//!   relay's 1001).
+//!   a peer may send part of an answer and think for minutes before the rest. A peer that
+//!   never pings (Microsoft's clients) is never called dead for silence then; a vanished
+//!   relay leg still ends it (TCP keepalive, or the relay's 1001).
 
 use std::time::{Duration, Instant};
 
@@ -120,10 +120,7 @@ impl Keepalive {
         }
         let ping = (!self.our_close).then_some(self.next_ping);
         let death = self.silence_counts().then(|| self.dead_at());
-        match (ping, death) {
-            (Some(p), Some(d)) => Some(p.min(d)),
-            (p, d) => p.or(d),
-        }
+        ping.into_iter().chain(death).min()
     }
 
     /// True once per period: write a Ping now.

@@ -490,27 +490,60 @@ pub async fn open_stream(
     tls: Option<&Arc<rustls::ClientConfig>>,
     proxy: &ProxyConfig,
 ) -> Result<Stream, ConnectError> {
+    open_stream_sending(host, port, tls, proxy, &[]).await
+}
+
+/// [`open_stream`] that also sends `first` (a request). Over TLS it goes out with the
+/// client's Finished, in the same write and segment (rustls holds plaintext written during
+/// the handshake and encrypts it as soon as it may), so the server reads the end of the
+/// handshake and the request at once instead of waking twice.
+pub async fn open_stream_sending(
+    host: &str,
+    port: u16,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    proxy: &ProxyConfig,
+    first: &[u8],
+) -> Result<Stream, ConnectError> {
     let tcp = match proxy.for_host(host) {
         Some(p) => super::proxy::tunnel(p, host, port).await?,
         None => dial(host, port).await?,
     };
     let sock = super::sock::Sock::Live(tcp);
     let Some(cfg) = tls else {
-        return Ok(Stream::Plain(sock));
+        let mut s = Stream::Plain(sock);
+        if !first.is_empty() {
+            s.write_all(first).await?;
+        }
+        return Ok(s);
     };
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     let name = rustls::pki_types::ServerName::try_from(bare.to_owned()).map_err(|e| ConnectError::Tls {
         host: bare.to_owned(),
         source: io::Error::new(io::ErrorKind::InvalidInput, e.to_string()),
     })?;
-    let s = tokio_rustls::TlsConnector::from(cfg.clone())
-        .connect(name, sock)
+    let s = tls_connect(cfg, name, sock, first)
         .await
         .map_err(|source| ConnectError::Tls {
             host: bare.to_owned(),
             source,
         })?;
     Ok(Stream::TlsClient(Box::new(s)))
+}
+
+/// The TLS handshake as a client on `io`, with `first` sent behind the client's Finished.
+async fn tls_connect<IO: AsyncRead + AsyncWrite + Unpin>(
+    cfg: &Arc<rustls::ClientConfig>,
+    name: rustls::pki_types::ServerName<'static>,
+    io: IO,
+    first: &[u8],
+) -> io::Result<tokio_rustls::client::TlsStream<IO>> {
+    tokio_rustls::TlsConnector::from(cfg.clone())
+        .connect_with(name, io, |c| {
+            // Held until the handshake is done (rustls buffers up to 64 KiB; a request
+            // head is at most a few KiB).
+            let _ = io::Write::write_all(&mut c.writer(), first);
+        })
+        .await
 }
 
 /// An open client WebSocket.
@@ -542,8 +575,10 @@ pub async fn connect_via(
     timeout: Duration,
 ) -> Result<ClientWs, ConnectError> {
     let connecting = async {
-        let stream = open_via(url, tls, proxy).await?;
-        upgrade(stream, url, headers).await
+        let key = handshake::new_key();
+        let req = handshake::client_request(&url.host_header(), &url.target, &key, headers);
+        let stream = open_via_sending(url, tls, proxy, &req).await?;
+        read_answer(stream, &key).await
     };
     tokio::time::timeout(timeout, connecting)
         .await
@@ -562,6 +597,16 @@ pub async fn open_via(
     tls: Option<&Arc<rustls::ClientConfig>>,
     proxy: &ProxyConfig,
 ) -> Result<Stream, ConnectError> {
+    open_via_sending(url, tls, proxy, &[]).await
+}
+
+/// [`open_via`] that sends `first` right away ([`open_stream_sending`]).
+async fn open_via_sending(
+    url: &WsUrl,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    proxy: &ProxyConfig,
+    first: &[u8],
+) -> Result<Stream, ConnectError> {
     let tls = if url.tls { tls } else { None };
     if url.tls && tls.is_none() {
         return Err(ConnectError::Tls {
@@ -569,12 +614,17 @@ pub async fn open_via(
             source: io::Error::new(io::ErrorKind::InvalidInput, "no TLS configuration"),
         });
     }
-    open_stream(&url.host, url.port, tls, proxy).await
+    open_stream_sending(&url.host, url.port, tls, proxy, first).await
 }
 
 /// Sends the upgrade request for `url` on an open `stream` and reads the answer.
 pub async fn upgrade(mut stream: Stream, url: &WsUrl, headers: &[(&str, &str)]) -> Result<ClientWs, ConnectError> {
     let key = send_upgrade(&mut stream, url, headers).await?;
+    read_answer(stream, &key).await
+}
+
+/// Reads the answer to the upgrade request with `key` sent on `stream`.
+async fn read_answer(mut stream: Stream, key: &str) -> Result<ClientWs, ConnectError> {
     let mut buf = BytesMut::with_capacity(4096);
     let (response, used) = loop {
         if let Some(r) = parse_answer(&buf)? {
@@ -585,7 +635,7 @@ pub async fn upgrade(mut stream: Stream, url: &WsUrl, headers: &[(&str, &str)]) 
             return Err(ConnectError::Io(io::ErrorKind::UnexpectedEof.into()));
         }
     };
-    finish_upgrade(stream, buf, response, used, &key)
+    finish_upgrade(stream, buf, response, used, key)
 }
 
 /// Writes the upgrade request for `url`; returns its `Sec-WebSocket-Key`.
@@ -635,6 +685,88 @@ pub fn finish_upgrade(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An in-memory stream that counts the writes made to it (a vectored write is one, as
+    /// `writev` on a socket).
+    struct CountingWrites {
+        io: tokio::io::DuplexStream,
+        writes: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl AsyncRead for CountingWrites {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for CountingWrites {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
+        }
+        fn poll_write_vectored(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> std::task::Poll<io::Result<usize>> {
+            // All or nothing, so one call is one write (the duplex has room for a handshake).
+            let all: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            let r = std::pin::Pin::new(&mut self.io).poll_write(cx, &all);
+            if let std::task::Poll::Ready(Ok(n)) = &r {
+                assert_eq!(*n, all.len(), "the duplex took a partial write");
+                self.writes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            r
+        }
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::pin::Pin::new(&mut self.io).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
+    /// Over TLS the request goes out in the same write as the client's Finished: two
+    /// writes in all (ClientHello; Finished and request), not three.
+    #[tokio::test]
+    async fn the_request_leaves_with_the_clients_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let (server_cfg, files) = crate::transport::tls::self_signed(dir.path(), &[]).unwrap();
+        let client_cfg = crate::transport::tls::client_config(&[files.ca]).unwrap();
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let writes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let client_io = CountingWrites {
+            io: a,
+            writes: writes.clone(),
+        };
+        let server = async {
+            let mut s = tokio_rustls::TlsAcceptor::from(server_cfg).accept(b).await.unwrap();
+            let mut req = [0u8; 7];
+            s.read_exact(&mut req).await.unwrap();
+            req
+        };
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let (client, req) = tokio::join!(tls_connect(&client_cfg, name, client_io, b"GET / \r\n"), server);
+        let _client = client.unwrap();
+        assert_eq!(&req, b"GET / \r");
+        assert_eq!(writes.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
 
     #[test]
     fn unknown_issuer_names_the_flag() {
