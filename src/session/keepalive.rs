@@ -7,7 +7,7 @@
 //! and [`Keepalive::is_dead`]. Time is passed in, never read here, so tests drive it with
 //! made-up instants.
 //!
-//! A half-closed WebSocket changes what silence means ([`super::splice`] says which):
+//! A half-closed WebSocket changes what silence means (the splice rules say which):
 //! - after the peer's Close it cannot answer, but still hears us: [`Keepalive::ping_only`]
 //!   keeps the pings going (traffic for the middleboxes of a quiet half-closed tunnel, and
 //!   a sign of life for the peer) and never calls the peer dead;
