@@ -446,7 +446,8 @@ async fn a_new_listener_is_found_from_every_node_right_after_its_upgrade() {
 }
 
 /// Redis's count of `SMEMBERS` calls: one per presence read of any node.
-async fn presence_reads(redis: &Redis) -> u64 {
+/// Calls of Redis command `cmd` (lower case) so far, from `INFO commandstats`.
+async fn command_calls(redis: &Redis, cmd: &str) -> u64 {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", redis.port)).await.unwrap();
     s.write_all(b"INFO commandstats\r\n").await.unwrap();
     // A bulk string: "$<len>\r\n<text>\r\n".
@@ -457,14 +458,22 @@ async fn presence_reads(redis: &Redis) -> u64 {
     let mut body = vec![0u8; len];
     r.read_exact(&mut body).await.unwrap();
     let text = String::from_utf8_lossy(&body);
+    let prefix = format!("cmdstat_{cmd}:calls=");
     text.lines()
-        .find_map(|l| l.strip_prefix("cmdstat_smembers:calls="))
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
         .map_or(0, |v| v.split(',').next().unwrap().parse().unwrap())
+}
+
+/// Presence reads so far (each reads the set of nodes).
+async fn presence_reads(redis: &Redis) -> u64 {
+    command_calls(redis, "smembers").await
 }
 
 /// Senders for a hybrid connection with no listener anywhere make their node read
 /// presence before the 404 (a listener may have just arrived on another node), but a
-/// crowd of them does not drive Redis: at most one such read per `MISS_FLOOR` (20 ms).
+/// crowd of them does not drive Redis: at most one such read per `MISS_FLOOR` (20 ms),
+/// and those reads write nothing (the node's own record is written by its once-a-second
+/// beat only; before, every such read rewrote it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn senders_without_a_listener_read_presence_at_most_once_per_floor() {
     use hyrelay::{client, transport::ws};
@@ -474,6 +483,7 @@ async fn senders_without_a_listener_read_presence_at_most_once_per_floor() {
     let cs = ConnectionString::parse(&pointed_at(&send, &nodes[0].url)).unwrap();
     let token = client::token(&cs, "nobody", Duration::from_secs(600));
     let before = presence_reads(&redis).await;
+    let sets_before = command_calls(&redis, "set").await;
     let started = Instant::now();
     let refused = Arc::new(AtomicUsize::new(0));
     let crowd: Vec<_> = (0..16)
@@ -501,6 +511,7 @@ async fn senders_without_a_listener_read_presence_at_most_once_per_floor() {
     }
     let took = started.elapsed();
     let reads = presence_reads(&redis).await - before;
+    let sets = command_calls(&redis, "set").await - sets_before;
     assert_eq!(
         refused.load(Ordering::Relaxed),
         400,
@@ -511,6 +522,11 @@ async fn senders_without_a_listener_read_presence_at_most_once_per_floor() {
     assert!(
         reads <= bound,
         "400 senders in {took:?} made {reads} presence reads (at most {bound})"
+    );
+    let set_bound = took.as_secs() + 2;
+    assert!(
+        sets <= set_bound,
+        "400 senders in {took:?} made the node write its record {sets} times (at most {set_bound}: the beats)"
     );
 }
 

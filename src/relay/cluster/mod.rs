@@ -62,6 +62,17 @@ pub const MISS_FLOOR: Duration = Duration::from_millis(20);
 /// Compare-and-set attempts before a management write gives up.
 const CAS_ATTEMPTS: usize = 5;
 
+/// Whether a presence beat writes this node's record or only reads the others'.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Write {
+    /// Write ours (with its TTL) and read the others': the once-a-second beat and an
+    /// announcement that this node's listeners changed.
+    Own,
+    /// Only read: another node said its listeners changed, or a sender found no listener.
+    /// This node's record has not changed, and the next beat renews its TTL.
+    Nothing,
+}
+
 /// Metric names of the cluster (`/metrics`).
 pub mod metric {
     pub const REDIS_UP: &str = "hyrelay_cluster_redis_up";
@@ -715,19 +726,21 @@ impl Cluster {
         let mut tick = tokio::time::interval(BEAT);
         let mut last_read = Instant::now();
         loop {
-            let announce = tokio::select! {
-                _ = tick.tick() => false,
-                _ = self.changed.notified() => true,
-                _ = self.heard.notified() => false,
+            let (announce, heard) = tokio::select! {
+                _ = tick.tick() => (false, false),
+                _ = self.changed.notified() => (true, false),
+                _ = self.heard.notified() => (false, true),
                 _ = self.stop.cancelled() => return,
             };
             if self.draining.load(Ordering::Relaxed) {
                 continue;
             }
-            let r = if announce {
-                self.announce().await
-            } else {
-                self.beat_now().await
+            // A tick writes this node's record (its TTL) and reads the others'; a word that
+            // another node changed only needs the read.
+            let r = match (announce, heard) {
+                (true, _) => self.announce().await,
+                (false, false) => self.beat_now(Write::Own).await,
+                (false, true) => self.beat_now(Write::Nothing).await,
             };
             match r {
                 Ok(()) => last_read = Instant::now(),
@@ -743,15 +756,15 @@ impl Cluster {
     }
 
     /// One beat now, after any beat under way.
-    async fn beat_now(&self) -> redis::RedisResult<()> {
+    async fn beat_now(&self, write: Write) -> redis::RedisResult<()> {
         let mut last = self.beating.lock().await;
-        self.beat_holding(&mut last).await
+        self.beat_holding(&mut last, write).await
     }
 
     /// [`Cluster::beat_now`] for a caller that holds the beat lock (`last` is its value).
-    async fn beat_holding(&self, last: &mut Option<Instant>) -> redis::RedisResult<()> {
+    async fn beat_holding(&self, last: &mut Option<Instant>, write: Write) -> redis::RedisResult<()> {
         let started = Instant::now();
-        let p = self.beat().await?;
+        let p = self.beat(write).await?;
         metrics::gauge!(metric::NODES).set((p.nodes.len() + 1) as f64);
         *self.presence.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(p);
         *last = Some(started);
@@ -763,7 +776,7 @@ impl Cluster {
         if self.draining.load(Ordering::Relaxed) {
             return Ok(());
         }
-        self.beat_now().await?;
+        self.beat_now(Write::Own).await?;
         let Some(mut conn) = self.conn() else { return Ok(()) };
         bounded(conn.publish::<_, _, ()>(&self.pkeys.events, &self.cfg.node_id)).await
     }
@@ -809,7 +822,7 @@ impl Cluster {
             // enough for the rest.
             let mut last = self.beating.lock().await;
             if !last.is_some_and(|t| t >= since) {
-                let _ = self.beat_holding(&mut last).await;
+                let _ = self.beat_holding(&mut last, Write::Nothing).await;
             }
         };
         let _ = tokio::time::timeout(MISS_REFRESH, fresh).await;
@@ -845,29 +858,26 @@ impl Cluster {
         }
     }
 
-    /// One heartbeat: write ours, read everyone's, forget nodes whose key expired.
-    async fn beat(&self) -> redis::RedisResult<Presence> {
+    /// One heartbeat: write ours (unless `write` says not), read everyone's, forget nodes
+    /// whose key expired.
+    async fn beat(&self, write: Write) -> redis::RedisResult<Presence> {
         let Some(mut conn) = self.conn() else {
             return Err(std::io::Error::from(std::io::ErrorKind::NotConnected).into());
         };
-        let me = self.own_presence();
-        let json = serde_json::to_string(&me).unwrap_or_default();
-        let ttl = self.cfg.presence_ttl.as_millis() as u64;
-        let key = self.pkeys.node(&self.cfg.node_id);
-        let (ids,): (Vec<String>,) = bounded(
-            redis::pipe()
-                .cmd("SET")
-                .arg(&key)
-                .arg(&json)
+        let mut pipe = redis::pipe();
+        if write == Write::Own {
+            let json = serde_json::to_string(&self.own_presence()).unwrap_or_default();
+            let ttl = self.cfg.presence_ttl.as_millis() as u64;
+            pipe.cmd("SET")
+                .arg(self.pkeys.node(&self.cfg.node_id))
+                .arg(json)
                 .arg("PX")
                 .arg(ttl)
                 .ignore()
                 .sadd(&self.pkeys.nodes, &self.cfg.node_id)
-                .ignore()
-                .smembers(&self.pkeys.nodes)
-                .query_async(&mut conn),
-        )
-        .await?;
+                .ignore();
+        }
+        let (ids,): (Vec<String>,) = bounded(pipe.smembers(&self.pkeys.nodes).query_async(&mut conn)).await?;
         let others: Vec<String> = ids.into_iter().filter(|n| *n != self.cfg.node_id).collect();
         let mut nodes = Vec::new();
         if !others.is_empty() {
