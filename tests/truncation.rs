@@ -434,20 +434,46 @@ async fn an_hcm_stopped_mid_download_resets_the_app_and_a_complete_one_ends_clea
     assert_eq!(end.map_err(|e| e.kind()), Err(ErrorKind::ConnectionReset));
 }
 
-/// The app is done sending (FIN) while the download goes on: the bridge sends its
-/// Close(1000) and then nothing at all — no ping, no pong — for three ping periods, though
-/// it hears from the relay only every half period. (A relay stops reading a direction once
-/// it has forwarded its Close; frames after it lay unread there, and a socket closed with
-/// unread input is reset.) The download then ends clean.
-async fn nothing_after_the_bridges_close(backend: IoBackend) {
+/// An app that sent `request` and shut its output, through a bridge (`backend`) to the
+/// fake relay: the bridge, the app, and the fake relay's reader and writer of the leg.
+async fn app_done_sending(
+    backend: IoBackend,
+) -> (
+    hyrelay::bridge::BridgeHandle,
+    TcpStream,
+    ws::WsReader<tokio::net::tcp::OwnedReadHalf>,
+    tokio::net::tcp::OwnedWriteHalf,
+) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let bridge = bridge_to(l.local_addr().unwrap(), backend);
     let mut app = TcpStream::connect(bridge.addr_of("t").unwrap()).await.unwrap();
     app.write_all(b"request").await.unwrap();
     app.shutdown().await.unwrap();
     let leg = accept_upgrade(&l).await;
-    let (r, mut w) = (leg._r, leg.w);
-    let mut r = ws::WsReader::new(r, bytes::BytesMut::new(), hyrelay::proto::frame::Role::Server, 1 << 20);
+    let r = ws::WsReader::new(
+        leg._r,
+        bytes::BytesMut::new(),
+        hyrelay::proto::frame::Role::Server,
+        1 << 20,
+    );
+    (bridge, app, r, leg.w)
+}
+
+/// The fake relay sends Close(1000); the app reads to a clean EOF. Returns what it read.
+async fn close_clean_and_read(w: &mut tokio::net::tcp::OwnedWriteHalf, app: TcpStream) -> Vec<u8> {
+    send(w, OpCode::Close, &frame::close_payload(close_code::NORMAL, ""), false).await;
+    let (got, end) = read_all(app).await;
+    assert!(end.is_ok(), "a clean end: {end:?}");
+    got
+}
+
+/// The app is done sending (FIN) while the download goes on: the bridge sends its
+/// Close(1000) and then nothing at all — no ping, no pong — for three ping periods, though
+/// it hears from the relay only every half period. (A relay stops reading a direction once
+/// it has forwarded its Close; frames after it lay unread there, and a socket closed with
+/// unread input is reset.) The download then ends clean.
+async fn nothing_after_the_bridges_close(backend: IoBackend) {
+    let (bridge, app, mut r, mut w) = app_done_sending(backend).await;
     let mut frames = Vec::new();
     let watch = async {
         while let Ok(Some(m)) = r.next_message(1 << 20).await {
@@ -477,15 +503,7 @@ async fn nothing_after_the_bridges_close(backend: IoBackend) {
         matches!(after_close.as_slice(), [ws::Message::Close(c)] if c.code == Some(close_code::NORMAL)),
         "after its Close the bridge sent {after_close:?} (all: {frames:?})"
     );
-    send(
-        &mut w,
-        OpCode::Close,
-        &frame::close_payload(close_code::NORMAL, ""),
-        false,
-    )
-    .await;
-    let (got, end) = read_all(app).await;
-    assert!(end.is_ok(), "a clean end: {end:?}");
+    let got = close_clean_and_read(&mut w, app).await;
     assert_eq!(got.len(), (0..6).map(|i| chunk(i).len()).sum::<usize>());
     drop(bridge);
 }
@@ -550,14 +568,7 @@ where
 /// the bridge's own Close is no sign of death (before, the bridge cut the tunnel after two
 /// silent periods and the app got a reset instead of the answer).
 async fn a_slow_answer_after_the_apps_fin_arrives(backend: IoBackend) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let bridge = bridge_to(l.local_addr().unwrap(), backend);
-    let mut app = TcpStream::connect(bridge.addr_of("t").unwrap()).await.unwrap();
-    app.write_all(b"request").await.unwrap();
-    app.shutdown().await.unwrap();
-    let leg = accept_upgrade(&l).await;
-    let (r, mut w) = (leg._r, leg.w);
-    let mut r = ws::WsReader::new(r, bytes::BytesMut::new(), hyrelay::proto::frame::Role::Server, 1 << 20);
+    let (bridge, app, mut r, mut w) = app_done_sending(backend).await;
     let first = tokio::time::timeout(Duration::from_secs(10), r.next_message(1 << 20)).await;
     assert!(
         matches!(&first, Ok(Ok(Some(ws::Message::Binary(b)))) if &b[..] == b"request"),
@@ -574,16 +585,7 @@ async fn a_slow_answer_after_the_apps_fin_arrives(backend: IoBackend) {
         _ = tokio::time::sleep(PING * 6) => {}
     }
     send(&mut w, OpCode::Binary, b"slow answer", false).await;
-    send(
-        &mut w,
-        OpCode::Close,
-        &frame::close_payload(close_code::NORMAL, ""),
-        false,
-    )
-    .await;
-    let (got, end) = read_all(app).await;
-    assert!(end.is_ok(), "a clean end: {end:?}");
-    assert_eq!(got, b"slow answer");
+    assert_eq!(close_clean_and_read(&mut w, app).await, b"slow answer");
     drop(bridge);
 }
 
