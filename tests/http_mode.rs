@@ -786,6 +786,42 @@ async fn several_requests_on_one_rendezvous() {
     assert_eq!(v["hybridConnections"][0]["httpRequests"], 8, "{v}");
 }
 
+/// A kept rendezvous that no request uses within `[http] kept_rendezvous_idle` is closed
+/// and counted (`how="idle_closed"`); the sender's next request goes the usual way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_rendezvous_unused_for_its_idle_time_is_closed() {
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let (rig, _hcm, tok, _) = published_with("idle", |c| {
+        c.runtime.admin = Some(any);
+        c.http.kept_idle = Duration::from_millis(300);
+    })
+    .await;
+    let auth = [("ServiceBusAuthorization", tok.as_str())];
+    let relay_admin = rig.relay.admin_addr().unwrap();
+    let mut s = Sender::connect(rig.relay.local_addr()).await;
+    // Larger than inline: pushed on a rendezvous, which is then kept.
+    let big = payload(100_000, 81);
+    let g = s.send("POST", "/idle/echo", &auth, Body::Bytes(big.clone())).await;
+    assert!(g.status == 200 && g.body[..] == big[..], "{}", g.reason);
+    let closed = wait_for(Duration::from_secs(5), || async {
+        rendezvous_count(&admin_get(relay_admin, "/metrics").await, "idle", "idle_closed") == 1
+    })
+    .await;
+    assert!(closed, "the kept rendezvous was not closed after 300 ms unused");
+    // The next request of the same sender connection does not go on it.
+    let g = s.send("POST", "/idle/echo", &auth, Body::Bytes(big.clone())).await;
+    assert!(g.status == 200 && g.body[..] == big[..], "{}", g.reason);
+    let m = admin_get(relay_admin, "/metrics").await;
+    assert_eq!(
+        (
+            rendezvous_count(&m, "idle", "opened"),
+            rendezvous_count(&m, "idle", "reused")
+        ),
+        (2, 0),
+        "{m}"
+    );
+}
+
 /// A listener that closes its rendezvous after each response (as .NET's does) while the
 /// relay sends the next request on it: the listener never handled that request, so the
 /// relay sends it afresh and the sender gets its answer; nothing is lost.

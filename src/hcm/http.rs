@@ -437,8 +437,8 @@ async fn send_streamed(w: &mut RvWriter, r: &Response, body: Incoming, ctx: &Hcm
 }
 
 /// How long a rendezvous waits for the relay's next request before the hcm closes it.
-/// Longer than the hyrelay relay keeps an idle one (30 s), so the relay normally closes
-/// first. Default: 60 s.
+/// Longer than the hyrelay relay keeps an idle one (its `[http] kept_rendezvous_idle`,
+/// 30 s by default), so the relay normally closes first. Default: 60 s.
 pub const RENDEZVOUS_IDLE: Duration = Duration::from_secs(60);
 
 /// What came next on a rendezvous.

@@ -26,6 +26,10 @@ pub struct HttpSettings {
     /// through a rendezvous. 0 sends every request through a rendezvous (the form a
     /// listener on another relay node gets). Default: 64 KiB, at most 64 KiB.
     pub inline_max: usize,
+    /// How long a rendezvous kept for a sender connection's next request may stay unused;
+    /// then it is closed (1000). Default: 30 s (shorter than our hcm's 60 s wait for the
+    /// next request, so the relay closes first).
+    pub kept_idle: Duration,
 }
 
 impl Default for HttpSettings {
@@ -36,6 +40,7 @@ impl Default for HttpSettings {
             max_body: 1 << 30,
             max_requests_per_listener: 1000,
             inline_max: 64 * 1024,
+            kept_idle: Duration::from_secs(30),
         }
     }
 }
@@ -51,6 +56,8 @@ pub struct HttpFile {
     pub max_body_bytes: Option<u64>,
     pub max_requests_per_listener: Option<usize>,
     pub inline_max_bytes: Option<usize>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub kept_rendezvous_idle: Option<Duration>,
 }
 
 impl HttpSettings {
@@ -60,6 +67,7 @@ impl HttpSettings {
         for (slot, v, field) in [
             (&mut s.response_timeout, f.response_timeout, "http.response_timeout"),
             (&mut s.body_idle_timeout, f.body_idle_timeout, "http.body_idle_timeout"),
+            (&mut s.kept_idle, f.kept_rendezvous_idle, "http.kept_rendezvous_idle"),
         ] {
             if let Some(d) = v {
                 if d.is_zero() {
@@ -102,6 +110,10 @@ mod tests {
         let s = HttpSettings::from_file(f).unwrap();
         assert_eq!((s.response_timeout, s.max_body), (Duration::from_secs(5), 10));
         let f: HttpFile = toml::from_str("max_requests_per_listener = 0").unwrap();
+        assert!(HttpSettings::from_file(f).is_err());
+        let f: HttpFile = toml::from_str("kept_rendezvous_idle = \"2s\"").unwrap();
+        assert_eq!(HttpSettings::from_file(f).unwrap().kept_idle, Duration::from_secs(2));
+        let f: HttpFile = toml::from_str("kept_rendezvous_idle = \"0s\"").unwrap();
         assert!(HttpSettings::from_file(f).is_err());
         assert!(toml::from_str::<HttpFile>("nope = 1").is_err());
     }

@@ -145,8 +145,6 @@ pub async fn connection_ended(place: &KeptSlot) {
     }
 }
 
-/// A kept rendezvous unused this long is closed rather than reused. Default: 30 s.
-pub const KEPT_IDLE: Duration = Duration::from_secs(30);
 /// Bound on writing a kept rendezvous' Close (a listener that stopped reading).
 const KEPT_CLOSE: Duration = Duration::from_secs(5);
 
@@ -271,7 +269,7 @@ fn timeout() -> Refused {
 /// request goes the usual way (another listener, or 503 when all are at the limit).
 fn take_kept(ctx: &Ctx, kept: &KeptSlot, entity: &str) -> Option<(Kept, Delivered)> {
     let k = kept.lock().unwrap_or_else(|e| e.into_inner()).kept.take()?;
-    if k.entity == entity && k.since.elapsed() < KEPT_IDLE {
+    if k.entity == entity && k.since.elapsed() < ctx.cfg.http.kept_idle {
         // Still registered here and below its request limit: the request counts against it
         // while it runs, as one dispatched the usual way does.
         let max = ctx.cfg.http.max_requests_per_listener;
@@ -283,18 +281,20 @@ fn take_kept(ctx: &Ctx, kept: &KeptSlot, entity: &str) -> Option<(Kept, Delivere
     None
 }
 
-/// Closes the rendezvous kept at `since` if it is still unused after [`KEPT_IDLE`].
-async fn reap(place: std::sync::Weak<Mutex<Place>>, since: Instant) {
-    tokio::time::sleep(KEPT_IDLE).await;
+/// Closes the rendezvous kept at `since` if it is still unused after `idle`
+/// (`[http] kept_rendezvous_idle`), and counts it (`how="idle_closed"`).
+async fn reap(place: std::sync::Weak<Mutex<Place>>, since: Instant, idle: Duration) {
+    tokio::time::sleep(idle).await;
     let Some(place) = place.upgrade() else { return };
-    let idle = {
+    let unused = {
         let mut p = place.lock().unwrap_or_else(|e| e.into_inner());
         match p.kept.as_ref() {
             Some(k) if k.since == since => p.kept.take(),
             _ => None,
         }
     };
-    if let Some(k) = idle {
+    if let Some(k) = unused {
+        count_rendezvous(&k.entity, "idle_closed");
         close_kept(k).await;
     }
 }
@@ -568,7 +568,7 @@ async fn on_rendezvous(
                     slot,
                     since,
                 });
-                tokio::spawn(reap(Arc::downgrade(&k.slot), since));
+                tokio::spawn(reap(Arc::downgrade(&k.slot), since, cfg.kept_idle));
                 return;
             }
         }
