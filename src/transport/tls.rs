@@ -71,6 +71,11 @@ fn server_config(
         .context("TLS certificate and key do not match or are unsupported")?;
     let mut cfg = cfg;
     cfg.send_tls13_tickets = TLS13_TICKETS;
+    // Stateless tickets (encrypted with a key rotated every 6 h): resumption works for any
+    // number of clients. rustls' default keeps 256 sessions in memory, so a relay serving
+    // more clients than that evicted tickets before they were used and fell back to full
+    // handshakes (a certificate signature each; with an RSA key about a millisecond).
+    cfg.ticketer = rustls::crypto::ring::Ticketer::new().context("making the TLS session ticket key")?;
     Ok(Arc::new(cfg))
 }
 
@@ -296,6 +301,28 @@ mod tests {
             c.negotiated_cipher_suite().map(|s| s.suite()),
             Some(rustls::CipherSuite::TLS13_AES_256_GCM_SHA384)
         );
+    }
+
+    #[test]
+    fn resumption_does_not_run_out_with_many_clients() {
+        // More clients than rustls' default server cache (256 sessions) holds: each one's
+        // second handshake still resumes.
+        let (server, client) = pair();
+        let clients: Vec<Arc<ClientConfig>> = (0..300)
+            .map(|_| {
+                let mut c = client.clone();
+                c.resumption = rustls::client::Resumption::in_memory_sessions(8);
+                Arc::new(c)
+            })
+            .collect();
+        for c in &clients {
+            handshake(&server, c.clone());
+        }
+        let full = clients
+            .iter()
+            .filter(|c| handshake(&server, (*c).clone()).0.handshake_kind() != Some(rustls::HandshakeKind::Resumed))
+            .count();
+        assert_eq!(full, 0, "second handshakes that were not resumed");
     }
 
     #[test]
