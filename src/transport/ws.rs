@@ -497,7 +497,7 @@ pub async fn open_stream(
 /// client's Finished, in the same write and segment (rustls holds plaintext written during
 /// the handshake and encrypts it as soon as it may), so the server reads the end of the
 /// handshake and the request at once instead of waking twice.
-pub async fn open_stream_sending(
+async fn open_stream_sending(
     host: &str,
     port: u16,
     tls: Option<&Arc<rustls::ClientConfig>>,
@@ -537,13 +537,13 @@ async fn tls_connect<IO: AsyncRead + AsyncWrite + Unpin>(
     io: IO,
     first: &[u8],
 ) -> io::Result<tokio_rustls::client::TlsStream<IO>> {
-    tokio_rustls::TlsConnector::from(cfg.clone())
-        .connect_with(name, io, |c| {
-            // Held until the handshake is done (rustls buffers up to 64 KiB; a request
-            // head is at most a few KiB).
-            let _ = io::Write::write_all(&mut c.writer(), first);
-        })
-        .await
+    // Held until the handshake is done. rustls buffers up to 64 KiB before then (a request
+    // head is a few KiB); more would fail here rather than go missing.
+    let mut queued = Ok(());
+    let s = tokio_rustls::TlsConnector::from(cfg.clone())
+        .connect_with(name, io, |c| queued = io::Write::write_all(&mut c.writer(), first))
+        .await?;
+    queued.map(|()| s)
 }
 
 /// An open client WebSocket.
@@ -766,6 +766,20 @@ mod tests {
         let _client = client.unwrap();
         assert_eq!(&req, b"GET / \r");
         assert_eq!(writes.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    /// More than rustls holds before the handshake ends is an error, not a cut request.
+    #[tokio::test]
+    async fn a_first_write_too_large_to_hold_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (server_cfg, files) = crate::transport::tls::self_signed(dir.path(), &[]).unwrap();
+        let client_cfg = crate::transport::tls::client_config(&[files.ca]).unwrap();
+        let (a, b) = tokio::io::duplex(256 * 1024);
+        let server = async { tokio_rustls::TlsAcceptor::from(server_cfg).accept(b).await.map(drop) };
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let big = vec![b'x'; 100 * 1024];
+        let (client, _) = tokio::join!(tls_connect(&client_cfg, name, a, &big), server);
+        assert!(client.is_err(), "100 KiB before the handshake's end was accepted");
     }
 
     #[test]
