@@ -742,13 +742,26 @@ mod tests {
         }
     }
 
+    /// Our server config (development certificate in a temporary directory, kept alive by
+    /// the returned guard), our client config trusting it, and the name to ask for.
+    fn tls_pair() -> (
+        Arc<rustls::ServerConfig>,
+        Arc<rustls::ClientConfig>,
+        rustls::pki_types::ServerName<'static>,
+        tempfile::TempDir,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let (server, files) = crate::transport::tls::self_signed(dir.path(), &[]).unwrap();
+        let client = crate::transport::tls::client_config(&[files.ca]).unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        (server, client, name, dir)
+    }
+
     /// Over TLS the request goes out in the same write as the client's Finished: two
     /// writes in all (ClientHello; Finished and request), not three.
     #[tokio::test]
     async fn the_request_leaves_with_the_clients_finished() {
-        let dir = tempfile::tempdir().unwrap();
-        let (server_cfg, files) = crate::transport::tls::self_signed(dir.path(), &[]).unwrap();
-        let client_cfg = crate::transport::tls::client_config(&[files.ca]).unwrap();
+        let (server_cfg, client_cfg, name, _dir) = tls_pair();
         let (a, b) = tokio::io::duplex(64 * 1024);
         let writes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let client_io = CountingWrites {
@@ -761,7 +774,6 @@ mod tests {
             s.read_exact(&mut req).await.unwrap();
             req
         };
-        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
         let (client, req) = tokio::join!(tls_connect(&client_cfg, name, client_io, b"GET / \r\n"), server);
         let _client = client.unwrap();
         assert_eq!(&req, b"GET / \r");
@@ -771,12 +783,9 @@ mod tests {
     /// More than rustls holds before the handshake ends is an error, not a cut request.
     #[tokio::test]
     async fn a_first_write_too_large_to_hold_is_an_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let (server_cfg, files) = crate::transport::tls::self_signed(dir.path(), &[]).unwrap();
-        let client_cfg = crate::transport::tls::client_config(&[files.ca]).unwrap();
+        let (server_cfg, client_cfg, name, _dir) = tls_pair();
         let (a, b) = tokio::io::duplex(256 * 1024);
         let server = async { tokio_rustls::TlsAcceptor::from(server_cfg).accept(b).await.map(drop) };
-        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
         let big = vec![b'x'; 100 * 1024];
         let (client, _) = tokio::join!(tls_connect(&client_cfg, name, a, &big), server);
         assert!(client.is_err(), "100 KiB before the handshake's end was accepted");
