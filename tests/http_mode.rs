@@ -737,6 +737,14 @@ fn rendezvous_count(metrics: &str, hc: &str, how: &str) -> u64 {
         .map_or(0, |v| v.trim().parse().unwrap())
 }
 
+/// The relay's counts of rendezvous `opened` and `reused` for `hc`.
+fn opened_and_reused(metrics: &str, hc: &str) -> (u64, u64) {
+    (
+        rendezvous_count(metrics, hc, "opened"),
+        rendezvous_count(metrics, hc, "reused"),
+    )
+}
+
 /// Issue 12 "several per rendezvous": after a request pushed on a rendezvous is answered,
 /// the relay keeps that rendezvous and our hcm keeps reading it, so the same sender
 /// connection's next requests (bodies in hand) travel on it: one rendezvous, many
@@ -768,10 +776,7 @@ async fn several_requests_on_one_rendezvous() {
     assert!(g.status == 200 && g.body[..] == small[..] && g.h("x-got-len") == "1024");
     let m = admin_get(relay_admin, "/metrics").await;
     assert_eq!(
-        (
-            rendezvous_count(&m, "many", "opened"),
-            rendezvous_count(&m, "many", "reused")
-        ),
+        opened_and_reused(&m, "many"),
         (1, 6),
         "one rendezvous carried seven requests"
     );
@@ -812,14 +817,7 @@ async fn a_kept_rendezvous_unused_for_its_idle_time_is_closed() {
     let g = s.send("POST", "/idle/echo", &auth, Body::Bytes(big.clone())).await;
     assert!(g.status == 200 && g.body[..] == big[..], "{}", g.reason);
     let m = admin_get(relay_admin, "/metrics").await;
-    assert_eq!(
-        (
-            rendezvous_count(&m, "idle", "opened"),
-            rendezvous_count(&m, "idle", "reused")
-        ),
-        (2, 0),
-        "{m}"
-    );
+    assert_eq!(opened_and_reused(&m, "idle"), (2, 0), "{m}");
 }
 
 /// A listener that closes its rendezvous after each response (as .NET's does) while the

@@ -17,7 +17,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     // Our clients (hcm, bridge, hyrelay's own tools) ask for AES-128-GCM first: its key
     // schedule hashes with SHA-256, which this hardware computes (SHA-NI), where *ring*'s
     // SHA-384 for AES-256 has no hardware path, and AES-128 runs 10 rounds instead of 14.
-    // Measured: 0.87x the CPU per new TLS tunnel; TLS bulk unchanged within this
+    // Measured: 0.87-0.94x the CPU per new TLS tunnel; TLS bulk unchanged within this
     // machine's noise (benches/RESULTS.md, "TLS handshakes"). A rustls server follows the
     // client's order, so Microsoft's clients still get the suite they ask for.
     p.cipher_suites.sort_by_key(|s| match s.suite() {
@@ -32,7 +32,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// TLS 1.3 session tickets a server sends after each handshake. One is enough: a client
 /// resuming spends one ticket and receives a fresh one, so its supply keeps up with the
 /// connections it opens at once (rustls keeps up to 8 per server). rustls' default is 2,
-/// which costs every handshake a ticket (and a server cache entry) nobody uses.
+/// which costs every handshake a ticket to encrypt, send and store that nobody uses.
 const TLS13_TICKETS: usize = 1;
 
 /// The certificates of a PEM file (a chain, leaf first); an error if it holds none.
@@ -64,17 +64,16 @@ fn server_config(
     certs: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 ) -> anyhow::Result<Arc<ServerConfig>> {
-    let cfg = ServerConfig::builder_with_provider(provider())
+    let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .context("TLS certificate and key do not match or are unsupported")?;
-    let mut cfg = cfg;
     cfg.send_tls13_tickets = TLS13_TICKETS;
     // Stateless tickets (encrypted with a key rotated every 6 h): resumption works for any
     // number of clients. rustls' default keeps 256 sessions in memory, so a relay serving
     // more clients than that evicted tickets before they were used and fell back to full
-    // handshakes (a certificate signature each; with an RSA key about a millisecond).
+    // handshakes (a certificate signature and its verification each).
     cfg.ticketer = rustls::crypto::ring::Ticketer::new().context("making the TLS session ticket key")?;
     Ok(Arc::new(cfg))
 }
@@ -154,6 +153,14 @@ fn generate(files: &DevCertFiles, names: &[String]) -> anyhow::Result<()> {
 
 /// Client config trusting the system store and every certificate in `extra_ca` files.
 pub fn client_config(extra_ca: &[PathBuf]) -> anyhow::Result<Arc<ClientConfig>> {
+    client_config_with(provider(), extra_ca)
+}
+
+/// [`client_config`] with the crypto provider (and so the suite order) `provider`.
+fn client_config_with(
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    extra_ca: &[PathBuf],
+) -> anyhow::Result<Arc<ClientConfig>> {
     let mut roots = RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     roots.add_parsable_certificates(native.certs);
@@ -169,7 +176,7 @@ pub fn client_config(extra_ca: &[PathBuf]) -> anyhow::Result<Arc<ClientConfig>> 
             roots.add(c).with_context(|| format!("CA file {}", path.display()))?;
         }
     }
-    let cfg = ClientConfig::builder_with_provider(provider())
+    let cfg = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_root_certificates(roots)
         .with_no_client_auth();
@@ -253,13 +260,14 @@ mod tests {
 
     static DIR: Mutex<Option<tempfile::TempDir>> = Mutex::new(None);
 
-    /// Our server config (development certificate) and our client config trusting it.
-    fn pair() -> (Arc<ServerConfig>, ClientConfig) {
+    /// Our server config (development certificate), our client config trusting it, and
+    /// the CA file.
+    fn pair() -> (Arc<ServerConfig>, ClientConfig, PathBuf) {
         let mut dir = DIR.lock().unwrap();
         let dir = dir.get_or_insert_with(|| tempfile::tempdir().unwrap());
         let (server, files) = self_signed(dir.path(), &[]).unwrap();
-        let client = Arc::unwrap_or_clone(client_config(&[files.ca]).unwrap());
-        (server, client)
+        let client = Arc::unwrap_or_clone(client_config(std::slice::from_ref(&files.ca)).unwrap());
+        (server, client, files.ca)
     }
 
     fn handshake(server: &Arc<ServerConfig>, client: Arc<ClientConfig>) -> (ClientConnection, ServerConnection) {
@@ -273,7 +281,7 @@ mod tests {
 
     #[test]
     fn our_client_and_server_agree_on_aes_128_gcm() {
-        let (server, client) = pair();
+        let (server, client, _) = pair();
         let (c, s) = handshake(&server, Arc::new(client));
         let suite = rustls::CipherSuite::TLS13_AES_128_GCM_SHA256;
         assert_eq!(c.negotiated_cipher_suite().map(|s| s.suite()), Some(suite));
@@ -282,21 +290,10 @@ mod tests {
 
     #[test]
     fn the_server_follows_a_client_that_prefers_aes_256() {
-        // As Microsoft's Node clients do (OpenSSL's default order).
-        let (server, _) = pair();
-        let mut dir = DIR.lock().unwrap();
-        let ca = DevCertFiles::in_dir(dir.get_or_insert_with(|| tempfile::tempdir().unwrap()).path()).ca;
-        drop(dir);
-        let mut roots = RootCertStore::empty();
-        for c in CertificateDer::pem_file_iter(&ca).unwrap() {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let client = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let (c, _) = handshake(&server, Arc::new(client));
+        // As Microsoft's Node clients do (OpenSSL's default order, also *ring*'s).
+        let (server, _, ca) = pair();
+        let client = client_config_with(Arc::new(rustls::crypto::ring::default_provider()), &[ca]).unwrap();
+        let (c, _) = handshake(&server, client);
         assert_eq!(
             c.negotiated_cipher_suite().map(|s| s.suite()),
             Some(rustls::CipherSuite::TLS13_AES_256_GCM_SHA384)
@@ -307,7 +304,7 @@ mod tests {
     fn resumption_does_not_run_out_with_many_clients() {
         // More clients than rustls' default server cache (256 sessions) holds: each one's
         // second handshake still resumes.
-        let (server, client) = pair();
+        let (server, client, _) = pair();
         let clients: Vec<Arc<ClientConfig>> = (0..300)
             .map(|_| {
                 let mut c = client.clone();
@@ -327,7 +324,7 @@ mod tests {
 
     #[test]
     fn a_handshake_hands_the_client_one_ticket_and_a_second_resumes_with_it() {
-        let (server, mut client) = pair();
+        let (server, mut client, _) = pair();
         let store = Arc::new(CountingStore {
             inner: ClientSessionMemoryCache::new(16),
             tickets: AtomicUsize::new(0),

@@ -726,21 +726,21 @@ impl Cluster {
         let mut tick = tokio::time::interval(BEAT);
         let mut last_read = Instant::now();
         loop {
-            let (announce, heard) = tokio::select! {
-                _ = tick.tick() => (false, false),
-                _ = self.changed.notified() => (true, false),
-                _ = self.heard.notified() => (false, true),
+            // `None`: this node's listeners changed, announce. A tick writes this node's
+            // record (its TTL) and reads the others'; word that another node changed only
+            // needs the read.
+            let beat = tokio::select! {
+                _ = tick.tick() => Some(Write::Own),
+                _ = self.changed.notified() => None,
+                _ = self.heard.notified() => Some(Write::Nothing),
                 _ = self.stop.cancelled() => return,
             };
             if self.draining.load(Ordering::Relaxed) {
                 continue;
             }
-            // A tick writes this node's record (its TTL) and reads the others'; a word that
-            // another node changed only needs the read.
-            let r = match (announce, heard) {
-                (true, _) => self.announce().await,
-                (false, false) => self.beat_now(Write::Own).await,
-                (false, true) => self.beat_now(Write::Nothing).await,
+            let r = match beat {
+                None => self.announce().await,
+                Some(write) => self.beat_now(write).await,
             };
             match r {
                 Ok(()) => last_read = Instant::now(),
