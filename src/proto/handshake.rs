@@ -145,7 +145,7 @@ pub fn parse_response(buf: &[u8], max_head: usize) -> Result<Option<(ResponseHea
 
 /// `Sec-WebSocket-Accept` for a `Sec-WebSocket-Key`.
 pub fn accept_key(key: &str) -> String {
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY);
     ctx.update(key.as_bytes());
     ctx.update(WS_GUID.as_bytes());
     B64.encode(ctx.finish().as_ref())

@@ -163,15 +163,15 @@ impl SasToken {
 
     /// Whether the signature was made with `key`.
     ///
-    /// Constant time: `ring::hmac::verify` recomputes the tag and compares it with
-    /// `ring::constant_time::verify_slices_are_equal`. Never compare tags with `==`, which
+    /// Constant time: `aws_lc_rs::hmac::verify` recomputes the tag and compares it in
+    /// constant time (`CRYPTO_memcmp`). Never compare tags with `==`, which
     /// stops at the first differing byte and lets a client learn the tag byte by byte.
     pub fn signed_with(&self, key: &str) -> bool {
         let Ok(sig) = B64.decode(self.sig.as_bytes()) else {
             return false;
         };
-        let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.as_bytes());
-        ring::hmac::verify(&k, string_to_sign(&self.sr_raw, self.expiry).as_bytes(), &sig).is_ok()
+        let k = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, key.as_bytes());
+        aws_lc_rs::hmac::verify(&k, string_to_sign(&self.sr_raw, self.expiry).as_bytes(), &sig).is_ok()
     }
 
     /// True once `now` is past the expiry.
@@ -189,8 +189,8 @@ fn string_to_sign(sr_raw: &str, expiry: u64) -> String {
 /// Encodes like `encodeURIComponent`, as hyco and the docs' helpers do.
 pub fn create_token(resource_uri: &str, key_name: &str, key: &str, expiry: u64) -> String {
     let sr = utf8_percent_encode(resource_uri, URI_COMPONENT).to_string();
-    let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.as_bytes());
-    let tag = ring::hmac::sign(&k, string_to_sign(&sr, expiry).as_bytes());
+    let k = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, key.as_bytes());
+    let tag = aws_lc_rs::hmac::sign(&k, string_to_sign(&sr, expiry).as_bytes());
     let sig = utf8_percent_encode(&B64.encode(tag.as_ref()), URI_COMPONENT).to_string();
     let skn = utf8_percent_encode(key_name, URI_COMPONENT);
     format!("SharedAccessSignature sr={sr}&sig={sig}&se={expiry}&skn={skn}")
@@ -307,8 +307,8 @@ mod tests {
     fn signature_covers_raw_sr_whatever_its_encoding() {
         // Lower-case escapes as in the docs' example: sign over the raw text.
         let sr = "http%3a%2f%2fns%2fhc1";
-        let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, KEY.as_bytes());
-        let sig = B64.encode(ring::hmac::sign(&k, format!("{sr}\n100").as_bytes()).as_ref());
+        let k = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, KEY.as_bytes());
+        let sig = B64.encode(aws_lc_rs::hmac::sign(&k, format!("{sr}\n100").as_bytes()).as_ref());
         let sig = utf8_percent_encode(&sig, URI_COMPONENT);
         let t = format!("sharedaccesssignature skn=r&se=100&SIG={sig}&sr={sr}");
         let p = SasToken::parse(&t).unwrap();

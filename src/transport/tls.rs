@@ -1,7 +1,8 @@
 //! rustls configuration: server certificates from files or a generated development CA,
 //! and client trust (the system store plus extra CA files).
 //!
-//! One crypto provider (ring), TLS 1.2 and 1.3 only. Client configs are shared per process,
+//! One crypto provider (aws-lc-rs: rustls' default; its X25519 and AES-GCM cost about half
+//! of *ring*'s on x86-64, measured in benches/RESULTS.md), TLS 1.2 and 1.3 only. Client configs are shared per process,
 //! so rustls' session cache gives resumption to repeated connections to the same relay.
 
 use std::path::{Path, PathBuf};
@@ -13,10 +14,10 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    let mut p = rustls::crypto::ring::default_provider();
+    let mut p = rustls::crypto::aws_lc_rs::default_provider();
     // Our clients (hcm, bridge, hyrelay's own tools) ask for AES-128-GCM first: its key
-    // schedule hashes with SHA-256, which this hardware computes (SHA-NI), where *ring*'s
-    // SHA-384 for AES-256 has no hardware path, and AES-128 runs 10 rounds instead of 14.
+    // schedule hashes with SHA-256, which this hardware computes (SHA-NI), where the SHA-384
+    // of AES-256 has no hardware path, and AES-128 runs 10 rounds instead of 14.
     // Measured: 0.87-0.94x the CPU per new TLS tunnel; TLS bulk unchanged within this
     // machine's noise (benches/RESULTS.md, "TLS handshakes"). A rustls server follows the
     // client's order, so Microsoft's clients still get the suite they ask for.
@@ -74,7 +75,7 @@ fn server_config(
     // number of clients. rustls' default keeps 256 sessions in memory, so a relay serving
     // more clients than that evicted tickets before they were used and fell back to full
     // handshakes (a certificate signature and its verification each).
-    cfg.ticketer = rustls::crypto::ring::Ticketer::new().context("making the TLS session ticket key")?;
+    cfg.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().context("making the TLS session ticket key")?;
     Ok(Arc::new(cfg))
 }
 
@@ -288,11 +289,24 @@ mod tests {
         assert_eq!(s.negotiated_cipher_suite().map(|s| s.suite()), Some(suite));
     }
 
+    /// X25519 alone, as before: the hybrid post-quantum group (X25519MLKEM768) is offered
+    /// by the server to clients that ask for it, but our clients do not lead with it (a
+    /// 1.2 KB key share and an ML-KEM operation per handshake). Fails if a dependency turns
+    /// on rustls' `prefer-post-quantum`.
+    #[test]
+    fn our_client_and_server_agree_on_x25519() {
+        let (server, client, _) = pair();
+        let (c, s) = handshake(&server, Arc::new(client));
+        let x25519 = rustls::NamedGroup::X25519;
+        assert_eq!(c.negotiated_key_exchange_group().map(|g| g.name()), Some(x25519));
+        assert_eq!(s.negotiated_key_exchange_group().map(|g| g.name()), Some(x25519));
+    }
+
     #[test]
     fn the_server_follows_a_client_that_prefers_aes_256() {
-        // As Microsoft's Node clients do (OpenSSL's default order, also *ring*'s).
+        // As Microsoft's Node clients do (OpenSSL's default order).
         let (server, _, ca) = pair();
-        let client = client_config_with(Arc::new(rustls::crypto::ring::default_provider()), &[ca]).unwrap();
+        let client = client_config_with(Arc::new(rustls::crypto::aws_lc_rs::default_provider()), &[ca]).unwrap();
         let (c, _) = handshake(&server, client);
         assert_eq!(
             c.negotiated_cipher_suite().map(|s| s.suite()),

@@ -16,7 +16,7 @@ pub fn payload(len: usize, seed: u64) -> Vec<u8> {
 /// SHA-256 of `data` in lower-case hex (what the Node scripts report with `lib.sha256`).
 #[allow(dead_code)]
 pub fn sha256_hex(data: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, data)
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data)
         .as_ref()
         .iter()
         .map(|b| format!("{b:02x}"))
