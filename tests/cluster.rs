@@ -530,6 +530,51 @@ async fn senders_without_a_listener_read_presence_at_most_once_per_floor() {
     );
 }
 
+/// A node that hears another node's announcement (its listeners changed) reads presence
+/// and writes nothing: its own record has not changed, and its once-a-second beat renews
+/// it. 24 listeners arriving one by one on n2 (25 is a hybrid connection's limit) are 24
+/// announcements (a `SET` of
+/// n2's record and a `PUBLISH` each); n1 reads presence when it hears them, so the
+/// `SET`s are n2's announcements plus the two nodes' beats (before, n1 also rewrote its
+/// own record for every announcement it heard).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hearing_another_nodes_announcement_only_reads() {
+    let (_serial, _dir, redis, nodes) = cluster(2, None).await;
+    nodes[0].relay.create(None, "heard", "127.0.0.1:9").await;
+    let listen = nodes[0].relay.connection_string(None, "heard", false).await;
+    let at_n2 = ConnectionString::parse(&pointed_at(&listen, &nodes[1].url)).unwrap();
+    let send = nodes[0].relay.connection_string(None, "heard", true).await;
+    within(Duration::from_secs(5), "n2 has the hybrid connection", || async {
+        info_status(&nodes[1], &ConnectionString::parse(&send).unwrap(), "heard").await == 200
+    })
+    .await;
+    let (sets0, pubs0) = (
+        command_calls(&redis, "set").await,
+        command_calls(&redis, "publish").await,
+    );
+    let started = Instant::now();
+    let mut held = Vec::new();
+    for _ in 0..24 {
+        held.push(common::raw_control_channel(&at_n2, "heard", None).await);
+    }
+    // n1 has heard of them all (and read after the last announcement).
+    within(Duration::from_secs(5), "n1 sees n2's 24 listeners", || async {
+        nodes[0].hc("heard").await["listeners"].as_array().map_or(0, Vec::len) == 24
+    })
+    .await;
+    let took = started.elapsed();
+    let sets = command_calls(&redis, "set").await - sets0;
+    let pubs = command_calls(&redis, "publish").await - pubs0;
+    assert!(pubs >= 24, "24 listener arrivals on n2 were announced {pubs} times");
+    // n2's announcements, plus each node's beats (one a second, and one at either end).
+    let bound = pubs + 2 * (took.as_secs() + 2);
+    assert!(
+        sets <= bound,
+        "{pubs} announcements in {took:?} made {sets} writes of node records (at most {bound})"
+    );
+    drop(held);
+}
+
 /// 200 concurrent tunnels, senders spread over three nodes, two hcms on different nodes:
 /// all byte-exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -820,6 +820,39 @@ async fn a_kept_rendezvous_unused_for_its_idle_time_is_closed() {
     assert_eq!(opened_and_reused(&m, "idle"), (2, 0), "{m}");
 }
 
+/// Our hcm closes a kept rendezvous that waited its `http_rendezvous_idle` for a request
+/// (60 s by default; 300 ms here, below the relay's 30 s `kept_rendezvous_idle`): the
+/// relay finds it closed when the sender's next request comes, sends that afresh, and
+/// the sender gets its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hcm_closes_a_kept_rendezvous_that_waited_its_idle_time() {
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let rig = Rig::with(false, |c| c.runtime.admin = Some(any));
+    rig.create("hidle", endpoint()).await;
+    let mut cfg = rig.hcm_config(vec![
+        hyrelay::hcm::config::HcEntry::new(rig.listen_cs("hidle").await, None).unwrap(),
+    ]);
+    cfg.http_rendezvous_idle = Duration::from_millis(300);
+    let _hcm = hyrelay::hcm::start(cfg).unwrap();
+    rig.wait_listeners("hidle", 1).await;
+    let tok = token(&rig.send_cs("hidle").await, "hidle");
+    let auth = [("ServiceBusAuthorization", tok.as_str())];
+    let relay_admin = rig.relay.admin_addr().unwrap();
+    let mut s = Sender::connect(rig.relay.local_addr()).await;
+    // Larger than inline: pushed on a rendezvous, which both sides then keep.
+    let big = payload(100_000, 83);
+    let g = s.send("POST", "/hidle/echo", &auth, Body::Bytes(big.clone())).await;
+    assert!(g.status == 200 && g.body[..] == big[..], "{}", g.reason);
+    // Past the hcm's 300 ms (and far inside the relay's 30 s).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let small = payload(1000, 84);
+    let g = s.send("POST", "/hidle/echo", &auth, Body::Bytes(small.clone())).await;
+    assert!(g.status == 200 && g.body[..] == small[..], "{}", g.reason);
+    let m = admin_get(relay_admin, "/metrics").await;
+    assert_eq!(rendezvous_count(&m, "hidle", "closed_by_listener"), 1, "{m}");
+    assert_eq!(opened_and_reused(&m, "hidle"), (1, 0), "{m}");
+}
+
 /// A listener that closes its rendezvous after each response (as .NET's does) while the
 /// relay sends the next request on it: the listener never handled that request, so the
 /// relay sends it afresh and the sender gets its answer; nothing is lost.

@@ -83,6 +83,11 @@ pub struct HcmConfig {
     /// the longest pause inside a body. Default: 55 s (inside the relay's 60 s, so the
     /// sender learns the endpoint's reason rather than the relay's).
     pub http_timeout: Duration,
+    /// HTTP mode: how long a rendezvous the relay keeps for a sender connection's next
+    /// requests may wait for one before the hcm closes it. Longer than the hyrelay relay's
+    /// `[http] kept_rendezvous_idle` (30 s by default), so the relay normally closes first.
+    /// Default: 60 s.
+    pub http_rendezvous_idle: Duration,
     /// Timeout for reaching the relay (TCP, TLS, upgrade). Default: 20 s.
     pub relay_timeout: Duration,
     /// Lifetime of the tokens the hcm mints. Default: 1 h.
@@ -120,6 +125,7 @@ impl HcmConfig {
             extensions: true,
             dial_timeout: Duration::from_secs(10),
             http_timeout: Duration::from_secs(55),
+            http_rendezvous_idle: Duration::from_secs(60),
             relay_timeout: Duration::from_secs(20),
             token_ttl: Duration::from_secs(3600),
             renew_tokens: true,
@@ -145,6 +151,11 @@ impl HcmConfig {
             ("dial_timeout", &mut c.dial_timeout, f.dial_timeout),
             ("relay_timeout", &mut c.relay_timeout, f.relay_timeout),
             ("http_timeout", &mut c.http_timeout, f.http_timeout),
+            (
+                "http_rendezvous_idle",
+                &mut c.http_rendezvous_idle,
+                f.http_rendezvous_idle,
+            ),
             ("token_ttl", &mut c.token_ttl, f.token_ttl),
             ("ping_interval", &mut c.ping_interval, f.ping_interval),
         ] {
@@ -215,6 +226,8 @@ pub struct HcmFile {
     pub relay_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "opt_duration")]
     pub http_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub http_rendezvous_idle: Option<Duration>,
     #[serde(default, deserialize_with = "opt_duration")]
     pub token_ttl: Option<Duration>,
     #[serde(default, deserialize_with = "opt_duration")]

@@ -436,11 +436,6 @@ async fn send_streamed(w: &mut RvWriter, r: &Response, body: Incoming, ctx: &Hcm
     }
 }
 
-/// How long a rendezvous waits for the relay's next request before the hcm closes it.
-/// Longer than the hyrelay relay keeps an idle one (its `[http] kept_rendezvous_idle`,
-/// 30 s by default), so the relay normally closes first. Default: 60 s.
-pub const RENDEZVOUS_IDLE: Duration = Duration::from_secs(60);
-
 /// What came next on a rendezvous.
 enum Next {
     Request(Box<Request>),
@@ -468,7 +463,7 @@ async fn next_request(r: &mut RvReader, wait: Duration) -> Next {
 /// answers on the same connection; then serves the further requests the relay sends
 /// there (a hyrelay relay keeps a rendezvous for the same sender connection's next
 /// requests, hc-protocol.md §6.4) until the relay closes it or none comes within
-/// [`RENDEZVOUS_IDLE`]; then closes it. Each request is counted on its own.
+/// `http_rendezvous_idle` (60 s by default); then closes it. Each request is counted on its own.
 async fn serve_rendezvous(req: &Request, hc: &HcRt, endpoint: &HostPort, ctx: &HcmCtx) {
     let started = Instant::now();
     let (mut r, mut w) = match open_rendezvous(&req.address, ctx).await {
@@ -480,7 +475,11 @@ async fn serve_rendezvous(req: &Request, hc: &HcRt, endpoint: &HostPort, ctx: &H
     };
     let mut first = true;
     loop {
-        let wait = if first { ctx.cfg.relay_timeout } else { RENDEZVOUS_IDLE };
+        let wait = if first {
+            ctx.cfg.relay_timeout
+        } else {
+            ctx.cfg.http_rendezvous_idle
+        };
         let full = match next_request(&mut r, wait).await {
             Next::Request(full) => full,
             Next::Closed => break,
