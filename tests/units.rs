@@ -60,6 +60,36 @@ struct Notified {
     exited: bool,
 }
 
+/// Each unit's `GLIBC_TUNABLES` (README "TLS and memcpy") names a tunable this glibc knows
+/// and sets it: glibc ignores a misspelt one without a word. `ld.so --list-tunables`
+/// prints the value in force (x86-64 glibc 2.33 and later, as on the machines this runs on).
+#[test]
+fn the_units_memcpy_tunable_takes_effect() {
+    let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/systemd");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&units).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let value = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Environment=GLIBC_TUNABLES="))
+            .unwrap_or_else(|| panic!("{}: no GLIBC_TUNABLES", path.display()));
+        let out = std::process::Command::new("/lib64/ld-linux-x86-64.so.2")
+            .arg("--list-tunables")
+            .env("GLIBC_TUNABLES", value)
+            .output()
+            .expect("the x86-64 dynamic loader");
+        let listed = String::from_utf8_lossy(&out.stdout);
+        let line = listed
+            .lines()
+            .find(|l| l.starts_with("glibc.cpu.x86_rep_movsb_threshold:"))
+            .unwrap_or_else(|| panic!("no x86_rep_movsb_threshold in --list-tunables: {listed}"));
+        assert!(line.contains(" 0x20000 "), "{}: {line}", path.display());
+        seen += 1;
+    }
+    assert_eq!(seen, 3, "three units");
+}
+
 /// Runs `hyrelay ARGS` under a fake NOTIFY_SOCKET with a 400 ms watchdog, waits for READY=1
 /// and two pings, runs `at_ready` with the stderr lines printed by then, sends SIGTERM and
 /// waits for STOPPING=1 and the exit.
