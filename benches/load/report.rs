@@ -144,6 +144,9 @@ pub struct Env {
     pub kernel: String,
     pub loadavg_start: String,
     pub command: String,
+    /// `GLIBC_TUNABLES` as the harness got it (every target inherits it; README "TLS and
+    /// memcpy"): TLS figures depend on it on x86-64.
+    pub glibc_tunables: String,
     pub runs: usize,
     /// The ping-pong workload's shape, if it runs: connections at once, round trips each.
     pub pingpong: Option<(usize, usize)>,
@@ -177,6 +180,7 @@ impl Env {
                 .trim()
                 .to_string(),
             command: format!("cargo bench --bench load -- {}", args_text.join(" ")),
+            glibc_tunables: std::env::var("GLIBC_TUNABLES").unwrap_or_else(|_| "unset".into()),
             runs: args.runs,
             pingpong: args
                 .wants("pingpong")
@@ -291,6 +295,7 @@ pub fn render(env: &Env, order: &[String], runs: &[BTreeMap<String, Figures>]) -
         ),
     );
     w(&mut s, format!("command: {}", env.command));
+    w(&mut s, format!("GLIBC_TUNABLES: {}", env.glibc_tunables));
     w(
         &mut s,
         format!(

@@ -463,7 +463,8 @@ async fn next_request(r: &mut RvReader, wait: Duration) -> Next {
 /// answers on the same connection; then serves the further requests the relay sends
 /// there (a hyrelay relay keeps a rendezvous for the same sender connection's next
 /// requests, hc-protocol.md §6.4) until the relay closes it or none comes within
-/// `http_rendezvous_idle` (60 s by default); then closes it. Each request is counted on its own.
+/// `http_rendezvous_idle` (60 s by default); then closes it. Each request is counted on
+/// its own.
 async fn serve_rendezvous(req: &Request, hc: &HcRt, endpoint: &HostPort, ctx: &HcmCtx) {
     let started = Instant::now();
     let (mut r, mut w) = match open_rendezvous(&req.address, ctx).await {
