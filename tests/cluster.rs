@@ -533,10 +533,9 @@ async fn senders_without_a_listener_read_presence_at_most_once_per_floor() {
 /// A node that hears another node's announcement (its listeners changed) reads presence
 /// and writes nothing: its own record has not changed, and its once-a-second beat renews
 /// it. 24 listeners arriving one by one on n2 (25 is a hybrid connection's limit) are 24
-/// announcements (a `SET` of
-/// n2's record and a `PUBLISH` each); n1 reads presence when it hears them, so the
-/// `SET`s are n2's announcements plus the two nodes' beats (before, n1 also rewrote its
-/// own record for every announcement it heard).
+/// announcements (a `SET` of n2's record and a `PUBLISH` each); n1 reads presence when it
+/// hears them, so the `SET`s are n2's announcements plus the two nodes' beats (before, n1
+/// also rewrote its own record for every announcement it heard).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hearing_another_nodes_announcement_only_reads() {
     let (_serial, _dir, redis, nodes) = cluster(2, None).await;

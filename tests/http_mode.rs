@@ -99,6 +99,14 @@ async fn published_with(
 
 /// As [`published`], with an admin listener on relay and hcm (metrics, status pages).
 async fn published_with_admin(hc: &str) -> (Rig, hyrelay::hcm::HcmHandle, String) {
+    published_with_admin_and(hc, |_| {}).await
+}
+
+/// [`published_with_admin`] with `tweak` applied to the hcm's configuration.
+async fn published_with_admin_and(
+    hc: &str,
+    tweak: impl FnOnce(&mut hyrelay::hcm::config::HcmConfig),
+) -> (Rig, hyrelay::hcm::HcmHandle, String) {
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
     let rig = Rig::with(false, |c| c.runtime.admin = Some(any));
     rig.create(hc, endpoint()).await;
@@ -106,6 +114,7 @@ async fn published_with_admin(hc: &str) -> (Rig, hyrelay::hcm::HcmHandle, String
         hyrelay::hcm::config::HcEntry::new(rig.listen_cs(hc).await, None).unwrap(),
     ]);
     cfg.runtime.admin = Some(any);
+    tweak(&mut cfg);
     let hcm = hyrelay::hcm::start(cfg).unwrap();
     rig.wait_listeners(hc, 1).await;
     let tok = token(&rig.send_cs(hc).await, hc);
@@ -826,16 +835,8 @@ async fn a_kept_rendezvous_unused_for_its_idle_time_is_closed() {
 /// the sender gets its answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_hcm_closes_a_kept_rendezvous_that_waited_its_idle_time() {
-    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let rig = Rig::with(false, |c| c.runtime.admin = Some(any));
-    rig.create("hidle", endpoint()).await;
-    let mut cfg = rig.hcm_config(vec![
-        hyrelay::hcm::config::HcEntry::new(rig.listen_cs("hidle").await, None).unwrap(),
-    ]);
-    cfg.http_rendezvous_idle = Duration::from_millis(300);
-    let _hcm = hyrelay::hcm::start(cfg).unwrap();
-    rig.wait_listeners("hidle", 1).await;
-    let tok = token(&rig.send_cs("hidle").await, "hidle");
+    let (rig, _hcm, tok) =
+        published_with_admin_and("hidle", |c| c.http_rendezvous_idle = Duration::from_millis(300)).await;
     let auth = [("ServiceBusAuthorization", tok.as_str())];
     let relay_admin = rig.relay.admin_addr().unwrap();
     let mut s = Sender::connect(rig.relay.local_addr()).await;

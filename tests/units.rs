@@ -5,17 +5,27 @@
 
 use std::io::BufRead;
 use std::os::unix::net::UnixDatagram;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+/// The unit files in `configs/systemd`, with their text.
+fn unit_files() -> Vec<(PathBuf, String)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/systemd");
+    std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| {
+            let path = e.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            (path, text)
+        })
+        .collect()
+}
 
 #[test]
 fn units_pass_systemd_analyze_verify() {
     let dir = tempfile::tempdir().unwrap();
-    let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/systemd");
     let mut names = Vec::new();
-    for entry in std::fs::read_dir(&units).unwrap() {
-        let path = entry.unwrap().path();
-        let text = std::fs::read_to_string(&path).unwrap();
+    for (path, text) in unit_files() {
         for needle in [
             "Type=notify",
             "NotifyAccess=main",
@@ -52,24 +62,14 @@ fn units_pass_systemd_analyze_verify() {
     );
 }
 
-/// What a role told the fake systemd, and what it printed before READY=1.
-struct Notified {
-    ready_after: Vec<String>,
-    pings: usize,
-    stopping: bool,
-    exited: bool,
-}
-
 /// Each unit's `GLIBC_TUNABLES` (README "TLS and memcpy") names a tunable this glibc knows
 /// and sets it: glibc ignores a misspelt one without a word. `ld.so --list-tunables`
 /// prints the value in force (x86-64 glibc 2.33 and later, as on the machines this runs on).
 #[test]
 fn the_units_memcpy_tunable_takes_effect() {
-    let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/systemd");
-    let mut seen = 0;
-    for entry in std::fs::read_dir(&units).unwrap() {
-        let path = entry.unwrap().path();
-        let text = std::fs::read_to_string(&path).unwrap();
+    let units = unit_files();
+    assert_eq!(units.len(), 3, "three units");
+    for (path, text) in units {
         let value = text
             .lines()
             .find_map(|l| l.strip_prefix("Environment=GLIBC_TUNABLES="))
@@ -85,9 +85,15 @@ fn the_units_memcpy_tunable_takes_effect() {
             .find(|l| l.starts_with("glibc.cpu.x86_rep_movsb_threshold:"))
             .unwrap_or_else(|| panic!("no x86_rep_movsb_threshold in --list-tunables: {listed}"));
         assert!(line.contains(" 0x20000 "), "{}: {line}", path.display());
-        seen += 1;
     }
-    assert_eq!(seen, 3, "three units");
+}
+
+/// What a role told the fake systemd, and what it printed before READY=1.
+struct Notified {
+    ready_after: Vec<String>,
+    pings: usize,
+    stopping: bool,
+    exited: bool,
 }
 
 /// Runs `hyrelay ARGS` under a fake NOTIFY_SOCKET with a 400 ms watchdog, waits for READY=1

@@ -232,9 +232,8 @@ async fn bounded<T>(f: impl std::future::Future<Output = redis::RedisResult<T>>)
 /// and returns with the catalog loaded into `Cluster::state`. Background work starts with
 /// [`Cluster::attach`].
 pub fn start(cfg: ClusterConfig, data_dir: &Path) -> anyhow::Result<Arc<Cluster>> {
-    // rustls picks the process's provider for the Redis TLS connection: aws-lc-rs, as
-    // everywhere.
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    // rustls picks the process's provider for the Redis TLS connection: ours, as everywhere.
+    let _ = Arc::unwrap_or_clone(crate::transport::tls::provider()).install_default();
     let client = client(&cfg)?;
     let (tx, rx) = std::sync::mpsc::channel();
     let stop = CancellationToken::new();
