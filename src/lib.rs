@@ -23,7 +23,7 @@
 //! | [`client`] | what the hcm, the bridge and the CLI need from a relay: tokens, URLs, the management API |
 //! | [`dataplane`] | workers and accept loops, the buffer pool, the splice and re-frame engines (epoll, and io_uring/IOCP behind the `uring` feature), counters and their flush, drain |
 //! | [`session`] | the data plane's and the sessions' rules as sans-IO state machines (the relay's forwarding, the splice, its close handshake, keep-alive, token renewal), driven by the data plane's engines and the control channels |
-//! | [`transport`] | sockets, TLS (rustls), HTTP CONNECT proxies, WebSocket client/server handshakes |
+//! | [`transport`] | sockets, TLS (rustls' handshake, our record layer), HTTP CONNECT proxies, WebSocket client/server handshakes |
 //! | [`proto`] | the wire protocol, sans-IO: WebSocket frames and masking, HTTP heads and the upgrade, SAS tokens, connection strings, `$hc` addresses, control JSON, metadata |
 //! | [`config`] | parsing shared by the roles: TOML with field-named errors, durations, [`config::RuntimeSettings`] (workers, buffer budget, backend, admin, drain), secrets from files |
 //! | [`telemetry`] | metric names and the recorder, the admin listener (`/metrics`, health, status); it reads counters and owns none |

@@ -19,6 +19,7 @@ use crate::proto::address::{self, Action, Target};
 use crate::proto::handshake::{self, HandshakeError, RequestHead};
 use crate::transport::Stream;
 use crate::transport::sock::{Sock, tune_accepted};
+use crate::transport::tls_conn::TlsConn;
 use crate::transport::ws::{HeadError, read_request_head};
 
 /// Serves one connection to completion.
@@ -35,8 +36,8 @@ async fn handshake_and_route(tcp: TcpStream, peer: SocketAddr, slot: ConnSlot, p
     let deadline = tokio::time::Instant::now() + ctx.cfg.handshake_timeout;
     let mut stream = match &ctx.tls {
         None => Stream::Plain(Sock::Live(tcp)),
-        Some(acc) => match tokio::time::timeout_at(deadline, acc.accept(Sock::Live(tcp))).await {
-            Ok(Ok(s)) => Stream::TlsServer(Box::new(s)),
+        Some(cfg) => match tokio::time::timeout_at(deadline, TlsConn::accept(cfg.clone(), Sock::Live(tcp))).await {
+            Ok(Ok(s)) => Stream::Tls(Box::new(s)),
             Ok(Err(e)) => {
                 tracing::debug!(%peer, error = %e, "TLS handshake failed");
                 return;

@@ -44,7 +44,7 @@ pub(crate) struct Ctx {
     pub cfg: Arc<RelayConfig>,
     pub state: SharedState,
     pub ctl: Ctl,
-    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Hard stop: tunnels end (1001).
     pub shutdown: CancellationToken,
     /// Graceful stop: accept loops and control channels end, tunnels continue.
@@ -334,7 +334,7 @@ pub fn start(cfg: RelayConfig) -> anyhow::Result<RelayHandle> {
         cfg: cfg.clone(),
         state: state.clone(),
         ctl,
-        tls: tls.map(tokio_rustls::TlsAcceptor::from),
+        tls,
         shutdown: shutdown.clone(),
         drain: drain.clone(),
         admission: limits::Admission::new(limits::Caps {

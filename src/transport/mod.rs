@@ -5,9 +5,11 @@ pub mod cert;
 pub mod http;
 pub mod http_body;
 pub mod proxy;
+pub mod record;
 pub mod sock;
 pub mod stream;
 pub mod tls;
+pub mod tls_conn;
 pub mod ws;
 
 pub use stream::Stream;

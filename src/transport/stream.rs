@@ -9,29 +9,28 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::sock::Sock;
+use super::tls_conn::TlsConn;
 
 /// A byte stream to a peer.
 #[derive(Debug)]
 pub enum Stream {
     Plain(Sock),
-    TlsServer(Box<tokio_rustls::server::TlsStream<Sock>>),
-    TlsClient(Box<tokio_rustls::client::TlsStream<Sock>>),
+    /// TLS, either side (records sealed and opened in place: [`TlsConn`]).
+    Tls(Box<TlsConn<Sock>>),
 }
 
 impl Stream {
     fn sock_mut(&mut self) -> &mut Sock {
         match self {
             Stream::Plain(s) => s,
-            Stream::TlsServer(t) => t.get_mut().0,
-            Stream::TlsClient(t) => t.get_mut().0,
+            Stream::Tls(t) => t.get_mut(),
         }
     }
 
     fn sock(&self) -> &Sock {
         match self {
             Stream::Plain(s) => s,
-            Stream::TlsServer(t) => t.get_ref().0,
-            Stream::TlsClient(t) => t.get_ref().0,
+            Stream::Tls(t) => t.get_ref(),
         }
     }
 
@@ -69,14 +68,7 @@ impl Stream {
     pub fn idle_and_open(&mut self) -> bool {
         match self {
             Stream::Plain(s) => s.idle_and_open(),
-            Stream::TlsServer(t) => {
-                let (io, conn) = t.get_mut();
-                tls_idle_and_open(io, conn)
-            }
-            Stream::TlsClient(t) => {
-                let (io, conn) = t.get_mut();
-                tls_idle_and_open(io, conn)
-            }
+            Stream::Tls(t) => t.idle_and_open(),
         }
     }
 
@@ -107,22 +99,8 @@ impl Stream {
     pub fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
             Stream::Plain(s) => s.poll_read_ready(cx),
-            Stream::TlsServer(t) => {
-                let (io, conn) = t.get_mut();
-                if tls_has_input(conn) {
-                    Poll::Ready(Ok(()))
-                } else {
-                    io.poll_read_ready(cx)
-                }
-            }
-            Stream::TlsClient(t) => {
-                let (io, conn) = t.get_mut();
-                if tls_has_input(conn) {
-                    Poll::Ready(Ok(()))
-                } else {
-                    io.poll_read_ready(cx)
-                }
-            }
+            Stream::Tls(t) if t.has_input() => Poll::Ready(Ok(())),
+            Stream::Tls(t) => t.get_ref().poll_read_ready(cx),
         }
     }
 
@@ -130,36 +108,8 @@ impl Stream {
     pub fn tls_version(&self) -> Option<rustls::ProtocolVersion> {
         match self {
             Stream::Plain(_) => None,
-            Stream::TlsServer(t) => t.get_ref().1.protocol_version(),
-            Stream::TlsClient(t) => t.get_ref().1.protocol_version(),
+            Stream::Tls(t) => Some(t.protocol_version()),
         }
-    }
-}
-
-/// [`Stream::idle_and_open`] over TLS: reads what waits in a parked socket into the
-/// session (bounded: a peer with nothing to say has sent a few records at most).
-fn tls_idle_and_open<D>(io: &mut Sock, conn: &mut rustls::ConnectionCommon<D>) -> bool {
-    let Some(sock) = io.parked_mut() else {
-        return io.idle_and_open();
-    };
-    for _ in 0..16 {
-        match conn.read_tls(sock) {
-            Ok(0) => return false,
-            // Plaintext, a close or an error: not a warm connection any more.
-            Ok(_) if tls_has_input(conn) => return false,
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
-            Err(_) => return false,
-        }
-    }
-    false
-}
-
-/// Whether a TLS session can produce something for a read without new socket bytes.
-fn tls_has_input<D>(conn: &mut rustls::ConnectionCommon<D>) -> bool {
-    match conn.process_new_packets() {
-        Ok(st) => st.plaintext_bytes_to_read() > 0 || st.peer_has_closed(),
-        Err(_) => true, // let the read report it
     }
 }
 
@@ -170,11 +120,7 @@ macro_rules! delegate {
                 let $s = Pin::new($s);
                 $e
             }
-            Stream::TlsServer($s) => {
-                let $s = Pin::new(&mut **$s);
-                $e
-            }
-            Stream::TlsClient($s) => {
+            Stream::Tls($s) => {
                 let $s = Pin::new(&mut **$s);
                 $e
             }

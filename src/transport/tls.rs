@@ -74,6 +74,8 @@ fn server_config(
         .with_single_cert(certs, key)
         .context("TLS certificate and key do not match or are unsupported")?;
     cfg.send_tls13_tickets = TLS13_TICKETS;
+    // Our record layer (tls_conn.rs) takes the traffic keys from rustls after the handshake.
+    cfg.enable_secret_extraction = true;
     // Stateless tickets (encrypted with a key rotated every 6 h): resumption works for any
     // number of clients. rustls' default keeps 256 sessions in memory, so a relay serving
     // more clients than that evicted tickets before they were used and fell back to full
@@ -161,7 +163,7 @@ pub fn client_config(extra_ca: &[PathBuf]) -> anyhow::Result<Arc<ClientConfig>> 
 }
 
 /// [`client_config`] with the crypto provider (and so the suite order) `provider`.
-fn client_config_with(
+pub(crate) fn client_config_with(
     provider: Arc<rustls::crypto::CryptoProvider>,
     extra_ca: &[PathBuf],
 ) -> anyhow::Result<Arc<ClientConfig>> {
@@ -180,10 +182,12 @@ fn client_config_with(
             roots.add(c).with_context(|| format!("CA file {}", path.display()))?;
         }
     }
-    let cfg = ClientConfig::builder_with_provider(provider)
+    let mut cfg = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_root_certificates(roots)
         .with_no_client_auth();
+    // Our record layer (tls_conn.rs) takes the traffic keys from rustls after the handshake.
+    cfg.enable_secret_extraction = true;
     Ok(Arc::new(cfg))
 }
 

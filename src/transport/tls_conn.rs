@@ -1,0 +1,1124 @@
+//! [`TlsConn`]: a TLS connection whose handshake rustls drives (its unbuffered API) and
+//! whose records are then sealed and opened here ([`super::record`]), in the buffer they
+//! are received into or written from.
+//!
+//! rustls' buffered connection (what tokio-rustls wraps) copies each received record's
+//! plaintext into a fresh `Vec` and the reader copies it again; each written record is
+//! encrypted into a fresh allocation. Here a received record is decrypted where it landed
+//! and copied once, into the reader's buffer; a written record is copied once, into its
+//! place in the send queue, and encrypted there. After the handshake rustls' `kernel` API
+//! keeps what only it can do: new secrets on a key update and the client's session
+//! tickets.
+//!
+//! What this layer handles itself: `close_notify` (EOF) and other alerts (errors), TLS 1.3
+//! key updates both ways (answering a request, and renewing our key before its suite's
+//! confidentiality limit), session tickets (client) and a TLS 1.2 server's HelloRequest
+//! (ignored: no renegotiation). A TCP EOF without `close_notify` is an `UnexpectedEof`
+//! error, as with rustls: a cut tunnel is never mistaken for a finished one.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, BytesMut};
+use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
+use rustls::kernel::KernelConnection;
+use rustls::pki_types::ServerName;
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use rustls::unbuffered::{ConnectionState, EncodeError, UnbufferedStatus};
+use rustls::{ClientConfig, HandshakeKind, ProtocolVersion, ServerConfig, SupportedCipherSuite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+use super::record::{self, MAX_PLAINTEXT, Opener, Sealer};
+use super::sock::Sock;
+
+/// Bytes asked of the socket per read: four whole records.
+const READ_SIZE: usize = 4 * record::MAX_RECORD;
+/// Sealed bytes queued before a write waits for the socket.
+const SEND_QUEUE: usize = 4 * record::MAX_RECORD;
+/// Most bytes of one post-handshake message (a session ticket is a few hundred).
+const MAX_HANDSHAKE_MESSAGE: usize = 1 << 16;
+/// Steps of a handshake (a record processed, a flight encoded, a read) before it is
+/// called stuck: a full TLS 1.2 handshake takes a few dozen.
+const MAX_HANDSHAKE_STEPS: usize = 10_000;
+
+const HELLO_REQUEST: u8 = 0;
+const NEW_SESSION_TICKET: u8 = 4;
+const KEY_UPDATE: u8 = 24;
+const CLOSE_NOTIFY: u8 = 0;
+const USER_CANCELED: u8 = 90;
+const WARNING: u8 = 1;
+const FATAL: u8 = 2;
+
+/// rustls' half after the handshake: new secrets on key updates, tickets for a client.
+enum Kernel {
+    Client(KernelConnection<ClientConnectionData>),
+    Server(KernelConnection<ServerConnectionData>),
+}
+
+impl Kernel {
+    fn update_rx(&mut self) -> Result<(u64, rustls::ConnectionTrafficSecrets), rustls::Error> {
+        match self {
+            Kernel::Client(k) => k.update_rx_secret(),
+            Kernel::Server(k) => k.update_rx_secret(),
+        }
+    }
+
+    fn update_tx(&mut self) -> Result<(u64, rustls::ConnectionTrafficSecrets), rustls::Error> {
+        match self {
+            Kernel::Client(k) => k.update_tx_secret(),
+            Kernel::Server(k) => k.update_tx_secret(),
+        }
+    }
+}
+
+/// How the read side stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ReadSide {
+    Open,
+    /// The peer's `close_notify` arrived: reads return EOF.
+    Closed,
+    /// A fatal error: every further read returns it.
+    Failed(io::ErrorKind, String),
+}
+
+/// A TLS connection over `IO` after its handshake. See the module docs.
+pub struct TlsConn<IO> {
+    io: IO,
+    kernel: Kernel,
+    version: ProtocolVersion,
+    kind: Option<HandshakeKind>,
+    opener: Opener,
+    sealer: Sealer,
+    /// Bytes received and not yet consumed: whole records, then perhaps part of one.
+    /// Allocated while bytes wait; given back when empty and the socket has no more.
+    rx: BytesMut,
+    /// Plaintext of the record at the front of `rx`, opened in place and not yet read;
+    /// `rx_record` is that record's length, consumed once the plaintext is.
+    plain: std::ops::Range<usize>,
+    rx_record: usize,
+    /// Application data rustls decrypted during the handshake (a client's first request
+    /// sent with its Finished), read before any record.
+    early: Vec<u8>,
+    /// A post-handshake message arriving over more than one record.
+    handshake: Vec<u8>,
+    read: ReadSide,
+    /// Sealed records not yet written: `tx[tx_sent..]`.
+    tx: Vec<u8>,
+    tx_sent: usize,
+    /// Our `close_notify` is queued: nothing more may be sealed.
+    write_closed: bool,
+}
+
+impl<IO> std::fmt::Debug for TlsConn<IO> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConn")
+            .field("version", &self.version)
+            .field("read", &self.read)
+            .field("queued", &(self.tx.len() - self.tx_sent))
+            .finish_non_exhaustive()
+    }
+}
+
+/// The two kinds of unbuffered connection, as the handshake driver needs them.
+trait Unbuffered {
+    type Data;
+    fn common(&self) -> &rustls::CommonState;
+    fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data>;
+    fn into_kernel(self) -> Result<(rustls::ExtractedSecrets, Kernel), rustls::Error>;
+}
+
+/// The same four lines for both sides: rustls gives them no common trait.
+macro_rules! unbuffered {
+    ($conn:ty, $data:ty, $kernel:path) => {
+        impl Unbuffered for $conn {
+            type Data = $data;
+            fn common(&self) -> &rustls::CommonState {
+                self
+            }
+            fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data> {
+                self.process_tls_records(incoming)
+            }
+            fn into_kernel(self) -> Result<(rustls::ExtractedSecrets, Kernel), rustls::Error> {
+                let (s, k) = self.dangerous_into_kernel_connection()?;
+                Ok((s, $kernel(k)))
+            }
+        }
+    };
+}
+
+unbuffered!(UnbufferedClientConnection, ClientConnectionData, Kernel::Client);
+unbuffered!(UnbufferedServerConnection, ServerConnectionData, Kernel::Server);
+
+fn tls_error(e: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+}
+
+/// What a handshake leaves behind besides the connection.
+struct Handshaken {
+    incoming: BytesMut,
+    outgoing: Vec<u8>,
+    early: Vec<u8>,
+}
+
+/// Drives rustls' handshake on `io` until application data may flow both ways. Flights
+/// are written only when the handshake must wait for the peer, so what is produced last
+/// (a client's Finished, a TLS 1.3 server's ticket) is handed back unsent, to go out with
+/// the first application data.
+async fn handshake<C: Unbuffered, IO: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut C,
+    io: &mut IO,
+) -> io::Result<Handshaken> {
+    let mut incoming = BytesMut::new();
+    let mut outgoing = Vec::new();
+    let mut early = Vec::new();
+    for _ in 0..MAX_HANDSHAKE_STEPS {
+        enum Next {
+            Again,
+            Read,
+            MaybeDone,
+        }
+        let UnbufferedStatus { mut discard, state } = conn.process(&mut incoming[..]);
+        let state = match state {
+            Ok(s) => s,
+            Err(e) => {
+                incoming.advance(discard);
+                send_alert(conn, io, &mut incoming, outgoing).await;
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+            }
+        };
+        let next = match state {
+            ConnectionState::EncodeTlsData(mut e) => {
+                let at = outgoing.len();
+                outgoing.resize(at + 4096, 0);
+                let n = match e.encode(&mut outgoing[at..]) {
+                    Ok(n) => n,
+                    Err(EncodeError::InsufficientSize(s)) => {
+                        outgoing.resize(at + s.required_size, 0);
+                        e.encode(&mut outgoing[at..]).map_err(tls_error)?
+                    }
+                    Err(e) => return Err(tls_error(e)),
+                };
+                outgoing.truncate(at + n);
+                Next::Again
+            }
+            ConnectionState::TransmitTlsData(t) => {
+                t.done();
+                Next::Again
+            }
+            ConnectionState::BlockedHandshake => Next::Read,
+            ConnectionState::WriteTraffic(_) => Next::MaybeDone,
+            ConnectionState::ReadTraffic(mut r) => {
+                while let Some(rec) = r.next_record() {
+                    let rec = rec.map_err(tls_error)?;
+                    discard += rec.discard;
+                    early.extend_from_slice(rec.payload);
+                }
+                Next::Again
+            }
+            ConnectionState::PeerClosed | ConnectionState::Closed => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the peer closed TLS during the handshake",
+                ));
+            }
+            other => return Err(tls_error(format_args!("unexpected TLS handshake state {other:?}"))),
+        };
+        incoming.advance(discard);
+        match next {
+            Next::Again => {}
+            // A TLS 1.3 server may send before the client's Finished; we wait for it.
+            Next::MaybeDone if !conn.common().is_handshaking() => {
+                return Ok(Handshaken {
+                    incoming,
+                    outgoing,
+                    early,
+                });
+            }
+            Next::Read | Next::MaybeDone => {
+                if !outgoing.is_empty() {
+                    io.write_all(&outgoing).await?;
+                    outgoing.clear();
+                }
+                incoming.reserve(record::MAX_RECORD);
+                if io.read_buf(&mut incoming).await? == 0 {
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "tls handshake eof"));
+                }
+            }
+        }
+    }
+    Err(tls_error("the TLS handshake did not finish in its step limit"))
+}
+
+/// After a handshake error: sends what rustls queued for the peer (the alert saying why:
+/// `protocol_version` to a TLS 1.1 client, `bad_certificate`...), best effort.
+/// rustls must be handed the same receive buffer as before (it keeps ranges into it).
+async fn send_alert<C: Unbuffered, IO: AsyncWrite + Unpin>(
+    conn: &mut C,
+    io: &mut IO,
+    incoming: &mut BytesMut,
+    mut outgoing: Vec<u8>,
+) {
+    for _ in 0..4 {
+        let UnbufferedStatus { discard, state } = conn.process(&mut incoming[..]);
+        let more = match state {
+            Ok(ConnectionState::EncodeTlsData(mut e)) => {
+                let at = outgoing.len();
+                outgoing.resize(at + 64, 0);
+                match e.encode(&mut outgoing[at..]) {
+                    Ok(n) => {
+                        outgoing.truncate(at + n);
+                        true
+                    }
+                    Err(_) => {
+                        outgoing.truncate(at);
+                        false
+                    }
+                }
+            }
+            Ok(ConnectionState::TransmitTlsData(t)) => {
+                t.done();
+                true
+            }
+            _ => false,
+        };
+        incoming.advance(discard);
+        if !more {
+            break;
+        }
+    }
+    if !outgoing.is_empty() {
+        let _ = io.write_all(&outgoing).await;
+        let _ = io.flush().await;
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> TlsConn<IO> {
+    /// The client handshake with `name` on `io`; `first` (a request) is sent with the
+    /// client's Finished when TLS 1.3 allows, in the same write.
+    pub async fn connect(
+        cfg: Arc<ClientConfig>,
+        name: ServerName<'static>,
+        mut io: IO,
+        first: &[u8],
+    ) -> io::Result<Self> {
+        let mut conn = UnbufferedClientConnection::new(cfg, name).map_err(tls_error)?;
+        let hs = handshake(&mut conn, &mut io).await?;
+        let mut s = Self::new(conn, io, hs)?;
+        s.queue(first)?;
+        s.flush().await?;
+        Ok(s)
+    }
+
+    /// The server handshake on `io`. Its last flight (a TLS 1.3 session ticket) is sent
+    /// at once, not with the first response: a client holding a warm connection that has
+    /// not been used yet needs the ticket for its next handshake.
+    pub async fn accept(cfg: Arc<ServerConfig>, mut io: IO) -> io::Result<Self> {
+        let mut conn = UnbufferedServerConnection::new(cfg).map_err(tls_error)?;
+        let hs = handshake(&mut conn, &mut io).await?;
+        let mut s = Self::new(conn, io, hs)?;
+        s.flush().await?;
+        Ok(s)
+    }
+
+    fn new<C: Unbuffered>(conn: C, io: IO, hs: Handshaken) -> io::Result<Self> {
+        let common = conn.common();
+        let version = common
+            .protocol_version()
+            .ok_or_else(|| tls_error("no TLS version after the handshake"))?;
+        let suite = common
+            .negotiated_cipher_suite()
+            .ok_or_else(|| tls_error("no cipher suite after the handshake"))?;
+        let kind = common.handshake_kind();
+        let limit = match suite {
+            SupportedCipherSuite::Tls13(s) => s.common.confidentiality_limit,
+            SupportedCipherSuite::Tls12(s) => s.common.confidentiality_limit,
+        };
+        let (secrets, kernel) = conn.into_kernel().map_err(tls_error)?;
+        Ok(Self {
+            io,
+            kernel,
+            version,
+            kind,
+            opener: Opener::new(version, secrets.rx).map_err(tls_error)?,
+            sealer: Sealer::new(version, secrets.tx, limit).map_err(tls_error)?,
+            rx: hs.incoming,
+            plain: 0..0,
+            rx_record: 0,
+            early: hs.early,
+            handshake: Vec::new(),
+            read: ReadSide::Open,
+            tx: hs.outgoing,
+            tx_sent: 0,
+            write_closed: false,
+        })
+    }
+}
+
+impl<IO> TlsConn<IO> {
+    pub fn get_ref(&self) -> &IO {
+        &self.io
+    }
+
+    pub fn get_mut(&mut self) -> &mut IO {
+        &mut self.io
+    }
+
+    pub fn protocol_version(&self) -> ProtocolVersion {
+        self.version
+    }
+
+    /// Full or resumed.
+    pub fn handshake_kind(&self) -> Option<HandshakeKind> {
+        self.kind
+    }
+
+    /// True when a read can make progress without the socket: plaintext, a whole record,
+    /// or the end (close or error) already here.
+    pub fn has_input(&self) -> bool {
+        let whole_record = match Opener::record_len(&self.rx) {
+            Ok(Some(n)) => n <= self.rx.len(),
+            Ok(None) => false,
+            Err(_) => true, // let the read report it
+        };
+        !self.plain.is_empty() || !self.early.is_empty() || self.read != ReadSide::Open || whole_record
+    }
+
+    /// Seals `plain` as application data into the send queue (renewing a worn-out key
+    /// first).
+    fn queue(&mut self, mut plain: &[u8]) -> io::Result<()> {
+        while !plain.is_empty() {
+            let n = plain.len().min(MAX_PLAINTEXT);
+            self.seal_data(&[&plain[..n]])?;
+            plain = &plain[n..];
+        }
+        Ok(())
+    }
+
+    /// Seals one application-data record from `parts` (at most [`MAX_PLAINTEXT`] in all).
+    fn seal_data(&mut self, parts: &[&[u8]]) -> io::Result<()> {
+        if self.write_closed {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "write after TLS close_notify",
+            ));
+        }
+        if self.sealer.worn_out() {
+            if !self.sealer.is_tls13() {
+                return Err(tls_error(
+                    "the TLS 1.2 key has sealed as many records as its suite allows; reconnect",
+                ));
+            }
+            self.send_key_update(false)?;
+        }
+        self.sealer
+            .seal(record::APPLICATION_DATA, parts, &mut self.tx)
+            .map_err(tls_error)
+    }
+
+    /// Queues a KeyUpdate (sealed with the old key) and switches to the next key.
+    fn send_key_update(&mut self, request: bool) -> io::Result<()> {
+        self.sealer
+            .seal(
+                record::HANDSHAKE,
+                &[&[KEY_UPDATE, 0, 0, 1, request as u8]],
+                &mut self.tx,
+            )
+            .map_err(tls_error)?;
+        let next = self.kernel.update_tx().map_err(tls_error)?;
+        self.sealer.rekey(next).map_err(tls_error)
+    }
+
+    /// Tells the peer why we stop (sent with whatever write or shutdown comes next); no
+    /// record follows it.
+    fn queue_fatal_alert(&mut self, desc: u8) {
+        if !self.write_closed && self.sealer.seal(record::ALERT, &[&[FATAL, desc]], &mut self.tx).is_ok() {
+            self.write_closed = true;
+        }
+    }
+
+    fn fail(&mut self, kind: io::ErrorKind, msg: String) -> io::Error {
+        self.read = ReadSide::Failed(kind, msg.clone());
+        io::Error::new(kind, msg)
+    }
+
+    /// Opens the record at the front of `rx` if it is all there. `Ok(true)`: something
+    /// changed (plaintext, a handshake message, an alert).
+    fn open_one(&mut self) -> io::Result<bool> {
+        let opened = match self.opener.open(&mut self.rx) {
+            Ok(Some(o)) => o,
+            Ok(None) => return Ok(false),
+            Err(e) => {
+                self.queue_fatal_alert(e.alert());
+                return Err(self.fail(io::ErrorKind::InvalidData, e.to_string()));
+            }
+        };
+        match opened.typ {
+            record::APPLICATION_DATA if !opened.plain.is_empty() => {
+                self.plain = opened.plain;
+                self.rx_record = opened.len;
+                return Ok(true);
+            }
+            record::APPLICATION_DATA => {}
+            record::HANDSHAKE => {
+                if self.handshake.len() + opened.plain.len() > MAX_HANDSHAKE_MESSAGE + 4 {
+                    return Err(self.fail(io::ErrorKind::InvalidData, "TLS handshake message too long".into()));
+                }
+                self.handshake.extend_from_slice(&self.rx[opened.plain]);
+                self.rx.advance(opened.len);
+                self.post_handshake()?;
+                return Ok(true);
+            }
+            _ => {
+                let alert = self.rx[opened.plain].to_vec();
+                self.rx.advance(opened.len);
+                self.alert(&alert)?;
+                return Ok(true);
+            }
+        }
+        self.rx.advance(opened.len);
+        Ok(true)
+    }
+
+    fn alert(&mut self, alert: &[u8]) -> io::Result<()> {
+        let &[level, desc] = alert else {
+            return Err(self.fail(io::ErrorKind::InvalidData, "malformed TLS alert".into()));
+        };
+        if desc == CLOSE_NOTIFY {
+            self.read = ReadSide::Closed;
+            return Ok(());
+        }
+        // TLS 1.3: every alert but user_canceled is fatal; TLS 1.2: warnings are not.
+        let tolerated = match self.version {
+            ProtocolVersion::TLSv1_3 => desc == USER_CANCELED,
+            _ => level == WARNING,
+        };
+        if tolerated {
+            return Ok(());
+        }
+        let name = rustls::AlertDescription::from(desc);
+        Err(self.fail(
+            io::ErrorKind::ConnectionAborted,
+            format!("the peer sent TLS alert {name:?}"),
+        ))
+    }
+
+    /// Handles the whole messages in `handshake`: tickets, key updates, HelloRequest.
+    fn post_handshake(&mut self) -> io::Result<()> {
+        while self.handshake.len() >= 4 {
+            let h = &self.handshake;
+            let len = u32::from_be_bytes([0, h[1], h[2], h[3]]) as usize;
+            if len > MAX_HANDSHAKE_MESSAGE {
+                return Err(self.fail(io::ErrorKind::InvalidData, "TLS handshake message too long".into()));
+            }
+            if h.len() < 4 + len {
+                return Ok(());
+            }
+            let typ = h[0];
+            let body: Vec<u8> = h[4..4 + len].to_vec();
+            self.handshake.drain(..4 + len);
+            let tls13 = self.version == ProtocolVersion::TLSv1_3;
+            let client = matches!(self.kernel, Kernel::Client(_));
+            let result = match typ {
+                NEW_SESSION_TICKET if tls13 && client => match &mut self.kernel {
+                    Kernel::Client(k) => k.handle_new_session_ticket(&body).map_err(tls_error),
+                    Kernel::Server(_) => unreachable!("checked: a client"),
+                },
+                KEY_UPDATE if tls13 && body.len() == 1 && body[0] <= 1 => self.key_update(body[0] == 1),
+                // No renegotiation: a TLS 1.2 client may ignore the server's request.
+                HELLO_REQUEST if !tls13 && client && body.is_empty() => Ok(()),
+                _ => Err(tls_error(format_args!(
+                    "unexpected TLS handshake message {typ} after the handshake"
+                ))),
+            };
+            if let Err(e) = result {
+                return Err(self.fail(e.kind(), e.to_string()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The peer's KeyUpdate: its next key for reading; if it asks, ours too (after our
+    /// own KeyUpdate, which goes out with our next write or flush).
+    fn key_update(&mut self, requested: bool) -> io::Result<()> {
+        let next = self.kernel.update_rx().map_err(tls_error)?;
+        self.opener.rekey(next).map_err(tls_error)?;
+        if requested && !self.write_closed {
+            self.send_key_update(false)?;
+        }
+        Ok(())
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> TlsConn<IO> {
+    /// Writes the send queue out.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.tx_sent < self.tx.len() {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.tx[self.tx_sent..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.tx_sent += n;
+        }
+        // Hold no send buffer between writes: an idle tunnel keeps nothing (a new one
+        // costs a malloc per write, against the sealing of up to 64 KiB).
+        self.tx = Vec::new();
+        self.tx_sent = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        std::future::poll_fn(|cx| self.poll_send(cx)).await?;
+        self.io.flush().await
+    }
+
+    /// Reads from the socket behind what `rx` holds (no zeroing of the new space); 0 at
+    /// the peer's EOF.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        // Room for at least a whole record. Asked as the whole buffer's size, so that the
+        // reserve moves a partial record (under 16 KiB) into the consumed space rather
+        // than doubling the allocation.
+        if self.rx.capacity() - self.rx.len() < record::MAX_RECORD {
+            self.rx.reserve(READ_SIZE.saturating_sub(self.rx.len()));
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rx)
+    }
+}
+
+impl TlsConn<Sock> {
+    /// [`super::Stream::idle_and_open`] over TLS: takes what waits in a parked socket
+    /// (bounded: a peer with nothing to say has sent a few records at most) and opens it.
+    /// A session ticket is no sign of death; plaintext, a close or an error is.
+    pub fn idle_and_open(&mut self) -> bool {
+        use std::io::Read;
+        let mut chunk = Vec::new();
+        for _ in 0..16 {
+            loop {
+                match self.open_one() {
+                    Ok(true) if self.plain.is_empty() && self.read == ReadSide::Open => {}
+                    Ok(true) | Err(_) => return false,
+                    Ok(false) => break,
+                }
+            }
+            if !self.early.is_empty() {
+                return false;
+            }
+            let Some(sock) = self.io.parked_mut() else {
+                return self.io.idle_and_open();
+            };
+            chunk.resize(4096, 0);
+            match sock.read(&mut chunk) {
+                Ok(0) => return false,
+                Ok(n) => self.rx.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(_) => return false,
+            }
+        }
+        false
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsConn<IO> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        // Each round returns or makes progress: a record consumed or bytes read.
+        loop {
+            if !this.early.is_empty() {
+                let n = out.remaining().min(this.early.len());
+                out.put_slice(&this.early[..n]);
+                this.early.drain(..n);
+                return Poll::Ready(Ok(()));
+            }
+            if !this.plain.is_empty() {
+                let n = out.remaining().min(this.plain.len());
+                out.put_slice(&this.rx[this.plain.start..this.plain.start + n]);
+                this.plain.start += n;
+                if this.plain.is_empty() {
+                    this.rx.advance(this.rx_record);
+                    // Every byte used: give the buffer back now, not at the next read
+                    // (the data plane waits for readiness without reading, so that read
+                    // may not come while the tunnel idles).
+                    if this.rx.is_empty() {
+                        this.rx = BytesMut::new();
+                    }
+                }
+                return Poll::Ready(Ok(()));
+            }
+            match &this.read {
+                ReadSide::Open => {}
+                ReadSide::Closed => return Poll::Ready(Ok(())),
+                ReadSide::Failed(kind, msg) => return Poll::Ready(Err(io::Error::new(*kind, msg.clone()))),
+            }
+            if this.open_one()? {
+                continue;
+            }
+            match this.poll_fill(cx) {
+                Poll::Ready(Ok(0)) => {
+                    let msg = if this.rx.is_empty() {
+                        "the peer closed the connection without sending TLS close_notify"
+                    } else {
+                        "the connection closed in the middle of a TLS record"
+                    };
+                    return Poll::Ready(Err(this.fail(io::ErrorKind::UnexpectedEof, msg.into())));
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    // Hold no buffer while the peer is quiet.
+                    if this.rx.is_empty() {
+                        this.rx = BytesMut::new();
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsConn<IO> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
+    }
+
+    /// Seals up to 64 KiB of `bufs` into records of up to 16 KiB each
+    /// (small slices share a record) and writes what the socket takes; the rest goes out
+    /// with the next write or flush.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        // A full queue waits for the socket to take all of it; then there is room for
+        // at least one record, so a non-empty write takes something.
+        if this.tx.len() - this.tx_sent >= SEND_QUEUE {
+            ready!(this.poll_send(cx))?;
+        }
+        // The queue's whole size at once: growing it record by record would reallocate
+        // (and copy) it up to three times per write.
+        if this.tx.capacity() == 0 {
+            this.tx.reserve_exact(SEND_QUEUE + record::MAX_RECORD);
+        }
+        let mut taken = 0;
+        let mut slices = bufs.iter().map(|b| &b[..]).filter(|b| !b.is_empty());
+        let mut carry: Option<&[u8]> = None;
+        'records: while this.tx.len() - this.tx_sent < SEND_QUEUE {
+            const PARTS: usize = 64;
+            let mut parts: [&[u8]; PARTS] = [&[]; PARTS];
+            let (mut k, mut room) = (0, MAX_PLAINTEXT);
+            while k < PARTS && room > 0 {
+                let Some(s) = carry.take().or_else(|| slices.next()) else {
+                    break;
+                };
+                let n = s.len().min(room);
+                parts[k] = &s[..n];
+                if n < s.len() {
+                    carry = Some(&s[n..]);
+                }
+                k += 1;
+                room -= n;
+            }
+            if k == 0 {
+                break 'records;
+            }
+            match this.seal_data(&parts[..k]) {
+                Ok(()) => taken += MAX_PLAINTEXT - room,
+                // What was taken is queued: report it; the next write gets the error.
+                Err(_) if taken > 0 => break 'records,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        if let Poll::Ready(Err(e)) = this.poll_send(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Poll::Ready(Ok(taken))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_send(cx))?;
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    /// Sends `close_notify` (once), what is queued, then shuts the socket's write side.
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if !this.write_closed {
+            this.sealer
+                .seal(record::ALERT, &[&[WARNING, CLOSE_NOTIFY]], &mut this.tx)
+                .map_err(tls_error)?;
+            this.write_closed = true;
+        }
+        ready!(this.poll_send(cx))?;
+        match ready!(Pin::new(&mut this.io).poll_shutdown(cx)) {
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Poll::Ready(Ok(())),
+            r => Poll::Ready(r),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use rustls::CipherSuite as S;
+    use tokio::io::DuplexStream;
+
+    use super::*;
+    use crate::transport::tls;
+
+    static DIR: Mutex<Option<tempfile::TempDir>> = Mutex::new(None);
+
+    /// Our server config (development certificate) and the CA file that trusts it.
+    fn server() -> (Arc<ServerConfig>, std::path::PathBuf) {
+        let mut dir = DIR.lock().unwrap();
+        let dir = dir.get_or_insert_with(|| tempfile::tempdir().unwrap());
+        let (cfg, files) = tls::self_signed(dir.path(), &[]).unwrap();
+        (cfg, files.ca)
+    }
+
+    /// Our client config, restricted to `version` and the suites in `suites`.
+    fn client(ca: &std::path::Path, version: ProtocolVersion, suites: &[S]) -> Arc<ClientConfig> {
+        let mut p = rustls::crypto::aws_lc_rs::default_provider();
+        p.cipher_suites.retain(|s| suites.contains(&s.suite()));
+        let cfg = tls::client_config_with(Arc::new(p), &[ca.to_owned()]).unwrap();
+        let mut cfg = Arc::unwrap_or_clone(cfg);
+        let v: &'static rustls::SupportedProtocolVersion = match version {
+            ProtocolVersion::TLSv1_2 => &rustls::version::TLS12,
+            _ => &rustls::version::TLS13,
+        };
+        let mut only = ClientConfig::builder_with_provider(cfg.crypto_provider().clone())
+            .with_protocol_versions(&[v])
+            .unwrap()
+            .with_root_certificates(tls_roots(ca))
+            .with_no_client_auth();
+        only.enable_secret_extraction = true;
+        only.resumption = std::mem::take(&mut cfg.resumption);
+        Arc::new(only)
+    }
+
+    fn tls_roots(ca: &std::path::Path) -> rustls::RootCertStore {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in tls::read_certs(ca).unwrap() {
+            roots.add(c).unwrap();
+        }
+        roots
+    }
+
+    fn name() -> ServerName<'static> {
+        ServerName::try_from("localhost").unwrap()
+    }
+
+    /// Every suite our configs offer, in both versions.
+    const CASES: [(ProtocolVersion, &[S]); 6] = [
+        (ProtocolVersion::TLSv1_3, &[S::TLS13_AES_128_GCM_SHA256]),
+        (ProtocolVersion::TLSv1_3, &[S::TLS13_AES_256_GCM_SHA384]),
+        (ProtocolVersion::TLSv1_3, &[S::TLS13_CHACHA20_POLY1305_SHA256]),
+        (
+            ProtocolVersion::TLSv1_2,
+            &[
+                S::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+                S::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+            ],
+        ),
+        (
+            ProtocolVersion::TLSv1_2,
+            &[
+                S::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+                S::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+            ],
+        ),
+        (
+            ProtocolVersion::TLSv1_2,
+            &[
+                S::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+                S::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+            ],
+        ),
+    ];
+
+    /// A pattern that shows a lost, repeated or reordered byte.
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_be_bytes()[0] ^ seed)
+            .collect()
+    }
+
+    /// Writes `data` in uneven vectored pieces, then shuts down; reads the peer's bytes to
+    /// its EOF at the same time and returns them.
+    async fn exchange<T: AsyncRead + AsyncWrite + Unpin>(t: T, data: &[u8]) -> io::Result<Vec<u8>> {
+        let (mut r, mut w) = tokio::io::split(t);
+        let send = async {
+            let mut at = 0;
+            let sizes = [1usize, 7, 300, 16_384, 16_385, 40_000, 5];
+            let mut i = 0;
+            while at < data.len() {
+                let a = (at + sizes[i % sizes.len()]).min(data.len());
+                let b = (a + sizes[(i + 3) % sizes.len()]).min(data.len());
+                let bufs = [io::IoSlice::new(&data[at..a]), io::IoSlice::new(&data[a..b])];
+                at += w.write_vectored(&bufs).await?;
+                i += 1;
+            }
+            w.shutdown().await
+        };
+        let recv = async {
+            let mut got = Vec::new();
+            r.read_to_end(&mut got).await?;
+            Ok(got)
+        };
+        let (sent, got) = tokio::join!(send, recv);
+        sent?;
+        got
+    }
+
+    fn wire() -> (DuplexStream, DuplexStream) {
+        tokio::io::duplex(64 * 1024)
+    }
+
+    #[tokio::test]
+    async fn our_records_interoperate_with_rustls_both_ways_in_every_suite() {
+        let (server_cfg, ca) = server();
+        let up = pattern(1 << 20, 1);
+        let down = pattern((1 << 20) + 12_345, 2);
+        for (version, suites) in CASES {
+            let cfg = client(&ca, version, suites);
+            // Our client, rustls' server.
+            let (a, b) = wire();
+            let acceptor = tokio_rustls::TlsAcceptor::from(server_cfg.clone());
+            let (ours, theirs) = tokio::join!(TlsConn::connect(cfg.clone(), name(), a, b""), acceptor.accept(b));
+            let (ours, theirs) = (ours.unwrap(), theirs.unwrap());
+            assert_eq!(ours.protocol_version(), version);
+            assert!(suites.contains(&theirs.get_ref().1.negotiated_cipher_suite().unwrap().suite()));
+            let (got_down, got_up) = tokio::join!(exchange(ours, &up), exchange(theirs, &down));
+            assert!(got_down.unwrap() == down, "{version:?} {suites:?}: our client read");
+            assert!(got_up.unwrap() == up, "{version:?} {suites:?}: rustls server read");
+            // rustls' client, our server.
+            let (a, b) = wire();
+            let connector = tokio_rustls::TlsConnector::from(cfg.clone());
+            let (theirs, ours) = tokio::join!(connector.connect(name(), a), TlsConn::accept(server_cfg.clone(), b));
+            let (theirs, ours) = (theirs.unwrap(), ours.unwrap());
+            assert_eq!(ours.protocol_version(), version);
+            let (got_up, got_down) = tokio::join!(exchange(ours, &up), exchange(theirs, &down));
+            assert!(got_up.unwrap() == down, "{version:?} {suites:?}: our server read");
+            assert!(got_down.unwrap() == up, "{version:?} {suites:?}: rustls client read");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_first_request_goes_out_with_the_clients_finished_and_arrives_first() {
+        let (server_cfg, ca) = server();
+        for (version, suites) in [CASES[0], CASES[3]] {
+            let cfg = client(&ca, version, suites);
+            let (a, b) = wire();
+            let (c, s) = tokio::join!(
+                TlsConn::connect(cfg, name(), a, b"GET / HTTP/1.1\r\n\r\n"),
+                TlsConn::accept(server_cfg.clone(), b)
+            );
+            let (c, mut s) = (c.unwrap(), s.unwrap());
+            let mut head = [0u8; 18];
+            s.read_exact(&mut head).await.unwrap();
+            assert_eq!(&head, b"GET / HTTP/1.1\r\n\r\n", "{version:?}");
+            drop(c);
+        }
+    }
+
+    #[tokio::test]
+    async fn key_updates_either_way_keep_the_bytes_coming() {
+        let (server_cfg, ca) = server();
+        let cfg = client(&ca, ProtocolVersion::TLSv1_3, &[S::TLS13_AES_128_GCM_SHA256]);
+        let (a, b) = wire();
+        let acceptor = tokio_rustls::TlsAcceptor::from(server_cfg);
+        let (ours, theirs) = tokio::join!(TlsConn::connect(cfg, name(), a, b""), acceptor.accept(b));
+        let (mut ours, mut theirs) = (ours.unwrap(), theirs.unwrap());
+        // Our key wears out every 4 records: we send key updates of our own.
+        ours.sealer.set_limit(4);
+        let data = pattern(200_000, 3);
+        let (w, r) = tokio::join!(
+            async {
+                ours.write_all(&data).await?;
+                ours.flush().await
+            },
+            async {
+                let mut got = vec![0u8; data.len()];
+                theirs.read_exact(&mut got).await.map(|_| got)
+            }
+        );
+        w.unwrap();
+        assert!(r.unwrap() == data, "rustls read what we sealed across our key updates");
+        // rustls asks for a key update (update_requested): we take its new key and answer
+        // with ours before our next record.
+        for round in 0..3u8 {
+            theirs.get_mut().1.refresh_traffic_keys().unwrap();
+            theirs.write_all(&[round; 1000]).await.unwrap();
+            theirs.flush().await.unwrap();
+            let mut got = [0u8; 1000];
+            ours.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, [round; 1000]);
+            ours.write_all(&[round + 10; 500]).await.unwrap();
+            ours.flush().await.unwrap();
+            let mut back = [0u8; 500];
+            theirs.read_exact(&mut back).await.unwrap();
+            assert_eq!(back, [round + 10; 500]);
+        }
+    }
+
+    #[tokio::test]
+    async fn our_client_stores_the_ticket_and_resumes_with_it() {
+        let (server_cfg, ca) = server();
+        for (version, suites) in [CASES[0], CASES[3]] {
+            let cfg = client(&ca, version, suites);
+            let mut kinds = Vec::new();
+            for _ in 0..2 {
+                let (a, b) = wire();
+                let (c, s) = tokio::join!(
+                    TlsConn::connect(cfg.clone(), name(), a, b""),
+                    TlsConn::accept(server_cfg.clone(), b)
+                );
+                let (mut c, mut s) = (c.unwrap(), s.unwrap());
+                // The ticket (TLS 1.3) comes before the server's first byte.
+                s.write_all(b"x").await.unwrap();
+                s.flush().await.unwrap();
+                let mut one = [0u8; 1];
+                c.read_exact(&mut one).await.unwrap();
+                kinds.push(c.handshake_kind());
+            }
+            assert_eq!(
+                kinds,
+                [Some(HandshakeKind::Full), Some(HandshakeKind::Resumed)],
+                "{version:?}"
+            );
+        }
+    }
+
+    /// Flips the last byte of the next write going through it.
+    struct Corrupting {
+        inner: DuplexStream,
+        armed: bool,
+    }
+
+    impl AsyncRead for Corrupting {
+        fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, b: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_read(cx, b)
+        }
+    }
+
+    impl AsyncWrite for Corrupting {
+        fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+            if self.armed && !b.is_empty() {
+                let mut v = b.to_vec();
+                *v.last_mut().unwrap() ^= 1;
+                let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &v))?;
+                assert_eq!(n, v.len(), "the duplex has room for the whole record");
+                self.armed = false;
+                return Poll::Ready(Ok(n));
+            }
+            Pin::new(&mut self.inner).poll_write(cx, b)
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tampered_record_is_an_error_and_never_data() {
+        let (server_cfg, ca) = server();
+        let cfg = client(&ca, ProtocolVersion::TLSv1_3, &[S::TLS13_AES_128_GCM_SHA256]);
+        let (a, b) = wire();
+        let acceptor = tokio_rustls::TlsAcceptor::from(server_cfg);
+        let (ours, theirs) = tokio::join!(
+            TlsConn::connect(cfg, name(), a, b""),
+            acceptor.accept(Corrupting { inner: b, armed: false })
+        );
+        let (mut ours, mut theirs) = (ours.unwrap(), theirs.unwrap());
+        theirs.get_mut().0.armed = true;
+        theirs.write_all(b"tampered").await.unwrap();
+        theirs.flush().await.unwrap();
+        let mut buf = [0u8; 64];
+        let e = ours.read(&mut buf).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(e.to_string().contains("bad_record_mac"), "{e}");
+        // And it stays failed.
+        assert_eq!(
+            ours.read(&mut buf).await.unwrap_err().kind(),
+            io::ErrorKind::InvalidData
+        );
+        // The peer is told why (a fatal bad_record_mac alert goes out with the shutdown),
+        // and nothing more may be sent.
+        assert_eq!(ours.write(b"more").await.unwrap_err().kind(), io::ErrorKind::BrokenPipe);
+        ours.shutdown().await.unwrap();
+        let e = theirs.read(&mut buf).await.unwrap_err();
+        assert!(e.to_string().contains("BadRecordMac"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_close_notify_is_eof_and_a_bare_tcp_close_is_an_error() {
+        let (server_cfg, ca) = server();
+        let cfg = client(&ca, ProtocolVersion::TLSv1_3, &[S::TLS13_AES_128_GCM_SHA256]);
+        for clean in [true, false] {
+            let (a, b) = wire();
+            let acceptor = tokio_rustls::TlsAcceptor::from(server_cfg.clone());
+            let (ours, theirs) = tokio::join!(TlsConn::connect(cfg.clone(), name(), a, b""), acceptor.accept(b));
+            let (mut ours, mut theirs) = (ours.unwrap(), theirs.unwrap());
+            theirs.write_all(b"last words").await.unwrap();
+            if clean {
+                theirs.shutdown().await.unwrap();
+            } else {
+                theirs.flush().await.unwrap();
+                theirs.get_mut().0.shutdown().await.unwrap();
+            }
+            let mut got = Vec::new();
+            let r = ours.read_to_end(&mut got).await;
+            assert_eq!(got, b"last words");
+            match r {
+                Ok(n) => assert!(clean, "EOF without close_notify read as a clean end ({n} bytes)"),
+                Err(e) => {
+                    assert!(!clean, "{e}");
+                    assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_quiet_connection_holds_no_receive_buffer() {
+        let (server_cfg, ca) = server();
+        let cfg = client(&ca, ProtocolVersion::TLSv1_3, &[S::TLS13_AES_128_GCM_SHA256]);
+        let (a, b) = wire();
+        let (c, s) = tokio::join!(TlsConn::connect(cfg, name(), a, b""), TlsConn::accept(server_cfg, b));
+        let (mut c, mut s) = (c.unwrap(), s.unwrap());
+        let mut got = vec![0u8; 100_000];
+        let (w, r) = tokio::join!(
+            async {
+                s.write_all(&pattern(100_000, 4)).await?;
+                s.flush().await
+            },
+            c.read_exact(&mut got)
+        );
+        w.unwrap();
+        r.unwrap();
+        // Nothing more: the read waits, and gives its buffer back meanwhile.
+        let mut more = [0u8; 16];
+        let waited = tokio::time::timeout(std::time::Duration::from_millis(50), c.read(&mut more)).await;
+        assert!(waited.is_err(), "nothing was sent");
+        assert_eq!(c.rx.capacity(), 0);
+        // Also when the last read used every byte and no read follows (the data plane
+        // waits for readiness, not in a read).
+        let (w, r) = tokio::join!(
+            async {
+                s.write_all(b"ping").await?;
+                s.flush().await
+            },
+            c.read_exact(&mut more[..4])
+        );
+        w.unwrap();
+        r.unwrap();
+        assert_eq!(c.rx.capacity(), 0, "a buffer kept after its bytes were read");
+    }
+}
