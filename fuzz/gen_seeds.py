@@ -453,6 +453,17 @@ def dataplane_seeds():
     write("splice", "tcp-error", bytes([0, 2]) + ev(DATA, 3, ERR, 0, POLL, 0, FRAME, 8, WS_EOF, 0, POLL, 0))
 
 
+def tls_record_seeds():
+    # [scheme, bit to flip] then bytes that are both a received stream and a plaintext
+    # (each record: a length/type byte, then that many bytes).
+    write("tls_record", "tls13-aes", bytes([0, 3]) + bytes([5]) + b"hello" + bytes([1, 0]))
+    write("tls_record", "tls13-chacha", bytes([1, 200]) + bytes([40]) + bytes(range(40)))
+    write("tls_record", "tls12-gcm", bytes([2, 17]) + bytes([8]) + b"explicit" + bytes([2, 1, 0]))
+    write("tls_record", "tls12-chacha", bytes([3, 255]) + bytes([255]) + bytes(255))
+    write("tls_record", "header-like", bytes([0, 0]) + bytes([23, 3, 3, 0, 20]) + bytes(20))
+    write("tls_record", "overlong", bytes([2, 0]) + bytes([23, 3, 3, 0x41, 0x01]))
+
+
 if __name__ == "__main__":
     frame_seeds()
     mask_seeds()
@@ -468,3 +479,4 @@ if __name__ == "__main__":
     extension_seeds()
     keepalive_seeds()
     dataplane_seeds()
+    tls_record_seeds()

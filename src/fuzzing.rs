@@ -52,6 +52,7 @@ pub const TARGETS: &[(&str, FuzzFn)] = &[
     ("keepalive", keepalive),
     ("relay_forward", relay_forward),
     ("splice", splice),
+    ("tls_record", tls_record),
 ];
 
 // ---------------------------------------------------------------------------------------
@@ -970,4 +971,105 @@ fn parse_config<T: serde::de::DeserializeOwned>(data: &[u8], origin: &str) -> Op
 /// Formats an error chain, as the binaries do when they report it.
 fn render(e: &anyhow::Error) {
     std::hint::black_box(format!("{e:#}"));
+}
+
+// ---------------------------------------------------------------------------------------
+// TLS records
+
+/// The TLS record layer after the handshake ([`crate::transport::record`]).
+///
+/// Input: byte 0 picks the protection (`% 4`: TLS 1.3 AES-256-GCM, TLS 1.3 ChaCha20,
+/// TLS 1.2 AES-256-GCM, TLS 1.2 ChaCha20), byte 1 the bit to flip; the rest is both a
+/// stream of received bytes and a plaintext. The stream is opened as records (it never
+/// authenticates, so this exercises the header and length checks: no panic, every range
+/// inside the buffer). The plaintext is sealed in records of up to 255 bytes whose types
+/// and sizes come from its own bytes, and opened again: same types and bytes in order; with
+/// one bit flipped anywhere in a record, that record fails and yields nothing.
+pub fn tls_record(data: &[u8]) {
+    use crate::transport::record::{self, Opener, Sealer};
+    use rustls::crypto::cipher::{AeadKey, Iv};
+    use rustls::{ConnectionTrafficSecrets, ProtocolVersion};
+
+    let [scheme, flip, rest @ ..] = data else {
+        return;
+    };
+    let version = if scheme % 4 < 2 {
+        ProtocolVersion::TLSv1_3
+    } else {
+        ProtocolVersion::TLSv1_2
+    };
+    let secrets = || {
+        let (key, iv) = (AeadKey::from([7u8; 32]), Iv::new([9u8; 12]));
+        if scheme % 2 == 0 {
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv }
+        } else {
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv }
+        }
+    };
+    let opener = || Opener::new(version, (3, secrets())).expect("keys of a supported suite");
+
+    // Received bytes: open what parses, never past the buffer.
+    let mut buf = rest.to_vec();
+    let mut o = opener();
+    let mut at = 0;
+    for _ in 0..buf.len() {
+        match o.open(&mut buf[at..]) {
+            Ok(Some(r)) => {
+                assert!(
+                    r.len <= buf.len() - at && r.plain.end <= r.len,
+                    "record outside its buffer"
+                );
+                at += r.len;
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+
+    // Sealed and opened back.
+    let mut s = Sealer::new(version, (3, secrets()), u64::MAX).expect("keys of a supported suite");
+    let types = [record::APPLICATION_DATA, record::HANDSHAKE, record::ALERT];
+    let mut wire = Vec::new();
+    let mut sent = Vec::new();
+    let mut plain = rest;
+    while let [head, tail @ ..] = plain {
+        let n = usize::from(*head).min(tail.len());
+        let typ = types[usize::from(*head) % 3];
+        s.seal(typ, &[&tail[..n]], &mut wire)
+            .expect("a record within the limit");
+        sent.push((typ, tail[..n].to_vec(), wire.len()));
+        plain = &tail[n..];
+    }
+    let mut tampered = wire.clone();
+    let bit = usize::from(*flip) * 8 % (tampered.len() * 8).max(1);
+    if let Some(b) = tampered.get_mut(bit / 8) {
+        *b ^= 1 << (bit % 8);
+    }
+    let mut o = opener();
+    let (mut at, mut t_at, mut t_ok) = (0, 0, true);
+    let mut t = opener();
+    for (typ, bytes, end) in &sent {
+        let r = o
+            .open(&mut wire[at..])
+            .expect("our own record")
+            .expect("a whole record");
+        assert_eq!((r.typ, &wire[at + r.plain.start..at + r.plain.end]), (*typ, &bytes[..]));
+        assert_eq!(at + r.len, *end, "record length");
+        at = *end;
+        // The tampered copy: records before the flipped bit open as sent; the one holding
+        // it fails.
+        if t_ok {
+            match t.open(&mut tampered[t_at..]) {
+                Ok(Some(r)) => {
+                    assert!(bit / 8 >= *end || bit / 8 < t_at, "a flipped bit went unnoticed");
+                    assert_eq!(&tampered[t_at + r.plain.start..t_at + r.plain.end], &bytes[..]);
+                    t_at = *end;
+                }
+                Ok(None) | Err(_) => {
+                    assert!((t_at..*end).contains(&(bit / 8)), "an untouched record failed");
+                    t_ok = false;
+                }
+            }
+        }
+    }
+    assert_eq!(at, wire.len());
 }
