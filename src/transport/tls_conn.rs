@@ -926,14 +926,22 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn key_updates_either_way_keep_the_bytes_coming() {
+    /// Our client and rustls' server (TLS 1.3, AES-128-GCM) over an in-memory pipe, the
+    /// server's end wrapped by `wrap`.
+    async fn ours_to_rustls<T: AsyncRead + AsyncWrite + Unpin>(
+        wrap: impl FnOnce(DuplexStream) -> T,
+    ) -> (TlsConn<DuplexStream>, tokio_rustls::server::TlsStream<T>) {
         let (server_cfg, ca) = server();
         let cfg = client(&ca, ProtocolVersion::TLSv1_3, &[S::TLS13_AES_128_GCM_SHA256]);
         let (a, b) = wire();
         let acceptor = tokio_rustls::TlsAcceptor::from(server_cfg);
-        let (ours, theirs) = tokio::join!(TlsConn::connect(cfg, name(), a, b""), acceptor.accept(b));
-        let (mut ours, mut theirs) = (ours.unwrap(), theirs.unwrap());
+        let (ours, theirs) = tokio::join!(TlsConn::connect(cfg, name(), a, b""), acceptor.accept(wrap(b)));
+        (ours.unwrap(), theirs.unwrap())
+    }
+
+    #[tokio::test]
+    async fn key_updates_either_way_keep_the_bytes_coming() {
+        let (mut ours, mut theirs) = ours_to_rustls(|b| b).await;
         // Our key wears out every 4 records: we send key updates of our own.
         ours.sealer.set_limit(4);
         let data = pattern(200_000, 3);
@@ -1028,15 +1036,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_tampered_record_is_an_error_and_never_data() {
-        let (server_cfg, ca) = server();
-        let cfg = client(&ca, ProtocolVersion::TLSv1_3, &[S::TLS13_AES_128_GCM_SHA256]);
-        let (a, b) = wire();
-        let acceptor = tokio_rustls::TlsAcceptor::from(server_cfg);
-        let (ours, theirs) = tokio::join!(
-            TlsConn::connect(cfg, name(), a, b""),
-            acceptor.accept(Corrupting { inner: b, armed: false })
-        );
-        let (mut ours, mut theirs) = (ours.unwrap(), theirs.unwrap());
+        let (mut ours, mut theirs) = ours_to_rustls(|inner| Corrupting { inner, armed: false }).await;
         theirs.get_mut().0.armed = true;
         theirs.write_all(b"tampered").await.unwrap();
         theirs.flush().await.unwrap();
@@ -1059,13 +1059,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_close_notify_is_eof_and_a_bare_tcp_close_is_an_error() {
-        let (server_cfg, ca) = server();
-        let cfg = client(&ca, ProtocolVersion::TLSv1_3, &[S::TLS13_AES_128_GCM_SHA256]);
         for clean in [true, false] {
-            let (a, b) = wire();
-            let acceptor = tokio_rustls::TlsAcceptor::from(server_cfg.clone());
-            let (ours, theirs) = tokio::join!(TlsConn::connect(cfg.clone(), name(), a, b""), acceptor.accept(b));
-            let (mut ours, mut theirs) = (ours.unwrap(), theirs.unwrap());
+            let (mut ours, mut theirs) = ours_to_rustls(|b| b).await;
             theirs.write_all(b"last words").await.unwrap();
             if clean {
                 theirs.shutdown().await.unwrap();
