@@ -586,6 +586,28 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsConn<IO> {
     }
 }
 
+impl<IO> TlsConn<IO> {
+    /// Copies what fits of the opened record's plaintext into `out`; once all of it is
+    /// read, consumes the record.
+    fn copy_plain(&mut self, out: &mut ReadBuf<'_>) {
+        if self.plain.is_empty() {
+            return;
+        }
+        let n = out.remaining().min(self.plain.len());
+        out.put_slice(&self.rx[self.plain.start..self.plain.start + n]);
+        self.plain.start += n;
+        if self.plain.is_empty() {
+            self.rx.advance(self.rx_record);
+            // Every byte used: give the buffer back now, not at the next read (the data
+            // plane waits for readiness without reading, so that read may not come while
+            // the tunnel idles).
+            if self.rx.is_empty() {
+                self.rx = BytesMut::new();
+            }
+        }
+    }
+}
+
 impl TlsConn<Sock> {
     /// [`super::Stream::idle_and_open`] over TLS: takes what waits in a parked socket
     /// (bounded: a peer with nothing to say has sent a few records at most) and opens it.
@@ -631,16 +653,14 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsConn<IO> {
                 return Poll::Ready(Ok(()));
             }
             if !this.plain.is_empty() {
-                let n = out.remaining().min(this.plain.len());
-                out.put_slice(&this.rx[this.plain.start..this.plain.start + n]);
-                this.plain.start += n;
-                if this.plain.is_empty() {
-                    this.rx.advance(this.rx_record);
-                    // Every byte used: give the buffer back now, not at the next read
-                    // (the data plane waits for readiness without reading, so that read
-                    // may not come while the tunnel idles).
-                    if this.rx.is_empty() {
-                        this.rx = BytesMut::new();
+                this.copy_plain(out);
+                // Fill the rest from whole records already here (no socket read): a read
+                // hands over up to the caller's buffer, as over plain TCP, not one record
+                // (16 KiB) at a time. An error found on the way is kept for the next read.
+                while out.remaining() > 0 && this.plain.is_empty() && this.read == ReadSide::Open {
+                    match this.open_one() {
+                        Ok(true) => this.copy_plain(out),
+                        Ok(false) | Err(_) => break,
                     }
                 }
                 return Poll::Ready(Ok(()));
@@ -1079,6 +1099,27 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A read takes every whole record already received, up to the caller's buffer, not
+    /// one record's 16 KiB.
+    #[tokio::test]
+    async fn one_read_takes_several_records_already_received() {
+        let (mut ours, mut theirs) = ours_to_rustls(|b| b).await;
+        let data = pattern(60_000, 5);
+        theirs.write_all(&data).await.unwrap();
+        theirs.flush().await.unwrap();
+        // All four records are in the pipe before our first read.
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut got = Vec::new();
+        let mut reads = 0;
+        while got.len() < data.len() && reads < 10 {
+            let n = ours.read(&mut buf).await.unwrap();
+            got.extend_from_slice(&buf[..n]);
+            reads += 1;
+        }
+        assert!(got == data);
+        assert_eq!(reads, 1, "records handed over one read each");
     }
 
     #[tokio::test]
