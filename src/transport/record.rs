@@ -185,14 +185,15 @@ impl Sealer {
         self.limit = self.keys.seq + limit;
     }
 
+    /// Records sealed with the current key (tests of key renewal).
+    #[cfg(test)]
+    pub fn seq(&self) -> u64 {
+        self.keys.seq
+    }
+
     /// True for TLS 1.3 (key updates possible).
     pub fn is_tls13(&self) -> bool {
         self.keys.scheme == Scheme::Tls13
-    }
-
-    /// Most bytes a record adds to its plaintext.
-    pub const fn overhead() -> usize {
-        HEADER_LEN + EXPLICIT_LEN + TAG_LEN + 1
     }
 
     /// Appends one record of type `typ` carrying `parts` one after another (at most

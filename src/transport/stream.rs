@@ -103,14 +103,6 @@ impl Stream {
             Stream::Tls(t) => t.get_ref().poll_read_ready(cx),
         }
     }
-
-    /// TLS protocol version, if TLS.
-    pub fn tls_version(&self) -> Option<rustls::ProtocolVersion> {
-        match self {
-            Stream::Plain(_) => None,
-            Stream::Tls(t) => Some(t.protocol_version()),
-        }
-    }
 }
 
 macro_rules! delegate {

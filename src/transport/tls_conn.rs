@@ -26,7 +26,7 @@ use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
 use rustls::kernel::KernelConnection;
 use rustls::pki_types::ServerName;
 use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
-use rustls::unbuffered::{ConnectionState, EncodeError, UnbufferedStatus};
+use rustls::unbuffered::{ConnectionState, EncodeError, EncodeTlsData, UnbufferedStatus};
 use rustls::{ClientConfig, HandshakeKind, ProtocolVersion, ServerConfig, SupportedCipherSuite};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
@@ -164,8 +164,8 @@ struct Handshaken {
 
 /// Drives rustls' handshake on `io` until application data may flow both ways. Flights
 /// are written only when the handshake must wait for the peer, so what is produced last
-/// (a client's Finished, a TLS 1.3 server's ticket) is handed back unsent, to go out with
-/// the first application data.
+/// (a client's Finished; a server's ticket) is handed back unsent: the client sends it
+/// with its first request, the server at once ([`TlsConn::accept`]).
 async fn handshake<C: Unbuffered, IO: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut C,
     io: &mut IO,
@@ -189,18 +189,8 @@ async fn handshake<C: Unbuffered, IO: AsyncRead + AsyncWrite + Unpin>(
             }
         };
         let next = match state {
-            ConnectionState::EncodeTlsData(mut e) => {
-                let at = outgoing.len();
-                outgoing.resize(at + 4096, 0);
-                let n = match e.encode(&mut outgoing[at..]) {
-                    Ok(n) => n,
-                    Err(EncodeError::InsufficientSize(s)) => {
-                        outgoing.resize(at + s.required_size, 0);
-                        e.encode(&mut outgoing[at..]).map_err(tls_error)?
-                    }
-                    Err(e) => return Err(tls_error(e)),
-                };
-                outgoing.truncate(at + n);
+            ConnectionState::EncodeTlsData(e) => {
+                encode(e, &mut outgoing).map_err(tls_error)?;
                 Next::Again
             }
             ConnectionState::TransmitTlsData(t) => {
@@ -251,6 +241,21 @@ async fn handshake<C: Unbuffered, IO: AsyncRead + AsyncWrite + Unpin>(
     Err(tls_error("the TLS handshake did not finish in its step limit"))
 }
 
+/// Appends the flight rustls has ready to `outgoing`.
+fn encode<Data>(mut e: EncodeTlsData<'_, Data>, outgoing: &mut Vec<u8>) -> Result<(), EncodeError> {
+    let at = outgoing.len();
+    outgoing.resize(at + 4096, 0);
+    let n = match e.encode(&mut outgoing[at..]) {
+        Err(EncodeError::InsufficientSize(s)) => {
+            outgoing.resize(at + s.required_size, 0);
+            e.encode(&mut outgoing[at..])
+        }
+        r => r,
+    };
+    outgoing.truncate(at + *n.as_ref().unwrap_or(&0));
+    n.map(drop)
+}
+
 /// After a handshake error: sends what rustls queued for the peer (the alert saying why:
 /// `protocol_version` to a TLS 1.1 client, `bad_certificate`...), best effort.
 /// rustls must be handed the same receive buffer as before (it keeps ranges into it).
@@ -263,20 +268,7 @@ async fn send_alert<C: Unbuffered, IO: AsyncWrite + Unpin>(
     for _ in 0..4 {
         let UnbufferedStatus { discard, state } = conn.process(&mut incoming[..]);
         let more = match state {
-            Ok(ConnectionState::EncodeTlsData(mut e)) => {
-                let at = outgoing.len();
-                outgoing.resize(at + 64, 0);
-                match e.encode(&mut outgoing[at..]) {
-                    Ok(n) => {
-                        outgoing.truncate(at + n);
-                        true
-                    }
-                    Err(_) => {
-                        outgoing.truncate(at);
-                        false
-                    }
-                }
-            }
+            Ok(ConnectionState::EncodeTlsData(e)) => encode(e, &mut outgoing).is_ok(),
             Ok(ConnectionState::TransmitTlsData(t)) => {
                 t.done();
                 true
@@ -410,21 +402,18 @@ impl<IO> TlsConn<IO> {
                     "the TLS 1.2 key has sealed as many records as its suite allows; reconnect",
                 ));
             }
-            self.send_key_update(false)?;
+            self.send_key_update()?;
         }
         self.sealer
             .seal(record::APPLICATION_DATA, parts, &mut self.tx)
             .map_err(tls_error)
     }
 
-    /// Queues a KeyUpdate (sealed with the old key) and switches to the next key.
-    fn send_key_update(&mut self, request: bool) -> io::Result<()> {
+    /// Queues a KeyUpdate (`update_not_requested`, sealed with the old key) and switches
+    /// to the next key.
+    fn send_key_update(&mut self) -> io::Result<()> {
         self.sealer
-            .seal(
-                record::HANDSHAKE,
-                &[&[KEY_UPDATE, 0, 0, 1, request as u8]],
-                &mut self.tx,
-            )
+            .seal(record::HANDSHAKE, &[&[KEY_UPDATE, 0, 0, 1, 0]], &mut self.tx)
             .map_err(tls_error)?;
         let next = self.kernel.update_tx().map_err(tls_error)?;
         self.sealer.rekey(next).map_err(tls_error)
@@ -461,10 +450,9 @@ impl<IO> TlsConn<IO> {
                 return Ok(true);
             }
             record::APPLICATION_DATA => {}
+            // `post_handshake` refuses a message over 64 KiB, so this holds at most that and
+            // one record.
             record::HANDSHAKE => {
-                if self.handshake.len() + opened.plain.len() > MAX_HANDSHAKE_MESSAGE + 4 {
-                    return Err(self.fail(io::ErrorKind::InvalidData, "TLS handshake message too long".into()));
-                }
                 self.handshake.extend_from_slice(&self.rx[opened.plain]);
                 self.rx.advance(opened.len);
                 self.post_handshake()?;
@@ -545,7 +533,7 @@ impl<IO> TlsConn<IO> {
         let next = self.kernel.update_rx().map_err(tls_error)?;
         self.opener.rekey(next).map_err(tls_error)?;
         if requested && !self.write_closed {
-            self.send_key_update(false)?;
+            self.send_key_update()?;
         }
         Ok(())
     }
@@ -929,7 +917,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_first_request_goes_out_with_the_clients_finished_and_arrives_first() {
+    /// (That it shares the Finished's write: `ws.rs the_request_leaves_with_the_clients_finished`.)
+    async fn a_first_request_arrives_first_in_both_versions() {
         let (server_cfg, ca) = server();
         for (version, suites) in [CASES[0], CASES[3]] {
             let cfg = client(&ca, version, suites);
@@ -977,6 +966,12 @@ mod tests {
         );
         w.unwrap();
         assert!(r.unwrap() == data, "rustls read what we sealed across our key updates");
+        // 13 records: without key updates the key would have sealed them all.
+        assert!(
+            ours.sealer.seq() < 4,
+            "no key update sent ({} records on one key)",
+            ours.sealer.seq()
+        );
         // rustls asks for a key update (update_requested): we take its new key and answer
         // with ours before our next record.
         for round in 0..3u8 {
@@ -986,6 +981,8 @@ mod tests {
             let mut got = [0u8; 1000];
             ours.read_exact(&mut got).await.unwrap();
             assert_eq!(got, [round; 1000]);
+            // Answered: our KeyUpdate is queued and the new key has sealed nothing yet.
+            assert_eq!(ours.sealer.seq(), 0, "update_requested not answered (round {round})");
             ours.write_all(&[round + 10; 500]).await.unwrap();
             ours.flush().await.unwrap();
             let mut back = [0u8; 500];
