@@ -1,6 +1,6 @@
 //! The end-to-end scenarios on the completion backend (`cargo test --features uring --test
-//! uring`): plain ws:// relay, so every tunnel's legs are plain TCP and run on io_uring.
-//! Each test checks that its tunnels really ran there.
+//! uring`): a plain ws:// relay, and wss:// (TLS legs run there too). Each test checks that
+//! its tunnels really ran there.
 #![cfg(all(feature = "uring", target_os = "linux"))]
 
 mod common;
@@ -15,9 +15,19 @@ use hyrelay::proto::frame::{self, OpCode, Role};
 use hyrelay::transport::ws::{self, Message, WsReader, WsUrl};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// A plain-ws relay with `backend`; hcm and bridge on `backend` too.
+/// A relay on the completion backend, ws:// or (`tls`) wss://.
+fn rig_on(tls: bool) -> Rig {
+    Rig::with(tls, |c| c.runtime.io_backend = IoBackend::Uring)
+}
+
+/// A plain-ws relay on the completion backend.
 fn rig() -> Rig {
-    Rig::with(false, |c| c.runtime.io_backend = IoBackend::Uring)
+    rig_on(false)
+}
+
+/// `name`, told apart for a wss:// run (the tunnel counts are per name, per process).
+fn hc_name(name: &str, tls: bool) -> String {
+    if tls { format!("{name}-tls") } else { name.to_owned() }
 }
 
 fn hcm(rig: &Rig, cs: &hyrelay::proto::connstr::ConnectionString) -> hyrelay::hcm::HcmHandle {
@@ -60,12 +70,12 @@ async fn byte_exact_round_trips() {
     assert_eq!(uring::tunnels_run("echo"), 18, "tunnels ran on io_uring");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn half_close_from_either_side() {
-    let rig = rig();
+async fn half_close_from_either_side_on(tls: bool) {
+    let rig = rig_on(tls);
     let (ep, mut received) = greeter();
-    let (_h, b) = chain(&rig, "greet", ep).await;
-    let mut s = tokio::net::TcpStream::connect(b.addr_of("greet").unwrap())
+    let (greet, echo2) = (hc_name("greet", tls), hc_name("echo2", tls));
+    let (_h, b) = chain(&rig, &greet, ep).await;
+    let mut s = tokio::net::TcpStream::connect(b.addr_of(&greet).unwrap())
         .await
         .unwrap();
     let mut got = Vec::new();
@@ -82,18 +92,29 @@ async fn half_close_from_either_side() {
         .unwrap()
         .unwrap();
     assert!(arrived == late, "late bytes after the endpoint's half-close");
-    assert_eq!(uring::tunnels_run("greet"), 3);
+    assert_eq!(uring::tunnels_run(&greet), 3);
 
-    let (_h2, b2) = chain(&rig, "echo2", echo()).await;
+    let (_h2, b2) = chain(&rig, &echo2, echo()).await;
     let data = payload(300_000, 9);
-    assert!(round_trip(b2.addr_of("echo2").unwrap(), &data).await.unwrap() == data);
+    assert!(round_trip(b2.addr_of(&echo2).unwrap(), &data).await.unwrap() == data);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_hundred_concurrent_connections() {
-    let rig = rig();
-    let (_h, b) = chain(&rig, "many", echo()).await;
-    let addr = b.addr_of("many").unwrap();
+async fn half_close_from_either_side() {
+    half_close_from_either_side_on(false).await;
+}
+
+/// The same over wss://: each TLS leg's `close_notify` ends its direction, as FIN does in ws://.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_half_close_from_either_side() {
+    half_close_from_either_side_on(true).await;
+}
+
+async fn two_hundred_concurrent_connections_on(tls: bool) {
+    let rig = rig_on(tls);
+    let many = hc_name("many", tls);
+    let (_h, b) = chain(&rig, &many, echo()).await;
+    let addr = b.addr_of(&many).unwrap();
     let tasks: Vec<_> = (0..200u64)
         .map(|i| {
             tokio::spawn(async move {
@@ -108,7 +129,18 @@ async fn two_hundred_concurrent_connections() {
         ok += t.await.unwrap() as usize;
     }
     assert_eq!(ok, 200);
-    assert_eq!(uring::tunnels_run("many"), 600);
+    assert_eq!(uring::tunnels_run(&many), 600);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_connections() {
+    two_hundred_concurrent_connections_on(false).await;
+}
+
+/// The same over wss://.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_two_hundred_concurrent_connections() {
+    two_hundred_concurrent_connections_on(true).await;
 }
 
 /// Tunnels that end with a FIN leave no io_uring worker thread behind. The kernel never
@@ -139,25 +171,25 @@ async fn ending_tunnels_hand_no_work_to_io_uring_worker_threads() {
 /// the ring empty over and over, so every read path is taken: the multishot receive, its
 /// end when the ring is empty, the read into a pool buffer that follows, and the receive
 /// armed again. Every byte must still arrive, in order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_one_buffer_ring_under_forty_tunnels_loses_no_byte() {
+async fn a_one_buffer_ring_under_forty_tunnels_loses_no_byte_on(tls: bool) {
     let tiny = |rt: &mut hyrelay::config::RuntimeSettings| {
         rt.io_backend = IoBackend::Uring;
         rt.set_workers(1).unwrap();
         rt.set_budget_bytes(4 * hyrelay::dataplane::pool::BUF_SIZE).unwrap();
     };
-    let rig = Rig::with(false, |c| tiny(&mut c.runtime));
-    rig.create("tiny", echo()).await;
+    let rig = Rig::with(tls, |c| tiny(&mut c.runtime));
+    let name = hc_name("tiny", tls);
+    rig.create(&name, echo()).await;
     let mut hc = rig.hcm_config(vec![
-        hyrelay::hcm::config::HcEntry::new(rig.listen_cs("tiny").await, None).unwrap(),
+        hyrelay::hcm::config::HcEntry::new(rig.listen_cs(&name).await, None).unwrap(),
     ]);
     tiny(&mut hc.runtime);
     let _h = hyrelay::hcm::start(hc).unwrap();
-    rig.wait_listeners("tiny", 1).await;
-    let mut bc = rig.bridge_config("tiny", &rig.send_cs("tiny").await);
+    rig.wait_listeners(&name, 1).await;
+    let mut bc = rig.bridge_config(&name, &rig.send_cs(&name).await);
     tiny(&mut bc.runtime);
     let b = hyrelay::bridge::start(bc).unwrap();
-    let addr = b.addr_of("tiny").unwrap();
+    let addr = b.addr_of(&name).unwrap();
     let tasks: Vec<_> = (0..40u64)
         .map(|i| {
             tokio::spawn(async move {
@@ -175,7 +207,18 @@ async fn a_one_buffer_ring_under_forty_tunnels_loses_no_byte() {
             .unwrap() as usize;
     }
     assert_eq!(ok, 40, "every tunnel's bytes came back whole and in order");
-    assert_eq!(uring::tunnels_run("tiny"), 120);
+    assert_eq!(uring::tunnels_run(&name), 120);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_buffer_ring_under_forty_tunnels_loses_no_byte() {
+    a_one_buffer_ring_under_forty_tunnels_loses_no_byte_on(false).await;
+}
+
+/// The same over wss://, where each TLS leg reads with one-shot receives and continues a partial record in the buffer it holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_a_one_buffer_ring_under_forty_tunnels_loses_no_byte() {
+    a_one_buffer_ring_under_forty_tunnels_loses_no_byte_on(true).await;
 }
 
 type Reader = WsReader<tokio::io::ReadHalf<hyrelay::transport::Stream>>;
@@ -189,7 +232,7 @@ async fn joined(rig: &Rig, hc: &str) -> ((Reader, Writer), (Reader, Writer), (Re
     let url = client::hc_url(&cs, hc, "listen", "raw");
     let c = ws::connect(
         &url,
-        None,
+        Some(&rig.tls),
         &[("ServiceBusAuthorization", &token)],
         Duration::from_secs(10),
     )
@@ -202,19 +245,27 @@ async fn joined(rig: &Rig, hc: &str) -> ((Reader, Writer), (Reader, Writer), (Re
     let stoken = client::token(&scs, hc, Duration::from_secs(600));
     let surl = client::hc_url(&scs, hc, "connect", "s");
     let sheaders = [("ServiceBusAuthorization", stoken.as_str())];
-    let (s, l) = tokio::join!(ws::connect(&surl, None, &sheaders, Duration::from_secs(20)), async {
-        let a = loop {
-            let m = control.next_message(1 << 16).await.unwrap().unwrap();
-            if let Message::Text(t) = m
-                && let hyrelay::proto::control::Command::Accept(a) = hyrelay::proto::control::decode(&t).unwrap()
-            {
-                break a;
-            }
-        };
-        ws::connect(&WsUrl::parse(&a.address).unwrap(), None, &[], Duration::from_secs(10))
+    let (s, l) = tokio::join!(
+        ws::connect(&surl, Some(&rig.tls), &sheaders, Duration::from_secs(20)),
+        async {
+            let a = loop {
+                let m = control.next_message(1 << 16).await.unwrap().unwrap();
+                if let Message::Text(t) = m
+                    && let hyrelay::proto::control::Command::Accept(a) = hyrelay::proto::control::decode(&t).unwrap()
+                {
+                    break a;
+                }
+            };
+            ws::connect(
+                &WsUrl::parse(&a.address).unwrap(),
+                Some(&rig.tls),
+                &[],
+                Duration::from_secs(10),
+            )
             .await
             .unwrap()
-    });
+        }
+    );
     let s = s.unwrap();
     let split = |c: ws::ClientWs| {
         let (r, w) = tokio::io::split(c.stream);
@@ -241,10 +292,10 @@ async fn next(r: &mut Reader) -> Option<Message> {
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn relay_tunnel_forwards_close_and_half_close() {
-    let rig = rig();
-    let ((mut sr, mut sw), (mut lr, mut lw), _control) = joined(&rig, "closes").await;
+async fn relay_tunnel_forwards_close_and_half_close_on(tls: bool) {
+    let rig = rig_on(tls);
+    let name = hc_name("closes", tls);
+    let ((mut sr, mut sw), (mut lr, mut lw), _control) = joined(&rig, &name).await;
     send(&mut sw, OpCode::Binary, b"hi").await;
     assert_eq!(
         next(&mut lr).await,
@@ -269,51 +320,92 @@ async fn relay_tunnel_forwards_close_and_half_close() {
     // Then both connections end (FIN).
     assert_eq!(next(&mut sr).await, None);
     assert_eq!(next(&mut lr).await, None);
-    assert_eq!(uring::tunnels_run("closes"), 1);
+    assert_eq!(uring::tunnels_run(&name), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn relay_sends_1001_when_a_side_vanishes() {
-    let rig = rig();
-    let ((mut sr, _sw), (lr, lw), _control) = joined(&rig, "vanish").await;
+async fn relay_tunnel_forwards_close_and_half_close() {
+    relay_tunnel_forwards_close_and_half_close_on(false).await;
+}
+
+/// The same over wss://: the relay's TLS legs end with `close_notify` (a bare TCP EOF would be an error at the reader).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_relay_tunnel_forwards_close_and_half_close() {
+    relay_tunnel_forwards_close_and_half_close_on(true).await;
+}
+
+async fn relay_sends_1001_when_a_side_vanishes_on(tls: bool) {
+    let rig = rig_on(tls);
+    let name = hc_name("vanish", tls);
+    let ((mut sr, _sw), (lr, lw), _control) = joined(&rig, &name).await;
     drop((lr, lw));
     match next(&mut sr).await {
         Some(Message::Close(c)) => assert_eq!(c.code, Some(1001)),
         other => panic!("expected Close(1001), got {other:?}"),
     }
+    assert_eq!(uring::tunnels_run(&name), 1, "the tunnel ran on io_uring");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn relay_cuts_an_oversized_frame_with_1009() {
-    let rig = Rig::with(false, |c| {
+async fn relay_sends_1001_when_a_side_vanishes() {
+    relay_sends_1001_when_a_side_vanishes_on(false).await;
+}
+
+/// The same over wss://: a TLS leg cut without `close_notify` is a vanished side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_relay_sends_1001_when_a_side_vanishes() {
+    relay_sends_1001_when_a_side_vanishes_on(true).await;
+}
+
+async fn relay_cuts_an_oversized_frame_with_1009_on(tls: bool) {
+    let rig = Rig::with(tls, |c| {
         c.runtime.io_backend = IoBackend::Uring;
         c.max_frame = 4096;
     });
-    let ((mut sr, mut sw), (mut lr, _lw), _control) = joined(&rig, "big").await;
+    let name = hc_name("big", tls);
+    let ((mut sr, mut sw), (mut lr, _lw), _control) = joined(&rig, &name).await;
     send(&mut sw, OpCode::Binary, &vec![1u8; 5000]).await;
     // The listener hears 1001 (the sender broke the protocol), the sender 1009.
     let m = next(&mut lr).await;
     assert!(matches!(&m, Some(Message::Close(c)) if c.code == Some(1001)), "{m:?}");
     let m = next(&mut sr).await;
     assert!(matches!(&m, Some(Message::Close(c)) if c.code == Some(1009)), "{m:?}");
+    assert_eq!(uring::tunnels_run(&name), 1, "the tunnel ran on io_uring");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_relay_keeps_tunnels_on_epoll() {
+async fn relay_cuts_an_oversized_frame_with_1009() {
+    relay_cuts_an_oversized_frame_with_1009_on(false).await;
+}
+
+/// The same over wss://.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_relay_cuts_an_oversized_frame_with_1009() {
+    relay_cuts_an_oversized_frame_with_1009_on(true).await;
+}
+
+/// `wss://` end to end on io_uring: the bridge's and the hcm's TLS WebSockets and both of
+/// the relay's TLS legs run on the completion workers, with their records opened in the
+/// buffers they arrive in. Sizes around the 16 KiB record and the 64 KiB buffer, and one
+/// large enough for many reads that end in the middle of a record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_tunnels_run_on_io_uring_byte_exact() {
     let rig = Rig::with(true, |c| c.runtime.io_backend = IoBackend::Uring);
-    rig.create("tls", echo()).await;
-    let mut hc = rig.hcm_config(vec![
-        hyrelay::hcm::config::HcEntry::new(rig.listen_cs("tls").await, None).unwrap(),
-    ]);
-    hc.runtime.io_backend = IoBackend::Uring;
-    let _h = hyrelay::hcm::start(hc).unwrap();
-    rig.wait_listeners("tls", 1).await;
-    let mut bc = rig.bridge_config("tls", &rig.send_cs("tls").await);
-    bc.runtime.io_backend = IoBackend::Uring;
-    let b = hyrelay::bridge::start(bc).unwrap();
-    let data = payload(100_000, 3);
-    assert!(round_trip(b.addr_of("tls").unwrap(), &data).await.unwrap() == data);
-    assert_eq!(uring::tunnels_run("tls"), 0, "TLS legs stay on epoll");
+    let (_h, b) = chain(&rig, "tls", echo()).await;
+    let addr = b.addr_of("tls").unwrap();
+    let sizes = [1usize, 0, 16383, 16384, 16385, 65535, 65537, 100_000, 8 << 20];
+    for (i, len) in sizes.into_iter().enumerate() {
+        let data = payload(len, i as u64);
+        let back = round_trip(addr, &data).await.unwrap();
+        assert_eq!(back.len(), data.len(), "length for {len}");
+        assert!(back == data, "bytes differ for {len}");
+    }
+    // Three tunnels per round trip: bridge splice, relay, hcm splice.
+    assert_eq!(
+        uring::tunnels_run("tls"),
+        3 * sizes.len() as u64,
+        "TLS tunnels ran on io_uring"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

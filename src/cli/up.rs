@@ -31,8 +31,8 @@ pub struct UpArgs {
     /// Keep state here instead of a temporary directory.
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Data-plane I/O backend of all three roles: epoll (default), uring or auto. `up`'s
-    /// relay uses TLS, and tunnels with a TLS leg stay on epoll (README "I/O backends").
+    /// Data-plane I/O backend of all three roles: epoll (default), uring or auto (README
+    /// "I/O backends"; `up`'s relay uses TLS, whose tunnels run there too).
     #[arg(long, value_name = "BACKEND", env = "HYRELAY_IO_BACKEND", default_value_t)]
     io_backend: crate::config::IoBackend,
     /// Admin listener for all three roles: /metrics, /healthz, /readyz, /status and a

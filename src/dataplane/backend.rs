@@ -105,7 +105,7 @@ pub fn resolve_with(
                 tracing::info!(
                     role,
                     io_backend = "uring",
-                    "data plane: completion backend (io_uring/IOCP) for plain-TCP tunnels"
+                    "data plane: completion backend (io_uring/IOCP) for established tunnels"
                 );
                 Ok(Resolved::Uring)
             }
@@ -117,7 +117,7 @@ pub fn resolve_with(
                     role,
                     io_backend = "uring",
                     requested = "auto",
-                    "data plane: completion backend (io_uring/IOCP) for plain-TCP tunnels"
+                    "data plane: completion backend (io_uring/IOCP) for established tunnels"
                 );
                 Ok(Resolved::Uring)
             }

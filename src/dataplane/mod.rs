@@ -52,8 +52,8 @@ impl Workers {
 
     /// Starts a role's workers as `rt` says: their count, buffer budget and I/O backend
     /// (resolved here). With the completion backend, as many completion workers run the
-    /// plain-TCP tunnels and the budget is split half and half between them and the tokio
-    /// workers.
+    /// established tunnels and the budget is split half and half between them and the
+    /// tokio workers.
     pub fn start_with(name: &str, rt: &crate::config::RuntimeSettings) -> anyhow::Result<Arc<Self>> {
         let (count, buffer_budget) = (rt.worker_count(), rt.buffer_budget_bytes());
         if backend::resolve(rt.io_backend, name)? == backend::Resolved::Epoll {

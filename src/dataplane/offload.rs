@@ -1,11 +1,12 @@
 //! Handing established tunnels to the completion backend.
 //!
 //! A tokio worker started with the completion backend ([`super::Workers::start_with`])
-//! knows its [`Completion`] workers through a thread-local. When a tunnel is established
-//! and every leg of it is plain TCP, [`relay`] and [`splice`] deregister the sockets and
-//! send them there; the returned [`Offloaded`] resolves with the tunnel's stats. Otherwise
-//! (epoll backend, a TLS leg, or a binary built without the `uring` feature) they give the
-//! legs back and the caller runs the epoll engine, unchanged.
+//! knows its [`Completion`] workers through a thread-local. When a tunnel is established,
+//! [`relay`] and [`splice`] deregister the sockets and send them there, a TLS leg with its
+//! session; the returned [`Offloaded`] resolves with the tunnel's stats. Otherwise (epoll
+//! backend, a binary built without the `uring` feature, or a TLS leg that still has
+//! records to write, which the handshakes flush) they give the legs back and the caller
+//! runs the epoll engine, unchanged.
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -43,7 +44,7 @@ thread_local! {
     static COMPLETION: RefCell<Option<Arc<Completion>>> = const { RefCell::new(None) };
 }
 
-/// Makes this thread (a tokio worker) hand plain tunnels to `c`.
+/// Makes this thread (a tokio worker) hand tunnels to `c`.
 pub(super) fn install(c: Option<Arc<Completion>>) {
     COMPLETION.with(|slot| *slot.borrow_mut() = c);
 }
@@ -52,7 +53,7 @@ fn current() -> Option<Arc<Completion>> {
     COMPLETION.with(|slot| slot.borrow().clone())
 }
 
-/// True if tunnels established on this thread run on the completion backend when plain.
+/// True if tunnels established on this thread run on the completion backend.
 pub fn active() -> bool {
     COMPLETION.with(|slot| slot.borrow().is_some())
 }
@@ -72,7 +73,7 @@ impl<T> Offloaded<T> {
 pub type RelayLeg = (Stream, BytesMut);
 
 /// Runs a joined relay tunnel on the completion backend if this worker has one and both
-/// legs are plain TCP; otherwise gives the legs back.
+/// legs can leave ([`Stream::detachable`]); otherwise gives the legs back.
 #[allow(clippy::result_large_err)]
 pub fn relay(
     hc: &str,
@@ -83,19 +84,19 @@ pub fn relay(
     shutdown: &CancellationToken,
 ) -> Result<Offloaded<TunnelStats>, (RelayLeg, RelayLeg)> {
     let c = match current() {
-        Some(c) if sender.0.is_plain() && listener.0.is_plain() => c,
+        Some(c) if sender.0.detachable() && listener.0.detachable() => c,
         _ => return Err((sender, listener)),
     };
     #[cfg(all(feature = "uring", any(target_os = "linux", windows)))]
     {
-        let (s, l) = match (sender.0.into_std(), listener.0.into_std()) {
+        let (s, l) = match (sender.0.detach(sender.1), listener.0.detach(listener.1)) {
             (Ok(s), Ok(l)) => (s, l),
             (s, l) => return Ok(failed(s.and(l).err())),
         };
         let job = super::uring::RelayJob {
             hc: hc.to_owned(),
-            sender: (s, sender.1),
-            listener: (l, listener.1),
+            sender: s,
+            listener: l,
             max_frame,
             gone: gone.clone(),
             shutdown: shutdown.clone(),
@@ -109,8 +110,8 @@ pub fn relay(
     }
 }
 
-/// Runs a splice on the completion backend if this worker has one and the WebSocket is
-/// plain TCP; otherwise gives the legs back.
+/// Runs a splice on the completion backend if this worker has one and the WebSocket can
+/// leave ([`Stream::detachable`]); otherwise gives the legs back.
 #[allow(clippy::result_large_err)]
 pub fn splice(
     hc: &str,
@@ -120,18 +121,18 @@ pub fn splice(
     stop: &CancellationToken,
 ) -> Result<Offloaded<SpliceStats>, (RelayLeg, tokio::net::TcpStream)> {
     let c = match current() {
-        Some(c) if ws.0.is_plain() => c,
+        Some(c) if ws.0.detachable() => c,
         _ => return Err((ws, tcp)),
     };
     #[cfg(all(feature = "uring", any(target_os = "linux", windows)))]
     {
-        let (w, t) = match (ws.0.into_std(), tcp.into_std()) {
+        let (w, t) = match (ws.0.detach(ws.1), tcp.into_std()) {
             (Ok(w), Ok(t)) => (w, t),
             (w, t) => return Ok(failed(w.and(t).err())),
         };
         let job = super::uring::SpliceJob {
             hc: hc.to_owned(),
-            ws: (w, ws.1),
+            ws: w,
             tcp: t,
             cfg: cfg.clone(),
             stop: stop.clone(),

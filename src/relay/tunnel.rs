@@ -10,8 +10,8 @@
 //! (read to the peer's EOF, bounded), so input that arrived after the last frame forwarded
 //! cannot make the close a reset that loses the tail of the other direction.
 //!
-//! With the completion backend and two plain-TCP legs the tunnel runs on a completion
-//! worker instead ([`crate::dataplane::offload`]), with the same rules.
+//! With the completion backend the tunnel runs on a completion worker instead
+//! ([`crate::dataplane::offload`]), TLS legs with their sessions, under the same rules.
 
 use std::net::SocketAddr;
 
@@ -46,7 +46,7 @@ pub fn spawn<K: 'static>(
         tracing::debug!(event = "tunnel_closed", hc = %hc_name, %peer, up = s.up, down = s.down, end = %s.end, "tunnel closed");
         usage.closed(s.up, s.down);
     };
-    // Both legs plain TCP and the completion backend chosen: the tunnel runs there.
+    // The completion backend chosen (and both legs able to leave): the tunnel runs there.
     let (sender, listener) = match offload::relay(hc, sender, listener, max_frame, gone, shutdown) {
         Ok(t) => {
             tokio::task::spawn_local(async move {

@@ -10,6 +10,7 @@ pub mod sock;
 pub mod stream;
 pub mod tls;
 pub mod tls_conn;
+pub mod tls_session;
 pub mod ws;
 
 pub use stream::Stream;

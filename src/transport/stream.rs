@@ -10,6 +10,20 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::sock::Sock;
 use super::tls_conn::TlsConn;
+use super::tls_session::TlsSession;
+use bytes::BytesMut;
+
+/// A stream taken apart to leave its runtime ([`Stream::detach`]).
+#[derive(Debug)]
+pub struct Detached {
+    pub sock: std::net::TcpStream,
+    /// The TLS session, for a TLS stream.
+    pub tls: Option<Box<TlsSession>>,
+    /// Plaintext received and not yet used (read past the handshakes).
+    pub plain: BytesMut,
+    /// TLS: bytes received after that and not yet opened.
+    pub cipher: BytesMut,
+}
 
 /// A byte stream to a peer.
 #[derive(Debug)]
@@ -81,15 +95,47 @@ impl Stream {
         matches!(self, Stream::Plain(_))
     }
 
-    /// The socket of a plain stream, deregistered from this runtime (for the completion
-    /// backend). A TLS stream is an error: its session state cannot go along.
+    /// The socket of a plain stream, deregistered from this runtime. A TLS stream is an
+    /// error: its session would be lost ([`Stream::detach`] keeps it).
     pub fn into_std(self) -> io::Result<std::net::TcpStream> {
         match self {
             Stream::Plain(s) => s.into_std(),
-            _ => Err(io::Error::new(
+            Stream::Tls(_) => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
-                "a TLS stream cannot leave its runtime",
+                "a TLS stream's socket cannot leave without its session",
             )),
+        }
+    }
+
+    /// True if the stream can leave its runtime ([`Stream::detach`]): plain, or TLS with
+    /// every record it sealed written out.
+    pub fn detachable(&self) -> bool {
+        match self {
+            Stream::Plain(_) => true,
+            Stream::Tls(t) => t.is_flushed(),
+        }
+    }
+
+    /// The stream taken apart to leave this runtime (for the completion backend), with
+    /// `leftover`, the plaintext already read from it past its handshakes.
+    pub fn detach(self, mut leftover: BytesMut) -> io::Result<Detached> {
+        match self {
+            Stream::Plain(s) => Ok(Detached {
+                sock: s.into_std()?,
+                tls: None,
+                plain: leftover,
+                cipher: BytesMut::new(),
+            }),
+            Stream::Tls(t) => {
+                let (sock, session, plain, cipher) = t.into_parts();
+                leftover.extend_from_slice(&plain);
+                Ok(Detached {
+                    sock: sock.into_std()?,
+                    tls: Some(Box::new(session)),
+                    plain: leftover,
+                    cipher,
+                })
+            }
         }
     }
 

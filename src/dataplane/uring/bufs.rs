@@ -92,9 +92,22 @@ impl Chunk {
 
     /// A heap buffer holding `bytes`, with room to read a full buffer after them.
     pub fn heap(bytes: &[u8]) -> Self {
-        let mut v = Vec::with_capacity(bytes.len().max(BUF_SIZE));
-        v.extend_from_slice(bytes);
+        Self::heap2(bytes, &[])
+    }
+
+    /// A heap buffer holding `a` then `b`, with room to read a full buffer after them.
+    pub fn heap2(a: &[u8], b: &[u8]) -> Self {
+        let mut v = Vec::with_capacity((a.len() + b.len()).max(BUF_SIZE));
+        v.extend_from_slice(a);
+        v.extend_from_slice(b);
         Chunk::Heap(v)
+    }
+
+    /// Keeps the first `n` initialized bytes.
+    pub fn truncate(&mut self, n: usize) {
+        let n = n.min(<Chunk as IoBuf>::as_init(self).len());
+        // SAFETY: shrinking: the first `n` bytes are initialized.
+        unsafe { self.set_len(n) };
     }
 
     /// Puts `head` in front of the initialized bytes. There must be room for both.
@@ -206,9 +219,20 @@ impl Out {
     }
 
     /// A small frame (control frames), copied into a buffer of its own.
-    #[allow(clippy::single_range_in_vec_init)] // one run, not the range's numbers
     pub fn bytes(frame: &[u8]) -> Self {
-        Self::new(&[], Chunk::Heap(frame.to_vec()), vec![0..frame.len()])
+        Self::vec(frame.to_vec())
+    }
+
+    /// All of `v` (sealed TLS records).
+    #[allow(clippy::single_range_in_vec_init)] // one run, not the range's numbers
+    pub fn vec(v: Vec<u8>) -> Self {
+        let n = v.len();
+        Self::new(&[], Chunk::Heap(v), vec![0..n])
+    }
+
+    /// Bytes not yet written.
+    pub fn remaining(&self) -> usize {
+        self.total().saturating_sub(self.done)
     }
 
     fn total(&self) -> usize {

@@ -12,17 +12,16 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use compio::BufResult;
-use compio::buf::{IntoInner, IoBuf, Slice};
+use compio::buf::{IntoInner, IoBuf, IoVectoredBuf, Slice};
 use compio::driver::op::{SendFlags, SendVectored};
 use compio::driver::{BufferRef, SharedFd, ToSharedFd};
-use compio::io::AsyncRead;
-#[cfg(not(target_os = "linux"))]
-use compio::io::AsyncReadManaged;
+use compio::io::{AsyncRead, AsyncReadManaged};
 use compio::net::TcpStream;
 
 use super::bufs::{Chunk, Out, RingBuf};
 use crate::dataplane::io::{STASH_LEN, Stash};
 use crate::dataplane::pool::{self, BUF_SIZE};
+use crate::transport::tls_session::{Record, TlsSession};
 
 type Fut<T> = Pin<Box<dyn Future<Output = T>>>;
 
@@ -32,8 +31,7 @@ enum ReadOp {
     /// arrives, on the reader's multishot receive ([`Reader::multi`]; Linux).
     #[cfg(target_os = "linux")]
     Multi,
-    /// The same with a one-shot receive (elsewhere).
-    #[cfg(not(target_os = "linux"))]
+    /// The same with a one-shot receive (a TLS leg, and on IOCP).
     Managed(Fut<io::Result<Option<BufferRef>>>),
     /// The ring was empty: waiting, with no buffer, until the socket is readable.
     Readable(Fut<io::Result<()>>),
@@ -58,6 +56,11 @@ pub struct Reader {
     /// itself when the ring runs empty, which is what leads to such a read.
     #[cfg(target_os = "linux")]
     multi: Option<MultiRecv>,
+    /// False for a TLS leg: its reads continue a partial record (up to 16 KiB) in the
+    /// buffer they hold, which an armed multishot receive would race, so each ring read is
+    /// a one-shot receive.
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+    multishot: bool,
     /// Bytes kept from the last read (a partial frame header or control frame) while the
     /// next read waits without a buffer; they go in front of what it brings.
     stash: Stash,
@@ -72,6 +75,7 @@ impl Reader {
             op: ReadOp::Idle,
             #[cfg(target_os = "linux")]
             multi: None,
+            multishot: true,
             stash: Stash::default(),
             acquire: pool::Acquire::default(),
         }
@@ -125,7 +129,6 @@ impl Reader {
                         }
                     }
                 }
-                #[cfg(not(target_os = "linux"))]
                 ReadOp::Managed(f) => {
                     let r = ready!(f.as_mut().poll(cx));
                     self.op = ReadOp::Idle;
@@ -163,15 +166,19 @@ impl Reader {
         }
     }
 
-    /// A read into a ring buffer, leaving room in it for the stash.
-    #[cfg(target_os = "linux")]
-    fn start_managed(&mut self) {
-        self.op = ReadOp::Multi;
+    /// Reads with one-shot receives only (a TLS leg: see `multishot`).
+    pub fn one_shot(mut self) -> Self {
+        self.multishot = false;
+        self
     }
 
     /// A read into a ring buffer, leaving room in it for the stash.
-    #[cfg(not(target_os = "linux"))]
     fn start_managed(&mut self) {
+        #[cfg(target_os = "linux")]
+        if self.multishot {
+            self.op = ReadOp::Multi;
+            return;
+        }
         let s = self.sock.clone();
         self.op = ReadOp::Managed(Box::pin(async move {
             let mut r = &s;
@@ -240,43 +247,86 @@ const SEND_FLAGS: SendFlags = SendFlags::NOSIGNAL;
 #[cfg(not(target_os = "linux"))]
 const SEND_FLAGS: SendFlags = SendFlags::empty();
 
+/// A send slot: the send in flight (`Some` inside), allocated at the first write and
+/// reused by every later one, so a send costs no boxed future of its own.
+type SendSlot = Option<Pin<Box<Option<Send>>>>;
+
 /// The write side of a socket.
 pub struct Writer {
     sock: TcpStream,
-    /// The send in flight (`Some` inside), in a slot allocated at the first write and
-    /// reused by every later one: a send no longer costs a boxed future of its own.
-    send: Option<Pin<Box<Option<Send>>>>,
+    send: SendSlot,
+    /// TLS: sealed records being written.
+    sealed: Option<Out>,
+    /// TLS: the caller's output is sealed, its records written or being written.
+    took: bool,
 }
 
 impl Writer {
     pub fn new(sock: TcpStream) -> Self {
-        Self { sock, send: None }
+        Self {
+            sock,
+            send: None,
+            sealed: None,
+            took: false,
+        }
     }
 
-    /// Writes all of `out` (taken from the slot while the kernel has it, put back when
-    /// this is ready, whether it succeeded or not).
-    pub fn poll_write_all(&mut self, cx: &mut Context<'_>, out: &mut Option<Out>) -> Poll<io::Result<()>> {
-        loop {
-            let slot = self.send.get_or_insert_with(|| Box::pin(None));
-            if let Some(f) = slot.as_mut().as_pin_mut() {
-                let BufResult(r, mut o) = ready!(f.poll(cx)).into_inner();
-                slot.set(None);
-                let r = match r {
-                    Ok(0) => Err(io::ErrorKind::WriteZero.into()),
-                    Ok(n) if o.advance(n) => Ok(()),
-                    Ok(_) => {
-                        *out = Some(o);
-                        continue;
-                    }
-                    Err(e) => Err(e),
-                };
-                *out = Some(o);
-                return Poll::Ready(r);
+    /// Writes all of `out`: as it is, or on a TLS leg (`tls`) sealed into records after
+    /// whatever the session had queued (a key update, an alert). A plain `out` is taken
+    /// from the slot while the kernel has it and put back when this is ready, whether it
+    /// succeeded or not; a sealed one stays in the slot (the records are a copy).
+    pub fn poll_write_all(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut Option<Out>,
+        tls: Option<&mut TlsSession>,
+    ) -> Poll<io::Result<()>> {
+        let Some(tls) = tls else {
+            return poll_send(&self.sock, &mut self.send, cx, out);
+        };
+        if !self.took {
+            if let Some(o) = out.as_ref() {
+                let want = o.remaining();
+                tls.reserve(want);
+                if tls.seal_slices(o.iter_slice(), usize::MAX)? < want {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "the TLS session takes no more data (closed, or its key worn out)",
+                    )));
+                }
             }
-            let o = out.take().expect("output to write");
-            let op = SendVectored::new(self.sock.to_shared_fd(), o, SEND_FLAGS);
-            slot.set(Some(compio::runtime::submit(op)));
+            self.took = true;
         }
+        let r = ready!(self.poll_flush_tls(cx, tls));
+        self.took = false;
+        Poll::Ready(r)
+    }
+
+    /// Writes the records `tls` has queued (each buffer is freed once written).
+    pub fn poll_flush_tls(&mut self, cx: &mut Context<'_>, tls: &mut TlsSession) -> Poll<io::Result<()>> {
+        loop {
+            let in_flight = self.send.as_ref().is_some_and(|s| s.is_some());
+            if self.sealed.is_none() && !in_flight {
+                let tx = tls.take_tx();
+                if tx.is_empty() {
+                    return Poll::Ready(Ok(()));
+                }
+                self.sealed = Some(Out::vec(tx));
+            }
+            let r = ready!(poll_send(&self.sock, &mut self.send, cx, &mut self.sealed));
+            self.sealed = None;
+            r?;
+        }
+    }
+
+    /// Ends our side of the connection once the writes before it completed: on a TLS leg
+    /// `close_notify` (after any record still queued) first, then FIN.
+    pub async fn close(&mut self, tls: Option<&mut TlsSession>) -> io::Result<()> {
+        if let Some(tls) = tls {
+            tls.close()?;
+            std::future::poll_fn(|cx| self.poll_flush_tls(cx, tls)).await?;
+        }
+        self.shutdown()
     }
 
     /// Shuts down the write side (FIN), by a direct call: the kernel never completes an
@@ -292,13 +342,13 @@ impl Writer {
         crate::dataplane::splice::reset_on_close(&self.sock);
     }
 
-    /// Shuts down the write side, then reads and discards the peer's input until its EOF,
-    /// `max` bytes or `limit` in all: the lingering close of
+    /// Closes our side ([`Writer::close`]), then reads and discards the peer's input until
+    /// its EOF, `max` bytes or `limit` in all: the lingering close of
     /// [`crate::transport::stream::linger_close`], for the same reason.
-    pub async fn linger_within(&mut self, limit: std::time::Duration, max: usize) {
+    pub async fn linger_within(&mut self, tls: Option<&mut TlsSession>, limit: std::time::Duration, max: usize) {
         let s = self.sock.clone();
         let _ = compio::time::timeout(limit, async {
-            self.shutdown()?;
+            self.close(tls).await?;
             let mut buf = Vec::with_capacity(4096);
             let mut left = max;
             while left > 0 {
@@ -314,6 +364,38 @@ impl Writer {
             io::Result::Ok(())
         })
         .await;
+    }
+}
+
+/// Sends all of `out` on `sock` through `slot` (taken from `out` while the kernel has it,
+/// put back when this is ready, whether it succeeded or not). A send already in flight is
+/// finished first, into `out`.
+fn poll_send(
+    sock: &TcpStream,
+    slot: &mut SendSlot,
+    cx: &mut Context<'_>,
+    out: &mut Option<Out>,
+) -> Poll<io::Result<()>> {
+    loop {
+        let slot = slot.get_or_insert_with(|| Box::pin(None));
+        if let Some(f) = slot.as_mut().as_pin_mut() {
+            let BufResult(r, mut o) = ready!(f.poll(cx)).into_inner();
+            slot.set(None);
+            let r = match r {
+                Ok(0) => Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) if o.advance(n) => Ok(()),
+                Ok(_) => {
+                    *out = Some(o);
+                    continue;
+                }
+                Err(e) => Err(e),
+            };
+            *out = Some(o);
+            return Poll::Ready(r);
+        }
+        let o = out.take().expect("output to write");
+        let op = SendVectored::new(sock.to_shared_fd(), o, SEND_FLAGS);
+        slot.set(Some(compio::runtime::submit(op)));
     }
 }
 
@@ -393,11 +475,19 @@ enum Writing {
 
 /// One direction's buffers on the completion engine: the read buffer with its undecoded
 /// bytes `buf[start..end]`, the runs of it to write, and the write the kernel owns.
+///
+/// Reading a TLS leg, the buffer also holds received bytes not yet opened,
+/// `buf[end..end + cipher]`: each whole record is opened where it landed and its plaintext
+/// moved down to `end` (one copy, inside the buffer), so the rules see plaintext only and
+/// write their runs from this same buffer.
 pub struct DirBuf {
     /// `None` while a read or a write owns it, or when nothing is held.
     buf: Option<Chunk>,
     start: usize,
     end: usize,
+    /// TLS: received bytes after `end` not yet opened (part of a record, or records left
+    /// for the next fill).
+    cipher: usize,
     /// The run list, kept between writes.
     runs: Vec<std::ops::Range<usize>>,
     out: Option<Out>,
@@ -407,10 +497,18 @@ pub struct DirBuf {
 impl DirBuf {
     /// A direction starting with `bytes` (read past a handshake) as its input.
     pub fn new(bytes: &[u8]) -> Self {
+        Self::with_cipher(bytes, &[])
+    }
+
+    /// A TLS leg's direction starting with `plain` (read past the handshakes) as its
+    /// input, and `cipher` received after it and not yet opened.
+    pub fn with_cipher(plain: &[u8], cipher: &[u8]) -> Self {
+        let held = plain.len() + cipher.len();
         Self {
-            buf: (!bytes.is_empty()).then(|| Chunk::heap(bytes)),
+            buf: (held > 0).then(|| Chunk::heap2(plain, cipher)),
             start: 0,
-            end: bytes.len(),
+            end: plain.len(),
+            cipher: cipher.len(),
             runs: Vec::new(),
             out: None,
             writing: Writing::Nothing,
@@ -454,10 +552,17 @@ impl DirBuf {
     /// Writes what is queued: a control frame, or the runs the last decode left (with the
     /// buffer, which comes back afterwards if `keep` and is dropped otherwise). `Ok` once
     /// nothing is left to write.
-    pub fn poll_write(&mut self, cx: &mut Context<'_>, dst: &mut Writer, keep: bool) -> Poll<io::Result<()>> {
+    /// On a TLS leg (`tls`) what is written is sealed first ([`Writer::poll_write_all`]).
+    pub fn poll_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &mut Writer,
+        keep: bool,
+        mut tls: Option<&mut TlsSession>,
+    ) -> Poll<io::Result<()>> {
         loop {
             if self.writing != Writing::Nothing {
-                let r = ready!(dst.poll_write_all(cx, &mut self.out));
+                let r = ready!(dst.poll_write_all(cx, &mut self.out, tls.as_deref_mut()));
                 let out = self.out.take();
                 if std::mem::replace(&mut self.writing, Writing::Nothing) == Writing::Data
                     && let Some(mut o) = out
@@ -483,29 +588,100 @@ impl DirBuf {
 
     /// Reads more input after the undecoded bytes; `Ok(n)` new bytes, 0 at EOF. Holds no
     /// buffer while waiting at a frame boundary; keeps a partial header or control frame
-    /// and reads after it.
-    pub fn poll_fill(&mut self, cx: &mut Context<'_>, src: &mut Reader) -> Poll<io::Result<usize>> {
+    /// and reads after it. On a TLS leg (`tls`) the new bytes are plaintext: records are
+    /// opened first, and the socket is read only when no whole record is left; EOF is the
+    /// peer's `close_notify` (a bare TCP EOF is an error).
+    pub fn poll_fill(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut Reader,
+        tls: Option<&mut TlsSession>,
+    ) -> Poll<io::Result<usize>> {
+        let Some(tls) = tls else {
+            self.compact();
+            let n = ready!(src.poll_read(cx, &mut self.buf))?;
+            self.end = self.buf.as_ref().map_or(0, |b| b.len());
+            if self.end == 0 {
+                self.buf = None; // EOF into a fresh buffer
+            }
+            return Poll::Ready(Ok(n));
+        };
+        loop {
+            let n = self.open_records(tls)?;
+            if n > 0 {
+                return Poll::Ready(Ok(n));
+            }
+            if !tls.readable()? {
+                return Poll::Ready(Ok(0));
+            }
+            self.compact();
+            let n = ready!(src.poll_read(cx, &mut self.buf))?;
+            let len = self.buf.as_ref().map_or(0, |b| b.len());
+            if n == 0 {
+                tls.transport_eof(self.cipher > 0)?;
+                return Poll::Ready(Ok(0));
+            }
+            self.cipher = len - self.end;
+        }
+    }
+
+    /// Moves what is kept (undecoded plaintext and unopened bytes) to the front of the
+    /// buffer, or gives the buffer back if nothing is.
+    fn compact(&mut self) {
         if let Some(buf) = &mut self.buf {
-            if self.start == self.end {
+            let kept = self.start..self.end + self.cipher;
+            if kept.is_empty() {
                 self.buf = None;
             } else if self.start > 0 {
-                buf.keep(self.start..self.end);
+                buf.keep(kept);
             }
             self.end -= self.start;
             self.start = 0;
         }
-        let n = ready!(src.poll_read(cx, &mut self.buf))?;
-        self.end = self.buf.as_ref().map_or(0, |b| b.len());
-        if self.end == 0 {
-            self.buf = None; // EOF into a fresh buffer
+    }
+
+    /// Opens the whole records in `buf[end..end + cipher]`, moving each one's plaintext
+    /// down to `end`; returns the plaintext bytes added. An error after some plaintext is
+    /// left in the session for the next fill.
+    fn open_records(&mut self, tls: &mut TlsSession) -> io::Result<usize> {
+        let Some(buf) = self.buf.as_mut().filter(|_| self.cipher > 0) else {
+            return Ok(0);
+        };
+        let stop = self.end + self.cipher;
+        let (mut p, mut q) = (self.end, self.end);
+        let mut failed = None;
+        while matches!(tls.readable(), Ok(true)) {
+            match tls.open_record(&mut buf[q..stop]) {
+                Ok(Record::Incomplete) => break,
+                Ok(Record::Data { plain, len }) => {
+                    buf.copy_within(q + plain.start..q + plain.end, p);
+                    p += plain.len();
+                    q += len;
+                }
+                Ok(Record::Consumed(len)) => q += len,
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
         }
-        Poll::Ready(Ok(n))
+        if q > p {
+            buf.copy_within(q..stop, p);
+        }
+        let added = p - self.end;
+        self.cipher = stop - q;
+        self.end = p;
+        buf.truncate(p + self.cipher);
+        match failed {
+            Some(e) if added == 0 => Err(e),
+            _ => Ok(added),
+        }
     }
 
     /// Gives the buffers back: the direction is over.
     pub fn release(&mut self) {
         self.buf = None;
-        (self.start, self.end) = (0, 0);
+        (self.start, self.end, self.cipher) = (0, 0, 0);
     }
 }
 
@@ -513,7 +689,92 @@ impl DirBuf {
 mod tests {
     use super::*;
     use crate::dataplane::drive::Timer;
+    use crate::transport::tls_conn::tests::session_pair;
     use std::time::{Duration, Instant};
+
+    /// Feeds `wire` to a fresh reading session through a [`DirBuf`] in reads of the sizes in
+    /// `cuts` (the rest in one), consuming the plaintext after each as the rules would;
+    /// returns it, and how the session's read side ended.
+    fn read_through(reader: &mut TlsSession, wire: &[u8], cuts: &[usize]) -> (Vec<u8>, io::Result<bool>) {
+        let mut d = DirBuf::with_cipher(b"kept", &[]);
+        let mut got = Vec::new();
+        let mut at = 0;
+        for &n in cuts.iter().chain(std::iter::once(&usize::MAX)) {
+            let n = n.min(wire.len() - at);
+            // A read: the new bytes after what the buffer keeps.
+            d.compact();
+            match &mut d.buf {
+                Some(Chunk::Heap(v)) => v.extend_from_slice(&wire[at..at + n]),
+                None => d.buf = Some(Chunk::heap(&wire[at..at + n])),
+                Some(_) => unreachable!("heap buffers only here"),
+            }
+            d.cipher += n;
+            at += n;
+            let opened = d.open_records(reader);
+            got.extend_from_slice(&d.buf.as_deref().unwrap()[d.start..d.end]);
+            d.start = d.end;
+            if opened.is_err() {
+                break;
+            }
+        }
+        (got, reader.readable())
+    }
+
+    /// Records are opened where they landed and their plaintext moved down, whatever the
+    /// reads cut (inside a header, inside a record, at a record's end), across key updates
+    /// (the writer's key is renewed every two records) and up to `close_notify`.
+    #[test]
+    fn tls_records_open_in_the_read_buffer_wherever_the_reads_cut() {
+        let data: Vec<u8> = (0..50_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        for cuts in [
+            &[][..],
+            &[1, 4, 1],
+            &[3, 16_000, 400, 7],
+            &[16_406],
+            &[16_405, 2],
+            &[30_000, 1, 1, 1],
+        ] {
+            let (mut w, mut r) = session_pair();
+            w.sealer_mut().set_limit(2);
+            w.seal_slices([&data[..20_000], &data[20_000..]].into_iter(), usize::MAX)
+                .unwrap();
+            w.close().unwrap();
+            let wire = w.take_tx();
+            let (got, end) = read_through(&mut r, &wire, cuts);
+            assert_eq!(got.len(), 4 + data.len(), "cuts {cuts:?}");
+            assert!(
+                got[..4] == *b"kept" && got[4..] == data[..],
+                "bytes differ, cuts {cuts:?}"
+            );
+            assert!(matches!(end, Ok(false)), "close_notify read: {end:?}");
+        }
+    }
+
+    /// A record changed on the way is an error, never data, and the peer is owed a fatal
+    /// alert; a TCP EOF without close_notify is an error too, not the end.
+    #[test]
+    fn a_tampered_tls_record_or_a_bare_eof_is_an_error() {
+        let (mut w, mut r) = session_pair();
+        w.seal_slices(std::iter::once(&[1u8; 100][..]), usize::MAX).unwrap();
+        let mut wire = w.take_tx();
+        wire[50] ^= 1;
+        let (got, end) = read_through(&mut r, &wire, &[]);
+        assert!(
+            got == *b"kept",
+            "no plaintext from a tampered record: {} bytes",
+            got.len()
+        );
+        assert_eq!(end.unwrap_err().kind(), io::ErrorKind::InvalidData);
+        assert!(!r.take_tx().is_empty(), "an alert queued for the peer");
+
+        let (mut w, mut r) = session_pair();
+        w.seal_slices(std::iter::once(&[1u8; 100][..]), usize::MAX).unwrap();
+        let wire = w.take_tx();
+        let (got, end) = read_through(&mut r, &wire, &[]);
+        assert_eq!(got.len(), 104);
+        assert!(matches!(end, Ok(true)));
+        assert_eq!(r.transport_eof(false).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+    }
 
     /// Polled again and again before its deadline (the polls that skip the runtime's timer
     /// tree), the timer is still woken by the runtime and ready at the deadline, not before;

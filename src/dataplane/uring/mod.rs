@@ -1,16 +1,19 @@
 //! The completion backend (cargo feature `uring`): io_uring on Linux, IOCP on Windows,
 //! through compio, kept behind this module so no other part of the crate names its types.
 //!
-//! Handshakes, TLS, authentication and control channels stay on the tokio workers. Once a
-//! tunnel is established and all its legs are plain TCP, the tokio side deregisters the
-//! sockets and hands them, with any bytes read past the handshakes, to a completion worker
+//! Handshakes (TLS's among them), authentication and control channels stay on the tokio
+//! workers. Once a tunnel is established, the tokio side deregisters its sockets and hands
+//! them, with any bytes read past the handshakes and each TLS leg's session
+//! ([`crate::transport::tls_session::TlsSession`]: keys, sequence numbers, what rustls
+//! keeps for key updates and tickets), to a completion worker
 //! ([`Completion`]: one thread per data-plane worker, each with its own ring). The tunnel
 //! runs there under the same sans-IO rules as on epoll (`session::forward` for `relay`,
 //! `session::splice` for `splice`; only the byte moving differs) and counts into that
 //! thread's counters, which a
 //! flush task publishes like a tokio worker's. The tokio task that handed the tunnel off
-//! waits for its result, so connection caps, drain and logs see it as before. Tunnels with
-//! a TLS leg stay on the epoll engines.
+//! waits for its result, so connection caps, drain and logs see it as before. A TLS leg's
+//! records are opened in the pooled buffer they are received into and sealed into a send
+//! buffer on the way out (`io::DirBuf`, `io::Writer`).
 //!
 //! Buffers: see [`bufs`]. A waiting connection holds no buffer on Linux.
 
@@ -22,16 +25,16 @@ mod splice;
 use std::future::Future;
 use std::sync::Arc;
 
-use bytes::BytesMut;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use self::io::{Reader, Writer, adopt};
-use super::reframe::TunnelStats;
+use self::io::{DirBuf, Reader, Writer, adopt};
+use super::reframe::{LINGER, TunnelStats};
 use super::splice::{SpliceConfig, SpliceStats};
 use super::stats::{self, ActiveGuard};
 use super::threads::{ThreadStart, Threads};
 use crate::dataplane::pool::{self, BUF_SIZE};
+use crate::transport::stream::Detached;
 
 /// Tunnels started on completion workers in this process, per hybrid connection (for
 /// tests; touched once per tunnel).
@@ -99,7 +102,7 @@ impl Completion {
         self.threads.stop();
     }
 
-    /// Relays a joined tunnel whose two legs are plain TCP; resolves with its stats.
+    /// Relays a joined tunnel; resolves with its stats.
     pub fn relay(&self, t: RelayJob) -> oneshot::Receiver<TunnelStats> {
         let (tx, rx) = oneshot::channel();
         self.threads.spawn(move || async move {
@@ -110,7 +113,7 @@ impl Completion {
         rx
     }
 
-    /// Splices a plain-TCP WebSocket to a TCP connection; resolves with its stats.
+    /// Splices a WebSocket to a TCP connection; resolves with its stats.
     pub fn splice(&self, s: SpliceJob) -> oneshot::Receiver<SpliceStats> {
         let (tx, rx) = oneshot::channel();
         self.threads.spawn(move || async move {
@@ -128,20 +131,20 @@ impl Drop for Completion {
     }
 }
 
-/// A relay tunnel to run: legs with the bytes read past their handshakes.
+/// A relay tunnel to run: its two legs as they left the tokio worker.
 pub struct RelayJob {
     pub hc: String,
-    pub sender: (std::net::TcpStream, BytesMut),
-    pub listener: (std::net::TcpStream, BytesMut),
+    pub sender: Detached,
+    pub listener: Detached,
     pub max_frame: u64,
     pub gone: CancellationToken,
     pub shutdown: CancellationToken,
 }
 
-/// A splice to run: the WebSocket (with bytes past its handshake) and the TCP connection.
+/// A splice to run: the WebSocket as it left the tokio worker, and the TCP connection.
 pub struct SpliceJob {
     pub hc: String,
-    pub ws: (std::net::TcpStream, BytesMut),
+    pub ws: Detached,
     pub tcp: std::net::TcpStream,
     pub cfg: SpliceConfig,
     pub stop: CancellationToken,
@@ -150,15 +153,22 @@ pub struct SpliceJob {
 /// A socket's read and write halves on this worker's runtime.
 type Halves = (Reader, Writer);
 
-fn leg(s: std::net::TcpStream) -> std::io::Result<Halves> {
+/// `s`'s halves; `tls`: it carries TLS records (read with one-shot receives).
+fn leg(s: std::net::TcpStream, tls: bool) -> std::io::Result<Halves> {
     let s = adopt(s)?;
-    Ok((Reader::new(s.clone()), Writer::new(s)))
+    let r = Reader::new(s.clone());
+    Ok((if tls { r.one_shot() } else { r }, Writer::new(s)))
 }
 
-/// A tunnel's two sockets adopted by this worker's runtime, and the tunnel of `hc`
-/// counted as running here; `None` (logged) if the runtime refused one.
-fn adopt_pair(hc: String, a: std::net::TcpStream, b: std::net::TcpStream) -> Option<(Halves, Halves, ActiveGuard)> {
-    match leg(a).and_then(|a| Ok((a, leg(b)?))) {
+/// A tunnel's two sockets (each with whether it carries TLS) adopted by this worker's
+/// runtime, and the tunnel of `hc` counted as running here; `None` (logged) if the runtime
+/// refused one.
+fn adopt_pair(
+    hc: String,
+    a: (std::net::TcpStream, bool),
+    b: (std::net::TcpStream, bool),
+) -> Option<(Halves, Halves, ActiveGuard)> {
+    match leg(a.0, a.1).and_then(|a| Ok((a, leg(b.0, b.1)?))) {
         Ok((a, b)) => {
             count_run(&hc);
             Some((a, b, ActiveGuard::new(stats::for_hc(&hc))))
@@ -179,28 +189,54 @@ async fn run_relay(t: RelayJob) -> Option<TunnelStats> {
         gone,
         shutdown,
     } = t;
-    let ((sr, sw), (lr, lw), active) = adopt_pair(hc, sender.0, listener.0)?;
+    let s = (sender.sock, sender.tls.is_some());
+    let l = (listener.sock, listener.tls.is_some());
+    let ((sr, sw), (lr, lw), active) = adopt_pair(hc, s, l)?;
     let mut tunnel = relay::RelayTunnel::new(
-        (relay::Leg { r: sr, w: sw }, &sender.1),
-        (relay::Leg { r: lr, w: lw }, &listener.1),
+        (
+            relay::Leg {
+                r: sr,
+                w: sw,
+                tls: sender.tls,
+            },
+            DirBuf::with_cipher(&sender.plain, &sender.cipher),
+        ),
+        (
+            relay::Leg {
+                r: lr,
+                w: lw,
+                tls: listener.tls,
+            },
+            DirBuf::with_cipher(&listener.plain, &listener.cipher),
+        ),
         max_frame,
         &gone,
         &shutdown,
         active,
     );
     // The handshake buffers are copied; free them for the tunnel's lifetime.
-    drop((sender.1, listener.1, gone, shutdown));
+    drop((
+        sender.plain,
+        sender.cipher,
+        listener.plain,
+        listener.cipher,
+        gone,
+        shutdown,
+    ));
     (&mut tunnel).await;
     Some(tunnel.shutdown_legs().await)
 }
 
 async fn run_splice(s: SpliceJob) -> Option<SpliceStats> {
     let SpliceJob { hc, ws, tcp, cfg, stop } = s;
-    let ((wr, ww), tcp, active) = adopt_pair(hc, ws.0, tcp)?;
-    let mut sp = splice::Splice::new((wr, ww, &ws.1), tcp, &cfg, &stop, active);
-    drop((ws.1, cfg, stop));
+    let ((wr, ww), tcp, active) = adopt_pair(hc, (ws.sock, ws.tls.is_some()), (tcp, false))?;
+    let input = DirBuf::with_cipher(&ws.plain, &ws.cipher);
+    let mut sp = splice::Splice::new((wr, ww, ws.tls, input), tcp, &cfg, &stop, active);
+    drop((ws.plain, ws.cipher, cfg, stop));
     let stats = (&mut sp).await;
-    let _ = sp.into_ws_writer().shutdown();
+    // A TLS WebSocket's close_notify may wait for a peer that reads nothing: bounded.
+    let (mut w, mut tls) = sp.into_ws_writer();
+    let _ = compio::time::timeout(LINGER, w.close(tls.as_deref_mut())).await;
     Some(stats)
 }
 

@@ -3,7 +3,9 @@
 //! [`crate::dataplane::reframe`] is over epoll.
 //!
 //! Frames are decoded in place by the rules, and the runs are written with one vectored
-//! send that owns the buffer until the kernel is done with it ([`DirBuf`]).
+//! send that owns the buffer until the kernel is done with it ([`DirBuf`]). A TLS leg's
+//! records are opened in the buffer they arrive in and its writes sealed on the way out
+//! ([`DirBuf::poll_fill`], [`super::io::Writer::poll_write_all`]).
 
 use std::task::{Context, Poll, ready};
 
@@ -14,11 +16,13 @@ use crate::dataplane::drive::{self, TunnelLegs};
 use crate::dataplane::reframe::{DirEnd, LINGER, LINGER_MAX, TunnelStats};
 use crate::dataplane::stats::ActiveGuard;
 use crate::session::forward::{Dir, Forward, Step};
+use crate::transport::tls_session::TlsSession;
 
-/// One leg: its reader and writer.
+/// One leg: its reader and writer, and its TLS session if it has one.
 pub struct Leg {
     pub r: Reader,
     pub w: Writer,
+    pub tls: Option<Box<TlsSession>>,
 }
 
 /// The completion engine's legs of a relay tunnel, with each direction's buffers.
@@ -33,31 +37,35 @@ pub struct UringTunnel {
 pub(crate) type RelayTunnel = drive::Tunnel<UringTunnel, CompioTimer>;
 
 impl RelayTunnel {
-    /// `sender`/`listener` with the bytes that came after their handshakes.
+    /// `sender`/`listener` with their input so far (what came after their handshakes).
     pub fn new(
-        sender: (Leg, &[u8]),
-        listener: (Leg, &[u8]),
+        sender: (Leg, DirBuf),
+        listener: (Leg, DirBuf),
         max_frame: u64,
         gone: &CancellationToken,
         shutdown: &CancellationToken,
         active: ActiveGuard,
     ) -> Self {
         let legs = UringTunnel {
-            up: DirBuf::new(sender.1),
-            down: DirBuf::new(listener.1),
+            up: sender.1,
+            down: listener.1,
             sender: sender.0,
             listener: listener.0,
         };
         Self::with_legs(legs, CompioTimer::default(), max_frame, gone, shutdown, Some(active))
     }
 
-    /// Closes both legs (FIN) lingering, within 2 s: the epoll engine's
+    /// Closes both legs (TLS `close_notify`, FIN) lingering, within 2 s: the epoll engine's
     /// [`crate::dataplane::reframe::RelayTunnel::shutdown_legs`] rule.
     pub async fn shutdown_legs(mut self) -> TunnelStats {
         let legs = &mut self.legs;
         futures_util::future::join(
-            legs.sender.w.linger_within(LINGER, LINGER_MAX),
-            legs.listener.w.linger_within(LINGER, LINGER_MAX),
+            legs.sender
+                .w
+                .linger_within(legs.sender.tls.as_deref_mut(), LINGER, LINGER_MAX),
+            legs.listener
+                .w
+                .linger_within(legs.listener.tls.as_deref_mut(), LINGER, LINGER_MAX),
         )
         .await;
         self.stats()
@@ -67,11 +75,11 @@ impl RelayTunnel {
 impl TunnelLegs for UringTunnel {
     fn poll_dir(&mut self, cx: &mut Context<'_>, d: Dir, rules: &mut Forward) -> Poll<DirEnd> {
         let (io, src, dst) = match d {
-            Dir::Up => (&mut self.up, &mut self.sender.r, &mut self.listener.w),
-            Dir::Down => (&mut self.down, &mut self.listener.r, &mut self.sender.w),
+            Dir::Up => (&mut self.up, &mut self.sender, &mut self.listener),
+            Dir::Down => (&mut self.down, &mut self.listener, &mut self.sender),
         };
         let end = loop {
-            if ready!(io.poll_write(cx, dst, true)).is_err() {
+            if ready!(io.poll_write(cx, &mut dst.w, true, dst.tls.as_deref_mut())).is_err() {
                 break DirEnd::WriteFailed;
             }
             match rules.poll_step(io.has_bytes()) {
@@ -81,7 +89,10 @@ impl TunnelLegs for UringTunnel {
                     let (buf, start, end, runs) = io.split();
                     rules.decode(buf, start, end, runs);
                 }
-                Step::Read => rules.handle_read(ready!(io.poll_fill(cx, src)).map(|n| n > 0)),
+                Step::Read => {
+                    let r = ready!(io.poll_fill(cx, &mut src.r, src.tls.as_deref_mut()));
+                    rules.handle_read(r.map(|n| n > 0));
+                }
             }
         };
         io.release();

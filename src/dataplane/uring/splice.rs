@@ -6,7 +6,8 @@
 //! the payload in place and it is sent after its header with one vectored send.
 //! WebSocket → TCP: frames are decoded in place and their payload runs sent with one
 //! vectored send. Control frames the reading side owes (pong, close) go out between data
-//! frames.
+//! frames. Over TLS (`wss://`) the WebSocket's records are opened in the buffer they
+//! arrive in, and what is sent to it is sealed on the way out.
 
 use std::task::{Context, Poll, ready};
 
@@ -18,11 +19,14 @@ use crate::dataplane::splice::SpliceConfig;
 use crate::dataplane::stats::ActiveGuard;
 use crate::session::close::DownEnd;
 use crate::session::splice::{DownStep, SpliceRules, UpEnd, UpStep};
+use crate::transport::tls_session::TlsSession;
 
 /// The completion engine's legs of a splice, with each direction's buffers.
 pub struct UringSplice {
     ws_r: Reader,
     ws_w: Writer,
+    /// The WebSocket's TLS session, if it has one.
+    ws_tls: Option<Box<TlsSession>>,
     tcp_r: Reader,
     tcp_w: Writer,
     /// TCP → WebSocket: what TCP gave, framed.
@@ -35,9 +39,10 @@ pub struct UringSplice {
 pub(crate) type Splice = drive::Splice<UringSplice, CompioTimer>;
 
 impl Splice {
-    /// `ws`: its halves and the bytes read past its handshake.
+    /// `ws`: its halves, its TLS session if any and its input so far (read past its
+    /// handshake).
     pub fn new(
-        ws: (Reader, Writer, &[u8]),
+        ws: (Reader, Writer, Option<Box<TlsSession>>, DirBuf),
         tcp: (Reader, Writer),
         cfg: &SpliceConfig,
         stop: &CancellationToken,
@@ -46,18 +51,19 @@ impl Splice {
         let legs = UringSplice {
             ws_r: ws.0,
             ws_w: ws.1,
+            ws_tls: ws.2,
             tcp_r: tcp.0,
             tcp_w: tcp.1,
             up: DirBuf::new(&[]),
-            down: DirBuf::new(ws.2),
+            down: ws.3,
         };
         Self::with_legs(legs, CompioTimer::default(), cfg, stop, Some(active))
     }
 
-    /// The WebSocket's write side, for closing after the splice; everything else (the TCP
-    /// connection among it) is closed now.
-    pub fn into_ws_writer(self) -> Writer {
-        self.legs.ws_w
+    /// The WebSocket's write side and TLS session, for closing after the splice;
+    /// everything else (the TCP connection among it) is closed now.
+    pub fn into_ws_writer(self) -> (Writer, Option<Box<TlsSession>>) {
+        (self.legs.ws_w, self.legs.ws_tls)
     }
 }
 
@@ -65,7 +71,7 @@ impl SpliceLegs for UringSplice {
     fn poll_down(&mut self, cx: &mut Context<'_>, rules: &mut SpliceRules) -> Poll<DownEnd> {
         let io = &mut self.down;
         let end = loop {
-            if ready!(io.poll_write(cx, &mut self.tcp_w, true)).is_err() {
+            if ready!(io.poll_write(cx, &mut self.tcp_w, true, None)).is_err() {
                 break DownEnd::TcpWriteFailed;
             }
             match rules.down.poll_step(&rules.ctrl, io.has_bytes()) {
@@ -82,7 +88,7 @@ impl SpliceLegs for UringSplice {
                     }
                 }
                 DownStep::Read => {
-                    let r = ready!(io.poll_fill(cx, &mut self.ws_r)).map(|n| n > 0);
+                    let r = ready!(io.poll_fill(cx, &mut self.ws_r, self.ws_tls.as_deref_mut())).map(|n| n > 0);
                     if let Err(e) = rules.down.handle_read(r) {
                         break e;
                     }
@@ -97,7 +103,7 @@ impl SpliceLegs for UringSplice {
         let io = &mut self.up;
         loop {
             // The buffer is dropped after its frame is out: it goes back while TCP is quiet.
-            if ready!(io.poll_write(cx, &mut self.ws_w, false)).is_err() {
+            if ready!(io.poll_write(cx, &mut self.ws_w, false, self.ws_tls.as_deref_mut())).is_err() {
                 return Poll::Ready(UpEnd::WsWriteFailed);
             }
             rules.up.handle_written(&mut rules.ctrl);
@@ -107,7 +113,7 @@ impl SpliceLegs for UringSplice {
                 // Woken again when the reading side, a timer or the stop has news.
                 UpStep::Idle => return Poll::Pending,
                 UpStep::ReadTcp => {
-                    let r = ready!(io.poll_fill(cx, &mut self.tcp_r));
+                    let r = ready!(io.poll_fill(cx, &mut self.tcp_r, None));
                     match rules.up.handle_tcp_read(&mut rules.ctrl, r) {
                         Some(_) => {
                             let h = rules.up.frame(io.read_bytes());

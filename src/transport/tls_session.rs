@@ -1,0 +1,414 @@
+//! [`TlsSession`]: a TLS connection after its handshake, without I/O — the two record
+//! keys, what rustls keeps for later (key updates, a client's tickets), the read side's
+//! state and the records sealed for the peer. [`super::tls_conn::TlsConn`] drives it over
+//! a tokio socket; the completion backend drives it over io_uring, opening records in the
+//! pooled buffer they were received into and sealing into a send buffer of its own
+//! (`dataplane::uring`).
+//!
+//! What it handles itself: `close_notify` (the read side is closed) and other alerts
+//! (errors), TLS 1.3 key updates both ways (answering a request, and renewing our key
+//! before its suite's confidentiality limit), session tickets (client) and a TLS 1.2
+//! server's HelloRequest (ignored: no renegotiation). A record that does not open is an
+//! error, never data, and queues the fatal alert that tells the peer why.
+
+use std::io;
+use std::ops::Range;
+
+use rustls::client::ClientConnectionData;
+use rustls::kernel::KernelConnection;
+use rustls::server::ServerConnectionData;
+use rustls::{HandshakeKind, ProtocolVersion, SupportedCipherSuite};
+
+use super::record::{self, MAX_PLAINTEXT, Opener, Sealer};
+
+/// Most bytes of one post-handshake message (a session ticket is a few hundred).
+const MAX_HANDSHAKE_MESSAGE: usize = 1 << 16;
+
+const HELLO_REQUEST: u8 = 0;
+const NEW_SESSION_TICKET: u8 = 4;
+const KEY_UPDATE: u8 = 24;
+const CLOSE_NOTIFY: u8 = 0;
+const USER_CANCELED: u8 = 90;
+const WARNING: u8 = 1;
+const FATAL: u8 = 2;
+
+/// rustls' half after the handshake: new secrets on key updates, tickets for a client.
+pub(super) enum Kernel {
+    Client(KernelConnection<ClientConnectionData>),
+    Server(KernelConnection<ServerConnectionData>),
+}
+
+impl Kernel {
+    fn update_rx(&mut self) -> Result<(u64, rustls::ConnectionTrafficSecrets), rustls::Error> {
+        match self {
+            Kernel::Client(k) => k.update_rx_secret(),
+            Kernel::Server(k) => k.update_rx_secret(),
+        }
+    }
+
+    fn update_tx(&mut self) -> Result<(u64, rustls::ConnectionTrafficSecrets), rustls::Error> {
+        match self {
+            Kernel::Client(k) => k.update_tx_secret(),
+            Kernel::Server(k) => k.update_tx_secret(),
+        }
+    }
+}
+
+/// How the read side stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ReadSide {
+    Open,
+    /// The peer's `close_notify` arrived: reads return EOF.
+    Closed,
+    /// A fatal error: every further read returns it.
+    Failed(io::ErrorKind, String),
+}
+
+/// What [`TlsSession::open_record`] found at the front of a buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    /// Not a whole record yet.
+    Incomplete,
+    /// Application data: its plaintext is `buf[plain]`, opened in place; the record is
+    /// `buf[..len]`.
+    Data { plain: Range<usize>, len: usize },
+    /// A record with nothing for the reader (a handshake message, a tolerated alert, empty
+    /// application data), already handled: `buf[..len]` may be dropped.
+    Consumed(usize),
+}
+
+pub(super) fn tls_error(e: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+}
+
+/// What [`TlsSession::params`] reads of the handshake's state.
+pub(super) struct Params {
+    version: ProtocolVersion,
+    kind: Option<HandshakeKind>,
+    limit: u64,
+}
+
+/// A TLS connection after its handshake, without I/O. See the module docs.
+pub struct TlsSession {
+    kernel: Kernel,
+    version: ProtocolVersion,
+    kind: Option<HandshakeKind>,
+    opener: Opener,
+    sealer: Sealer,
+    /// A post-handshake message arriving over more than one record.
+    handshake: Vec<u8>,
+    read: ReadSide,
+    /// Sealed records for the peer, in order, not yet handed to the socket. The driver
+    /// writes them out (and may take the vector to do so, [`TlsSession::take_tx`]).
+    pub(super) tx: Vec<u8>,
+    /// Our `close_notify` (or a fatal alert) is queued: nothing more may be sealed.
+    write_closed: bool,
+}
+
+impl std::fmt::Debug for TlsSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSession")
+            .field("version", &self.version)
+            .field("read", &self.read)
+            .field("queued", &self.tx.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsSession {
+    /// What the session needs of rustls' state before its `kernel` API consumes it.
+    pub(super) fn params(common: &rustls::CommonState) -> io::Result<Params> {
+        let version = common
+            .protocol_version()
+            .ok_or_else(|| tls_error("no TLS version after the handshake"))?;
+        let suite = common
+            .negotiated_cipher_suite()
+            .ok_or_else(|| tls_error("no cipher suite after the handshake"))?;
+        let limit = match suite {
+            SupportedCipherSuite::Tls13(s) => s.common.confidentiality_limit,
+            SupportedCipherSuite::Tls12(s) => s.common.confidentiality_limit,
+        };
+        Ok(Params {
+            version,
+            kind: common.handshake_kind(),
+            limit,
+        })
+    }
+
+    /// The session the handshake left: `secrets` and `kernel` as rustls' `kernel` API
+    /// handed them over, `outgoing` the last flight, not yet sent.
+    pub(super) fn new(
+        p: Params,
+        secrets: rustls::ExtractedSecrets,
+        kernel: Kernel,
+        outgoing: Vec<u8>,
+    ) -> io::Result<Self> {
+        Ok(Self {
+            kernel,
+            version: p.version,
+            kind: p.kind,
+            opener: Opener::new(p.version, secrets.rx).map_err(tls_error)?,
+            sealer: Sealer::new(p.version, secrets.tx, p.limit).map_err(tls_error)?,
+            handshake: Vec::new(),
+            read: ReadSide::Open,
+            tx: outgoing,
+            write_closed: false,
+        })
+    }
+
+    pub fn protocol_version(&self) -> ProtocolVersion {
+        self.version
+    }
+
+    /// Full or resumed.
+    pub fn handshake_kind(&self) -> Option<HandshakeKind> {
+        self.kind
+    }
+
+    /// `Ok(true)` while records may be opened, `Ok(false)` once the peer's `close_notify`
+    /// arrived (EOF), the error again once one was found.
+    pub fn readable(&self) -> io::Result<bool> {
+        match &self.read {
+            ReadSide::Open => Ok(true),
+            ReadSide::Closed => Ok(false),
+            ReadSide::Failed(kind, msg) => Err(io::Error::new(*kind, msg.clone())),
+        }
+    }
+
+    /// Ends the read side with an error, which every later read returns.
+    pub fn fail(&mut self, kind: io::ErrorKind, msg: String) -> io::Error {
+        self.read = ReadSide::Failed(kind, msg.clone());
+        io::Error::new(kind, msg)
+    }
+
+    /// The read side's end at the transport's EOF: after `close_notify` that is EOF
+    /// (`Ok`); without, an `UnexpectedEof` error (a cut connection is never mistaken for a
+    /// finished one), `partial` saying whether part of a record was left.
+    pub fn transport_eof(&mut self, partial: bool) -> io::Result<()> {
+        if !self.readable()? {
+            return Ok(());
+        }
+        let msg = if partial {
+            "the connection closed in the middle of a TLS record"
+        } else {
+            "the peer closed the connection without sending TLS close_notify"
+        };
+        Err(self.fail(io::ErrorKind::UnexpectedEof, msg.into()))
+    }
+
+    /// Opens the record at the front of `buf` in place, if it is all there, and handles
+    /// what is not application data. Call only while [`Self::readable`] says `Ok(true)`.
+    pub fn open_record(&mut self, buf: &mut [u8]) -> io::Result<Record> {
+        let opened = match self.opener.open(buf) {
+            Ok(Some(o)) => o,
+            Ok(None) => return Ok(Record::Incomplete),
+            Err(e) => {
+                self.queue_fatal_alert(e.alert());
+                return Err(self.fail(io::ErrorKind::InvalidData, e.to_string()));
+            }
+        };
+        match opened.typ {
+            record::APPLICATION_DATA if !opened.plain.is_empty() => {
+                return Ok(Record::Data {
+                    plain: opened.plain,
+                    len: opened.len,
+                });
+            }
+            record::APPLICATION_DATA => {}
+            // `post_handshake` refuses a message over 64 KiB, so this holds at most that and
+            // one record.
+            record::HANDSHAKE => {
+                self.handshake.extend_from_slice(&buf[opened.plain]);
+                self.post_handshake()?;
+            }
+            _ => self.alert(&buf[opened.plain])?,
+        }
+        Ok(Record::Consumed(opened.len))
+    }
+
+    /// True if `buf` starts with a whole record (or with bytes that cannot start one,
+    /// which the next open reports).
+    pub fn whole_record(buf: &[u8]) -> bool {
+        match Opener::record_len(buf) {
+            Ok(Some(n)) => n <= buf.len(),
+            Ok(None) => false,
+            Err(_) => true,
+        }
+    }
+
+    fn alert(&mut self, alert: &[u8]) -> io::Result<()> {
+        let &[level, desc] = alert else {
+            return Err(self.fail(io::ErrorKind::InvalidData, "malformed TLS alert".into()));
+        };
+        if desc == CLOSE_NOTIFY {
+            self.read = ReadSide::Closed;
+            return Ok(());
+        }
+        // TLS 1.3: every alert but user_canceled is fatal; TLS 1.2: warnings are not.
+        let tolerated = match self.version {
+            ProtocolVersion::TLSv1_3 => desc == USER_CANCELED,
+            _ => level == WARNING,
+        };
+        if tolerated {
+            return Ok(());
+        }
+        let name = rustls::AlertDescription::from(desc);
+        Err(self.fail(
+            io::ErrorKind::ConnectionAborted,
+            format!("the peer sent TLS alert {name:?}"),
+        ))
+    }
+
+    /// Handles the whole messages in `handshake`: tickets, key updates, HelloRequest.
+    fn post_handshake(&mut self) -> io::Result<()> {
+        while self.handshake.len() >= 4 {
+            let h = &self.handshake;
+            let len = u32::from_be_bytes([0, h[1], h[2], h[3]]) as usize;
+            if len > MAX_HANDSHAKE_MESSAGE {
+                return Err(self.fail(io::ErrorKind::InvalidData, "TLS handshake message too long".into()));
+            }
+            if h.len() < 4 + len {
+                return Ok(());
+            }
+            let typ = h[0];
+            let body: Vec<u8> = h[4..4 + len].to_vec();
+            self.handshake.drain(..4 + len);
+            let tls13 = self.version == ProtocolVersion::TLSv1_3;
+            let client = matches!(self.kernel, Kernel::Client(_));
+            let result = match typ {
+                NEW_SESSION_TICKET if tls13 && client => match &mut self.kernel {
+                    Kernel::Client(k) => k.handle_new_session_ticket(&body).map_err(tls_error),
+                    Kernel::Server(_) => unreachable!("checked: a client"),
+                },
+                KEY_UPDATE if tls13 && body.len() == 1 && body[0] <= 1 => self.key_update(body[0] == 1),
+                // No renegotiation: a TLS 1.2 client may ignore the server's request.
+                HELLO_REQUEST if !tls13 && client && body.is_empty() => Ok(()),
+                _ => Err(tls_error(format_args!(
+                    "unexpected TLS handshake message {typ} after the handshake"
+                ))),
+            };
+            if let Err(e) = result {
+                return Err(self.fail(e.kind(), e.to_string()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The peer's KeyUpdate: its next key for reading; if it asks, ours too (after our
+    /// own KeyUpdate, which goes out with our next write: RFC 8446 asks for it before our
+    /// next application data).
+    fn key_update(&mut self, requested: bool) -> io::Result<()> {
+        let next = self.kernel.update_rx().map_err(tls_error)?;
+        self.opener.rekey(next).map_err(tls_error)?;
+        if requested && !self.write_closed {
+            self.send_key_update()?;
+        }
+        Ok(())
+    }
+
+    /// Queues a KeyUpdate (`update_not_requested`, sealed with the old key) and switches
+    /// to the next key.
+    fn send_key_update(&mut self) -> io::Result<()> {
+        self.sealer
+            .seal(record::HANDSHAKE, &[&[KEY_UPDATE, 0, 0, 1, 0]], &mut self.tx)
+            .map_err(tls_error)?;
+        let next = self.kernel.update_tx().map_err(tls_error)?;
+        self.sealer.rekey(next).map_err(tls_error)
+    }
+
+    /// Tells the peer why we stop (sent with whatever is written next); no record follows
+    /// it.
+    fn queue_fatal_alert(&mut self, desc: u8) {
+        if !self.write_closed && self.sealer.seal(record::ALERT, &[&[FATAL, desc]], &mut self.tx).is_ok() {
+            self.write_closed = true;
+        }
+    }
+
+    /// Queues `close_notify`, once: nothing is sealed after it.
+    pub fn close(&mut self) -> io::Result<()> {
+        if !self.write_closed {
+            self.sealer
+                .seal(record::ALERT, &[&[WARNING, CLOSE_NOTIFY]], &mut self.tx)
+                .map_err(tls_error)?;
+            self.write_closed = true;
+        }
+        Ok(())
+    }
+
+    /// Seals one application-data record from `parts` (at most [`MAX_PLAINTEXT`] in all),
+    /// renewing a worn-out key first.
+    fn seal_data(&mut self, parts: &[&[u8]]) -> io::Result<()> {
+        if self.write_closed {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "write after TLS close_notify",
+            ));
+        }
+        if self.sealer.worn_out() {
+            if !self.sealer.is_tls13() {
+                return Err(tls_error(
+                    "the TLS 1.2 key has sealed as many records as its suite allows; reconnect",
+                ));
+            }
+            self.send_key_update()?;
+        }
+        self.sealer
+            .seal(record::APPLICATION_DATA, parts, &mut self.tx)
+            .map_err(tls_error)
+    }
+
+    /// Seals `slices` as application data into records of up to 16 KiB (small slices share
+    /// a record) while the send queue holds under `limit` bytes; returns the plaintext
+    /// bytes taken. An error after something was taken is left for the next call (what
+    /// was taken is queued and reported).
+    pub fn seal_slices<'a>(&mut self, slices: impl Iterator<Item = &'a [u8]>, limit: usize) -> io::Result<usize> {
+        const PARTS: usize = 64;
+        let mut slices = slices.filter(|b| !b.is_empty());
+        let mut carry: Option<&[u8]> = None;
+        let mut taken = 0;
+        while self.tx.len() < limit {
+            let mut parts: [&[u8]; PARTS] = [&[]; PARTS];
+            let (mut k, mut room) = (0, MAX_PLAINTEXT);
+            while k < PARTS && room > 0 {
+                let Some(s) = carry.take().or_else(|| slices.next()) else {
+                    break;
+                };
+                let n = s.len().min(room);
+                parts[k] = &s[..n];
+                if n < s.len() {
+                    carry = Some(&s[n..]);
+                }
+                k += 1;
+                room -= n;
+            }
+            if k == 0 {
+                break;
+            }
+            match self.seal_data(&parts[..k]) {
+                Ok(()) => taken += MAX_PLAINTEXT - room,
+                Err(_) if taken > 0 => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(taken)
+    }
+
+    /// Makes room in the send queue for sealing `plain` bytes in one go (so it is not
+    /// reallocated record by record).
+    pub fn reserve(&mut self, plain: usize) {
+        let records = plain.div_ceil(MAX_PLAINTEXT);
+        self.tx.reserve(plain + records * (record::MAX_RECORD - MAX_PLAINTEXT));
+    }
+
+    /// The sealed records not yet written, taken out (the session queues any later ones
+    /// in a new vector).
+    pub fn take_tx(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.tx)
+    }
+
+    /// Records sealed with our current key (tests: a key update starts it at 0 again).
+    #[cfg(test)]
+    pub(crate) fn sealer_mut(&mut self) -> &mut Sealer {
+        &mut self.sealer
+    }
+}
