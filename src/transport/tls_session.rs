@@ -412,3 +412,109 @@ impl TlsSession {
         &mut self.sealer
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::tls_conn::tests::session_pair;
+
+    /// Seals a record of type `typ` holding `body` with the writer's key, as a peer would.
+    fn record(w: &mut TlsSession, typ: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        w.sealer_mut().seal(typ, &[body], &mut out).unwrap();
+        out
+    }
+
+    /// Opens every whole record of `wire` in turn; the plaintext of the data records, or the
+    /// first error.
+    fn open_all(r: &mut TlsSession, mut wire: Vec<u8>) -> io::Result<Vec<u8>> {
+        let mut plain = Vec::new();
+        for _ in 0..100 {
+            if !r.readable()? {
+                break;
+            }
+            match r.open_record(&mut wire)? {
+                Record::Incomplete => break,
+                Record::Data { plain: p, len } => {
+                    plain.extend_from_slice(&wire[p]);
+                    wire.drain(..len);
+                }
+                Record::Consumed(len) => {
+                    wire.drain(..len);
+                }
+            }
+        }
+        Ok(plain)
+    }
+
+    /// A KeyUpdate asking for ours, cut over two records: nothing happens until it is
+    /// whole; then the reader's key moves on and our own KeyUpdate is queued, sealed with
+    /// the old key (the sequence starts again at 0 for the new one).
+    #[test]
+    fn a_key_update_split_over_two_records_is_answered_once_whole() {
+        let (mut w, mut r) = session_pair();
+        let mut wire = record(&mut w, record::HANDSHAKE, &[KEY_UPDATE, 0]);
+        let first = wire.len();
+        wire.extend(record(&mut w, record::HANDSHAKE, &[0, 1, 1]));
+        r.seal_slices(std::iter::once(&b"before"[..]), usize::MAX).unwrap();
+        let seq = r.sealer_mut().seq();
+        assert!(seq > 0);
+        let mut part = wire[..first].to_vec();
+        assert!(matches!(r.open_record(&mut part).unwrap(), Record::Consumed(_)));
+        assert_eq!(r.sealer_mut().seq(), seq, "no answer to half a message");
+        let queued = r.tx.len();
+        assert_eq!(open_all(&mut r, wire[first..].to_vec()).unwrap(), b"");
+        assert_eq!(r.sealer_mut().seq(), 0, "our key renewed");
+        assert!(r.tx.len() > queued, "our KeyUpdate queued");
+        assert!(matches!(r.readable(), Ok(true)));
+    }
+
+    /// What a peer may not send after the handshake is an error that ends the read side
+    /// for good: an oversized or unexpected handshake message, a ticket sent to a server,
+    /// a malformed or fatal alert. A user_canceled alert and empty application data are
+    /// tolerated; close_notify is the end, not an error.
+    #[test]
+    fn what_a_peer_may_not_send_after_the_handshake_ends_the_read_side() {
+        let cases: [(u8, &[u8], Option<io::ErrorKind>); 8] = [
+            (
+                record::HANDSHAKE,
+                &[KEY_UPDATE, 0x01, 0x00, 0x01],
+                Some(io::ErrorKind::InvalidData),
+            ),
+            (record::HANDSHAKE, &[1, 0, 0, 1, 0], Some(io::ErrorKind::InvalidData)),
+            (
+                record::HANDSHAKE,
+                &[NEW_SESSION_TICKET, 0, 0, 1, 0],
+                Some(io::ErrorKind::InvalidData),
+            ),
+            (
+                record::HANDSHAKE,
+                &[KEY_UPDATE, 0, 0, 1, 7],
+                Some(io::ErrorKind::InvalidData),
+            ),
+            (record::ALERT, &[FATAL, 40, 0], Some(io::ErrorKind::InvalidData)),
+            (record::ALERT, &[WARNING, 40], Some(io::ErrorKind::ConnectionAborted)),
+            (record::ALERT, &[WARNING, USER_CANCELED], None),
+            (record::APPLICATION_DATA, &[], None),
+        ];
+        for (typ, body, want) in cases {
+            let (mut w, mut r) = session_pair();
+            let mut wire = record(&mut w, typ, body);
+            wire.extend(record(&mut w, record::APPLICATION_DATA, b"after"));
+            match (open_all(&mut r, wire), want) {
+                (Ok(p), None) => assert_eq!(p, b"after", "{typ} {body:?}"),
+                (Err(e), Some(kind)) => {
+                    assert_eq!(e.kind(), kind, "{typ} {body:?}: {e}");
+                    assert_eq!(r.readable().unwrap_err().kind(), kind, "sticky");
+                }
+                (got, want) => panic!("{typ} {body:?}: {got:?}, wanted {want:?}"),
+            }
+        }
+        let (mut w, mut r) = session_pair();
+        let mut wire = record(&mut w, record::ALERT, &[WARNING, CLOSE_NOTIFY]);
+        wire.extend(record(&mut w, record::APPLICATION_DATA, b"ignored"));
+        assert_eq!(open_all(&mut r, wire).unwrap(), b"");
+        assert!(matches!(r.readable(), Ok(false)), "close_notify is EOF");
+        assert!(r.transport_eof(false).is_ok(), "a TCP EOF after it is the clean end");
+    }
+}
