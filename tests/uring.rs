@@ -70,7 +70,9 @@ async fn byte_exact_round_trips() {
     assert_eq!(uring::tunnels_run("echo"), 18, "tunnels ran on io_uring");
 }
 
-async fn half_close_from_either_side_on(tls: bool) {
+/// An app and an endpoint each half-close in turn; the late bytes still arrive. Over
+/// wss:// each TLS leg's `close_notify` ends its direction, as FIN does over ws://.
+async fn half_close_from_either_side(tls: bool) {
     let rig = rig_on(tls);
     let (ep, mut received) = greeter();
     let (greet, echo2) = (hc_name("greet", tls), hc_name("echo2", tls));
@@ -99,18 +101,8 @@ async fn half_close_from_either_side_on(tls: bool) {
     assert!(round_trip(b2.addr_of(&echo2).unwrap(), &data).await.unwrap() == data);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn half_close_from_either_side() {
-    half_close_from_either_side_on(false).await;
-}
-
-/// The same over wss://: each TLS leg's `close_notify` ends its direction, as FIN does in ws://.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_half_close_from_either_side() {
-    half_close_from_either_side_on(true).await;
-}
-
-async fn two_hundred_concurrent_connections_on(tls: bool) {
+/// Two hundred tunnels at once, each byte-exact.
+async fn two_hundred_concurrent_connections(tls: bool) {
     let rig = rig_on(tls);
     let many = hc_name("many", tls);
     let (_h, b) = chain(&rig, &many, echo()).await;
@@ -130,17 +122,6 @@ async fn two_hundred_concurrent_connections_on(tls: bool) {
     }
     assert_eq!(ok, 200);
     assert_eq!(uring::tunnels_run(&many), 600);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_hundred_concurrent_connections() {
-    two_hundred_concurrent_connections_on(false).await;
-}
-
-/// The same over wss://.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_two_hundred_concurrent_connections() {
-    two_hundred_concurrent_connections_on(true).await;
 }
 
 /// Tunnels that end with a FIN leave no io_uring worker thread behind. The kernel never
@@ -170,8 +151,9 @@ async fn ending_tunnels_hand_no_work_to_io_uring_worker_threads() {
 /// gets a provided-buffer ring of one buffer and a pool of one. Forty tunnels at once run
 /// the ring empty over and over, so every read path is taken: the multishot receive, its
 /// end when the ring is empty, the read into a pool buffer that follows, and the receive
-/// armed again. Every byte must still arrive, in order.
-async fn a_one_buffer_ring_under_forty_tunnels_loses_no_byte_on(tls: bool) {
+/// armed again. Every byte must still arrive, in order. Over wss:// each TLS leg reads
+/// with one-shot receives and continues a partial record in the buffer it holds.
+async fn a_one_buffer_ring_under_forty_tunnels_loses_no_byte(tls: bool) {
     let tiny = |rt: &mut hyrelay::config::RuntimeSettings| {
         rt.io_backend = IoBackend::Uring;
         rt.set_workers(1).unwrap();
@@ -208,17 +190,6 @@ async fn a_one_buffer_ring_under_forty_tunnels_loses_no_byte_on(tls: bool) {
     }
     assert_eq!(ok, 40, "every tunnel's bytes came back whole and in order");
     assert_eq!(uring::tunnels_run(&name), 120);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_one_buffer_ring_under_forty_tunnels_loses_no_byte() {
-    a_one_buffer_ring_under_forty_tunnels_loses_no_byte_on(false).await;
-}
-
-/// The same over wss://, where each TLS leg reads with one-shot receives and continues a partial record in the buffer it holds.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_a_one_buffer_ring_under_forty_tunnels_loses_no_byte() {
-    a_one_buffer_ring_under_forty_tunnels_loses_no_byte_on(true).await;
 }
 
 type Reader = WsReader<tokio::io::ReadHalf<hyrelay::transport::Stream>>;
@@ -292,7 +263,9 @@ async fn next(r: &mut Reader) -> Option<Message> {
         .unwrap()
 }
 
-async fn relay_tunnel_forwards_close_and_half_close_on(tls: bool) {
+/// Close frames pass both ways and the legs then end. Over wss:// they end with
+/// `close_notify` (a bare TCP EOF would be an error at the reader).
+async fn relay_tunnel_forwards_close_and_half_close(tls: bool) {
     let rig = rig_on(tls);
     let name = hc_name("closes", tls);
     let ((mut sr, mut sw), (mut lr, mut lw), _control) = joined(&rig, &name).await;
@@ -323,18 +296,8 @@ async fn relay_tunnel_forwards_close_and_half_close_on(tls: bool) {
     assert_eq!(uring::tunnels_run(&name), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn relay_tunnel_forwards_close_and_half_close() {
-    relay_tunnel_forwards_close_and_half_close_on(false).await;
-}
-
-/// The same over wss://: the relay's TLS legs end with `close_notify` (a bare TCP EOF would be an error at the reader).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_relay_tunnel_forwards_close_and_half_close() {
-    relay_tunnel_forwards_close_and_half_close_on(true).await;
-}
-
-async fn relay_sends_1001_when_a_side_vanishes_on(tls: bool) {
+/// The other side hears 1001 when one goes away (over wss://, cut without `close_notify`).
+async fn relay_sends_1001_when_a_side_vanishes(tls: bool) {
     let rig = rig_on(tls);
     let name = hc_name("vanish", tls);
     let ((mut sr, _sw), (lr, lw), _control) = joined(&rig, &name).await;
@@ -346,18 +309,8 @@ async fn relay_sends_1001_when_a_side_vanishes_on(tls: bool) {
     assert_eq!(uring::tunnels_run(&name), 1, "the tunnel ran on io_uring");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn relay_sends_1001_when_a_side_vanishes() {
-    relay_sends_1001_when_a_side_vanishes_on(false).await;
-}
-
-/// The same over wss://: a TLS leg cut without `close_notify` is a vanished side.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_relay_sends_1001_when_a_side_vanishes() {
-    relay_sends_1001_when_a_side_vanishes_on(true).await;
-}
-
-async fn relay_cuts_an_oversized_frame_with_1009_on(tls: bool) {
+/// A frame over the relay's limit: 1009 to its sender, 1001 to the other side.
+async fn relay_cuts_an_oversized_frame_with_1009(tls: bool) {
     let rig = Rig::with(tls, |c| {
         c.runtime.io_backend = IoBackend::Uring;
         c.max_frame = 4096;
@@ -371,17 +324,6 @@ async fn relay_cuts_an_oversized_frame_with_1009_on(tls: bool) {
     let m = next(&mut sr).await;
     assert!(matches!(&m, Some(Message::Close(c)) if c.code == Some(1009)), "{m:?}");
     assert_eq!(uring::tunnels_run(&name), 1, "the tunnel ran on io_uring");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn relay_cuts_an_oversized_frame_with_1009() {
-    relay_cuts_an_oversized_frame_with_1009_on(false).await;
-}
-
-/// The same over wss://.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_relay_cuts_an_oversized_frame_with_1009() {
-    relay_cuts_an_oversized_frame_with_1009_on(true).await;
 }
 
 /// `wss://` end to end on io_uring: the bridge's and the hcm's TLS WebSockets and both of
@@ -435,3 +377,34 @@ async fn late_frame_after_close_keeps_the_download_whole_on_io_uring() {
     late_frame_after_close_keeps_the_download_whole(&rig).await;
     assert_eq!(uring::tunnels_run("tail"), 1, "the relay's tunnel ran on io_uring");
 }
+
+/// The scenarios that take `tls`, as tests over ws:// (`over_ws::`) and wss:// (`over_wss::`).
+macro_rules! on_ws_and_wss {
+    ($($scenario:ident),* $(,)?) => {
+        mod over_ws {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario(false).await;
+                }
+            )*
+        }
+        mod over_wss {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario(true).await;
+                }
+            )*
+        }
+    };
+}
+
+on_ws_and_wss!(
+    half_close_from_either_side,
+    two_hundred_concurrent_connections,
+    a_one_buffer_ring_under_forty_tunnels_loses_no_byte,
+    relay_tunnel_forwards_close_and_half_close,
+    relay_sends_1001_when_a_side_vanishes,
+    relay_cuts_an_oversized_frame_with_1009,
+);
