@@ -107,6 +107,7 @@ async fn flush_loop(role: &'static str, worker: usize, totals: Arc<Totals>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
+        pool::trim();
         flush.flush(pool::stats());
     }
 }

@@ -166,7 +166,10 @@ pub fn spawn_flush(workers: &Arc<Workers>, role: &'static str, totals: Arc<Total
         let index = workers.len() + i;
         c.spawn_on(i, move || {
             let mut f = super::flush::WorkerFlush::new(role, index, totals);
-            super::uring::flush_every_second(move || f.flush(super::uring::buffer_stats()))
+            super::uring::flush_every_second(move || {
+                super::pool::trim();
+                f.flush(super::uring::buffer_stats())
+            })
         });
     }
     #[cfg(not(all(feature = "uring", any(target_os = "linux", windows))))]

@@ -10,8 +10,11 @@
 //! the longest waiter, and only that one is woken (a burst of closing tunnels wakes each
 //! waiter once, not every waiter per buffer). A grant is a reservation under the budget:
 //! newcomers cannot take it, and an [`Acquire`] dropped with an unclaimed grant passes it
-//! on. Freed buffers are kept for reuse up to a small reserve; beyond it they are released
-//! to the allocator.
+//! on. Freed buffers are kept for reuse, as many as were out at once in the last second
+//! (at least a small reserve), and [`trim`], called by the counter flush each second,
+//! releases the rest to the allocator: a worker under steady load reuses its buffers
+//! (a buffer from the allocator is zeroed, 64 KiB of memset, and its malloc and free cost
+//! more again), one that went quiet gives them back within two seconds.
 //!
 //! Invariant the engines keep with it: a direction holds a buffer only while the buffer
 //! holds bytes it has yet to use (write on, or decode), never while it waits for input or
@@ -30,7 +33,7 @@ use std::task::{Context, Poll, Waker};
 pub const BUF_SIZE: usize = crate::config::runtime::BUFFER_SIZE;
 /// Default memory budget per worker. Default: 64 MiB (1024 buffers).
 pub const DEFAULT_BUDGET: usize = crate::config::runtime::DEFAULT_BUDGET_PER_WORKER;
-/// Freed buffers kept for reuse per worker.
+/// Freed buffers kept for reuse per worker, at least.
 const RESERVE: usize = 32;
 
 struct Pool {
@@ -39,6 +42,10 @@ struct Pool {
     out: usize,
     max_out: usize,
     high_water: usize,
+    /// Most buffers out at once since the last [`trim`].
+    peak: usize,
+    /// Freed buffers kept for reuse: the last interval's peak, at least [`RESERVE`].
+    keep: usize,
     /// Waiting tasks, oldest first (dead entries are skipped when met).
     queue: VecDeque<Weak<Ticket>>,
 }
@@ -56,6 +63,8 @@ thread_local! {
             out: 0,
             max_out: DEFAULT_BUDGET / BUF_SIZE,
             high_water: 0,
+            peak: 0,
+            keep: RESERVE,
             queue: VecDeque::new(),
         })
     };
@@ -65,6 +74,7 @@ impl Pool {
     /// A buffer for a slot already counted in `out`.
     fn take_counted(&mut self) -> PoolBuf {
         self.high_water = self.high_water.max(self.out);
+        self.peak = self.peak.max(self.out);
         let mem = self
             .free
             .pop()
@@ -114,6 +124,18 @@ pub struct PoolStats {
     pub budget: usize,
     /// Freed buffers kept for reuse.
     pub reserve: usize,
+}
+
+/// Releases the freed buffers this thread's pool keeps beyond what was out at once since
+/// the last call (at least [`RESERVE`]). The counter flush calls it once a second.
+pub fn trim() {
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        p.keep = p.peak.max(RESERVE);
+        p.peak = p.out;
+        let keep = p.keep;
+        p.free.truncate(keep);
+    });
 }
 
 /// This thread's pool counters.
@@ -237,7 +259,7 @@ impl Drop for PoolBuf {
         // `try_with`: a buffer dropped during thread teardown just goes to the allocator.
         let _ = POOL.try_with(|p| {
             let mut p = p.borrow_mut();
-            if p.free.len() < RESERVE {
+            if p.free.len() < p.keep.max(p.peak) {
                 p.free.push(mem);
             }
             p.release_slot();
@@ -292,6 +314,32 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    /// Under load a worker keeps the buffers it used for reuse, as many as were out at once;
+    /// once quiet, the second trim gives them back down to the reserve.
+    #[test]
+    fn freed_buffers_are_kept_while_used_and_released_when_quiet() {
+        on_fresh_pool(1000, || {
+            let burst = |n: usize| -> Vec<*const u8> {
+                let bufs: Vec<PoolBuf> = (0..n).map(|_| try_acquire().unwrap()).collect();
+                bufs.iter().map(|b| b.as_ptr()).collect()
+            };
+            let first = burst(100);
+            assert_eq!(stats().reserve, 100, "all kept while the load lasts");
+            trim();
+            let mut again = burst(100);
+            let mut first = first;
+            again.sort();
+            first.sort();
+            assert_eq!(again, first, "the same buffers reused, none from the allocator");
+            trim();
+            assert_eq!(stats().reserve, 100, "the last second's peak is kept");
+            trim();
+            assert_eq!(stats().reserve, RESERVE, "a quiet second later, the reserve only");
+            drop(burst(10));
+            assert_eq!(stats().reserve, RESERVE);
+        });
     }
 
     #[test]
