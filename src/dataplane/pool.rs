@@ -127,7 +127,7 @@ pub struct PoolStats {
 }
 
 /// Releases the freed buffers this thread's pool keeps beyond what was out at once since
-/// the last call (at least [`RESERVE`]). The counter flush calls it once a second.
+/// the last call (at least a reserve of 32). The counter flush calls it once a second.
 pub fn trim() {
     POOL.with(|p| {
         let mut p = p.borrow_mut();
