@@ -224,7 +224,10 @@ async fn run_relay(t: RelayJob) -> Option<TunnelStats> {
         shutdown,
     ));
     (&mut tunnel).await;
-    Some(tunnel.shutdown_legs().await)
+    // Boxed: the closing's state (two lingering reads) is needed only at the end, and
+    // inline it would be part of the task for the tunnel's whole life (as in the epoll
+    // engine's `relay::tunnel::spawn`).
+    Some(Box::pin(tunnel.shutdown_legs()).await)
 }
 
 async fn run_splice(s: SpliceJob) -> Option<SpliceStats> {
@@ -235,8 +238,9 @@ async fn run_splice(s: SpliceJob) -> Option<SpliceStats> {
     drop((ws.plain, ws.cipher, cfg, stop));
     let stats = (&mut sp).await;
     // A TLS WebSocket's close_notify may wait for a peer that reads nothing: bounded.
+    // Boxed, like the relay's closing, to keep it off the task.
     let (mut w, mut tls) = sp.into_ws_writer();
-    let _ = compio::time::timeout(LINGER, w.close(tls.as_deref_mut())).await;
+    let _ = Box::pin(compio::time::timeout(LINGER, w.close(tls.as_deref_mut()))).await;
     Some(stats)
 }
 
@@ -304,5 +308,56 @@ pub fn buffer_stats() -> pool::PoolStats {
         high_water: p.high_water,
         budget: p.budget + bufs::ring_len(),
         reserve: p.reserve,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn detached(s: std::net::TcpStream) -> Detached {
+        Detached {
+            sock: s,
+            tls: None,
+            plain: Default::default(),
+            cipher: Default::default(),
+        }
+    }
+
+    /// A tunnel's task lives as long as the tunnel, and an idle tunnel costs what its task
+    /// holds: the closing's state (two lingering reads, a TLS close) is needed only at the
+    /// end, so it must not be part of the task (inline it made an idle relay tunnel on
+    /// io_uring cost 7 KiB in its task alone).
+    #[test]
+    fn a_tunnel_task_keeps_its_closing_off_the_future() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let b = l.accept().unwrap().0;
+        let relay = run_relay(RelayJob {
+            hc: "t".into(),
+            sender: detached(a.try_clone().unwrap()),
+            listener: detached(b.try_clone().unwrap()),
+            max_frame: 1 << 20,
+            gone: CancellationToken::new(),
+            shutdown: CancellationToken::new(),
+        });
+        let splice = run_splice(SpliceJob {
+            hc: "t".into(),
+            ws: detached(a),
+            tcp: b,
+            cfg: SpliceConfig::default(),
+            stop: CancellationToken::new(),
+        });
+        // 2,048 and 2,128 bytes when written; the relay's was 6,832 with its closing inline.
+        assert!(
+            std::mem::size_of_val(&relay) < 3000,
+            "{} bytes",
+            std::mem::size_of_val(&relay)
+        );
+        assert!(
+            std::mem::size_of_val(&splice) < 3000,
+            "{} bytes",
+            std::mem::size_of_val(&splice)
+        );
     }
 }
