@@ -979,7 +979,8 @@ fn render(e: &anyhow::Error) {
 /// The TLS record layer after the handshake ([`crate::transport::record`]).
 ///
 /// Input: byte 0 picks the protection (`% 4`: TLS 1.3 AES-256-GCM, TLS 1.3 ChaCha20,
-/// TLS 1.2 AES-256-GCM, TLS 1.2 ChaCha20), byte 1 the bit to flip; the rest is both a
+/// TLS 1.2 AES-256-GCM, TLS 1.2 ChaCha20), byte 1 the byte of the sealed stream (one of
+/// its first 256) whose lowest bit is flipped; the rest is both a
 /// stream of received bytes and a plaintext. The stream is opened as records (it never
 /// authenticates, so this exercises the header and length checks: no panic, every range
 /// inside the buffer). The plaintext is sealed in records of up to 255 bytes whose types

@@ -304,12 +304,10 @@ async fn hcm_side(rig: &Rig, endpoint: &TcpListener, how: FarEnd) -> (Vec<u8>, s
             .unwrap()
     });
     let sender = sender.unwrap();
-    let Ok(mut w) = sender.stream.into_std().map(|s| {
-        s.set_nonblocking(true).unwrap();
-        TcpStream::from_std(s).unwrap()
-    }) else {
-        panic!("plain sender")
-    };
+    let d = sender.stream.detach(Default::default()).unwrap();
+    assert!(d.tls.is_none(), "plain sender");
+    d.sock.set_nonblocking(true).unwrap();
+    let mut w = TcpStream::from_std(d.sock).unwrap();
     for i in 0..CHUNKS {
         send(&mut w, OpCode::Binary, &chunk(i), true).await;
     }

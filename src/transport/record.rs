@@ -241,8 +241,12 @@ impl Sealer {
                 k.key
                     .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut out[text..])
             }
-        }
-        .map_err(|_| RecordError::Unexpected)?;
+        };
+        let Ok(tag) = tag else {
+            // Nothing half-made stays queued.
+            out.truncate(at);
+            return Err(RecordError::Unexpected);
+        };
         out.extend_from_slice(tag.as_ref());
         self.keys.advance()
     }

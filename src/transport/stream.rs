@@ -90,23 +90,6 @@ impl Stream {
         self.sock().peer_addr()
     }
 
-    /// True for plain TCP (no TLS).
-    pub fn is_plain(&self) -> bool {
-        matches!(self, Stream::Plain(_))
-    }
-
-    /// The socket of a plain stream, deregistered from this runtime. A TLS stream is an
-    /// error: its session would be lost ([`Stream::detach`] keeps it).
-    pub fn into_std(self) -> io::Result<std::net::TcpStream> {
-        match self {
-            Stream::Plain(s) => s.into_std(),
-            Stream::Tls(_) => Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "a TLS stream's socket cannot leave without its session",
-            )),
-        }
-    }
-
     /// True if the stream can leave its runtime ([`Stream::detach`]): plain, or TLS with
     /// every record it sealed written out.
     pub fn detachable(&self) -> bool {

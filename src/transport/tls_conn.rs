@@ -290,10 +290,7 @@ impl<IO> TlsConn<IO> {
     /// True when a read can make progress without the socket: plaintext, a whole record,
     /// or the end (close or error) already here.
     pub fn has_input(&self) -> bool {
-        !self.plain.is_empty()
-            || !self.early.is_empty()
-            || !matches!(self.s.readable(), Ok(true))
-            || TlsSession::whole_record(&self.rx)
+        !self.plain.is_empty() || !self.early.is_empty() || !self.s.is_open() || TlsSession::whole_record(&self.rx)
     }
 
     /// True when every sealed record has been written to the socket.
@@ -405,7 +402,7 @@ impl TlsConn<Sock> {
         for _ in 0..16 {
             loop {
                 match self.open_one() {
-                    Ok(true) if self.plain.is_empty() && matches!(self.s.readable(), Ok(true)) => {}
+                    Ok(true) if self.plain.is_empty() && self.s.is_open() => {}
                     Ok(true) | Err(_) => return false,
                     Ok(false) => break,
                 }
@@ -444,7 +441,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsConn<IO> {
                 // Fill the rest from whole records already here (no socket read): a read
                 // hands over up to the caller's buffer, as over plain TCP, not one record
                 // (16 KiB) at a time. An error found on the way is kept for the next read.
-                while out.remaining() > 0 && this.plain.is_empty() && matches!(this.s.readable(), Ok(true)) {
+                while out.remaining() > 0 && this.plain.is_empty() && this.s.is_open() {
                     match this.open_one() {
                         Ok(true) => this.copy_plain(out),
                         Ok(false) | Err(_) => break,

@@ -175,6 +175,11 @@ impl TlsSession {
         }
     }
 
+    /// True while records may be opened (neither `close_notify` nor an error yet).
+    pub fn is_open(&self) -> bool {
+        self.read == ReadSide::Open
+    }
+
     /// Ends the read side with an error, which every later read returns.
     pub fn fail(&mut self, kind: io::ErrorKind, msg: String) -> io::Error {
         self.read = ReadSide::Failed(kind, msg.clone());

@@ -522,23 +522,13 @@ async fn open_stream_sending(
         host: bare.to_owned(),
         source: io::Error::new(io::ErrorKind::InvalidInput, e.to_string()),
     })?;
-    let s = tls_connect(cfg, name, sock, first)
+    let s = TlsConn::connect(cfg.clone(), name, sock, first)
         .await
         .map_err(|source| ConnectError::Tls {
             host: bare.to_owned(),
             source,
         })?;
     Ok(Stream::Tls(Box::new(s)))
-}
-
-/// The TLS handshake as a client on `io`, with `first` sent behind the client's Finished.
-async fn tls_connect<IO: AsyncRead + AsyncWrite + Unpin>(
-    cfg: &Arc<rustls::ClientConfig>,
-    name: rustls::pki_types::ServerName<'static>,
-    io: IO,
-    first: &[u8],
-) -> io::Result<TlsConn<IO>> {
-    TlsConn::connect(cfg.clone(), name, io, first).await
 }
 
 /// An open client WebSocket.
@@ -774,7 +764,7 @@ mod tests {
             s.read_exact(&mut req).await.unwrap();
             req
         };
-        let (client, req) = tokio::join!(tls_connect(&client_cfg, name, client_io, b"GET / \r\n"), server);
+        let (client, req) = tokio::join!(TlsConn::connect(client_cfg, name, client_io, b"GET / \r\n"), server);
         let _client = client.unwrap();
         assert_eq!(&req, b"GET / \r");
         assert_eq!(writes.load(std::sync::atomic::Ordering::SeqCst), 2);
@@ -794,7 +784,7 @@ mod tests {
             s.read_exact(&mut got).await.unwrap();
             got
         };
-        let (client, got) = tokio::join!(tls_connect(&client_cfg, name, a, &big), server);
+        let (client, got) = tokio::join!(TlsConn::connect(client_cfg, name, a, &big), server);
         let _client = client.unwrap();
         assert!(got == big, "the first write arrived changed");
     }

@@ -205,6 +205,13 @@ impl Reader {
     }
 
     fn start_plain(&mut self, c: Chunk) {
+        // The two would race for the socket's bytes (see `multi`): a plain leg keeps at
+        // most a stash's worth, and a TLS leg never arms the multishot receive.
+        #[cfg(target_os = "linux")]
+        debug_assert!(
+            self.multi.is_none(),
+            "a read into our buffer with the multishot receive armed"
+        );
         let s = self.sock.clone();
         let at = c.buf_len();
         let slice = c.slice(at..);
@@ -650,7 +657,7 @@ impl DirBuf {
         let stop = self.end + self.cipher;
         let (mut p, mut q) = (self.end, self.end);
         let mut failed = None;
-        while matches!(tls.readable(), Ok(true)) {
+        while tls.is_open() {
             match tls.open_record(&mut buf[q..stop]) {
                 Ok(Record::Incomplete) => break,
                 Ok(Record::Data { plain, len }) => {
