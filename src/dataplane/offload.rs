@@ -109,7 +109,7 @@ pub type RelayLeg = (Stream, BytesMut);
 
 /// Runs a joined relay tunnel on the completion backend if this worker has one and both
 /// legs can leave ([`Stream::detachable`]): `keep` lives as long as the tunnel and `done`
-/// gets its stats, both on the completion worker ([`OnEnd`]). Otherwise gives the legs,
+/// gets its stats, both on the completion worker (an `OnEnd`). Otherwise gives the legs,
 /// `keep` and `done` back.
 #[allow(clippy::result_large_err, clippy::too_many_arguments, clippy::type_complexity)]
 pub fn relay<K: Send + 'static, D: FnOnce(TunnelStats) + Send + 'static>(
