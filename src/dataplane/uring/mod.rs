@@ -29,7 +29,6 @@ use std::sync::Arc;
 
 use futures_util::FutureExt;
 use futures_util::future::OptionFuture;
-
 use tokio_util::sync::CancellationToken;
 
 use self::io::{DirBuf, Reader, Writer, adopt};
@@ -177,9 +176,9 @@ fn adopt_pair(
 }
 
 /// The task of relay tunnel `t`, which ends with its `on_end`; `None` (logged; `on_end`
-/// runs as lost) if the runtime refused a socket. The job is taken apart here, on the worker, and only the
-/// tunnel goes into the task: what an `async fn` is given stays in its future for the
-/// whole tunnel (a few hundred bytes of each idle tunnel).
+/// runs as lost) if the runtime refused a socket. The job is taken apart here, on the
+/// worker, and only the tunnel goes into the task: what an `async fn` is given stays in its
+/// future for the whole tunnel (a few hundred bytes of each idle tunnel).
 fn run_relay(t: RelayJob) -> Option<impl Future<Output = ()>> {
     let RelayJob {
         hc,
