@@ -367,7 +367,7 @@ mod tests {
             });
             (task_size(relay), task_size(splice))
         });
-        // The tunnel, the stats' sender and the task's state: a few words.
+        // The tunnel, its `OnEnd` and the task's state: a few words.
         let words = 8 * std::mem::size_of::<usize>();
         let (relay_tunnel, splice_tunnel) = (
             std::mem::size_of::<relay::RelayTunnel>(),
