@@ -227,9 +227,13 @@ async fn bridge_resets_the_app_when_the_tunnel_ends_abnormally() {
 /// period, and a peer that answers is never taken for dead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bridge_pings_each_period_and_a_peer_that_answers_stays_alive() {
+    pings_each_period_and_a_peer_that_answers_stays_alive(IoBackend::Epoll).await;
+}
+
+async fn pings_each_period_and_a_peer_that_answers_stays_alive(backend: IoBackend) {
     use hyrelay::transport::ws::{Message, WsReader};
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let bridge = bridge_to(l.local_addr().unwrap(), IoBackend::Epoll);
+    let bridge = bridge_to(l.local_addr().unwrap(), backend);
     let mut app = TcpStream::connect(bridge.addr_of("t").unwrap()).await.unwrap();
     let FakeRelayLeg { _r: r, mut w } = accept_upgrade(&l).await;
     let mut r = WsReader::new(r, bytes::BytesMut::new(), hyrelay::proto::frame::Role::Server, 1 << 20);
@@ -536,6 +540,18 @@ async fn on_io_uring_the_hcm_resets_the_endpoint_when_the_tunnel_ends_abnormally
     assert!(
         before >= ENDS.len() as u64,
         "the hcm's tunnels ran on io_uring ({before})"
+    );
+}
+
+/// The same on the completion engine's timer (a silent peer's end is in the test above).
+#[cfg(all(feature = "uring", target_os = "linux"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_io_uring_the_bridge_pings_each_period_and_a_peer_that_answers_stays_alive() {
+    let before = hyrelay::dataplane::uring::tunnels_run("t");
+    pings_each_period_and_a_peer_that_answers_stays_alive(IoBackend::Uring).await;
+    assert!(
+        hyrelay::dataplane::uring::tunnels_run("t") > before,
+        "the tunnel ran on io_uring"
     );
 }
 
