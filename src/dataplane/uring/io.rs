@@ -460,8 +460,8 @@ thread_local! {
 /// Every tunnel deadline of one completion worker, woken by one runtime timer set for the
 /// earliest ([`drive_deadlines`]). A runtime timer per tunnel cost its boxed sleep and the
 /// runtime's own entry (0.1 KiB more per idle splice in each process than an entry here,
-/// measured), and a new sleep whenever the deadline moved, which the busy gateway felt
-/// (RESULTS, "One timer per completion worker").
+/// measured: RESULTS, "One timer per completion worker"), and a new sleep whenever the
+/// deadline moved.
 #[derive(Default)]
 struct Deadlines {
     due: std::collections::BTreeMap<(Instant, u64), std::task::Waker>,
