@@ -1009,15 +1009,24 @@ pub fn tls_record(data: &[u8]) {
     };
     let opener = || Opener::new(version, (3, secrets())).expect("keys of a supported suite");
 
-    // Received bytes: open what parses, never past the buffer.
+    // Received bytes: open what parses, in place or into a buffer of `flip`'s choosing,
+    // never past either buffer.
     let mut buf = rest.to_vec();
+    let mut out = vec![0u8; usize::from(*flip) * 67];
     let mut o = opener();
     let mut at = 0;
-    for _ in 0..buf.len() {
-        match o.open(&mut buf[at..]) {
+    for i in 0..buf.len() {
+        let into = i % 2 == 1;
+        let r = if into {
+            o.open_into(&buf[at..], &mut out)
+        } else {
+            o.open(&mut buf[at..])
+        };
+        match r {
             Ok(Some(r)) => {
+                let room = if into { out.len() } else { r.len };
                 assert!(
-                    r.len <= buf.len() - at && r.plain.end <= r.len,
+                    r.len <= buf.len() - at && r.plain.end <= room,
                     "record outside its buffer"
                 );
                 at += r.len;
@@ -1035,13 +1044,16 @@ pub fn tls_record(data: &[u8]) {
     while let [head, tail @ ..] = plain {
         let n = usize::from(*head).min(tail.len());
         let typ = types[usize::from(*head) % 3];
-        s.seal(typ, &[&tail[..n]], &mut wire)
-            .expect("a record within the limit");
+        // One part (sealed where it lies) or two (copied into the record first).
+        let (a, b) = tail[..n].split_at(if head % 2 == 1 { n / 2 } else { n });
+        let parts: &[&[u8]] = if b.is_empty() { &[a] } else { &[a, b] };
+        s.seal(typ, parts, &mut wire).expect("a record within the limit");
         sent.push((typ, tail[..n].to_vec(), wire.len()));
         plain = &tail[n..];
     }
     let mut tampered = wire.clone();
-    let bit = usize::from(*flip) * 8 % (tampered.len() * 8).max(1);
+    // An odd step, so `flip` picks a byte within the first ~1,200 and a bit within it.
+    let bit = usize::from(*flip) * 37 % (tampered.len() * 8).max(1);
     if let Some(b) = tampered.get_mut(bit / 8) {
         *b ^= 1 << (bit % 8);
     }
@@ -1056,17 +1068,19 @@ pub fn tls_record(data: &[u8]) {
         assert_eq!((r.typ, &wire[at + r.plain.start..at + r.plain.end]), (*typ, &bytes[..]));
         assert_eq!(at + r.len, *end, "record length");
         at = *end;
-        // The tampered copy: records before the flipped bit open as sent; the one holding
-        // it fails.
+        // The tampered copy, opened into a buffer of its own: records before the flipped
+        // bit open as sent; the one holding it fails and leaves no plaintext there.
         if t_ok {
-            match t.open(&mut tampered[t_at..]) {
+            let mut out = vec![0u8; *end - t_at];
+            match t.open_into(&tampered[t_at..], &mut out) {
                 Ok(Some(r)) => {
                     assert!(bit / 8 >= *end || bit / 8 < t_at, "a flipped bit went unnoticed");
-                    assert_eq!(&tampered[t_at + r.plain.start..t_at + r.plain.end], &bytes[..]);
+                    assert_eq!(&out[r.plain], &bytes[..]);
                     t_at = *end;
                 }
                 Ok(None) | Err(_) => {
                     assert!((t_at..*end).contains(&(bit / 8)), "an untouched record failed");
+                    assert!(out.iter().all(|&b| b == 0), "plaintext of a record that failed");
                     t_ok = false;
                 }
             }

@@ -1,5 +1,6 @@
 //! The TLS record layer after the handshake, sans-IO: [`Sealer`] encrypts plaintext into
-//! records, [`Opener`] decrypts a received record in the buffer it arrived in.
+//! records, [`Opener`] decrypts a received record in the buffer it arrived in or into
+//! another (a reader's).
 //!
 //! rustls does the handshake and keeps the secrets (its `kernel` API hands us the traffic
 //! keys, computes new ones on a key update and stores session tickets); this does the
@@ -20,7 +21,8 @@ pub const MAX_PLAINTEXT: usize = 1 << 14;
 pub const MAX_CIPHERTEXT: usize = MAX_PLAINTEXT + 256;
 /// A whole record at its largest.
 pub const MAX_RECORD: usize = HEADER_LEN + MAX_CIPHERTEXT;
-const TAG_LEN: usize = 16;
+/// An AEAD tag's length, in every suite we offer.
+pub const TAG_LEN: usize = 16;
 const NONCE_LEN: usize = 12;
 /// TLS 1.2 AES-GCM's per-record explicit nonce.
 const EXPLICIT_LEN: usize = 8;
@@ -197,8 +199,9 @@ impl Sealer {
     }
 
     /// Appends one record of type `typ` carrying `parts` one after another (at most
-    /// [`MAX_PLAINTEXT`] in all) to `out`: the plaintext is copied once, straight into its
-    /// place in the record, and encrypted there.
+    /// [`MAX_PLAINTEXT`] in all) to `out`. A record of one part (each record of a bulk
+    /// write) is encrypted from where the part lies straight into its place in `out`;
+    /// several parts are copied there first and encrypted in place.
     pub fn seal(&mut self, typ: u8, parts: &[&[u8]], out: &mut Vec<u8>) -> Result<(), RecordError> {
         let plain_len: usize = parts.iter().map(|p| p.len()).sum();
         if plain_len > MAX_PLAINTEXT {
@@ -220,43 +223,52 @@ impl Sealer {
             out.extend_from_slice(&nonce[4..]);
         }
         let text = out.len();
-        for p in parts {
-            out.extend_from_slice(p);
-        }
-        if inner > 0 {
-            out.push(typ);
-        }
-        let tag = match k.scheme {
-            Scheme::Tls13 => {
-                let mut header = [0u8; HEADER_LEN];
-                header.copy_from_slice(&out[at..at + HEADER_LEN]);
-                k.key.seal_in_place_separate_tag(
-                    Nonce::assume_unique_for_key(nonce),
-                    Aad::from(header),
-                    &mut out[text..],
-                )
+        // The additional data: TLS 1.3's record header, TLS 1.2's sequence and type.
+        let mut aad13 = [0u8; HEADER_LEN];
+        aad13.copy_from_slice(&out[at..at + HEADER_LEN]);
+        let aad: &[u8] = match k.scheme {
+            Scheme::Tls13 => &aad13,
+            _ => &k.aad12(typ, plain_len),
+        };
+        let nonce = Nonce::assume_unique_for_key(nonce);
+        let sealed = match parts {
+            [one] => {
+                // Zeroing the room costs less than copying the plaintext into it: no
+                // reads, and the cipher reads the plaintext where it is either way
+                // (benches/RESULTS.md, "TLS records without the copy").
+                out.resize(text + plain_len + inner + TAG_LEN, 0);
+                let (cipher, typ_and_tag) = out[text..].split_at_mut(plain_len);
+                let extra: &[u8] = if inner > 0 { &[typ] } else { &[] };
+                k.key
+                    .seal_out_of_place_scatter(nonce, Aad::from(aad), one, cipher, extra, typ_and_tag)
             }
             _ => {
-                let aad = k.aad12(typ, plain_len);
+                for p in parts {
+                    out.extend_from_slice(p);
+                }
+                if inner > 0 {
+                    out.push(typ);
+                }
                 k.key
-                    .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut out[text..])
+                    .seal_in_place_separate_tag(nonce, Aad::from(aad), &mut out[text..])
+                    .map(|tag| out.extend_from_slice(tag.as_ref()))
             }
         };
-        let Ok(tag) = tag else {
+        if sealed.is_err() {
             // Nothing half-made stays queued.
             out.truncate(at);
             return Err(RecordError::Unexpected);
-        };
-        out.extend_from_slice(tag.as_ref());
+        }
         self.keys.advance()
     }
 }
 
-/// A record opened in place: its content type and where its plaintext now lies.
+/// An opened record: its content type and where its plaintext now lies.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Opened {
     pub typ: u8,
-    /// The plaintext, as a range of the buffer given to [`Opener::open`].
+    /// The plaintext, as a range of the buffer it was opened into: the record's own
+    /// ([`Opener::open`]) or the one given to [`Opener::open_into`].
     pub plain: std::ops::Range<usize>,
     /// The whole record's length (header included): what to consume.
     pub len: usize,
@@ -298,8 +310,28 @@ impl Opener {
     }
 
     /// Opens the record at the front of `buf` in place. `Ok(None)`: not all of it is there
-    /// yet. The plaintext is left where it was decrypted.
+    /// yet. The plaintext is left where it was decrypted: [`Opened::plain`] is a range of
+    /// `buf`.
     pub fn open(&mut self, buf: &mut [u8]) -> Result<Option<Opened>, RecordError> {
+        self.open_to(To::InPlace(buf))
+    }
+
+    /// Opens the record at the front of `buf` into `out`, which needs room for the
+    /// record's encrypted text (its body less the tag and any explicit nonce;
+    /// [`Self::record_len`] less [`HEADER_LEN`] and [`TAG_LEN`] is always enough; less room
+    /// is an [`RecordError::Overflow`] with nothing opened): [`Opened::plain`] is then
+    /// a range of `out`, and `buf` is left as it was. This saves the copy to a reader's
+    /// buffer that opening in place is followed by. If authentication fails, what was
+    /// written to `out` is zeroed: no unauthenticated plaintext is left behind.
+    pub fn open_into(&mut self, buf: &[u8], out: &mut [u8]) -> Result<Option<Opened>, RecordError> {
+        self.open_to(To::Out(buf, out))
+    }
+
+    fn open_to(&mut self, to: To<'_>) -> Result<Option<Opened>, RecordError> {
+        let buf: &[u8] = match &to {
+            To::InPlace(buf) => buf,
+            To::Out(buf, _) => buf,
+        };
         let Some(len) = Self::record_len(buf)? else {
             return Ok(None);
         };
@@ -307,36 +339,18 @@ impl Opener {
             return Ok(None);
         }
         let k = &self.keys;
-        let typ = buf[0];
-        let opened = match k.scheme {
+        let outer = buf[0];
+        let mut nonce = k.nonce();
+        // The additional data (TLS 1.3: the record's header; TLS 1.2: sequence number,
+        // type, version, plaintext length) and where the ciphertext starts.
+        let mut aad = [0u8; 13];
+        let (aad_len, start) = match k.scheme {
             Scheme::Tls13 => {
-                if typ != APPLICATION_DATA || len < HEADER_LEN + TAG_LEN + 1 {
+                if outer != APPLICATION_DATA || len < HEADER_LEN + TAG_LEN + 1 {
                     return Err(RecordError::Unexpected);
                 }
-                let mut header = [0u8; HEADER_LEN];
-                header.copy_from_slice(&buf[..HEADER_LEN]);
-                let n = k
-                    .key
-                    .open_in_place(
-                        Nonce::assume_unique_for_key(k.nonce()),
-                        Aad::from(header),
-                        &mut buf[HEADER_LEN..len],
-                    )
-                    .map_err(|_| RecordError::BadMac)?
-                    .len();
-                // The content type is the last non-zero byte; zeros after it are padding.
-                let inner = &buf[HEADER_LEN..HEADER_LEN + n];
-                let Some(at) = inner.iter().rposition(|&b| b != 0) else {
-                    return Err(RecordError::Unexpected);
-                };
-                if at > MAX_PLAINTEXT {
-                    return Err(RecordError::Overflow);
-                }
-                Opened {
-                    typ: inner[at],
-                    plain: HEADER_LEN..HEADER_LEN + at,
-                    len,
-                }
+                aad[..HEADER_LEN].copy_from_slice(&buf[..HEADER_LEN]);
+                (HEADER_LEN, HEADER_LEN)
             }
             Scheme::Tls12Gcm | Scheme::Tls12Chacha => {
                 let explicit = if k.scheme == Scheme::Tls12Gcm { EXPLICIT_LEN } else { 0 };
@@ -347,31 +361,66 @@ impl Opener {
                 if plain_len > MAX_PLAINTEXT {
                     return Err(RecordError::Overflow);
                 }
-                let mut nonce = k.nonce();
                 if explicit > 0 {
                     nonce[4..].copy_from_slice(&buf[HEADER_LEN..HEADER_LEN + EXPLICIT_LEN]);
                 }
-                let start = HEADER_LEN + explicit;
-                k.key
-                    .open_in_place(
-                        Nonce::assume_unique_for_key(nonce),
-                        Aad::from(k.aad12(typ, plain_len)),
-                        &mut buf[start..len],
-                    )
-                    .map_err(|_| RecordError::BadMac)?;
-                Opened {
-                    typ,
-                    plain: start..start + plain_len,
-                    len,
-                }
+                aad = k.aad12(outer, plain_len);
+                (aad.len(), HEADER_LEN + explicit)
             }
         };
-        if !matches!(opened.typ, ALERT | HANDSHAKE | APPLICATION_DATA) {
+        let text_len = len - start - TAG_LEN;
+        let nonce = Nonce::assume_unique_for_key(nonce);
+        let aad = Aad::from(&aad[..aad_len]);
+        // The decrypted text (TLS 1.3: with its inner type and padding), and where it
+        // starts in the buffer it was decrypted into.
+        let (text, base): (&[u8], usize) = match to {
+            To::InPlace(buf) => {
+                k.key
+                    .open_in_place(nonce, aad, &mut buf[start..len])
+                    .map_err(|_| RecordError::BadMac)?;
+                (&buf[start..start + text_len], start)
+            }
+            To::Out(buf, out) => {
+                let (cipher, tag) = buf[start..len].split_at(text_len);
+                let dst = out.get_mut(..text_len).ok_or(RecordError::Overflow)?;
+                if k.key.open_separate_gather(nonce, aad, cipher, tag, dst).is_err() {
+                    dst.fill(0);
+                    return Err(RecordError::BadMac);
+                }
+                (dst, 0)
+            }
+        };
+        let (typ, plain_len) = match k.scheme {
+            Scheme::Tls13 => {
+                // The content type is the last non-zero byte; zeros after it are padding.
+                let Some(at) = text.iter().rposition(|&b| b != 0) else {
+                    return Err(RecordError::Unexpected);
+                };
+                if at > MAX_PLAINTEXT {
+                    return Err(RecordError::Overflow);
+                }
+                (text[at], at)
+            }
+            _ => (outer, text_len),
+        };
+        if !matches!(typ, ALERT | HANDSHAKE | APPLICATION_DATA) {
             return Err(RecordError::Unexpected);
         }
         self.keys.advance()?;
-        Ok(Some(opened))
+        Ok(Some(Opened {
+            typ,
+            plain: base..base + plain_len,
+            len,
+        }))
     }
+}
+
+/// Where [`Opener`] puts a record's plaintext.
+enum To<'a> {
+    /// Over its ciphertext.
+    InPlace(&'a mut [u8]),
+    /// Into the second buffer, leaving the first (the record) as it was.
+    Out(&'a [u8], &'a mut [u8]),
 }
 
 #[cfg(test)]
@@ -537,5 +586,85 @@ mod tests {
         assert!(s.worn_out(), "7 + 1 records sealed, limit 9");
         s.keys = keys(ProtocolVersion::TLSv1_3, 0, 3, 0);
         assert!(!s.worn_out());
+    }
+
+    #[test]
+    fn one_part_sealed_where_it_lies_makes_the_record_several_parts_copied_make() {
+        for (v, kind) in SCHEMES {
+            let (mut one, mut o) = pair(v, kind);
+            let (mut several, _) = pair(v, kind);
+            for body in [pattern(MAX_PLAINTEXT), pattern(1), pattern(1000)] {
+                let (mut a, mut b) = (Vec::new(), Vec::new());
+                one.seal(APPLICATION_DATA, &[&body], &mut a).unwrap();
+                let (x, y) = body.split_at(body.len() / 2);
+                several.seal(APPLICATION_DATA, &[x, y], &mut b).unwrap();
+                assert!(a == b, "{v:?} {kind}: {} bytes", body.len());
+                let r = o.open(&mut a).unwrap().expect("a whole record");
+                assert!(a[r.plain] == body[..]);
+            }
+        }
+    }
+
+    /// The encrypted text of a record `len` bytes long: the body less the tag and, in TLS
+    /// 1.2's AES-GCM, the explicit nonce.
+    fn text_len(v: ProtocolVersion, kind: u8, len: usize) -> usize {
+        let explicit = if v == ProtocolVersion::TLSv1_2 && kind < 2 {
+            EXPLICIT_LEN
+        } else {
+            0
+        };
+        len - HEADER_LEN - TAG_LEN - explicit
+    }
+
+    /// `len` bytes that differ from one offset to the next.
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+    }
+
+    #[test]
+    fn records_open_into_another_buffer_as_they_open_in_place() {
+        for (v, kind) in SCHEMES {
+            let (mut s, mut o) = pair(v, kind);
+            let mut wire = Vec::new();
+            let big = pattern(MAX_PLAINTEXT);
+            s.seal(APPLICATION_DATA, &[&big], &mut wire).unwrap();
+            let first = wire.len();
+            s.seal(HANDSHAKE, &[&[24, 0, 0, 1, 0]], &mut wire).unwrap();
+            let sent = wire.clone();
+            let room = text_len(v, kind, first);
+            // One byte short of the encrypted text: refused, nothing opened, the key unmoved.
+            let mut out = vec![0xeeu8; room - 1];
+            assert_eq!(o.open_into(&wire, &mut out), Err(RecordError::Overflow), "{v:?} {kind}");
+            let mut out = vec![0xeeu8; room + 100];
+            let r = o.open_into(&wire, &mut out).unwrap().expect("a whole record");
+            assert_eq!((r.typ, r.plain.clone(), r.len), (APPLICATION_DATA, 0..big.len(), first));
+            assert!(out[r.plain] == big[..], "{v:?} {kind}");
+            assert!(wire == sent, "the record itself is left as it was");
+            let r = o.open_into(&wire[first..], &mut out).unwrap().expect("a whole record");
+            assert_eq!((r.typ, &out[r.plain]), (HANDSHAKE, &[24u8, 0, 0, 1, 0][..]));
+        }
+    }
+
+    #[test]
+    fn a_tampered_record_opened_into_a_buffer_leaves_no_plaintext_there() {
+        for (v, kind) in SCHEMES {
+            let (mut s, _) = pair(v, kind);
+            let body = pattern(4000);
+            let mut wire = Vec::new();
+            s.seal(APPLICATION_DATA, &[&body], &mut wire).unwrap();
+            let last = wire.len() - 1;
+            wire[last] ^= 1; // the tag
+            let mut out = vec![0xeeu8; wire.len()];
+            assert_eq!(pair(v, kind).1.open_into(&wire, &mut out), Err(RecordError::BadMac));
+            let text = text_len(v, kind, wire.len());
+            assert!(
+                out[..text].iter().all(|&b| b == 0),
+                "{v:?} {kind}: decrypted bytes left"
+            );
+            assert!(
+                out[text..].iter().all(|&b| b == 0xee),
+                "{v:?} {kind}: written past the text"
+            );
+        }
     }
 }

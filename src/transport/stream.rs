@@ -29,7 +29,7 @@ pub struct Detached {
 #[derive(Debug)]
 pub enum Stream {
     Plain(Sock),
-    /// TLS, either side (records sealed and opened in place: [`TlsConn`]).
+    /// TLS, either side (records sealed and opened by our own record layer: [`TlsConn`]).
     Tls(Box<TlsConn<Sock>>),
 }
 

@@ -1,12 +1,13 @@
 //! [`TlsConn`]: a TLS connection whose handshake rustls drives (its unbuffered API) and
-//! whose records are then sealed and opened here ([`super::record`]), in the buffer they
-//! are received into or written from.
+//! whose records are then sealed and opened here ([`super::record`]), between the buffer
+//! they are received into or sent from and the caller's.
 //!
 //! rustls' buffered connection (what tokio-rustls wraps) copies each received record's
 //! plaintext into a fresh `Vec` and the reader copies it again; each written record is
-//! encrypted into a fresh allocation. Here a received record is decrypted where it landed
-//! and copied once, into the reader's buffer; a written record is copied once, into its
-//! place in the send queue, and encrypted there. After the handshake rustls' `kernel` API
+//! encrypted into a fresh allocation. Here a received record is decrypted straight into
+//! the reader's buffer when it has room for it (else where it landed, then copied once);
+//! a written record is encrypted from the writer's buffer straight into its place in the
+//! send queue (one made of several small slices is copied in first). After the handshake rustls' `kernel` API
 //! keeps what only it can do: new secrets on a key update and the client's session
 //! tickets.
 //!
@@ -329,6 +330,30 @@ impl<IO> TlsConn<IO> {
         }
     }
 
+    /// Opens the record at the front of `rx` into `out` when `out` has room for it (its
+    /// plaintext then needs no copy), else in place as [`Self::open_one`] does.
+    /// `Ok(true)`: something changed.
+    fn open_next(&mut self, out: &mut ReadBuf<'_>) -> io::Result<bool> {
+        let room = match TlsSession::room_to_open(&self.rx) {
+            Some(room) if room <= out.remaining() => room,
+            _ => return self.open_one(),
+        };
+        let len = match self.s.open_record_into(&self.rx, out.initialize_unfilled_to(room))? {
+            Record::Incomplete => return Ok(false),
+            Record::Data { plain, len } => {
+                out.advance(plain.len());
+                len
+            }
+            Record::Consumed(len) => len,
+        };
+        self.rx.advance(len);
+        if self.rx.is_empty() {
+            // Every byte used: give the buffer back now (see `copy_plain`).
+            self.rx = BytesMut::new();
+        }
+        Ok(true)
+    }
+
     /// Seals `plain` as application data into the send queue.
     fn queue(&mut self, plain: &[u8]) -> io::Result<()> {
         self.s.seal_slices(std::iter::once(plain), usize::MAX).map(drop)
@@ -428,6 +453,7 @@ impl TlsConn<Sock> {
 impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsConn<IO> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        let before = out.filled().len();
         // Each round returns or makes progress: a record consumed or bytes read.
         loop {
             if !this.early.is_empty() {
@@ -436,13 +462,14 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsConn<IO> {
                 this.early.drain(..n);
                 return Poll::Ready(Ok(()));
             }
-            if !this.plain.is_empty() {
+            // Plaintext waits, or a record was opened straight into `out`.
+            if !this.plain.is_empty() || out.filled().len() > before {
                 this.copy_plain(out);
                 // Fill the rest from whole records already here (no socket read): a read
                 // hands over up to the caller's buffer, as over plain TCP, not one record
                 // (16 KiB) at a time. An error found on the way is kept for the next read.
                 while out.remaining() > 0 && this.plain.is_empty() && this.s.is_open() {
-                    match this.open_one() {
+                    match this.open_next(out) {
                         Ok(true) => this.copy_plain(out),
                         Ok(false) | Err(_) => break,
                     }
@@ -452,7 +479,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsConn<IO> {
             if !this.s.readable()? {
                 return Poll::Ready(Ok(()));
             }
-            if this.open_one()? {
+            if this.open_next(out)? {
                 continue;
             }
             match this.poll_fill(cx) {
@@ -947,6 +974,34 @@ pub(crate) mod tests {
         }
         assert!(got == data);
         assert_eq!(reads, 1, "records handed over one read each");
+    }
+
+    #[tokio::test]
+    async fn reads_of_every_size_get_the_bytes_whether_records_open_into_them_or_in_place() {
+        let (mut ours, mut theirs) = ours_to_rustls(|b| b).await;
+        let data = pattern(200_000, 9);
+        let send = async {
+            theirs.write_all(&data).await.unwrap();
+            theirs.flush().await.unwrap();
+        };
+        // Room for a whole record's encrypted text (16 KiB, its type byte) or one byte
+        // short of it (opened in place and copied), a few bytes, a lot.
+        let recv = async {
+            let mut got = Vec::new();
+            let sizes = [16_385usize, 16_384, 100, 64 * 1024, 1, 16_384 + 4_000];
+            let mut buf = vec![0u8; 64 * 1024];
+            for i in 0..10_000 {
+                if got.len() == data.len() {
+                    break;
+                }
+                let n = ours.read(&mut buf[..sizes[i % sizes.len()]]).await.unwrap();
+                assert!(n > 0, "EOF after {} bytes", got.len());
+                got.extend_from_slice(&buf[..n]);
+            }
+            got
+        };
+        let ((), got) = tokio::join!(send, recv);
+        assert!(got == data, "{} bytes of {}", got.len(), data.len());
     }
 
     #[tokio::test]

@@ -19,7 +19,7 @@ use rustls::kernel::KernelConnection;
 use rustls::server::ServerConnectionData;
 use rustls::{HandshakeKind, ProtocolVersion, SupportedCipherSuite};
 
-use super::record::{self, MAX_PLAINTEXT, Opener, Sealer};
+use super::record::{self, MAX_PLAINTEXT, Opened, Opener, RecordError, Sealer};
 
 /// Most bytes of one post-handshake message (a session ticket is a few hundred).
 const MAX_HANDSHAKE_MESSAGE: usize = 1 << 16;
@@ -69,8 +69,8 @@ enum ReadSide {
 pub enum Record {
     /// Not a whole record yet.
     Incomplete,
-    /// Application data: its plaintext is `buf[plain]`, opened in place; the record is
-    /// `buf[..len]`.
+    /// Application data: its plaintext is `buf[plain]`, opened in place (or `out[plain]`,
+    /// opened into `out`); the record is `buf[..len]`.
     Data { plain: Range<usize>, len: usize },
     /// A record with nothing for the reader (a handshake message, a tolerated alert, empty
     /// application data), already handled: `buf[..len]` may be dropped.
@@ -204,7 +204,28 @@ impl TlsSession {
     /// Opens the record at the front of `buf` in place, if it is all there, and handles
     /// what is not application data. Call only while [`Self::readable`] says `Ok(true)`.
     pub fn open_record(&mut self, buf: &mut [u8]) -> io::Result<Record> {
-        let opened = match self.opener.open(buf) {
+        let opened = self.opener.open(buf);
+        self.opened(opened, buf)
+    }
+
+    /// [`Self::open_record`] with the plaintext decrypted into `out` (a reader's buffer)
+    /// rather than over the record: [`Record::Data`]'s `plain` is then a range of `out`.
+    /// `out` needs room for the record's ciphertext: [`Self::room_to_open`].
+    pub fn open_record_into(&mut self, buf: &[u8], out: &mut [u8]) -> io::Result<Record> {
+        let opened = self.opener.open_into(buf, out);
+        self.opened(opened, out)
+    }
+
+    /// Room enough for [`Self::open_record_into`] to open the record at the front of
+    /// `buf`: `None` if its header is not all there or is not a record's.
+    pub fn room_to_open(buf: &[u8]) -> Option<usize> {
+        let len = Opener::record_len(buf).ok().flatten()?;
+        Some(len.saturating_sub(record::HEADER_LEN + record::TAG_LEN))
+    }
+
+    /// Handles an opened record whose plaintext is `text[o.plain]`.
+    fn opened(&mut self, o: Result<Option<Opened>, RecordError>, text: &[u8]) -> io::Result<Record> {
+        let opened = match o {
             Ok(Some(o)) => o,
             Ok(None) => return Ok(Record::Incomplete),
             Err(e) => {
@@ -223,10 +244,10 @@ impl TlsSession {
             // `post_handshake` refuses a message over 64 KiB, so this holds at most that and
             // one record.
             record::HANDSHAKE => {
-                self.handshake.extend_from_slice(&buf[opened.plain]);
+                self.handshake.extend_from_slice(&text[opened.plain]);
                 self.post_handshake()?;
             }
-            _ => self.alert(&buf[opened.plain])?,
+            _ => self.alert(&text[opened.plain])?,
         }
         Ok(Record::Consumed(opened.len))
     }
