@@ -193,11 +193,13 @@ impl IoBufMut for Chunk {
     }
 }
 
-/// Owned output of one write: an optional frame header, then runs of a chunk.
-#[derive(Debug)]
+/// Owned output of one write: an optional frame header, then runs of a chunk. Between
+/// writes a direction keeps its read buffer and run list in one (`DirBuf`), so that what
+/// a write takes while the kernel has it is not held a second time.
+#[derive(Debug, Default)]
 pub struct Out {
     head: [u8; MAX_HEADER_LEN],
-    head_len: usize,
+    head_len: u8,
     /// Bytes of the output already written.
     done: usize,
     pub chunk: Option<Chunk>,
@@ -207,15 +209,28 @@ pub struct Out {
 impl Out {
     /// `runs` of `chunk`, after `head`.
     pub fn new(head: &[u8], chunk: Chunk, runs: Vec<Range<usize>>) -> Self {
-        let mut h = [0u8; MAX_HEADER_LEN];
-        h[..head.len()].copy_from_slice(head);
-        Self {
-            head: h,
-            head_len: head.len(),
-            done: 0,
+        let mut o = Self {
             chunk: Some(chunk),
             runs,
+            ..Self::default()
+        };
+        o.begin(head);
+        o
+    }
+
+    /// Nothing to write yet, holding `chunk` (a direction's read buffer).
+    pub fn holding(chunk: Option<Chunk>) -> Self {
+        Self {
+            chunk,
+            ..Self::default()
         }
+    }
+
+    /// Starts a new output of the runs, after `head`, nothing written yet.
+    pub fn begin(&mut self, head: &[u8]) {
+        self.head[..head.len()].copy_from_slice(head);
+        self.head_len = head.len() as u8;
+        self.done = 0;
     }
 
     /// A small frame (control frames), copied into a buffer of its own.
@@ -236,7 +251,7 @@ impl Out {
     }
 
     fn total(&self) -> usize {
-        self.head_len + self.runs.iter().map(|r| r.len()).sum::<usize>()
+        usize::from(self.head_len) + self.runs.iter().map(|r| r.len()).sum::<usize>()
     }
 
     /// Records `n` more bytes written; true when everything is.
@@ -244,18 +259,13 @@ impl Out {
         self.done += n;
         self.done >= self.total()
     }
-
-    /// Takes the chunk back (the buffer returns to its pool when dropped).
-    pub fn into_chunk(self) -> Option<Chunk> {
-        self.chunk
-    }
 }
 
 impl IoVectoredBuf for Out {
     fn iter_slice(&self) -> impl Iterator<Item = &[u8]> {
         let chunk: &[u8] = self.chunk.as_deref().unwrap_or_default();
         let mut skip = self.done;
-        std::iter::once(&self.head[..self.head_len])
+        std::iter::once(&self.head[..usize::from(self.head_len)])
             .chain(self.runs.iter().map(move |r| &chunk[r.clone()]))
             .filter_map(move |s| {
                 if skip >= s.len() {
