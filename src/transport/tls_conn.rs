@@ -7,9 +7,9 @@
 //! encrypted into a fresh allocation. Here a received record is decrypted straight into
 //! the reader's buffer when it has room for it (else where it landed, then copied once);
 //! a written record is encrypted from the writer's buffer straight into its place in the
-//! send queue (one made of several small slices is copied in first). After the handshake rustls' `kernel` API
-//! keeps what only it can do: new secrets on a key update and the client's session
-//! tickets.
+//! send queue (one made of several small slices is copied in first). After the handshake
+//! rustls' `kernel` API keeps what only it can do: new secrets on a key update and the
+//! client's session tickets.
 //!
 //! The record rules after the handshake (alerts, key updates, tickets, `close_notify`)
 //! are [`TlsSession`]'s; this is its driver over a tokio socket.

@@ -210,7 +210,7 @@ impl TlsSession {
 
     /// [`Self::open_record`] with the plaintext decrypted into `out` (a reader's buffer)
     /// rather than over the record: [`Record::Data`]'s `plain` is then a range of `out`.
-    /// `out` needs room for the record's ciphertext: [`Self::room_to_open`].
+    /// `out` needs room for the record's encrypted text: [`Self::room_to_open`].
     pub fn open_record_into(&mut self, buf: &[u8], out: &mut [u8]) -> io::Result<Record> {
         let opened = self.opener.open_into(buf, out);
         self.opened(opened, out)
