@@ -835,7 +835,7 @@ async fn a_kept_rendezvous_unused_for_its_idle_time_is_closed() {
 /// the sender gets its answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_hcm_closes_a_kept_rendezvous_that_waited_its_idle_time() {
-    let (rig, _hcm, tok) =
+    let (rig, hcm, tok) =
         published_with_admin_and("hidle", |c| c.http_rendezvous_idle = Duration::from_millis(300)).await;
     let auth = [("ServiceBusAuthorization", tok.as_str())];
     let relay_admin = rig.relay.admin_addr().unwrap();
@@ -844,8 +844,18 @@ async fn the_hcm_closes_a_kept_rendezvous_that_waited_its_idle_time() {
     let big = payload(100_000, 83);
     let g = s.send("POST", "/hidle/echo", &auth, Body::Bytes(big.clone())).await;
     assert!(g.status == 200 && g.body[..] == big[..], "{}", g.reason);
-    // Past the hcm's 300 ms (and far inside the relay's 30 s).
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The hcm closes it after its 300 ms (far inside the relay's 30 s).
+    let hcm_admin = hcm.admin_addr().unwrap();
+    let idle_closed = wait_for(Duration::from_secs(5), || async {
+        let m = admin_get(hcm_admin, "/metrics").await;
+        m.lines()
+            .any(|l| l == "hyrelay_hcm_http_rendezvous_idle_closed_total{hc=\"hidle\"} 1")
+    })
+    .await;
+    assert!(
+        idle_closed,
+        "the hcm did not count closing the kept rendezvous after 300 ms unused"
+    );
     let small = payload(1000, 84);
     let g = s.send("POST", "/hidle/echo", &auth, Body::Bytes(small.clone())).await;
     assert!(g.status == 200 && g.body[..] == small[..], "{}", g.reason);

@@ -475,6 +475,7 @@ async fn serve_rendezvous(req: &Request, hc: &HcRt, endpoint: &HostPort, ctx: &H
         }
     };
     let mut first = true;
+    let mut idle = false;
     loop {
         let wait = if first {
             ctx.cfg.relay_timeout
@@ -486,7 +487,10 @@ async fn serve_rendezvous(req: &Request, hc: &HcRt, endpoint: &HostPort, ctx: &H
             Next::Closed => break,
             // The request this rendezvous was opened for never came.
             Next::Over if first => return record(hc, started, None),
-            Next::Over => break,
+            Next::Over => {
+                idle = true;
+                break;
+            }
         };
         first = false;
         let started = Instant::now();
@@ -498,6 +502,10 @@ async fn serve_rendezvous(req: &Request, hc: &HcRt, endpoint: &HostPort, ctx: &H
         }
     }
     sent_within(ctx, w.send_close(close_code::NORMAL, "")).await;
+    if idle {
+        // Counted once its Close is out: the relay may learn of it from then on.
+        metrics::counter!(m::HCM_HTTP_RENDEZVOUS_IDLE, "hc" => hc.entry.name().to_owned()).increment(1);
+    }
 }
 
 /// Serves one request that came on a rendezvous and answers there. Hands the reader back

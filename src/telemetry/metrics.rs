@@ -38,6 +38,7 @@ pub const RELAY_HTTP_SECONDS: &str = "hyrelay_relay_http_request_seconds";
 pub const RELAY_HTTP_RENDEZVOUS: &str = "hyrelay_relay_http_rendezvous_total";
 pub const HCM_HTTP_REQUESTS: &str = "hyrelay_hcm_http_requests_total";
 pub const HCM_HTTP_SECONDS: &str = "hyrelay_hcm_http_request_seconds";
+pub const HCM_HTTP_RENDEZVOUS_IDLE: &str = "hyrelay_hcm_http_rendezvous_idle_closed_total";
 pub const HCM_CHANNEL_UP: &str = "hyrelay_hcm_control_channel_up";
 pub const HCM_RECONNECTS: &str = "hyrelay_hcm_reconnects_total";
 pub const HCM_ACCEPTS: &str = "hyrelay_hcm_accepts_total";
@@ -162,6 +163,10 @@ fn describe() {
     describe_histogram!(
         HCM_HTTP_SECONDS,
         "HTTP-mode requests: request to the endpoint's response head."
+    );
+    describe_counter!(
+        HCM_HTTP_RENDEZVOUS_IDLE,
+        "HTTP-mode rendezvous the hcm closed because no further request came on them within http_rendezvous_idle, per hybrid connection."
     );
     describe_gauge!(
         HCM_CHANNEL_UP,
