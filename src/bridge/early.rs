@@ -70,7 +70,8 @@ impl Warm {
         let a = Advertised::parse(answer.headers.get(ADVERTISE_HEADER));
         let mut offered = self.offered.lock().unwrap_or_else(|e| e.into_inner());
         let first = offered.is_none() && a.early_data;
-        if a.early_data {
+        // Every tunnel's 101 says it again: the relay's name is copied only when it changed.
+        if a.early_data && !matches!(&*offered, Some((r, was)) if r == relay && *was == a) {
             *offered = Some((relay.clone(), a));
         }
         first

@@ -36,7 +36,8 @@ use crate::transport::ws;
 struct ForwardRt {
     hc: String,
     listen: Listen,
-    cs: RwLock<ConnectionString>,
+    /// Shared, so a new app connection takes a reference rather than a copy.
+    cs: RwLock<Arc<ConnectionString>>,
     bound: SocketAddr,
     /// Ends this forward's accept loops (reload removed it, or the bridge drains).
     stop: CancellationToken,
@@ -56,8 +57,8 @@ impl ForwardRt {
             .record(result, detail);
     }
 
-    fn connection_string(&self) -> ConnectionString {
-        self.cs.read().unwrap_or_else(|e| e.into_inner()).clone()
+    fn connection_string(&self) -> Arc<ConnectionString> {
+        Arc::clone(&self.cs.read().unwrap_or_else(|e| e.into_inner()))
     }
 
     fn view(&self) -> status::ForwardView {
@@ -65,7 +66,7 @@ impl ForwardRt {
             fwd: Forward {
                 hybrid_connection: self.hc.clone(),
                 listen: self.listen.clone(),
-                connection_string: self.connection_string(),
+                connection_string: ConnectionString::clone(&self.connection_string()),
             },
             bound: self.bound,
             status: self.status.clone(),
@@ -168,8 +169,8 @@ impl Forwards {
             let key = forward_key(&r.view().fwd);
             match want.iter().find(|f| forward_key(f) == key) {
                 Some(f) => {
-                    if r.connection_string() != f.connection_string {
-                        *r.cs.write().unwrap_or_else(|e| e.into_inner()) = f.connection_string.clone();
+                    if *r.connection_string() != f.connection_string {
+                        *r.cs.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(f.connection_string.clone());
                         tracing::info!(hc = %r.hc, listen = %r.bound, "connection string rotated; new connections use it");
                         change.rotated += 1;
                     }
@@ -187,7 +188,7 @@ impl Forwards {
             let rt = Arc::new(ForwardRt {
                 hc: f.hybrid_connection.clone(),
                 listen: f.listen.clone(),
-                cs: RwLock::new(f.connection_string.clone()),
+                cs: RwLock::new(Arc::new(f.connection_string.clone())),
                 bound: actual,
                 stop: self.drain.child_token(),
                 warm: Default::default(),
@@ -526,13 +527,14 @@ async fn connect(
     tcp: &mut TcpStream,
     early_sent: &mut Vec<u8>,
 ) -> Result<ws::ClientWs, ws::ConnectError> {
-    let relay = fw.connection_string().endpoint;
-    if !(ctx.cfg.extensions && fw.warm.early(&relay)) {
+    let cs = fw.connection_string();
+    let relay = &cs.endpoint;
+    if !(ctx.cfg.extensions && fw.warm.early(relay)) {
         return ws::connect_via(url, Some(&ctx.tls), &ctx.cfg.proxy, headers, ctx.cfg.relay_timeout).await;
     }
     let mut with_opt_in = headers.to_vec();
     with_opt_in.push((crate::proto::extensions::EARLY_HEADER, "1"));
-    let warm = fw.warm.take(&relay);
+    let warm = fw.warm.take(relay);
     tokio::time::timeout(
         ctx.cfg.relay_timeout,
         early::connect(warm, url, &with_opt_in, tcp, &ctx.dialer, early_sent),
@@ -576,7 +578,7 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, fw: Arc<ForwardRt>, ctx: Arc<Br
         tracing::info!(hc, relay = %cs.endpoint.authority(), "the relay offers early data: keeping warm connections to it");
         let relay = {
             let fw = fw.clone();
-            move || fw.connection_string().endpoint
+            move || fw.connection_string().endpoint.clone()
         };
         let maintaining = fw
             .warm

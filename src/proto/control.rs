@@ -99,23 +99,47 @@ pub enum ControlError {
 }
 
 impl Accept {
-    /// The JSON text of this command.
+    /// The JSON text of this command, written into one buffer (the relay sends one per
+    /// tunnel): keys in the order a `serde_json` map keeps them (sorted), header names
+    /// sorted and a repeated name's last value kept, as the map would; strings escaped by
+    /// `serde_json`.
     pub fn encode(&self) -> String {
-        let headers: Map<String, Value> = self
-            .connect_headers
-            .iter()
-            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-            .collect();
-        let mut body = json!({
-            "address": self.address,
-            "id": self.id,
-            "connectHeaders": headers,
-        });
-        if let Some((addr, port)) = &self.remote_endpoint {
-            body["remoteEndpoint"] = json!({ "address": addr, "port": port });
+        let mut headers: Vec<&(String, String)> = self.connect_headers.iter().collect();
+        headers.sort_by(|a, b| a.0.cmp(&b.0));
+        let text_len: usize = headers.iter().map(|(k, v)| k.len() + v.len() + 6).sum();
+        let mut out = Vec::with_capacity(96 + self.address.len() + self.id.len() + text_len);
+        out.extend_from_slice(b"{\"accept\":{\"address\":");
+        push_json_str(&mut out, &self.address);
+        out.extend_from_slice(b",\"connectHeaders\":{");
+        let mut first = true;
+        for (i, (k, v)) in headers.iter().map(|h| (&h.0, &h.1)).enumerate() {
+            // A repeated name: only its last value is written.
+            if headers.get(i + 1).is_some_and(|next| &next.0 == k) {
+                continue;
+            }
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            push_json_str(&mut out, k);
+            out.push(b':');
+            push_json_str(&mut out, v);
         }
-        json!({ "accept": body }).to_string()
+        out.extend_from_slice(b"},\"id\":");
+        push_json_str(&mut out, &self.id);
+        if let Some((addr, port)) = &self.remote_endpoint {
+            out.extend_from_slice(b",\"remoteEndpoint\":{\"address\":");
+            push_json_str(&mut out, addr);
+            out.extend_from_slice(format!(",\"port\":{port}}}").as_bytes());
+        }
+        out.extend_from_slice(b"}}");
+        String::from_utf8(out).expect("JSON text of UTF-8 strings is UTF-8")
     }
+}
+
+/// Appends `s` as a JSON string (quoted and escaped).
+fn push_json_str(out: &mut Vec<u8>, s: &str) {
+    serde_json::to_writer(out, s).expect("writing a string into a Vec cannot fail");
 }
 
 /// Headers an `accept` keeps first when it must shrink: what a listener needs to open the
@@ -329,43 +353,62 @@ pub fn decode(text: &str) -> Result<Command, ControlError> {
         return Err(ControlError::TooLarge(text.len()));
     }
     let v: Value = serde_json::from_str(text).map_err(|e| ControlError::NotJson(e.to_string()))?;
-    let Some((name, body)) = v.as_object().filter(|o| o.len() == 1).and_then(|o| o.iter().next()) else {
+    let Value::Object(command) = v else {
+        return Err(ControlError::NotCommand);
+    };
+    let mut command = command.into_iter();
+    let (Some((name, body)), None) = (command.next(), command.next()) else {
         return Err(ControlError::NotCommand);
     };
     match name.as_str() {
-        "accept" => {
-            let headers = body
-                .get("connectHeaders")
-                .and_then(Value::as_object)
-                .ok_or(ControlError::BadField {
-                    command: "accept",
-                    field: "connectHeaders",
-                })?
-                .iter()
-                .map(|(k, v)| {
-                    let v = v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string());
-                    (k.clone(), v)
-                })
-                .collect();
-            let remote_endpoint = body.get("remoteEndpoint").and_then(|r| {
-                let addr = r.get("address")?.as_str()?.to_owned();
-                let port = r.get("port")?.as_u64().and_then(|p| u16::try_from(p).ok())?;
-                Some((addr, port))
-            });
-            Ok(Command::Accept(Accept {
-                address: str_field(body, "accept", "address")?,
-                id: body.get("id").and_then(Value::as_str).unwrap_or_default().to_owned(),
-                connect_headers: headers,
-                remote_endpoint,
-            }))
-        }
+        // Moved out of the parsed document, not copied: one `accept` per tunnel.
+        "accept" => decode_accept(body).map(Command::Accept),
         "renewToken" => Ok(Command::RenewToken {
-            token: str_field(body, "renewToken", "token")?,
+            token: str_field(&body, "renewToken", "token")?,
         }),
-        "request" => decode_request(body).map(Command::Request),
-        "response" => decode_response(body).map(Command::Response),
+        "request" => decode_request(&body).map(Command::Request),
+        "response" => decode_response(&body).map(Command::Response),
         other => Ok(Command::Unknown(other.chars().take(64).collect())),
     }
+}
+
+/// The body of an `accept`.
+fn decode_accept(body: Value) -> Result<Accept, ControlError> {
+    let bad = |field| ControlError::BadField {
+        command: "accept",
+        field,
+    };
+    let Value::Object(mut body) = body else {
+        return Err(bad("connectHeaders"));
+    };
+    let Some(Value::Object(headers)) = body.remove("connectHeaders") else {
+        return Err(bad("connectHeaders"));
+    };
+    let connect_headers = headers
+        .into_iter()
+        .map(|(k, v)| match v {
+            Value::String(v) => (k, v),
+            other => (k, other.to_string()),
+        })
+        .collect();
+    let remote_endpoint = body.get("remoteEndpoint").and_then(|r| {
+        let addr = r.get("address")?.as_str()?.to_owned();
+        let port = r.get("port")?.as_u64().and_then(|p| u16::try_from(p).ok())?;
+        Some((addr, port))
+    });
+    let Some(Value::String(address)) = body.remove("address") else {
+        return Err(bad("address"));
+    };
+    let id = match body.remove("id") {
+        Some(Value::String(id)) => id,
+        _ => String::new(),
+    };
+    Ok(Accept {
+        address,
+        id,
+        connect_headers,
+        remote_endpoint,
+    })
 }
 
 #[cfg(test)]
@@ -383,6 +426,103 @@ mod tests {
         let text = a.encode();
         assert!(text.starts_with("{\"accept\":{"));
         assert_eq!(decode(&text).unwrap(), Command::Accept(a));
+    }
+
+    /// The accept written by hand is the text a `serde_json` document of the same command
+    /// gives: key order, a repeated header's last value, escapes (quotes, backslashes,
+    /// control characters, non-ASCII), with and without the sender's address.
+    #[test]
+    fn accept_text_is_what_a_json_document_gives() {
+        let as_document = |a: &Accept| {
+            let headers: Map<String, Value> = a
+                .connect_headers
+                .iter()
+                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                .collect();
+            let mut body = json!({ "address": a.address, "id": a.id, "connectHeaders": headers });
+            if let Some((addr, port)) = &a.remote_endpoint {
+                body["remoteEndpoint"] = json!({ "address": addr, "port": port });
+            }
+            json!({ "accept": body }).to_string()
+        };
+        let h = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+        let cases = [
+            Accept {
+                address: "wss://ns:443/$hc/hc1?sb-hc-action=accept&sb-hc-id=1".into(),
+                id: "1".into(),
+                connect_headers: vec![],
+                remote_endpoint: None,
+            },
+            Accept {
+                address: "wss://n\"s\\/x".into(),
+                id: "id\u{1}\n\t".into(),
+                connect_headers: vec![
+                    h("X-B", "2"),
+                    h("Sec-WebSocket-Key", "k=="),
+                    h("X-B", "last \"wins\""),
+                    h("a-lower", "ü € \u{7f} \u{1f600}"),
+                    h("", ""),
+                    h("X-A", "</script>\r\n"),
+                ],
+                remote_endpoint: Some(("::1".into(), 65535)),
+            },
+            Accept {
+                address: String::new(),
+                id: String::new(),
+                connect_headers: vec![h("Z", "z"), h("Z", "y"), h("Z", "x")],
+                remote_endpoint: Some(("127.0.0.1".into(), 0)),
+            },
+        ];
+        for a in &cases {
+            assert_eq!(a.encode(), as_document(a), "{a:?}");
+            let Command::Accept(back) = decode(&a.encode()).unwrap() else {
+                panic!("not an accept")
+            };
+            assert_eq!(back.address, a.address);
+            assert_eq!(back.remote_endpoint, a.remote_endpoint);
+        }
+    }
+
+    /// An accept's fields of the wrong type are refused as before the decoder moved them
+    /// out of the document; a header value that is not a string becomes its JSON text.
+    #[test]
+    fn accept_fields_of_the_wrong_type() {
+        let bad = |field| {
+            Err(ControlError::BadField {
+                command: "accept",
+                field,
+            })
+        };
+        assert_eq!(decode(r#"{"accept":1}"#), bad("connectHeaders"));
+        assert_eq!(decode(r#"{"accept":{"address":"a"}}"#), bad("connectHeaders"));
+        assert_eq!(
+            decode(r#"{"accept":{"address":"a","connectHeaders":[]}}"#),
+            bad("connectHeaders")
+        );
+        assert_eq!(decode(r#"{"accept":{"connectHeaders":{}}}"#), bad("address"));
+        assert_eq!(
+            decode(r#"{"accept":{"address":7,"connectHeaders":{}}}"#),
+            bad("address")
+        );
+        assert_eq!(decode(r#"{"accept":{},"x":{}}"#), Err(ControlError::NotCommand));
+        assert_eq!(decode(r#"[{"accept":{}}]"#), Err(ControlError::NotCommand));
+        assert_eq!(decode("{}"), Err(ControlError::NotCommand));
+        let a = decode(
+            r#"{"accept":{"address":"a","id":5,"connectHeaders":{"N":5,"B":true,"S":"s"},"remoteEndpoint":{"address":"h","port":70000}}}"#,
+        );
+        assert_eq!(
+            a,
+            Ok(Command::Accept(Accept {
+                address: "a".into(),
+                id: String::new(),
+                connect_headers: vec![
+                    ("B".into(), "true".into()),
+                    ("N".into(), "5".into()),
+                    ("S".into(), "s".into())
+                ],
+                remote_endpoint: None,
+            }))
+        );
     }
 
     /// Issue 9 item 8: headers that expand under JSON escaping never push an `accept` over

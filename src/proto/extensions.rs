@@ -46,11 +46,12 @@ impl Advertised {
                 Some((n, v)) => (n.trim(), Some(v.trim())),
                 None => (token.trim(), None),
             };
-            match name.to_ascii_lowercase().as_str() {
-                "rendezvous-pool" => a.rendezvous_pool = true,
-                "early-data" => a.early_data = true,
-                "head-timeout" => a.head_timeout_secs = arg.and_then(|v| v.parse().ok()).filter(|s| *s > 0),
-                _ => {}
+            if name.eq_ignore_ascii_case("rendezvous-pool") {
+                a.rendezvous_pool = true;
+            } else if name.eq_ignore_ascii_case("early-data") {
+                a.early_data = true;
+            } else if name.eq_ignore_ascii_case("head-timeout") {
+                a.head_timeout_secs = arg.and_then(|v| v.parse().ok()).filter(|s| *s > 0);
             }
         }
         a

@@ -56,8 +56,17 @@ impl Headers {
 
     /// Headers merged by name (first occurrence's case), repeated values joined with `", "`.
     pub fn merged(&self) -> Vec<(String, String)> {
-        let mut out: Vec<(String, String)> = Vec::new();
+        self.merged_without(&[])
+    }
+
+    /// [`Headers::merged`] without the headers named in `leave_out` (case-insensitive):
+    /// each header is copied once.
+    pub fn merged_without(&self, leave_out: &[&str]) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = Vec::with_capacity(self.0.len());
         for (n, v) in &self.0 {
+            if leave_out.iter().any(|l| n.eq_ignore_ascii_case(l)) {
+                continue;
+            }
             match out.iter_mut().find(|(m, _)| m.eq_ignore_ascii_case(n)) {
                 Some((_, acc)) => {
                     acc.push_str(", ");
@@ -296,6 +305,8 @@ mod tests {
             ("a".into(), "2".into()),
         ]);
         assert_eq!(h.merged(), vec![("A".into(), "1, 2".into()), ("b".into(), "x".into())]);
+        assert_eq!(h.merged_without(&["B"]), vec![("A".into(), "1, 2".into())]);
+        assert_eq!(h.merged_without(&["x", "a"]), vec![("b".into(), "x".into())]);
     }
 
     #[test]

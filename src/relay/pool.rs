@@ -81,6 +81,8 @@ struct Waiting {
 /// The table of pooled connections and what this relay advertises.
 pub(crate) struct Pool {
     advertised: Advertised,
+    /// The advertisement as a header line, written once (every 101 carries it).
+    advert_line: Option<String>,
     waiting: Mutex<HashMap<String, Vec<Waiting>>>,
     next_id: AtomicU64,
 }
@@ -95,6 +97,9 @@ impl Pool {
         };
         Self {
             advertised,
+            advert_line: advertised
+                .header_value()
+                .map(|v| format!("{}: {v}\r\n", extensions::ADVERTISE_HEADER)),
             waiting: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
         }
@@ -106,8 +111,8 @@ impl Pool {
 
     /// `response` (a complete 101 head) with the advertisement added, if any.
     pub fn advertise(&self, mut response: Vec<u8>) -> Vec<u8> {
-        if let Some(v) = self.advertised.header_value() {
-            add_header(&mut response, extensions::ADVERTISE_HEADER, &v);
+        if let Some(line) = &self.advert_line {
+            add_line(&mut response, line);
         }
         response
     }
@@ -160,24 +165,26 @@ impl Pool {
     /// listener's on the calling worker, else its oldest. A connection on the sender's own
     /// worker joins the tunnel without a move between workers (no deregistration, no
     /// registration, no cross-thread wake-up).
-    fn pop(&self, hc: &str, choose: impl FnOnce(&[Option<String>]) -> usize) -> Option<Waiting> {
+    fn pop(&self, hc: &str, choose: impl FnOnce(&[Option<&str>]) -> usize) -> Option<Waiting> {
         let mut map = self.lock();
         let list = map.get_mut(&hc.to_lowercase())?;
         let now = Instant::now();
         list.retain(|w| w.expires > now && !w.tx.is_closed());
-        let mut listeners: Vec<Option<String>> = list.iter().map(|w| w.listener.clone()).collect();
-        listeners.sort();
-        listeners.dedup();
-        let w = (!listeners.is_empty()).then(|| {
-            let pick = &listeners[choose(&listeners).min(listeners.len() - 1)];
-            let here = std::thread::current().id();
-            let i = list
-                .iter()
-                .position(|w| &w.listener == pick && w.worker == here)
-                .or_else(|| list.iter().position(|w| &w.listener == pick))
-                .unwrap_or(0);
-            list.remove(i)
-        });
+        let i = {
+            // The distinct listeners, borrowed from the table (no copy of their ids).
+            let mut listeners: Vec<Option<&str>> = list.iter().map(|w| w.listener.as_deref()).collect();
+            listeners.sort_unstable();
+            listeners.dedup();
+            (!listeners.is_empty()).then(|| {
+                let pick = listeners[choose(&listeners).min(listeners.len() - 1)];
+                let here = std::thread::current().id();
+                list.iter()
+                    .position(|w| w.listener.as_deref() == pick && w.worker == here)
+                    .or_else(|| list.iter().position(|w| w.listener.as_deref() == pick))
+                    .unwrap_or(0)
+            })
+        };
+        let w = i.map(|i| list.remove(i));
         gauge(hc, list.len());
         w
     }
@@ -189,9 +196,15 @@ fn gauge(hc: &str, n: usize) {
 
 /// Adds `name: value` to the end of a response head.
 fn add_header(response: &mut Vec<u8>, name: &str, value: &str) {
+    add_line(response, &format!("{name}: {value}\r\n"));
+}
+
+/// Adds a header `line` (ending in CRLF) to the end of a response head.
+fn add_line(response: &mut Vec<u8>, line: &str) {
     if response.ends_with(b"\r\n\r\n") {
         response.truncate(response.len() - 2);
-        response.extend_from_slice(format!("{name}: {value}\r\n\r\n").as_bytes());
+        response.extend_from_slice(line.as_bytes());
+        response.extend_from_slice(b"\r\n");
     }
 }
 
@@ -326,10 +339,10 @@ fn hand_over(mut stream: Stream, leftover: BytesMut, slot: super::limits::ConnSl
 pub(super) async fn take(ctx: &Ctx, hc: &str) -> Option<(PooledLeg, Option<Arc<std::sync::atomic::AtomicUsize>>)> {
     // Bounded: every try removes one entry from the table.
     for _ in 0..MAX_PER_HC {
-        let choose = |listeners: &[Option<String>]| {
+        let choose = |listeners: &[Option<&str>]| {
             let loads: Vec<Option<usize>> = listeners
                 .iter()
-                .map(|l| l.as_deref().and_then(|id| ctx.ctl.listener_load(hc, id)))
+                .map(|l| l.and_then(|id| ctx.ctl.listener_load(hc, id)))
                 .map(|l| l.map(|n| n.load(Ordering::Relaxed)))
                 .collect();
             super::control::choose_by(ctx.cfg.balance, &loads)
@@ -429,7 +442,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_pooled_connection_is_taken_once() {
-        let first = |_: &[Option<String>]| 0;
+        let first = |_: &[Option<&str>]| 0;
         let p = Pool::new(true, Duration::from_secs(10));
         let (a, _rx_a) = p.register("HC", None, Instant::now() + MAX_IDLE, vec![]).unwrap();
         let (_b, rx_b) = p.register("hc", None, Instant::now() + MAX_IDLE, vec![]).unwrap();
@@ -465,8 +478,8 @@ mod tests {
         let seen = std::sync::Mutex::new(Vec::new());
         let w = p
             .pop("hc", |ls| {
-                seen.lock().unwrap().extend_from_slice(ls);
-                ls.iter().position(|l| l.as_deref() == Some("small")).unwrap()
+                seen.lock().unwrap().extend(ls.iter().map(|l| l.map(str::to_owned)));
+                ls.iter().position(|l| *l == Some("small")).unwrap()
             })
             .unwrap();
         assert_eq!(w.id, small);
@@ -499,7 +512,7 @@ mod tests {
         let (_here_b, _rx4) = p
             .register("hc", Some("b".into()), Instant::now() + MAX_IDLE, vec![])
             .unwrap();
-        let pick_a = |ls: &[Option<String>]| ls.iter().position(|l| l.as_deref() == Some("a")).unwrap();
+        let pick_a = |ls: &[Option<&str>]| ls.iter().position(|l| *l == Some("a")).unwrap();
         assert_eq!(p.pop("hc", pick_a).map(|w| w.id), Some(here), "this worker's first");
         assert_eq!(
             p.pop("hc", pick_a).map(|w| w.id),

@@ -75,15 +75,7 @@ pub(super) async fn serve_connect(mut stream: Stream, mut inc: Incoming, req: Hc
     };
     drop(state);
     inc.pending.done();
-    let headers = handshake::Headers(
-        head.headers
-            .0
-            .iter()
-            .filter(|(n, _)| !STRIPPED.iter().any(|s| n.eq_ignore_ascii_case(s)))
-            .cloned()
-            .collect(),
-    )
-    .merged();
+    let headers = head.headers.merged_without(STRIPPED);
     // hyrelay extension: an opted-in sender (our bridge) gets a pooled rendezvous if one
     // waits; everyone else, and everyone when none waits, goes the standard way.
     if super::pool::sender_opted_in(&inc.head)
