@@ -554,8 +554,9 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, fw: Arc<ForwardRt>, ctx: Arc<Br
     metrics::counter!(crate::telemetry::metrics::BRIDGE_LOCAL_CONNECTIONS, "hc" => fw.hc.clone()).increment(1);
     fw.status.lock().unwrap_or_else(|e| e.into_inner()).local_connections += 1;
     let hc = fw.hc.as_str();
+    // Boxed: the dial's state (TLS included) is not carried in every app connection's task.
     let conn = tokio::select! {
-        c = connect_with_retry(&fw, &cs, &ctx, tcp.get_mut()) => c,
+        c = Box::pin(connect_with_retry(&fw, &cs, &ctx, tcp.get_mut())) => c,
         _ = ctx.shutdown.cancelled() => return,
     };
     let conn = match conn {

@@ -230,8 +230,10 @@ async fn pooled(
     let token = client::token(cs, entry.name(), ctx.cfg.token_ttl);
     let url = client::hc_url(cs, entry.name(), "listen", &hc.listener_id);
     let headers = [("ServiceBusAuthorization", token.as_str()), (POOL_HEADER, "1")];
+    // Boxed, as the tunnel below: the dial's state (TLS included) is not carried in the
+    // task while it waits in the pool.
     let conn = tokio::select! {
-        c = ws::connect_via(&url, Some(&ctx.tls), &ctx.cfg.proxy, &headers, ctx.cfg.relay_timeout) => c,
+        c = Box::pin(ws::connect_via(&url, Some(&ctx.tls), &ctx.cfg.proxy, &headers, ctx.cfg.relay_timeout)) => c,
         _ = stop.cancelled() => return,
     };
     let conn = match conn {
@@ -284,7 +286,7 @@ async fn pooled(
             drop(opened);
         }
         let (stream, leftover) = reader.into_parts();
-        super::accept::handle_pooled(a, hc, endpoint, ctx, (stream, leftover)).await;
+        Box::pin(super::accept::handle_pooled(a, hc, endpoint, ctx, (stream, leftover))).await;
     }
 }
 

@@ -36,17 +36,21 @@ async fn handshake_and_route(tcp: TcpStream, peer: SocketAddr, slot: ConnSlot, p
     let deadline = tokio::time::Instant::now() + ctx.cfg.handshake_timeout;
     let mut stream = match &ctx.tls {
         None => Stream::Plain(Sock::Live(tcp)),
-        Some(cfg) => match tokio::time::timeout_at(deadline, TlsConn::accept(cfg.clone(), Sock::Live(tcp))).await {
-            Ok(Ok(s)) => Stream::Tls(Box::new(s)),
-            Ok(Err(e)) => {
-                tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                return;
+        // Boxed, as the handlers are in `route`: the handshake's state is not carried in
+        // every connection's task.
+        Some(cfg) => {
+            match tokio::time::timeout_at(deadline, Box::pin(TlsConn::accept(cfg.clone(), Sock::Live(tcp)))).await {
+                Ok(Ok(s)) => Stream::Tls(Box::new(s)),
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
             }
-            Err(_) => {
-                tracing::debug!(%peer, "TLS handshake timed out");
-                return;
-            }
-        },
+        }
     };
     let mut buf = BytesMut::with_capacity(4096);
     let head = match tokio::time::timeout_at(deadline, read_request_head(&mut stream, &mut buf, ctx.cfg.max_head)).await
@@ -118,18 +122,21 @@ async fn route(mut stream: Stream, inc: Incoming, ctx: Arc<Ctx>) {
             if !handshake::wants_websocket(&inc.head) {
                 return respond(&mut stream, 400, "A WebSocket upgrade is required on /$hc/", "").await;
             }
+            // Each handler's future is boxed: the connection's task then stays small
+            // (the largest handler's state would otherwise be copied into and within
+            // every connection's task, several KiB each time).
             match req.action {
                 Some(Action::Listen) if super::pool::is_pool_request(&inc.head) => {
-                    super::pool::serve(stream, inc, req, ctx).await
+                    Box::pin(super::pool::serve(stream, inc, req, ctx)).await
                 }
-                Some(Action::Listen) => super::listener::serve(stream, inc, req, ctx).await,
-                Some(Action::Connect) => super::sender::serve_connect(stream, inc, req, ctx).await,
-                Some(Action::Accept) => super::sender::serve_accept(stream, inc, req, ctx).await,
-                Some(Action::Request) => super::http::serve_rendezvous(stream, inc, req, ctx).await,
+                Some(Action::Listen) => Box::pin(super::listener::serve(stream, inc, req, ctx)).await,
+                Some(Action::Connect) => Box::pin(super::sender::serve_connect(stream, inc, req, ctx)).await,
+                Some(Action::Accept) => Box::pin(super::sender::serve_accept(stream, inc, req, ctx)).await,
+                Some(Action::Request) => Box::pin(super::http::serve_rendezvous(stream, inc, req, ctx)).await,
                 None => respond(&mut stream, 400, "Missing sb-hc-action", "").await,
             }
         }
-        Target::Plain(p) => super::mgmt::serve(stream, inc, p, ctx).await,
+        Target::Plain(p) => Box::pin(super::mgmt::serve(stream, inc, p, ctx)).await,
     }
 }
 
