@@ -61,3 +61,32 @@ pub mod relay;
 pub mod session;
 pub mod telemetry;
 pub mod transport;
+
+/// Helpers shared by the modules' unit tests.
+#[cfg(test)]
+pub(crate) mod test_support {
+    /// An async fn of some arity, and the future it returns.
+    pub(crate) trait AsyncFnOf<Args> {
+        type Fut;
+    }
+
+    macro_rules! async_fn_of {
+        ($($a:ident),*) => {
+            impl<F, Fut, $($a),*> AsyncFnOf<($($a,)*)> for F
+            where
+                F: FnOnce($($a),*) -> Fut,
+            {
+                type Fut = Fut;
+            }
+        };
+    }
+    async_fn_of!(A, B, C);
+    async_fn_of!(A, B, C, D);
+    async_fn_of!(A, B, C, D, E, G);
+
+    /// The size of the future `f` returns, without calling it: what a task running it
+    /// holds, and copies as it is spawned and as its stage changes.
+    pub(crate) fn future_size<Args, F: AsyncFnOf<Args>>(_f: &F) -> usize {
+        std::mem::size_of::<F::Fut>()
+    }
+}

@@ -604,3 +604,16 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, fw: Arc<ForwardRt>, ctx: Arc<Br
     let tcp = tcp.take();
     crate::dataplane::offload::spawn_ws_tcp(hc, conn.stream, conn.leftover, tcp, &cfg, &ctx.shutdown, inflight, done);
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::test_support::future_size;
+
+    /// An app connection's task does not carry the dial to the relay (TLS, early data,
+    /// retries: 3,368 bytes before it was boxed).
+    #[test]
+    fn an_app_connection_task_does_not_carry_its_dial() {
+        let n = future_size(&super::serve);
+        assert!(n <= 512, "the bridge's connection future is {n} bytes");
+    }
+}

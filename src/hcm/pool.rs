@@ -318,6 +318,15 @@ async fn ask_to_retire(
 mod tests {
     use super::*;
 
+    /// A pooled connection's task waits in the pool, one per connection, and is moved
+    /// when spawned: it does not carry the dial (TLS) nor the tunnel's setup (3,656 bytes
+    /// before they were boxed).
+    #[test]
+    fn a_pooled_connection_task_does_not_carry_its_dial_or_tunnel() {
+        let n = crate::test_support::future_size(&pooled);
+        assert!(n <= 1600, "the hcm's pooled connection future is {n} bytes");
+    }
+
     #[test]
     fn only_accepts_for_the_pools_nodes_count_once_a_node_is_known() {
         let d = Demand::default();
