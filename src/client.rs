@@ -15,12 +15,81 @@ use crate::transport::ws::WsUrl;
 
 /// A token for `entity` valid for `ttl` (or the connection string's own token).
 pub fn token(cs: &ConnectionString, entity: &str, ttl: Duration) -> String {
+    mint(cs, entity, sas::unix_now() + ttl.as_secs())
+}
+
+/// A token for `entity` that expires at `expires` (Unix seconds), or the connection
+/// string's own token.
+fn mint(cs: &ConnectionString, entity: &str, expires: u64) -> String {
     match &cs.credential {
         Credential::Key { name, key } => {
             let resource = format!("http://{}/{}", cs.endpoint.host, entity);
-            sas::create_token(&resource, name, key.expose(), sas::unix_now() + ttl.as_secs())
+            sas::create_token(&resource, name, key.expose(), expires)
         }
         Credential::Token(t) => t.expose().to_owned(),
+    }
+}
+
+/// A cached token is handed out for at most this long after it was minted (and half its
+/// TTL): a peer whose clock runs behind ours accepts it as long as a fresh one, less this.
+pub const TOKEN_REUSE_AT_MOST: Duration = Duration::from_secs(300);
+/// ... and only while at least this much of its life is left: a pooled rendezvous waits up
+/// to a minute before its token is checked again, at the relay, when a sender takes it.
+pub const TOKEN_REUSE_MIN_LEFT: Duration = Duration::from_secs(120);
+
+/// The token for new connections of one hybrid connection, minted once and handed out
+/// again for a while ([`TOKEN_REUSE_AT_MOST`], half the TTL, while [`TOKEN_REUSE_MIN_LEFT`]
+/// of its life is left): the
+/// bridge's upgrade per app connection and the hcm's pooled rendezvous would otherwise each
+/// pay an HMAC and half a dozen allocations for a token that differs only in its expiry
+/// (Azure's SDKs cache theirs the same way). Keyed by all that goes into a token - the
+/// connection string (relay, rule, key), the entity and the TTL - so a rotated key or
+/// another relay mints afresh. A renewal (`renewToken`) wants a fresh expiry and uses
+/// [`token`].
+#[derive(Debug, Default)]
+pub struct TokenCache(std::sync::Mutex<Option<CachedToken>>);
+
+#[derive(Debug)]
+struct CachedToken {
+    cs: ConnectionString,
+    entity: String,
+    ttl: Duration,
+    expires: u64,
+    token: String,
+}
+
+impl TokenCache {
+    /// A token for `entity` valid for `ttl`, or one minted for the same within the reuse
+    /// window.
+    pub fn token(&self, cs: &ConnectionString, entity: &str, ttl: Duration) -> String {
+        self.token_at(cs, entity, ttl, sas::unix_now())
+    }
+
+    fn token_at(&self, cs: &ConnectionString, entity: &str, ttl: Duration, now: u64) -> String {
+        if !matches!(cs.credential, Credential::Key { .. }) {
+            return mint(cs, entity, 0);
+        }
+        let reuse_for = (ttl.as_secs() / 2).min(TOKEN_REUSE_AT_MOST.as_secs());
+        let need_left = (ttl.as_secs() - reuse_for).max(TOKEN_REUSE_MIN_LEFT.as_secs());
+        let mut cached = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = cached.as_ref()
+            && c.expires >= now.saturating_add(need_left)
+            && c.ttl == ttl
+            && c.entity == entity
+            && c.cs == *cs
+        {
+            return c.token.clone();
+        }
+        let expires = now + ttl.as_secs();
+        let token = mint(cs, entity, expires);
+        *cached = Some(CachedToken {
+            cs: cs.clone(),
+            entity: entity.to_owned(),
+            ttl,
+            expires,
+            token: token.clone(),
+        });
+        token
     }
 }
 
@@ -110,6 +179,61 @@ mod tests {
         let t = sas::SasToken::parse(&token(&cs, "a b/c", Duration::from_secs(60))).unwrap();
         assert_eq!(t.resource, "http://relay/a b/c");
         assert!(t.signed_with("k"));
+    }
+
+    /// A cached token is handed out again for at most five minutes (half a short TTL) while
+    /// two minutes of it are left, only for the same connection string, entity and TTL; the
+    /// shortest TTL mints every time; a connection string's own token passes through.
+    #[test]
+    fn cached_tokens_are_reused_only_while_fresh_and_for_what_they_were_minted() {
+        let cs = |key: &str, host: &str| {
+            ConnectionString::parse(&format!(
+                "Endpoint=sb://{host}/;SharedAccessKeyName=r;SharedAccessKey={key}"
+            ))
+            .unwrap()
+        };
+        let (a, hour) = (cs("k", "relay"), Duration::from_secs(3600));
+        let cache = TokenCache::default();
+        let t0 = 1_000_000;
+        let first = cache.token_at(&a, "hc", hour, t0);
+        assert_eq!(sas::SasToken::parse(&first).unwrap().expiry, t0 + 3600);
+        assert_eq!(
+            cache.token_at(&a, "hc", hour, t0 + 300),
+            first,
+            "within five minutes: reused"
+        );
+        let later = cache.token_at(&a, "hc", hour, t0 + 301);
+        assert_ne!(later, first, "after five minutes: minted afresh");
+        assert_eq!(sas::SasToken::parse(&later).unwrap().expiry, t0 + 301 + 3600);
+        // Anything that goes into the token mints afresh, and is signed with the new key.
+        let other = cache.token_at(&a, "other", hour, t0 + 302);
+        assert_eq!(sas::SasToken::parse(&other).unwrap().resource, "http://relay/other");
+        let rotated = cache.token_at(&cs("k2", "relay"), "other", hour, t0 + 303);
+        assert!(sas::SasToken::parse(&rotated).unwrap().signed_with("k2"));
+        let moved = cache.token_at(&cs("k2", "relay2"), "other", hour, t0 + 304);
+        assert_eq!(sas::SasToken::parse(&moved).unwrap().resource, "http://relay2/other");
+        // A TTL of four minutes: reused for two, while two are left.
+        let four = Duration::from_secs(240);
+        let short = cache.token_at(&a, "hc", four, t0);
+        assert_eq!(sas::SasToken::parse(&short).unwrap().expiry, t0 + 240);
+        assert_eq!(cache.token_at(&a, "hc", four, t0 + 120), short);
+        assert_ne!(cache.token_at(&a, "hc", four, t0 + 121), short);
+        // The minimum TTL (60 s) leaves less than two minutes: never reused.
+        let minute = Duration::from_secs(60);
+        let m1 = cache.token_at(&a, "hc", minute, t0);
+        let m2 = cache.token_at(&a, "hc", minute, t0);
+        assert_eq!(sas::SasToken::parse(&m2).unwrap().expiry, t0 + 60);
+        assert_eq!(m1, m2, "the same second mints the same token");
+        assert_ne!(cache.token_at(&a, "hc", minute, t0 + 1), m1);
+        // A connection string that carries a token: that token, always.
+        let own = ConnectionString::parse(
+            "Endpoint=sb://relay/;SharedAccessSignature=SharedAccessSignature sr=x&sig=y&se=1&skn=r",
+        )
+        .unwrap();
+        assert_eq!(
+            cache.token_at(&own, "hc", hour, t0),
+            "SharedAccessSignature sr=x&sig=y&se=1&skn=r"
+        );
     }
 }
 

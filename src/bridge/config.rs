@@ -47,7 +47,8 @@ pub struct BridgeConfig {
     /// Timeout for reaching the relay and being accepted. Default: 40 s (the relay waits
     /// up to 30 s for a listener).
     pub relay_timeout: Duration,
-    /// Lifetime of minted tokens. Default: 1 h.
+    /// Lifetime of minted tokens (one is shared by new app connections for up to 5 minutes,
+    /// `client::TokenCache`). Default: 1 h.
     pub token_ttl: Duration,
     /// Ping period on tunnels. Default: 30 s.
     pub ping_interval: Duration,

@@ -38,6 +38,8 @@ struct ForwardRt {
     listen: Listen,
     /// Shared, so a new app connection takes a reference rather than a copy.
     cs: RwLock<Arc<ConnectionString>>,
+    /// The Send token for new app connections, minted once per half TTL.
+    tokens: crate::client::TokenCache,
     bound: SocketAddr,
     /// Ends this forward's accept loops (reload removed it, or the bridge drains).
     stop: CancellationToken,
@@ -189,6 +191,7 @@ impl Forwards {
                 hc: f.hybrid_connection.clone(),
                 listen: f.listen.clone(),
                 cs: RwLock::new(Arc::new(f.connection_string.clone())),
+                tokens: Default::default(),
                 bound: actual,
                 stop: self.drain.child_token(),
                 warm: Default::default(),
@@ -498,7 +501,7 @@ async fn connect_with_retry(
     let mut waits = RETRY_503.iter();
     let mut early_sent = Vec::new();
     loop {
-        let token = client::token(cs, hc, ctx.cfg.token_ttl);
+        let token = fw.tokens.token(cs, hc, ctx.cfg.token_ttl);
         let url = client::hc_url(cs, hc, "connect", &crate::proto::ids::new_id());
         let headers = [
             ("ServiceBusAuthorization", token.as_str()),

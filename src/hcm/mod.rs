@@ -39,6 +39,8 @@ pub(crate) struct HcRt {
     pub listener_id: String,
     /// Accepts that a rendezvous pool to this relay could have served, for its size.
     pub demand: pool::Demand,
+    /// The Listen token for pooled rendezvous connections, minted once per half TTL.
+    pub tokens: crate::client::TokenCache,
 }
 
 impl HcRt {
@@ -49,6 +51,7 @@ impl HcRt {
             stop: CancellationToken::new(),
             listener_id: crate::proto::ids::new_id(),
             demand: pool::Demand::default(),
+            tokens: Default::default(),
         }
     }
 

@@ -227,7 +227,7 @@ async fn pooled(
 ) {
     let entry = &hc.entry;
     let cs = &entry.connection_string;
-    let token = client::token(cs, entry.name(), ctx.cfg.token_ttl);
+    let token = hc.tokens.token(cs, entry.name(), ctx.cfg.token_ttl);
     let url = client::hc_url(cs, entry.name(), "listen", &hc.listener_id);
     let headers = [("ServiceBusAuthorization", token.as_str()), (POOL_HEADER, "1")];
     // Boxed, as the tunnel below: the dial's state (TLS included) is not carried in the
