@@ -6,8 +6,12 @@
 # ±10 % on a 2-vCPU machine; counters such as system calls and mallocs per tunnel do not
 # depend on the machine's mood.
 #
-#   scripts/setup-counters.sh [--malloc] [--secs S] NAME=BINARY [NAME=BINARY ...]
+#   scripts/setup-counters.sh [--malloc] [--secs S] [--workers N] NAME=BINARY [NAME=BINARY ...]
 #   scripts/setup-counters.sh --rathole            # the peer, from target-bench/peers.json
+#
+# --workers N gives each hyrelay process N data-plane workers (the harness's --workers) and
+# sets TOKIO_WORKER_THREADS=N for the peers' tokio runtimes, to compare without the six
+# workers of three processes taking turns on two vCPUs.
 #
 # Needs perf (linux-perf) and the bench harness built (`cargo bench --bench load --no-run`
 # with CARGO_TARGET_DIR=target-bench). Tunnels are counted by the bridge's close() calls / 2
@@ -19,14 +23,16 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target-bench}
 secs=4
 malloc=
+workers=()
 targets=()
 while (($#)); do
     case $1 in
         --malloc) malloc=1 ;;
         --secs) secs=$2; shift ;;
+        --workers) workers=(--workers "$2"); export TOKIO_WORKER_THREADS=$2; shift ;;
         --rathole) targets+=(rathole) ;;
         *=*) targets+=("$1") ;;
-        *) echo "usage: $0 [--malloc] [--secs S] NAME=BINARY ... | --rathole" >&2; exit 2 ;;
+        *) echo "usage: $0 [--malloc] [--secs S] [--workers N] NAME=BINARY ... | --rathole" >&2; exit 2 ;;
     esac
     shift
 done
@@ -54,7 +60,7 @@ for t in "${targets[@]}"; do
         roles=(relay hcm bridge)
         pidof_role() { pgrep -f "^$bin .* $1( |$)" | head -1; }
     fi
-    "$harness" --bench "${args[@]}" --workloads setup --setup-count 100000 --runs 1 >"$work/harness.log" 2>&1 &
+    "$harness" --bench "${args[@]}" "${workers[@]}" --workloads setup --setup-count 100000 --runs 1 >"$work/harness.log" 2>&1 &
     harness_pid=$!
     sleep 6 # start-up, pools and warm connections filled
     for role in "${roles[@]}"; do
