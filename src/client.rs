@@ -31,18 +31,18 @@ fn mint(cs: &ConnectionString, entity: &str, expires: u64) -> String {
 }
 
 /// A cached token is handed out for at most this long after it was minted (and half its
-/// TTL): a peer whose clock runs behind ours accepts it as long as a fresh one, less this.
+/// TTL): a relay whose clock runs ahead of ours is tolerated as far as for a fresh token,
+/// less this.
 pub const TOKEN_REUSE_AT_MOST: Duration = Duration::from_secs(300);
 /// ... and only while at least this much of its life is left: a pooled rendezvous waits up
 /// to a minute before its token is checked again, at the relay, when a sender takes it.
 pub const TOKEN_REUSE_MIN_LEFT: Duration = Duration::from_secs(120);
 
 /// The token for new connections of one hybrid connection, minted once and handed out
-/// again for a while ([`TOKEN_REUSE_AT_MOST`], half the TTL, while [`TOKEN_REUSE_MIN_LEFT`]
-/// of its life is left): the
-/// bridge's upgrade per app connection and the hcm's pooled rendezvous would otherwise each
-/// pay an HMAC and half a dozen allocations for a token that differs only in its expiry
-/// (Azure's SDKs cache theirs the same way). Keyed by all that goes into a token - the
+/// again for a while ([`TOKEN_REUSE_AT_MOST`] or half the TTL, while
+/// [`TOKEN_REUSE_MIN_LEFT`] of its life is left). Without it the bridge's upgrade per app
+/// connection and the hcm's pooled rendezvous each paid an HMAC and half a dozen
+/// allocations for a token that differs only in its expiry. Keyed by all that goes into a token - the
 /// connection string (relay, rule, key), the entity and the TTL - so a rotated key or
 /// another relay mints afresh. A renewal (`renewToken`) wants a fresh expiry and uses
 /// [`token`].
@@ -67,7 +67,7 @@ impl TokenCache {
 
     fn token_at(&self, cs: &ConnectionString, entity: &str, ttl: Duration, now: u64) -> String {
         if !matches!(cs.credential, Credential::Key { .. }) {
-            return mint(cs, entity, 0);
+            return token(cs, entity, ttl); // the connection string's own token
         }
         let reuse_for = (ttl.as_secs() / 2).min(TOKEN_REUSE_AT_MOST.as_secs());
         let need_left = (ttl.as_secs() - reuse_for).max(TOKEN_REUSE_MIN_LEFT.as_secs());

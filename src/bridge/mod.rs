@@ -38,7 +38,7 @@ struct ForwardRt {
     listen: Listen,
     /// Shared, so a new app connection takes a reference rather than a copy.
     cs: RwLock<Arc<ConnectionString>>,
-    /// The Send token for new app connections, minted once per half TTL.
+    /// The Send token for new app connections (reused for up to 5 minutes).
     tokens: crate::client::TokenCache,
     bound: SocketAddr,
     /// Ends this forward's accept loops (reload removed it, or the bridge drains).

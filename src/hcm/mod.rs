@@ -39,7 +39,7 @@ pub(crate) struct HcRt {
     pub listener_id: String,
     /// Accepts that a rendezvous pool to this relay could have served, for its size.
     pub demand: pool::Demand,
-    /// The Listen token for pooled rendezvous connections, minted once per half TTL.
+    /// The Listen token for pooled rendezvous connections (reused for up to 5 minutes).
     pub tokens: crate::client::TokenCache,
 }
 

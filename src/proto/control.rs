@@ -391,11 +391,13 @@ fn decode_accept(body: Value) -> Result<Accept, ControlError> {
             other => (k, other.to_string()),
         })
         .collect();
-    let remote_endpoint = body.get("remoteEndpoint").and_then(|r| {
-        let addr = r.get("address")?.as_str()?.to_owned();
-        let port = r.get("port")?.as_u64().and_then(|p| u16::try_from(p).ok())?;
-        Some((addr, port))
-    });
+    let remote_endpoint = match body.remove("remoteEndpoint") {
+        Some(Value::Object(mut r)) => match (r.remove("address"), r.get("port").and_then(Value::as_u64)) {
+            (Some(Value::String(addr)), Some(port)) => u16::try_from(port).ok().map(|port| (addr, port)),
+            _ => None,
+        },
+        _ => None,
+    };
     let Some(Value::String(address)) = body.remove("address") else {
         return Err(bad("address"));
     };
@@ -507,6 +509,14 @@ mod tests {
         assert_eq!(decode(r#"{"accept":{},"x":{}}"#), Err(ControlError::NotCommand));
         assert_eq!(decode(r#"[{"accept":{}}]"#), Err(ControlError::NotCommand));
         assert_eq!(decode("{}"), Err(ControlError::NotCommand));
+        // A sender's address that is not an address and a port is left out, not an error.
+        for remote in [r#"{"address":5,"port":1}"#, r#"{"address":"h"}"#, "[]"] {
+            let text = format!(r#"{{"accept":{{"address":"a","connectHeaders":{{}},"remoteEndpoint":{remote}}}}}"#);
+            let Ok(Command::Accept(a)) = decode(&text) else {
+                panic!("{text}")
+            };
+            assert_eq!(a.remote_endpoint, None, "{text}");
+        }
         let a = decode(
             r#"{"accept":{"address":"a","id":5,"connectHeaders":{"N":5,"B":true,"S":"s"},"remoteEndpoint":{"address":"h","port":70000}}}"#,
         );
