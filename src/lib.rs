@@ -84,9 +84,12 @@ pub(crate) mod test_support {
     async_fn_of!(A, B, C, D);
     async_fn_of!(A, B, C, D, E, G);
 
-    /// The size of the future `f` returns, without calling it: what a task running it
-    /// holds, and copies as it is spawned and as its stage changes.
-    pub(crate) fn future_size<Args, F: AsyncFnOf<Args>>(_f: &F) -> usize {
-        std::mem::size_of::<F::Fut>()
+    /// Asserts that the future `f` returns, measured without calling it, is at most `max`
+    /// bytes: what a task running it holds, and copies as it is spawned and as its stage
+    /// changes.
+    #[track_caller]
+    pub(crate) fn assert_future_at_most<Args, F: AsyncFnOf<Args>>(_f: &F, max: usize, what: &str) {
+        let n = std::mem::size_of::<F::Fut>();
+        assert!(n <= max, "{what}: the future is {n} bytes, more than {max}");
     }
 }

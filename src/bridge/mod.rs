@@ -610,13 +610,10 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, fw: Arc<ForwardRt>, ctx: Arc<Br
 
 #[cfg(test)]
 mod tests {
-    use crate::test_support::future_size;
-
     /// An app connection's task does not carry the dial to the relay (TLS, early data,
     /// retries: 3,368 bytes before it was boxed).
     #[test]
     fn an_app_connection_task_does_not_carry_its_dial() {
-        let n = future_size(&super::serve);
-        assert!(n <= 512, "the bridge's connection future is {n} bytes");
+        crate::test_support::assert_future_at_most(&super::serve, 512, "a bridge app connection");
     }
 }

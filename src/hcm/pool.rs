@@ -323,8 +323,7 @@ mod tests {
     /// before they were boxed).
     #[test]
     fn a_pooled_connection_task_does_not_carry_its_dial_or_tunnel() {
-        let n = crate::test_support::future_size(&pooled);
-        assert!(n <= 1600, "the hcm's pooled connection future is {n} bytes");
+        crate::test_support::assert_future_at_most(&pooled, 1600, "an hcm pooled connection");
     }
 
     #[test]

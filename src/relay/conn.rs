@@ -197,14 +197,11 @@ pub(crate) async fn write_flush(stream: &mut Stream, bytes: &[u8]) -> std::io::R
 
 #[cfg(test)]
 mod tests {
-    use crate::test_support::future_size;
-
     /// Every connection's task is spawned, moved and changes stage with its whole future
     /// copied each time: the handlers (the largest, a sender's connect, 3.3 KiB) and the TLS
     /// handshake (2 KiB) are boxed, so the task does not carry them (4,768 bytes before).
     #[test]
     fn a_connection_task_does_not_carry_its_handler() {
-        let n = future_size(&super::serve);
-        assert!(n <= 2304, "the relay's connection future is {n} bytes");
+        crate::test_support::assert_future_at_most(&super::serve, 2304, "a relay connection");
     }
 }
