@@ -14,8 +14,9 @@
 # workers of three processes taking turns on two vCPUs.
 #
 # Needs perf (linux-perf) and the bench harness built (`cargo bench --bench load --no-run`
-# with CARGO_TARGET_DIR=target-bench). Tunnels are counted by the bridge's close() calls / 2
-# (two sockets per tunnel), or for rathole by the client's connect() calls / 2.
+# with CARGO_TARGET_DIR=target-bench). Tunnels are counted by the bridge's accept4() calls
+# (one per app connection; its close() calls are not, since connections to the relay may
+# be kept across tunnels), or for rathole by the client's connect() calls / 2.
 # --malloc adds a uprobe on libc's malloc (`perf probe`; needs root), which slows the
 # processes: read its CPU figures as inflated, its malloc counts as exact.
 set -euo pipefail
@@ -38,7 +39,7 @@ while (($#)); do
 done
 harness=$(ls -t "$CARGO_TARGET_DIR"/release/deps/load-* 2>/dev/null | grep -v '\.d$' | head -1)
 [[ -x $harness ]] || { echo "build the harness first: cargo bench --bench load --no-run" >&2; exit 1; }
-events=task-clock,context-switches,raw_syscalls:sys_enter,syscalls:sys_enter_close,syscalls:sys_enter_connect
+events=task-clock,context-switches,raw_syscalls:sys_enter,syscalls:sys_enter_accept4,syscalls:sys_enter_connect
 if [[ -n $malloc ]]; then
     libc=$(ldconfig -p | awk '/libc.so.6 .*x86-64/ {print $NF; exit}')
     perf probe -q -x "$libc" malloc 2>/dev/null || true
@@ -94,7 +95,7 @@ for r in roles:
 if name == "rathole":
     tunnels = counts["client"].get("syscalls:sys_enter_connect", 0) / 2
 else:
-    tunnels = counts["bridge"].get("syscalls:sys_enter_close", 0) / 2
+    tunnels = counts["bridge"].get("syscalls:sys_enter_accept4", 0)
 if not tunnels:
     sys.exit(f"{name}: no tunnels counted")
 print(f"{name}: {tunnels:.0f} tunnels in the window; per tunnel:")

@@ -1,5 +1,5 @@
 //! What every client of a relay needs (hcm, bridge, CLI): tokens from a connection string,
-//! `$hc` URLs, and the runtime-information GET.
+//! `$hc` URLs, the runtime-information GET, and the rate that sizes warm connections.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -163,9 +163,64 @@ pub async fn runtime_info(
     }
 }
 
+/// How many events of a running count fell in about the last second, for sizing the
+/// hcm's rendezvous pool and the bridge's warm queue: the count is sampled on a fixed
+/// tick only, so the window stays a second however often the sizing task is woken in
+/// between (each used connection wakes it).
+#[derive(Debug)]
+pub(crate) struct LastSecond {
+    samples: std::collections::VecDeque<u64>,
+    len: usize,
+}
+
+impl LastSecond {
+    /// A window of one second of `tick`s.
+    pub fn new(tick: Duration) -> Self {
+        let len = (Duration::from_secs(1).as_millis() / tick.as_millis().max(1)).max(1) as usize;
+        Self {
+            samples: std::collections::VecDeque::with_capacity(len + 1),
+            len,
+        }
+    }
+
+    /// The events since the oldest sample, given the count now; `ticked`: this is a tick,
+    /// and `total` becomes a sample.
+    pub fn rate(&mut self, total: u64, ticked: bool) -> u64 {
+        if ticked {
+            self.samples.push_back(total);
+            if self.samples.len() > self.len {
+                self.samples.pop_front();
+            }
+        }
+        total.saturating_sub(self.samples.front().copied().unwrap_or(total))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Wake-ups between ticks (one per used connection) leave the window a second long:
+    /// before, each one was a sample, and at hundreds of tunnels a second the "last
+    /// second" was the last few wake-ups, so pools and warm queues stayed at their minimum.
+    #[test]
+    fn the_last_second_is_a_second_of_ticks_whatever_wakes_in_between() {
+        let mut w = LastSecond::new(Duration::from_millis(250));
+        let mut total = 0;
+        for _ in 0..4 {
+            assert_eq!(w.rate(total, true), total);
+            // 100 events between ticks, each waking the task.
+            for _ in 0..100 {
+                total += 1;
+                w.rate(total, false);
+            }
+        }
+        assert_eq!(w.rate(total, true), 300, "the three ticks before this one");
+        for _ in 0..4 {
+            w.rate(total, true);
+        }
+        assert_eq!(w.rate(total, false), 0, "quiet for a second");
+    }
 
     #[test]
     fn urls_and_tokens() {

@@ -412,7 +412,7 @@ pub fn extensions(data: &[u8]) {
     let a = Advertised::parse(Some(text));
     match a.header_value() {
         Some(v) => assert_eq!(Advertised::parse(Some(&v)), a),
-        None => assert!(!a.rendezvous_pool && !a.early_data),
+        None => assert!(!a.rendezvous_pool && !a.early_data && !a.reuse),
     }
 }
 
@@ -516,25 +516,36 @@ fn fuzz_max_frame(b: u8) -> u64 {
 /// once): `Ok(true)` a valid Close, `Ok(false)` no Close, `Err(code)` the close code a
 /// protocol error is owed.
 fn reference_decode(role: Role, max_frame: u64, stream: &[u8]) -> (Vec<u8>, Result<bool, u16>) {
+    let (data, end, _) = reference_decode_rest(role, max_frame, stream);
+    (data, end)
+}
+
+/// [`reference_decode`], and how many bytes of the stream follow its valid Close (0 when
+/// it ends otherwise).
+fn reference_decode_rest(role: Role, max_frame: u64, stream: &[u8]) -> (Vec<u8>, Result<bool, u16>, usize) {
     let mut dec = Decoder::new(role, max_frame);
     let mut buf = BytesMut::from(stream);
     let mut data = Vec::new();
     loop {
-        match dec.decode(&mut buf) {
-            Ok(Some(Item::Data(c))) => data.extend_from_slice(&c.payload),
+        let r = match dec.decode(&mut buf) {
+            Ok(Some(Item::Data(c))) => {
+                data.extend_from_slice(&c.payload);
+                continue;
+            }
             Ok(Some(Item::Control {
                 opcode: OpCode::Close,
                 payload,
             })) => {
                 return match frame::parse_close(&payload) {
-                    Ok(_) => (data, Ok(true)),
-                    Err(e) => (data, Err(e.close_code())),
+                    Ok(_) => (data, Ok(true), buf.len()),
+                    Err(e) => (data, Err(e.close_code()), 0),
                 };
             }
-            Ok(Some(Item::Control { .. })) => {}
-            Ok(None) => return (data, Ok(false)),
-            Err(e) => return (data, Err(e.close_code())),
-        }
+            Ok(Some(Item::Control { .. })) => continue,
+            Ok(None) => Ok(false),
+            Err(e) => Err(e.close_code()),
+        };
+        return (data, r, 0);
     }
 }
 
@@ -544,7 +555,8 @@ fn reference_decode(role: Role, max_frame: u64, stream: &[u8]) -> (Vec<u8>, Resu
 /// size (1..=256), byte 2 bit 0 whether the rest is the raw stream from the sender (else
 /// it describes masked frames, 3 bytes each: opcode/FIN bits, length, fill byte). The
 /// direction must forward exactly the data a reference decoder finds, unmasked, end the
-/// way it says, and write at most one Close, last.
+/// way it says, and write at most one Close, last; after a Close nothing more is consumed
+/// (a kept connection reads it as its next request).
 pub fn relay_forward(data: &[u8]) {
     use crate::session::forward::{DirEnd, Forward};
     use crate::session::sim::{ForwardSim, written};
@@ -576,7 +588,8 @@ pub fn relay_forward(data: &[u8]) {
         }
         s
     };
-    let (want, want_end) = reference_decode(Role::Server, max_frame, &stream);
+    let (want, want_end, rest) = reference_decode_rest(Role::Server, max_frame, &stream);
+    let tail = stream[stream.len() - rest..].to_vec();
     let mut sim = ForwardSim::new(stream, usize::from(*chunk) + 1, true);
     let mut f = Forward::new(max_frame);
     let end = sim.run(&mut f).expect("a source that ends ends its direction");
@@ -591,6 +604,13 @@ pub fn relay_forward(data: &[u8]) {
     assert_eq!(f.bytes, want.len() as u64);
     assert!(out.closes.len() <= 1, "one Close at most");
     assert!(out.closes.is_empty() || out.ends_with_close(), "the Close is last");
+    if end == DirEnd::Closed {
+        assert_eq!(
+            sim.input.unconsumed(),
+            tail,
+            "what follows the Close is left unconsumed"
+        );
+    }
 }
 
 /// A splice's rules (`crate::session::splice`) under a script of events.

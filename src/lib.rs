@@ -80,6 +80,7 @@ pub(crate) mod test_support {
             }
         };
     }
+    async_fn_of!(A, B);
     async_fn_of!(A, B, C);
     async_fn_of!(A, B, C, D);
     async_fn_of!(A, B, C, D, E, G);

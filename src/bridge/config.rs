@@ -41,7 +41,8 @@ pub struct BridgeConfig {
     /// come from `HTTPS_PROXY`/`ALL_PROXY`/`NO_PROXY` when the command line starts the
     /// role) or directly. Default: directly.
     pub proxy: crate::transport::proxy::ProxyConfig,
-    /// Use the hyrelay extensions a relay advertises (warm connections, early data); off,
+    /// Use the hyrelay extensions a relay advertises (warm connections, early data,
+    /// connection reuse); off,
     /// or against a relay that does not offer them, the standard protocol alone. Default: on.
     pub extensions: bool,
     /// Timeout for reaching the relay and being accepted. Default: 40 s (the relay waits

@@ -13,14 +13,20 @@
 //!   is joined. If the warm connection turns out dead before any answer, the same bytes go
 //!   out again on a fresh one, so nothing the app sent is lost.
 //!
-//! Invariants: a warm connection is used at most once (it leaves the queue under the lock);
+//! - once the relay also offers `reuse`, the upgrade opts in (`X-Hyrelay-Reuse: 1`); a
+//!   connection whose 101 promised it and whose tunnel ended cleanly comes back to the
+//!   queue ([`Warm::back`]) instead of being closed, so a steady stream of app connections
+//!   opens no new connection to the relay.
+//!
+//! Invariants: a warm connection carries one tunnel at a time (it leaves the queue under
+//! the lock, and comes back only after its tunnel's close handshake is complete);
 //! it carries no request until an app connection exists, so it never makes the relay send
 //! an `accept`, and the endpoint never sees a connection no app opened.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -55,6 +61,37 @@ pub(crate) struct Warm {
     served: AtomicU64,
     /// Wakes [`Warm::maintain`] when a warm connection was taken.
     taken: tokio::sync::Notify,
+    /// Connections in tunnels whose 101 promised reuse (they may come back).
+    returning: AtomicUsize,
+}
+
+/// Counts a connection in a tunnel that may come back to the warm queue.
+struct Returning(Arc<Warm>);
+
+impl Returning {
+    fn new(w: Arc<Warm>) -> Self {
+        w.returning.fetch_add(1, Ordering::Relaxed);
+        Self(w)
+    }
+
+    /// Parks `stream` in the queue if there is room (else it is closed).
+    fn back(self, hc: String, relay: RelayEndpoint, mut stream: Stream) {
+        if stream.park().is_err() {
+            return;
+        }
+        let mut idle = self.0.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < MAX_WARM {
+            idle.push_back((relay, Instant::now(), stream));
+            drop(idle);
+            metrics::counter!(crate::telemetry::metrics::reused_connections("bridge"), "hc" => hc).increment(1);
+        }
+    }
+}
+
+impl Drop for Returning {
+    fn drop(&mut self) {
+        self.0.returning.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// How warm connections are opened.
@@ -82,6 +119,22 @@ impl Warm {
         matches!(&*self.offered.lock().unwrap_or_else(|e| e.into_inner()), Some((r, a)) if r == relay && a.early_data)
     }
 
+    /// True when `relay` offered early data and connection reuse: the bridge then opts in
+    /// to `reuse` (unless its tunnels run on the completion backend, which closes them).
+    pub fn reuse(&self, relay: &RelayEndpoint) -> bool {
+        let offered = matches!(&*self.offered.lock().unwrap_or_else(|e| e.into_inner()), Some((r, a)) if r == relay && a.early_data && a.reuse);
+        offered && !crate::dataplane::offload::active()
+    }
+
+    /// Where a connection to `relay` goes after a tunnel that ended cleanly, when its 101
+    /// promised reuse: back to the warm queue, as the newest (the relay reads it for a new
+    /// request head from the end of the tunnel, so its age starts again). While the tunnel
+    /// runs it counts towards the queue's size ([`Warm::maintain`]).
+    pub fn back(self: &Arc<Self>, hc: String, relay: RelayEndpoint) -> crate::dataplane::splice::Back {
+        let returning = Returning::new(self.clone());
+        Box::new(move |stream| returning.back(hc, relay, stream))
+    }
+
     /// Counts an app connection (for sizing).
     pub fn served(&self) {
         self.served.fetch_add(1, Ordering::Relaxed);
@@ -101,14 +154,22 @@ impl Warm {
     }
 
     /// A fresh warm connection to `relay`, unparked onto this worker.
+    ///
+    /// Taking one wakes [`Warm::maintain`] to open a replacement; with `reuse` only when
+    /// fewer than two are left, since the one taken will likely come back after its tunnel
+    /// (a replacement opened meanwhile would find the queue full then, and one of the two
+    /// would be closed for nothing).
     pub fn take(&self, relay: &RelayEndpoint) -> Option<Stream> {
         let max_age = self.max_age();
+        let reuse = self.reuse(relay);
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         while let Some((r, at, mut s)) = idle.pop_front() {
             // A relay that restarted closed its warm connections: skip those rather than
             // spend the app's first try on one.
             if &r == relay && at.elapsed() < max_age && s.idle_and_open() && s.unpark().is_ok() {
-                self.taken.notify_one();
+                if !reuse || idle.len() < 2 {
+                    self.taken.notify_one();
+                }
                 return Some(s);
             }
         }
@@ -131,24 +192,21 @@ impl Warm {
         stop: CancellationToken,
     ) {
         let mut tick = tokio::time::interval(TICK);
-        let mut window: VecDeque<u64> = VecDeque::new();
+        let mut window = crate::client::LastSecond::new(TICK);
         loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = self.taken.notified() => {}
+            let ticked = tokio::select! {
+                _ = tick.tick() => true,
+                _ = self.taken.notified() => false,
                 _ = stop.cancelled() => break,
-            }
+            };
             let max_age = self.max_age();
             self.idle
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .retain_mut(|(_, at, s)| at.elapsed() < max_age && s.idle_and_open());
-            let served = self.served.load(Ordering::Relaxed);
-            window.push_back(served);
-            if window.len() > 4 {
-                window.pop_front();
-            }
-            let rate = served - window.front().copied().unwrap_or(served);
+            // App connections in the last second (sampled on the ticks only: a take wakes
+            // this task too).
+            let rate = window.rate(self.served.load(Ordering::Relaxed), ticked);
             let want = (rate as usize / 4 + 2).min(MAX_WARM);
             // Shrink back as the rate falls: the oldest go first.
             {
@@ -157,8 +215,11 @@ impl Warm {
                     idle.pop_front();
                 }
             }
+            // Connections that will likely come back after their tunnels count towards the
+            // size, up to half of it (a long tunnel must not keep the queue empty).
+            let coming = self.returning.load(Ordering::Relaxed).min(want / 2);
             let endpoint = relay();
-            for _ in self.len()..want {
+            for _ in (self.len() + coming).min(want)..want {
                 // Bounded: a relay that stopped answering must not stall the refresh.
                 let opened = tokio::time::timeout(Duration::from_secs(10), open(&endpoint, &dialer)).await;
                 match opened.unwrap_or_else(|_| Err(ConnectError::Timeout(Duration::from_secs(10)))) {

@@ -537,6 +537,9 @@ async fn connect(
     }
     let mut with_opt_in = headers.to_vec();
     with_opt_in.push((crate::proto::extensions::EARLY_HEADER, "1"));
+    if fw.warm.reuse(relay) {
+        with_opt_in.push((crate::proto::extensions::REUSE_HEADER, "1"));
+    }
     let warm = fw.warm.take(relay);
     tokio::time::timeout(
         ctx.cfg.relay_timeout,
@@ -604,8 +607,23 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, fw: Arc<ForwardRt>, ctx: Arc<Br
             tracing::debug!(event = "tunnel_closed", hc = %name, %peer, to_app = stats.to_tcp, from_app = stats.to_ws, end = %stats.end, "tunnel closed");
         }
     };
+    // The relay promised to keep this connection after a clean end: it comes back to the
+    // warm queue then.
+    let promised =
+        crate::proto::extensions::reuse_said(conn.response.headers.get(crate::proto::extensions::REUSE_HEADER));
+    let back = (ctx.cfg.extensions && promised).then(|| fw.warm.back(fw.hc.clone(), cs.endpoint.clone()));
     let tcp = tcp.take();
-    crate::dataplane::offload::spawn_ws_tcp(hc, conn.stream, conn.leftover, tcp, &cfg, &ctx.shutdown, inflight, done);
+    crate::dataplane::offload::spawn_ws_tcp(
+        hc,
+        conn.stream,
+        conn.leftover,
+        tcp,
+        &cfg,
+        &ctx.shutdown,
+        inflight,
+        back,
+        done,
+    );
 }
 
 #[cfg(test)]

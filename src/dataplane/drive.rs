@@ -74,6 +74,12 @@ impl<L: SpliceLegs, T: Timer> Splice<L, T> {
         self.counted = (up, down);
     }
 
+    /// True if the WebSocket may carry another tunnel (the `reuse` extension) after a
+    /// clean end: nothing came behind the peer's Close.
+    pub(crate) fn nothing_after_close(&self) -> bool {
+        !self.rules.down.trailing
+    }
+
     /// The splice's result; an abnormal end also arms the TCP reset.
     fn finish(&mut self, why: String) -> SpliceStats {
         self.count();
@@ -175,6 +181,12 @@ impl<L: TunnelLegs, T: Timer> Tunnel<L, T> {
             c.add_down(down - self.counted.1);
         }
         self.counted = (up, down);
+    }
+
+    /// True if both directions ended with a forwarded Close (see
+    /// [`TunnelRules::closed_cleanly`]).
+    pub(crate) fn closed_cleanly(&self) -> bool {
+        self.rules.closed_cleanly()
     }
 
     /// Byte counts and how the directions ended.

@@ -235,7 +235,8 @@ pub fn spawn_flush(workers: &Arc<Workers>, role: &'static str, totals: Arc<Total
 /// Splices `ws` (with the bytes read past its handshake) to `tcp` on the completion
 /// backend when [`splice`] can, else with the epoll engine on a task of its own; either
 /// way the tunnel holds only itself and `keep`, so the caller's handshake state is freed,
-/// and `done` runs with the stats when it ends. Counts into `hc`'s counters.
+/// and `done` runs with the stats when it ends. Counts into `hc`'s counters. After a clean
+/// end the epoll engine gives the WebSocket to `back` (if any) instead of closing it.
 #[allow(clippy::too_many_arguments)]
 pub fn spawn_ws_tcp<K: Send + 'static>(
     hc: &str,
@@ -245,11 +246,13 @@ pub fn spawn_ws_tcp<K: Send + 'static>(
     cfg: &SpliceConfig,
     stop: &CancellationToken,
     keep: K,
+    back: Option<super::splice::Back>,
     done: impl FnOnce(SpliceStats) + Send + 'static,
 ) {
+    // On the completion backend the WebSocket is closed at the end: `back` is dropped.
     if let Err(((ws, leftover), tcp, keep, done)) = splice(hc, (ws, leftover), tcp, cfg, stop, keep, done) {
         let active = super::stats::ActiveGuard::new(super::stats::for_hc(hc));
-        super::splice::spawn(ws, leftover, tcp, cfg, stop, Some(active), keep, done);
+        super::splice::spawn(ws, leftover, tcp, cfg, stop, Some(active), (keep, back), done);
     }
 }
 

@@ -19,6 +19,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use bytes::BytesMut;
 use tokio::io::AsyncWrite;
 use tokio_util::sync::CancellationToken;
 
@@ -79,6 +80,16 @@ impl RelayTunnel {
             down,
         };
         Self::with_legs(legs, TokioTimer::default(), max_frame, gone, shutdown, active)
+    }
+
+    /// The legs, each with what its source sent after its Close (the start of its next
+    /// request, on a connection kept for another tunnel), and the stats; for a tunnel that
+    /// [`closed_cleanly`](drive::Tunnel::closed_cleanly).
+    pub fn into_legs(self) -> ((Stream, BytesMut), (Stream, BytesMut), TunnelStats) {
+        let stats = self.stats();
+        let legs = self.legs;
+        let (mut up, mut down) = (legs.up, legs.down);
+        ((legs.sender, up.rest()), (legs.listener, down.rest()), stats)
     }
 
     /// Closes both legs (TLS close_notify, FIN) lingering, within 2 s: each is read to its
@@ -162,9 +173,23 @@ impl DirIo {
         Poll::Ready(self.end(end))
     }
 
-    /// The direction is over: its buffer goes back.
+    /// The direction is over: its buffer goes back, unless bytes came after its Close
+    /// (they are the next request on a connection kept for another tunnel, [`Self::rest`];
+    /// otherwise they go with the buffer when the tunnel ends).
     fn end(&mut self, e: DirEnd) -> DirEnd {
-        self.input.release();
+        if !(e == DirEnd::Closed && self.input.has_bytes()) {
+            self.input.release();
+        }
         e
+    }
+
+    /// What the source sent after its Close and was not consumed.
+    fn rest(&mut self) -> BytesMut {
+        let rest = match self.input.has_bytes() {
+            true => BytesMut::from(&self.input.buf()[self.input.start..self.input.end]),
+            false => BytesMut::new(),
+        };
+        self.input.release();
+        rest
     }
 }

@@ -109,11 +109,17 @@ async fn close_ws(mut ws: Stream) {
     let _ = tokio::time::timeout(Duration::from_secs(2), tokio::io::AsyncWriteExt::shutdown(&mut ws)).await;
 }
 
+/// Where a WebSocket goes after a clean end instead of being closed: the relay promised
+/// to keep the connection for another tunnel (the `reuse` extension,
+/// [`crate::proto::extensions`]). Dropped unused after any other end.
+pub type Back = Box<dyn FnOnce(Stream) + Send>;
+
 /// Starts the splice on a task of its own, on this worker, and returns at once.
 ///
 /// The task holds only the two connections, the engine and `keep` (guards that must live
 /// as long as the tunnel), so whatever led here (handshake buffers, headers) is freed.
-/// `done` runs with the result when the tunnel has ended and the WebSocket is closed.
+/// `done` runs with the result when the tunnel has ended and the WebSocket is closed, or
+/// given to `back` (a clean end, nothing after the peer's Close).
 #[allow(clippy::too_many_arguments)]
 pub fn spawn<K: 'static>(
     ws: Stream,
@@ -122,25 +128,35 @@ pub fn spawn<K: 'static>(
     cfg: &SpliceConfig,
     stop: &CancellationToken,
     active: Option<ActiveGuard>,
-    keep: K,
+    (keep, back): (K, Option<Back>),
     done: impl FnOnce(SpliceStats) + 'static,
 ) {
     let s = Splice::new(ws, &leftover, tcp, cfg, stop, active);
     drop(leftover);
-    tokio::task::spawn_local(task(s, keep, done));
+    tokio::task::spawn_local(task(s, (keep, back), done));
 }
 
-/// The task of splice `s`: the splice, then the WebSocket's close. Boxed, the closing (a
-/// TLS close, a timer) and the stats waiting for it are not part of the task for the
-/// tunnel's whole life (as the relay's tunnel keeps its closing off its task).
+/// The task of splice `s`: the splice, then the WebSocket's close (or its hand-back).
+/// Boxed, the closing (a TLS close, a timer) and the stats waiting for it are not part of
+/// the task for the tunnel's whole life (as the relay's tunnel keeps its closing off its
+/// task).
 // Not an `async fn`: one moves each argument into a local of its body, so the task would
 // hold the splice twice (1,216 bytes around a 568-byte splice; the test below).
 #[allow(clippy::manual_async_fn)]
-fn task<K: 'static>(mut s: Splice, keep: K, done: impl FnOnce(SpliceStats) + 'static) -> impl Future<Output = ()> {
+fn task<K: 'static>(
+    mut s: Splice,
+    (keep, back): (K, Option<Back>),
+    done: impl FnOnce(SpliceStats) + 'static,
+) -> impl Future<Output = ()> {
     async move {
         let stats = (&mut s).await;
         Box::pin(async move {
-            close_ws(s.into_ws()).await;
+            let reusable = !stats.abnormal() && s.nothing_after_close();
+            match back {
+                // The TCP connection is closed (a FIN) as `into_ws` drops it.
+                Some(back) if reusable => back(s.into_ws()),
+                _ => close_ws(s.into_ws()).await,
+            }
             done(stats);
             drop(keep);
         })
@@ -423,7 +439,7 @@ mod tests {
         let splice = std::mem::size_of_val(&s);
         // Guards of a few words, as the roles' are.
         let keep = [0usize; 4];
-        let t = std::mem::size_of_val(&task(s, keep, drop));
+        let t = std::mem::size_of_val(&task(s, (keep, None), drop));
         let words = 8 * std::mem::size_of::<usize>();
         assert!(
             t <= splice + std::mem::size_of_val(&keep) + words,

@@ -19,7 +19,7 @@ use crate::transport::ws::{self, ConnectError, WsUrl};
 pub(crate) async fn handle(a: Accept, hc: Arc<HcRt>, endpoint: HostPort, ctx: Arc<HcmCtx>) {
     let inflight = ctx.inflight.enter();
     let name = hc.entry.name().to_owned();
-    count_accept(&hc, &a.address);
+    count_accept(&hc, Some(&a.address));
     // Checked again here: the list is the last word whatever endpoint reached this task.
     if let Err(why) = super::channel::check_allowed(&endpoint, &ctx) {
         not_allowed(&hc, &endpoint, &why);
@@ -81,22 +81,31 @@ pub(crate) async fn handle(a: Accept, hc: Arc<HcRt>, endpoint: HostPort, ctx: Ar
             return;
         }
     };
-    splice_tunnel(&hc, a.id, (conn.stream, conn.leftover), tcp.take(), &ctx, inflight);
+    splice_tunnel(
+        &hc,
+        a.id,
+        (conn.stream, conn.leftover),
+        tcp.take(),
+        &ctx,
+        (inflight, None),
+    );
 }
 
 /// Serves an `accept` that came on a pooled rendezvous connection (`hcm::pool`): the
 /// relay has joined it to the sender already, so it only needs the endpoint. If that
 /// cannot be reached, the tunnel is closed with 4000 + the status a rendezvous reject
-/// would have carried (4502, 4504, 4403) and the same description.
+/// would have carried (4502, 4504, 4403) and the same description. After a clean end the
+/// connection goes to `back` (the relay promised to keep it), else it is closed.
 pub(crate) async fn handle_pooled(
     a: Accept,
     hc: Arc<HcRt>,
     endpoint: HostPort,
     ctx: Arc<HcmCtx>,
     (mut stream, leftover): (crate::transport::Stream, bytes::BytesMut),
+    back: Option<splice::Back>,
 ) {
     let inflight = ctx.inflight.enter();
-    count_accept(&hc, &a.address);
+    count_accept(&hc, None);
     let failed = match super::channel::check_allowed(&endpoint, &ctx) {
         Err(why) => {
             not_allowed(&hc, &endpoint, &why);
@@ -107,7 +116,7 @@ pub(crate) async fn handle_pooled(
             .map_err(|(status, detail)| (status, format!("hyrelay hcm: endpoint {detail}"))),
     };
     match failed {
-        Ok(tcp) => splice_tunnel(&hc, a.id, (stream, leftover), tcp, &ctx, inflight),
+        Ok(tcp) => splice_tunnel(&hc, a.id, (stream, leftover), tcp, &ctx, (inflight, back)),
         Err((status, description)) => {
             let mut w = ws::WsWriter::new(&mut stream, Role::Client);
             let reason: String = description.chars().take(100).collect();
@@ -116,9 +125,14 @@ pub(crate) async fn handle_pooled(
     }
 }
 
-fn count_accept(hc: &HcRt, address: &str) {
+/// Counts an accept; `address`: its rendezvous address, `None` for one that came on a
+/// pooled connection (demand the pool served).
+fn count_accept(hc: &HcRt, address: Option<&str>) {
     hc.update(|s| s.accepts += 1);
-    hc.demand.count(address);
+    match address {
+        Some(a) => hc.demand.count(a),
+        None => hc.demand.count_pooled(),
+    }
     metrics::counter!(crate::telemetry::metrics::HCM_ACCEPTS, "hc" => hc.entry.name().to_owned()).increment(1);
 }
 
@@ -165,14 +179,15 @@ async fn dial(hc: &HcRt, endpoint: &HostPort, ctx: &HcmCtx) -> Result<tokio::net
 }
 
 /// Splices the relay side (`ws`: the stream and bytes read past its handshake) to the
-/// endpoint on this worker until the tunnel ends.
+/// endpoint on this worker until the tunnel ends; then the WebSocket goes to `back`, if
+/// any, after a clean end.
 fn splice_tunnel(
     hc: &Arc<HcRt>,
     id: String,
     (stream, leftover): (crate::transport::Stream, bytes::BytesMut),
     tcp: tokio::net::TcpStream,
     ctx: &HcmCtx,
-    inflight: crate::dataplane::drain::InFlightGuard,
+    (inflight, back): (crate::dataplane::drain::InFlightGuard, Option<splice::Back>),
 ) {
     let name = hc.entry.name().to_owned();
     tracing::debug!(event = "accept", hc = %name, id = %id, "tunnel open");
@@ -193,7 +208,7 @@ fn splice_tunnel(
             }
         }
     };
-    crate::dataplane::offload::spawn_ws_tcp(&name, stream, leftover, tcp, &cfg, &ctx.shutdown, inflight, done);
+    crate::dataplane::offload::spawn_ws_tcp(&name, stream, leftover, tcp, &cfg, &ctx.shutdown, inflight, back, done);
 }
 
 fn record_dial(hc: &HcRt, ok: bool, millis: u64, detail: String) {

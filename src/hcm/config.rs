@@ -74,7 +74,7 @@ pub struct HcmConfig {
     /// role) or directly. Default: directly.
     pub proxy: crate::transport::proxy::ProxyConfig,
     /// Use the hyrelay extensions a relay advertises (a pool of pre-opened rendezvous
-    /// connections); off, or against a relay that does not offer them, the standard
+    /// connections, each kept for the next tunnel); off, or against a relay that does not offer them, the standard
     /// protocol alone. Default: on.
     pub extensions: bool,
     /// Timeout for dialing an endpoint. Default: 10 s.

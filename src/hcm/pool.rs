@@ -13,12 +13,19 @@
 //! served (`Demand`), at most [`MAX`]; re-evaluated every [`TICK`] and whenever a pooled
 //! connection is used; surplus connections are closed as the rate falls. A used connection
 //! is replaced at once, on the worker that used it, while the pool is at or below its size
-//! (no wake-up of the pool task or of another worker per tunnel). A burst larger than the pool is served the standard way meanwhile, and the
-//! pool refills behind it.
+//! (no wake-up of the pool task or of another worker per tunnel). A burst larger than the
+//! pool is served the standard way meanwhile, and the pool refills behind it.
 //!
-//! Which accepts count: pooled connections wait on the relay node they reached, and only
-//! senders on that node can use them. Each pooled connection's 101 names its node, and an
-//! accept counts if its rendezvous address names one of the pool's nodes: with a
+//! Reuse (`proto::extensions`, `reuse`): when the relay offers it, each pooled `listen`
+//! opts in; a connection whose 101 promised it comes back after a clean end of its tunnel
+//! and sends the next pooled `listen` on itself (`again`) instead of closing, unless the
+//! pool is full or stopping. While its tunnel runs it counts towards the size, up to half
+//! of it, and it is replaced at once only if fewer than half the pool would be left.
+//!
+//! Which accepts count: those that came on a pooled connection, and standard ones the
+//! pool could have served. Pooled connections wait on the relay node they reached, and
+//! only senders on that node can use them. Each pooled connection's 101 names its node,
+//! and a standard accept counts if its rendezvous address names one of the pool's nodes: with a
 //! connection string naming one node of a cluster, accepts for senders on other nodes are
 //! not demand for this pool; behind a load balancer the pool spreads over the nodes and
 //! their senders count as it reaches them.
@@ -33,6 +40,7 @@ use super::{HcRt, HcmCtx};
 use crate::client;
 use crate::proto::control::{self, Command, MAX_CONTROL_MESSAGE};
 use crate::proto::extensions::{ADVERTISE_HEADER, Advertised, NODE_HEADER, POOL_HEADER};
+use crate::proto::extensions::{REUSE_HEADER, reuse_said};
 use crate::proto::frame::{Role, close_code};
 use crate::proto::metadata::HostPort;
 use crate::transport::ws::{self, Message, WsReader, WsWriter};
@@ -84,6 +92,15 @@ impl Demand {
         }
     }
 
+    /// Counts an accept that came on a pooled connection: served by the pool, so demand
+    /// for it (its `accept` carries no rendezvous address to tell the node by). Before
+    /// these counted, a rate the pool served alone looked like none, and the pool shrank
+    /// to its minimum under it.
+    pub fn count_pooled(&self) {
+        self.all.fetch_add(1, Ordering::Relaxed);
+        self.here.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Accepts so far that the pool could have served (see [`Demand`]); it may fall once,
     /// when the first node becomes known, so take differences saturating.
     pub fn total(&self) -> u64 {
@@ -119,48 +136,76 @@ pub(crate) fn start_if_offered(
         return None;
     }
     let stop = CancellationToken::new();
-    tokio::spawn(run(hc.clone(), ctx.clone(), endpoint.clone(), stop.clone()));
+    let p = Arc::new(PoolRt {
+        hc: hc.clone(),
+        ctx: ctx.clone(),
+        endpoint: endpoint.clone(),
+        stop: stop.clone(),
+        // Tunnels on the completion backend end by closing: nothing to opt in to there.
+        reuse: offered.reuse && !crate::dataplane::offload::active(),
+        open: AtomicUsize::new(0),
+        want: AtomicUsize::new(0),
+        returning: AtomicUsize::new(0),
+        used: tokio::sync::Notify::new(),
+        retire: Retire::default(),
+    });
+    tokio::spawn(run(p));
     Some(stop.drop_guard())
 }
 
-/// Keeps the pool of `hc` filled until `stop` (the control channel's session ended).
-async fn run(hc: Arc<HcRt>, ctx: Arc<HcmCtx>, endpoint: HostPort, stop: CancellationToken) {
-    let open = Arc::new(AtomicUsize::new(0));
-    let want_now = Arc::new(AtomicUsize::new(0));
-    let used = Arc::new(tokio::sync::Notify::new());
-    let retire = Arc::new(Retire::default());
-    let name = hc.entry.name().to_owned();
+/// One hybrid connection's pool: what its connections share.
+struct PoolRt {
+    hc: Arc<HcRt>,
+    ctx: Arc<HcmCtx>,
+    endpoint: HostPort,
+    /// The control channel's session ended.
+    stop: CancellationToken,
+    /// The relay offered `reuse` (and this hcm's tunnels can give their connection back).
+    reuse: bool,
+    /// Pooled connections open or being opened ([`Opened`]).
+    open: AtomicUsize,
+    /// The pool's size as last computed.
+    want: AtomicUsize,
+    /// Connections in tunnels whose 101 promised reuse: they may come back ([`Returning`]).
+    returning: AtomicUsize,
+    /// Wakes the pool task when a pooled connection was used or is gone.
+    used: tokio::sync::Notify,
+    retire: Retire,
+}
+
+impl PoolRt {
+    /// Connections to open now: up to the size, counting those likely to come back after
+    /// their tunnels, but at most half of it (a long tunnel must not keep the pool empty).
+    fn missing(&self) -> usize {
+        let want = self.want.load(Ordering::Relaxed);
+        let coming = self.returning.load(Ordering::Relaxed).min(want / 2);
+        want.saturating_sub(self.open.load(Ordering::Relaxed) + coming)
+    }
+}
+
+/// Keeps the pool filled until it stops (the control channel's session ended).
+async fn run(p: Arc<PoolRt>) {
+    let name = p.hc.entry.name().to_owned();
     let mut tick = tokio::time::interval(TICK);
-    let mut window = std::collections::VecDeque::with_capacity(8);
+    let mut window = client::LastSecond::new(TICK);
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = used.notified() => {}
-            _ = stop.cancelled() => break,
+        let ticked = tokio::select! {
+            _ = tick.tick() => true,
+            _ = p.used.notified() => false,
+            _ = p.stop.cancelled() => break,
+        };
+        // Accepts in the last second (sampled on the ticks only: the wake-ups for used
+        // connections are as frequent as the tunnels).
+        let want = target(window.rate(p.hc.demand.total(), ticked));
+        p.want.store(want, Ordering::Relaxed);
+        let now_open = p.open.load(Ordering::Relaxed);
+        p.retire.ask(now_open.saturating_sub(want));
+        for _ in 0..p.missing() {
+            let opened = Opened::new(&p);
+            let p = p.clone();
+            p.ctx.workers.clone().spawn(move || pooled(p, opened));
         }
-        // Accepts in the last second, from the counter's value one second ago.
-        let total = hc.demand.total();
-        window.push_back(total);
-        if window.len() > (Duration::from_secs(1).as_millis() / TICK.as_millis()) as usize {
-            window.pop_front();
-        }
-        let want = target(total.saturating_sub(window.front().copied().unwrap_or(total)));
-        want_now.store(want, Ordering::Relaxed);
-        let now_open = open.load(Ordering::Relaxed);
-        retire.ask(now_open.saturating_sub(want));
-        while open.load(Ordering::Relaxed) < want {
-            open.fetch_add(1, Ordering::Relaxed);
-            let guard = Opened {
-                open: open.clone(),
-                want: want_now.clone(),
-                used: used.clone(),
-            };
-            let (hc, ctx, ep, stop, retire) = (hc.clone(), ctx.clone(), endpoint.clone(), stop.clone(), retire.clone());
-            ctx.workers
-                .clone()
-                .spawn(move || pooled(hc, ctx, ep, stop, retire, guard));
-        }
-        gauge(&name, open.load(Ordering::Relaxed));
+        gauge(&name, p.open.load(Ordering::Relaxed));
     }
     gauge(&name, 0);
 }
@@ -193,63 +238,160 @@ impl Retire {
     }
 }
 
-/// Counts a pooled connection as open until it is used or gone; then wakes the pool.
+/// Counts a pooled connection as open until it is used or gone; then wakes the pool
+/// (unless `quiet`).
 struct Opened {
-    open: Arc<AtomicUsize>,
-    /// The pool's size as last computed.
-    want: Arc<AtomicUsize>,
-    used: Arc<tokio::sync::Notify>,
+    p: Arc<PoolRt>,
+    quiet: bool,
 }
 
 impl Opened {
-    /// True if, without the connection this counts, the pool would be below its size: a
-    /// used connection is then replaced at once (the count passes to the replacement).
-    fn needs_replacing(&self) -> bool {
-        self.open.load(Ordering::Relaxed) <= self.want.load(Ordering::Relaxed)
+    fn new(p: &Arc<PoolRt>) -> Self {
+        p.open.fetch_add(1, Ordering::Relaxed);
+        Self {
+            p: p.clone(),
+            quiet: false,
+        }
+    }
+
+    /// True if, without the connection this counts, the pool would be below its size (or,
+    /// for one that will likely come back after its tunnel, below half of it, at least one
+    /// waiting): a used connection is then replaced at once (the count passes to the
+    /// replacement).
+    fn needs_replacing(&self, coming_back: bool) -> bool {
+        let want = self.p.want.load(Ordering::Relaxed);
+        let floor = if coming_back { (want / 2).max(1) } else { want };
+        self.p.open.load(Ordering::Relaxed) <= floor
     }
 }
 
 impl Drop for Opened {
     fn drop(&mut self) {
-        self.open.fetch_sub(1, Ordering::Relaxed);
-        self.used.notify_one();
+        self.p.open.fetch_sub(1, Ordering::Relaxed);
+        if !self.quiet {
+            self.p.used.notify_one();
+        }
     }
 }
 
-/// One pooled connection: open it, wait for its `accept` (or renewal, or stop).
-async fn pooled(
-    hc: Arc<HcRt>,
-    ctx: Arc<HcmCtx>,
-    endpoint: HostPort,
-    stop: CancellationToken,
-    retire: Arc<Retire>,
-    opened: Opened,
-) {
-    let entry = &hc.entry;
+impl Opened {
+    /// Its count moves from open to coming back (counted there first), without waking the
+    /// pool task: the connection is expected back after its tunnel.
+    fn into_returning(mut self) -> Returning {
+        let r = Returning::new(&self.p);
+        self.quiet = true;
+        r
+    }
+}
+
+/// Counts a connection in a tunnel whose 101 promised reuse, until it is back in the pool
+/// or not wanted ([`Returning::landed`]), or gone (then the pool task is woken to replace
+/// it).
+struct Returning {
+    p: Arc<PoolRt>,
+    quiet: bool,
+}
+
+impl Returning {
+    fn new(p: &Arc<PoolRt>) -> Self {
+        p.returning.fetch_add(1, Ordering::Relaxed);
+        Self {
+            p: p.clone(),
+            quiet: false,
+        }
+    }
+
+    /// The connection is back (counted as open again) or not wanted (the pool is full).
+    fn landed(mut self) {
+        self.quiet = true;
+    }
+}
+
+impl Drop for Returning {
+    fn drop(&mut self) {
+        self.p.returning.fetch_sub(1, Ordering::Relaxed);
+        if !self.quiet {
+            self.p.used.notify_one();
+        }
+    }
+}
+
+/// The request headers of a pooled connection: its Listen token, the pool's opt-in and,
+/// if offered, reuse's.
+fn pool_request(p: &PoolRt) -> (String, ws::WsUrl, String) {
+    let entry = &p.hc.entry;
     let cs = &entry.connection_string;
-    let token = hc.tokens.token(cs, entry.name(), ctx.cfg.token_ttl);
-    let url = client::hc_url(cs, entry.name(), "listen", &hc.listener_id);
-    let headers = [("ServiceBusAuthorization", token.as_str()), (POOL_HEADER, "1")];
+    let token = p.hc.tokens.token(cs, entry.name(), p.ctx.cfg.token_ttl);
+    let url = client::hc_url(cs, entry.name(), "listen", &p.hc.listener_id);
+    (token, url, entry.name().to_owned())
+}
+
+/// One pooled connection: open it, wait for its `accept` (or renewal, or stop).
+async fn pooled(p: Arc<PoolRt>, opened: Opened) {
+    let (token, url, name) = pool_request(&p);
+    let mut headers = vec![("ServiceBusAuthorization", token.as_str()), (POOL_HEADER, "1")];
+    if p.reuse {
+        headers.push((REUSE_HEADER, "1"));
+    }
     // Boxed, as the tunnel below: the dial's state (TLS included) is not carried in the
     // task while it waits in the pool.
+    let ctx = &p.ctx;
+    let dial = ws::connect_via(&url, Some(&ctx.tls), &ctx.cfg.proxy, &headers, ctx.cfg.relay_timeout);
     let conn = tokio::select! {
-        c = Box::pin(ws::connect_via(&url, Some(&ctx.tls), &ctx.cfg.proxy, &headers, ctx.cfg.relay_timeout)) => c,
-        _ = stop.cancelled() => return,
+        c = Box::pin(dial) => c,
+        _ = p.stop.cancelled() => return,
     };
-    let conn = match conn {
-        Ok(c) => {
-            if let Some(node) = c.response.headers.get(NODE_HEADER) {
-                hc.demand.pool_on(node);
-            }
-            c
-        }
+    match conn {
+        Ok(c) => Box::pin(serve(c, p.clone(), opened)).await,
         Err(e) => {
-            tracing::debug!(hc = %entry.name(), error = %e, "cannot open a pooled rendezvous connection");
+            tracing::debug!(hc = %name, error = %e, "cannot open a pooled rendezvous connection");
             // Do not spin against a relay that refuses: the next tick retries.
             tokio::time::sleep(Duration::from_secs(1)).await;
-            return;
         }
-    };
+    }
+}
+
+/// A connection back from a tunnel whose 101 promised reuse: the next pooled `listen` goes
+/// out on it (authenticated from scratch), unless the pool is full or stopping, when it
+/// is closed.
+async fn again(stream: crate::transport::Stream, p: Arc<PoolRt>, returning: Returning) {
+    let mut stream = stream;
+    if p.stop.is_cancelled() || p.open.load(Ordering::Relaxed) >= p.want.load(Ordering::Relaxed) {
+        returning.landed();
+        let close = tokio::io::AsyncWriteExt::shutdown(&mut stream);
+        let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
+        return;
+    }
+    let opened = Opened::new(&p);
+    returning.landed();
+    let (token, url, name) = pool_request(&p);
+    let headers = [
+        ("ServiceBusAuthorization", token.as_str()),
+        (POOL_HEADER, "1"),
+        (REUSE_HEADER, "1"),
+    ];
+    let limit = p.ctx.cfg.relay_timeout;
+    // Boxed, as in `pooled`: the task does not carry the exchange while it waits.
+    let upgraded = tokio::time::timeout(limit, Box::pin(ws::upgrade(stream, &url, &headers))).await;
+    match upgraded.unwrap_or(Err(ws::ConnectError::Timeout(limit))) {
+        Ok(c) => {
+            metrics::counter!(crate::telemetry::metrics::reused_connections("hcm"), "hc" => name).increment(1);
+            Box::pin(serve(c, p, opened)).await;
+        }
+        // The relay did not keep it after all (it is stopping, say): the pool task opens
+        // another, as for any pooled connection that ends.
+        Err(e) => tracing::debug!(hc = %name, error = %e, "a pooled connection kept for reuse was not taken back"),
+    }
+}
+
+/// A pooled connection that is open: wait for its `accept` (or renewal, or stop), then
+/// serve the tunnel.
+async fn serve(conn: ws::ClientWs, p: Arc<PoolRt>, opened: Opened) {
+    if let Some(node) = conn.response.headers.get(NODE_HEADER) {
+        p.hc.demand.pool_on(node);
+    }
+    let promised = p.reuse && reuse_said(conn.response.headers.get(REUSE_HEADER));
+    let ctx = &p.ctx;
     let mut reader = WsReader::new(conn.stream, conn.leftover, Role::Client, MAX_CONTROL_MESSAGE as u64);
     let renew = tokio::time::sleep(RENEW_AFTER);
     tokio::pin!(renew);
@@ -263,31 +405,55 @@ async fn pooled(
                 },
                 _ => None,
             },
-            _ = retire.wake.notified() => {
-                if retire.take() {
+            _ = p.retire.wake.notified() => {
+                if p.retire.take() {
                     break None;
                 }
             }
             _ = &mut renew => break None,
-            _ = stop.cancelled() => break None,
+            _ = p.stop.cancelled() => break None,
         }
     };
     let accept = match accept {
         Some(a) => Some(a),
         None => ask_to_retire(&mut reader, ctx.cfg.relay_timeout).await,
     };
-    if let Some(a) = accept {
-        // In use: its count passes to a replacement opened on this worker, or (the pool is
-        // above its size) ends, which wakes the pool task.
-        if opened.needs_replacing() && !stop.is_cancelled() {
-            let again = pooled(hc.clone(), ctx.clone(), endpoint.clone(), stop, retire, opened);
-            tokio::task::spawn_local(again);
-        } else {
-            drop(opened);
+    let Some(a) = accept else { return };
+    // In use: its count passes to a replacement opened on this worker, or ends, which
+    // wakes the pool task. One that will likely come back is replaced at once only if the
+    // pool would fall below half its size, and otherwise counts as coming back, without a
+    // wake-up: no cross-thread wake-up per tunnel either way.
+    let replace = opened.needs_replacing(promised) && !p.stop.is_cancelled();
+    let returning = match (replace, promised) {
+        (true, _) => {
+            let r = promised.then(|| Returning::new(&p));
+            tokio::task::spawn_local(pooled(p.clone(), opened));
+            r
         }
-        let (stream, leftover) = reader.into_parts();
-        Box::pin(super::accept::handle_pooled(a, hc, endpoint, ctx, (stream, leftover))).await;
-    }
+        (false, true) => Some(opened.into_returning()),
+        (false, false) => {
+            drop(opened);
+            None
+        }
+    };
+    let back = returning.map(|returning| {
+        let p = p.clone();
+        let back: crate::dataplane::splice::Back =
+            Box::new(move |stream| drop(tokio::task::spawn_local(again(stream, p, returning))));
+        back
+    });
+    let (stream, leftover) = reader.into_parts();
+    let (hc, endpoint, ctx) = (p.hc.clone(), p.endpoint.clone(), p.ctx.clone());
+    drop(p);
+    Box::pin(super::accept::handle_pooled(
+        a,
+        hc,
+        endpoint,
+        ctx,
+        (stream, leftover),
+        back,
+    ))
+    .await;
 }
 
 /// Asks the relay to retire a pooled connection (a ping, its only message) and reads on:
@@ -324,6 +490,7 @@ mod tests {
     #[test]
     fn a_pooled_connection_task_does_not_carry_its_dial_or_tunnel() {
         crate::test_support::assert_future_at_most(&pooled, 1600, "an hcm pooled connection");
+        crate::test_support::assert_future_at_most(&again, 1600, "an hcm pooled connection back from a tunnel");
     }
 
     #[test]
@@ -346,6 +513,9 @@ mod tests {
         d.pool_on("wss://node-2");
         d.count("wss://node-2:443/$hc/db?sb-hc-action=accept&sb-hc-id=6");
         assert_eq!(d.total(), 2);
+        // An accept on a pooled connection names no node, and always counts.
+        d.count_pooled();
+        assert_eq!(d.total(), 3);
     }
 
     #[test]

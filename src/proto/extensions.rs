@@ -3,7 +3,7 @@
 //! never send the opt-in headers and ignore the advertisement (an unknown response header).
 //!
 //! - The relay advertises on every 101 it sends (control channels, senders, rendezvous):
-//!   `X-Hyrelay-Extensions: rendezvous-pool, early-data, head-timeout=10`.
+//!   `X-Hyrelay-Extensions: rendezvous-pool, early-data, reuse, head-timeout=10`.
 //! - `rendezvous-pool`: a listener may open pre-authenticated rendezvous connections (a
 //!   `listen` upgrade with `X-Hyrelay-Pool: 1` and its Listen token); the relay hands an
 //!   opted-in sender to one of them directly with the `accept` as the first text frame.
@@ -12,6 +12,15 @@
 //!   and may answer it from the rendezvous pool.
 //! - `head-timeout=N`: seconds the relay waits for a request head after TCP (and TLS); a
 //!   bridge keeps warm connections younger than that.
+//! - `reuse`: a connection may carry one tunnel after another. An opted-in upgrade
+//!   (`X-Hyrelay-Reuse: 1`, a bridge's connect or an hcm's pooled listen) whose 101 says
+//!   `X-Hyrelay-Reuse: 1` (the relay's promise for that connection) is not closed when its
+//!   tunnel ends with the close handshake complete on it (its Close forwarded, the peer's
+//!   delivered, nothing after either): it is read for a new request head, as a new
+//!   connection is after TLS (within the head timeout, authenticated from scratch): the
+//!   bridge's next connect, the hcm's next pooled `listen`. The client may instead close it.
+//!   Any other end closes it as before. The relay promises it only where it can keep it
+//!   (not on the completion backend, whose tunnels end by closing).
 //! - A pooled rendezvous connection's 101 also names the relay node it reached
 //!   (`X-Hyrelay-Node: ws(s)://host[:port]`, the base of that node's accept addresses), so
 //!   the hcm sizes its pool by the senders of the nodes its pool is on.
@@ -27,12 +36,22 @@ pub const POOL_HEADER: &str = "X-Hyrelay-Pool";
 pub const NODE_HEADER: &str = "X-Hyrelay-Node";
 /// Request header of a sender that sends early data and accepts a pooled rendezvous.
 pub const EARLY_HEADER: &str = "X-Hyrelay-Early";
+/// Request header (value `1`) of a client that can reuse its connection after a tunnel;
+/// the same header on the 101 is the relay's promise to keep it.
+pub const REUSE_HEADER: &str = "X-Hyrelay-Reuse";
+
+/// True if `value` (of [`REUSE_HEADER`], on a request or a 101) says yes.
+pub fn reuse_said(value: Option<&str>) -> bool {
+    value.map(str::trim) == Some("1")
+}
 
 /// What a relay offers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Advertised {
     pub rendezvous_pool: bool,
     pub early_data: bool,
+    /// Connections may carry one tunnel after another (see the module's docs).
+    pub reuse: bool,
     /// The relay's head timeout in seconds, if it said.
     pub head_timeout_secs: Option<u32>,
 }
@@ -50,6 +69,8 @@ impl Advertised {
                 a.rendezvous_pool = true;
             } else if name.eq_ignore_ascii_case("early-data") {
                 a.early_data = true;
+            } else if name.eq_ignore_ascii_case("reuse") {
+                a.reuse = true;
             } else if name.eq_ignore_ascii_case("head-timeout") {
                 a.head_timeout_secs = arg.and_then(|v| v.parse().ok()).filter(|s| *s > 0);
             }
@@ -65,6 +86,9 @@ impl Advertised {
         }
         if self.early_data {
             parts.push("early-data".to_owned());
+        }
+        if self.reuse {
+            parts.push("reuse".to_owned());
         }
         if !parts.is_empty()
             && let Some(s) = self.head_timeout_secs
@@ -84,13 +108,15 @@ mod tests {
         let a = Advertised {
             rendezvous_pool: true,
             early_data: true,
+            reuse: true,
             head_timeout_secs: Some(10),
         };
         let v = a.header_value().unwrap();
-        assert_eq!(v, "rendezvous-pool, early-data, head-timeout=10");
+        assert_eq!(v, "rendezvous-pool, early-data, reuse, head-timeout=10");
         assert_eq!(Advertised::parse(Some(&v)), a);
         assert_eq!(Advertised::parse(None), Advertised::default());
         assert_eq!(Advertised::default().header_value(), None);
+        assert!(reuse_said(Some(" 1")) && !reuse_said(Some("0")) && !reuse_said(None));
         let odd = Advertised::parse(Some("Early-Data , future-thing=3,head-timeout=x,,"));
         assert_eq!(
             odd,

@@ -34,7 +34,7 @@ pub(crate) async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
 async fn handshake_and_route(tcp: TcpStream, peer: SocketAddr, slot: ConnSlot, pending: AuthPending, ctx: Arc<Ctx>) {
     tune_accepted(&tcp);
     let deadline = tokio::time::Instant::now() + ctx.cfg.handshake_timeout;
-    let mut stream = match &ctx.tls {
+    let stream = match &ctx.tls {
         None => Stream::Plain(Sock::Live(tcp)),
         // Boxed, as the handlers are in `route`: the handshake's state is not carried in
         // every connection's task.
@@ -52,7 +52,54 @@ async fn handshake_and_route(tcp: TcpStream, peer: SocketAddr, slot: ConnSlot, p
             }
         }
     };
-    let mut buf = BytesMut::with_capacity(4096);
+    let fresh = (peer, slot, pending, None);
+    read_head_and_route(stream, BytesMut::with_capacity(4096), deadline, fresh, ctx).await;
+}
+
+/// Serves the next request on a connection whose tunnel ended with its close handshake
+/// complete (the `reuse` extension, [`crate::proto::extensions`]): as a new connection
+/// would be after TLS, with `leftover` (what came after its Close) as the start of the
+/// head, within a new handshake timeout, counted as unauthenticated again. It keeps its
+/// connection slot and TLS session. `hc`: the hybrid connection of the tunnel it carried
+/// (for the metric). Spawned on this worker.
+pub(crate) fn serve_again(
+    stream: Stream,
+    leftover: BytesMut,
+    (peer, slot): (SocketAddr, ConnSlot),
+    hc: Arc<str>,
+    ctx: Arc<Ctx>,
+) {
+    tokio::task::spawn_local(async move {
+        let mut stream = stream;
+        // Over the unauthenticated cap: closed as a new connection would be.
+        let Ok(pending) = ctx.admission.pending(peer.ip()) else {
+            crate::transport::stream::linger_close(&mut stream, Duration::from_secs(2), 1 << 20).await;
+            return;
+        };
+        let deadline = tokio::time::Instant::now() + ctx.cfg.handshake_timeout;
+        let mut buf = leftover;
+        buf.reserve(4096);
+        // Boxed: the task waits here between tunnels and must stay small.
+        Box::pin(read_head_and_route(
+            stream,
+            buf,
+            deadline,
+            (peer, slot, pending, Some(hc)),
+            ctx,
+        ))
+        .await;
+    });
+}
+
+/// Reads the request head (what `buf` holds first) within `deadline` and routes it;
+/// `kept`: the connection carried a tunnel of that hybrid connection before.
+async fn read_head_and_route(
+    mut stream: Stream,
+    mut buf: BytesMut,
+    deadline: tokio::time::Instant,
+    (peer, slot, pending, kept): (SocketAddr, ConnSlot, AuthPending, Option<Arc<str>>),
+    ctx: Arc<Ctx>,
+) {
     let head = match tokio::time::timeout_at(deadline, read_request_head(&mut stream, &mut buf, ctx.cfg.max_head)).await
     {
         Ok(Ok(Some(h))) => h,
@@ -73,6 +120,9 @@ async fn handshake_and_route(tcp: TcpStream, peer: SocketAddr, slot: ConnSlot, p
             return respond(&mut stream, 408, "Request Timeout", "").await;
         }
     };
+    if let Some(hc) = kept {
+        metrics::counter!(crate::telemetry::metrics::RELAY_KEPT_REQUESTS, "hc" => hc.to_string()).increment(1);
+    }
     let inc = Incoming {
         buf,
         head,

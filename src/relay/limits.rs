@@ -93,6 +93,18 @@ impl Admission {
         Ok((slot, pending))
     }
 
+    /// Marks an admitted connection unauthenticated again (its next request, the `reuse`
+    /// extension), or refuses it (and logs it, rate-limited) when that cap is full.
+    pub fn pending(self: &Arc<Self>, ip: IpAddr) -> Result<AuthPending, Refused> {
+        if !take(&self.unauthenticated, self.caps.unauthenticated) {
+            self.log.refused(ip.to_canonical(), Refused::Unauthenticated);
+            return Err(Refused::Unauthenticated);
+        }
+        Ok(AuthPending {
+            adm: Some(self.clone()),
+        })
+    }
+
     /// Counts `ip` into `slot` (which then gives it back), or refuses (dropping `slot`
     /// gives the global count back).
     fn take_ip(&self, ip: IpAddr, mut slot: ConnSlot) -> Result<ConnSlot, Refused> {

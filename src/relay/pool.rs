@@ -63,6 +63,9 @@ pub(super) struct PooledLeg {
     pub stream: Stream,
     pub leftover: BytesMut,
     pub slot: super::limits::ConnSlot,
+    /// Set (to the listener's address) when its 101 promised reuse: after a clean end the
+    /// connection is read for the listener's next request (a new pooled `listen`).
+    pub kept: Option<std::net::SocketAddr>,
 }
 
 struct Waiting {
@@ -93,6 +96,7 @@ impl Pool {
         let advertised = Advertised {
             rendezvous_pool: enabled,
             early_data: enabled,
+            reuse: enabled,
             head_timeout_secs: Some(head_timeout.as_secs().clamp(1, u64::from(u32::MAX)) as u32),
         };
         Self {
@@ -107,6 +111,19 @@ impl Pool {
 
     pub fn enabled(&self) -> bool {
         self.advertised.rendezvous_pool
+    }
+
+    /// Adds the `reuse` promise to `response` (a complete 101 head) if the request opted
+    /// in and this relay can keep the connection after its tunnel: extensions on, and the
+    /// tunnel not on the completion backend (whose tunnels end by closing). True if added.
+    pub fn promise(&self, response: &mut Vec<u8>, request: &RequestHead) -> bool {
+        let yes = self.advertised.reuse
+            && extensions::reuse_said(request.headers.get(extensions::REUSE_HEADER))
+            && !crate::dataplane::offload::active();
+        if yes {
+            add_header(response, extensions::REUSE_HEADER, "1");
+        }
+        yes
     }
 
     /// `response` (a complete 101 head) with the advertisement added, if any.
@@ -253,6 +270,8 @@ pub(super) async fn serve(mut stream: Stream, mut inc: Incoming, req: HcRequest,
     let tokens = tokens.iter().map(|t| crate::proto::Secret::new(*t)).collect();
     drop(state);
     inc.pending.done();
+    let mut answer = ctx.pool.advertise(handshake::switching_protocols(&upgrade.key, None));
+    let kept = ctx.pool.promise(&mut answer, &inc.head).then_some(inc.peer);
     let Some((id, claimed)) = ctx
         .pool
         .register(&hc, req.id.clone(), Instant::now() + MAX_IDLE, tokens)
@@ -260,7 +279,6 @@ pub(super) async fn serve(mut stream: Stream, mut inc: Incoming, req: HcRequest,
         return respond(&mut stream, 503, "The hybrid connection's rendezvous pool is full.", "").await;
     };
     let _registered = Unregister(&ctx.pool, &hc, id);
-    let mut answer = ctx.pool.advertise(handshake::switching_protocols(&upgrade.key, None));
     let node = ctx.ctl.node_base().unwrap_or_else(|| {
         let host = inc.head.headers.get("Host").unwrap_or("localhost");
         format!("{}://{}", ctx.scheme(), handshake::sanitize_header_value(host))
@@ -272,7 +290,7 @@ pub(super) async fn serve(mut stream: Stream, mut inc: Incoming, req: HcRequest,
     ) {
         return;
     }
-    wait_for_claim(stream, inc, claimed, (&hc, id), &ctx).await;
+    wait_for_claim(stream, (inc.buf, inc.slot, kept), claimed, (&hc, id), &ctx).await;
 }
 
 /// Removes a pooled connection from the table when its task ends, however it ends.
@@ -284,21 +302,22 @@ impl Drop for Unregister<'_> {
     }
 }
 
+/// What a pooled connection keeps while it waits: bytes read, its slot, its reuse.
+type Held = (BytesMut, super::limits::ConnSlot, Option<std::net::SocketAddr>);
+
 async fn wait_for_claim(
     mut stream: Stream,
-    inc: Incoming,
+    (mut buf, slot, kept): Held,
     claimed: oneshot::Receiver<Claim>,
     (hc, id): (&str, u64),
     ctx: &Ctx,
 ) {
-    let mut buf = inc.buf;
-    let slot = inc.slot;
     let expired = tokio::time::sleep(MAX_IDLE);
     tokio::pin!(claimed, expired);
     let close = tokio::select! {
         c = &mut claimed => {
             if let Ok(reply) = c {
-                hand_over(stream, buf, slot, reply);
+                hand_over(stream, (buf, slot, kept), reply);
             }
             return;
         }
@@ -316,7 +335,7 @@ async fn wait_for_claim(
         // reading after its retire request). What it sent is not tunnel data.
         buf.clear();
         if let Ok(Ok(reply)) = tokio::time::timeout(HANDOVER, claimed).await {
-            hand_over(stream, buf, slot, reply);
+            hand_over(stream, (buf, slot, kept), reply);
         }
         return;
     }
@@ -326,9 +345,16 @@ async fn wait_for_claim(
 
 /// Sends the stream to the sender that claimed it: as it is when the sender runs on this
 /// worker, parked (to be registered on the sender's worker) otherwise.
-fn hand_over(mut stream: Stream, leftover: BytesMut, slot: super::limits::ConnSlot, (reply, worker): Claim) {
+fn hand_over(mut stream: Stream, (leftover, slot, kept): Held, (reply, worker): Claim) {
     if stream.park_for(worker).is_ok() {
-        reply.send(PooledLeg { stream, leftover, slot }).ok();
+        reply
+            .send(PooledLeg {
+                stream,
+                leftover,
+                slot,
+                kept,
+            })
+            .ok();
     }
 }
 
@@ -396,14 +422,15 @@ fn listen_authorized(
 pub(super) struct SenderSide<'a> {
     pub stream: &'a mut Stream,
     pub upgrade: &'a Upgrade,
+    pub request: &'a RequestHead,
     pub tracking_id: String,
     pub headers: Vec<(String, String)>,
     pub remote: std::net::SocketAddr,
 }
 
-/// Writes the `accept` to the pooled connection and the 101 to the sender. On `Err` the
-/// sender has been answered with an error already.
-pub(super) async fn greet(s: SenderSide<'_>, leg: &mut PooledLeg, ctx: &Ctx) -> Result<(), ()> {
+/// Writes the `accept` to the pooled connection and the 101 to the sender; `Ok(true)` if
+/// that 101 promised reuse. On `Err` the sender has been answered with an error already.
+pub(super) async fn greet(s: SenderSide<'_>, leg: &mut PooledLeg, ctx: &Ctx) -> Result<bool, ()> {
     let accept = Accept {
         address: String::new(),
         id: s.tracking_id,
@@ -417,10 +444,11 @@ pub(super) async fn greet(s: SenderSide<'_>, leg: &mut PooledLeg, ctx: &Ctx) -> 
     }
     // The listener answers as the standard rendezvous would: the first offered protocol.
     let protocol = s.upgrade.protocols.first().map(String::as_str);
-    let answer = ctx
+    let mut answer = ctx
         .pool
         .advertise(handshake::switching_protocols(&s.upgrade.key, protocol));
-    write_flush(s.stream, &answer).await.map_err(|_| ())
+    let kept = ctx.pool.promise(&mut answer, s.request);
+    write_flush(s.stream, &answer).await.map(|()| kept).map_err(|_| ())
 }
 
 #[cfg(test)]
@@ -432,7 +460,7 @@ mod tests {
         let p = Pool::new(true, Duration::from_secs(10));
         let r = String::from_utf8(p.advertise(handshake::switching_protocols("k", None))).unwrap();
         assert!(
-            r.ends_with("X-Hyrelay-Extensions: rendezvous-pool, early-data, head-timeout=10\r\n\r\n"),
+            r.ends_with("X-Hyrelay-Extensions: rendezvous-pool, early-data, reuse, head-timeout=10\r\n\r\n"),
             "{r}"
         );
         let off = Pool::new(false, Duration::from_secs(10));

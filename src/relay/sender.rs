@@ -15,6 +15,7 @@ use super::Ctx;
 use super::auth::{Demand, authorize};
 use super::conn::{Incoming, describe, refuse_rendezvous, respond, write_flush};
 use super::control::{ConnectReq, Leg, Outcome, Refusal};
+use super::tunnel::{Then, TunnelLeg};
 use crate::proto::address::HcRequest;
 use crate::proto::client_id;
 use crate::proto::handshake;
@@ -22,7 +23,11 @@ use crate::proto::sas::{Rights, unix_now};
 use crate::transport::Stream;
 
 /// Headers never forwarded to a listener in `connectHeaders`.
-const STRIPPED: &[&str] = &["ServiceBusAuthorization", crate::proto::extensions::EARLY_HEADER];
+const STRIPPED: &[&str] = &[
+    "ServiceBusAuthorization",
+    crate::proto::extensions::EARLY_HEADER,
+    crate::proto::extensions::REUSE_HEADER,
+];
 
 /// Most bytes a sender may send before its upgrade is answered.
 const EARLY_BYTES_LIMIT: usize = 64 * 1024;
@@ -130,6 +135,7 @@ pub(super) async fn serve_connect(mut stream: Stream, mut inc: Incoming, req: Hc
             let sender = Sender {
                 stream,
                 buf,
+                head: inc.head,
                 key: upgrade.key,
                 slot: inc.slot,
                 peer,
@@ -169,7 +175,7 @@ async fn join_pooled(
     (tracking_id, headers, who): (String, Vec<(String, String)>, super::usage::SenderKey),
     (mut leg, listener_load): (super::pool::PooledLeg, Option<Arc<std::sync::atomic::AtomicUsize>>),
     entity: &str,
-    ctx: &Ctx,
+    ctx: &Arc<Ctx>,
 ) {
     let started = std::time::Instant::now();
     let Some((tunnels, gone)) = ctx.ctl.entity_handles(entity) else {
@@ -190,11 +196,12 @@ async fn join_pooled(
     let side = super::pool::SenderSide {
         stream: &mut stream,
         upgrade: &upgrade,
+        request: &inc.head,
         tracking_id,
         headers,
         remote: inc.peer,
     };
-    if super::pool::greet(side, &mut leg, ctx).await.is_err() {
+    let Ok(kept) = super::pool::greet(side, &mut leg, ctx).await else {
         count_connect(
             ctx,
             Some(entity),
@@ -202,27 +209,33 @@ async fn join_pooled(
             "the pooled rendezvous or the sender failed",
         );
         return;
-    }
+    };
     count_connect(ctx, Some(entity), "accepted", "");
     metrics::counter!(crate::telemetry::metrics::RELAY_POOLED, "hc" => entity.to_owned()).increment(1);
     metrics::histogram!(crate::telemetry::metrics::RELAY_RENDEZVOUS_SECONDS, "hc" => entity.to_owned())
         .record(started.elapsed().as_secs_f64());
     tracing::debug!(event = "tunnel_open", hc = %entity, peer = %inc.peer, pooled = true, "tunnel open");
+    let sender = TunnelLeg {
+        stream,
+        leftover: inc.buf,
+        slot: inc.slot,
+        then: if kept { Then::ReadNext(inc.peer) } else { Then::Close },
+    };
+    let listener = TunnelLeg {
+        stream: leg.stream,
+        leftover: leg.leftover,
+        slot: leg.slot,
+        then: leg.kept.map_or(Then::Close, Then::ReadNext),
+    };
     super::tunnel::spawn(
         entity,
         inc.peer,
-        (stream, inc.buf),
-        (leg.stream, leg.leftover),
-        ctx.cfg.max_frame,
+        sender,
+        listener,
         &gone,
-        &ctx.shutdown,
+        ctx,
         // The tunnel counts against its listener's load, as a standard one does.
-        (
-            inc.slot,
-            leg.slot,
-            Counted::new(&tunnels),
-            listener_load.as_ref().map(Counted::new),
-        ),
+        (Counted::new(&tunnels), listener_load.as_ref().map(Counted::new)),
         ctx.usage.opened(entity, who),
     );
 }
@@ -270,6 +283,8 @@ impl Drop for Counted {
 struct Sender {
     stream: Stream,
     buf: BytesMut,
+    /// Its request head (for the `reuse` opt-in).
+    head: handshake::RequestHead,
     key: String,
     slot: super::limits::ConnSlot,
     peer: SocketAddr,
@@ -282,7 +297,7 @@ async fn join(
     entity: &str,
     (counted, usage): ((Counted, Counted), super::usage::Ticket),
     gone: &tokio_util::sync::CancellationToken,
-    ctx: &Ctx,
+    ctx: &Arc<Ctx>,
 ) {
     let peer = sender.peer;
     if let Err(e) = leg.stream.unpark() {
@@ -294,28 +309,29 @@ async fn join(
         tracing::info!(hc = %entity, error = %e, "listener's rendezvous connection failed");
         return respond(&mut sender.stream, 502, "The listener's connection was lost.", "").await;
     }
-    if let Err(e) = write_flush(
-        &mut sender.stream,
-        &ctx.pool
-            .advertise(handshake::switching_protocols(&sender.key, protocol)),
-    )
-    .await
-    {
+    let mut answer = ctx
+        .pool
+        .advertise(handshake::switching_protocols(&sender.key, protocol));
+    let kept = ctx.pool.promise(&mut answer, &sender.head);
+    if let Err(e) = write_flush(&mut sender.stream, &answer).await {
         tracing::debug!(hc = %entity, %peer, error = %e, "sender went away during the upgrade");
         return;
     }
     tracing::debug!(event = "tunnel_open", hc = %entity, %peer, "tunnel open");
-    super::tunnel::spawn(
-        entity,
-        peer,
-        (sender.stream, sender.buf),
-        (leg.stream, leg.leftover),
-        ctx.cfg.max_frame,
-        gone,
-        &ctx.shutdown,
-        (sender.slot, leg.slot, counted),
-        usage,
-    );
+    let s = TunnelLeg {
+        stream: sender.stream,
+        leftover: sender.buf,
+        slot: sender.slot,
+        then: if kept { Then::ReadNext(peer) } else { Then::Close },
+    };
+    // A standard rendezvous connection is the listener's for one tunnel only.
+    let l = TunnelLeg {
+        stream: leg.stream,
+        leftover: leg.leftover,
+        slot: leg.slot,
+        then: Then::Close,
+    };
+    super::tunnel::spawn(entity, peer, s, l, gone, ctx, counted, usage);
 }
 
 /// Handles `sb-hc-action=accept` (and its reject form).

@@ -14,62 +14,149 @@
 //! ([`crate::dataplane::offload`]), TLS legs with their sessions, under the same rules.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio_util::sync::CancellationToken;
 
-use crate::dataplane::reframe::{RelayTunnel, TunnelStats};
+use super::Ctx;
+use super::limits::ConnSlot;
+use crate::dataplane::reframe::{LINGER, LINGER_MAX, RelayTunnel, TunnelStats};
 use crate::dataplane::{offload, stats};
 use crate::transport::Stream;
+use crate::transport::stream::linger_close;
+
+/// One side of a tunnel about to be joined: the connection, the bytes read past its
+/// handshake, its connection slot, and what becomes of it after a clean end.
+pub(super) struct TunnelLeg {
+    pub stream: Stream,
+    pub leftover: BytesMut,
+    pub slot: ConnSlot,
+    pub then: Then,
+}
+
+/// What becomes of a leg's connection when the tunnel ends with the close handshake
+/// complete in both directions (the `reuse` extension, promised on its 101); after any
+/// other end it is closed.
+pub(super) enum Then {
+    /// Closed (no promise was made).
+    Close,
+    /// Read for its client's next request, from this address: a bridge's next connect,
+    /// an hcm's next pooled `listen` ([`super::conn::serve_again`]).
+    ReadNext(SocketAddr),
+}
+
+impl Then {
+    fn keeps(&self) -> bool {
+        !matches!(self, Then::Close)
+    }
+}
 
 /// Starts relaying on a task of its own, on this worker, and returns at once.
 ///
-/// The task holds only the two connections and `keep` (connection slots, load counters),
-/// so the memory of the handshake that led here is freed. It relays until both sides have
-/// closed, one side failed and the other had its grace, or `gone`/`shutdown` fires, and
-/// counts into the worker's counters for hybrid connection `hc`; at the end, `usage` gets
-/// the tunnel's bytes (the sender's usage, issue 14 item 10).
+/// The task holds only the two connections and `keep` (load counters), so the memory of
+/// the handshake that led here is freed. It relays until both sides have closed, one side
+/// failed and the other had its grace, or `gone`/the relay's shutdown fires, and counts
+/// into the worker's counters for hybrid connection `hc`; at the end, `usage` gets the
+/// tunnel's bytes (the sender's usage, issue 14 item 10), and each leg is closed or, after
+/// a clean end, kept as its [`Then`] says.
 #[allow(clippy::too_many_arguments)]
-pub fn spawn<K: Send + 'static>(
+pub(super) fn spawn<K: Send + 'static>(
     hc: &str,
     peer: SocketAddr,
-    sender: (Stream, BytesMut),
-    listener: (Stream, BytesMut),
-    max_frame: u64,
+    sender: TunnelLeg,
+    listener: TunnelLeg,
     gone: &CancellationToken,
-    shutdown: &CancellationToken,
+    ctx: &Arc<Ctx>,
     keep: K,
     usage: super::usage::Ticket,
 ) {
-    let hc_name: std::sync::Arc<str> = hc.into();
+    let hc_name: Arc<str> = hc.into();
+    let kept_hc = hc_name.clone();
     let log_end = move |s: TunnelStats| {
         tracing::debug!(event = "tunnel_closed", hc = %hc_name, %peer, up = s.up, down = s.down, end = %s.end, "tunnel closed");
         usage.closed(s.up, s.down);
     };
+    let max_frame = ctx.cfg.max_frame;
     // The completion backend chosen (and both legs able to leave): the tunnel runs there,
-    // and `keep` and `log_end` go with it.
-    let (sender, listener, keep, log_end) =
-        match offload::relay(hc, sender, listener, max_frame, gone, shutdown, keep, log_end) {
-            Ok(()) => return,
-            Err(back) => back,
-        };
+    // and the slots, `keep` and `log_end` go with it. Its tunnels end by closing, so the
+    // relay promises no reuse there (`Pool::promise`).
+    let (s, l) = ((sender.stream, sender.leftover), (listener.stream, listener.leftover));
+    let keep = (keep, sender.slot, listener.slot);
+    let (s, l, keep, log_end) = match offload::relay(hc, s, l, max_frame, gone, &ctx.shutdown, keep, log_end) {
+        Ok(()) => return,
+        Err(back) => back,
+    };
+    let (keep, sender_slot, listener_slot) = keep;
     let active = stats::ActiveGuard::new(stats::for_hc(hc));
-    let mut t = RelayTunnel::new(
-        (sender.0, &sender.1),
-        (listener.0, &listener.1),
-        max_frame,
-        gone,
-        shutdown,
-        Some(active),
-    );
-    drop((sender.1, listener.1));
+    let mut t = RelayTunnel::new((s.0, &s.1), (l.0, &l.1), max_frame, gone, &ctx.shutdown, Some(active));
+    drop((s.1, l.1));
+    // On the heap, and only when a leg may be kept: an idle tunnel's task stays small.
+    // Otherwise the slots end with the task, as `keep` does.
+    let (kept, keep) = if sender.then.keeps() || listener.then.keeps() {
+        let k = Kept {
+            hc: kept_hc,
+            sender: (sender_slot, sender.then),
+            listener: (listener_slot, listener.then),
+            ctx: ctx.clone(),
+        };
+        (Some(Box::new(k)), (keep, None))
+    } else {
+        (None, (keep, Some((sender_slot, listener_slot))))
+    };
     tokio::task::spawn_local(async move {
         (&mut t).await;
         // Boxed: the closing's state (two lingering reads) is needed only at the end, and
         // inline it would be part of the task for the tunnel's whole life.
-        log_end(Box::pin(t.shutdown_legs()).await);
+        let stats = match kept {
+            Some(k) if t.closed_cleanly() && !k.ctx.drain.is_cancelled() && !k.ctx.shutdown.is_cancelled() => {
+                Box::pin(k.hand_back(t)).await
+            }
+            // Not kept: the slots go with the task's end.
+            _ => Box::pin(t.shutdown_legs()).await,
+        };
+        log_end(stats);
         // Not `let _keep = keep` up front: a task keeps what it captured and, apart, what
         // it moved into a local, so the guards would be in it twice.
         drop(keep);
     });
+}
+
+/// The legs' slots and promises, for a tunnel that may keep a leg.
+struct Kept {
+    hc: Arc<str>,
+    sender: (ConnSlot, Then),
+    listener: (ConnSlot, Then),
+    ctx: Arc<Ctx>,
+}
+
+impl Kept {
+    /// After a clean end: each promised leg goes on as its [`Then`] says, with what came
+    /// after its Close; the others are closed lingering.
+    async fn hand_back(self, t: RelayTunnel) -> TunnelStats {
+        let ((s, s_rest), (l, l_rest), stats) = t.into_legs();
+        let ctx = self.ctx;
+        // At most one leg is closed here: a tunnel with none to keep has no `Kept`.
+        let close_s = keep_or_close(s, s_rest, self.sender, &self.hc, &ctx);
+        let close_l = keep_or_close(l, l_rest, self.listener, &self.hc, &ctx);
+        if let Some((mut stream, _slot)) = close_s.or(close_l) {
+            linger_close(&mut stream, LINGER, LINGER_MAX).await;
+        }
+        stats
+    }
+}
+
+/// Passes a leg on as `then` says, or returns it (with its slot) to be closed.
+fn keep_or_close(
+    stream: Stream,
+    rest: BytesMut,
+    (slot, then): (ConnSlot, Then),
+    hc: &Arc<str>,
+    ctx: &Arc<Ctx>,
+) -> Option<(Stream, ConnSlot)> {
+    match then {
+        Then::Close => return Some((stream, slot)),
+        Then::ReadNext(peer) => super::conn::serve_again(stream, rest, (peer, slot), hc.clone(), ctx.clone()),
+    }
+    None
 }

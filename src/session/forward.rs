@@ -14,7 +14,7 @@
 //! `Final` gave it; a failed write ends the direction with [`DirEnd::WriteFailed`].
 //!
 //! The rules: a Close is forwarded, not answered (the far end answers it: half-close), and
-//! nothing after it is read. A source that vanishes or breaks the protocol gets Close(1001)
+//! nothing after it is read (what came with it stays unconsumed in the input). A source that vanishes or breaks the protocol gets Close(1001)
 //! sent on in its place (if the destination is at a frame boundary); one that breaks the
 //! protocol (a frame over `max_frame`, a control frame over 125 bytes, bad masking, …) is
 //! also cut: the opposite direction ends at its next frame boundary with Close(1009 or
@@ -212,8 +212,10 @@ impl Forward {
                     buf[p0 - h..p0].copy_from_slice(&hdr[..h]);
                     out.push(p0 - h..p1);
                     if opcode == OpCode::Close {
-                        // Nothing may follow a Close; whatever the peer sent after it is dropped.
-                        *start = end;
+                        // Nothing after a Close is decoded or forwarded. It stays
+                        // unconsumed at `start..end`: a connection kept for another
+                        // tunnel (the `reuse` extension) reads it as its next request;
+                        // otherwise the driver drops it with its buffer.
                         self.ending = Some(DirEnd::Closed);
                         break;
                     }
@@ -326,6 +328,12 @@ impl TunnelRules {
         self.up_end.is_some() && self.down_end.is_some()
     }
 
+    /// True if both directions ended with a forwarded Close, unstopped: the close
+    /// handshake is complete on both legs, and nothing after either Close was forwarded.
+    pub fn closed_cleanly(&self) -> bool {
+        !self.stopped && self.up_end == Some(DirEnd::Closed) && self.down_end == Some(DirEnd::Closed)
+    }
+
     /// How the directions ended, for logs.
     pub fn end(&self) -> String {
         format!("up: {:?}, down: {:?}", self.up_end, self.down_end)
@@ -369,6 +377,25 @@ mod tests {
             assert_eq!(out.control(OpCode::Ping), [b"p"], "ping forwarded");
             assert_eq!(out.closes, [Some(1000)], "the Close is forwarded, not answered");
             assert!(out.ends_with_close(), "nothing after it");
+        }
+    }
+
+    /// What follows a Close is neither forwarded nor consumed: a connection kept for
+    /// another tunnel (the `reuse` extension) reads it as its next request head.
+    #[test]
+    fn what_follows_a_close_stays_unconsumed() {
+        let next = b"GET /$hc/x?sb-hc-action=connect HTTP/1.1\r\n".to_vec();
+        let mut input = masked(OpCode::Binary, true, b"data");
+        input.extend(masked(OpCode::Close, true, &1000u16.to_be_bytes()));
+        let close_end = input.len();
+        input.extend(&next);
+        for chunk in [1, 3, 8, 50, 4096] {
+            let mut sim = ForwardSim::new(input.clone(), chunk, false);
+            let mut f = Forward::new(1 << 20);
+            assert_eq!(sim.run(&mut f), Some(DirEnd::Closed), "chunk {chunk}");
+            assert_eq!(out(&sim).data, b"data");
+            assert!(out(&sim).ends_with_close());
+            assert_eq!(sim.input.unconsumed(), &input[close_end..], "chunk {chunk}");
         }
     }
 

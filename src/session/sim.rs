@@ -59,6 +59,14 @@ impl Input {
         Some(Ok(n > 0))
     }
 
+    /// What the source sent that was not consumed: the buffered rest and what was not
+    /// read yet.
+    pub fn unconsumed(&self) -> Vec<u8> {
+        let mut v = self.buf[self.start..self.end].to_vec();
+        v.extend_from_slice(&self.data[self.fed..]);
+        v
+    }
+
     /// The bound on steps for draining this input: each byte costs at most a read and a
     /// decode.
     fn step_bound(&self) -> usize {

@@ -138,6 +138,9 @@ pub(crate) struct DownRules {
     starved: bool,
     /// Something was read since the keep-alive last looked.
     heard: bool,
+    /// Bytes came right behind the peer's Close (dropped): the connection must not carry
+    /// another tunnel.
+    pub trailing: bool,
     /// Payload bytes WebSocket → TCP.
     pub bytes: u64,
 }
@@ -149,6 +152,7 @@ impl DownRules {
             closing: false,
             starved: false,
             heard: false,
+            trailing: false,
             bytes: 0,
         }
     }
@@ -230,6 +234,7 @@ impl DownRules {
                     let close = frame::parse_close(&buf[base + payload.start..base + payload.end])?;
                     ctrl.peer_closed = Some(close.code);
                     self.closing = true;
+                    self.trailing = *start < end;
                     *start = end; // nothing may follow a Close
                     break;
                 }

@@ -33,6 +33,8 @@ pub const RELAY_RENDEZVOUS_SECONDS: &str = "hyrelay_relay_rendezvous_seconds";
 pub const RELAY_CONTROL_CLOSED: &str = "hyrelay_relay_control_channels_closed_total";
 pub const RELAY_TOKEN_RENEWALS: &str = "hyrelay_relay_token_renewals_total";
 pub const RELAY_POOLED: &str = "hyrelay_relay_pooled_rendezvous_total";
+/// Request heads read on connections kept after a tunnel (the `reuse` extension).
+pub const RELAY_KEPT_REQUESTS: &str = "hyrelay_relay_kept_connection_requests_total";
 pub const RELAY_HTTP_REQUESTS: &str = "hyrelay_relay_http_requests_total";
 pub const RELAY_HTTP_SECONDS: &str = "hyrelay_relay_http_request_seconds";
 pub const RELAY_HTTP_RENDEZVOUS: &str = "hyrelay_relay_http_rendezvous_total";
@@ -53,6 +55,11 @@ pub const BUILD_INFO: &str = "hyrelay_build_info";
 /// use them (hyrelay extensions).
 pub fn warm_connections(role: &str) -> String {
     format!("hyrelay_{role}_warm_connections")
+}
+/// `hyrelay_{role}_reused_connections_total`: connections to the relay that came back
+/// after a tunnel to carry another (the `reuse` extension; hcm and bridge).
+pub fn reused_connections(role: &str) -> String {
+    format!("hyrelay_{role}_reused_connections_total")
 }
 /// `result` of [`RELAY_SENDER_CONNECTS`] (`relay/sender.rs`).
 pub const SENDER_RESULTS: &[&str] = &[
@@ -211,6 +218,16 @@ fn describe() {
             "Connections opened ahead of their tunnels, per hybrid connection (relay: pooled rendezvous waiting; hcm: pooled rendezvous open; bridge: relay connections with TCP and TLS done)."
         );
     }
+    for role in ["hcm", "bridge"] {
+        describe_counter!(
+            reused_connections(role),
+            "Connections to the relay kept after a tunnel to carry another (hyrelay extension `reuse`), per hybrid connection (hcm: a pooled listen answered on a kept connection; bridge: a kept connection back in the warm queue)."
+        );
+    }
+    describe_counter!(
+        RELAY_KEPT_REQUESTS,
+        "Request heads read on connections kept after a tunnel (hyrelay extension `reuse`), by the hybrid connection of the tunnel they carried before."
+    );
     describe_gauge!(POOL_IN_USE, "Bytes of pooled data-plane buffers in use, per worker.");
     describe_gauge!(POOL_BUDGET, "Budget of pooled data-plane buffers in bytes, per worker.");
     describe_gauge!(WORKERS, "Data-plane worker threads.");
