@@ -15,8 +15,9 @@
 #
 # Needs perf (linux-perf) and the bench harness built (`cargo bench --bench load --no-run`
 # with CARGO_TARGET_DIR=target-bench). Tunnels are counted by the bridge's accept4() calls
-# (one per app connection; its close() calls are not, since connections to the relay may
-# be kept across tunnels), or for rathole by the client's connect() calls / 2.
+# that returned a connection (one per app connection; not its close() calls, since its
+# connections to the relay may be kept across tunnels, nor all its accept4() calls, half of
+# which find nothing), or for rathole by the client's connect() calls / 2.
 # --malloc adds a uprobe on libc's malloc (`perf probe`; needs root), which slows the
 # processes: read its CPU figures as inflated, its malloc counts as exact.
 set -euo pipefail
@@ -39,7 +40,7 @@ while (($#)); do
 done
 harness=$(ls -t "$CARGO_TARGET_DIR"/release/deps/load-* 2>/dev/null | grep -v '\.d$' | head -1)
 [[ -x $harness ]] || { echo "build the harness first: cargo bench --bench load --no-run" >&2; exit 1; }
-events=task-clock,context-switches,raw_syscalls:sys_enter,syscalls:sys_enter_accept4,syscalls:sys_enter_connect
+events=task-clock,context-switches,raw_syscalls:sys_enter,syscalls:sys_enter_connect
 if [[ -n $malloc ]]; then
     libc=$(ldconfig -p | awk '/libc.so.6 .*x86-64/ {print $NF; exit}')
     perf probe -q -x "$libc" malloc 2>/dev/null || true
@@ -68,7 +69,7 @@ for t in "${targets[@]}"; do
         pid=$(pidof_role "$role")
         [[ -n $pid ]] || { echo "$name: no $role process" >&2; kill "$harness_pid"; exit 1; }
         awk '{print $14, $15}' "/proc/$pid/stat" >"$work/$role.t0"
-        perf stat -x, -e "$events" -p "$pid" -- sleep "$secs" 2>"$work/$role.perf" &
+        perf stat -x, -e "$events" -e syscalls:sys_exit_accept4 --filter 'ret >= 0' -p "$pid" -- sleep "$secs" 2>"$work/$role.perf" &
         echo "$pid" >"$work/$role.pid"
     done
     wait $(jobs -p | grep -v "^$harness_pid$") 2>/dev/null || true
@@ -95,7 +96,7 @@ for r in roles:
 if name == "rathole":
     tunnels = counts["client"].get("syscalls:sys_enter_connect", 0) / 2
 else:
-    tunnels = counts["bridge"].get("syscalls:sys_enter_accept4", 0)
+    tunnels = counts["bridge"].get("syscalls:sys_exit_accept4", 0)
 if not tunnels:
     sys.exit(f"{name}: no tunnels counted")
 print(f"{name}: {tunnels:.0f} tunnels in the window; per tunnel:")

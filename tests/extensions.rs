@@ -455,8 +455,9 @@ async fn parked_warm_connections_are_told_open_or_dead_also_over_tls() {
 
 const KEPT_REQUESTS: &str = "hyrelay_relay_kept_connection_requests_total";
 
-/// Sequential tunnels ride the connections earlier tunnels used: the bridge's connect and
-/// the hcm's pooled `listen` go out on kept connections, and every tunnel is byte-exact.
+/// Sequential tunnels ride the connections earlier tunnels used: the bridge's connect goes
+/// out on a kept connection, the hcm's pooled connection is back in the relay's pool, and
+/// every tunnel is byte-exact.
 async fn tunnels_ride_kept_connections(tls: bool) {
     let hc = if tls { "kept-wss" } else { "kept-ws" };
     let s = Setup::new(tls, hc, echo(), true, true).await;
@@ -470,7 +471,7 @@ async fn tunnels_ride_kept_connections(tls: bool) {
     }
     let counts = || async {
         (
-            s.metric(KEPT_REQUESTS).await,
+            s.metric(KEPT_REQUESTS).await + s.metric("hyrelay_relay_repooled_connections_total").await,
             s.metric("hyrelay_hcm_reused_connections_total").await,
             s.metric("hyrelay_bridge_reused_connections_total").await,
         )
@@ -499,7 +500,7 @@ async fn tunnels_ride_kept_connections(tls: bool) {
     }
     assert!(
         after.0 - before.0 >= n as f64,
-        "requests on kept connections: {before:?} -> {after:?} ({n} tunnels, a connect and a listen each)"
+        "connections kept by the relay: {before:?} -> {after:?} ({n} tunnels, a sender's and a pooled one each)"
     );
     // Once settled all of them are (60 of 60 on both sides in local runs); half leaves
     // room for a busy machine's timing.
@@ -533,9 +534,14 @@ impl RawSender {
         }
     }
 
-    /// A standard connect request (opted in to reuse or not), with `before` written first
-    /// in the same write.
+    /// A connect request (opted in to reuse or not), with `before` written first in the
+    /// same write.
     async fn connect(&mut self, rig: &Rig, hc: &str, reuse: bool, before: &[u8]) {
+        self.connect_with(rig, hc, &[("X-Hyrelay-Reuse", reuse)], before).await;
+    }
+
+    /// A connect request with the opt-in headers that are `true`, `before` written first.
+    async fn connect_with(&mut self, rig: &Rig, hc: &str, opt: &[(&str, bool)], before: &[u8]) {
         let cs = rig.send_cs(hc).await;
         let token = hyrelay::client::token(&cs, hc, Duration::from_secs(600));
         let url = hyrelay::client::hc_url(&cs, hc, "connect", "raw");
@@ -543,8 +549,8 @@ impl RawSender {
             "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nServiceBusAuthorization: {token}\r\n",
             url.target, url.host
         );
-        if reuse {
-            req.push_str("X-Hyrelay-Reuse: 1\r\n");
+        for (name, _) in opt.iter().filter(|(_, on)| *on) {
+            req.push_str(&format!("{name}: 1\r\n"));
         }
         req.push_str("\r\n");
         let mut bytes = before.to_vec();
@@ -745,4 +751,119 @@ async fn the_relay_reads_a_kept_connections_next_request_only_after_a_clean_clos
     s.connect(&rig, hc, false, b"").await;
     assert!(s.answer().await.is_none(), "a connection without the promise is closed");
     drop(lw2);
+}
+
+/// True if the next message on a pooled connection is an `accept`.
+async fn next_accept_on(pr: &mut WsReader<hyrelay::transport::Stream>) -> bool {
+    let m = tokio::time::timeout(Duration::from_secs(10), pr.next_message(1 << 16))
+        .await
+        .unwrap()
+        .unwrap();
+    match m {
+        Some(Message::Text(t)) => matches!(control::decode(&t).unwrap(), Command::Accept(_)),
+        other => panic!("expected an accept, got {other:?}"),
+    }
+}
+
+/// A raw pooled rendezvous connection opted in to reuse, and the promise on its 101.
+async fn raw_pooled_reuse(rig: &Rig, hc: &str) -> (WsReader<hyrelay::transport::Stream>, bool) {
+    let cs = rig.listen_cs(hc).await;
+    let token = hyrelay::client::token(&cs, hc, Duration::from_secs(600));
+    let url = hyrelay::client::hc_url(&cs, hc, "listen", "pool");
+    let headers = [
+        ("ServiceBusAuthorization", token.as_str()),
+        ("X-Hyrelay-Pool", "1"),
+        ("X-Hyrelay-Reuse", "1"),
+    ];
+    let c = ws::connect(&url, Some(&rig.tls), &headers, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let promised = c.response.headers.get("X-Hyrelay-Reuse") == Some("1");
+    (WsReader::new(c.stream, c.leftover, Role::Client, 1 << 20), promised)
+}
+
+/// Driven raw: a pooled connection whose tunnel ended with both Closes 1000 is back in the
+/// relay's pool by itself (the next opted-in sender's `accept` comes on it, byte-exact,
+/// nothing of the tunnel before); after a tunnel that ended with another code it is
+/// closed; a ping sent right behind the Close retires it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_is_back_in_the_pool_only_after_a_normal_end() {
+    let rig = Rig::new(false);
+    let hc = "raw-repool";
+    rig.create(hc, echo()).await;
+    // A listener's control channel, so the hybrid connection has one.
+    let (_ctl, _ctl_w) = raw_listener(&rig, hc).await;
+    let (mut pr, promised) = raw_pooled_reuse(&rig, hc).await;
+    assert!(promised, "an opted-in pooled connection gets the promise");
+    for round in 0..3u8 {
+        let mut s = RawSender::open(&rig, hc).await;
+        let early = [("X-Hyrelay-Early", true), ("X-Hyrelay-Reuse", true)];
+        s.connect_with(&rig, hc, &early, b"").await;
+        assert!(
+            next_accept_on(&mut pr).await,
+            "round {round}: the accept on the pooled connection"
+        );
+        let head = s.answer().await.expect("101");
+        assert_eq!(head.status(), "101", "{head:?}");
+        let up = format!("up {round}");
+        s.stream
+            .write_all(&masked(OpCode::Binary, up.as_bytes()))
+            .await
+            .unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(10), pr.next_message(1 << 16))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            m,
+            Some(Message::Binary(bytes::Bytes::from(up))),
+            "round {round}: only this tunnel's bytes"
+        );
+        // The sender closes first; the listener answers: code 1000 in rounds 0 and 1.
+        s.stream.write_all(&close_1000()).await.unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(10), pr.next_message(1 << 16))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(m, Some(Message::Close(_))), "{m:?}");
+        let code = if round < 2 { 1000 } else { 4502 };
+        WsWriter::new(pr.get_mut(), Role::Client)
+            .send_close(code, "")
+            .await
+            .unwrap();
+        assert_eq!(s.frame().await.map(|f| f.0), Some(OpCode::Close));
+    }
+    // Round 2 ended with 4502: the relay closed the pooled connection.
+    let m = tokio::time::timeout(Duration::from_secs(10), pr.next_message(1 << 16))
+        .await
+        .unwrap();
+    assert!(matches!(m, Ok(None) | Err(_)), "closed after an abnormal end: {m:?}");
+
+    // A ping right behind the listener's Close asks to retire it: the relay answers Close.
+    let (mut pr, _) = raw_pooled_reuse(&rig, hc).await;
+    let mut s = RawSender::open(&rig, hc).await;
+    s.connect_with(&rig, hc, &[("X-Hyrelay-Early", true), ("X-Hyrelay-Reuse", true)], b"")
+        .await;
+    assert!(next_accept_on(&mut pr).await);
+    assert_eq!(s.answer().await.expect("101").status(), "101");
+    s.stream.write_all(&close_1000()).await.unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(10), pr.next_message(1 << 16))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(m, Some(Message::Close(_))), "{m:?}");
+    let mut both =
+        hyrelay::proto::frame::encode_frame(true, OpCode::Close, Some([5, 6, 7, 8]), &1000u16.to_be_bytes()).to_vec();
+    both.extend_from_slice(&hyrelay::proto::frame::encode_frame(
+        true,
+        OpCode::Ping,
+        Some([5, 6, 7, 8]),
+        b"retire",
+    ));
+    pr.get_mut().write_all(&both).await.unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(10), pr.next_message(1 << 16))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(m, Some(Message::Close(_))), "the relay retires it: {m:?}");
 }

@@ -132,7 +132,13 @@ impl Warm {
     /// runs it counts towards the queue's size ([`Warm::maintain`]).
     pub fn back(self: &Arc<Self>, hc: String, relay: RelayEndpoint) -> crate::dataplane::splice::Back {
         let returning = Returning::new(self.clone());
-        Box::new(move |stream| returning.back(hc, relay, stream))
+        // Nothing may follow the relay's Close on a sender's connection: one that sent
+        // something is closed.
+        Box::new(move |stream, rest: BytesMut| {
+            if rest.is_empty() {
+                returning.back(hc, relay, stream);
+            }
+        })
     }
 
     /// Counts an app connection (for sizing).
@@ -327,16 +333,29 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
     A: AsyncRead + Unpin,
 {
-    let dead = |e: &ConnectError| matches!(e, ConnectError::Io(_));
-    let key = ws::send_upgrade(stream, url, headers)
-        .await
-        .map_err(|e| if dead(&e) { Attempt::Dead } else { Attempt::Failed(e) })?;
-    if !sent.is_empty() {
-        write_frame(stream, sent).await.map_err(|_| Attempt::Dead)?;
-    }
-    let mut buf = BytesMut::with_capacity(4096);
-    let mut chunk = vec![0u8; 16 * 1024];
     let mut app_open = true;
+    // App bytes already waiting (none are waited for) go out in the request's own write:
+    // one write, and one wake-up of the relay, instead of two.
+    if sent.is_empty() {
+        tokio::select! {
+            biased;
+            // Cancel-safe: `read_buf` on the app's TcpStream loses nothing when dropped.
+            r = read_more(app, sent) => app_open = matches!(r, Ok(n) if n > 0),
+            () = std::future::ready(()) => {}
+        }
+    }
+    let (key, mut request) = ws::upgrade_request(url, headers);
+    if !sent.is_empty() {
+        request.extend_from_slice(&frame::encode_frame(true, OpCode::Binary, Some(rand::random()), sent));
+    }
+    let wrote = async {
+        stream.write_all(&request).await?;
+        stream.flush().await
+    };
+    // A write that fails finds the connection dead: the bytes go again on another.
+    wrote.await.map_err(|_| Attempt::Dead)?;
+    drop(request);
+    let mut buf = BytesMut::with_capacity(1024);
     loop {
         if let Some((head, used)) = ws::parse_answer(&buf)? {
             // 408: the relay's head timeout caught a warm connection after all.
@@ -345,8 +364,9 @@ where
             }
             return Ok(Answer { buf, head, used, key });
         }
-        let room = EARLY_LIMIT.saturating_sub(sent.len()).min(chunk.len());
-        buf.reserve(4096);
+        let room = EARLY_LIMIT.saturating_sub(sent.len());
+        buf.reserve(1024);
+        let before = sent.len();
         tokio::select! {
             // Cancel-safe: a read into `buf` keeps what it got.
             r = stream.read_buf(&mut buf) => match r {
@@ -355,18 +375,24 @@ where
                 Err(e) => return Err(ConnectError::Io(e).into()),
                 Ok(_) => {}
             },
-            // Cancel-safe: `read` on the app's TcpStream loses nothing when dropped.
-            r = app.read(&mut chunk[..room]), if app_open && room > 0 => match r {
+            // Cancel-safe: `read_buf` on the app's TcpStream loses nothing when dropped.
+            r = read_more(app, sent), if app_open && room > 0 => match r {
                 Ok(0) | Err(_) => app_open = false,
-                Ok(n) => {
-                    // Recorded before the write: a connection that dies under it gets
-                    // these bytes replayed on the next one, like the ones before.
-                    sent.extend_from_slice(&chunk[..n]);
-                    write_frame(stream, &chunk[..n]).await.map_err(|_| Attempt::Dead)?;
-                }
+                // Recorded (in `sent`) before the write: a connection that dies under it
+                // gets these bytes replayed on the next one, like the ones before.
+                Ok(_) => write_frame(stream, &sent[before..]).await.map_err(|_| Attempt::Dead)?,
             },
         }
     }
+}
+
+/// Reads more of the app's bytes onto the end of `sent`, keeping it within
+/// [`EARLY_LIMIT`]; how many came (0 at the app's EOF).
+async fn read_more<A: AsyncRead + Unpin>(app: &mut A, sent: &mut Vec<u8>) -> std::io::Result<usize> {
+    use bytes::BufMut;
+    let room = EARLY_LIMIT.saturating_sub(sent.len()).min(4096);
+    sent.reserve(room);
+    app.read_buf(&mut sent.limit(room)).await
 }
 
 /// One masked binary frame, flushed.
@@ -412,6 +438,29 @@ mod tests {
         }
     }
 
+    /// An app that has nothing at first, then `bytes`, then EOF.
+    struct Later {
+        bytes: &'static [u8],
+        polled: bool,
+    }
+
+    impl AsyncRead for Later {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            if !std::mem::replace(&mut self.polled, true) {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let n = self.bytes.len().min(buf.remaining());
+            buf.put_slice(&self.bytes[..n]);
+            self.bytes = &self.bytes[n..];
+            Poll::Ready(Ok(()))
+        }
+    }
+
     /// The CI failure of `lifecycle.rs relay_restart_hcm_reconnects_and_state_survives`:
     /// the app's bytes read while the warm connection died under their write were not
     /// kept for the retry, so the app got its answer empty.
@@ -419,7 +468,10 @@ mod tests {
     async fn bytes_whose_write_failed_are_kept_for_the_retry() {
         let url = WsUrl::parse("wss://relay.example:443/$hc/x?sb-hc-action=connect").unwrap();
         let mut relay = DiesAfterRequest { writes: 0 };
-        let mut app: &[u8] = b"after";
+        let mut app = Later {
+            bytes: b"after",
+            polled: false,
+        };
         let mut sent = Vec::new();
         let r = tokio::time::timeout(
             Duration::from_secs(5),
@@ -429,6 +481,56 @@ mod tests {
         .expect("a dead connection ends the try at once");
         assert!(matches!(r, Err(Attempt::Dead)), "a failed write is a dead connection");
         assert_eq!(sent, b"after");
+    }
+
+    /// A relay connection that records each write and never answers.
+    #[derive(Default)]
+    struct Records {
+        writes: Vec<Vec<u8>>,
+    }
+
+    impl AsyncRead for Records {
+        fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, _: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Records {
+        fn poll_write(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+            self.writes.push(buf.to_vec());
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// App bytes that are there when the upgrade goes out travel in the request's own
+    /// write (one write and one wake-up of the relay, not two); later ones in a frame each.
+    #[tokio::test]
+    async fn bytes_ready_at_once_go_in_the_requests_write() {
+        let url = WsUrl::parse("ws://relay.example:80/$hc/x?sb-hc-action=connect").unwrap();
+        let mut relay = Records::default();
+        let mut app: &[u8] = b"now";
+        let mut sent = Vec::new();
+        // Bounded: the scripted relay never answers.
+        let r = tokio::time::timeout(
+            Duration::from_millis(200),
+            exchange(&mut relay, &url, &[], &mut app, &mut sent),
+        )
+        .await;
+        assert!(r.is_err(), "no answer, so the try is still waiting");
+        assert_eq!(sent, b"now");
+        assert_eq!(relay.writes.len(), 1, "one write: {:?}", relay.writes);
+        let w = &relay.writes[0];
+        let head_end = w.windows(4).position(|x| x == b"\r\n\r\n").expect("the request head") + 4;
+        assert!(w.starts_with(b"GET /$hc/x?sb-hc-action=connect HTTP/1.1\r\n"));
+        // A masked binary frame of 3 bytes: FIN|Binary, MASK|3, 4 mask bytes, payload.
+        assert_eq!(w.len() - head_end, 2 + 4 + 3, "the frame follows the head");
+        assert_eq!(&w[head_end..head_end + 2], &[0x82, 0x83]);
     }
 
     fn relay_at(addr: std::net::SocketAddr) -> RelayEndpoint {

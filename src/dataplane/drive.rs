@@ -74,12 +74,6 @@ impl<L: SpliceLegs, T: Timer> Splice<L, T> {
         self.counted = (up, down);
     }
 
-    /// True if the WebSocket may carry another tunnel (the `reuse` extension) after a
-    /// clean end: nothing came behind the peer's Close.
-    pub(crate) fn nothing_after_close(&self) -> bool {
-        !self.rules.down.trailing
-    }
-
     /// The splice's result; an abnormal end also arms the TCP reset.
     fn finish(&mut self, why: String) -> SpliceStats {
         self.count();
@@ -187,6 +181,12 @@ impl<L: TunnelLegs, T: Timer> Tunnel<L, T> {
     /// [`TunnelRules::closed_cleanly`]).
     pub(crate) fn closed_cleanly(&self) -> bool {
         self.rules.closed_cleanly()
+    }
+
+    /// True if both directions ended with a forwarded normal Close (see
+    /// [`TunnelRules::closed_normally`]).
+    pub(crate) fn closed_normally(&self) -> bool {
+        self.rules.closed_normally()
     }
 
     /// Byte counts and how the directions ended.

@@ -109,17 +109,18 @@ async fn close_ws(mut ws: Stream) {
     let _ = tokio::time::timeout(Duration::from_secs(2), tokio::io::AsyncWriteExt::shutdown(&mut ws)).await;
 }
 
-/// Where a WebSocket goes after a clean end instead of being closed: the relay promised
-/// to keep the connection for another tunnel (the `reuse` extension,
-/// [`crate::proto::extensions`]). Dropped unused after any other end.
-pub type Back = Box<dyn FnOnce(Stream) + Send>;
+/// Where a WebSocket goes after a clean end instead of being closed, with what the relay
+/// sent after its Close: the relay promised to keep the connection for another tunnel
+/// (the `reuse` extension, [`crate::proto::extensions`]). Dropped unused after any other
+/// end.
+pub type Back = Box<dyn FnOnce(Stream, BytesMut) + Send>;
 
 /// Starts the splice on a task of its own, on this worker, and returns at once.
 ///
 /// The task holds only the two connections, the engine and `keep` (guards that must live
 /// as long as the tunnel), so whatever led here (handshake buffers, headers) is freed.
 /// `done` runs with the result when the tunnel has ended and the WebSocket is closed, or
-/// given to `back` (a clean end, nothing after the peer's Close).
+/// given to `back` (after a clean end).
 #[allow(clippy::too_many_arguments)]
 pub fn spawn<K: 'static>(
     ws: Stream,
@@ -151,11 +152,12 @@ fn task<K: 'static>(
     async move {
         let stats = (&mut s).await;
         Box::pin(async move {
-            let reusable = !stats.abnormal() && s.nothing_after_close();
+            // The TCP connection is closed (a FIN, or a reset after an abnormal end) as
+            // `into_parts` drops it.
+            let (ws, rest) = s.into_parts();
             match back {
-                // The TCP connection is closed (a FIN) as `into_ws` drops it.
-                Some(back) if reusable => back(s.into_ws()),
-                _ => close_ws(s.into_ws()).await,
+                Some(back) if !stats.abnormal() => back(ws, rest),
+                _ => close_ws(ws).await,
             }
             done(stats);
             drop(keep);
@@ -255,10 +257,12 @@ impl Splice {
         Self::with_legs(legs, TokioTimer::default(), cfg, stop, active)
     }
 
-    /// The WebSocket, for closing after the splice; the TCP connection is closed now (a
-    /// reset if the splice ended abnormally).
-    pub fn into_ws(self) -> Stream {
-        self.legs.ws
+    /// The WebSocket, for closing or keeping after the splice, and what the relay sent
+    /// after its Close (unconsumed); the TCP connection is closed now (a reset if the
+    /// splice ended abnormally).
+    pub fn into_parts(self) -> (Stream, BytesMut) {
+        let mut legs = self.legs;
+        (legs.ws, legs.down.rest())
     }
 }
 
@@ -416,8 +420,22 @@ impl DownIo {
                 }
             }
         };
-        self.input.release();
+        // What came after the peer's Close stays for a connection kept for another tunnel
+        // (`into_parts`); it goes with the buffer otherwise.
+        if !(end == DownEnd::PeerClosed && self.input.has_bytes()) {
+            self.input.release();
+        }
         Poll::Ready(end)
+    }
+
+    /// What the relay sent after its Close and was not consumed.
+    fn rest(&mut self) -> BytesMut {
+        let rest = match self.input.has_bytes() {
+            true => BytesMut::from(&self.input.buf()[self.input.start..self.input.end]),
+            false => BytesMut::new(),
+        };
+        self.input.release();
+        rest
     }
 }
 

@@ -17,10 +17,12 @@
 //! pool is served the standard way meanwhile, and the pool refills behind it.
 //!
 //! Reuse (`proto::extensions`, `reuse`): when the relay offers it, each pooled `listen`
-//! opts in; a connection whose 101 promised it comes back after a clean end of its tunnel
-//! and sends the next pooled `listen` on itself (`again`) instead of closing, unless the
-//! pool is full or stopping. While its tunnel runs it counts towards the size, up to half
-//! of it, and it is replaced at once only if fewer than half the pool would be left.
+//! opts in. After a clean end of the tunnel on a connection whose 101 promised it, the
+//! relay has put the connection back in its pool (both Closes were 1000), and the hcm waits
+//! on it for the next `accept` (`again`) instead of closing it; one the pool does not
+//! want (full, stopping, or older than [`RENEW_AFTER`]) is retired the usual race-free way.
+//! While its tunnel runs it counts towards the size, up to half of it, and it is replaced
+//! at once only if fewer than half the pool would be left.
 //!
 //! Which accepts count: those that came on a pooled connection, and standard ones the
 //! pool could have served. Pooled connections wait on the relay node they reached, and
@@ -316,8 +318,7 @@ impl Drop for Returning {
     }
 }
 
-/// The request headers of a pooled connection: its Listen token, the pool's opt-in and,
-/// if offered, reuse's.
+/// The Listen token, URL and name of a pooled connection's request.
 fn pool_request(p: &PoolRt) -> (String, ws::WsUrl, String) {
     let entry = &p.hc.entry;
     let cs = &entry.connection_string;
@@ -342,7 +343,15 @@ async fn pooled(p: Arc<PoolRt>, opened: Opened) {
         _ = p.stop.cancelled() => return,
     };
     match conn {
-        Ok(c) => Box::pin(serve(c, p.clone(), opened)).await,
+        Ok(c) => {
+            if let Some(node) = c.response.headers.get(NODE_HEADER) {
+                p.hc.demand.pool_on(node);
+            }
+            let promised = p.reuse && reuse_said(c.response.headers.get(REUSE_HEADER));
+            let reader = WsReader::new(c.stream, c.leftover, Role::Client, MAX_CONTROL_MESSAGE as u64);
+            let since = tokio::time::Instant::now();
+            Box::pin(serve(reader, p.clone(), opened, (since, promised))).await;
+        }
         Err(e) => {
             tracing::debug!(hc = %name, error = %e, "cannot open a pooled rendezvous connection");
             // Do not spin against a relay that refuses: the next tick retries.
@@ -351,48 +360,60 @@ async fn pooled(p: Arc<PoolRt>, opened: Opened) {
     }
 }
 
-/// A connection back from a tunnel whose 101 promised reuse: the next pooled `listen` goes
-/// out on it (authenticated from scratch), unless the pool is full or stopping, when it
-/// is closed.
-async fn again(stream: crate::transport::Stream, p: Arc<PoolRt>, returning: Returning) {
-    let mut stream = stream;
-    if p.stop.is_cancelled() || p.open.load(Ordering::Relaxed) >= p.want.load(Ordering::Relaxed) {
-        returning.landed();
-        let close = tokio::io::AsyncWriteExt::shutdown(&mut stream);
-        let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
+/// A connection back from a tunnel that ended cleanly, whose 101 promised reuse, with
+/// what the relay sent after its Close: the relay has put it back in its pool (both Closes
+/// were normal), so it waits for its next `accept` here, as after its `listen`. One the
+/// pool does not want (full, stopping, or older than [`RENEW_AFTER`], so its token stays
+/// well within its life) asks the relay to retire it, which is race-free: an `accept`
+/// that crossed the request is served.
+async fn again(
+    stream: crate::transport::Stream,
+    rest: bytes::BytesMut,
+    p: Arc<PoolRt>,
+    (returning, since): (Returning, tokio::time::Instant),
+) {
+    let mut reader = WsReader::new(stream, rest, Role::Client, MAX_CONTROL_MESSAGE as u64);
+    let old = since.elapsed() >= RENEW_AFTER;
+    let full = p.open.load(Ordering::Relaxed) >= p.want.load(Ordering::Relaxed);
+    if old || full || p.stop.is_cancelled() {
+        // An old one is replaced (the pool task is woken); otherwise nothing is missing.
+        if old {
+            drop(returning);
+        } else {
+            returning.landed();
+        }
+        if let Some(a) = ask_to_retire(&mut reader, p.ctx.cfg.relay_timeout).await {
+            let (stream, leftover) = reader.into_parts();
+            let (hc, endpoint, ctx) = (p.hc.clone(), p.endpoint.clone(), p.ctx.clone());
+            drop(p);
+            Box::pin(super::accept::handle_pooled(
+                a,
+                hc,
+                endpoint,
+                ctx,
+                (stream, leftover),
+                None,
+            ))
+            .await;
+        }
         return;
     }
     let opened = Opened::new(&p);
     returning.landed();
-    let (token, url, name) = pool_request(&p);
-    let headers = [
-        ("ServiceBusAuthorization", token.as_str()),
-        (POOL_HEADER, "1"),
-        (REUSE_HEADER, "1"),
-    ];
-    let limit = p.ctx.cfg.relay_timeout;
-    // Boxed, as in `pooled`: the task does not carry the exchange while it waits.
-    let upgraded = tokio::time::timeout(limit, Box::pin(ws::upgrade(stream, &url, &headers))).await;
-    match upgraded.unwrap_or(Err(ws::ConnectError::Timeout(limit))) {
-        Ok(c) => {
-            metrics::counter!(crate::telemetry::metrics::reused_connections("hcm"), "hc" => name).increment(1);
-            Box::pin(serve(c, p, opened)).await;
-        }
-        // The relay did not keep it after all (it is stopping, say): the pool task opens
-        // another, as for any pooled connection that ends.
-        Err(e) => tracing::debug!(hc = %name, error = %e, "a pooled connection kept for reuse was not taken back"),
-    }
+    metrics::counter!(crate::telemetry::metrics::reused_connections("hcm"), "hc" => p.hc.entry.name().to_owned())
+        .increment(1);
+    Box::pin(serve(reader, p, opened, (since, true))).await;
 }
 
-/// A pooled connection that is open: wait for its `accept` (or renewal, or stop), then
-/// serve the tunnel.
-async fn serve(conn: ws::ClientWs, p: Arc<PoolRt>, opened: Opened) {
-    if let Some(node) = conn.response.headers.get(NODE_HEADER) {
-        p.hc.demand.pool_on(node);
-    }
-    let promised = p.reuse && reuse_said(conn.response.headers.get(REUSE_HEADER));
+/// A pooled connection waiting in the relay's pool (`since`: its `listen`; `promised`: its
+/// 101 promised reuse): wait for its `accept` (or renewal, or stop), then serve the tunnel.
+async fn serve(
+    mut reader: WsReader<crate::transport::Stream>,
+    p: Arc<PoolRt>,
+    opened: Opened,
+    (since, promised): (tokio::time::Instant, bool),
+) {
     let ctx = &p.ctx;
-    let mut reader = WsReader::new(conn.stream, conn.leftover, Role::Client, MAX_CONTROL_MESSAGE as u64);
     let renew = tokio::time::sleep(RENEW_AFTER);
     tokio::pin!(renew);
     let accept = loop {
@@ -403,6 +424,13 @@ async fn serve(conn: ws::ClientWs, p: Arc<PoolRt>, opened: Opened) {
                     Ok(Command::Accept(a)) => Some(a),
                     _ => None,
                 },
+                // The relay closed it (expired, retired, the pool full or draining): its
+                // Close is answered and it is gone, with nothing to retire.
+                Ok(Some(Message::Close(_))) => {
+                    let mut w = WsWriter::new(reader.get_mut(), Role::Client);
+                    let _ = tokio::time::timeout(Duration::from_secs(2), w.send_close(close_code::NORMAL, "")).await;
+                    return;
+                }
                 _ => None,
             },
             _ = p.retire.wake.notified() => {
@@ -438,8 +466,9 @@ async fn serve(conn: ws::ClientWs, p: Arc<PoolRt>, opened: Opened) {
     };
     let back = returning.map(|returning| {
         let p = p.clone();
-        let back: crate::dataplane::splice::Back =
-            Box::new(move |stream| drop(tokio::task::spawn_local(again(stream, p, returning))));
+        let back: crate::dataplane::splice::Back = Box::new(move |stream, rest| {
+            drop(tokio::task::spawn_local(again(stream, rest, p, (returning, since))));
+        });
         back
     });
     let (stream, leftover) = reader.into_parts();

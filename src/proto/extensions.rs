@@ -13,14 +13,18 @@
 //! - `head-timeout=N`: seconds the relay waits for a request head after TCP (and TLS); a
 //!   bridge keeps warm connections younger than that.
 //! - `reuse`: a connection may carry one tunnel after another. An opted-in upgrade
-//!   (`X-Hyrelay-Reuse: 1`, a bridge's connect or an hcm's pooled listen) whose 101 says
+//!   (`X-Hyrelay-Reuse: 1`, a bridge's connect or an hcm's pooled `listen`) whose 101 says
 //!   `X-Hyrelay-Reuse: 1` (the relay's promise for that connection) is not closed when its
-//!   tunnel ends with the close handshake complete on it (its Close forwarded, the peer's
-//!   delivered, nothing after either): it is read for a new request head, as a new
-//!   connection is after TLS (within the head timeout, authenticated from scratch): the
-//!   bridge's next connect, the hcm's next pooled `listen`. The client may instead close it.
-//!   Any other end closes it as before. The relay promises it only where it can keep it
-//!   (not on the completion backend, whose tunnels end by closing).
+//!   tunnel ends with the close handshake complete in both directions (each Close
+//!   forwarded): a sender's connection is read for a new request head, as a new connection
+//!   is after TLS (within the head timeout, authenticated from scratch), which the bridge
+//!   sends for its next app connection or it closes the connection; a pooled rendezvous
+//!   connection, if both Closes were normal (1000 or none), goes back into the pool as it
+//!   was (its Listen token checked again whenever it is taken), and the hcm waits on it for
+//!   the next `accept` or retires it as any pooled connection. What came after a Close is
+//!   never tunnel data: it is the next request, or on a pooled connection the retire ping.
+//!   Any other end closes the connection as before. The relay promises it only where it
+//!   can keep it (not on the completion backend, whose tunnels end by closing).
 //! - A pooled rendezvous connection's 101 also names the relay node it reached
 //!   (`X-Hyrelay-Node: ws(s)://host[:port]`, the base of that node's accept addresses), so
 //!   the hcm sizes its pool by the senders of the nodes its pool is on.

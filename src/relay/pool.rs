@@ -63,9 +63,34 @@ pub(super) struct PooledLeg {
     pub stream: Stream,
     pub leftover: BytesMut,
     pub slot: super::limits::ConnSlot,
-    /// Set (to the listener's address) when its 101 promised reuse: after a clean end the
-    /// connection is read for the listener's next request (a new pooled `listen`).
-    pub kept: Option<std::net::SocketAddr>,
+    /// Set when its 101 promised reuse: how it waits in the pool again after a normal end
+    /// of its tunnel ([`rejoin`]).
+    pub kept: Option<Box<Repool>>,
+}
+
+/// What a pooled connection needs to wait in the pool again after its tunnel
+/// ([`rejoin`]): the hybrid connection and listener it authenticated for and its
+/// credentials (checked again whenever it is taken, as every pooled connection's are).
+#[derive(Debug, Clone)]
+pub(super) struct Repool {
+    pub hc: String,
+    pub listener: Option<String>,
+    pub creds: Arc<Creds>,
+}
+
+/// The tokens a pooled connection authenticated with, and the check they passed: against
+/// which state snapshot, and until when. Taking the connection checks them again unless
+/// the state is that same snapshot (no key regenerated, no rule or hybrid connection
+/// changed: any change publishes a new one) and the token has not expired since, when
+/// the check would give the same answer.
+#[derive(Debug)]
+pub(super) struct Creds {
+    tokens: Vec<crate::proto::Secret>,
+    /// The snapshot the check passed under (held weakly: its address cannot be reused
+    /// while this lives, and it is not kept alive by it).
+    checked_under: std::sync::Weak<super::store::State>,
+    /// The token's expiry, Unix seconds.
+    expiry: u64,
 }
 
 struct Waiting {
@@ -78,7 +103,7 @@ struct Waiting {
     expires: Instant,
     /// The tokens it authenticated with, checked again when it is taken (a key
     /// regenerated meanwhile retires it).
-    tokens: Vec<crate::proto::Secret>,
+    creds: Arc<Creds>,
 }
 
 /// The table of pooled connections and what this relay advertises.
@@ -143,7 +168,7 @@ impl Pool {
         hc: &str,
         listener: Option<String>,
         expires: Instant,
-        tokens: Vec<crate::proto::Secret>,
+        creds: Arc<Creds>,
     ) -> Option<(u64, oneshot::Receiver<Claim>)> {
         let mut map = self.lock();
         let list = map.entry(hc.to_lowercase()).or_default();
@@ -158,7 +183,7 @@ impl Pool {
             tx,
             worker: std::thread::current().id(),
             expires,
-            tokens,
+            creds,
         });
         gauge(hc, list.len());
         Some((id, rx))
@@ -262,20 +287,30 @@ pub(super) async fn serve(mut stream: Stream, mut inc: Incoming, req: HcRequest,
         .into_iter()
         .chain(inc.head.headers.get("ServiceBusAuthorization"))
         .collect();
-    if let Err(e) = listen_authorized(ctx.as_ref(), &state, entity, &tokens) {
-        inc.auth_failed(&ctx, &e);
-        return respond(&mut stream, e.status(), &describe(&e.to_string(), tracking), "").await;
-    }
+    let granted = match listen_authorized(ctx.as_ref(), &state, entity, &tokens) {
+        Ok(g) => g,
+        Err(e) => {
+            inc.auth_failed(&ctx, &e);
+            return respond(&mut stream, e.status(), &describe(&e.to_string(), tracking), "").await;
+        }
+    };
     let hc = entity.name.clone();
-    let tokens = tokens.iter().map(|t| crate::proto::Secret::new(*t)).collect();
+    let creds = Arc::new(Creds {
+        tokens: tokens.iter().map(|t| crate::proto::Secret::new(*t)).collect(),
+        checked_under: Arc::downgrade(&state),
+        expiry: granted.expiry,
+    });
     drop(state);
     inc.pending.done();
     let mut answer = ctx.pool.advertise(handshake::switching_protocols(&upgrade.key, None));
-    let kept = ctx.pool.promise(&mut answer, &inc.head).then_some(inc.peer);
-    let Some((id, claimed)) = ctx
-        .pool
-        .register(&hc, req.id.clone(), Instant::now() + MAX_IDLE, tokens)
-    else {
+    let kept = ctx.pool.promise(&mut answer, &inc.head).then(|| {
+        Box::new(Repool {
+            hc: hc.clone(),
+            listener: req.id.clone(),
+            creds: creds.clone(),
+        })
+    });
+    let Some((id, claimed)) = ctx.pool.register(&hc, req.id.clone(), Instant::now() + MAX_IDLE, creds) else {
         return respond(&mut stream, 503, "The hybrid connection's rendezvous pool is full.", "").await;
     };
     let _registered = Unregister(&ctx.pool, &hc, id);
@@ -293,6 +328,46 @@ pub(super) async fn serve(mut stream: Stream, mut inc: Incoming, req: HcRequest,
     wait_for_claim(stream, (inc.buf, inc.slot, kept), claimed, (&hc, id), &ctx).await;
 }
 
+/// Puts a pooled connection whose tunnel ended normally back in the pool (the `reuse`
+/// extension): registered again under its tokens, with no new request or 101 (the
+/// listener waits for its next `accept` after the same end). Bytes it sent after its
+/// Close are its request to retire (a ping): it gets Close(1000), as does one the pool has
+/// no room for; one during a drain gets 1001. Spawned on this worker.
+pub(super) fn rejoin(mut stream: Stream, rest: BytesMut, slot: super::limits::ConnSlot, r: Repool, ctx: Arc<Ctx>) {
+    tokio::task::spawn_local(async move {
+        let refusal = if ctx.drain.is_cancelled() {
+            Some((close_code::GOING_AWAY, "The relay is shutting down."))
+        } else if !rest.is_empty() {
+            Some((close_code::NORMAL, "retired"))
+        } else {
+            None
+        };
+        let registered = match refusal {
+            Some(_) => None,
+            None => ctx
+                .pool
+                .register(&r.hc, r.listener.clone(), Instant::now() + MAX_IDLE, r.creds.clone()),
+        };
+        let Some((id, claimed)) = registered else {
+            let (code, why) = refusal.unwrap_or((close_code::NORMAL, "The rendezvous pool is full."));
+            let bytes = frame::encode_frame(true, OpCode::Close, None, &frame::close_payload(code, why));
+            let _ = tokio::time::timeout(Duration::from_secs(2), write_flush(&mut stream, &bytes)).await;
+            return;
+        };
+        let hc = r.hc.clone();
+        let _registered = Unregister(&ctx.pool, &hc, id);
+        // Boxed: the task waits here until claimed and must stay small.
+        Box::pin(wait_for_claim(
+            stream,
+            (rest, slot, Some(Box::new(r))),
+            claimed,
+            (&hc, id),
+            &ctx,
+        ))
+        .await;
+    });
+}
+
 /// Removes a pooled connection from the table when its task ends, however it ends.
 struct Unregister<'a>(&'a Pool, &'a str, u64);
 
@@ -303,7 +378,7 @@ impl Drop for Unregister<'_> {
 }
 
 /// What a pooled connection keeps while it waits: bytes read, its slot, its reuse.
-type Held = (BytesMut, super::limits::ConnSlot, Option<std::net::SocketAddr>);
+type Held = (BytesMut, super::limits::ConnSlot, Option<Box<Repool>>);
 
 async fn wait_for_claim(
     mut stream: Stream,
@@ -375,7 +450,7 @@ pub(super) async fn take(ctx: &Ctx, hc: &str) -> Option<(PooledLeg, Option<Arc<s
         };
         let w = ctx.pool.pop(hc, choose)?;
         let load = w.listener.as_deref().and_then(|id| ctx.ctl.listener_load(hc, id));
-        if !still_authorized(ctx, hc, &w.tokens) {
+        if !still_authorized(ctx, hc, &w.creds) {
             continue; // dropping `w` ends its task, which closes the connection
         }
         let (reply, handed) = oneshot::channel();
@@ -391,13 +466,17 @@ pub(super) async fn take(ctx: &Ctx, hc: &str) -> Option<(PooledLeg, Option<Arc<s
     None
 }
 
-/// The Listen authorization of a pooled connection, checked again against the current keys.
-fn still_authorized(ctx: &Ctx, hc: &str, tokens: &[crate::proto::Secret]) -> bool {
+/// The Listen authorization of a pooled connection, checked again against the current
+/// keys (see [`Creds`] for when the earlier check stands).
+fn still_authorized(ctx: &Ctx, hc: &str, creds: &Creds) -> bool {
     let state = ctx.state.load();
+    if std::ptr::eq(creds.checked_under.as_ptr(), Arc::as_ptr(&state)) && unix_now() <= creds.expiry {
+        return true;
+    }
     let Some(entity) = state.entity(hc) else {
         return false;
     };
-    let tokens: Vec<&str> = tokens.iter().map(|t| t.expose()).collect();
+    let tokens: Vec<&str> = creds.tokens.iter().map(|t| t.expose()).collect();
     listen_authorized(ctx, &state, entity, &tokens).is_ok()
 }
 
@@ -407,7 +486,7 @@ fn listen_authorized(
     state: &super::store::State,
     entity: &super::store::Entity,
     tokens: &[&str],
-) -> Result<(), super::auth::AuthError> {
+) -> Result<super::auth::Granted, super::auth::AuthError> {
     let demand = Demand {
         entity: Some(entity),
         path: &entity.name,
@@ -415,7 +494,7 @@ fn listen_authorized(
         right: Rights::LISTEN,
         now: unix_now(),
     };
-    authorize(state, tokens, &demand).map(|_| ())
+    authorize(state, tokens, &demand)
 }
 
 /// What the sender's side brings to [`greet`].
@@ -455,6 +534,15 @@ pub(super) async fn greet(s: SenderSide<'_>, leg: &mut PooledLeg, ctx: &Ctx) -> 
 mod tests {
     use super::*;
 
+    /// Credentials that never passed a check (the table does not look at them).
+    fn creds() -> Arc<Creds> {
+        Arc::new(Creds {
+            tokens: vec![],
+            checked_under: std::sync::Weak::new(),
+            expiry: 0,
+        })
+    }
+
     #[test]
     fn advertisement_goes_into_the_head() {
         let p = Pool::new(true, Duration::from_secs(10));
@@ -472,8 +560,8 @@ mod tests {
     async fn a_pooled_connection_is_taken_once() {
         let first = |_: &[Option<&str>]| 0;
         let p = Pool::new(true, Duration::from_secs(10));
-        let (a, _rx_a) = p.register("HC", None, Instant::now() + MAX_IDLE, vec![]).unwrap();
-        let (_b, rx_b) = p.register("hc", None, Instant::now() + MAX_IDLE, vec![]).unwrap();
+        let (a, _rx_a) = p.register("HC", None, Instant::now() + MAX_IDLE, creds()).unwrap();
+        let (_b, rx_b) = p.register("hc", None, Instant::now() + MAX_IDLE, creds()).unwrap();
         assert!(p.pop("other", first).is_none(), "never another hybrid connection's");
         assert_eq!(p.pop("hc", first).map(|w| w.id), Some(a));
         drop(rx_b); // its task ended
@@ -483,7 +571,7 @@ mod tests {
         );
         p.unregister("hc", a);
         let (_, _rx) = p
-            .register("hc", None, Instant::now() - Duration::from_secs(1), vec![])
+            .register("hc", None, Instant::now() - Duration::from_secs(1), creds())
             .unwrap();
         assert!(p.pop("hc", first).is_none(), "an expired one is skipped");
     }
@@ -496,12 +584,12 @@ mod tests {
         let mut keep = Vec::new();
         for _ in 0..5 {
             keep.push(
-                p.register("hc", Some("big".into()), Instant::now() + MAX_IDLE, vec![])
+                p.register("hc", Some("big".into()), Instant::now() + MAX_IDLE, creds())
                     .unwrap(),
             );
         }
         let (small, _rx) = p
-            .register("hc", Some("small".into()), Instant::now() + MAX_IDLE, vec![])
+            .register("hc", Some("small".into()), Instant::now() + MAX_IDLE, creds())
             .unwrap();
         let seen = std::sync::Mutex::new(Vec::new());
         let w = p
@@ -526,7 +614,7 @@ mod tests {
         let p = Pool::new(true, Duration::from_secs(10));
         let elsewhere = |listener: &'static str| {
             std::thread::scope(|s| {
-                s.spawn(|| p.register("hc", Some(listener.into()), Instant::now() + MAX_IDLE, vec![]))
+                s.spawn(|| p.register("hc", Some(listener.into()), Instant::now() + MAX_IDLE, creds()))
                     .join()
                     .unwrap()
                     .unwrap()
@@ -535,10 +623,10 @@ mod tests {
         let (older, _rx1) = elsewhere("a");
         let (_other, _rx2) = elsewhere("b");
         let (here, _rx3) = p
-            .register("hc", Some("a".into()), Instant::now() + MAX_IDLE, vec![])
+            .register("hc", Some("a".into()), Instant::now() + MAX_IDLE, creds())
             .unwrap();
         let (_here_b, _rx4) = p
-            .register("hc", Some("b".into()), Instant::now() + MAX_IDLE, vec![])
+            .register("hc", Some("b".into()), Instant::now() + MAX_IDLE, creds())
             .unwrap();
         let pick_a = |ls: &[Option<&str>]| ls.iter().position(|l| *l == Some("a")).unwrap();
         assert_eq!(p.pop("hc", pick_a).map(|w| w.id), Some(here), "this worker's first");

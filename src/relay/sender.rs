@@ -225,7 +225,7 @@ async fn join_pooled(
         stream: leg.stream,
         leftover: leg.leftover,
         slot: leg.slot,
-        then: leg.kept.map_or(Then::Close, Then::ReadNext),
+        then: leg.kept.map_or(Then::Close, Then::Repool),
     };
     super::tunnel::spawn(
         entity,

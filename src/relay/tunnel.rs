@@ -41,9 +41,12 @@ pub(super) struct TunnelLeg {
 pub(super) enum Then {
     /// Closed (no promise was made).
     Close,
-    /// Read for its client's next request, from this address: a bridge's next connect,
-    /// an hcm's next pooled `listen` ([`super::conn::serve_again`]).
+    /// A sender's: read for its next request, from this address (the bridge's next
+    /// connect, [`super::conn::serve_again`]).
     ReadNext(SocketAddr),
+    /// A pooled listener's: back in the pool ([`super::pool::rejoin`]), if both Closes
+    /// were normal (1000 or none), as the hcm expects then; closed otherwise.
+    Repool(Box<super::pool::Repool>),
 }
 
 impl Then {
@@ -134,29 +137,43 @@ impl Kept {
     /// After a clean end: each promised leg goes on as its [`Then`] says, with what came
     /// after its Close; the others are closed lingering.
     async fn hand_back(self, t: RelayTunnel) -> TunnelStats {
+        let normally = t.closed_normally();
         let ((s, s_rest), (l, l_rest), stats) = t.into_legs();
         let ctx = self.ctx;
-        // At most one leg is closed here: a tunnel with none to keep has no `Kept`.
-        let close_s = keep_or_close(s, s_rest, self.sender, &self.hc, &ctx);
-        let close_l = keep_or_close(l, l_rest, self.listener, &self.hc, &ctx);
-        if let Some((mut stream, _slot)) = close_s.or(close_l) {
-            linger_close(&mut stream, LINGER, LINGER_MAX).await;
+        let close_s = keep_or_close(s, s_rest, self.sender, (&self.hc, normally), &ctx);
+        let close_l = keep_or_close(l, l_rest, self.listener, (&self.hc, normally), &ctx);
+        match (close_s, close_l) {
+            (Some((mut a, _sa)), Some((mut b, _sb))) => {
+                tokio::join!(
+                    linger_close(&mut a, LINGER, LINGER_MAX),
+                    linger_close(&mut b, LINGER, LINGER_MAX)
+                );
+            }
+            (Some((mut a, _slot)), None) | (None, Some((mut a, _slot))) => {
+                linger_close(&mut a, LINGER, LINGER_MAX).await
+            }
+            (None, None) => {}
         }
         stats
     }
 }
 
-/// Passes a leg on as `then` says, or returns it (with its slot) to be closed.
+/// Passes a leg on as `then` says, or returns it (with its slot) to be closed;
+/// `normally`: both Closes were normal.
 fn keep_or_close(
     stream: Stream,
     rest: BytesMut,
     (slot, then): (ConnSlot, Then),
-    hc: &Arc<str>,
+    (hc, normally): (&Arc<str>, bool),
     ctx: &Arc<Ctx>,
 ) -> Option<(Stream, ConnSlot)> {
     match then {
-        Then::Close => return Some((stream, slot)),
         Then::ReadNext(peer) => super::conn::serve_again(stream, rest, (peer, slot), hc.clone(), ctx.clone()),
+        Then::Repool(r) if normally => {
+            metrics::counter!(crate::telemetry::metrics::RELAY_REPOOLED, "hc" => hc.to_string()).increment(1);
+            super::pool::rejoin(stream, rest, slot, *r, ctx.clone())
+        }
+        Then::Close | Then::Repool(_) => return Some((stream, slot)),
     }
     None
 }

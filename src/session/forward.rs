@@ -99,6 +99,8 @@ pub struct Forward {
     stop_requested: Option<DirEnd>,
     /// The last decode left only a partial frame: read before decoding again.
     starved: bool,
+    /// The Close forwarded had code 1000 or none.
+    normal_close: bool,
     /// Payload bytes forwarded.
     pub bytes: u64,
 }
@@ -113,6 +115,7 @@ impl Forward {
             final_close: None,
             stop_requested: None,
             starved: false,
+            normal_close: false,
             bytes: 0,
         }
     }
@@ -206,7 +209,8 @@ impl Forward {
                 SliceItem::Control { opcode, payload } => {
                     let (p0, p1) = (base + payload.start, base + payload.end);
                     if opcode == OpCode::Close {
-                        frame::parse_close(&buf[p0..p1])?;
+                        let code = frame::parse_close(&buf[p0..p1])?.code;
+                        self.normal_close = matches!(code, None | Some(close_code::NORMAL));
                     }
                     let h = frame::encode_header(true, opcode, None, (p1 - p0) as u64, &mut hdr);
                     buf[p0 - h..p0].copy_from_slice(&hdr[..h]);
@@ -332,6 +336,12 @@ impl TunnelRules {
     /// handshake is complete on both legs, and nothing after either Close was forwarded.
     pub fn closed_cleanly(&self) -> bool {
         !self.stopped && self.up_end == Some(DirEnd::Closed) && self.down_end == Some(DirEnd::Closed)
+    }
+
+    /// True if the tunnel [`closed_cleanly`](Self::closed_cleanly) and both Closes were
+    /// normal (code 1000 or none): both ends finished as they meant to.
+    pub fn closed_normally(&self) -> bool {
+        self.closed_cleanly() && self.up.normal_close && self.down.normal_close
     }
 
     /// How the directions ended, for logs.

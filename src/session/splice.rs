@@ -138,9 +138,6 @@ pub(crate) struct DownRules {
     starved: bool,
     /// Something was read since the keep-alive last looked.
     heard: bool,
-    /// Bytes came right behind the peer's Close (dropped): the connection must not carry
-    /// another tunnel.
-    pub trailing: bool,
     /// Payload bytes WebSocket → TCP.
     pub bytes: u64,
 }
@@ -152,7 +149,6 @@ impl DownRules {
             closing: false,
             starved: false,
             heard: false,
-            trailing: false,
             bytes: 0,
         }
     }
@@ -185,7 +181,8 @@ impl DownRules {
     }
 
     /// Decodes the frames in `buf[*start..end]` into payload runs to write to TCP,
-    /// advancing `start`; a ping queues its pong, a Close ends reading.
+    /// advancing `start`; a ping queues its pong, a Close ends reading (what follows it is
+    /// left unconsumed).
     pub fn decode(
         &mut self,
         ctrl: &mut Ctrl,
@@ -234,8 +231,9 @@ impl DownRules {
                     let close = frame::parse_close(&buf[base + payload.start..base + payload.end])?;
                     ctrl.peer_closed = Some(close.code);
                     self.closing = true;
-                    self.trailing = *start < end;
-                    *start = end; // nothing may follow a Close
+                    // Nothing after a Close is decoded. It stays unconsumed at
+                    // `start..end`: on a pooled connection kept for another tunnel (the
+                    // `reuse` extension) it is the start of the next `accept`.
                     break;
                 }
             }

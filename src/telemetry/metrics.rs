@@ -35,6 +35,8 @@ pub const RELAY_TOKEN_RENEWALS: &str = "hyrelay_relay_token_renewals_total";
 pub const RELAY_POOLED: &str = "hyrelay_relay_pooled_rendezvous_total";
 /// Request heads read on connections kept after a tunnel (the `reuse` extension).
 pub const RELAY_KEPT_REQUESTS: &str = "hyrelay_relay_kept_connection_requests_total";
+/// Pooled rendezvous connections back in the pool after a tunnel (the `reuse` extension).
+pub const RELAY_REPOOLED: &str = "hyrelay_relay_repooled_connections_total";
 pub const RELAY_HTTP_REQUESTS: &str = "hyrelay_relay_http_requests_total";
 pub const RELAY_HTTP_SECONDS: &str = "hyrelay_relay_http_request_seconds";
 pub const RELAY_HTTP_RENDEZVOUS: &str = "hyrelay_relay_http_rendezvous_total";
@@ -221,9 +223,13 @@ fn describe() {
     for role in ["hcm", "bridge"] {
         describe_counter!(
             reused_connections(role),
-            "Connections to the relay kept after a tunnel to carry another (hyrelay extension `reuse`), per hybrid connection (hcm: a pooled listen answered on a kept connection; bridge: a kept connection back in the warm queue)."
+            "Connections to the relay kept after a tunnel to carry another (hyrelay extension `reuse`), per hybrid connection (hcm: back to waiting in the pool; bridge: back in the warm queue)."
         );
     }
+    describe_counter!(
+        RELAY_REPOOLED,
+        "Pooled rendezvous connections back in the pool after their tunnel ended normally (hyrelay extension `reuse`), per hybrid connection."
+    );
     describe_counter!(
         RELAY_KEPT_REQUESTS,
         "Request heads read on connections kept after a tunnel (hyrelay extension `reuse`), by the hybrid connection of the tunnel they carried before."

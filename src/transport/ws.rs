@@ -635,7 +635,7 @@ pub async fn send_upgrade<S: AsyncWrite + Unpin>(
 }
 
 /// A fresh `Sec-WebSocket-Key` and the upgrade request for `url` that carries it.
-fn upgrade_request(url: &WsUrl, headers: &[(&str, &str)]) -> (String, Vec<u8>) {
+pub fn upgrade_request(url: &WsUrl, headers: &[(&str, &str)]) -> (String, Vec<u8>) {
     let key = handshake::new_key();
     let req = handshake::client_request(&url.host_header(), &url.target, &key, headers);
     (key, req)
