@@ -383,18 +383,16 @@ async fn again(
             returning.landed();
         }
         if let Some(a) = ask_to_retire(&mut reader, p.ctx.cfg.relay_timeout).await {
+            // A sender took it before the request to retire arrived: it serves that
+            // sender, and the relay keeps it again after that tunnel as it promised, so it
+            // must come back here then (closing it instead would leave the relay's pool a
+            // dead connection for the next sender).
+            let back = back_to(&p, Returning::new(&p), since);
             let (stream, leftover) = reader.into_parts();
             let (hc, endpoint, ctx) = (p.hc.clone(), p.endpoint.clone(), p.ctx.clone());
             drop(p);
-            Box::pin(super::accept::handle_pooled(
-                a,
-                hc,
-                endpoint,
-                ctx,
-                (stream, leftover),
-                None,
-            ))
-            .await;
+            let tunnel = super::accept::handle_pooled(a, hc, endpoint, ctx, (stream, leftover), Some(back));
+            Box::pin(tunnel).await;
         }
         return;
     }
@@ -464,13 +462,7 @@ async fn serve(
             None
         }
     };
-    let back = returning.map(|returning| {
-        let p = p.clone();
-        let back: crate::dataplane::splice::Back = Box::new(move |stream, rest| {
-            drop(tokio::task::spawn_local(again(stream, rest, p, (returning, since))));
-        });
-        back
-    });
+    let back = returning.map(|returning| back_to(&p, returning, since));
     let (stream, leftover) = reader.into_parts();
     let (hc, endpoint, ctx) = (p.hc.clone(), p.endpoint.clone(), p.ctx.clone());
     drop(p);
@@ -483,6 +475,15 @@ async fn serve(
         back,
     ))
     .await;
+}
+
+/// Where a pooled connection goes after a clean end of its tunnel (`again`): it is back in
+/// the relay's pool then, as its 101 promised.
+fn back_to(p: &Arc<PoolRt>, returning: Returning, since: tokio::time::Instant) -> crate::dataplane::splice::Back {
+    let p = p.clone();
+    Box::new(move |stream, rest| {
+        drop(tokio::task::spawn_local(again(stream, rest, p, (returning, since))));
+    })
 }
 
 /// Asks the relay to retire a pooled connection (a ping, its only message) and reads on:
