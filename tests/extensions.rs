@@ -251,18 +251,12 @@ async fn a_pooled_connection_serves_once_its_own_hc_after_authenticating() {
 
     // The first sender of "one" gets it: accept, then its early bytes, on the pooled connection.
     let (_ra, _ka) = raw_early_sender(&rig, "one", b"early bytes").await;
-    let m = tokio::time::timeout(Duration::from_secs(10), pr.next_message(1 << 16))
-        .await
-        .unwrap()
-        .unwrap();
+    let m = next_msg(&mut pr).await;
     let Some(Message::Text(t)) = m else {
         panic!("expected the accept, got {m:?}")
     };
     assert!(matches!(control::decode(&t).unwrap(), Command::Accept(_)));
-    let m = tokio::time::timeout(Duration::from_secs(10), pr.next_message(1 << 16))
-        .await
-        .unwrap()
-        .unwrap();
+    let m = next_msg(&mut pr).await;
     assert_eq!(m, Some(Message::Binary(bytes::Bytes::from_static(b"early bytes"))));
 
     // The second sender goes the standard way: the pooled connection is spent.
@@ -674,10 +668,7 @@ async fn the_relay_reads_a_kept_connections_next_request_only_after_a_clean_clos
     assert_eq!(head.status(), "101", "{head:?}");
     assert!(head.promised(), "an opted-in sender gets the promise: {head:?}");
     s.stream.write_all(&masked(OpCode::Binary, b"one up")).await.unwrap();
-    let m = tokio::time::timeout(Duration::from_secs(10), lr.next_message(1 << 16))
-        .await
-        .unwrap()
-        .unwrap();
+    let m = next_msg(&mut lr).await;
     assert_eq!(m, Some(Message::Binary(bytes::Bytes::from_static(b"one up"))));
     let mut w = WsWriter::new(&mut lw, Role::Client);
     w.send(true, OpCode::Binary, b"one down").await.unwrap();
@@ -687,10 +678,7 @@ async fn the_relay_reads_a_kept_connections_next_request_only_after_a_clean_clos
     let mut close_and_next = close_1000();
     // Bytes after the Close that are not a request would fail it; these are one.
     s.connect(&rig, hc, true, &std::mem::take(&mut close_and_next)).await;
-    let m = tokio::time::timeout(Duration::from_secs(10), lr.next_message(1 << 16))
-        .await
-        .unwrap()
-        .unwrap();
+    let m = next_msg(&mut lr).await;
     assert!(
         matches!(m, Some(Message::Close(_))),
         "the listener gets the sender's Close: {m:?}"
@@ -704,10 +692,7 @@ async fn the_relay_reads_a_kept_connections_next_request_only_after_a_clean_clos
         .expect("the second request is answered on the kept connection");
     assert_eq!(head.status(), "101", "{head:?}");
     s.stream.write_all(&masked(OpCode::Binary, b"two up")).await.unwrap();
-    let m = tokio::time::timeout(Duration::from_secs(10), lr2.next_message(1 << 16))
-        .await
-        .unwrap()
-        .unwrap();
+    let m = next_msg(&mut lr2).await;
     assert_eq!(
         m,
         Some(Message::Binary(bytes::Bytes::from_static(b"two up"))),
@@ -715,10 +700,7 @@ async fn the_relay_reads_a_kept_connections_next_request_only_after_a_clean_clos
     );
     // Now the sender closes first; the listener vanishes without its Close: not clean.
     s.stream.write_all(&close_1000()).await.unwrap();
-    let m = tokio::time::timeout(Duration::from_secs(10), lr2.next_message(1 << 16))
-        .await
-        .unwrap()
-        .unwrap();
+    let m = next_msg(&mut lr2).await;
     assert!(matches!(m, Some(Message::Close(_))), "{m:?}");
     drop((lr2, lw2.shutdown().await));
     let f = s.frame().await.expect("the relay's 1001 for the vanished listener");
@@ -738,10 +720,7 @@ async fn the_relay_reads_a_kept_connections_next_request_only_after_a_clean_clos
     assert_eq!(head.status(), "101");
     assert!(!head.promised(), "no opt-in, no promise: {head:?}");
     s.stream.write_all(&close_1000()).await.unwrap();
-    let m = tokio::time::timeout(Duration::from_secs(10), lr3.next_message(1 << 16))
-        .await
-        .unwrap()
-        .unwrap();
+    let m = next_msg(&mut lr3).await;
     assert!(matches!(m, Some(Message::Close(_))), "{m:?}");
     WsWriter::new(&mut lw3, Role::Client)
         .send_close(1000, "")
@@ -753,12 +732,17 @@ async fn the_relay_reads_a_kept_connections_next_request_only_after_a_clean_clos
     drop(lw2);
 }
 
+/// The next message on `r`, within 10 s.
+async fn next_msg<R: tokio::io::AsyncRead + Unpin>(r: &mut WsReader<R>) -> Option<Message> {
+    tokio::time::timeout(Duration::from_secs(10), r.next_message(1 << 16))
+        .await
+        .expect("a message within 10 s")
+        .expect("a well-formed message")
+}
+
 /// True if the next message on a pooled connection is an `accept`.
 async fn next_accept_on(pr: &mut WsReader<hyrelay::transport::Stream>) -> bool {
-    let m = tokio::time::timeout(Duration::from_secs(10), pr.next_message(1 << 16))
-        .await
-        .unwrap()
-        .unwrap();
+    let m = next_msg(pr).await;
     match m {
         Some(Message::Text(t)) => matches!(control::decode(&t).unwrap(), Command::Accept(_)),
         other => panic!("expected an accept, got {other:?}"),
@@ -810,10 +794,7 @@ async fn a_pooled_connection_is_back_in_the_pool_only_after_a_normal_end() {
             .write_all(&masked(OpCode::Binary, up.as_bytes()))
             .await
             .unwrap();
-        let m = tokio::time::timeout(Duration::from_secs(10), pr.next_message(1 << 16))
-            .await
-            .unwrap()
-            .unwrap();
+        let m = next_msg(&mut pr).await;
         assert_eq!(
             m,
             Some(Message::Binary(bytes::Bytes::from(up))),
@@ -821,10 +802,7 @@ async fn a_pooled_connection_is_back_in_the_pool_only_after_a_normal_end() {
         );
         // The sender closes first; the listener answers: code 1000 in rounds 0 and 1.
         s.stream.write_all(&close_1000()).await.unwrap();
-        let m = tokio::time::timeout(Duration::from_secs(10), pr.next_message(1 << 16))
-            .await
-            .unwrap()
-            .unwrap();
+        let m = next_msg(&mut pr).await;
         assert!(matches!(m, Some(Message::Close(_))), "{m:?}");
         let code = if round < 2 { 1000 } else { 4502 };
         WsWriter::new(pr.get_mut(), Role::Client)
@@ -847,10 +825,7 @@ async fn a_pooled_connection_is_back_in_the_pool_only_after_a_normal_end() {
     assert!(next_accept_on(&mut pr).await);
     assert_eq!(s.answer().await.expect("101").status(), "101");
     s.stream.write_all(&close_1000()).await.unwrap();
-    let m = tokio::time::timeout(Duration::from_secs(10), pr.next_message(1 << 16))
-        .await
-        .unwrap()
-        .unwrap();
+    let m = next_msg(&mut pr).await;
     assert!(matches!(m, Some(Message::Close(_))), "{m:?}");
     let mut both =
         hyrelay::proto::frame::encode_frame(true, OpCode::Close, Some([5, 6, 7, 8]), &1000u16.to_be_bytes()).to_vec();
@@ -861,9 +836,6 @@ async fn a_pooled_connection_is_back_in_the_pool_only_after_a_normal_end() {
         b"retire",
     ));
     pr.get_mut().write_all(&both).await.unwrap();
-    let m = tokio::time::timeout(Duration::from_secs(10), pr.next_message(1 << 16))
-        .await
-        .unwrap()
-        .unwrap();
+    let m = next_msg(&mut pr).await;
     assert!(matches!(m, Some(Message::Close(_))), "the relay retires it: {m:?}");
 }

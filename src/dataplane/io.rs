@@ -193,6 +193,17 @@ impl InBuf {
         *self = Self::default();
     }
 
+    /// The unconsumed bytes, copied out (what followed a Close: the next request or
+    /// `accept` on a connection kept for another tunnel), and the buffer given back.
+    pub fn take_rest(&mut self) -> bytes::BytesMut {
+        let rest = match self.buf.as_deref() {
+            Some(b) if self.start < self.end => bytes::BytesMut::from(&b[self.start..self.end]),
+            _ => bytes::BytesMut::new(),
+        };
+        self.release();
+        rest
+    }
+
     /// Gives the buffer back, keeping the unconsumed bytes in the stash if they fit.
     fn park(&mut self) {
         let Some(buf) = &self.buf else { return };

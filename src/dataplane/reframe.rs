@@ -89,7 +89,11 @@ impl RelayTunnel {
         let stats = self.stats();
         let legs = self.legs;
         let (mut up, mut down) = (legs.up, legs.down);
-        ((legs.sender, up.rest()), (legs.listener, down.rest()), stats)
+        (
+            (legs.sender, up.input.take_rest()),
+            (legs.listener, down.input.take_rest()),
+            stats,
+        )
     }
 
     /// Closes both legs (TLS close_notify, FIN) lingering, within 2 s: each is read to its
@@ -174,22 +178,12 @@ impl DirIo {
     }
 
     /// The direction is over: its buffer goes back, unless bytes came after its Close
-    /// (they are the next request on a connection kept for another tunnel, [`Self::rest`];
-    /// otherwise they go with the buffer when the tunnel ends).
+    /// (they are the next request on a connection kept for another tunnel, taken by
+    /// `RelayTunnel::into_legs`; otherwise they go with the buffer when the tunnel ends).
     fn end(&mut self, e: DirEnd) -> DirEnd {
         if !(e == DirEnd::Closed && self.input.has_bytes()) {
             self.input.release();
         }
         e
-    }
-
-    /// What the source sent after its Close and was not consumed.
-    fn rest(&mut self) -> BytesMut {
-        let rest = match self.input.has_bytes() {
-            true => BytesMut::from(&self.input.buf()[self.input.start..self.input.end]),
-            false => BytesMut::new(),
-        };
-        self.input.release();
-        rest
     }
 }

@@ -262,7 +262,7 @@ impl Splice {
     /// splice ended abnormally).
     pub fn into_parts(self) -> (Stream, BytesMut) {
         let mut legs = self.legs;
-        (legs.ws, legs.down.rest())
+        (legs.ws, legs.down.input.take_rest())
     }
 }
 
@@ -426,16 +426,6 @@ impl DownIo {
             self.input.release();
         }
         Poll::Ready(end)
-    }
-
-    /// What the relay sent after its Close and was not consumed.
-    fn rest(&mut self) -> BytesMut {
-        let rest = match self.input.has_bytes() {
-            true => BytesMut::from(&self.input.buf()[self.input.start..self.input.end]),
-            false => BytesMut::new(),
-        };
-        self.input.release();
-        rest
     }
 }
 

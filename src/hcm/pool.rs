@@ -240,20 +240,45 @@ impl Retire {
     }
 }
 
-/// Counts a pooled connection as open until it is used or gone; then wakes the pool
-/// (unless `quiet`).
-struct Opened {
+/// A pooled connection counted in one of its pool's counters while this lives; when it
+/// ends, the pool task is woken to replace the connection, unless `quiet`.
+struct Count {
     p: Arc<PoolRt>,
+    counter: fn(&PoolRt) -> &AtomicUsize,
     quiet: bool,
 }
 
-impl Opened {
-    fn new(p: &Arc<PoolRt>) -> Self {
-        p.open.fetch_add(1, Ordering::Relaxed);
+impl Count {
+    fn new(p: &Arc<PoolRt>, counter: fn(&PoolRt) -> &AtomicUsize) -> Self {
+        counter(p).fetch_add(1, Ordering::Relaxed);
         Self {
             p: p.clone(),
+            counter,
             quiet: false,
         }
+    }
+
+    /// Ends the count without waking the pool task.
+    fn end_quietly(mut self) {
+        self.quiet = true;
+    }
+}
+
+impl Drop for Count {
+    fn drop(&mut self) {
+        (self.counter)(&self.p).fetch_sub(1, Ordering::Relaxed);
+        if !self.quiet {
+            self.p.used.notify_one();
+        }
+    }
+}
+
+/// Counts a pooled connection as open until it is used or gone; then wakes the pool.
+struct Opened(Count);
+
+impl Opened {
+    fn new(p: &Arc<PoolRt>) -> Self {
+        Self(Count::new(p, |p| &p.open))
     }
 
     /// True if, without the connection this counts, the pool would be below its size (or,
@@ -261,27 +286,17 @@ impl Opened {
     /// waiting): a used connection is then replaced at once (the count passes to the
     /// replacement).
     fn needs_replacing(&self, coming_back: bool) -> bool {
-        let want = self.p.want.load(Ordering::Relaxed);
+        let p = &self.0.p;
+        let want = p.want.load(Ordering::Relaxed);
         let floor = if coming_back { (want / 2).max(1) } else { want };
-        self.p.open.load(Ordering::Relaxed) <= floor
+        p.open.load(Ordering::Relaxed) <= floor
     }
-}
 
-impl Drop for Opened {
-    fn drop(&mut self) {
-        self.p.open.fetch_sub(1, Ordering::Relaxed);
-        if !self.quiet {
-            self.p.used.notify_one();
-        }
-    }
-}
-
-impl Opened {
     /// Its count moves from open to coming back (counted there first), without waking the
     /// pool task: the connection is expected back after its tunnel.
-    fn into_returning(mut self) -> Returning {
-        let r = Returning::new(&self.p);
-        self.quiet = true;
+    fn into_returning(self) -> Returning {
+        let r = Returning::new(&self.0.p);
+        self.0.end_quietly();
         r
     }
 }
@@ -289,32 +304,16 @@ impl Opened {
 /// Counts a connection in a tunnel whose 101 promised reuse, until it is back in the pool
 /// or not wanted ([`Returning::landed`]), or gone (then the pool task is woken to replace
 /// it).
-struct Returning {
-    p: Arc<PoolRt>,
-    quiet: bool,
-}
+struct Returning(Count);
 
 impl Returning {
     fn new(p: &Arc<PoolRt>) -> Self {
-        p.returning.fetch_add(1, Ordering::Relaxed);
-        Self {
-            p: p.clone(),
-            quiet: false,
-        }
+        Self(Count::new(p, |p| &p.returning))
     }
 
     /// The connection is back (counted as open again) or not wanted (the pool is full).
-    fn landed(mut self) {
-        self.quiet = true;
-    }
-}
-
-impl Drop for Returning {
-    fn drop(&mut self) {
-        self.p.returning.fetch_sub(1, Ordering::Relaxed);
-        if !self.quiet {
-            self.p.used.notify_one();
-        }
+    fn landed(self) {
+        self.0.end_quietly();
     }
 }
 
