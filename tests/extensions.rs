@@ -772,14 +772,27 @@ async fn raw_pooled_reuse(rig: &Rig, hc: &str) -> (WsReader<hyrelay::transport::
 /// closed; a ping sent right behind the Close retires it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pooled_connection_is_back_in_the_pool_only_after_a_normal_end() {
-    let rig = Rig::new(false);
+    let rig = Rig::with(false, |c| c.runtime.admin = Some("127.0.0.1:0".parse().unwrap()));
+    let admin = rig.relay.admin_addr().unwrap();
     let hc = "raw-repool";
     rig.create(hc, echo()).await;
     // A listener's control channel, so the hybrid connection has one.
     let (_ctl, _ctl_w) = raw_listener(&rig, hc).await;
     let (mut pr, promised) = raw_pooled_reuse(&rig, hc).await;
     assert!(promised, "an opted-in pooled connection gets the promise");
+    // The relay puts the connection back just after it forwarded the last Close: a sender
+    // that came before that would go the standard way, so each round waits for it.
+    let waiting = || async {
+        wait_for(Duration::from_secs(10), || async {
+            metric(&metrics_text(admin).await, "hyrelay_relay_warm_connections", hc) >= 1.0
+        })
+        .await
+    };
     for round in 0..3u8 {
+        assert!(
+            waiting().await,
+            "round {round}: the pooled connection waits in the pool"
+        );
         let mut s = RawSender::open(&rig, hc).await;
         let early = [("X-Hyrelay-Early", true), ("X-Hyrelay-Reuse", true)];
         s.connect_with(&rig, hc, &early, b"").await;
@@ -819,6 +832,7 @@ async fn a_pooled_connection_is_back_in_the_pool_only_after_a_normal_end() {
 
     // A ping right behind the listener's Close asks to retire it: the relay answers Close.
     let (mut pr, _) = raw_pooled_reuse(&rig, hc).await;
+    assert!(waiting().await, "the new pooled connection waits in the pool");
     let mut s = RawSender::open(&rig, hc).await;
     s.connect_with(&rig, hc, &[("X-Hyrelay-Early", true), ("X-Hyrelay-Reuse", true)], b"")
         .await;
