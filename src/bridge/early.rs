@@ -114,16 +114,13 @@ impl Warm {
         first
     }
 
-    /// True when `relay` offered early data.
-    pub fn early(&self, relay: &RelayEndpoint) -> bool {
-        matches!(&*self.offered.lock().unwrap_or_else(|e| e.into_inner()), Some((r, a)) if r == relay && a.early_data)
-    }
-
-    /// True when `relay` offered early data and connection reuse: the bridge then opts in
-    /// to `reuse` (unless its tunnels run on the completion backend, which closes them).
-    pub fn reuse(&self, relay: &RelayEndpoint) -> bool {
-        let offered = matches!(&*self.offered.lock().unwrap_or_else(|e| e.into_inner()), Some((r, a)) if r == relay && a.early_data && a.reuse);
-        offered && !crate::dataplane::offload::active()
+    /// What `relay` offered, when it offered early data (the extensions a forward uses
+    /// are decided on this, read once per app connection).
+    pub fn offer(&self, relay: &RelayEndpoint) -> Option<Advertised> {
+        match &*self.offered.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some((r, a)) if r == relay && a.early_data => Some(*a),
+            _ => None,
+        }
     }
 
     /// Where a connection to `relay` goes after a tunnel that ended cleanly, when its 101
@@ -161,13 +158,12 @@ impl Warm {
 
     /// A fresh warm connection to `relay`, unparked onto this worker.
     ///
-    /// Taking one wakes [`Warm::maintain`] to open a replacement; with `reuse` only when
-    /// fewer than two are left, since the one taken will likely come back after its tunnel
-    /// (a replacement opened meanwhile would find the queue full then, and one of the two
-    /// would be closed for nothing).
-    pub fn take(&self, relay: &RelayEndpoint) -> Option<Stream> {
+    /// Taking one wakes [`Warm::maintain`] to open a replacement; with `reuse` (the app
+    /// connection opts in) only when fewer than two are left, since the one taken will
+    /// likely come back after its tunnel (a replacement opened meanwhile would find the
+    /// queue full then, and one of the two would be closed for nothing).
+    pub fn take(&self, relay: &RelayEndpoint, reuse: bool) -> Option<Stream> {
         let max_age = self.max_age();
-        let reuse = self.reuse(relay);
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         while let Some((r, at, mut s)) = idle.pop_front() {
             // A relay that restarted closed its warm connections: skip those rather than
@@ -567,7 +563,7 @@ mod tests {
         }
         // Bounded wait until the kernel has the FIN and the bytes.
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let mut got = warm.take(&relay).expect("the open one is taken");
+        let mut got = warm.take(&relay, false).expect("the open one is taken");
         got.write_all(b"x").await.unwrap();
         let mut one = [0u8; 1];
         tokio::time::timeout(Duration::from_secs(5), far3.read_exact(&mut one))
@@ -575,6 +571,6 @@ mod tests {
             .expect("the taken connection reaches the open one's peer")
             .unwrap();
         assert_eq!(&one, b"x", "the one taken is the open connection");
-        assert!(warm.take(&relay).is_none(), "nothing else was usable");
+        assert!(warm.take(&relay, false).is_none(), "nothing else was usable");
     }
 }

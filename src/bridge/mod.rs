@@ -532,15 +532,18 @@ async fn connect(
 ) -> Result<ws::ClientWs, ws::ConnectError> {
     let cs = fw.connection_string();
     let relay = &cs.endpoint;
-    if !(ctx.cfg.extensions && fw.warm.early(relay)) {
+    let Some(offer) = ctx.cfg.extensions.then(|| fw.warm.offer(relay)).flatten() else {
         return ws::connect_via(url, Some(&ctx.tls), &ctx.cfg.proxy, headers, ctx.cfg.relay_timeout).await;
-    }
+    };
     let mut with_opt_in = headers.to_vec();
     with_opt_in.push((crate::proto::extensions::EARLY_HEADER, "1"));
-    if fw.warm.reuse(relay) {
+    // Reuse when the relay offers it, unless this bridge's tunnels run on the completion
+    // backend, which closes them.
+    let reuse = offer.reuse && !crate::dataplane::offload::active();
+    if reuse {
         with_opt_in.push((crate::proto::extensions::REUSE_HEADER, "1"));
     }
-    let warm = fw.warm.take(relay);
+    let warm = fw.warm.take(relay, reuse);
     tokio::time::timeout(
         ctx.cfg.relay_timeout,
         early::connect(warm, url, &with_opt_in, tcp, &ctx.dialer, early_sent),
@@ -610,7 +613,7 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, fw: Arc<ForwardRt>, ctx: Arc<Br
     // The relay promised to keep this connection after a clean end: it comes back to the
     // warm queue then.
     let promised =
-        crate::proto::extensions::reuse_said(conn.response.headers.get(crate::proto::extensions::REUSE_HEADER));
+        crate::proto::extensions::flag_set(conn.response.headers.get(crate::proto::extensions::REUSE_HEADER));
     let back = (ctx.cfg.extensions && promised).then(|| fw.warm.back(fw.hc.clone(), cs.endpoint.clone()));
     let tcp = tcp.take();
     crate::dataplane::offload::spawn_ws_tcp(

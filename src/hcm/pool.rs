@@ -42,7 +42,7 @@ use super::{HcRt, HcmCtx};
 use crate::client;
 use crate::proto::control::{self, Command, MAX_CONTROL_MESSAGE};
 use crate::proto::extensions::{ADVERTISE_HEADER, Advertised, NODE_HEADER, POOL_HEADER};
-use crate::proto::extensions::{REUSE_HEADER, reuse_said};
+use crate::proto::extensions::{REUSE_HEADER, flag_set};
 use crate::proto::frame::{Role, close_code};
 use crate::proto::metadata::HostPort;
 use crate::transport::ws::{self, Message, WsReader, WsWriter};
@@ -346,7 +346,7 @@ async fn pooled(p: Arc<PoolRt>, opened: Opened) {
             if let Some(node) = c.response.headers.get(NODE_HEADER) {
                 p.hc.demand.pool_on(node);
             }
-            let promised = p.reuse && reuse_said(c.response.headers.get(REUSE_HEADER));
+            let promised = p.reuse && flag_set(c.response.headers.get(REUSE_HEADER));
             let reader = WsReader::new(c.stream, c.leftover, Role::Client, MAX_CONTROL_MESSAGE as u64);
             let since = tokio::time::Instant::now();
             Box::pin(serve(reader, p.clone(), opened, (since, promised))).await;

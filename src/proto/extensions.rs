@@ -44,8 +44,9 @@ pub const EARLY_HEADER: &str = "X-Hyrelay-Early";
 /// the same header on the 101 is the relay's promise to keep it.
 pub const REUSE_HEADER: &str = "X-Hyrelay-Reuse";
 
-/// True if `value` (of [`REUSE_HEADER`], on a request or a 101) says yes.
-pub fn reuse_said(value: Option<&str>) -> bool {
+/// True if an opt-in or promise header's `value` ([`POOL_HEADER`], [`EARLY_HEADER`],
+/// [`REUSE_HEADER`]) says yes (`1`).
+pub fn flag_set(value: Option<&str>) -> bool {
     value.map(str::trim) == Some("1")
 }
 
@@ -120,7 +121,7 @@ mod tests {
         assert_eq!(Advertised::parse(Some(&v)), a);
         assert_eq!(Advertised::parse(None), Advertised::default());
         assert_eq!(Advertised::default().header_value(), None);
-        assert!(reuse_said(Some(" 1")) && !reuse_said(Some("0")) && !reuse_said(None));
+        assert!(flag_set(Some(" 1")) && !flag_set(Some("0")) && !flag_set(None));
         let odd = Advertised::parse(Some("Early-Data , future-thing=3,head-timeout=x,,"));
         assert_eq!(
             odd,

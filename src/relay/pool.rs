@@ -143,7 +143,7 @@ impl Pool {
     /// tunnel not on the completion backend (whose tunnels end by closing). True if added.
     pub fn promise(&self, response: &mut Vec<u8>, request: &RequestHead) -> bool {
         let yes = self.advertised.reuse
-            && extensions::reuse_said(request.headers.get(extensions::REUSE_HEADER))
+            && extensions::flag_set(request.headers.get(extensions::REUSE_HEADER))
             && !crate::dataplane::offload::active();
         if yes {
             add_header(response, extensions::REUSE_HEADER, "1");
@@ -252,12 +252,12 @@ fn add_line(response: &mut Vec<u8>, line: &str) {
 
 /// True if the request is a pooled rendezvous connection (`listen` + `X-Hyrelay-Pool: 1`).
 pub(super) fn is_pool_request(head: &RequestHead) -> bool {
-    head.headers.get(extensions::POOL_HEADER).map(str::trim) == Some("1")
+    extensions::flag_set(head.headers.get(extensions::POOL_HEADER))
 }
 
 /// True if a sender opted in to early data and pooled rendezvous.
 pub(super) fn sender_opted_in(head: &RequestHead) -> bool {
-    head.headers.get(extensions::EARLY_HEADER).map(str::trim) == Some("1")
+    extensions::flag_set(head.headers.get(extensions::EARLY_HEADER))
 }
 
 /// Serves a pooled rendezvous connection: authenticate as a listener, answer 101, wait to
@@ -349,10 +349,8 @@ pub(super) fn rejoin(mut stream: Stream, rest: BytesMut, slot: super::limits::Co
                 .register(&r.hc, r.listener.clone(), Instant::now() + MAX_IDLE, r.creds.clone()),
         };
         let Some((id, claimed)) = registered else {
-            let (code, why) = refusal.unwrap_or((close_code::NORMAL, "The rendezvous pool is full."));
-            let bytes = frame::encode_frame(true, OpCode::Close, None, &frame::close_payload(code, why));
-            let _ = tokio::time::timeout(Duration::from_secs(2), write_flush(&mut stream, &bytes)).await;
-            return;
+            let close = refusal.unwrap_or((close_code::NORMAL, "The rendezvous pool is full."));
+            return send_close(&mut stream, close).await;
         };
         let hc = r.hc.clone();
         let _registered = Unregister(&ctx.pool, &hc, id);
@@ -414,8 +412,13 @@ async fn wait_for_claim(
         }
         return;
     }
-    let bytes = frame::encode_frame(true, OpCode::Close, None, &frame::close_payload(close.0, close.1));
-    let _ = tokio::time::timeout(Duration::from_secs(2), write_flush(&mut stream, &bytes)).await;
+    send_close(&mut stream, close).await;
+}
+
+/// Writes a Close (`code`, `why`) to a pooled connection the relay gives up, within 2 s.
+async fn send_close(stream: &mut Stream, (code, why): (u16, &str)) {
+    let bytes = frame::encode_frame(true, OpCode::Close, None, &frame::close_payload(code, why));
+    let _ = tokio::time::timeout(Duration::from_secs(2), write_flush(stream, &bytes)).await;
 }
 
 /// Sends the stream to the sender that claimed it: as it is when the sender runs on this
